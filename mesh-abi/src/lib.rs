@@ -1,0 +1,259 @@
+//! Types shared by the eBPF programs (`mesh-ebpf`) and the node proxy (`mesh-node`).
+//!
+//! Every type is `#[repr(C)]`, has no implicit padding (checked by the size assertions below) and
+//! no `bool`: the verifier rejects reads of uninitialised padding in map keys, and `bool` has
+//! invalid bit patterns a map could hand back.
+//!
+//! Byte-order convention: addresses are kept exactly as the kernel hands them over (network byte
+//! order, as bytes in memory), ports are in host byte order.
+#![no_std]
+
+#[cfg(feature = "user")]
+mod pod;
+
+/// Names of the maps in the object, so both sides agree on them (at most 15 bytes: the kernel
+/// truncates object names to that).
+pub mod maps {
+    /// `Array<Config>` with one entry: where the node proxy listens.
+    pub const CONFIG: &str = "MESH_CONFIG";
+    /// `HashMap<u64 netns cookie, PodEntry>`: the pods whose sockets are redirected.
+    pub const ENROLLED: &str = "MESH_ENROLLED";
+    /// `LruHashMap<u64 socket cookie, OrigDst>`: filled at connect, read by getpeername.
+    pub const ORIG_BY_COOKIE: &str = "MESH_ORIG_CK";
+    /// `LruHashMap<ConnKey, OrigDst>`: filled by sock_ops once the client port is known; the
+    /// node proxy looks accepted connections up here.
+    pub const ORIG_BY_CONN: &str = "MESH_ORIG_CONN";
+    /// `HashMap<u16 port, u8>`: destination ports never redirected.
+    pub const EXCLUDED_PORTS: &str = "MESH_EXCL_PORTS";
+    /// `LpmTrie<[u8; 4], u8>`: destination IPv4 blocks never redirected.
+    pub const EXCLUDED_V4: &str = "MESH_EXCL_V4";
+    /// `LpmTrie<[u8; 16], u8>`: destination IPv6 blocks never redirected.
+    pub const EXCLUDED_V6: &str = "MESH_EXCL_V6";
+    /// `PerCpuArray<u64>` indexed by [`crate::Counter`].
+    pub const COUNTERS: &str = "MESH_COUNTERS";
+}
+
+/// Names of the programs in the object.
+pub mod programs {
+    pub const CONNECT4: &str = "mesh_connect4";
+    pub const CONNECT6: &str = "mesh_connect6";
+    pub const GETPEERNAME4: &str = "mesh_peername4";
+    pub const GETPEERNAME6: &str = "mesh_peername6";
+    pub const SOCK_OPS: &str = "mesh_sock_ops";
+}
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// `Config::flags`: redirect IPv4 connections (a proxy IPv4 address is set).
+pub const CONFIG_F_IPV4: u32 = 1;
+/// `Config::flags`: redirect IPv6 connections (a proxy IPv6 address is set).
+pub const CONFIG_F_IPV6: u32 = 2;
+
+/// Where enrolled pods' connections go. Written once by mesh-node at start.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// IPv4 address of the node proxy's outbound listener, network byte order.
+    pub proxy_ip4: [u8; 4],
+    /// IPv6 address of the node proxy's outbound listener, network byte order.
+    pub proxy_ip6: [u8; 16],
+    /// Port of the outbound listener, host byte order.
+    pub proxy_port: u16,
+    pub _reserved: u16,
+    /// `CONFIG_F_*` bits.
+    pub flags: u32,
+}
+
+/// Value of the enrollment map: who the pod is, as mesh-node numbered it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodEntry {
+    /// mesh-node's handle for the pod; stable across proxy restarts (kept in its state file).
+    pub pod_id: u32,
+    pub _reserved: u32,
+}
+
+/// A redirected connection's original destination and the pod that opened it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OrigDst {
+    /// Original destination address; IPv4 uses the first four bytes.
+    pub addr: [u8; 16],
+    /// Original destination port, host byte order.
+    pub port: u16,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    /// [`PodEntry::pod_id`] of the pod that connected.
+    pub pod_id: u32,
+    /// Network-namespace cookie of the connecting socket: identity bound to the socket, not its IP.
+    pub netns_cookie: u64,
+}
+
+/// The client side of a redirected connection as the node proxy sees its peer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    /// Client address; IPv4 uses the first four bytes, the rest are zero.
+    pub addr: [u8; 16],
+    /// Client port, host byte order.
+    pub port: u16,
+    /// `AF_INET` or `AF_INET6` (IPv4-mapped IPv6 clients are keyed as `AF_INET`).
+    pub family: u16,
+}
+
+impl ConnKey {
+    pub const fn v4(addr: [u8; 4], port: u16) -> Self {
+        let mut a = [0u8; 16];
+        a[0] = addr[0];
+        a[1] = addr[1];
+        a[2] = addr[2];
+        a[3] = addr[3];
+        Self {
+            addr: a,
+            port,
+            family: AF_INET,
+        }
+    }
+
+    pub const fn v6(addr: [u8; 16], port: u16) -> Self {
+        Self {
+            addr,
+            port,
+            family: AF_INET6,
+        }
+    }
+}
+
+/// Which program a counter belongs to.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Program {
+    Connect4 = 0,
+    Connect6 = 1,
+    SockOps = 2,
+    GetPeerName = 3,
+}
+
+impl Program {
+    pub const ALL: [Program; 4] = [
+        Program::Connect4,
+        Program::Connect6,
+        Program::SockOps,
+        Program::GetPeerName,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Program::Connect4 => "connect4",
+            Program::Connect6 => "connect6",
+            Program::SockOps => "sock_ops",
+            Program::GetPeerName => "getpeername",
+        }
+    }
+}
+
+/// What a program did with one event. Counters are `Program x Outcome`, flattened by [`counter_index`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The program ran.
+    Seen = 0,
+    /// connect: destination rewritten to the proxy. sock_ops: record moved to the connection map.
+    /// getpeername: original peer returned.
+    Redirected = 1,
+    /// Not a TCP socket.
+    SkipNotTcp = 2,
+    /// The socket's network namespace is not enrolled (includes the proxy itself).
+    SkipNotEnrolled = 3,
+    /// Destination is loopback: stays inside the pod.
+    SkipLoopback = 4,
+    /// Destination port is excluded by config.
+    SkipExcludedPort = 5,
+    /// Destination address is in an excluded CIDR.
+    SkipExcludedCidr = 6,
+    /// Destination already is the proxy listener.
+    SkipProxyAddr = 7,
+    /// connect refused (fail closed): no proxy address of that family, or the record could not
+    /// be stored. An enrolled pod never bypasses the mesh.
+    Denied = 8,
+    /// sock_ops / getpeername: the socket was not redirected (no record).
+    NoRecord = 9,
+    /// sock_ops: records of a closed redirected socket removed.
+    Closed = 10,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 11] = [
+        Outcome::Seen,
+        Outcome::Redirected,
+        Outcome::SkipNotTcp,
+        Outcome::SkipNotEnrolled,
+        Outcome::SkipLoopback,
+        Outcome::SkipExcludedPort,
+        Outcome::SkipExcludedCidr,
+        Outcome::SkipProxyAddr,
+        Outcome::Denied,
+        Outcome::NoRecord,
+        Outcome::Closed,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Outcome::Seen => "seen",
+            Outcome::Redirected => "redirected",
+            Outcome::SkipNotTcp => "skip_not_tcp",
+            Outcome::SkipNotEnrolled => "skip_not_enrolled",
+            Outcome::SkipLoopback => "skip_loopback",
+            Outcome::SkipExcludedPort => "skip_excluded_port",
+            Outcome::SkipExcludedCidr => "skip_excluded_cidr",
+            Outcome::SkipProxyAddr => "skip_proxy_addr",
+            Outcome::Denied => "denied",
+            Outcome::NoRecord => "no_record",
+            Outcome::Closed => "closed",
+        }
+    }
+}
+
+pub const OUTCOMES: u32 = Outcome::ALL.len() as u32;
+/// Entries in the counter array.
+pub const COUNTERS: u32 = Program::ALL.len() as u32 * OUTCOMES;
+
+#[inline(always)]
+pub const fn counter_index(program: Program, outcome: Outcome) -> u32 {
+    program as u32 * OUTCOMES + outcome as u32
+}
+
+// No padding anywhere: every size is the sum of its fields.
+const _: () = assert!(core::mem::size_of::<Config>() == 4 + 16 + 2 + 2 + 4);
+const _: () = assert!(core::mem::size_of::<PodEntry>() == 8);
+const _: () = assert!(core::mem::size_of::<OrigDst>() == 16 + 2 + 2 + 4 + 8);
+const _: () = assert!(core::mem::size_of::<ConnKey>() == 16 + 2 + 2);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_indices_are_dense_and_unique() {
+        let mut seen = [false; COUNTERS as usize];
+        for p in Program::ALL {
+            for o in Outcome::ALL {
+                let i = counter_index(p, o) as usize;
+                assert!(!seen[i], "{} {} collides", p.name(), o.name());
+                seen[i] = true;
+            }
+        }
+        assert!(seen.iter().all(|s| *s));
+    }
+
+    #[test]
+    fn outcome_all_is_in_discriminant_order() {
+        for (i, o) in Outcome::ALL.iter().enumerate() {
+            assert_eq!(*o as usize, i);
+        }
+        for (i, p) in Program::ALL.iter().enumerate() {
+            assert_eq!(*p as usize, i);
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! Admin endpoint: health, readiness, counters, config, and the enrollment API the tests and the
+//! local demo drive (the controller takes over enrollment later).
+//!
+//! | method | path                          | |
+//! |--------|-------------------------------|---|
+//! | GET    | /healthz                      | 200 while the process serves |
+//! | GET    | /ready                        | 200 once programs are attached and listeners bound |
+//! | GET    | /v1/counters                  | kernel counters per program and outcome, proxy figures |
+//! | GET    | /v1/config                    | the validated config |
+//! | GET    | /v1/pods                      | enrolled pods |
+//! | PUT    | /v1/pods/{namespace}/{name}   | enroll: `{"netns": PATH, "service_account": NAME}` |
+//! | DELETE | /v1/pods/{namespace}/{name}   | unenroll |
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tracing::warn;
+
+use crate::{
+    config::Config,
+    drain::Watch,
+    ebpf::Redirector,
+    enroll::{EnrollError, EnrollRequest, Enrollment, PodName},
+    outbound::Stats,
+    ready::Ready,
+};
+
+pub struct Admin {
+    pub config: Config,
+    pub ready: Ready,
+    pub redirector: Arc<Redirector>,
+    pub pods: Arc<Enrollment>,
+    pub stats: Arc<Stats>,
+}
+
+type Resp = Response<Full<Bytes>>;
+
+const MAX_BODY: usize = 64 * 1024;
+
+fn json_response(status: StatusCode, body: serde_json::Value) -> Resp {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string() + "\n")))
+        .expect("static response parts")
+}
+
+fn error(status: StatusCode, message: impl std::fmt::Display) -> Resp {
+    json_response(status, json!({ "error": message.to_string() }))
+}
+
+/// The one place enrollment errors become HTTP statuses.
+fn enroll_error(e: EnrollError) -> Resp {
+    let status = match &e {
+        EnrollError::Invalid { .. } | EnrollError::ProxyNamespace { .. } => StatusCode::BAD_REQUEST,
+        EnrollError::Netns { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+        EnrollError::Conflict { .. } => StatusCode::CONFLICT,
+        EnrollError::NotFound(_) => StatusCode::NOT_FOUND,
+        EnrollError::Kernel(_) | EnrollError::State { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    // Include the cause chain: "cannot read network namespace X: No such file or directory".
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    error(status, msg)
+}
+
+impl Admin {
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, watch: Watch) {
+        loop {
+            let (stream, _) = tokio::select! {
+                a = listener.accept() => match a {
+                    Ok(a) => a,
+                    Err(e) => { warn!(error = %e, "admin accept failed"); continue; }
+                },
+                _ = watch.stopped() => return,
+            };
+            let this = self.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let this = this.clone();
+                    async move { Ok::<_, Infallible>(this.route(req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    }
+
+    async fn route(&self, req: Request<Incoming>) -> Resp {
+        let path = req.uri().path().to_string();
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        match (req.method(), segments.as_slice()) {
+            (&Method::GET, ["healthz"]) => json_response(StatusCode::OK, json!({"status": "ok"})),
+            (&Method::GET, ["ready"]) => {
+                let pending = self.ready.pending();
+                if pending.is_empty() {
+                    json_response(StatusCode::OK, json!({"ready": true}))
+                } else {
+                    json_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        json!({"ready": false, "waiting_for": pending}),
+                    )
+                }
+            }
+            (&Method::GET, ["v1", "counters"]) => match self.redirector.counters() {
+                Ok(c) => json_response(
+                    StatusCode::OK,
+                    json!({"ebpf": c.to_json(), "proxy": &*self.stats}),
+                ),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+            },
+            (&Method::GET, ["v1", "config"]) => json_response(StatusCode::OK, json!(self.config)),
+            (&Method::GET, ["v1", "pods"]) => {
+                json_response(StatusCode::OK, json!(self.pods.list()))
+            }
+            (&Method::PUT, ["v1", "pods", ns, name]) => {
+                let pod = PodName {
+                    namespace: ns.to_string(),
+                    name: name.to_string(),
+                };
+                let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+                    Ok(b) => b.to_bytes(),
+                    Err(e) => return error(StatusCode::BAD_REQUEST, format!("reading body: {e}")),
+                };
+                let request: EnrollRequest = match serde_json::from_slice(&body) {
+                    Ok(r) => r,
+                    Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid body: {e}")),
+                };
+                let pods = self.pods.clone();
+                // Entering a namespace blocks a thread briefly; keep it off the reactor.
+                match tokio::task::spawn_blocking(move || pods.enroll(pod, request)).await {
+                    Ok(Ok(p)) => json_response(StatusCode::OK, json!(p)),
+                    Ok(Err(e)) => enroll_error(e),
+                    Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+                }
+            }
+            (&Method::DELETE, ["v1", "pods", ns, name]) => {
+                let pod = PodName {
+                    namespace: ns.to_string(),
+                    name: name.to_string(),
+                };
+                match self.pods.unenroll(&pod) {
+                    Ok(p) => json_response(StatusCode::OK, json!(p)),
+                    Err(e) => enroll_error(e),
+                }
+            }
+            _ => error(
+                StatusCode::NOT_FOUND,
+                format!("no route for {} {}", req.method(), path),
+            ),
+        }
+    }
+}
+
+/// Binds the admin listener.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}

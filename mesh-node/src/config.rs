@@ -1,0 +1,375 @@
+//! Node proxy configuration: flags and environment in, a validated [`Config`] out.
+//!
+//! Parsing (clap) and validation are separate so that every rule lives in [`RunArgs::validate`]
+//! and reports the flag it concerns.
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use clap::{Args, ValueEnum};
+use ipnet::IpNet;
+use serde::Serialize;
+
+/// A rejected setting: which flag, and why.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid {field}: {reason}")]
+pub struct ConfigError {
+    /// The flag (or environment variable) at fault, e.g. `--proxy-ipv4`.
+    pub field: &'static str,
+    pub reason: String,
+}
+
+fn err(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// What the node proxy leaves behind when it exits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnExit {
+    /// Keep the redirect programs attached and the pods enrolled: enrolled pods fail closed until
+    /// a node proxy is back, and a restarted proxy takes over without re-enrolling.
+    Keep,
+    /// Detach the programs and drop all pinned state: pods talk directly again (uninstall).
+    Detach,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EbpfLogLevel {
+    Off,
+    Error,
+    Warn,
+    Info,
+    Debug,
+}
+
+impl EbpfLogLevel {
+    /// The value of aya-log-ebpf's `AYA_LOG_LEVEL` global (aya_log_common::Level, 0 = off).
+    pub fn as_aya(self) -> u8 {
+        match self {
+            EbpfLogLevel::Off => 0,
+            EbpfLogLevel::Error => 1,
+            EbpfLogLevel::Warn => 2,
+            EbpfLogLevel::Info => 3,
+            EbpfLogLevel::Debug => 4,
+        }
+    }
+}
+
+/// `mesh-node run` flags. Each also reads an environment variable, for the DaemonSet.
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Name of this node; names its pinned state, so one kernel can host several nodes (tests).
+    #[arg(long, env = "MESH_NODE_NAME")]
+    pub node_name: String,
+    /// cgroup v2 directory holding this node's pods (e.g. /sys/fs/cgroup/kubepods.slice).
+    #[arg(long, env = "MESH_CGROUP")]
+    pub cgroup: PathBuf,
+    /// IPv4 address of this node that pods can route to; redirected IPv4 connections land here.
+    #[arg(long, env = "MESH_PROXY_IPV4")]
+    pub proxy_ipv4: Option<IpAddr>,
+    /// IPv6 address of this node that pods can route to; redirected IPv6 connections land here.
+    #[arg(long, env = "MESH_PROXY_IPV6")]
+    pub proxy_ipv6: Option<IpAddr>,
+    /// Port of the outbound listener (0 picks a free port, for tests).
+    #[arg(long, env = "MESH_OUTBOUND_PORT", default_value_t = 15001)]
+    pub outbound_port: u16,
+    /// Admin endpoint: health, readiness, enrollment API, counters.
+    #[arg(long, env = "MESH_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+    /// Destination ports never redirected (comma-separated or repeated).
+    #[arg(long, env = "MESH_EXCLUDE_PORTS", value_delimiter = ',')]
+    pub exclude_ports: Vec<u16>,
+    /// Destination CIDRs never redirected (comma-separated or repeated).
+    #[arg(long, env = "MESH_EXCLUDE_CIDRS", value_delimiter = ',')]
+    pub exclude_cidrs: Vec<String>,
+    /// bpffs mount point; mounted if missing.
+    #[arg(long, env = "MESH_BPFFS", default_value = "/sys/fs/bpf")]
+    pub bpffs: PathBuf,
+    /// Where this node's pinned programs and maps live (default: <bpffs>/mesh/<node-name>).
+    #[arg(long, env = "MESH_PIN_DIR")]
+    pub pin_dir: Option<PathBuf>,
+    /// Where this node keeps its enrollment state (default: /run/mesh-node/<node-name>).
+    #[arg(long, env = "MESH_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// eBPF object to load instead of the one embedded at build time.
+    #[arg(long, env = "MESH_EBPF_OBJECT")]
+    pub ebpf_object: Option<PathBuf>,
+    /// Level of the kernel programs' own logs (forwarded to this process's log).
+    #[arg(long, env = "MESH_EBPF_LOG_LEVEL", value_enum, default_value_t = EbpfLogLevel::Warn)]
+    pub ebpf_log_level: EbpfLogLevel,
+    /// How long open connections may finish after SIGTERM before they are cut.
+    #[arg(long, env = "MESH_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub drain_timeout: Duration,
+    /// Upstream connect timeout.
+    #[arg(long, env = "MESH_CONNECT_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub connect_timeout: Duration,
+    /// What to leave behind on exit.
+    #[arg(long, env = "MESH_ON_EXIT", value_enum, default_value_t = OnExit::Keep)]
+    pub on_exit: OnExit,
+}
+
+/// Validated configuration. Built only by [`RunArgs::validate`].
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    pub node_name: String,
+    pub cgroup: PathBuf,
+    pub proxy_ipv4: Option<Ipv4Addr>,
+    pub proxy_ipv6: Option<Ipv6Addr>,
+    pub outbound_port: u16,
+    pub admin_addr: SocketAddr,
+    pub exclude_ports: Vec<u16>,
+    pub exclude_cidrs: Vec<IpNet>,
+    pub bpffs: PathBuf,
+    pub pin_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub ebpf_object: Option<PathBuf>,
+    pub ebpf_log_level: EbpfLogLevel,
+    #[serde(with = "humantime_serde_shim")]
+    pub drain_timeout: Duration,
+    #[serde(with = "humantime_serde_shim")]
+    pub connect_timeout: Duration,
+    pub on_exit: OnExit,
+}
+
+mod humantime_serde_shim {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+}
+
+/// Node names become directory names under bpffs and the state dir.
+fn valid_node_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && !name.starts_with(['-', '.'])
+}
+
+impl RunArgs {
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        if !valid_node_name(&self.node_name) {
+            return Err(err(
+                "--node-name",
+                format!(
+                    "{:?} must be 1-63 lowercase letters, digits, '-' or '.', not starting with '-' or '.'",
+                    self.node_name
+                ),
+            ));
+        }
+        if !self.cgroup.is_absolute() {
+            return Err(err(
+                "--cgroup",
+                format!("{} is not an absolute path", self.cgroup.display()),
+            ));
+        }
+        let proxy_ipv4 = match self.proxy_ipv4 {
+            None => None,
+            Some(IpAddr::V4(ip))
+                if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() =>
+            {
+                return Err(err(
+                    "--proxy-ipv4",
+                    format!(
+                        "{ip} is not reachable from pods: give an address of this node on the pod network"
+                    ),
+                ));
+            }
+            Some(IpAddr::V4(ip)) => Some(ip),
+            Some(IpAddr::V6(ip)) => {
+                return Err(err("--proxy-ipv4", format!("{ip} is an IPv6 address")));
+            }
+        };
+        let proxy_ipv6 = match self.proxy_ipv6 {
+            None => None,
+            Some(IpAddr::V6(ip))
+                if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() =>
+            {
+                return Err(err(
+                    "--proxy-ipv6",
+                    format!(
+                        "{ip} is not reachable from pods: give an address of this node on the pod network"
+                    ),
+                ));
+            }
+            Some(IpAddr::V6(ip)) => Some(ip),
+            Some(IpAddr::V4(ip)) => {
+                return Err(err("--proxy-ipv6", format!("{ip} is an IPv4 address")));
+            }
+        };
+        if proxy_ipv4.is_none() && proxy_ipv6.is_none() {
+            return Err(err(
+                "--proxy-ipv4",
+                "neither --proxy-ipv4 nor --proxy-ipv6 is set: redirected connections need somewhere to land",
+            ));
+        }
+        if let Some(p) = self.exclude_ports.iter().find(|p| **p == 0) {
+            return Err(err(
+                "--exclude-ports",
+                format!("port {p} is not a valid destination port"),
+            ));
+        }
+        let exclude_cidrs = self
+            .exclude_cidrs
+            .iter()
+            .map(|c| {
+                c.trim()
+                    .parse::<IpNet>()
+                    .map(|n| n.trunc())
+                    .map_err(|e| err("--exclude-cidrs", format!("{c:?}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if self.drain_timeout > Duration::from_secs(3600) {
+            return Err(err("--drain-timeout", "longer than one hour"));
+        }
+        if self.connect_timeout.is_zero() {
+            return Err(err("--connect-timeout", "must be greater than zero"));
+        }
+        let pin_dir = self
+            .pin_dir
+            .unwrap_or_else(|| self.bpffs.join("mesh").join(&self.node_name));
+        if !pin_dir.starts_with(&self.bpffs) {
+            return Err(err(
+                "--pin-dir",
+                format!(
+                    "{} is not under --bpffs {}",
+                    pin_dir.display(),
+                    self.bpffs.display()
+                ),
+            ));
+        }
+        let state_dir = self
+            .state_dir
+            .unwrap_or_else(|| PathBuf::from("/run/mesh-node").join(&self.node_name));
+        Ok(Config {
+            node_name: self.node_name,
+            cgroup: self.cgroup,
+            proxy_ipv4,
+            proxy_ipv6,
+            outbound_port: self.outbound_port,
+            admin_addr: self.admin_addr,
+            exclude_ports: self.exclude_ports,
+            exclude_cidrs,
+            bpffs: self.bpffs,
+            pin_dir,
+            state_dir,
+            ebpf_object: self.ebpf_object,
+            ebpf_log_level: self.ebpf_log_level,
+            drain_timeout: self.drain_timeout,
+            connect_timeout: self.connect_timeout,
+            on_exit: self.on_exit,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn parse(extra: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec![
+            "mesh-node",
+            "--node-name",
+            "n1",
+            "--cgroup",
+            "/sys/fs/cgroup/pods",
+        ];
+        argv.extend_from_slice(extra);
+        Cli::try_parse_from(argv)
+            .expect("flags parse")
+            .run
+            .validate()
+    }
+
+    #[test]
+    fn valid_config_gets_defaults() {
+        let c = parse(&["--proxy-ipv4", "10.1.0.1"]).unwrap();
+        assert_eq!(c.proxy_ipv4, Some(Ipv4Addr::new(10, 1, 0, 1)));
+        assert_eq!(c.outbound_port, 15001);
+        assert_eq!(c.pin_dir, PathBuf::from("/sys/fs/bpf/mesh/n1"));
+        assert_eq!(c.state_dir, PathBuf::from("/run/mesh-node/n1"));
+        assert_eq!(c.on_exit, OnExit::Keep);
+    }
+
+    #[test]
+    fn rejections_name_the_field() {
+        let cases: &[(&[&str], &str, &str)] = &[
+            (&[], "--proxy-ipv4", "neither"),
+            (
+                &["--proxy-ipv4", "127.0.0.1"],
+                "--proxy-ipv4",
+                "not reachable",
+            ),
+            (&["--proxy-ipv4", "fd00::1"], "--proxy-ipv4", "IPv6"),
+            (&["--proxy-ipv6", "10.0.0.1"], "--proxy-ipv6", "IPv4"),
+            (&["--proxy-ipv6", "::"], "--proxy-ipv6", "not reachable"),
+            (
+                &["--proxy-ipv4", "10.0.0.1", "--exclude-cidrs", "10.0.0.0/33"],
+                "--exclude-cidrs",
+                "10.0.0.0/33",
+            ),
+            (
+                &["--proxy-ipv4", "10.0.0.1", "--exclude-ports", "22,0"],
+                "--exclude-ports",
+                "port 0",
+            ),
+            (
+                &["--proxy-ipv4", "10.0.0.1", "--connect-timeout", "0s"],
+                "--connect-timeout",
+                "greater",
+            ),
+            (
+                &["--proxy-ipv4", "10.0.0.1", "--pin-dir", "/tmp/x"],
+                "--pin-dir",
+                "not under --bpffs",
+            ),
+        ];
+        for (flags, field, reason) in cases {
+            let e = parse(flags).expect_err(&format!("{flags:?} should fail"));
+            assert_eq!(e.field, *field, "{flags:?}");
+            assert!(e.reason.contains(reason), "{flags:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn node_names_are_path_safe() {
+        for bad in ["", "A", "a/b", "-a", ".a", "a b", &"x".repeat(64)] {
+            assert!(!valid_node_name(bad), "{bad:?}");
+        }
+        for good in ["n1", "node-a.example", "0"] {
+            assert!(valid_node_name(good), "{good:?}");
+        }
+    }
+
+    #[test]
+    fn cidrs_are_truncated_to_their_network() {
+        let c = parse(&[
+            "--proxy-ipv4",
+            "10.0.0.1",
+            "--exclude-cidrs",
+            "10.1.2.3/16, fd00::5/64",
+        ])
+        .unwrap();
+        assert_eq!(c.exclude_cidrs[0].to_string(), "10.1.0.0/16");
+        assert_eq!(c.exclude_cidrs[1].to_string(), "fd00::/64");
+    }
+}

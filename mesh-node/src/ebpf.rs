@@ -1,0 +1,469 @@
+//! Loads the redirect programs, attaches them once to the node's pod cgroup, and owns their maps.
+//!
+//! Everything that must outlive this process is pinned under the node's pin directory:
+//! `maps/` (enrollment, original destinations, counters) and `links/` (the attachments). A proxy
+//! that exits therefore leaves enrolled pods failing closed (their connections are still sent to
+//! the proxy port, where nothing listens), and the next proxy reuses maps and replaces links
+//! without re-enrolling anyone.
+use std::{
+    fs, io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
+    programs::{CgroupAttachMode, CgroupSockAddr, SockOps, links::FdLink},
+};
+use ipnet::IpNet;
+use mesh_abi::{
+    AF_INET, AF_INET6, CONFIG_F_IPV4, CONFIG_F_IPV6, COUNTERS, Config, ConnKey, OrigDst, Outcome,
+    PodEntry, Program, counter_index, maps, programs,
+};
+use serde::Serialize;
+
+use crate::orig_dst::{OrigDstSource, PodId, Redirected};
+
+/// Failures while loading, attaching or talking to the kernel programs.
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error(
+        "this mesh-node was built without an eBPF object: run `cargo xtask build-ebpf` and rebuild, or pass --ebpf-object"
+    )]
+    NoObject,
+    #[error("cannot read eBPF object {path}")]
+    ReadObject {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot prepare pin directory {path}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "loading the eBPF object failed (a map pinned by an incompatible build? `mesh-node detach` clears it)"
+    )]
+    Load(#[source] aya::EbpfError),
+    #[error("the eBPF object has no {kind} named {name}")]
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
+    #[error("program {name}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("cannot open cgroup {path}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot pin link {path}")]
+    PinLink {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("program {name}: cannot take its link")]
+    Link {
+        name: &'static str,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("cannot start the eBPF log reader")]
+    Log(#[source] aya_log::Error),
+    #[error("cannot watch the eBPF log ring buffer")]
+    LogFd(#[source] io::Error),
+}
+
+/// What the programs need to know about this node.
+#[derive(Debug, Clone)]
+pub struct RedirectSpec {
+    pub cgroup: PathBuf,
+    pub pin_dir: PathBuf,
+    pub log_level: u8,
+    pub proxy_ipv4: Option<Ipv4Addr>,
+    pub proxy_ipv6: Option<Ipv6Addr>,
+    pub proxy_port: u16,
+    pub exclude_ports: Vec<u16>,
+    pub exclude_cidrs: Vec<IpNet>,
+}
+
+/// The attached programs and the maps mesh-node reads and writes.
+pub struct Redirector {
+    pin_dir: PathBuf,
+    enrolled: Mutex<HashMap<MapData, u64, PodEntry>>,
+    orig_by_conn: HashMap<MapData, ConnKey, OrigDst>,
+    counters: PerCpuArray<MapData, u64>,
+    /// Holds the program fds; the links themselves are pinned.
+    _ebpf: Ebpf,
+}
+
+/// The object embedded at build time (empty if it was not built).
+pub static EMBEDDED_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/mesh-ebpf.o"));
+
+/// Reads the object to load: `--ebpf-object` if given, else the embedded one.
+pub fn object_bytes(path: Option<&Path>) -> Result<Vec<u8>, EbpfError> {
+    match path {
+        Some(p) => fs::read(p).map_err(|source| EbpfError::ReadObject {
+            path: p.into(),
+            source,
+        }),
+        None if EMBEDDED_OBJECT.is_empty() => Err(EbpfError::NoObject),
+        None => Ok(EMBEDDED_OBJECT.to_vec()),
+    }
+}
+
+/// With bpf_link (which aya uses on 5.7+) cgroup attachments always coexist with other programs;
+/// the kernel rejects the legacy `BPF_F_ALLOW_MULTI` flag there, so ask for no flags.
+const LINK_MODE: CgroupAttachMode = CgroupAttachMode::Single;
+
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, EbpfError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(EbpfError::Missing {
+            kind: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(prog_err(name))
+}
+
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> EbpfError {
+    move |source| EbpfError::Map { name, source }
+}
+
+fn prog_err(name: &'static str) -> impl Fn(aya::programs::ProgramError) -> EbpfError {
+    move |source| EbpfError::Program { name, source }
+}
+
+impl Redirector {
+    /// Loads `object`, writes the node config, attaches every program to `spec.cgroup`.
+    /// Must run inside a tokio runtime (the kernel log reader is a task).
+    pub fn load(object: &[u8], spec: &RedirectSpec) -> Result<Self, EbpfError> {
+        let maps_dir = spec.pin_dir.join("maps");
+        let links_dir = spec.pin_dir.join("links");
+        for d in [&maps_dir, &links_dir] {
+            fs::create_dir_all(d).map_err(|source| EbpfError::PinDir {
+                path: d.clone(),
+                source,
+            })?;
+        }
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .override_global("AYA_LOG_LEVEL", &spec.log_level, false)
+            .load(object)
+            .map_err(EbpfError::Load)?;
+        spawn_log_reader(&mut ebpf)?;
+
+        write_config(&mut ebpf, spec)?;
+        write_exclusions(&mut ebpf, spec)?;
+
+        let cgroup = fs::File::open(&spec.cgroup).map_err(|source| EbpfError::Cgroup {
+            path: spec.cgroup.clone(),
+            source,
+        })?;
+        for name in [
+            programs::CONNECT4,
+            programs::CONNECT6,
+            programs::GETPEERNAME4,
+            programs::GETPEERNAME6,
+        ] {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            prog.load().map_err(prog_err(name))?;
+            let id = prog.attach(&cgroup, LINK_MODE).map_err(prog_err(name))?;
+            let link = prog.take_link(id).map_err(prog_err(name))?;
+            pin_replacing(
+                FdLink::try_from(link).map_err(|source| EbpfError::Link { name, source })?,
+                &links_dir,
+                name,
+            )?;
+        }
+        let name = programs::SOCK_OPS;
+        let prog: &mut SockOps = program(&mut ebpf, name)?;
+        prog.load().map_err(prog_err(name))?;
+        let id = prog.attach(&cgroup, LINK_MODE).map_err(prog_err(name))?;
+        let link = prog.take_link(id).map_err(prog_err(name))?;
+        pin_replacing(
+            FdLink::try_from(link).map_err(|source| EbpfError::Link { name, source })?,
+            &links_dir,
+            name,
+        )?;
+
+        let take = |ebpf: &mut Ebpf, name: &'static str| {
+            ebpf.take_map(name)
+                .ok_or(EbpfError::Missing { kind: "map", name })
+        };
+        let enrolled =
+            HashMap::try_from(take(&mut ebpf, maps::ENROLLED)?).map_err(map_err(maps::ENROLLED))?;
+        let orig_by_conn = HashMap::try_from(take(&mut ebpf, maps::ORIG_BY_CONN)?)
+            .map_err(map_err(maps::ORIG_BY_CONN))?;
+        let counters = PerCpuArray::try_from(take(&mut ebpf, maps::COUNTERS)?)
+            .map_err(map_err(maps::COUNTERS))?;
+        Ok(Self {
+            pin_dir: spec.pin_dir.clone(),
+            enrolled: Mutex::new(enrolled),
+            orig_by_conn,
+            counters,
+            _ebpf: ebpf,
+        })
+    }
+
+    /// Redirect the sockets of the network namespace with this cookie.
+    pub fn enroll(&self, netns_cookie: u64, pod: PodId) -> Result<(), EbpfError> {
+        let entry = PodEntry {
+            pod_id: pod.0,
+            _reserved: 0,
+        };
+        self.enrolled
+            .lock()
+            .expect("enrolled map lock")
+            .insert(netns_cookie, entry, 0)
+            .map_err(map_err(maps::ENROLLED))
+    }
+
+    /// Stop redirecting new connections from this namespace. Open connections keep their relay.
+    pub fn unenroll(&self, netns_cookie: u64) -> Result<(), EbpfError> {
+        match self
+            .enrolled
+            .lock()
+            .expect("enrolled map lock")
+            .remove(&netns_cookie)
+        {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(maps::ENROLLED)(e)),
+        }
+    }
+
+    /// Netns cookies enrolled in the kernel, with their pod ids.
+    pub fn enrolled(&self) -> Vec<(u64, PodId)> {
+        let map = self.enrolled.lock().expect("enrolled map lock");
+        map.iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (k, PodId(v.pod_id)))
+            .collect()
+    }
+
+    /// Sums the per-CPU counters.
+    pub fn counters(&self) -> Result<Counters, EbpfError> {
+        let mut out = Counters::default();
+        for program in Program::ALL {
+            let mut per = Vec::new();
+            for outcome in Outcome::ALL {
+                let values = self
+                    .counters
+                    .get(&counter_index(program, outcome), 0)
+                    .map_err(map_err(maps::COUNTERS))?;
+                per.push((outcome.name(), values.iter().sum()));
+            }
+            out.0.push((program.name(), per));
+        }
+        debug_assert_eq!(out.0.len() * Outcome::ALL.len(), COUNTERS as usize);
+        Ok(out)
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+}
+
+impl OrigDstSource for Redirector {
+    fn lookup(&self, peer: SocketAddr) -> Option<Redirected> {
+        let key = match peer {
+            SocketAddr::V4(a) => ConnKey::v4(a.ip().octets(), a.port()),
+            SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
+                Some(v4) => ConnKey::v4(v4.octets(), a.port()),
+                None => ConnKey::v6(a.ip().octets(), a.port()),
+            },
+        };
+        let r = self.orig_by_conn.get(&key, 0).ok()?;
+        let ip = match r.family {
+            AF_INET => IpAddr::V4(Ipv4Addr::new(r.addr[0], r.addr[1], r.addr[2], r.addr[3])),
+            AF_INET6 => IpAddr::V6(Ipv6Addr::from(r.addr)),
+            _ => return None,
+        };
+        Some(Redirected {
+            orig_dst: SocketAddr::new(ip, r.port),
+            pod: PodId(r.pod_id),
+            netns_cookie: r.netns_cookie,
+        })
+    }
+}
+
+/// Counters per program and outcome, summed over CPUs, in ABI order.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Counters(pub Vec<(&'static str, Vec<(&'static str, u64)>)>);
+
+impl Counters {
+    pub fn get(&self, program: &str, outcome: &str) -> u64 {
+        self.0
+            .iter()
+            .find(|(p, _)| *p == program)
+            .and_then(|(_, o)| o.iter().find(|(n, _)| *n == outcome))
+            .map_or(0, |(_, v)| *v)
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut root = serde_json::Map::new();
+        for (program, outcomes) in &self.0 {
+            let o = outcomes
+                .iter()
+                .map(|(n, v)| (n.to_string(), (*v).into()))
+                .collect();
+            root.insert(program.to_string(), serde_json::Value::Object(o));
+        }
+        serde_json::Value::Object(root)
+    }
+}
+
+/// Pins `link` as `links/<name>`, replacing a link pinned by an earlier proxy. The new program is
+/// attached before the old one goes, so there is no moment without redirection; while both run
+/// the second sees the proxy address already in place and leaves it.
+fn pin_replacing(link: FdLink, links_dir: &Path, name: &'static str) -> Result<(), EbpfError> {
+    let path = links_dir.join(name);
+    // bpffs rejects dots in names (EPERM), hence "-new".
+    let tmp = links_dir.join(format!("{name}-new"));
+    let pin_err = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source: io::Error| EbpfError::PinLink { path: p, source }
+    };
+    let _ = fs::remove_file(&tmp);
+    link.pin(&tmp)
+        .map_err(|e| pin_err(&tmp)(io::Error::other(e)))?;
+    fs::rename(&tmp, &path).map_err(pin_err(&path))?;
+    Ok(())
+}
+
+fn write_config(ebpf: &mut Ebpf, spec: &RedirectSpec) -> Result<(), EbpfError> {
+    let name = maps::CONFIG;
+    let mut flags = 0;
+    if spec.proxy_ipv4.is_some() {
+        flags |= CONFIG_F_IPV4;
+    }
+    if spec.proxy_ipv6.is_some() {
+        flags |= CONFIG_F_IPV6;
+    }
+    let cfg = Config {
+        proxy_ip4: spec.proxy_ipv4.map_or([0; 4], |a| a.octets()),
+        proxy_ip6: spec.proxy_ipv6.map_or([0; 16], |a| a.octets()),
+        proxy_port: spec.proxy_port,
+        _reserved: 0,
+        flags,
+    };
+    let map = ebpf
+        .map_mut(name)
+        .ok_or(EbpfError::Missing { kind: "map", name })?;
+    let mut array: Array<&mut MapData, Config> = Array::try_from(map).map_err(map_err(name))?;
+    array.set(0, cfg, 0).map_err(map_err(name))
+}
+
+/// Makes the exclusion maps hold exactly what the config says (they are pinned, so they may hold
+/// an earlier run's entries).
+fn write_exclusions(ebpf: &mut Ebpf, spec: &RedirectSpec) -> Result<(), EbpfError> {
+    {
+        let name = maps::EXCLUDED_PORTS;
+        let map = ebpf
+            .map_mut(name)
+            .ok_or(EbpfError::Missing { kind: "map", name })?;
+        let mut ports: HashMap<&mut MapData, u16, u8> =
+            HashMap::try_from(map).map_err(map_err(name))?;
+        let stale: Vec<u16> = ports.keys().filter_map(Result::ok).collect();
+        for p in stale {
+            ports.remove(&p).map_err(map_err(name))?;
+        }
+        for p in &spec.exclude_ports {
+            ports.insert(*p, 1, 0).map_err(map_err(name))?;
+        }
+    }
+    replace_trie::<4>(
+        ebpf,
+        maps::EXCLUDED_V4,
+        spec.exclude_cidrs.iter().filter_map(|n| match n {
+            IpNet::V4(n) => Some((n.prefix_len(), n.network().octets())),
+            IpNet::V6(_) => None,
+        }),
+    )?;
+    replace_trie::<16>(
+        ebpf,
+        maps::EXCLUDED_V6,
+        spec.exclude_cidrs.iter().filter_map(|n| match n {
+            IpNet::V6(n) => Some((n.prefix_len(), n.network().octets())),
+            IpNet::V4(_) => None,
+        }),
+    )
+}
+
+fn replace_trie<const N: usize>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    nets: impl Iterator<Item = (u8, [u8; N])>,
+) -> Result<(), EbpfError> {
+    let map = ebpf
+        .map_mut(name)
+        .ok_or(EbpfError::Missing { kind: "map", name })?;
+    let mut trie: LpmTrie<&mut MapData, [u8; N], u8> =
+        LpmTrie::try_from(map).map_err(map_err(name))?;
+    let stale: Vec<Key<[u8; N]>> = trie.keys().filter_map(Result::ok).collect();
+    for k in stale {
+        trie.remove(&k).map_err(map_err(name))?;
+    }
+    for (len, addr) in nets {
+        trie.insert(&Key::new(u32::from(len), addr), 1, 0)
+            .map_err(map_err(name))?;
+    }
+    Ok(())
+}
+
+/// Forwards the programs' aya-log records to this process's log.
+fn spawn_log_reader(ebpf: &mut Ebpf) -> Result<(), EbpfError> {
+    let logger = aya_log::EbpfLogger::init(ebpf).map_err(EbpfError::Log)?;
+    let mut fd = crate::sys::async_logger(logger).map_err(EbpfError::LogFd)?;
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+    Ok(())
+}
+
+/// Removes every pinned link and map of a node: the programs detach, pods talk directly again.
+/// Used by `mesh-node detach` and `--on-exit detach`. Missing pieces are not an error.
+pub fn detach(pin_dir: &Path) -> io::Result<()> {
+    for sub in ["links", "maps"] {
+        let dir = pin_dir.join(sub);
+        match fs::read_dir(&dir) {
+            Ok(entries) => {
+                for e in entries {
+                    fs::remove_file(e?.path())?;
+                }
+                fs::remove_dir(&dir)?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    match fs::remove_dir(pin_dir) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}

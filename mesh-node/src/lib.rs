@@ -1,0 +1,15 @@
+//! mesh-node: the per-node proxy of the mesh.
+//!
+//! Data flows one way: kernel redirect (`ebpf`) -> accept (`outbound`) -> original destination and
+//! source pod (`orig_dst`, `enroll`) -> upstream.
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod drain;
+pub mod ebpf;
+pub mod enroll;
+pub mod orig_dst;
+pub mod outbound;
+pub mod probe;
+pub mod ready;
+mod sys;

@@ -1,0 +1,90 @@
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use mesh_node::{app, config::RunArgs};
+use tracing_subscriber::EnvFilter;
+
+/// Node proxy of the mesh: redirects enrolled pods' TCP connections to itself and relays them.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// Log as JSON lines (for log collectors) instead of text.
+    #[arg(long, global = true, env = "MESH_LOG_JSON")]
+    log_json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the node proxy.
+    Run(RunArgs),
+    /// Uninstall from this node: detach the programs, remove pinned maps and enrollment state.
+    Detach {
+        #[arg(long, env = "MESH_NODE_NAME")]
+        node_name: String,
+        #[arg(long, env = "MESH_BPFFS", default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
+        #[arg(long, env = "MESH_PIN_DIR")]
+        pin_dir: Option<PathBuf>,
+        #[arg(long, env = "MESH_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    if cli.log_json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    let result = match cli.cmd {
+        Cmd::Run(args) => run(args),
+        Cmd::Detach {
+            node_name,
+            bpffs,
+            pin_dir,
+            state_dir,
+        } => {
+            let pin_dir = pin_dir.unwrap_or_else(|| bpffs.join("mesh").join(&node_name));
+            let state_dir =
+                state_dir.unwrap_or_else(|| PathBuf::from("/run/mesh-node").join(&node_name));
+            mesh_node::ebpf::detach(&pin_dir)
+                .with_context(|| format!("detaching {}", pin_dir.display()))
+                .and_then(|()| {
+                    mesh_node::enroll::remove_state(&state_dir).context("removing enrollment state")
+                })
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mesh-node: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let config = args.validate()?;
+    tracing::info!(config = %serde_json::to_string(&config)?, "starting");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let bound = app::build(config).await?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+        }
+        bound.shutdown().await;
+        anyhow::Ok(())
+    })
+}

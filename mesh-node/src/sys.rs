@@ -1,0 +1,161 @@
+//! Thin, safe wrappers over the few raw syscalls mesh-node needs. The only `unsafe` in the crate.
+//!
+//! SAFETY (whole module): every call passes pointers to live, correctly sized locals or to
+//! NUL-terminated `CString`s that outlive the call, and checks the return value. `setns` only ever
+//! runs on a short-lived thread created for it, so no other code observes the changed namespace.
+use std::{
+    ffi::CString,
+    fs::File,
+    io,
+    mem::MaybeUninit,
+    os::{fd::AsRawFd, unix::ffi::OsStrExt},
+    path::Path,
+};
+
+pub const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+pub const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// The filesystem magic number of `path` (statfs `f_type`).
+pub fn fs_magic(path: &Path) -> io::Result<i64> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+    let mut st = MaybeUninit::<libc::statfs>::uninit();
+    let rc = unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(unsafe { st.assume_init() }.f_type)
+}
+
+/// Mounts a bpf filesystem at `path` (which must exist).
+pub fn mount_bpffs(path: &Path) -> io::Result<()> {
+    let target = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+    let src = c"bpf";
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            src.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The network-namespace cookie of a socket's namespace (`SO_NETNS_COOKIE`, Linux 5.14+): the same
+/// value `bpf_get_netns_cookie` returns in the kernel programs.
+fn socket_netns_cookie(sock: &impl AsRawFd) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// Cookie of the network namespace this process runs in.
+pub fn own_netns_cookie() -> io::Result<u64> {
+    let sock =
+        std::net::UdpSocket::bind("0.0.0.0:0").or_else(|_| std::net::UdpSocket::bind("[::]:0"))?;
+    socket_netns_cookie(&sock)
+}
+
+/// Cookie of the network namespace behind `path` (`/proc/PID/ns/net`, `/run/netns/NAME`).
+///
+/// Enters the namespace on a throwaway thread: `setns` changes only the calling thread.
+pub fn netns_cookie_of(path: &Path) -> io::Result<u64> {
+    let ns = File::open(path)?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // A socket made now belongs to the namespace just entered.
+            let sock = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::DGRAM, None)
+                .or_else(|_| {
+                    socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
+                })?;
+            socket_netns_cookie(&sock)
+        })
+        .join()
+        .map_err(|_| io::Error::other("netns probe thread panicked"))?
+    })
+}
+
+/// Effective capability bits of this process.
+pub fn effective_caps() -> io::Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .ok_or_else(|| io::Error::other("no CapEff in /proc/self/status"))
+}
+
+/// Kernel release as (major, minor).
+pub fn kernel_version() -> io::Result<(u32, u32)> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")?;
+    let mut parts = release.trim().split(['.', '-']);
+    let major = parts.next().and_then(|p| p.parse().ok());
+    let minor = parts.next().and_then(|p| p.parse().ok());
+    match (major, minor) {
+        (Some(a), Some(b)) => Ok((a, b)),
+        _ => Err(io::Error::other(format!(
+            "unparsable kernel release {release:?}"
+        ))),
+    }
+}
+
+/// Registers the kernel log ring buffer with tokio's reactor.
+///
+/// SAFETY: `EbpfLogger` owns its ring-buffer map fd for its whole life and always returns that same
+/// fd from `as_raw_fd`; the `AsyncFd` owns the logger, so the fd outlives the registration.
+pub fn async_logger(
+    logger: aya_log::EbpfLogger<&'static dyn log::Log>,
+) -> io::Result<tokio::io::unix::AsyncFd<aya_log::EbpfLogger<&'static dyn log::Log>>> {
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| e.into_parts().1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_namespace_cookie_matches_proc_self() {
+        let own = own_netns_cookie().unwrap();
+        assert_ne!(own, 0);
+        assert_eq!(
+            netns_cookie_of(Path::new("/proc/self/ns/net")).unwrap(),
+            own
+        );
+    }
+
+    #[test]
+    fn proc_filesystem_magic_is_not_bpffs() {
+        assert_ne!(fs_magic(Path::new("/proc")).unwrap(), BPF_FS_MAGIC);
+    }
+
+    #[test]
+    fn kernel_version_parses() {
+        let (major, _) = kernel_version().unwrap();
+        assert!(major >= 4);
+    }
+}
