@@ -271,9 +271,12 @@ impl Enrollment {
 /// Removes a node's enrollment state (with `ebpf::detach`, the uninstall path).
 pub fn remove_state(state_dir: &Path) -> io::Result<()> {
     match fs::remove_file(state_dir.join("pods.json")) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
     }
+    // Only if nothing else lives there.
+    let _ = fs::remove_dir(state_dir);
+    Ok(())
 }
 
 #[cfg(test)]

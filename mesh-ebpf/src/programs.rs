@@ -1,0 +1,304 @@
+//! The programs and their maps. Symbols are exported by name (`#[no_mangle]` via the aya macros),
+//! so living in a module changes nothing for the loader.
+use crate::ctx;
+use aya_ebpf::{
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_TCP_CLOSE,
+    },
+    macros::{cgroup_sock_addr, map, sock_ops},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    programs::{SockAddrContext, SockOpsContext},
+};
+use aya_log_ebpf::debug;
+use mesh_abi::{
+    AF_INET, AF_INET6, CONFIG_F_IPV4, CONFIG_F_IPV6, COUNTERS as N_COUNTERS, Config, ConnKey,
+    OrigDst, Outcome, PodEntry, Program, counter_index,
+};
+
+const SOCK_STREAM: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
+/// Sized for the busiest node we expect; LRU so a leak can never wedge new connections.
+const CONN_ENTRIES: u32 = 65_536;
+
+#[map(name = "MESH_CONFIG")]
+static CONFIG: Array<Config> = Array::pinned(1, 0);
+#[map(name = "MESH_ENROLLED")]
+static ENROLLED: HashMap<u64, PodEntry> = HashMap::pinned(16_384, 0);
+#[map(name = "MESH_ORIG_CK")]
+static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(CONN_ENTRIES, 0);
+#[map(name = "MESH_ORIG_CONN")]
+static ORIG_BY_CONN: LruHashMap<ConnKey, OrigDst> = LruHashMap::pinned(CONN_ENTRIES, 0);
+#[map(name = "MESH_EXCL_PORTS")]
+static EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::pinned(1_024, 0);
+#[map(name = "MESH_EXCL_V4")]
+static EXCLUDED_V4: LpmTrie<[u8; 4], u8> = LpmTrie::pinned(1_024, 0);
+#[map(name = "MESH_EXCL_V6")]
+static EXCLUDED_V6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(1_024, 0);
+#[map(name = "MESH_COUNTERS")]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(N_COUNTERS, 0);
+
+#[inline(always)]
+fn count(program: Program, outcome: Outcome) {
+    if let Some(c) = COUNTERS.get_ptr_mut(counter_index(program, outcome)) {
+        // SAFETY: per-CPU slot, and cgroup programs run with migration disabled: no other writer.
+        unsafe { *c += 1 };
+    }
+}
+
+/// Connect verdicts: 1 lets the (possibly rewritten) connect proceed, 0 fails it with EPERM.
+#[inline(always)]
+fn verdict(program: Program, outcome: Outcome) -> i32 {
+    count(program, outcome);
+    if outcome == Outcome::Denied { 0 } else { 1 }
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn mesh_connect4(sa: SockAddrContext) -> i32 {
+    count(Program::Connect4, Outcome::Seen);
+    let addr = ctx::user_ip4(&sa);
+    let port = ctx::user_port(&sa);
+    let outcome = redirect(&sa, Dest::V4(addr), port);
+    if outcome == Outcome::Redirected {
+        debug!(
+            &sa,
+            "connect4 redirected {:i}:{}",
+            u32::from_be_bytes(addr),
+            port
+        );
+    }
+    verdict(Program::Connect4, outcome)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn mesh_connect6(sa: SockAddrContext) -> i32 {
+    count(Program::Connect6, Outcome::Seen);
+    let addr = ctx::user_ip6(&sa);
+    let port = ctx::user_port(&sa);
+    // A dual-stack socket reaching an IPv4 peer: the kernel connects it over IPv4, so treat it as
+    // one (same exclusions, same proxy address), only written back in mapped form.
+    let dest = match v4_mapped(&addr) {
+        Some(v4) => Dest::Mapped(v4),
+        None => Dest::V6(addr),
+    };
+    verdict(Program::Connect6, redirect(&sa, dest, port))
+}
+
+#[derive(Clone, Copy)]
+enum Dest {
+    V4([u8; 4]),
+    /// An IPv4 destination given to an IPv6 socket as `::ffff:a.b.c.d`.
+    Mapped([u8; 4]),
+    V6([u8; 16]),
+}
+
+#[inline(always)]
+fn redirect(sa: &SockAddrContext, dest: Dest, port: u16) -> Outcome {
+    if ctx::sock_type(sa) != SOCK_STREAM || ctx::protocol(sa) != IPPROTO_TCP {
+        return Outcome::SkipNotTcp;
+    }
+    let netns = ctx::netns_cookie(sa);
+    // SAFETY: the value is copied out at once; a concurrent delete can only make us read a stale
+    // pod id, which the proxy then fails to resolve and refuses.
+    let Some(pod) = (unsafe { ENROLLED.get(&netns) }).copied() else {
+        return Outcome::SkipNotEnrolled;
+    };
+    let Some(cfg) = CONFIG.get(0) else {
+        return Outcome::Denied;
+    };
+    if EXCLUDED_PORTS.get_ptr(port).is_some() {
+        return Outcome::SkipExcludedPort;
+    }
+    let (family, addr16) = match dest {
+        Dest::V4(a) | Dest::Mapped(a) => {
+            if a[0] == 127 || a == [0; 4] {
+                return Outcome::SkipLoopback;
+            }
+            if cfg.flags & CONFIG_F_IPV4 == 0 {
+                return Outcome::Denied;
+            }
+            if a == cfg.proxy_ip4 && port == cfg.proxy_port {
+                return Outcome::SkipProxyAddr;
+            }
+            if EXCLUDED_V4.get(Key::new(32, a)).is_some() {
+                return Outcome::SkipExcludedCidr;
+            }
+            (AF_INET, widen(a))
+        }
+        Dest::V6(a) => {
+            if is_loopback6(&a) {
+                return Outcome::SkipLoopback;
+            }
+            if cfg.flags & CONFIG_F_IPV6 == 0 {
+                return Outcome::Denied;
+            }
+            if a == cfg.proxy_ip6 && port == cfg.proxy_port {
+                return Outcome::SkipProxyAddr;
+            }
+            if EXCLUDED_V6.get(Key::new(128, a)).is_some() {
+                return Outcome::SkipExcludedCidr;
+            }
+            (AF_INET6, a)
+        }
+    };
+    let record = OrigDst {
+        addr: addr16,
+        port,
+        family,
+        pod_id: pod.pod_id,
+        netns_cookie: netns,
+    };
+    if ORIG_BY_COOKIE
+        .insert(ctx::socket_cookie(sa), record, 0)
+        .is_err()
+    {
+        return Outcome::Denied;
+    }
+    match dest {
+        Dest::V4(_) => ctx::set_user_ip4(sa, cfg.proxy_ip4),
+        Dest::Mapped(_) => ctx::set_user_ip6(sa, mapped(cfg.proxy_ip4)),
+        Dest::V6(_) => ctx::set_user_ip6(sa, cfg.proxy_ip6),
+    }
+    ctx::set_user_port(sa, cfg.proxy_port);
+    Outcome::Redirected
+}
+
+#[sock_ops]
+pub fn mesh_sock_ops(ops: SockOpsContext) -> u32 {
+    match ops.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => established(&ops),
+        BPF_SOCK_OPS_STATE_CB if ops.arg(1) == BPF_TCP_CLOSE => closed(&ops),
+        _ => {}
+    }
+    1
+}
+
+/// The client's port is known now: index the record by the address the proxy will see as peer.
+/// This runs before the final ACK is sent, so before the proxy can accept the connection.
+#[inline(always)]
+fn established(ops: &SockOpsContext) {
+    count(Program::SockOps, Outcome::Seen);
+    let cookie = ctx::ops_socket_cookie(ops);
+    // SAFETY: copied out at once; entries of one socket are only written by that socket's hooks.
+    let Some(record) = (unsafe { ORIG_BY_COOKIE.get(&cookie) }).copied() else {
+        count(Program::SockOps, Outcome::NoRecord);
+        return;
+    };
+    let key = client_key(ops);
+    if ORIG_BY_CONN.insert(key, record, 0).is_err() {
+        count(Program::SockOps, Outcome::Denied);
+        return;
+    }
+    // Ask for state changes so both records go when the client socket closes.
+    let _ = ops.set_cb_flags((ops.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    count(Program::SockOps, Outcome::Redirected);
+}
+
+#[inline(always)]
+fn closed(ops: &SockOpsContext) {
+    let cookie = ctx::ops_socket_cookie(ops);
+    let _ = ORIG_BY_COOKIE.remove(cookie);
+    // Called before the kernel releases the port, so the key is still the one we stored.
+    let _ = ORIG_BY_CONN.remove(client_key(ops));
+    count(Program::SockOps, Outcome::Closed);
+}
+
+#[inline(always)]
+fn client_key(ops: &SockOpsContext) -> ConnKey {
+    let port = ops.local_port() as u16;
+    if ops.family() == AF_INET as u32 {
+        return ConnKey::v4(ctx::ops_local_ip4(ops), port);
+    }
+    let ip6 = ctx::ops_local_ip6(ops);
+    match v4_mapped(&ip6) {
+        Some(v4) => ConnKey::v4(v4, port),
+        None => ConnKey::v6(ip6, port),
+    }
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn mesh_peername4(sa: SockAddrContext) -> i32 {
+    count(Program::GetPeerName, Outcome::Seen);
+    // SAFETY: copied out at once.
+    match unsafe { ORIG_BY_COOKIE.get(ctx::socket_cookie(&sa)) }.copied() {
+        Some(r) if r.family == AF_INET => {
+            ctx::set_user_ip4(&sa, [r.addr[0], r.addr[1], r.addr[2], r.addr[3]]);
+            ctx::set_user_port(&sa, r.port);
+            count(Program::GetPeerName, Outcome::Redirected);
+        }
+        _ => count(Program::GetPeerName, Outcome::NoRecord),
+    }
+    1
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn mesh_peername6(sa: SockAddrContext) -> i32 {
+    count(Program::GetPeerName, Outcome::Seen);
+    // SAFETY: copied out at once.
+    match unsafe { ORIG_BY_COOKIE.get(ctx::socket_cookie(&sa)) }.copied() {
+        Some(r) => {
+            let addr = if r.family == AF_INET6 {
+                r.addr
+            } else {
+                mapped([r.addr[0], r.addr[1], r.addr[2], r.addr[3]])
+            };
+            ctx::set_user_ip6(&sa, addr);
+            ctx::set_user_port(&sa, r.port);
+            count(Program::GetPeerName, Outcome::Redirected);
+        }
+        None => count(Program::GetPeerName, Outcome::NoRecord),
+    }
+    1
+}
+
+#[inline(always)]
+fn widen(a: [u8; 4]) -> [u8; 16] {
+    let mut w = [0u8; 16];
+    w[0] = a[0];
+    w[1] = a[1];
+    w[2] = a[2];
+    w[3] = a[3];
+    w
+}
+
+#[inline(always)]
+fn mapped(a: [u8; 4]) -> [u8; 16] {
+    let mut m = [0u8; 16];
+    m[10] = 0xff;
+    m[11] = 0xff;
+    m[12] = a[0];
+    m[13] = a[1];
+    m[14] = a[2];
+    m[15] = a[3];
+    m
+}
+
+#[inline(always)]
+fn v4_mapped(a: &[u8; 16]) -> Option<[u8; 4]> {
+    let prefix = a[0] | a[1] | a[2] | a[3] | a[4] | a[5] | a[6] | a[7] | a[8] | a[9];
+    if prefix == 0 && a[10] == 0xff && a[11] == 0xff {
+        Some([a[12], a[13], a[14], a[15]])
+    } else {
+        None
+    }
+}
+
+#[inline(always)]
+fn is_loopback6(a: &[u8; 16]) -> bool {
+    let mut high = 0u8;
+    let mut i = 0;
+    while i < 15 {
+        high |= a[i];
+        i += 1;
+    }
+    high == 0 && (a[15] == 1 || a[15] == 0)
+}
+
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,436 @@
+//! Runs inside a test pod (its network namespace and cgroup): the workloads of the end-to-end tests,
+//! the benchmark and the demo. Results are one JSON object on stdout.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{TcpListener, TcpStream},
+};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Accept connections; greet each with `HELLO peer=.. local=..` then echo (or count, with --sink).
+    Serve {
+        #[arg(long, required = true)]
+        listen: Vec<SocketAddr>,
+        /// Read everything, then answer with the byte count: for bulk throughput.
+        #[arg(long)]
+        sink: bool,
+    },
+    /// Open connections, send a pattern unique to each, check the echo byte for byte.
+    Client {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        conns: usize,
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 1024)]
+        bytes: usize,
+        /// Keep every connection open until all are established (proves concurrency).
+        #[arg(long)]
+        hold: bool,
+    },
+    /// Connection rate: connect, one echo round trip, close; as fast as possible.
+    Rate {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 2000)]
+        duration_ms: u64,
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+    },
+    /// Request/response over persistent connections: throughput and latency.
+    Rr {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 2000)]
+        duration_ms: u64,
+        #[arg(long, default_value_t = 16)]
+        conns: usize,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        /// Requests per second per connection (0 = as fast as possible): latency under light load.
+        #[arg(long, default_value_t = 0)]
+        pace: u64,
+    },
+    /// Bulk transfer to a --sink server.
+    Bulk {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1 << 30)]
+        bytes: u64,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Serve { listen, sink } => serve(listen, sink).await,
+        Cmd::Client {
+            to,
+            conns,
+            concurrency,
+            bytes,
+            hold,
+        } => client(to, conns, concurrency, bytes, hold).await,
+        Cmd::Rate {
+            to,
+            duration_ms,
+            concurrency,
+        } => rate(to, Duration::from_millis(duration_ms), concurrency).await,
+        Cmd::Rr {
+            to,
+            duration_ms,
+            conns,
+            size,
+            pace,
+        } => rr(to, Duration::from_millis(duration_ms), conns, size, pace).await,
+        Cmd::Bulk { to, bytes } => bulk(to, bytes).await,
+    }
+}
+
+async fn serve(addrs: Vec<SocketAddr>, sink: bool) -> anyhow::Result<()> {
+    let mut listeners = Vec::new();
+    for a in addrs {
+        listeners.push(bind(a).with_context(|| format!("bind {a}"))?);
+    }
+    println!("ready");
+    for l in listeners {
+        tokio::spawn(async move {
+            loop {
+                let Ok((s, peer)) = l.accept().await else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let _ = if sink {
+                        sink_conn(s).await
+                    } else {
+                        echo_conn(s, peer).await
+                    };
+                });
+            }
+        });
+    }
+    // Serves until killed.
+    std::future::pending().await
+}
+
+/// IPv6 listeners are IPv6-only so an IPv4 listener can share the port and peers keep their family.
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    sock.set_reuse_address(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    TcpListener::from_std(sock.into())
+}
+
+async fn echo_conn(mut s: TcpStream, peer: SocketAddr) -> std::io::Result<()> {
+    s.set_nodelay(true)?;
+    let local = s.local_addr()?;
+    s.write_all(format!("HELLO peer={peer} local={local}\n").as_bytes())
+        .await?;
+    let (mut r, mut w) = s.split();
+    tokio::io::copy(&mut r, &mut w).await?;
+    w.shutdown().await
+}
+
+async fn sink_conn(mut s: TcpStream) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = s.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    s.write_all(format!("{total}\n").as_bytes()).await?;
+    s.shutdown().await
+}
+
+fn pattern(conn: usize, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|k| ((conn * 31 + k * 7) % 251) as u8)
+        .collect()
+}
+
+/// Connects and reads the server's greeting.
+async fn open(to: SocketAddr) -> anyhow::Result<(BufReader<TcpStream>, String)> {
+    let s = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(to))
+        .await
+        .context("connect timed out")?
+        .context("connect")?;
+    s.set_nodelay(true)?;
+    let mut r = BufReader::new(s);
+    let mut hello = String::new();
+    tokio::time::timeout(Duration::from_secs(5), r.read_line(&mut hello))
+        .await
+        .context("greeting timed out")?
+        .context("greeting")?;
+    anyhow::ensure!(hello.starts_with("HELLO "), "unexpected greeting {hello:?}");
+    Ok((r, hello.trim_end().to_string()))
+}
+
+#[derive(Default)]
+struct Report {
+    ok: usize,
+    failed: usize,
+    errors: Vec<String>,
+    peers: BTreeSet<String>,
+    hellos: BTreeMap<String, usize>,
+}
+
+async fn client(
+    to: SocketAddr,
+    conns: usize,
+    concurrency: usize,
+    bytes: usize,
+    hold: bool,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let report = Arc::new(Mutex::new(Report::default()));
+    let sem = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+    // With --hold every connection waits here until all are open.
+    let barrier = Arc::new(tokio::sync::Barrier::new(if hold { conns } else { 1 }));
+    let mut tasks = Vec::new();
+    for id in 0..conns {
+        let (report, sem, barrier) = (report.clone(), sem.clone(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            let _permit = sem.acquire_owned().await;
+            let result = one_conn(to, id, bytes, &barrier).await;
+            let mut r = report.lock().unwrap();
+            match result {
+                Ok((peer, hello)) => {
+                    r.ok += 1;
+                    r.peers.insert(peer);
+                    // The server-side peer port varies per connection; keep the address part only.
+                    *r.hellos.entry(strip_peer_port(&hello)).or_default() += 1;
+                }
+                Err(e) => {
+                    r.failed += 1;
+                    if r.errors.len() < 10 {
+                        r.errors.push(format!("conn {id}: {e:#}"));
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let r = report.lock().unwrap();
+    let out = json!({
+        "attempted": conns,
+        "ok": r.ok,
+        "failed": r.failed,
+        "errors": r.errors,
+        "peer_addrs": r.peers,
+        "hellos": r.hellos,
+        "elapsed_ms": started.elapsed().as_millis() as u64,
+    });
+    println!("{out}");
+    Ok(())
+}
+
+fn strip_peer_port(hello: &str) -> String {
+    hello
+        .split(' ')
+        .map(|part| match part.strip_prefix("peer=") {
+            Some(p) => format!(
+                "peer={}",
+                p.parse::<SocketAddr>()
+                    .map(|a| a.ip().to_string())
+                    .unwrap_or(p.into())
+            ),
+            None => part.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+async fn one_conn(
+    to: SocketAddr,
+    id: usize,
+    bytes: usize,
+    barrier: &tokio::sync::Barrier,
+) -> anyhow::Result<(String, String)> {
+    let (r, hello) = open(to).await?;
+    let stream = r.into_inner();
+    let peer = stream.peer_addr()?.to_string();
+    barrier.wait().await;
+    let (mut rd, mut wr) = stream.into_split();
+    let data = pattern(id, bytes);
+    let expected = data.clone();
+    let writer = tokio::spawn(async move {
+        wr.write_all(&data).await?;
+        wr.shutdown().await
+    });
+    let mut got = Vec::with_capacity(bytes);
+    tokio::time::timeout(Duration::from_secs(30), rd.read_to_end(&mut got))
+        .await
+        .context("echo timed out")??;
+    writer.await??;
+    anyhow::ensure!(
+        got.len() == expected.len(),
+        "echo length {} != sent {}",
+        got.len(),
+        expected.len()
+    );
+    anyhow::ensure!(
+        got == expected,
+        "echo differs from what this connection sent (mixed up?)"
+    );
+    Ok((peer, hello))
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+async fn rate(to: SocketAddr, duration: Duration, concurrency: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + duration;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0u64;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let res: anyhow::Result<()> = async {
+                    let (mut r, _) = open(to).await?;
+                    r.get_mut().write_all(b"x").await?;
+                    let mut b = [0u8; 1];
+                    r.read_exact(&mut b).await?;
+                    Ok(())
+                }
+                .await;
+                match res {
+                    Ok(()) => lat.push(t.elapsed().as_micros() as u64),
+                    Err(_) => errors += 1,
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await?;
+        lat.extend(l);
+        errors += e;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    lat.sort_unstable();
+    println!(
+        "{}",
+        json!({
+            "connects": lat.len(),
+            "errors": errors,
+            "connects_per_s": lat.len() as f64 / secs,
+            "p50_us": percentile(&lat, 0.5),
+            "p99_us": percentile(&lat, 0.99),
+        })
+    );
+    Ok(())
+}
+
+async fn rr(
+    to: SocketAddr,
+    duration: Duration,
+    conns: usize,
+    size: usize,
+    pace: u64,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + duration;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for id in 0..conns.max(1) {
+        tasks.push(tokio::spawn(async move {
+            let (mut r, _) = open(to).await?;
+            let req = pattern(id, size);
+            let mut resp = vec![0u8; size];
+            let mut lat = Vec::new();
+            let interval = (pace > 0).then(|| Duration::from_secs_f64(1.0 / pace as f64));
+            let mut next = Instant::now();
+            while Instant::now() < deadline {
+                if let Some(i) = interval {
+                    tokio::time::sleep_until(next.into()).await;
+                    next += i;
+                }
+                let t = Instant::now();
+                r.get_mut().write_all(&req).await?;
+                r.read_exact(&mut resp).await?;
+                lat.push(t.elapsed().as_micros() as u64);
+            }
+            anyhow::ensure!(resp == req, "response differs from request");
+            anyhow::Ok(lat)
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await??);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    lat.sort_unstable();
+    println!(
+        "{}",
+        json!({
+            "requests": lat.len(),
+            "rps": lat.len() as f64 / secs,
+            "p50_us": percentile(&lat, 0.5),
+            "p99_us": percentile(&lat, 0.99),
+        })
+    );
+    Ok(())
+}
+
+async fn bulk(to: SocketAddr, bytes: u64) -> anyhow::Result<()> {
+    let s = TcpStream::connect(to).await.context("connect")?;
+    let (rd, mut wr) = s.into_split();
+    let chunk = vec![0x5au8; 256 * 1024];
+    let started = Instant::now();
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        wr.write_all(&chunk[..n]).await?;
+        left -= n as u64;
+    }
+    wr.shutdown().await?;
+    let mut line = String::new();
+    BufReader::new(rd).read_line(&mut line).await?;
+    let secs = started.elapsed().as_secs_f64();
+    let got: u64 = line.trim().parse().context("sink count")?;
+    anyhow::ensure!(got == bytes, "sink received {got} of {bytes} bytes");
+    println!(
+        "{}",
+        json!({"bytes": bytes, "gbps": bytes as f64 * 8.0 / secs / 1e9})
+    );
+    Ok(())
+}

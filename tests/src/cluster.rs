@@ -1,0 +1,825 @@
+//! Cluster in a box: N nodes, each a network namespace running its own mesh-node, M pods per node,
+//! each a network namespace plus a cgroup, wired like a real cluster:
+//!
+//! ```text
+//!   pod netns (eth0 10.1NN.J.2) --veth-- node netns (pJ 10.1NN.J.1, lo 10.200.N.1)
+//!   node netns (fab0 10.250.0.N+1) --veth-- fabric netns (bridge br0) --veth-- other nodes
+//! ```
+//! (and the same in IPv6 under fd00::/16). The node address on `lo` is where the node's mesh-node
+//! listens; every pod can route to it. Names are unique per cluster, so tests run in parallel, and
+//! everything is torn down on drop, also when a test panics.
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+};
+
+use crate::{http, sys};
+
+/// Where the harness keeps per-cluster cgroups.
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified/mesh-tests";
+/// Where the harness keeps logs and ownership markers.
+pub const RUN_ROOT: &str = "/tmp/mesh-tests";
+/// mesh-node's admin port inside each node namespace.
+pub const ADMIN_PORT: u16 = 15000;
+/// mesh-node's outbound port.
+pub const OUTBOUND_PORT: u16 = 15001;
+
+pub struct ClusterBuilder {
+    nodes: usize,
+    pods_per_node: usize,
+    name: Option<String>,
+    node_args: Vec<String>,
+    start_nodes: bool,
+}
+
+impl Default for ClusterBuilder {
+    fn default() -> Self {
+        Self {
+            nodes: 2,
+            pods_per_node: 2,
+            name: None,
+            node_args: Vec::new(),
+            start_nodes: true,
+        }
+    }
+}
+
+pub struct Cluster {
+    pub id: String,
+    pub dir: PathBuf,
+    pub nodes: Vec<Node>,
+    fabric: String,
+    keep: bool,
+}
+
+pub struct Node {
+    pub index: usize,
+    /// mesh-node's `--node-name`; also names its pinned state.
+    pub name: String,
+    pub netns: String,
+    /// The node address pods route to; mesh-node's outbound listener.
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+    pub pods_cgroup: PathBuf,
+    proxy_cgroup: PathBuf,
+    pub pods: Vec<Pod>,
+    pub log: PathBuf,
+    args: Vec<String>,
+    process: Option<Child>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Pod {
+    pub node: usize,
+    pub name: String,
+    pub namespace: String,
+    pub netns: String,
+    pub cgroup: PathBuf,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+}
+
+fn netns_path(name: &str) -> PathBuf {
+    PathBuf::from("/run/netns").join(name)
+}
+
+/// Runs `ip ARGS`, failing with its stderr.
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (install iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn sysctl(netns: &str, key: &str, value: &str) -> anyhow::Result<()> {
+    let path = Path::new("/proc/sys").join(key.replace('.', "/"));
+    sys::in_netns(&netns_path(netns), || std::fs::write(&path, value))
+        .with_context(|| format!("sysctl {key}={value} in {netns}"))
+}
+
+/// Finds one of our binaries: `$MESH_<NAME>_BIN`, else next to (or one level above) the running
+/// executable, which is where cargo puts test binaries relative to the workspace's bins.
+pub fn find_bin(name: &str) -> anyhow::Result<PathBuf> {
+    let var = format!(
+        "MESH_{}_BIN",
+        name.trim_start_matches("mesh-")
+            .to_uppercase()
+            .replace('-', "_")
+    );
+    if let Some(p) = std::env::var_os(&var) {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    for dir in exe.ancestors().skip(1).take(2) {
+        let candidate = dir.join(name);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "{name} not found next to {} and ${var} unset: build the workspace first (cargo xtask test does)",
+        exe.display()
+    )
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+fn unique_id() -> String {
+    // Short: names end up in interface and cgroup names. pid + counter + time keep parallel test
+    // binaries apart.
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos();
+    format!(
+        "c{:06x}",
+        (std::process::id() ^ (n << 20) ^ (t >> 8)) & 0xff_ffff
+    )
+}
+
+impl ClusterBuilder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn nodes(mut self, n: usize) -> Self {
+        self.nodes = n;
+        self
+    }
+    pub fn pods_per_node(mut self, m: usize) -> Self {
+        self.pods_per_node = m;
+        self
+    }
+    /// A fixed cluster id instead of a unique one (the demo uses "demo").
+    pub fn name(mut self, name: &str) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+    /// Extra flags for every mesh-node.
+    pub fn node_args(mut self, args: &[&str]) -> Self {
+        self.node_args.extend(args.iter().map(|s| s.to_string()));
+        self
+    }
+    /// Build the network but leave mesh-node stopped (for fail-closed tests).
+    pub fn without_node_proxies(mut self) -> Self {
+        self.start_nodes = false;
+        self
+    }
+
+    pub async fn start(self) -> anyhow::Result<Cluster> {
+        anyhow::ensure!(
+            self.nodes <= 50 && self.pods_per_node <= 200,
+            "cluster too large for the address plan"
+        );
+        cleanup_stale();
+        let id = self.name.clone().unwrap_or_else(unique_id);
+        let dir = PathBuf::from(RUN_ROOT).join(&id);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("owner"), std::process::id().to_string())?;
+        let mut cluster = Cluster {
+            id: id.clone(),
+            dir,
+            nodes: Vec::new(),
+            fabric: format!("mesh-{id}-fab"),
+            keep: false,
+        };
+        // From here on, a failure tears down what was made (Drop).
+        cluster.build_network(self.nodes, self.pods_per_node, &self.node_args)?;
+        if self.start_nodes {
+            for i in 0..cluster.nodes.len() {
+                cluster.start_node(i).await?;
+            }
+        }
+        Ok(cluster)
+    }
+}
+
+impl Cluster {
+    fn build_network(
+        &mut self,
+        nodes: usize,
+        pods: usize,
+        node_args: &[String],
+    ) -> anyhow::Result<()> {
+        let fab = self.fabric.clone();
+        ip(&["netns", "add", &fab])?;
+        ip(&["-n", &fab, "link", "set", "lo", "up"])?;
+        ip(&["-n", &fab, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &fab, "link", "set", "br0", "up"])?;
+        let cg_root = PathBuf::from(CGROUP_ROOT).join(&self.id);
+        for i in 0..nodes {
+            let netns = format!("mesh-{}-n{i}", self.id);
+            let name = format!("{}-n{i}", self.id);
+            let node_v4 = Ipv4Addr::new(10, 200, i as u8, 1);
+            let node_v6: Ipv6Addr = format!("fd00:200:{i}::1").parse()?;
+            ip(&["netns", "add", &netns])?;
+            ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+            ip(&[
+                "-n",
+                &netns,
+                "addr",
+                "add",
+                &format!("{node_v4}/32"),
+                "dev",
+                "lo",
+            ])?;
+            ip(&[
+                "-n",
+                &netns,
+                "addr",
+                "add",
+                &format!("{node_v6}/128"),
+                "dev",
+                "lo",
+            ])?;
+            ip(&[
+                "-n",
+                &netns,
+                "link",
+                "add",
+                "fab0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &format!("n{i}"),
+                "netns",
+                &fab,
+            ])?;
+            ip(&[
+                "-n",
+                &netns,
+                "addr",
+                "add",
+                &format!("10.250.0.{}/24", i + 1),
+                "dev",
+                "fab0",
+            ])?;
+            ip(&[
+                "-n",
+                &netns,
+                "addr",
+                "add",
+                &format!("fd00:250::{}/64", i + 1),
+                "dev",
+                "fab0",
+                "nodad",
+            ])?;
+            ip(&["-n", &netns, "link", "set", "fab0", "up"])?;
+            ip(&[
+                "-n",
+                &fab,
+                "link",
+                "set",
+                &format!("n{i}"),
+                "master",
+                "br0",
+                "up",
+            ])?;
+            sysctl(&netns, "net.ipv4.ip_forward", "1")?;
+            sysctl(&netns, "net.ipv6.conf.all.forwarding", "1")?;
+            let node_cg = cg_root.join(format!("n{i}"));
+            let pods_cgroup = node_cg.join("pods");
+            let proxy_cgroup = node_cg.join("proxy");
+            std::fs::create_dir_all(&pods_cgroup)
+                .with_context(|| format!("creating {}", pods_cgroup.display()))?;
+            std::fs::create_dir_all(&proxy_cgroup)?;
+            let mut node = Node {
+                index: i,
+                name,
+                netns: netns.clone(),
+                ipv4: node_v4,
+                ipv6: node_v6,
+                pods_cgroup: pods_cgroup.clone(),
+                proxy_cgroup,
+                pods: Vec::new(),
+                log: self.dir.join(format!("n{i}.log")),
+                args: node_args.to_vec(),
+                process: None,
+            };
+            for j in 0..pods {
+                let pod_ns = format!("mesh-{}-n{i}-p{j}", self.id);
+                let (a, b) = (100 + i as u8, j as u8 + 1);
+                let gw4 = format!("10.{a}.{b}.1");
+                let gw6 = format!("fd00:{a}:{b}::1");
+                let pod_v4 = Ipv4Addr::new(10, a, b, 2);
+                let pod_v6: Ipv6Addr = format!("fd00:{a}:{b}::2").parse()?;
+                ip(&["netns", "add", &pod_ns])?;
+                ip(&["-n", &pod_ns, "link", "set", "lo", "up"])?;
+                ip(&[
+                    "-n",
+                    &netns,
+                    "link",
+                    "add",
+                    &format!("p{j}"),
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "eth0",
+                    "netns",
+                    &pod_ns,
+                ])?;
+                ip(&[
+                    "-n",
+                    &netns,
+                    "addr",
+                    "add",
+                    &format!("{gw4}/24"),
+                    "dev",
+                    &format!("p{j}"),
+                ])?;
+                ip(&[
+                    "-n",
+                    &netns,
+                    "addr",
+                    "add",
+                    &format!("{gw6}/64"),
+                    "dev",
+                    &format!("p{j}"),
+                    "nodad",
+                ])?;
+                ip(&["-n", &netns, "link", "set", &format!("p{j}"), "up"])?;
+                ip(&[
+                    "-n",
+                    &pod_ns,
+                    "addr",
+                    "add",
+                    &format!("{pod_v4}/24"),
+                    "dev",
+                    "eth0",
+                ])?;
+                ip(&[
+                    "-n",
+                    &pod_ns,
+                    "addr",
+                    "add",
+                    &format!("{pod_v6}/64"),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ])?;
+                ip(&["-n", &pod_ns, "link", "set", "eth0", "up"])?;
+                ip(&["-n", &pod_ns, "route", "add", "default", "via", &gw4])?;
+                ip(&["-n", &pod_ns, "-6", "route", "add", "default", "via", &gw6])?;
+                let cgroup = pods_cgroup.join(format!("p{j}"));
+                std::fs::create_dir_all(&cgroup)?;
+                node.pods.push(Pod {
+                    node: i,
+                    name: format!("p{j}"),
+                    namespace: "default".into(),
+                    netns: pod_ns,
+                    cgroup,
+                    ipv4: pod_v4,
+                    ipv6: pod_v6,
+                });
+            }
+            self.nodes.push(node);
+        }
+        for a in 0..nodes {
+            for b in (0..nodes).filter(|b| *b != a) {
+                let ns = &self.nodes[a].netns;
+                let via4 = format!("10.250.0.{}", b + 1);
+                let via6 = format!("fd00:250::{}", b + 1);
+                ip(&[
+                    "-n",
+                    ns,
+                    "route",
+                    "add",
+                    &format!("10.{}.0.0/16", 100 + b),
+                    "via",
+                    &via4,
+                ])?;
+                ip(&[
+                    "-n",
+                    ns,
+                    "route",
+                    "add",
+                    &format!("10.200.{b}.1/32"),
+                    "via",
+                    &via4,
+                ])?;
+                ip(&[
+                    "-n",
+                    ns,
+                    "-6",
+                    "route",
+                    "add",
+                    &format!("fd00:{}::/32", 100 + b),
+                    "via",
+                    &via6,
+                ])?;
+                ip(&[
+                    "-n",
+                    ns,
+                    "-6",
+                    "route",
+                    "add",
+                    &format!("fd00:200:{b}::1/128"),
+                    "via",
+                    &via6,
+                ])?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn pod(&self, node: usize, pod: usize) -> &Pod {
+        &self.nodes[node].pods[pod]
+    }
+
+    /// Starts (or restarts) node `i`'s mesh-node and waits until it is ready.
+    pub async fn start_node(&mut self, i: usize) -> anyhow::Result<()> {
+        let bin = find_bin("mesh-node")?;
+        let node = &mut self.nodes[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)?;
+        let mut cmd = Command::new(&bin);
+        cmd.arg("--log-json")
+            .arg("run")
+            .args(["--node-name", &node.name])
+            .arg("--cgroup")
+            .arg(&node.pods_cgroup)
+            .args(["--proxy-ipv4", &node.ipv4.to_string()])
+            .args(["--proxy-ipv6", &node.ipv6.to_string()])
+            .args(["--outbound-port", &OUTBOUND_PORT.to_string()])
+            .args(["--admin-addr", &format!("127.0.0.1:{ADMIN_PORT}")])
+            .args(["--drain-timeout", "2s"])
+            .args(&node.args)
+            .env(
+                "RUST_LOG",
+                std::env::var("MESH_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true);
+        sys::enter_before_exec(&mut cmd, &netns_path(&node.netns), &node.proxy_cgroup)?;
+        node.process = Some(
+            cmd.spawn()
+                .with_context(|| format!("starting {}", bin.display()))?,
+        );
+        node.wait_ready(Duration::from_secs(20)).await
+    }
+
+    /// SIGTERM node `i`'s mesh-node and wait for it to exit (drain included).
+    pub async fn stop_node(&mut self, i: usize) -> anyhow::Result<std::process::ExitStatus> {
+        let node = &mut self.nodes[i];
+        let mut child = node.process.take().context("node proxy not running")?;
+        if let Some(pid) = child.id() {
+            sys::kill(pid, libc::SIGTERM)?;
+        }
+        Ok(tokio::time::timeout(Duration::from_secs(15), child.wait())
+            .await
+            .context("mesh-node did not exit")??)
+    }
+
+    /// SIGKILL node `i`'s mesh-node: a crash.
+    pub async fn kill_node(&mut self, i: usize) -> anyhow::Result<()> {
+        let mut child = self.nodes[i]
+            .process
+            .take()
+            .context("node proxy not running")?;
+        child.kill().await?;
+        Ok(())
+    }
+
+    /// Enrolls a pod through its node's admin API.
+    pub async fn enroll(&self, pod: &Pod) -> anyhow::Result<Value> {
+        let body = serde_json::json!({"netns": netns_path(&pod.netns)}).to_string();
+        let (status, resp) = self.nodes[pod.node]
+            .admin(
+                "PUT",
+                &format!("/v1/pods/{}/{}", pod.namespace, pod.name),
+                Some(&body),
+            )
+            .await?;
+        anyhow::ensure!(status == 200, "enroll {}: {status} {resp}", pod.name);
+        Ok(resp)
+    }
+
+    pub async fn unenroll(&self, pod: &Pod) -> anyhow::Result<()> {
+        let (status, resp) = self.nodes[pod.node]
+            .admin(
+                "DELETE",
+                &format!("/v1/pods/{}/{}", pod.namespace, pod.name),
+                None,
+            )
+            .await?;
+        anyhow::ensure!(status == 200, "unenroll {}: {status} {resp}", pod.name);
+        Ok(())
+    }
+
+    /// Keep everything after drop (the demo's `--keep`).
+    pub fn keep(&mut self) {
+        self.keep = true;
+        // Stale-cluster cleanup leaves kept clusters alone.
+        let _ = std::fs::write(self.dir.join("owner"), "keep");
+    }
+}
+
+impl Node {
+    /// Calls the node's admin API from inside the node's namespace.
+    pub async fn admin(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> anyhow::Result<(u16, Value)> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT));
+        http::request(&netns_path(&self.netns), addr, method, path, body).await
+    }
+
+    pub async fn counters(&self) -> anyhow::Result<Value> {
+        let (status, v) = self.admin("GET", "/v1/counters", None).await?;
+        anyhow::ensure!(status == 200, "counters: {status} {v}");
+        Ok(v)
+    }
+
+    async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(p) = self.process.as_mut()
+                && let Some(status) = p.try_wait()?
+            {
+                bail!(
+                    "mesh-node on {} exited with {status}:\n{}",
+                    self.name,
+                    self.log_tail(30)
+                );
+            }
+            if let Ok((200, _)) = self.admin("GET", "/ready", None).await {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "mesh-node on {} not ready after {timeout:?}:\n{}",
+                    self.name,
+                    self.log_tail(30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The last `n` lines of this node's mesh-node log.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// mesh-node's JSON log records so far.
+    pub fn log_records(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.process
+            .as_mut()
+            .is_some_and(|p| matches!(p.try_wait(), Ok(None)))
+    }
+}
+
+/// A process running in a pod, killed when dropped.
+pub struct PodProcess {
+    pub child: Child,
+}
+
+impl Pod {
+    /// A command that runs inside this pod (its network namespace and cgroup).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> anyhow::Result<Command> {
+        let mut cmd = Command::new(program);
+        cmd.kill_on_drop(true).stdin(Stdio::null());
+        sys::enter_before_exec(&mut cmd, &netns_path(&self.netns), &self.cgroup)?;
+        Ok(cmd)
+    }
+
+    pub fn addr(&self, v6: bool, port: u16) -> SocketAddr {
+        let ip: IpAddr = if v6 {
+            self.ipv6.into()
+        } else {
+            self.ipv4.into()
+        };
+        SocketAddr::new(ip, port)
+    }
+
+    /// Starts the test server on `port` (IPv4 and IPv6) and waits until it listens.
+    pub async fn serve(&self, port: u16, sink: bool) -> anyhow::Result<PodProcess> {
+        let mut cmd = self.command(find_bin("mesh-testpod")?)?;
+        cmd.args([
+            "serve",
+            "--listen",
+            &format!("0.0.0.0:{port}"),
+            "--listen",
+            &format!("[::]:{port}"),
+        ]);
+        if sink {
+            cmd.arg("--sink");
+        }
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn()?;
+        let mut lines = BufReader::new(child.stdout.take().context("server stdout")?).lines();
+        match tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await {
+            Ok(Ok(Some(l))) if l == "ready" => Ok(PodProcess { child }),
+            other => {
+                let _ = child.kill().await;
+                let out = child.wait_with_output().await?;
+                bail!(
+                    "test server in {} did not start ({other:?}): {}",
+                    self.name,
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            }
+        }
+    }
+
+    /// Runs `mesh-testpod ARGS` to completion in this pod and parses its JSON report.
+    pub async fn testpod(&self, args: &[&str]) -> anyhow::Result<Value> {
+        let mut cmd = self.command(find_bin("mesh-testpod")?)?;
+        cmd.args(args);
+        let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+            .await
+            .context("mesh-testpod hung")??;
+        anyhow::ensure!(
+            out.status.success(),
+            "mesh-testpod {args:?} in {} failed: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "mesh-testpod output: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// Opens `conns` echo connections to `to` and checks every byte.
+    pub async fn client(
+        &self,
+        to: SocketAddr,
+        conns: usize,
+        bytes: usize,
+    ) -> anyhow::Result<Value> {
+        self.testpod(&[
+            "client",
+            "--to",
+            &to.to_string(),
+            "--conns",
+            &conns.to_string(),
+            "--concurrency",
+            &conns.to_string(),
+            "--bytes",
+            &bytes.to_string(),
+        ])
+        .await
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
+        let failed = std::thread::panicking();
+        teardown(&self.id);
+        if failed {
+            eprintln!(
+                "cluster {} torn down; node logs kept in {}",
+                self.id,
+                self.dir.display()
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Removes everything a cluster made, found by its id alone, so it also cleans up after a harness
+/// that was killed (and `cargo xtask demo down`).
+pub fn teardown(id: &str) {
+    let cg = PathBuf::from(CGROUP_ROOT).join(id);
+    // cgroup.kill (5.14+) ends every process of the cluster: mesh-nodes and pod workloads.
+    let _ = std::fs::write(cg.join("cgroup.kill"), "1");
+    let node_bin = find_bin("mesh-node").ok();
+    let prefix = format!("mesh-{id}-");
+    let netns: Vec<String> = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter_map(|l| l.split_whitespace().next())
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default();
+    // Node pinned state: detach through mesh-node itself, falling back to removing the pins.
+    if let Ok(entries) = std::fs::read_dir("/sys/fs/bpf/mesh") {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if !name.starts_with(&format!("{id}-n")) {
+                continue;
+            }
+            let detached = node_bin.as_ref().is_some_and(|b| {
+                std::process::Command::new(b)
+                    .args(["detach", "--node-name", &name])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            });
+            if !detached {
+                let _ = remove_tree(&e.path());
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir("/run/mesh-node") {
+        for e in entries.flatten().filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{id}-n"))
+        }) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    for ns in netns.iter().filter(|n| n.starts_with(&prefix)) {
+        let _ = ip(&["netns", "del", ns]);
+    }
+    // Killed processes leave their cgroups asynchronously: retry for a moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while cg.exists() && Instant::now() < deadline {
+        if remove_cgroup_tree(&cg).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn remove_tree(p: &Path) -> std::io::Result<()> {
+    for e in std::fs::read_dir(p)? {
+        let path = e?.path();
+        if path.is_dir() {
+            remove_tree(&path)?
+        } else {
+            std::fs::remove_file(&path)?
+        }
+    }
+    std::fs::remove_dir(p)
+}
+
+/// cgroup directories are removed with rmdir, children first (their files cannot be unlinked).
+fn remove_cgroup_tree(p: &Path) -> std::io::Result<()> {
+    for e in std::fs::read_dir(p)? {
+        let e = e?;
+        if e.file_type()?.is_dir() {
+            remove_cgroup_tree(&e.path())?;
+        }
+    }
+    std::fs::remove_dir(p)
+}
+
+/// Tears down clusters whose owning process is gone (a test binary that was killed).
+pub fn cleanup_stale() {
+    let Ok(entries) = std::fs::read_dir(RUN_ROOT) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let owner_text = std::fs::read_to_string(e.path().join("owner")).unwrap_or_default();
+        if owner_text.trim() == "keep" {
+            continue;
+        }
+        let owner = owner_text.trim().parse::<u32>().ok();
+        let alive = owner.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+        if !alive {
+            let id = e.file_name().to_string_lossy().to_string();
+            teardown(&id);
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}

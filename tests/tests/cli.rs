@@ -1,0 +1,97 @@
+//! mesh-node's start-up contract: bad config and missing kernel features exit non-zero with the
+//! field or feature named, before touching the kernel.
+use std::process::Command;
+
+fn mesh_node(args: &[&str]) -> (i32, String) {
+    let bin = mesh_tests::find_bin("mesh-node").unwrap();
+    let out = Command::new(bin)
+        .args(args)
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_config_exits_non_zero_naming_the_field() {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &[
+                "run",
+                "--node-name",
+                "n1",
+                "--cgroup",
+                "/sys/fs/cgroup/unified",
+            ],
+            "invalid --proxy-ipv4: neither",
+        ),
+        (
+            &[
+                "run",
+                "--node-name",
+                "n1",
+                "--cgroup",
+                "/sys/fs/cgroup/unified",
+                "--proxy-ipv4",
+                "127.0.0.1",
+            ],
+            "invalid --proxy-ipv4: 127.0.0.1 is not reachable from pods",
+        ),
+        (
+            &[
+                "run",
+                "--node-name",
+                "N!",
+                "--cgroup",
+                "/x",
+                "--proxy-ipv4",
+                "10.0.0.1",
+            ],
+            "invalid --node-name",
+        ),
+        (
+            &[
+                "run",
+                "--node-name",
+                "n1",
+                "--cgroup",
+                "/x",
+                "--proxy-ipv4",
+                "10.0.0.1",
+                "--exclude-cidrs",
+                "nope",
+            ],
+            "invalid --exclude-cidrs",
+        ),
+    ];
+    for (args, expected) in cases {
+        let (code, stderr) = mesh_node(args);
+        assert_ne!(code, 0, "{args:?} should fail");
+        assert!(
+            stderr.contains(expected),
+            "{args:?}: stderr {stderr:?} lacks {expected:?}"
+        );
+    }
+}
+
+#[test]
+fn a_directory_that_is_not_cgroup2_is_refused_by_name() {
+    let dir = std::env::temp_dir();
+    let (code, stderr) = mesh_node(&[
+        "run",
+        "--node-name",
+        "probe-test",
+        "--cgroup",
+        dir.to_str().unwrap(),
+        "--proxy-ipv4",
+        "10.0.0.1",
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("kernel check failed") && stderr.contains("is not a cgroup v2 directory"),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,423 @@
+//! Transparent redirection, end to end on the real kernel: real cgroup eBPF programs, real
+//! mesh-node processes, pods and nodes as network namespaces. Needs root.
+use std::net::SocketAddr;
+
+use mesh_tests::{Cluster, ClusterBuilder, Pod};
+use serde_json::Value;
+
+const PORT: u16 = 8080;
+
+fn require_root() {
+    assert_eq!(
+        unsafe_free_euid(),
+        0,
+        "end-to-end tests create namespaces, cgroups and eBPF programs: run them as root (cargo xtask test)"
+    );
+}
+
+fn unsafe_free_euid() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|v| v.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(u32::MAX)
+}
+
+fn n(v: &Value, path: &[&str]) -> u64 {
+    path.iter()
+        .fold(v, |v, k| &v[k])
+        .as_u64()
+        .unwrap_or_else(|| panic!("no number at {path:?} in {v}"))
+}
+
+fn strs(v: &Value, key: &str) -> Vec<String> {
+    v[key]
+        .as_array()
+        .map(|a| a.iter().map(|s| s.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default()
+}
+
+/// Asserts a client report: every connection delivered, the client saw `dst` as its peer, and the
+/// server saw `dst` as its local address and `server_saw_peer` as the connecting address.
+fn assert_delivered(report: &Value, conns: u64, dst: SocketAddr, server_saw_peer: &str) {
+    assert_eq!(n(report, &["ok"]), conns, "{report}");
+    assert_eq!(n(report, &["failed"]), 0, "{report}");
+    assert_eq!(
+        strs(report, "peer_addrs"),
+        vec![dst.to_string()],
+        "client getpeername: {report}"
+    );
+    let hellos: Vec<&String> = report["hellos"].as_object().unwrap().keys().collect();
+    let expected = format!("HELLO peer={server_saw_peer} local={dst}");
+    assert_eq!(hellos, vec![&expected], "{report}");
+}
+
+/// The mesh-node log records of relayed connections from `pod` to `dst`.
+fn relays(cluster: &Cluster, node: usize, pod: &Pod, dst: SocketAddr) -> usize {
+    let src = format!("{}/{}", pod.namespace, pod.name);
+    cluster.nodes[node]
+        .log_records()
+        .iter()
+        .filter(|r| r["fields"]["message"] == "relaying")
+        .filter(|r| {
+            r["span"]["src.pod"] == src.as_str() && r["span"]["dst"] == dst.to_string().as_str()
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn enrolled_pod_reaches_same_node_and_other_node_over_ipv4_and_ipv6() {
+    require_root();
+    let cluster = ClusterBuilder::new()
+        .nodes(2)
+        .pods_per_node(2)
+        .start()
+        .await
+        .unwrap();
+    let client = cluster.pod(0, 0).clone();
+    let local = cluster.pod(0, 1).clone();
+    let remote = cluster.pod(1, 0).clone();
+    let _s1 = local.serve(PORT, false).await.unwrap();
+    let _s2 = remote.serve(PORT, false).await.unwrap();
+    cluster.enroll(&client).await.unwrap();
+
+    // The proxy connects from the node, so servers see the node's address on their path, never
+    // the client pod's: proof the connection went through the proxy.
+    let cases = [
+        (local.addr(false, PORT), "10.100.2.1"),
+        (local.addr(true, PORT), "fd00:100:2::1"),
+        (remote.addr(false, PORT), "10.250.0.1"),
+        (remote.addr(true, PORT), "fd00:250::1"),
+    ];
+    for (dst, via) in cases {
+        let report = client.client(dst, 5, 4096).await.unwrap();
+        assert_delivered(&report, 5, dst, via);
+        assert_eq!(
+            relays(&cluster, 0, &client, dst),
+            5,
+            "node log names source pod and original destination for {dst}"
+        );
+    }
+
+    let c = cluster.nodes[0].counters().await.unwrap();
+    assert_eq!(n(&c, &["ebpf", "connect4", "redirected"]), 10, "{c}");
+    assert_eq!(n(&c, &["ebpf", "connect6", "redirected"]), 10, "{c}");
+    assert_eq!(n(&c, &["ebpf", "sock_ops", "redirected"]), 20, "{c}");
+    assert_eq!(n(&c, &["ebpf", "connect4", "denied"]), 0, "{c}");
+    assert_eq!(n(&c, &["proxy", "relayed"]), 20, "{c}");
+    assert_eq!(n(&c, &["proxy", "refused_not_redirected"]), 0, "{c}");
+    // The proxy's own upstream connections are not redirected (else nothing would arrive), and
+    // node 1's programs, attached to node 1's pods only, never saw node 0's connects.
+    let c1 = cluster.nodes[1].counters().await.unwrap();
+    assert_eq!(n(&c1, &["ebpf", "connect4", "seen"]), 0, "{c1}");
+    assert_eq!(n(&c1, &["ebpf", "connect6", "seen"]), 0, "{c1}");
+}
+
+#[tokio::test]
+async fn pods_not_enrolled_connect_directly_and_unenrolling_stops_redirection() {
+    require_root();
+    let cluster = ClusterBuilder::new()
+        .nodes(2)
+        .pods_per_node(1)
+        .start()
+        .await
+        .unwrap();
+    let client = cluster.pod(0, 0).clone();
+    let server = cluster.pod(1, 0).clone();
+    let _s = server.serve(PORT, false).await.unwrap();
+    let dst = server.addr(false, PORT);
+    let direct = client.ipv4.to_string();
+
+    let report = client.client(dst, 3, 1024).await.unwrap();
+    assert_delivered(&report, 3, dst, &direct);
+
+    cluster.enroll(&client).await.unwrap();
+    let report = client.client(dst, 3, 1024).await.unwrap();
+    assert_delivered(&report, 3, dst, "10.250.0.1");
+
+    cluster.unenroll(&client).await.unwrap();
+    let report = client.client(dst, 3, 1024).await.unwrap();
+    assert_delivered(&report, 3, dst, &direct);
+
+    let c = cluster.nodes[0].counters().await.unwrap();
+    assert_eq!(n(&c, &["ebpf", "connect4", "seen"]), 9, "{c}");
+    assert_eq!(n(&c, &["ebpf", "connect4", "redirected"]), 3, "{c}");
+    assert_eq!(n(&c, &["ebpf", "connect4", "skip_not_enrolled"]), 6, "{c}");
+}
+
+#[tokio::test]
+async fn five_hundred_concurrent_connections_from_several_pods_are_delivered_intact() {
+    require_root();
+    let cluster = ClusterBuilder::new()
+        .nodes(2)
+        .pods_per_node(4)
+        .start()
+        .await
+        .unwrap();
+    let servers: Vec<Pod> = cluster.nodes[1].pods.iter().take(2).cloned().collect();
+    let mut handles = Vec::new();
+    for s in &servers {
+        handles.push(s.serve(PORT, false).await.unwrap());
+    }
+    let clients: Vec<Pod> = cluster.nodes[0].pods.clone();
+    for c in &clients {
+        cluster.enroll(c).await.unwrap();
+    }
+    // 4 pods x 125 connections, all held open together, 16 KiB of per-connection data each.
+    let runs = clients.iter().enumerate().map(|(i, c)| {
+        let dst = servers[i % 2].addr(i % 2 == 1, PORT);
+        let c = c.clone();
+        async move {
+            let args = [
+                "client",
+                "--to",
+                &dst.to_string(),
+                "--conns",
+                "125",
+                "--concurrency",
+                "125",
+                "--bytes",
+                "16384",
+                "--hold",
+            ];
+            (dst, c.testpod(&args).await.unwrap())
+        }
+    });
+    for (dst, report) in futures_join_all(runs).await {
+        assert_eq!(n(&report, &["ok"]), 125, "{report}");
+        assert_eq!(n(&report, &["failed"]), 0, "{report}");
+        assert_eq!(
+            strs(&report, "peer_addrs"),
+            vec![dst.to_string()],
+            "{report}"
+        );
+    }
+    let c = cluster.nodes[0].counters().await.unwrap();
+    let redirected =
+        n(&c, &["ebpf", "connect4", "redirected"]) + n(&c, &["ebpf", "connect6", "redirected"]);
+    assert_eq!(redirected, 500, "{c}");
+    assert_eq!(n(&c, &["proxy", "relayed"]), 500, "{c}");
+    assert_eq!(n(&c, &["proxy", "bytes_from_client"]), 500 * 16384, "{c}");
+}
+
+async fn futures_join_all<F>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futs.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn enrolled_pods_fail_closed_while_the_proxy_is_down_and_recover_on_restart() {
+    require_root();
+    let mut cluster = ClusterBuilder::new()
+        .nodes(2)
+        .pods_per_node(1)
+        .start()
+        .await
+        .unwrap();
+    let client = cluster.pod(0, 0).clone();
+    let server = cluster.pod(1, 0).clone();
+    let _s = server.serve(PORT, false).await.unwrap();
+    let dst = server.addr(false, PORT);
+    cluster.enroll(&client).await.unwrap();
+    assert_delivered(
+        &client.client(dst, 2, 512).await.unwrap(),
+        2,
+        dst,
+        "10.250.0.1",
+    );
+
+    for crash in [false, true] {
+        if crash {
+            cluster.kill_node(0).await.unwrap();
+        } else {
+            let status = cluster.stop_node(0).await.unwrap();
+            assert!(status.success(), "graceful stop exits 0: {status}");
+        }
+        // Still redirected, to a proxy that is not there: refused at once, never sent directly.
+        for dst in [dst, server.addr(true, PORT)] {
+            let report = client.client(dst, 3, 512).await.unwrap();
+            assert_eq!(
+                n(&report, &["ok"]),
+                0,
+                "bypassed the mesh while the proxy was down: {report}"
+            );
+            assert_eq!(n(&report, &["failed"]), 3, "{report}");
+            for e in strs(&report, "errors") {
+                assert!(
+                    e.contains("Connection refused"),
+                    "expected a fast refusal, got {e}"
+                );
+            }
+        }
+        // Back without re-enrolling: the pinned programs and enrollment map carried over, and
+        // the restarted proxy still knows the pod's name.
+        cluster.start_node(0).await.unwrap();
+        let before = relays(&cluster, 0, &client, dst);
+        assert_delivered(
+            &client.client(dst, 2, 512).await.unwrap(),
+            2,
+            dst,
+            "10.250.0.1",
+        );
+        assert_eq!(relays(&cluster, 0, &client, dst), before + 2);
+    }
+}
+
+#[tokio::test]
+async fn loopback_excluded_ports_and_excluded_cidrs_are_left_alone() {
+    require_root();
+    let cluster = ClusterBuilder::new()
+        .nodes(2)
+        .pods_per_node(2)
+        .node_args(&[
+            "--exclude-ports",
+            "9090",
+            "--exclude-cidrs",
+            "10.101.2.0/24,fd00:101:2::/64",
+        ])
+        .start()
+        .await
+        .unwrap();
+    let client = cluster.pod(0, 0).clone();
+    let plain = cluster.pod(1, 0).clone();
+    let excluded_net = cluster.pod(1, 1).clone();
+    let _a = plain.serve(PORT, false).await.unwrap();
+    let _b = plain.serve(9090, false).await.unwrap();
+    let _c = excluded_net.serve(PORT, false).await.unwrap();
+    let _d = client.serve(7000, false).await.unwrap();
+    cluster.enroll(&client).await.unwrap();
+    let me = client.ipv4.to_string();
+
+    let direct = [
+        (plain.addr(false, 9090), me.clone()),
+        (excluded_net.addr(false, PORT), me.clone()),
+        (excluded_net.addr(true, PORT), client.ipv6.to_string()),
+        ("127.0.0.1:7000".parse().unwrap(), "127.0.0.1".to_string()),
+        ("[::1]:7000".parse().unwrap(), "::1".to_string()),
+    ];
+    for (dst, peer) in &direct {
+        assert_delivered(&client.client(*dst, 2, 256).await.unwrap(), 2, *dst, peer);
+    }
+    let dst = plain.addr(false, PORT);
+    assert_delivered(
+        &client.client(dst, 2, 256).await.unwrap(),
+        2,
+        dst,
+        "10.250.0.1",
+    );
+
+    let c = cluster.nodes[0].counters().await.unwrap();
+    assert_eq!(n(&c, &["ebpf", "connect4", "skip_excluded_port"]), 2, "{c}");
+    assert_eq!(n(&c, &["ebpf", "connect4", "skip_excluded_cidr"]), 2, "{c}");
+    assert_eq!(n(&c, &["ebpf", "connect6", "skip_excluded_cidr"]), 2, "{c}");
+    assert_eq!(n(&c, &["ebpf", "connect4", "skip_loopback"]), 2, "{c}");
+    assert_eq!(n(&c, &["ebpf", "connect6", "skip_loopback"]), 2, "{c}");
+    assert_eq!(n(&c, &["ebpf", "connect4", "redirected"]), 2, "{c}");
+}
+
+#[tokio::test]
+async fn the_node_namespace_cannot_be_enrolled_and_bad_requests_name_the_field() {
+    require_root();
+    let cluster = ClusterBuilder::new()
+        .nodes(1)
+        .pods_per_node(1)
+        .start()
+        .await
+        .unwrap();
+    let node = &cluster.nodes[0];
+    let own = format!("{{\"netns\":\"/run/netns/{}\"}}", node.netns);
+    let (status, body) = node
+        .admin("PUT", "/v1/pods/default/proxy", Some(&own))
+        .await
+        .unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("node proxy's own network namespace"),
+        "{body}"
+    );
+
+    let (status, body) = node
+        .admin(
+            "PUT",
+            "/v1/pods/Bad_NS/x",
+            Some(r#"{"netns":"/proc/self/ns/net"}"#),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 400);
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("invalid namespace"),
+        "{body}"
+    );
+
+    let (status, body) = node
+        .admin(
+            "PUT",
+            "/v1/pods/default/x",
+            Some(r#"{"netns":"/nonexistent"}"#),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 422);
+    assert!(
+        body["error"].as_str().unwrap().contains("No such file"),
+        "{body}"
+    );
+
+    let (status, _) = node
+        .admin("DELETE", "/v1/pods/default/never-enrolled", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn on_exit_detach_removes_redirection() {
+    require_root();
+    let mut cluster = ClusterBuilder::new()
+        .nodes(2)
+        .pods_per_node(1)
+        .node_args(&["--on-exit", "detach"])
+        .start()
+        .await
+        .unwrap();
+    let client = cluster.pod(0, 0).clone();
+    let server = cluster.pod(1, 0).clone();
+    let _s = server.serve(PORT, false).await.unwrap();
+    let dst = server.addr(false, PORT);
+    cluster.enroll(&client).await.unwrap();
+    assert_delivered(
+        &client.client(dst, 1, 64).await.unwrap(),
+        1,
+        dst,
+        "10.250.0.1",
+    );
+    let pin_dir = std::path::Path::new("/sys/fs/bpf/mesh").join(&cluster.nodes[0].name);
+    assert!(pin_dir.join("links").exists());
+
+    assert!(cluster.stop_node(0).await.unwrap().success());
+    assert!(!pin_dir.exists(), "pins left behind after --on-exit detach");
+    assert_delivered(
+        &client.client(dst, 1, 64).await.unwrap(),
+        1,
+        dst,
+        &client.ipv4.to_string(),
+    );
+}
