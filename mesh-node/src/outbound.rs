@@ -53,6 +53,10 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(sock.into())
 }
 
+/// Per-direction relay buffer. 64 KiB moves bulk data in far fewer syscalls than tokio's 8 KiB
+/// default (measured with `cargo xtask bench`, figure `bulk_gbps`) for 128 KiB per connection.
+const RELAY_BUF: usize = 64 * 1024;
+
 pub struct Outbound {
     pub orig: Arc<dyn OrigDstSource>,
     pub pods: Arc<Enrollment>,
@@ -130,7 +134,13 @@ impl Outbound {
         self.stats.relayed.fetch_add(1, Relaxed);
         self.stats.active.fetch_add(1, Relaxed);
         info!("relaying");
-        let result = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+        let result = tokio::io::copy_bidirectional_with_sizes(
+            &mut client,
+            &mut upstream,
+            RELAY_BUF,
+            RELAY_BUF,
+        )
+        .await;
         self.stats.active.fetch_sub(1, Relaxed);
         match result {
             Ok((up, down)) => {

@@ -533,6 +533,12 @@ impl Cluster {
     /// Keep everything after drop (the demo's `--keep`).
     pub fn keep(&mut self) {
         self.keep = true;
+        // Let the node proxies outlive this process (kill_on_drop would end them).
+        for node in &mut self.nodes {
+            if let Some(child) = node.process.take() {
+                std::mem::forget(child);
+            }
+        }
         // Stale-cluster cleanup leaves kept clusters alone.
         let _ = std::fs::write(self.dir.join("owner"), "keep");
     }
@@ -596,6 +602,11 @@ impl Node {
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
+    }
+
+    /// mesh-node's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().and_then(|p| p.id())
     }
 
     pub fn is_running(&mut self) -> bool {

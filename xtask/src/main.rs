@@ -1,1 +1,162 @@
-fn main() {}
+//! Project tasks: `cargo xtask <setup|build-ebpf|build|test|bench|demo>`.
+//!
+//! Every task that needs the eBPF toolchain runs `setup` first; setup is idempotent and fast when
+//! everything is already there.
+mod toolchain;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::OnceLock,
+};
+
+use anyhow::{Context, bail};
+
+const USAGE: &str = "usage: cargo xtask <command>
+
+  setup                 install what this machine lacks (Debian packages, bpf-linker) - idempotent
+  build-ebpf            build the eBPF object (target/ebpf/bpfel-unknown-none/release/mesh-ebpf)
+  build [--release]     build-ebpf, then the whole workspace (mesh-node embeds the object)
+  test                  fmt, clippy -D warnings, unit tests, end-to-end tests on the real kernel (root)
+  bench [--json FILE]   direct vs redirected pod-to-pod figures, with ratios
+  demo [--keep]         run the local demo mesh end to end
+  demo down             remove everything a kept demo left running";
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(cmd) = args.first() else {
+        println!("{USAGE}");
+        return Ok(());
+    };
+    let rest = &args[1..];
+    match cmd.as_str() {
+        "setup" => toolchain::setup().map(|_| ()),
+        "build-ebpf" => build_ebpf().map(|p| println!("eBPF object: {}", p.display())),
+        "build" => build(rest.iter().any(|a| a == "--release")),
+        "test" => test(),
+        "bench" => {
+            build(true)?;
+            run_bin("mesh-bench", rest)
+        }
+        "demo" => {
+            if rest.first().map(String::as_str) == Some("down") {
+                // Down needs only the harness binary, built if missing.
+                cargo(&[
+                    "build",
+                    "--release",
+                    "-p",
+                    "mesh-tests",
+                    "--bin",
+                    "mesh-demo",
+                ])?;
+                return run_bin("mesh-demo", rest);
+            }
+            build(true)?;
+            run_bin("mesh-demo", rest)
+        }
+        "-h" | "--help" | "help" => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        other => bail!("unknown command {other:?}\n\n{USAGE}"),
+    }
+}
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The eBPF object built in this run; mesh-node's build script embeds exactly this file.
+static EBPF_OBJECT: OnceLock<PathBuf> = OnceLock::new();
+
+/// Runs the normal (userspace) cargo in the workspace root.
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(&cargo);
+    cmd.args(args).current_dir(root());
+    if let Some(object) = EBPF_OBJECT.get() {
+        cmd.env("MESH_EBPF_OBJECT", object);
+    }
+    let status = cmd.status().with_context(|| format!("running {cargo}"))?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn build_ebpf() -> anyhow::Result<PathBuf> {
+    let tools = toolchain::setup()?;
+    let object = toolchain::build_ebpf(&tools)?;
+    Ok(EBPF_OBJECT.get_or_init(|| object).clone())
+}
+
+fn build(release: bool) -> anyhow::Result<()> {
+    build_ebpf()?;
+    let mut args = vec!["build", "--workspace", "--bins"];
+    if release {
+        args.push("--release");
+    }
+    cargo(&args)
+}
+
+fn require_root(what: &str) -> anyhow::Result<()> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().nth(1))
+        .unwrap_or("");
+    if uid != "0" {
+        bail!(
+            "{what} needs root: it creates network namespaces, cgroups and eBPF programs on this kernel"
+        );
+    }
+    Ok(())
+}
+
+fn test() -> anyhow::Result<()> {
+    require_root("cargo xtask test")?;
+    build_ebpf()?;
+    step("cargo fmt --check", || {
+        cargo(&["fmt", "--all", "--", "--check"])
+    })?;
+    step("cargo clippy -D warnings", || {
+        cargo(&[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ])
+    })?;
+    step("build", || cargo(&["build", "--workspace", "--bins"]))?;
+    step("cargo test (unit and end-to-end)", || {
+        cargo(&["test", "--workspace"])
+    })
+}
+
+fn step(name: &str, f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    eprintln!("==> {name}");
+    f().with_context(|| format!("step failed: {name}"))
+}
+
+fn run_bin(name: &str, args: &[String]) -> anyhow::Result<()> {
+    let bin = root().join("target/release").join(name);
+    let status = Command::new(&bin)
+        .args(args)
+        .env("MESH_NODE_BIN", root().join("target/release/mesh-node"))
+        .env(
+            "MESH_TESTPOD_BIN",
+            root().join("target/release/mesh-testpod"),
+        )
+        .status()
+        .with_context(|| format!("running {}", bin.display()))?;
+    if !status.success() {
+        bail!("{name} failed ({status})");
+    }
+    Ok(())
+}
