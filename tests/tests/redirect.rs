@@ -421,3 +421,58 @@ async fn on_exit_detach_removes_redirection() {
         &client.ipv4.to_string(),
     );
 }
+
+#[tokio::test]
+async fn sigterm_drains_open_connections_then_cuts_them_at_the_deadline() {
+    require_root();
+    // The harness starts mesh-node with --drain-timeout 2s.
+    let mut cluster = ClusterBuilder::new().nodes(2).pods_per_node(1).start().await.unwrap();
+    let client = cluster.pod(0, 0).clone();
+    let server = cluster.pod(1, 0).clone();
+    let _s = server.serve(PORT, false).await.unwrap();
+    let dst = server.addr(false, PORT).to_string();
+    cluster.enroll(&client).await.unwrap();
+
+    // Three connections busy for 8 s: longer than the drain deadline.
+    let busy = {
+        let client = client.clone();
+        let dst = dst.clone();
+        tokio::spawn(async move {
+            client.testpod(&["rr", "--to", &dst, "--duration-ms", "8000", "--conns", "3"]).await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    let started = std::time::Instant::now();
+    let status = cluster.stop_node(0).await.unwrap();
+    let took = started.elapsed();
+    assert!(status.success(), "{status}");
+    let result = busy.await.unwrap();
+    assert!(result.is_err(), "connections outlived the drain deadline: {result:?}");
+    // Waited for the deadline rather than cutting at once (loose bounds: not a timing test).
+    assert!(took >= std::time::Duration::from_millis(1500), "exited after {took:?}, before the deadline");
+    let drained: Vec<Value> = cluster.nodes[0]
+        .log_records()
+        .into_iter()
+        .filter(|r| r["fields"]["message"] == "drained")
+        .collect();
+    assert_eq!(drained.len(), 1);
+    assert_eq!(drained[0]["fields"]["outcome"], "Forced(3)", "{drained:?}");
+
+    // A connection that ends within the deadline drains gracefully.
+    cluster.start_node(0).await.unwrap();
+    let short = {
+        let client = client.clone();
+        tokio::spawn(async move { client.testpod(&["rr", "--to", &dst, "--duration-ms", "1000", "--conns", "2"]).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(cluster.stop_node(0).await.unwrap().success());
+    let report = short.await.unwrap().unwrap();
+    assert!(n(&report, &["requests"]) > 0, "{report}");
+    let last = cluster.nodes[0]
+        .log_records()
+        .into_iter()
+        .filter(|r| r["fields"]["message"] == "drained")
+        .last()
+        .unwrap();
+    assert_eq!(last["fields"]["outcome"], "Graceful", "{last}");
+}
