@@ -39,6 +39,7 @@ pub struct ClusterBuilder {
     pods_per_node: usize,
     name: Option<String>,
     node_args: Vec<String>,
+    log_filter: Option<String>,
     start_nodes: bool,
 }
 
@@ -49,6 +50,7 @@ impl Default for ClusterBuilder {
             pods_per_node: 2,
             name: None,
             node_args: Vec::new(),
+            log_filter: None,
             start_nodes: true,
         }
     }
@@ -75,6 +77,7 @@ pub struct Node {
     pub pods: Vec<Pod>,
     pub log: PathBuf,
     args: Vec<String>,
+    log_filter: String,
     process: Option<Child>,
 }
 
@@ -178,6 +181,11 @@ impl ClusterBuilder {
         self.node_args.extend(args.iter().map(|s| s.to_string()));
         self
     }
+    /// mesh-node's `RUST_LOG` (default: `$MESH_TEST_LOG`, else `info`).
+    pub fn log_filter(mut self, filter: &str) -> Self {
+        self.log_filter = Some(filter.into());
+        self
+    }
     /// Build the network but leave mesh-node stopped (for fail-closed tests).
     pub fn without_node_proxies(mut self) -> Self {
         self.start_nodes = false;
@@ -203,6 +211,13 @@ impl ClusterBuilder {
         };
         // From here on, a failure tears down what was made (Drop).
         cluster.build_network(self.nodes, self.pods_per_node, &self.node_args)?;
+        let filter = self
+            .log_filter
+            .or_else(|| std::env::var("MESH_TEST_LOG").ok())
+            .unwrap_or_else(|| "info".into());
+        for node in &mut cluster.nodes {
+            node.log_filter = filter.clone();
+        }
         if self.start_nodes {
             for i in 0..cluster.nodes.len() {
                 cluster.start_node(i).await?;
@@ -313,6 +328,7 @@ impl Cluster {
                 pods: Vec::new(),
                 log: self.dir.join(format!("n{i}.log")),
                 args: node_args.to_vec(),
+                log_filter: "info".into(),
                 process: None,
             };
             for j in 0..pods {
@@ -466,10 +482,7 @@ impl Cluster {
             .args(["--admin-addr", &format!("127.0.0.1:{ADMIN_PORT}")])
             .args(["--drain-timeout", "2s"])
             .args(&node.args)
-            .env(
-                "RUST_LOG",
-                std::env::var("MESH_TEST_LOG").unwrap_or_else(|_| "info".into()),
-            )
+            .env("RUST_LOG", &node.log_filter)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

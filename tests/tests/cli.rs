@@ -95,3 +95,23 @@ fn a_directory_that_is_not_cgroup2_is_refused_by_name() {
         "{stderr}"
     );
 }
+
+#[test]
+fn an_unreadable_ebpf_object_is_named() {
+    let (code, stderr) = mesh_node(&[
+        "run",
+        "--node-name",
+        "object-test",
+        "--cgroup",
+        "/sys/fs/cgroup/unified",
+        "--proxy-ipv4",
+        "10.0.0.1",
+        "--ebpf-object",
+        "/nonexistent/mesh-ebpf.o",
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("cannot read eBPF object /nonexistent/mesh-ebpf.o"),
+        "{stderr}"
+    );
+}

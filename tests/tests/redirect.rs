@@ -426,7 +426,12 @@ async fn on_exit_detach_removes_redirection() {
 async fn sigterm_drains_open_connections_then_cuts_them_at_the_deadline() {
     require_root();
     // The harness starts mesh-node with --drain-timeout 2s.
-    let mut cluster = ClusterBuilder::new().nodes(2).pods_per_node(1).start().await.unwrap();
+    let mut cluster = ClusterBuilder::new()
+        .nodes(2)
+        .pods_per_node(1)
+        .start()
+        .await
+        .unwrap();
     let client = cluster.pod(0, 0).clone();
     let server = cluster.pod(1, 0).clone();
     let _s = server.serve(PORT, false).await.unwrap();
@@ -438,7 +443,9 @@ async fn sigterm_drains_open_connections_then_cuts_them_at_the_deadline() {
         let client = client.clone();
         let dst = dst.clone();
         tokio::spawn(async move {
-            client.testpod(&["rr", "--to", &dst, "--duration-ms", "8000", "--conns", "3"]).await
+            client
+                .testpod(&["rr", "--to", &dst, "--duration-ms", "8000", "--conns", "3"])
+                .await
         })
     };
     tokio::time::sleep(std::time::Duration::from_millis(700)).await;
@@ -447,9 +454,15 @@ async fn sigterm_drains_open_connections_then_cuts_them_at_the_deadline() {
     let took = started.elapsed();
     assert!(status.success(), "{status}");
     let result = busy.await.unwrap();
-    assert!(result.is_err(), "connections outlived the drain deadline: {result:?}");
+    assert!(
+        result.is_err(),
+        "connections outlived the drain deadline: {result:?}"
+    );
     // Waited for the deadline rather than cutting at once (loose bounds: not a timing test).
-    assert!(took >= std::time::Duration::from_millis(1500), "exited after {took:?}, before the deadline");
+    assert!(
+        took >= std::time::Duration::from_millis(1500),
+        "exited after {took:?}, before the deadline"
+    );
     let drained: Vec<Value> = cluster.nodes[0]
         .log_records()
         .into_iter()
@@ -462,7 +475,11 @@ async fn sigterm_drains_open_connections_then_cuts_them_at_the_deadline() {
     cluster.start_node(0).await.unwrap();
     let short = {
         let client = client.clone();
-        tokio::spawn(async move { client.testpod(&["rr", "--to", &dst, "--duration-ms", "1000", "--conns", "2"]).await })
+        tokio::spawn(async move {
+            client
+                .testpod(&["rr", "--to", &dst, "--duration-ms", "1000", "--conns", "2"])
+                .await
+        })
     };
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert!(cluster.stop_node(0).await.unwrap().success());
@@ -471,8 +488,7 @@ async fn sigterm_drains_open_connections_then_cuts_them_at_the_deadline() {
     let last = cluster.nodes[0]
         .log_records()
         .into_iter()
-        .filter(|r| r["fields"]["message"] == "drained")
-        .last()
+        .rfind(|r| r["fields"]["message"] == "drained")
         .unwrap();
     assert_eq!(last["fields"]["outcome"], "Graceful", "{last}");
 }
