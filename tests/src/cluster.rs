@@ -146,16 +146,12 @@ pub fn find_bin(name: &str) -> anyhow::Result<PathBuf> {
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 fn unique_id() -> String {
-    // Short: names end up in interface and cgroup names. pid + counter + time keep parallel test
-    // binaries apart.
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .subsec_nanos();
+    // Unique by construction: no two live processes share a pid, and the counter separates the
+    // clusters of one process. Short, because ids end up in namespace and cgroup names.
     format!(
-        "c{:06x}",
-        (std::process::id() ^ (n << 20) ^ (t >> 8)) & 0xff_ffff
+        "c{:x}x{:x}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
     )
 }
 
@@ -200,8 +196,15 @@ impl ClusterBuilder {
         cleanup_stale();
         let id = self.name.clone().unwrap_or_else(unique_id);
         let dir = PathBuf::from(RUN_ROOT).join(&id);
-        std::fs::create_dir_all(&dir)?;
-        std::fs::write(dir.join("owner"), std::process::id().to_string())?;
+        // The directory appears with its owner already recorded (made under a hidden name, then
+        // renamed), so a concurrent stale sweep can never mistake it for an abandoned cluster.
+        let staging = PathBuf::from(RUN_ROOT).join(format!(".{id}-{}", std::process::id()));
+        std::fs::create_dir_all(&staging)?;
+        std::fs::write(staging.join("owner"), std::process::id().to_string())?;
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        std::fs::rename(&staging, &dir)?;
         let mut cluster = Cluster {
             id: id.clone(),
             dir,
@@ -224,6 +227,36 @@ impl ClusterBuilder {
             }
         }
         Ok(cluster)
+    }
+}
+
+/// The most common test shape: an echo server in pod n1/p0 and pod n0/p0 enrolled as its client.
+pub struct Pair {
+    pub cluster: Cluster,
+    pub client: Pod,
+    pub server: Pod,
+    /// The server process; it stops when this is dropped.
+    pub server_process: PodProcess,
+}
+
+impl ClusterBuilder {
+    /// Starts the cluster (at least two nodes, one pod each) as a [`Pair`], serving on `port`.
+    pub async fn start_pair(self, port: u16) -> anyhow::Result<Pair> {
+        let cluster = self.start().await?;
+        anyhow::ensure!(
+            cluster.nodes.len() >= 2 && !cluster.nodes[1].pods.is_empty(),
+            "a pair needs two nodes with pods"
+        );
+        let client = cluster.pod(0, 0).clone();
+        let server = cluster.pod(1, 0).clone();
+        let server_process = server.serve(port, false).await?;
+        cluster.enroll(&client).await?;
+        Ok(Pair {
+            cluster,
+            client,
+            server,
+            server_process,
+        })
     }
 }
 
@@ -833,7 +866,10 @@ pub fn cleanup_stale() {
     let Ok(entries) = std::fs::read_dir(RUN_ROOT) else {
         return;
     };
-    for e in entries.flatten() {
+    for e in entries
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+    {
         let owner_text = std::fs::read_to_string(e.path().join("owner")).unwrap_or_default();
         if owner_text.trim() == "keep" {
             continue;

@@ -6,5 +6,5 @@ pub mod http;
 mod sys;
 
 pub use cluster::{
-    Cluster, ClusterBuilder, Node, Pod, PodProcess, cleanup_stale, find_bin, teardown,
+    Cluster, ClusterBuilder, Node, Pair, Pod, PodProcess, cleanup_stale, find_bin, teardown,
 };

@@ -42,19 +42,16 @@ fn a_panicking_test_still_tears_its_cluster_down() {
 
 #[tokio::test]
 async fn kernel_program_logs_reach_the_node_log() {
-    let cluster = ClusterBuilder::new()
+    let pair = ClusterBuilder::new()
         .nodes(2)
         .pods_per_node(1)
         .node_args(&["--ebpf-log-level", "debug"])
         .log_filter("info,mesh_ebpf=debug")
-        .start()
+        .start_pair(8080)
         .await
         .unwrap();
-    let client = cluster.pod(0, 0).clone();
-    let server = cluster.pod(1, 0).clone();
-    let _s = server.serve(8080, false).await.unwrap();
-    cluster.enroll(&client).await.unwrap();
-    client
+    let (cluster, server) = (&pair.cluster, &pair.server);
+    pair.client
         .client(server.addr(false, 8080), 1, 16)
         .await
         .unwrap();

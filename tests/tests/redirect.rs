@@ -2,7 +2,7 @@
 //! mesh-node processes, pods and nodes as network namespaces. Needs root.
 use std::net::SocketAddr;
 
-use mesh_tests::{Cluster, ClusterBuilder, Pod};
+use mesh_tests::{Cluster, ClusterBuilder, Pair, Pod};
 use serde_json::Value;
 
 const PORT: u16 = 8080;
@@ -219,17 +219,18 @@ where
 #[tokio::test]
 async fn enrolled_pods_fail_closed_while_the_proxy_is_down_and_recover_on_restart() {
     require_root();
-    let mut cluster = ClusterBuilder::new()
+    let Pair {
+        mut cluster,
+        client,
+        server,
+        server_process: _server,
+    } = ClusterBuilder::new()
         .nodes(2)
         .pods_per_node(1)
-        .start()
+        .start_pair(PORT)
         .await
         .unwrap();
-    let client = cluster.pod(0, 0).clone();
-    let server = cluster.pod(1, 0).clone();
-    let _s = server.serve(PORT, false).await.unwrap();
     let dst = server.addr(false, PORT);
-    cluster.enroll(&client).await.unwrap();
     assert_delivered(
         &client.client(dst, 2, 512).await.unwrap(),
         2,
@@ -391,18 +392,19 @@ async fn the_node_namespace_cannot_be_enrolled_and_bad_requests_name_the_field()
 #[tokio::test]
 async fn on_exit_detach_removes_redirection() {
     require_root();
-    let mut cluster = ClusterBuilder::new()
+    let Pair {
+        mut cluster,
+        client,
+        server,
+        server_process: _server,
+    } = ClusterBuilder::new()
         .nodes(2)
         .pods_per_node(1)
         .node_args(&["--on-exit", "detach"])
-        .start()
+        .start_pair(PORT)
         .await
         .unwrap();
-    let client = cluster.pod(0, 0).clone();
-    let server = cluster.pod(1, 0).clone();
-    let _s = server.serve(PORT, false).await.unwrap();
     let dst = server.addr(false, PORT);
-    cluster.enroll(&client).await.unwrap();
     assert_delivered(
         &client.client(dst, 1, 64).await.unwrap(),
         1,
@@ -426,17 +428,18 @@ async fn on_exit_detach_removes_redirection() {
 async fn sigterm_drains_open_connections_then_cuts_them_at_the_deadline() {
     require_root();
     // The harness starts mesh-node with --drain-timeout 2s.
-    let mut cluster = ClusterBuilder::new()
+    let Pair {
+        mut cluster,
+        client,
+        server,
+        server_process: _server,
+    } = ClusterBuilder::new()
         .nodes(2)
         .pods_per_node(1)
-        .start()
+        .start_pair(PORT)
         .await
         .unwrap();
-    let client = cluster.pod(0, 0).clone();
-    let server = cluster.pod(1, 0).clone();
-    let _s = server.serve(PORT, false).await.unwrap();
     let dst = server.addr(false, PORT).to_string();
-    cluster.enroll(&client).await.unwrap();
 
     // Three connections busy for 8 s: longer than the drain deadline.
     let busy = {
