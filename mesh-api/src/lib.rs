@@ -1,0 +1,19 @@
+//! Contracts between the mesh's processes: gRPC services, workload identities, the local
+//! placement file. Wire types are converted to domain types once, at the edge that receives them.
+pub mod identity;
+pub mod placement;
+
+/// The certificate service (`proto/mesh/ca/v1/ca.proto`).
+pub mod ca {
+    pub mod v1 {
+        tonic::include_proto!("mesh.ca.v1");
+    }
+}
+
+/// Metadata keys of node credentials on gRPC calls.
+pub mod auth {
+    /// The calling node's name.
+    pub const NODE_HEADER: &str = "x-mesh-node";
+    /// `Bearer <token>`.
+    pub const AUTHORIZATION: &str = "authorization";
+}
