@@ -35,6 +35,7 @@ pub struct Admin {
     pub redirector: Arc<Redirector>,
     pub pods: Arc<Enrollment>,
     pub stats: Arc<Stats>,
+    pub mesh: Option<crate::app::Mesh>,
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -113,10 +114,17 @@ impl Admin {
                 }
             }
             (&Method::GET, ["v1", "counters"]) => match self.redirector.counters() {
-                Ok(c) => json_response(
-                    StatusCode::OK,
-                    json!({"ebpf": c.to_json(), "proxy": &*self.stats}),
-                ),
+                Ok(c) => {
+                    let mut body = json!({"ebpf": c.to_json(), "proxy": &*self.stats});
+                    if let Some(m) = &self.mesh {
+                        body["identity"] = json!({
+                            "certificates": m.identities.status(),
+                            "stats": &m.identities.stats,
+                        });
+                        body["tunnel"] = json!(&*m.tunnel_stats);
+                    }
+                    json_response(StatusCode::OK, body)
+                }
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
             },
             (&Method::GET, ["v1", "config"]) => json_response(StatusCode::OK, json!(self.config)),

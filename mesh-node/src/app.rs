@@ -1,16 +1,20 @@
 //! Wires the node proxy together. `build` returns the bound addresses and a handle to shut down,
 //! so tests can run the whole proxy in-process with port 0.
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use mesh_api::placement::{HBONE_PORT, PlacementError, PlacementWatch};
+use tokio::net::TcpListener;
 use tracing::info;
 
 use crate::{
     admin::{self, Admin},
-    config::{Config, OnExit},
+    config::{Config, MeshConfig, OnExit},
     drain::{Drain, DrainOutcome},
     ebpf::{self, EbpfError, RedirectSpec, Redirector},
-    enroll::{self, EnrollError, Enrollment},
-    outbound::{self, Outbound, Stats},
+    enroll::{self, EnrollError, EnrollHooks, Enrollment, Pod},
+    hbone::{self, Inbound, Tunnels},
+    identity::{CaConfig, Identities, IdentityError},
+    outbound::{self, MeshPath, Outbound, Stats},
     probe::{self, ProbeError},
     ready::Ready,
 };
@@ -30,17 +34,112 @@ pub enum AppError {
     },
     #[error("enrollment state")]
     Enroll(#[from] EnrollError),
+    #[error("workload identities")]
+    Identity(#[from] IdentityError),
+    #[error("placement")]
+    Placement(#[from] PlacementError),
 }
 
 /// A running node proxy.
 pub struct Bound {
     /// Where the outbound listener(s) accept redirected connections.
     pub outbound: Vec<SocketAddr>,
+    /// Where other node proxies reach this one (present with a controller).
+    pub inbound: Vec<SocketAddr>,
     pub admin: SocketAddr,
     pub redirector: Arc<Redirector>,
     pub pods: Arc<Enrollment>,
     config: Config,
     drain: Drain,
+}
+
+/// The identity side of a node: certificates, placement, tunnel figures.
+pub struct Mesh {
+    pub identities: Arc<Identities>,
+    pub placement: PlacementWatch,
+    pub tunnel_stats: Arc<hbone::Stats>,
+}
+
+/// Fetches a pod's certificate as soon as it is enrolled, and lets it go when the pod leaves.
+struct IdentityHooks {
+    identities: Arc<Identities>,
+    placement: PlacementWatch,
+}
+
+impl EnrollHooks for IdentityHooks {
+    fn enrolled(&self, pod: &Pod) {
+        match self
+            .placement
+            .current()
+            .pod(&pod.name.namespace, &pod.name.name)
+        {
+            Some(w) => self
+                .identities
+                .add_owner(w.identity.clone(), &w.namespace, &w.name),
+            None => {
+                tracing::warn!(pod = %pod.name, "enrolled pod is not in the placement: it has no mesh identity")
+            }
+        }
+    }
+
+    fn unenrolled(&self, pod: &Pod) {
+        if let Some(w) = self
+            .placement
+            .current()
+            .pod(&pod.name.namespace, &pod.name.name)
+        {
+            self.identities
+                .remove_owner(&w.identity, &w.namespace, &w.name);
+        }
+    }
+}
+
+fn start_mesh(config: &Config, m: &MeshConfig) -> Result<Mesh, AppError> {
+    let identities = Identities::new(CaConfig {
+        endpoint: m.ctrl_addr.clone(),
+        server_name: m.ctrl_server_name.clone(),
+        trust_bundle: m.trust_bundle.clone(),
+        token_file: m.bootstrap_token_file.clone(),
+        node: config.node_name.clone(),
+        trust_domain: m.trust_domain.clone(),
+        ttl: m.cert_ttl,
+    })?;
+    tokio::spawn(identities.clone().rotate_forever());
+    let placement = PlacementWatch::spawn(m.placement.clone(), Duration::from_millis(500))?;
+    Ok(Mesh {
+        identities,
+        placement,
+        tunnel_stats: Arc::default(),
+    })
+}
+
+/// Binds one listener per proxy address on `port` (0: the first bind picks it, the others follow).
+fn bind_all(
+    config: &Config,
+    mut port: u16,
+    what: &'static str,
+) -> Result<Vec<TcpListener>, AppError> {
+    let ips = config
+        .proxy_ipv4
+        .map(Into::into)
+        .into_iter()
+        .chain(config.proxy_ipv6.map(Into::into));
+    let mut listeners = Vec::new();
+    for ip in ips {
+        let addr = SocketAddr::new(ip, port);
+        let bind_err = |source| AppError::Bind { what, addr, source };
+        let l = outbound::bind(addr).map_err(bind_err)?;
+        port = l.local_addr().map_err(bind_err)?.port();
+        listeners.push(l);
+    }
+    Ok(listeners)
+}
+
+fn addrs(listeners: &[TcpListener]) -> Vec<SocketAddr> {
+    listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect()
 }
 
 pub async fn build(config: Config) -> Result<Bound, AppError> {
@@ -52,35 +151,19 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
     let object = ebpf::object_bytes(config.ebpf_object.as_deref())?;
 
     // Listen before attaching: a redirected connection must always find the proxy.
-    let mut listeners = Vec::new();
-    let mut port = config.outbound_port;
-    let ips = config
-        .proxy_ipv4
-        .map(Into::into)
-        .into_iter()
-        .chain(config.proxy_ipv6.map(Into::into));
-    for ip in ips {
-        let addr = SocketAddr::new(ip, port);
-        let l = outbound::bind(addr).map_err(|source| AppError::Bind {
-            what: "outbound listener",
-            addr,
-            source,
-        })?;
-        // With port 0 the first bind picks it; the other family must use the same one.
-        port = l
-            .local_addr()
-            .map_err(|source| AppError::Bind {
-                what: "outbound listener",
-                addr,
-                source,
-            })?
-            .port();
-        listeners.push(l);
-    }
-    let outbound_addrs: Vec<SocketAddr> = listeners
-        .iter()
-        .filter_map(|l| l.local_addr().ok())
-        .collect();
+    let listeners = bind_all(&config, config.outbound_port, "outbound listener")?;
+    let outbound_addrs = addrs(&listeners);
+    let mesh = config
+        .mesh
+        .as_ref()
+        .map(|m| start_mesh(&config, m))
+        .transpose()?;
+    let inbound_listeners = if mesh.is_some() {
+        bind_all(&config, HBONE_PORT, "tunnel listener")?
+    } else {
+        Vec::new()
+    };
+    let inbound_addrs = addrs(&inbound_listeners);
 
     let spec = RedirectSpec {
         cgroup: config.cgroup.clone(),
@@ -88,7 +171,9 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         log_level: config.ebpf_log_level.as_aya(),
         proxy_ipv4: config.proxy_ipv4,
         proxy_ipv6: config.proxy_ipv6,
-        proxy_port: port,
+        proxy_port: outbound_addrs
+            .first()
+            .map_or(config.outbound_port, SocketAddr::port),
         exclude_ports: config.exclude_ports.clone(),
         exclude_cidrs: config.exclude_cidrs.clone(),
     };
@@ -96,7 +181,17 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
     drop(not_attached);
     info!(cgroup = %config.cgroup.display(), pin_dir = %config.pin_dir.display(), "redirect programs attached");
 
-    let pods = Arc::new(Enrollment::open(&config.state_dir, redirector.clone())?);
+    let hooks = mesh.as_ref().map(|m| {
+        Arc::new(IdentityHooks {
+            identities: m.identities.clone(),
+            placement: m.placement.clone(),
+        }) as Arc<dyn EnrollHooks>
+    });
+    let pods = Arc::new(Enrollment::open(
+        &config.state_dir,
+        redirector.clone(),
+        hooks,
+    )?);
     let stats = Arc::new(Stats::default());
     let drain = Drain::new();
 
@@ -105,10 +200,36 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         pods: pods.clone(),
         stats: stats.clone(),
         connect_timeout: config.connect_timeout,
-        own_addrs: outbound_addrs.clone(),
+        own_addrs: outbound_addrs
+            .iter()
+            .chain(&inbound_addrs)
+            .copied()
+            .collect(),
+        mesh: mesh.as_ref().map(|m| MeshPath {
+            node: config.node_name.clone(),
+            placement: m.placement.clone(),
+            tunnels: Tunnels::new(m.identities.clone(), m.tunnel_stats.clone()),
+        }),
     });
     for l in listeners {
         tokio::spawn(proxy.clone().serve(l, drain.watch()));
+    }
+    if let Some(m) = &mesh {
+        let inbound = Arc::new(Inbound {
+            node: config.node_name.clone(),
+            identities: m.identities.clone(),
+            placement: m.placement.clone(),
+            pods: pods.clone(),
+            stats: m.tunnel_stats.clone(),
+            connect_timeout: config.connect_timeout,
+        });
+        for l in inbound_listeners {
+            tokio::spawn(inbound.clone().serve(l, drain.watch()));
+        }
+    } else {
+        tracing::warn!(
+            "no controller configured: connections are relayed as plain TCP, without identities"
+        );
     }
     drop(not_listening);
 
@@ -132,12 +253,14 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         redirector: redirector.clone(),
         pods: pods.clone(),
         stats,
+        mesh,
     });
     tokio::spawn(admin.serve(admin_listener, drain.watch()));
-    info!(outbound = ?outbound_addrs, admin = %admin_addr, "node proxy serving");
+    info!(outbound = ?outbound_addrs, inbound = ?inbound_addrs, admin = %admin_addr, "node proxy serving");
 
     Ok(Bound {
         outbound: outbound_addrs,
+        inbound: inbound_addrs,
         admin: admin_addr,
         redirector,
         pods,

@@ -113,6 +113,41 @@ pub struct RunArgs {
     /// What to leave behind on exit.
     #[arg(long, env = "MESH_ON_EXIT", value_enum, default_value_t = OnExit::Keep)]
     pub on_exit: OnExit,
+    /// The controller's certificate service (https://HOST:PORT). With it, connections to mesh
+    /// workloads on other nodes go over mTLS with per-workload identities; without it, mesh-node
+    /// only redirects and relays plain TCP.
+    #[arg(long, env = "MESH_CTRL_ADDR")]
+    pub ctrl_addr: Option<String>,
+    /// Name in the controller's serving certificate.
+    #[arg(long, env = "MESH_CTRL_SERVER_NAME", default_value = "mesh-ctrl")]
+    pub ctrl_server_name: String,
+    /// Roots trusted before the controller sends its bundle (PEM).
+    #[arg(long, env = "MESH_TRUST_BUNDLE")]
+    pub trust_bundle: Option<PathBuf>,
+    /// This node's bootstrap token for the controller.
+    #[arg(long, env = "MESH_BOOTSTRAP_TOKEN_FILE")]
+    pub bootstrap_token_file: Option<PathBuf>,
+    /// Local mode: where workloads run (JSON, see mesh_api::placement); reloaded on change.
+    #[arg(long, env = "MESH_PLACEMENT")]
+    pub placement: Option<PathBuf>,
+    #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Lifetime to ask for workload certificates (the controller may grant less).
+    #[arg(long, env = "MESH_CERT_TTL", value_parser = humantime::parse_duration, default_value = "24h")]
+    pub cert_ttl: Duration,
+}
+
+/// Identity and tunnel settings, present when a controller is configured.
+#[derive(Debug, Clone, Serialize)]
+pub struct MeshConfig {
+    pub ctrl_addr: String,
+    pub ctrl_server_name: String,
+    pub trust_bundle: PathBuf,
+    pub bootstrap_token_file: PathBuf,
+    pub placement: PathBuf,
+    pub trust_domain: String,
+    #[serde(with = "humantime_serde_shim")]
+    pub cert_ttl: Duration,
 }
 
 /// Validated configuration. Built only by [`RunArgs::validate`].
@@ -136,6 +171,7 @@ pub struct Config {
     #[serde(with = "humantime_serde_shim")]
     pub connect_timeout: Duration,
     pub on_exit: OnExit,
+    pub mesh: Option<MeshConfig>,
 }
 
 mod humantime_serde_shim {
@@ -249,6 +285,46 @@ impl RunArgs {
                 ),
             ));
         }
+        let mesh = match (
+            &self.ctrl_addr,
+            &self.trust_bundle,
+            &self.bootstrap_token_file,
+            &self.placement,
+        ) {
+            (None, None, None, None) => None,
+            (None, ..) => {
+                return Err(err(
+                    "--ctrl-addr",
+                    "--trust-bundle, --bootstrap-token-file and --placement need a controller",
+                ));
+            }
+            (Some(addr), bundle, token, placement) => {
+                if !(addr.starts_with("https://")) {
+                    return Err(err(
+                        "--ctrl-addr",
+                        format!("{addr:?} must be an https:// URL"),
+                    ));
+                }
+                let need = |v: &Option<PathBuf>, field: &'static str| {
+                    v.clone()
+                        .ok_or_else(|| err(field, "required with --ctrl-addr"))
+                };
+                mesh_api::identity::SpiffeId::new(&self.trust_domain, "x", "x")
+                    .map_err(|e| err("--trust-domain", e.to_string()))?;
+                if self.cert_ttl < Duration::from_secs(10) {
+                    return Err(err("--cert-ttl", "shorter than 10 seconds"));
+                }
+                Some(MeshConfig {
+                    ctrl_addr: addr.clone(),
+                    ctrl_server_name: self.ctrl_server_name.clone(),
+                    trust_bundle: need(bundle, "--trust-bundle")?,
+                    bootstrap_token_file: need(token, "--bootstrap-token-file")?,
+                    placement: need(placement, "--placement")?,
+                    trust_domain: self.trust_domain.clone(),
+                    cert_ttl: self.cert_ttl,
+                })
+            }
+        };
         let state_dir = self
             .state_dir
             .unwrap_or_else(|| PathBuf::from("/run/mesh-node").join(&self.node_name));
@@ -269,6 +345,7 @@ impl RunArgs {
             drain_timeout: self.drain_timeout,
             connect_timeout: self.connect_timeout,
             on_exit: self.on_exit,
+            mesh,
         })
     }
 }
@@ -336,6 +413,35 @@ mod tests {
                 &["--proxy-ipv4", "10.0.0.1", "--connect-timeout", "0s"],
                 "--connect-timeout",
                 "greater",
+            ),
+            (
+                &["--proxy-ipv4", "10.0.0.1", "--placement", "/p"],
+                "--ctrl-addr",
+                "need a controller",
+            ),
+            (
+                &["--proxy-ipv4", "10.0.0.1", "--ctrl-addr", "http://c:1"],
+                "--ctrl-addr",
+                "https://",
+            ),
+            (
+                &["--proxy-ipv4", "10.0.0.1", "--ctrl-addr", "https://c:1"],
+                "--trust-bundle",
+                "required",
+            ),
+            (
+                &[
+                    "--proxy-ipv4",
+                    "10.0.0.1",
+                    "--ctrl-addr",
+                    "https://c:1",
+                    "--trust-bundle",
+                    "/b",
+                    "--placement",
+                    "/p",
+                ],
+                "--bootstrap-token-file",
+                "required",
             ),
             (
                 &["--proxy-ipv4", "10.0.0.1", "--pin-dir", "/tmp/x"],

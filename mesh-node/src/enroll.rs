@@ -90,7 +90,14 @@ struct State {
     pods: BTreeMap<PodId, Pod>,
 }
 
+/// Told about every enrollment change (e.g. to fetch the pod's certificate ahead of use).
+pub trait EnrollHooks: Send + Sync {
+    fn enrolled(&self, pod: &Pod);
+    fn unenrolled(&self, pod: &Pod);
+}
+
 pub struct Enrollment {
+    hooks: Option<Arc<dyn EnrollHooks>>,
     state: RwLock<State>,
     file: PathBuf,
     redirector: Arc<Redirector>,
@@ -120,7 +127,11 @@ fn check_name(field: &'static str, v: &str) -> Result<(), EnrollError> {
 impl Enrollment {
     /// Opens the state in `state_dir` and reconciles it with the kernel map (which survives
     /// restarts and is the truth about redirection).
-    pub fn open(state_dir: &Path, redirector: Arc<Redirector>) -> Result<Self, EnrollError> {
+    pub fn open(
+        state_dir: &Path,
+        redirector: Arc<Redirector>,
+        hooks: Option<Arc<dyn EnrollHooks>>,
+    ) -> Result<Self, EnrollError> {
         let file = state_dir.join("pods.json");
         let state_err = |source| EnrollError::State {
             path: file.clone(),
@@ -154,7 +165,13 @@ impl Enrollment {
             path: "/proc/self/ns/net".into(),
             source,
         })?;
+        if let Some(h) = &hooks {
+            for pod in state.pods.values() {
+                h.enrolled(pod);
+            }
+        }
         let this = Self {
+            hooks,
             state: RwLock::new(state),
             file,
             redirector,
@@ -213,6 +230,9 @@ impl Enrollment {
         };
         state.pods.insert(id, pod.clone());
         self.persist(&state)?;
+        if let Some(h) = &self.hooks {
+            h.enrolled(&pod);
+        }
         tracing::info!(pod = %pod.name, id = %pod.id, netns_cookie = cookie, "pod enrolled");
         Ok(pod)
     }
@@ -231,8 +251,20 @@ impl Enrollment {
             .map_err(EnrollError::Kernel)?;
         state.pods.remove(&pod.id);
         self.persist(&state)?;
+        if let Some(h) = &self.hooks {
+            h.unenrolled(&pod);
+        }
         tracing::info!(pod = %pod.name, id = %pod.id, "pod unenrolled");
         Ok(pod)
+    }
+
+    pub fn is_enrolled(&self, namespace: &str, name: &str) -> bool {
+        self.state
+            .read()
+            .expect("state lock")
+            .pods
+            .values()
+            .any(|p| p.name.namespace == namespace && p.name.name == name)
     }
 
     pub fn list(&self) -> Vec<Pod> {

@@ -19,7 +19,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the node proxy.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Uninstall from this node: detach the programs, remove pinned maps and enrollment state.
     Detach {
         #[arg(long, env = "MESH_NODE_NAME")]
@@ -45,7 +45,7 @@ fn main() -> ExitCode {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
     let result = match cli.cmd {
-        Cmd::Run(args) => run(args),
+        Cmd::Run(args) => run(*args),
         Cmd::Detach {
             node_name,
             bpffs,

@@ -18,10 +18,14 @@ use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use mesh_api::placement::PlacementWatch;
+
 use crate::{
     drain::Watch,
     enroll::Enrollment,
+    hbone::{self, Tunnels},
     orig_dst::{OrigDstSource, Redirected},
+    route::{Route, route},
 };
 
 /// Proxy-side connection figures (the kernel's own counters live in the eBPF maps).
@@ -36,6 +40,22 @@ pub struct Stats {
     pub upstream_connect_failed: AtomicU64,
     pub bytes_from_client: AtomicU64,
     pub bytes_to_client: AtomicU64,
+    /// Sent to another node's proxy over mTLS.
+    pub tunneled: AtomicU64,
+    /// Delivered to a mesh workload of this node.
+    pub delivered_local: AtomicU64,
+    /// Refused by routing (fail closed), e.g. a source pod without a mesh identity.
+    pub refused_route: AtomicU64,
+    /// Refused: a local mesh destination that is not enrolled here.
+    pub refused_local_not_enrolled: AtomicU64,
+    pub tunnel_failed: AtomicU64,
+}
+
+/// What the outbound path needs to reach other nodes' workloads over mTLS.
+pub struct MeshPath {
+    pub node: String,
+    pub placement: PlacementWatch,
+    pub tunnels: Arc<Tunnels>,
 }
 
 /// Binds the outbound listener on `addr`. `SO_REUSEPORT` lets a new proxy bind beside a draining
@@ -64,6 +84,8 @@ pub struct Outbound {
     pub connect_timeout: Duration,
     /// The proxy's own listener addresses: a destination equal to one would loop.
     pub own_addrs: Vec<SocketAddr>,
+    /// `None`: no identity source configured; everything is relayed as plain TCP.
+    pub mesh: Option<MeshPath>,
 }
 
 impl Outbound {
@@ -109,8 +131,55 @@ impl Outbound {
             warn!(%peer, %orig_dst, "refused: destination is the proxy itself");
             return reset(client);
         }
+        let placement = self.mesh.as_ref().map(|m| m.placement.current());
+        let this_node = self.mesh.as_ref().map_or("", |m| m.node.as_str());
+        let decision = route(
+            placement.as_deref(),
+            this_node,
+            (&pod.name.namespace, &pod.name.name),
+            orig_dst,
+        );
         let span = info_span!("outbound", src.pod = %pod.name, src.addr = %peer, dst = %orig_dst);
-        self.relay(client, orig_dst).instrument(span).await
+        match decision {
+            Route::Direct => self.relay(client, orig_dst).instrument(span).await,
+            Route::Local { namespace, name } => {
+                if !self.pods.is_enrolled(&namespace, &name) {
+                    self.stats.refused_local_not_enrolled.fetch_add(1, Relaxed);
+                    warn!(parent: &span, dst.pod = %format!("{namespace}/{name}"), "refused: local mesh destination is not enrolled on this node");
+                    return reset(client);
+                }
+                self.stats.delivered_local.fetch_add(1, Relaxed);
+                self.relay(client, orig_dst).instrument(span).await
+            }
+            Route::Tunnel { node, src, dst } => {
+                let mesh = self.mesh.as_ref().expect("tunnel routes need a mesh path");
+                let opened = mesh
+                    .tunnels
+                    .open(&src, node, &dst, orig_dst, peer)
+                    .instrument(span.clone())
+                    .await;
+                match opened {
+                    Ok(up) => {
+                        self.stats.tunneled.fetch_add(1, Relaxed);
+                        info!(parent: &span, via = %node, src.identity = %src, dst.identity = %dst, "tunneling");
+                        let _ = client.set_nodelay(true);
+                        hbone::relay(client, hyper_util::rt::TokioIo::new(up))
+                            .instrument(span)
+                            .await;
+                    }
+                    Err(e) => {
+                        self.stats.tunnel_failed.fetch_add(1, Relaxed);
+                        warn!(parent: &span, via = %node, error = %mesh_api::placement::error_chain(&e), "tunnel failed");
+                        reset(client);
+                    }
+                }
+            }
+            Route::Refuse(why) => {
+                self.stats.refused_route.fetch_add(1, Relaxed);
+                warn!(parent: &span, reason = why, "refused");
+                reset(client);
+            }
+        }
     }
 
     async fn relay(&self, mut client: TcpStream, dst: SocketAddr) {
