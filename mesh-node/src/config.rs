@@ -311,8 +311,8 @@ impl RunArgs {
                 };
                 mesh_api::identity::SpiffeId::new(&self.trust_domain, "x", "x")
                     .map_err(|e| err("--trust-domain", e.to_string()))?;
-                if self.cert_ttl < Duration::from_secs(10) {
-                    return Err(err("--cert-ttl", "shorter than 10 seconds"));
+                if self.cert_ttl < Duration::from_secs(4) {
+                    return Err(err("--cert-ttl", "shorter than 4 seconds"));
                 }
                 Some(MeshConfig {
                     ctrl_addr: addr.clone(),

@@ -27,7 +27,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_api::{identity::SpiffeId, placement::PlacementWatch};
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{drain::Watch, enroll::Enrollment, identity::Identities, tls};
@@ -261,7 +261,7 @@ pub struct Inbound {
 /// Server TLS config, rebuilt when the trust bundle changes.
 struct ServerTls {
     roots: Arc<rustls::RootCertStore>,
-    acceptor: TlsAcceptor,
+    config: Arc<rustls::ServerConfig>,
 }
 
 impl Inbound {
@@ -292,7 +292,7 @@ impl Inbound {
                     Ok(cfg) => {
                         current = Some(ServerTls {
                             roots,
-                            acceptor: TlsAcceptor::from(Arc::new(cfg)),
+                            config: Arc::new(cfg),
                         })
                     }
                     Err(e) => {
@@ -301,38 +301,70 @@ impl Inbound {
                     }
                 }
             }
-            let acceptor = current.as_ref().expect("set above").acceptor.clone();
+            let config = current.as_ref().expect("set above").config.clone();
             let this = self.clone();
-            watch.spawn_conn(async move { this.connection(tcp, peer, acceptor).await });
+            watch.spawn_conn(async move { this.connection(tcp, peer, config).await });
         }
     }
 
-    async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor) {
+    fn refuse_tls(&self, peer: SocketAddr, reason: &'static str, detail: &dyn std::fmt::Display) {
+        *self
+            .stats
+            .inbound_tls_refused
+            .lock()
+            .expect("stats lock")
+            .entry(reason)
+            .or_default() += 1;
+        warn!(%peer, reason, error = %detail, "tunnel handshake refused");
+    }
+
+    /// Whether `id` belongs to an enrolled pod of this node: only those certificates are served.
+    fn serves(&self, id: &SpiffeId) -> bool {
+        let placement = self.placement.current();
+        placement.workloads().any(|w| {
+            w.node == self.node && &w.identity == id && self.pods.is_enrolled(&w.namespace, &w.name)
+        })
+    }
+
+    async fn connection(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        config: Arc<rustls::ServerConfig>,
+    ) {
         let _ = tcp.set_nodelay(true);
-        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        let handshake = async {
+            // Read the ClientHello first: the certificate to present depends on the SNI, and may
+            // have to be fetched (first use) before the handshake can go on.
+            let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
+                .await
+                .map_err(|e| ("protocol", e.to_string()))?;
+            let sni = start.client_hello().server_name().map(str::to_string);
+            let Some(id) = sni
+                .as_deref()
+                .and_then(|s| SpiffeId::from_server_name(self.identities.trust_domain(), s))
+            else {
+                return Err(("unknown_identity", format!("SNI {sni:?} names no identity")));
+            };
+            if !self.serves(&id) {
+                return Err((
+                    "unknown_identity",
+                    format!("{id} is not an enrolled workload of this node"),
+                ));
+            }
+            self.identities
+                .get(&id)
+                .await
+                .map_err(|e| ("no_certificate", mesh_api::placement::error_chain(&e)))?;
+            start
+                .into_stream(config)
+                .await
+                .map_err(|e| (tls::failure_reason(&e), e.to_string()))
+        };
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                let reason = tls::failure_reason(&e);
-                *self
-                    .stats
-                    .inbound_tls_refused
-                    .lock()
-                    .expect("stats lock")
-                    .entry(reason)
-                    .or_default() += 1;
-                warn!(%peer, reason, error = %e, "tunnel handshake refused");
-                return;
-            }
-            Err(_) => {
-                *self
-                    .stats
-                    .inbound_tls_refused
-                    .lock()
-                    .expect("stats lock")
-                    .entry("timeout")
-                    .or_default() += 1;
-                return;
-            }
+            Ok(Err((reason, detail))) => return self.refuse_tls(peer, reason, &detail),
+            Err(_) => return self.refuse_tls(peer, "timeout", &"handshake timed out"),
         };
         let (_, conn) = tls.get_ref();
         let client_id = conn
@@ -343,25 +375,14 @@ impl Inbound {
             .server_name()
             .and_then(|s| SpiffeId::from_server_name(self.identities.trust_domain(), s));
         let (Some(Ok(client_id)), Some(served)) = (client_id, served) else {
-            *self
-                .stats
-                .inbound_tls_refused
-                .lock()
-                .expect("stats lock")
-                .entry("no_identity")
-                .or_default() += 1;
-            warn!(%peer, "tunnel peer without a usable SPIFFE ID; closing");
-            return;
+            return self.refuse_tls(
+                peer,
+                "no_identity",
+                &"peer certificate without a usable SPIFFE ID",
+            );
         };
         if client_id.trust_domain() != self.identities.trust_domain() {
-            *self
-                .stats
-                .inbound_tls_refused
-                .lock()
-                .expect("stats lock")
-                .entry("foreign_trust_domain")
-                .or_default() += 1;
-            return;
+            return self.refuse_tls(peer, "foreign_trust_domain", &client_id);
         }
         self.stats.inbound_connections.fetch_add(1, Relaxed);
         let (client_id, served) = (Arc::new(client_id), Arc::new(served));

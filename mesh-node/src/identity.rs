@@ -64,6 +64,9 @@ pub struct WorkloadCert {
     pub certified: Arc<CertifiedKey>,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
+    /// When this node received it. Certificates are backdated for clock skew, so half-life is
+    /// measured from here, not from `not_before`.
+    received: SystemTime,
 }
 
 impl WorkloadCert {
@@ -75,9 +78,9 @@ impl WorkloadCert {
     fn due(&self, now: SystemTime) -> bool {
         let life = self
             .not_after
-            .duration_since(self.not_before)
+            .duration_since(self.received)
             .unwrap_or_default();
-        now >= self.not_before + life / 2
+        now >= self.received + life / 2
     }
 }
 
@@ -314,6 +317,7 @@ impl Identities {
             key,
             not_before: at(resp.not_before_unix),
             not_after: at(resp.not_after_unix),
+            received: SystemTime::now(),
         });
         info!(identity = %id, valid_for = ?cert.not_after.duration_since(SystemTime::now()).unwrap_or_default(), "workload certificate issued");
         self.certs
@@ -389,5 +393,34 @@ impl std::fmt::Debug for Identities {
 impl tls::CertLookup for Identities {
     fn certified_key(&self, id: &SpiffeId) -> Option<Arc<CertifiedKey>> {
         self.cached(id).map(|c| c.certified.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn half_life_counts_from_receipt_not_from_the_backdated_start() {
+        let now = SystemTime::now();
+        let cert = |received: SystemTime, ttl: u64| WorkloadCert {
+            id: "spiffe://td/ns/a/sa/b".parse().unwrap(),
+            chain: Vec::new(),
+            key: PrivatePkcs8KeyDer::from(Vec::new()),
+            certified: Arc::new(CertifiedKey::new(
+                Vec::new(),
+                rustls::crypto::ring::sign::any_supported_type(&PrivateKeyDer::Pkcs8(
+                    PrivatePkcs8KeyDer::from(rcgen::KeyPair::generate().unwrap().serialize_der()),
+                ))
+                .unwrap(),
+            )),
+            not_before: received - Duration::from_secs(60),
+            not_after: received + Duration::from_secs(ttl),
+            received,
+        };
+        assert!(!cert(now, 6).due(now), "a fresh 6 s certificate is not due");
+        assert!(!cert(now, 6).due(now + Duration::from_millis(2900)));
+        assert!(cert(now, 6).due(now + Duration::from_millis(3000)));
+        assert!(cert(now - Duration::from_secs(13), 24).due(now));
     }
 }

@@ -23,7 +23,7 @@ use tokio::{
     process::{Child, Command},
 };
 
-use crate::{http, sys};
+use crate::{ctrl, ctrl::Controller, http, sys};
 
 /// Where the harness keeps per-cluster cgroups.
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified/mesh-tests";
@@ -41,6 +41,8 @@ pub struct ClusterBuilder {
     node_args: Vec<String>,
     log_filter: Option<String>,
     start_nodes: bool,
+    controller: bool,
+    cert_ttl: Duration,
 }
 
 impl Default for ClusterBuilder {
@@ -52,6 +54,8 @@ impl Default for ClusterBuilder {
             node_args: Vec::new(),
             log_filter: None,
             start_nodes: true,
+            controller: false,
+            cert_ttl: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -60,6 +64,8 @@ pub struct Cluster {
     pub id: String,
     pub dir: PathBuf,
     pub nodes: Vec<Node>,
+    /// mesh-ctrl, when built `with_controller()`.
+    pub ctrl: Option<Controller>,
     fabric: String,
     keep: bool,
 }
@@ -84,20 +90,23 @@ pub struct Node {
 #[derive(Clone, Debug)]
 pub struct Pod {
     pub node: usize,
+    /// Unique in the cluster: `n<node>-p<index>`.
     pub name: String,
     pub namespace: String,
+    /// Its own, named after the pod: every pod has a distinct identity.
+    pub service_account: String,
     pub netns: String,
     pub cgroup: PathBuf,
     pub ipv4: Ipv4Addr,
     pub ipv6: Ipv6Addr,
 }
 
-fn netns_path(name: &str) -> PathBuf {
+pub(crate) fn netns_path(name: &str) -> PathBuf {
     PathBuf::from("/run/netns").join(name)
 }
 
 /// Runs `ip ARGS`, failing with its stderr.
-fn ip(args: &[&str]) -> anyhow::Result<()> {
+pub(crate) fn ip(args: &[&str]) -> anyhow::Result<()> {
     let out = std::process::Command::new("ip")
         .args(args)
         .output()
@@ -182,6 +191,16 @@ impl ClusterBuilder {
         self.log_filter = Some(filter.into());
         self
     }
+    /// Run mesh-ctrl too, and give nodes identities: traffic between nodes goes over mTLS.
+    pub fn with_controller(mut self) -> Self {
+        self.controller = true;
+        self
+    }
+    /// Lifetime of workload certificates (with a controller).
+    pub fn cert_ttl(mut self, ttl: Duration) -> Self {
+        self.cert_ttl = ttl;
+        self
+    }
     /// Build the network but leave mesh-node stopped (for fail-closed tests).
     pub fn without_node_proxies(mut self) -> Self {
         self.start_nodes = false;
@@ -210,6 +229,7 @@ impl ClusterBuilder {
             dir,
             nodes: Vec::new(),
             fabric: format!("mesh-{id}-fab"),
+            ctrl: None,
             keep: false,
         };
         // From here on, a failure tears down what was made (Drop).
@@ -220,6 +240,16 @@ impl ClusterBuilder {
             .unwrap_or_else(|| "info".into());
         for node in &mut cluster.nodes {
             node.log_filter = filter.clone();
+        }
+        if self.controller {
+            let cg_root = PathBuf::from(CGROUP_ROOT).join(&cluster.id);
+            let (mut ctrl, node_args) =
+                ctrl::prepare(&cluster, &cluster.fabric, &cg_root, self.cert_ttl)?;
+            ctrl.start().await?;
+            cluster.ctrl = Some(ctrl);
+            for (node, args) in cluster.nodes.iter_mut().zip(node_args) {
+                node.args.extend(args);
+            }
         }
         if self.start_nodes {
             for i in 0..cluster.nodes.len() {
@@ -433,8 +463,9 @@ impl Cluster {
                 std::fs::create_dir_all(&cgroup)?;
                 node.pods.push(Pod {
                     node: i,
-                    name: format!("p{j}"),
+                    name: format!("n{i}-p{j}"),
                     namespace: "default".into(),
+                    service_account: format!("n{i}-p{j}"),
                     netns: pod_ns,
                     cgroup,
                     ipv4: pod_v4,
@@ -552,7 +583,7 @@ impl Cluster {
 
     /// Enrolls a pod through its node's admin API.
     pub async fn enroll(&self, pod: &Pod) -> anyhow::Result<Value> {
-        let body = serde_json::json!({"netns": netns_path(&pod.netns)}).to_string();
+        let body = serde_json::json!({"netns": netns_path(&pod.netns), "service_account": pod.service_account}).to_string();
         let (status, resp) = self.nodes[pod.node]
             .admin(
                 "PUT",

@@ -2,6 +2,7 @@
 //! real kernel, with real mesh-node processes. Used by the end-to-end tests, `cargo xtask bench`
 //! and `cargo xtask demo`. Needs root.
 pub mod cluster;
+pub mod ctrl;
 pub mod http;
 mod sys;
 

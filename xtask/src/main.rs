@@ -153,6 +153,7 @@ fn run_bin(name: &str, args: &[String]) -> anyhow::Result<()> {
             "MESH_TESTPOD_BIN",
             root().join("target/release/mesh-testpod"),
         )
+        .env("MESH_CTRL_BIN", root().join("target/release/mesh-ctrl"))
         .status()
         .with_context(|| format!("running {}", bin.display()))?;
     if !status.success() {
