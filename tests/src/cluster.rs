@@ -681,6 +681,14 @@ impl Node {
             .collect()
     }
 
+    /// A command run in this node's network namespace (e.g. tcpdump), outside the pods' cgroup.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> anyhow::Result<Command> {
+        let mut cmd = Command::new(program);
+        cmd.kill_on_drop(true).stdin(Stdio::null());
+        sys::enter_before_exec(&mut cmd, &netns_path(&self.netns), &self.proxy_cgroup)?;
+        Ok(cmd)
+    }
+
     /// mesh-node's process id while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.process.as_ref().and_then(|p| p.id())
@@ -913,4 +921,25 @@ pub fn cleanup_stale() {
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
+}
+
+/// A TCP connection made from inside the network namespace `netns` (a harness namespace name).
+/// The socket stays in that namespace; the caller uses it from here.
+pub async fn connect_in(netns: &str, addr: SocketAddr) -> anyhow::Result<tokio::net::TcpStream> {
+    let path = netns_path(netns);
+    let std = tokio::task::spawn_blocking(move || {
+        sys::in_netns(&path, || {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        })
+    })
+    .await??;
+    std.set_nonblocking(true)?;
+    Ok(tokio::net::TcpStream::from_std(std)?)
+}
+
+/// A listener bound inside the network namespace `netns`.
+pub fn listen_in(netns: &str, addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    let std = sys::in_netns(&netns_path(netns), || std::net::TcpListener::bind(addr))?;
+    std.set_nonblocking(true)?;
+    Ok(tokio::net::TcpListener::from_std(std)?)
 }

@@ -7,5 +7,6 @@ pub mod http;
 mod sys;
 
 pub use cluster::{
-    Cluster, ClusterBuilder, Node, Pair, Pod, PodProcess, cleanup_stale, find_bin, teardown,
+    Cluster, ClusterBuilder, Node, Pair, Pod, PodProcess, cleanup_stale, connect_in, find_bin,
+    listen_in, teardown,
 };

@@ -144,3 +144,136 @@ async fn delivery_requires_an_enrolled_destination_on_the_same_or_the_other_node
     assert_eq!(n(&c0, &["proxy", "delivered_local"]), 2, "{c0}");
     assert_eq!(n(&c0, &["proxy", "tunneled"]), 2, "{c0}");
 }
+
+/// Captures everything on node 0's link to the fabric while `client` talks to `dst`.
+async fn capture_node0_link(
+    cluster: &mesh_tests::Cluster,
+    client: &Pod,
+    dst: SocketAddr,
+    text: &str,
+) -> (Vec<u8>, String) {
+    let pcap = cluster.dir.join("fab0.pcap");
+    let mut tcpdump = cluster.nodes[0]
+        .command("tcpdump")
+        .unwrap()
+        .args(["-i", "fab0", "-U", "-n", "-s", "0", "-w"])
+        .arg(&pcap)
+        .arg("tcp")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("tcpdump (installed by cargo xtask setup)");
+    // tcpdump says "listening on" once the capture is live.
+    let mut err = tokio::io::BufReader::new(tcpdump.stderr.take().unwrap());
+    let mut line = String::new();
+    tokio::io::AsyncBufReadExt::read_line(&mut err, &mut line)
+        .await
+        .unwrap();
+    assert!(line.contains("listening on"), "tcpdump: {line}");
+    let report = client
+        .testpod(&[
+            "client",
+            "--to",
+            &dst.to_string(),
+            "--conns",
+            "3",
+            "--bytes",
+            "65536",
+            "--text",
+            text,
+        ])
+        .await
+        .unwrap();
+    assert_all_ok(&report, 3);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    mesh_tests_kill(&tcpdump);
+    let _ = tcpdump.wait().await;
+    let bytes = std::fs::read(&pcap).unwrap();
+    let out = std::process::Command::new("tcpdump")
+        .args(["-n", "-r"])
+        .arg(&pcap)
+        .output()
+        .unwrap();
+    (bytes, String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn mesh_tests_kill(child: &tokio::process::Child) {
+    let pid = child.id().expect("running");
+    std::process::Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .unwrap();
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[tokio::test]
+async fn the_node_to_node_link_carries_only_tls() {
+    const SECRET: &str = "the-payload-must-never-cross-the-wire-in-clear;";
+    // Control: without identities the proxy relays plain TCP, and the capture sees the payload.
+    // This proves the capture below would catch a leak.
+    let plain = ClusterBuilder::new()
+        .nodes(2)
+        .pods_per_node(1)
+        .start_pair(PORT)
+        .await
+        .unwrap();
+    let (bytes, _) = capture_node0_link(
+        &plain.cluster,
+        &plain.client,
+        plain.server.addr(false, PORT),
+        SECRET,
+    )
+    .await;
+    assert!(
+        contains(&bytes, SECRET.as_bytes()),
+        "control capture missed the plaintext payload"
+    );
+    drop(plain);
+
+    let Pair {
+        cluster,
+        client,
+        server,
+        server_process: _s,
+    } = ClusterBuilder::new()
+        .nodes(2)
+        .pods_per_node(1)
+        .with_controller()
+        .start_pair(PORT)
+        .await
+        .unwrap();
+    cluster.enroll(&server).await.unwrap();
+    for v6 in [false, true] {
+        let dst = server.addr(v6, PORT);
+        let (bytes, summary) = capture_node0_link(&cluster, &client, dst, SECRET).await;
+        assert!(
+            !contains(&bytes, SECRET.as_bytes()),
+            "payload seen in clear on the node link ({dst})"
+        );
+        // TLS 1.3 application-data records, and only tunnel connections between the nodes.
+        assert!(
+            contains(&bytes, &[0x17, 0x03, 0x03]),
+            "no TLS records captured ({dst})"
+        );
+        let lines: Vec<&str> = summary.lines().collect();
+        assert!(!lines.is_empty());
+        let port = if v6 {
+            "fd00:200:1::1.15008"
+        } else {
+            "10.200.1.1.15008"
+        };
+        for l in &lines {
+            // The only other traffic is the node's own TLS channel to the controller.
+            assert!(
+                l.contains(port) || l.contains("10.250.0.254.15012"),
+                "non-tunnel packet on the node link: {l}"
+            );
+        }
+        assert!(
+            lines.iter().any(|l| l.contains(port)),
+            "no tunnel traffic captured ({dst})"
+        );
+    }
+}

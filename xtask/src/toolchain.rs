@@ -9,7 +9,7 @@ use std::{
 use anyhow::{Context, bail};
 
 /// Debian packages: the BPF-capable rustc and its LLVM, bpf-linker's LLVM, and the tools the
-/// node proxy and the tests use (bpftool to inspect, iproute2 for the cluster in a box).
+/// node proxy and the tests use (bpftool to inspect, iproute2 for the cluster in a box, tcpdump).
 const PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
@@ -18,6 +18,8 @@ const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "bpftool",
     "iproute2",
+    // The end-to-end tests capture node-to-node traffic to prove it is encrypted.
+    "tcpdump",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

@@ -44,6 +44,10 @@ enum Cmd {
         /// Keep every connection open until all are established (proves concurrency).
         #[arg(long)]
         hold: bool,
+        /// Send this text, repeated, instead of the per-connection binary pattern (recognisable
+        /// in a packet capture).
+        #[arg(long)]
+        text: Option<String>,
     },
     /// Connection rate: connect, one echo round trip, close; as fast as possible.
     Rate {
@@ -87,7 +91,8 @@ async fn main() -> anyhow::Result<()> {
             concurrency,
             bytes,
             hold,
-        } => client(to, conns, concurrency, bytes, hold).await,
+            text,
+        } => client(to, conns, concurrency, bytes, hold, text).await,
         Cmd::Rate {
             to,
             duration_ms,
@@ -209,8 +214,10 @@ async fn client(
     concurrency: usize,
     bytes: usize,
     hold: bool,
+    text: Option<String>,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
+    let text = Arc::new(text);
     let report = Arc::new(Mutex::new(Report::default()));
     let sem = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
     // With --hold every connection waits here until all are open.
@@ -218,9 +225,13 @@ async fn client(
     let mut tasks = Vec::new();
     for id in 0..conns {
         let (report, sem, barrier) = (report.clone(), sem.clone(), barrier.clone());
+        let data = match text.as_deref() {
+            Some(t) => t.bytes().cycle().take(bytes).collect(),
+            None => pattern(id, bytes),
+        };
         tasks.push(tokio::spawn(async move {
             let _permit = sem.acquire_owned().await;
-            let result = one_conn(to, id, bytes, &barrier).await;
+            let result = one_conn(to, data, &barrier).await;
             let mut r = report.lock().unwrap();
             match result {
                 Ok((peer, hello)) => {
@@ -273,8 +284,7 @@ fn strip_peer_port(hello: &str) -> String {
 
 async fn one_conn(
     to: SocketAddr,
-    id: usize,
-    bytes: usize,
+    data: Vec<u8>,
     barrier: &tokio::sync::Barrier,
 ) -> anyhow::Result<(String, String)> {
     let (r, hello) = open(to).await?;
@@ -282,13 +292,12 @@ async fn one_conn(
     let peer = stream.peer_addr()?.to_string();
     barrier.wait().await;
     let (mut rd, mut wr) = stream.into_split();
-    let data = pattern(id, bytes);
     let expected = data.clone();
     let writer = tokio::spawn(async move {
         wr.write_all(&data).await?;
         wr.shutdown().await
     });
-    let mut got = Vec::with_capacity(bytes);
+    let mut got = Vec::with_capacity(expected.len());
     tokio::time::timeout(Duration::from_secs(30), rd.read_to_end(&mut got))
         .await
         .context("echo timed out")??;

@@ -1,0 +1,270 @@
+//! Peers the mesh must refuse, and count: forged, expired and mismatched certificates.
+use std::{sync::Arc, time::Duration};
+
+use mesh_tests::{ClusterBuilder, Pair, connect_in, listen_in};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+use rustls::{
+    ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme,
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime},
+};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const PORT: u16 = 8080;
+
+fn n(v: &Value, path: &[&str]) -> u64 {
+    path.iter().fold(v, |v, k| &v[k]).as_u64().unwrap_or(0)
+}
+
+/// A leaf for `spiffe_id`, signed by `issuer`, valid in [now + from, now + to].
+fn leaf(
+    issuer: &Issuer<'_, KeyPair>,
+    spiffe_id: &str,
+    from: i64,
+    to: i64,
+) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::default();
+    p.subject_alt_names = vec![SanType::URI(spiffe_id.try_into().unwrap())];
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now + time::Duration::seconds(from);
+    p.not_after = now + time::Duration::seconds(to);
+    let cert = p.signed_by(&key, issuer).unwrap();
+    (
+        vec![cert.der().clone()],
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+    )
+}
+
+fn rogue_ca() -> Issuer<'static, KeyPair> {
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::default();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    Issuer::new(p, key)
+}
+
+fn mesh_ca(cluster: &mesh_tests::Cluster) -> Issuer<'static, KeyPair> {
+    let (cert, key) = cluster.ctrl.as_ref().unwrap().root_ca();
+    let key = KeyPair::from_pem(&std::fs::read_to_string(key).unwrap()).unwrap();
+    Issuer::from_ca_cert_pem(&std::fs::read_to_string(cert).unwrap(), key).unwrap()
+}
+
+/// Accepts any server: these tests are about what the *server* refuses.
+#[derive(Debug)]
+struct AnyServer;
+
+impl ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Presents `chain` to node 1's tunnel port as if it were node 0's proxy, asking for `sni`.
+/// Returns whether the server let the connection live long enough to answer a request.
+async fn present(
+    cluster: &mesh_tests::Cluster,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    sni: &str,
+) -> bool {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer))
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let node1 = std::net::SocketAddr::new(cluster.nodes[1].ipv4.into(), 15008);
+    let tcp = connect_in(&cluster.nodes[0].netns, node1).await.unwrap();
+    let name = ServerName::try_from(sni.to_string()).unwrap();
+    // In TLS 1.3 the client finishes first; a refused client certificate shows as an alert on
+    // the next read.
+    let Ok(mut tls) = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+    else {
+        return false;
+    };
+    let _ = tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+    let mut buf = [0u8; 64];
+    matches!(tokio::time::timeout(Duration::from_secs(3), tls.read(&mut buf)).await, Ok(Ok(n)) if n > 0)
+}
+
+#[tokio::test]
+async fn forged_and_expired_client_certificates_are_refused_and_counted() {
+    let Pair {
+        cluster,
+        client,
+        server,
+        server_process: _s,
+    } = ClusterBuilder::new()
+        .nodes(2)
+        .pods_per_node(1)
+        .with_controller()
+        .start_pair(PORT)
+        .await
+        .unwrap();
+    cluster.enroll(&server).await.unwrap();
+    let client_id = format!(
+        "spiffe://cluster.local/ns/default/sa/{}",
+        client.service_account
+    );
+    let sni = format!("{}.default.id.mesh", server.service_account);
+
+    // Control: a certificate from the mesh CA, currently valid, is accepted.
+    let (chain, key) = leaf(&mesh_ca(&cluster), &client_id, -60, 3600);
+    assert!(
+        present(&cluster, chain, key, &sni).await,
+        "a valid mesh certificate was refused"
+    );
+
+    let (chain, key) = leaf(&rogue_ca(), &client_id, -60, 3600);
+    assert!(
+        !present(&cluster, chain, key, &sni).await,
+        "certificate from another CA accepted"
+    );
+    let (chain, key) = leaf(&mesh_ca(&cluster), &client_id, -7200, -3600);
+    assert!(
+        !present(&cluster, chain, key, &sni).await,
+        "expired certificate accepted"
+    );
+
+    let c1 = cluster.nodes[1].counters().await.unwrap();
+    let refused = &c1["tunnel"]["inbound_tls_refused"];
+    assert_eq!(n(refused, &["unknown_issuer"]), 1, "{c1}");
+    assert_eq!(n(refused, &["expired"]), 1, "{c1}");
+    // The proxy kept serving everyone else.
+    let report = client
+        .client(server.addr(false, PORT), 2, 128)
+        .await
+        .unwrap();
+    assert_eq!(n(&report, &["ok"]), 2, "{report}");
+}
+
+#[tokio::test]
+async fn a_server_with_a_valid_certificate_but_the_wrong_identity_is_refused() {
+    let Pair {
+        cluster,
+        client,
+        server,
+        server_process: _s,
+    } = ClusterBuilder::new()
+        .nodes(2)
+        .pods_per_node(1)
+        .with_controller()
+        .start_pair(PORT)
+        .await
+        .unwrap();
+    // An impostor on the fabric, holding a genuine mesh certificate - of another workload.
+    let impostor_id = format!(
+        "spiffe://cluster.local/ns/default/sa/{}",
+        server.service_account
+    );
+    let (chain, key) = leaf(&mesh_ca(&cluster), &impostor_id, -60, 3600);
+    let ctrl_ns = cluster.ctrl.as_ref().unwrap().netns.clone();
+    let listener = listen_in(&ctrl_ns, "10.250.0.254:15008".parse().unwrap()).unwrap();
+    let cfg =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let impostor = tokio::spawn(async move {
+        let mut handshakes = 0;
+        while let Ok(Ok((tcp, _))) =
+            tokio::time::timeout(Duration::from_secs(2), listener.accept()).await
+        {
+            handshakes += 1;
+            let _ = acceptor.accept(tcp).await;
+        }
+        handshakes
+    });
+    // Node 0 is told a workload "victim" (identity sa/victim) lives behind the impostor's address.
+    let placement_path = cluster
+        .dir
+        .join(format!("placement-{}.json", cluster.nodes[0].name));
+    let mut placement: Value =
+        serde_json::from_slice(&std::fs::read(&placement_path).unwrap()).unwrap();
+    placement["nodes"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "elsewhere", "addresses": ["10.250.0.254"]}));
+    placement["pods"].as_array_mut().unwrap().push(json!({
+        "namespace": "default", "name": "victim", "node": "elsewhere", "service_account": "victim", "ips": ["10.77.0.1"]
+    }));
+    mesh_tests::ctrl::write_json(&placement_path, &placement).unwrap();
+    let reloaded = || {
+        cluster.nodes[0]
+            .log_records()
+            .iter()
+            .any(|r| r["fields"]["message"] == "placement reloaded")
+    };
+    for _ in 0..40 {
+        if reloaded() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(reloaded(), "node 0 did not pick up the new placement");
+
+    let report = client
+        .client("10.77.0.1:80".parse().unwrap(), 1, 64)
+        .await
+        .unwrap();
+    assert_eq!(
+        n(&report, &["ok"]),
+        0,
+        "connected through an impostor: {report}"
+    );
+    let c0 = cluster.nodes[0].counters().await.unwrap();
+    assert_eq!(n(&c0, &["tunnel", "outbound_tls_refused"]), 1, "{c0}");
+    assert!(
+        cluster.nodes[0]
+            .log_records()
+            .iter()
+            .any(
+                |r| r["fields"]["message"] == "peer presented another identity"
+                    && r["fields"]["presented"] == impostor_id.as_str()
+                    && r["fields"]["expected"] == "spiffe://cluster.local/ns/default/sa/victim"
+            ),
+        "{}",
+        cluster.nodes[0].log_tail(10)
+    );
+    assert!(
+        impostor.await.unwrap() >= 1,
+        "the impostor was never reached"
+    );
+}
