@@ -1,0 +1,225 @@
+//! The certificate service over real gRPC/TLS, in-process on port 0: who may obtain which identity.
+use mesh_api::{
+    auth::{AUTHORIZATION, NODE_HEADER},
+    ca::v1::{
+        GetTrustBundleRequest, SignWorkloadRequest,
+        certificate_service_client::CertificateServiceClient,
+    },
+};
+use mesh_ctrl::app::{self, ServeArgs};
+use tonic::{
+    Code,
+    transport::{Certificate, Channel, ClientTlsConfig},
+};
+
+const PLACEMENT: &str = r#"{
+    "trust_domain": "cluster.local",
+    "nodes": [{"name": "node-a", "addresses": ["10.0.0.1"]}, {"name": "node-b", "addresses": ["10.0.0.2"]}],
+    "pods": [
+        {"namespace": "shop", "name": "web-1", "node": "node-a", "service_account": "web", "ips": ["10.1.0.1"]},
+        {"namespace": "shop", "name": "db-1", "node": "node-b", "service_account": "db", "ips": ["10.2.0.1"]}
+    ]
+}"#;
+
+struct Ctrl {
+    bound: app::Bound,
+    client: CertificateServiceClient<Channel>,
+    _dir: tempfile::TempDir,
+}
+
+async fn start(ttl: &str) -> Ctrl {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str, body: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, body).unwrap();
+        path
+    };
+    let args = ServeArgs {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        state_dir: dir.path().join("state"),
+        trust_domain: "cluster.local".into(),
+        placement: p("placement.json", PLACEMENT),
+        node_tokens: p(
+            "tokens.json",
+            r#"{"node-a": "token-a-0123456789", "node-b": "token-b-0123456789"}"#,
+        ),
+        cert_ttl: humantime::parse_duration(ttl).unwrap(),
+        ca_cert: None,
+        ca_key: None,
+        ca_chain: None,
+        extra_roots: None,
+        server_names: vec!["mesh-ctrl".into()],
+    };
+    let bound = app::serve(args).await.unwrap();
+    let bundle = std::fs::read_to_string(&bound.trust_bundle).unwrap();
+    let channel = Channel::from_shared(format!("https://{}", bound.addr))
+        .unwrap()
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(bundle))
+                .domain_name("mesh-ctrl"),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    Ctrl {
+        bound,
+        client: CertificateServiceClient::new(channel),
+        _dir: dir,
+    }
+}
+
+fn csr() -> String {
+    let key = rcgen::KeyPair::generate().unwrap();
+    rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap()
+}
+
+fn request(
+    node: &str,
+    token: &str,
+    ns: &str,
+    pod: &str,
+    csr_pem: String,
+    ttl: u32,
+) -> tonic::Request<SignWorkloadRequest> {
+    let mut r = tonic::Request::new(SignWorkloadRequest {
+        namespace: ns.into(),
+        pod: pod.into(),
+        csr_pem,
+        ttl_seconds: ttl,
+    });
+    r.metadata_mut().insert(NODE_HEADER, node.parse().unwrap());
+    r.metadata_mut()
+        .insert(AUTHORIZATION, format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+fn uri_san(pem: &str) -> String {
+    let (_, der) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+    let cert = der.parse_x509().unwrap();
+    let san = cert.subject_alternative_name().unwrap().unwrap();
+    match &san.value.general_names[0] {
+        x509_parser::extensions::GeneralName::URI(u) => u.to_string(),
+        other => panic!("unexpected SAN {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_node_gets_identities_of_its_own_pods_only() {
+    let mut c = start("24h").await;
+    let ok = c
+        .client
+        .sign_workload(request(
+            "node-a",
+            "token-a-0123456789",
+            "shop",
+            "web-1",
+            csr(),
+            3600,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.spiffe_id, "spiffe://cluster.local/ns/shop/sa/web");
+    assert_eq!(uri_san(&ok.cert_chain_pem[0]), ok.spiffe_id);
+    assert_eq!(
+        ok.not_after_unix - ok.not_before_unix,
+        3600 + 60,
+        "requested TTL plus the skew backdate"
+    );
+    assert_eq!(ok.trust_bundle.unwrap().roots_pem.len(), 1);
+
+    let cases = [
+        // Node A asking for a pod of node B: the isolation this service exists for.
+        (
+            request("node-a", "token-a-0123456789", "shop", "db-1", csr(), 0),
+            Code::PermissionDenied,
+            "runs on node \"node-b\"",
+        ),
+        // Node A's name with node B's token, and an unknown node.
+        (
+            request("node-a", "token-b-0123456789", "shop", "web-1", csr(), 0),
+            Code::Unauthenticated,
+            "wrong token",
+        ),
+        (
+            request("node-z", "token-a-0123456789", "shop", "web-1", csr(), 0),
+            Code::Unauthenticated,
+            "unknown node",
+        ),
+        (
+            request("node-a", "token-a-0123456789", "shop", "ghost", csr(), 0),
+            Code::NotFound,
+            "not known",
+        ),
+        (
+            request(
+                "node-a",
+                "token-a-0123456789",
+                "shop",
+                "web-1",
+                "not a csr".into(),
+                0,
+            ),
+            Code::InvalidArgument,
+            "signing request",
+        ),
+    ];
+    for (req, code, msg) in cases {
+        let e = c.client.sign_workload(req).await.unwrap_err();
+        assert_eq!(e.code(), code, "{e:?}");
+        assert!(e.message().contains(msg), "{e:?}");
+    }
+    let mut unauthenticated = tonic::Request::new(GetTrustBundleRequest {});
+    unauthenticated
+        .metadata_mut()
+        .insert(NODE_HEADER, "node-a".parse().unwrap());
+    assert_eq!(
+        c.client
+            .get_trust_bundle(unauthenticated)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        c.bound
+            .stats
+            .signed
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(
+        c.bound
+            .stats
+            .refused
+            .load(std::sync::atomic::Ordering::Relaxed),
+        5
+    );
+    c.bound.shutdown().await;
+}
+
+#[tokio::test]
+async fn requested_lifetimes_are_capped_by_the_controller() {
+    let mut c = start("1h").await;
+    let r = c
+        .client
+        .sign_workload(request(
+            "node-b",
+            "token-b-0123456789",
+            "shop",
+            "db-1",
+            csr(),
+            90_000,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.not_after_unix - r.not_before_unix, 3600 + 60);
+    c.bound.shutdown().await;
+}
