@@ -29,8 +29,10 @@ pub mod maps {
     pub const EXCLUDED_V4: &str = "MESH_EXCL_V4";
     /// `LpmTrie<[u8; 16], u8>`: destination IPv6 blocks never redirected.
     pub const EXCLUDED_V6: &str = "MESH_EXCL_V6";
-    /// `PerCpuArray<u64>` indexed by [`crate::Counter`].
+    /// `PerCpuArray<u64>` indexed by [`crate::counter_index`].
     pub const COUNTERS: &str = "MESH_COUNTERS";
+    /// `PerCpuHashMap<u32 pod id, PodInbound>`: new inbound connections per pod, by kind.
+    pub const POD_INBOUND: &str = "MESH_POD_IN";
 }
 
 /// Names of the programs in the object.
@@ -40,6 +42,7 @@ pub mod programs {
     pub const GETPEERNAME4: &str = "mesh_peername4";
     pub const GETPEERNAME6: &str = "mesh_peername6";
     pub const SOCK_OPS: &str = "mesh_sock_ops";
+    pub const INGRESS: &str = "mesh_ingress";
 }
 
 pub const AF_INET: u16 = 2;
@@ -65,13 +68,28 @@ pub struct Config {
     pub flags: u32,
 }
 
+/// `PodEntry::flags`: inbound STRICT: new TCP connections from anything but the node proxy are
+/// dropped. Without it (PERMISSIVE) they are accepted and counted as plaintext.
+pub const POD_F_STRICT: u32 = 1;
+
 /// Value of the enrollment map: who the pod is, as mesh-node numbered it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PodEntry {
     /// mesh-node's handle for the pod; stable across proxy restarts (kept in its state file).
     pub pod_id: u32,
-    pub _reserved: u32,
+    /// `POD_F_*` bits.
+    pub flags: u32,
+}
+
+/// New inbound TCP connections of one pod that did not come through the node proxy.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodInbound {
+    /// Accepted in PERMISSIVE mode: plaintext from outside the mesh.
+    pub plaintext: u64,
+    /// Dropped in STRICT mode.
+    pub denied: u64,
 }
 
 /// A redirected connection's original destination and the pod that opened it.
@@ -133,14 +151,17 @@ pub enum Program {
     Connect6 = 1,
     SockOps = 2,
     GetPeerName = 3,
+    /// cgroup_skb ingress: new inbound connections (SYNs) to enrolled pods.
+    Ingress = 4,
 }
 
 impl Program {
-    pub const ALL: [Program; 4] = [
+    pub const ALL: [Program; 5] = [
         Program::Connect4,
         Program::Connect6,
         Program::SockOps,
         Program::GetPeerName,
+        Program::Ingress,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -149,6 +170,7 @@ impl Program {
             Program::Connect6 => "connect6",
             Program::SockOps => "sock_ops",
             Program::GetPeerName => "getpeername",
+            Program::Ingress => "ingress",
         }
     }
 }
@@ -181,10 +203,14 @@ pub enum Outcome {
     NoRecord = 9,
     /// sock_ops: records of a closed redirected socket removed.
     Closed = 10,
+    /// ingress: a new connection from the node proxy (mesh traffic).
+    FromProxy = 11,
+    /// ingress: a new plaintext connection from outside the mesh, accepted (PERMISSIVE).
+    Plaintext = 12,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 11] = [
+    pub const ALL: [Outcome; 13] = [
         Outcome::Seen,
         Outcome::Redirected,
         Outcome::SkipNotTcp,
@@ -196,6 +222,8 @@ impl Outcome {
         Outcome::Denied,
         Outcome::NoRecord,
         Outcome::Closed,
+        Outcome::FromProxy,
+        Outcome::Plaintext,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -211,6 +239,8 @@ impl Outcome {
             Outcome::Denied => "denied",
             Outcome::NoRecord => "no_record",
             Outcome::Closed => "closed",
+            Outcome::FromProxy => "from_proxy",
+            Outcome::Plaintext => "plaintext",
         }
     }
 }
@@ -227,6 +257,7 @@ pub const fn counter_index(program: Program, outcome: Outcome) -> u32 {
 // No padding anywhere: every size is the sum of its fields.
 const _: () = assert!(core::mem::size_of::<Config>() == 4 + 16 + 2 + 2 + 4);
 const _: () = assert!(core::mem::size_of::<PodEntry>() == 8);
+const _: () = assert!(core::mem::size_of::<PodInbound>() == 16);
 const _: () = assert!(core::mem::size_of::<OrigDst>() == 16 + 2 + 2 + 4 + 8);
 const _: () = assert!(core::mem::size_of::<ConnKey>() == 16 + 2 + 2);
 

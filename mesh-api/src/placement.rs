@@ -23,6 +23,30 @@ pub struct PlacementFile {
     pub trust_domain: String,
     pub nodes: Vec<NodeEntry>,
     pub pods: Vec<PodEntry>,
+    /// Inbound modes per namespace or pod (local mode's stand-in for a PeerAuthentication).
+    #[serde(default)]
+    pub peer_authentication: Vec<PeerAuthEntry>,
+}
+
+/// Whether an enrolled pod accepts plaintext connections from outside the mesh.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum InboundMode {
+    /// Only connections through the mesh; plaintext from outside is dropped.
+    Strict,
+    /// Plaintext from outside the mesh is accepted and counted as such.
+    #[default]
+    Permissive,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerAuthEntry {
+    pub namespace: String,
+    /// One pod of the namespace; absent: the whole namespace.
+    #[serde(default)]
+    pub pod: Option<String>,
+    pub mode: InboundMode,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -66,6 +90,8 @@ pub enum PlacementError {
     },
     #[error("nodes[{index}]: {reason}")]
     Node { index: usize, reason: String },
+    #[error("peer_authentication[{index}]: {reason}")]
+    PeerAuth { index: usize, reason: String },
     #[error("pods[{index}] ({pod}): identity")]
     Identity {
         index: usize,
@@ -92,6 +118,7 @@ pub struct Placement {
     nodes: BTreeMap<String, Vec<IpAddr>>,
     pods: BTreeMap<(String, String), Workload>,
     by_ip: HashMap<IpAddr, (String, String)>,
+    modes: HashMap<(String, Option<String>), InboundMode>,
 }
 
 impl Placement {
@@ -129,6 +156,16 @@ impl Placement {
 
     pub fn workloads(&self) -> impl Iterator<Item = &Workload> {
         self.pods.values()
+    }
+
+    /// The pod's inbound mode: its own setting, else its namespace's, else PERMISSIVE.
+    pub fn inbound_mode(&self, namespace: &str, pod: &str) -> InboundMode {
+        let ns = namespace.to_string();
+        self.modes
+            .get(&(ns.clone(), Some(pod.to_string())))
+            .or_else(|| self.modes.get(&(ns, None)))
+            .copied()
+            .unwrap_or_default()
     }
 }
 
@@ -189,11 +226,27 @@ impl TryFrom<PlacementFile> for Placement {
                 return Err(bad("listed twice".into()));
             }
         }
+        let mut modes = HashMap::new();
+        for (index, e) in file.peer_authentication.into_iter().enumerate() {
+            let key = (e.namespace.clone(), e.pod.clone());
+            if modes.insert(key, e.mode).is_some() {
+                let what = format!(
+                    "{}{}",
+                    e.namespace,
+                    e.pod.map(|p| format!("/{p}")).unwrap_or_default()
+                );
+                return Err(PlacementError::PeerAuth {
+                    index,
+                    reason: format!("{what} is set twice"),
+                });
+            }
+        }
         Ok(Self {
             trust_domain: file.trust_domain,
             nodes,
             pods,
             by_ip,
+            modes,
         })
     }
 }
@@ -301,6 +354,35 @@ mod tests {
             Some("10.0.0.2:15008".parse().unwrap())
         );
         assert!(p.by_ip("10.9.9.9".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn inbound_mode_table() {
+        let with = GOOD.replace(
+            "\"pods\": [",
+            r#""peer_authentication": [
+                {"namespace": "default", "mode": "STRICT"},
+                {"namespace": "default", "pod": "client", "mode": "PERMISSIVE"},
+                {"namespace": "other", "pod": "x", "mode": "STRICT"}
+            ], "pods": ["#,
+        );
+        let p = Placement::parse(with.as_bytes()).unwrap();
+        let cases = [
+            ("default", "web", InboundMode::Strict), // namespace setting
+            ("default", "client", InboundMode::Permissive), // the pod overrides its namespace
+            ("other", "x", InboundMode::Strict),     // a pod alone
+            ("other", "y", InboundMode::Permissive), // nothing set: PERMISSIVE
+            ("elsewhere", "z", InboundMode::Permissive),
+        ];
+        for (ns, pod, mode) in cases {
+            assert_eq!(p.inbound_mode(ns, pod), mode, "{ns}/{pod}");
+        }
+        let twice = GOOD.replace(
+            "\"pods\": [",
+            r#""peer_authentication": [{"namespace": "a", "mode": "STRICT"}, {"namespace": "a", "mode": "PERMISSIVE"}], "pods": ["#,
+        );
+        let e = Placement::parse(twice.as_bytes()).unwrap_err();
+        assert_eq!(e.to_string(), "peer_authentication[1]: a is set twice");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use core::{
 
 use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    programs::{SockAddrContext, SockOpsContext},
+    programs::{SkBuffContext, SockAddrContext, SockOpsContext},
 };
 
 #[inline(always)]
@@ -109,4 +109,52 @@ pub fn ops_local_ip6(ops: &SockOpsContext) -> [u8; 16] {
         i += 1;
     }
     out
+}
+
+#[inline(always)]
+pub fn skb_netns_cookie(skb: &SkBuffContext) -> u64 {
+    unsafe { bpf_get_netns_cookie(skb.skb.skb as *mut c_void) }
+}
+
+#[inline(always)]
+pub fn skb_ifindex(skb: &SkBuffContext) -> u32 {
+    unsafe { read_volatile(addr_of!((*skb.skb.skb).ifindex)) }
+}
+
+/// Source address of an inbound packet.
+pub enum Source {
+    V4([u8; 4]),
+    V6([u8; 16]),
+}
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_TCP: u8 = 6;
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
+
+/// For a TCP SYN (a new connection), its source address. cgroup_skb data starts at the network
+/// header. IPv6 extension headers are not walked: such SYNs are judged as non-TCP and pass,
+/// which is what the stack itself would see for a host-local policy.
+#[inline(always)]
+pub fn tcp_syn_source(skb: &SkBuffContext) -> Option<Source> {
+    let proto = u16::from_be(skb.skb.protocol() as u16);
+    let (src, l4) = if proto == ETH_P_IP {
+        let vihl: u8 = skb.load(0).ok()?;
+        if skb.load::<u8>(9).ok()? != IPPROTO_TCP {
+            return None;
+        }
+        let src: [u8; 4] = skb.load(12).ok()?;
+        (Source::V4(src), ((vihl & 0x0f) as usize) * 4)
+    } else if proto == ETH_P_IPV6 {
+        if skb.load::<u8>(6).ok()? != IPPROTO_TCP {
+            return None;
+        }
+        let src: [u8; 16] = skb.load(8).ok()?;
+        (Source::V6(src), 40)
+    } else {
+        return None;
+    };
+    let flags: u8 = skb.load(l4 + 13).ok()?;
+    (flags & TCP_FLAG_SYN != 0 && flags & TCP_FLAG_ACK == 0).then_some(src)
 }

@@ -6,14 +6,14 @@ use aya_ebpf::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_TCP_CLOSE,
     },
-    macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
-    programs::{SockAddrContext, SockOpsContext},
+    macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
+    programs::{SkBuffContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
 use mesh_abi::{
     AF_INET, AF_INET6, CONFIG_F_IPV4, CONFIG_F_IPV6, COUNTERS as N_COUNTERS, Config, ConnKey,
-    OrigDst, Outcome, PodEntry, Program, counter_index,
+    OrigDst, Outcome, POD_F_STRICT, PodEntry, PodInbound, Program, counter_index,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -37,6 +37,8 @@ static EXCLUDED_V4: LpmTrie<[u8; 4], u8> = LpmTrie::pinned(1_024, 0);
 static EXCLUDED_V6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(1_024, 0);
 #[map(name = "MESH_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(N_COUNTERS, 0);
+#[map(name = "MESH_POD_IN")]
+static POD_INBOUND: PerCpuHashMap<u32, PodInbound> = PerCpuHashMap::pinned(16_384, 0);
 
 #[inline(always)]
 fn count(program: Program, outcome: Outcome) {
@@ -249,6 +251,68 @@ pub fn mesh_peername6(sa: SockAddrContext) -> i32 {
         None => count(Program::GetPeerName, Outcome::NoRecord),
     }
     1
+}
+
+/// New inbound connections to enrolled pods. Mesh traffic reaches a pod only from its node proxy
+/// (which connects from the proxy address); anything else is plaintext from outside the mesh:
+/// dropped for STRICT pods, counted for PERMISSIVE ones. Only SYNs are judged, so established
+/// connections cost one map lookup per packet. Loopback inside the pod is always allowed.
+#[cgroup_skb(ingress)]
+pub fn mesh_ingress(skb: SkBuffContext) -> i32 {
+    let netns = ctx::skb_netns_cookie(&skb);
+    // SAFETY: copied out at once.
+    let Some(pod) = (unsafe { ENROLLED.get(&netns) }).copied() else {
+        return 1;
+    };
+    let Some(syn) = ctx::tcp_syn_source(&skb) else {
+        return 1;
+    };
+    count(Program::Ingress, Outcome::Seen);
+    let outcome = if ctx::skb_ifindex(&skb) == LOOPBACK_IFINDEX {
+        Outcome::SkipLoopback
+    } else if from_proxy(&syn) {
+        Outcome::FromProxy
+    } else if pod.flags & POD_F_STRICT != 0 {
+        Outcome::Denied
+    } else {
+        Outcome::Plaintext
+    };
+    count(Program::Ingress, outcome);
+    if outcome == Outcome::Denied || outcome == Outcome::Plaintext {
+        count_pod(pod.pod_id, outcome == Outcome::Denied);
+    }
+    if outcome == Outcome::Denied { 0 } else { 1 }
+}
+
+/// `lo` has index 1 in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
+
+#[inline(always)]
+fn from_proxy(src: &ctx::Source) -> bool {
+    let Some(cfg) = CONFIG.get(0) else {
+        return false;
+    };
+    match src {
+        ctx::Source::V4(a) => cfg.flags & CONFIG_F_IPV4 != 0 && *a == cfg.proxy_ip4,
+        ctx::Source::V6(a) => cfg.flags & CONFIG_F_IPV6 != 0 && *a == cfg.proxy_ip6,
+    }
+}
+
+#[inline(always)]
+fn count_pod(pod_id: u32, denied: bool) {
+    if POD_INBOUND.get_ptr_mut(pod_id).is_none() {
+        let _ = POD_INBOUND.insert(pod_id, PodInbound::default(), 0);
+    }
+    if let Some(c) = POD_INBOUND.get_ptr_mut(pod_id) {
+        // SAFETY: per-CPU value of this CPU; cgroup programs run with migration disabled.
+        unsafe {
+            if denied {
+                (*c).denied += 1;
+            } else {
+                (*c).plaintext += 1;
+            }
+        }
+    }
 }
 
 #[inline(always)]

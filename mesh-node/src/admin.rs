@@ -115,7 +115,23 @@ impl Admin {
             }
             (&Method::GET, ["v1", "counters"]) => match self.redirector.counters() {
                 Ok(c) => {
-                    let mut body = json!({"ebpf": c.to_json(), "proxy": &*self.stats});
+                    let names: std::collections::HashMap<_, _> = self
+                        .pods
+                        .list()
+                        .into_iter()
+                        .map(|p| (p.id, p.name.to_string()))
+                        .collect();
+                    let inbound: Vec<_> = self
+                        .redirector
+                        .pod_inbound()
+                        .into_iter()
+                        .map(|(id, c)| {
+                            let pod = names.get(&id).cloned().unwrap_or_else(|| id.to_string());
+                            json!({"pod": pod, "plaintext": c.plaintext, "denied": c.denied})
+                        })
+                        .collect();
+                    let mut body =
+                        json!({"ebpf": c.to_json(), "proxy": &*self.stats, "inbound": inbound});
                     if let Some(m) = &self.mesh {
                         body["identity"] = json!({
                             "certificates": m.identities.status(),

@@ -2,7 +2,7 @@
 //! so tests can run the whole proxy in-process with port 0.
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use mesh_api::placement::{HBONE_PORT, PlacementError, PlacementWatch};
+use mesh_api::placement::{HBONE_PORT, InboundMode, PlacementError, PlacementWatch};
 use tokio::net::TcpListener;
 use tracing::info;
 
@@ -11,10 +11,10 @@ use crate::{
     config::{Config, MeshConfig, OnExit},
     drain::{Drain, DrainOutcome},
     ebpf::{self, EbpfError, RedirectSpec, Redirector},
-    enroll::{self, EnrollError, EnrollHooks, Enrollment, Pod},
+    enroll::{self, EnrollError, EnrollHooks, Enrollment, Pod, PodName},
     hbone::{self, Inbound, Tunnels},
     identity::{CaConfig, Identities, IdentityError},
-    outbound::{self, MeshPath, Outbound, Stats},
+    outbound::{self, MeshPath, Outbound, ProxySource, Stats},
     probe::{self, ProbeError},
     ready::Ready,
 };
@@ -90,6 +90,33 @@ impl EnrollHooks for IdentityHooks {
         {
             self.identities
                 .remove_owner(&w.identity, &w.namespace, &w.name);
+        }
+    }
+
+    fn flags(&self, pod: &PodName) -> u32 {
+        match self
+            .placement
+            .current()
+            .inbound_mode(&pod.namespace, &pod.name)
+        {
+            InboundMode::Strict => mesh_abi::POD_F_STRICT,
+            InboundMode::Permissive => 0,
+        }
+    }
+}
+
+/// Keeps enrolled pods' kernel flags (inbound STRICT/PERMISSIVE) in step with the placement.
+async fn follow_inbound_modes(placement: PlacementWatch, pods: Arc<Enrollment>) {
+    let mut seen = placement.current();
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = placement.current();
+        if Arc::ptr_eq(&now, &seen) {
+            continue;
+        }
+        seen = now;
+        if let Err(e) = pods.refresh_flags() {
+            tracing::error!(error = %mesh_api::placement::error_chain(&e), "updating inbound modes failed");
         }
     }
 }
@@ -192,9 +219,16 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         redirector.clone(),
         hooks,
     )?);
+    if let Some(m) = &mesh {
+        tokio::spawn(follow_inbound_modes(m.placement.clone(), pods.clone()));
+    }
     let stats = Arc::new(Stats::default());
     let drain = Drain::new();
 
+    let source = ProxySource {
+        v4: config.proxy_ipv4,
+        v6: config.proxy_ipv6,
+    };
     let proxy = Arc::new(Outbound {
         orig: redirector.clone(),
         pods: pods.clone(),
@@ -210,6 +244,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
             placement: m.placement.clone(),
             tunnels: Tunnels::new(m.identities.clone(), m.tunnel_stats.clone()),
         }),
+        source,
     });
     for l in listeners {
         tokio::spawn(proxy.clone().serve(l, drain.watch()));
@@ -222,6 +257,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
             pods: pods.clone(),
             stats: m.tunnel_stats.clone(),
             connect_timeout: config.connect_timeout,
+            source,
         });
         for l in inbound_listeners {
             tokio::spawn(inbound.clone().serve(l, drain.watch()));

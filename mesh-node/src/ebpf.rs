@@ -14,13 +14,15 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSockAddr, SockOps, links::FdLink},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps, links::FdLink,
+    },
 };
 use ipnet::IpNet;
 use mesh_abi::{
     AF_INET, AF_INET6, CONFIG_F_IPV4, CONFIG_F_IPV6, COUNTERS, Config, ConnKey, OrigDst, Outcome,
-    PodEntry, Program, counter_index, maps, programs,
+    PodEntry, PodInbound, Program, counter_index, maps, programs,
 };
 use serde::Serialize;
 
@@ -109,6 +111,7 @@ pub struct Redirector {
     enrolled: Mutex<HashMap<MapData, u64, PodEntry>>,
     orig_by_conn: HashMap<MapData, ConnKey, OrigDst>,
     counters: PerCpuArray<MapData, u64>,
+    pod_inbound: PerCpuHashMap<MapData, u32, PodInbound>,
     /// Holds the program fds; the links themselves are pinned.
     _ebpf: Ebpf,
 }
@@ -205,6 +208,18 @@ impl Redirector {
             &links_dir,
             name,
         )?;
+        let name = programs::INGRESS;
+        let prog: &mut CgroupSkb = program(&mut ebpf, name)?;
+        prog.load().map_err(prog_err(name))?;
+        let id = prog
+            .attach(&cgroup, CgroupSkbAttachType::Ingress, LINK_MODE)
+            .map_err(prog_err(name))?;
+        let link = prog.take_link(id).map_err(prog_err(name))?;
+        pin_replacing(
+            FdLink::try_from(link).map_err(|source| EbpfError::Link { name, source })?,
+            &links_dir,
+            name,
+        )?;
 
         let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name)
@@ -216,20 +231,24 @@ impl Redirector {
             .map_err(map_err(maps::ORIG_BY_CONN))?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, maps::COUNTERS)?)
             .map_err(map_err(maps::COUNTERS))?;
+        let pod_inbound = PerCpuHashMap::try_from(take(&mut ebpf, maps::POD_INBOUND)?)
+            .map_err(map_err(maps::POD_INBOUND))?;
         Ok(Self {
             pin_dir: spec.pin_dir.clone(),
             enrolled: Mutex::new(enrolled),
             orig_by_conn,
             counters,
+            pod_inbound,
             _ebpf: ebpf,
         })
     }
 
     /// Redirect the sockets of the network namespace with this cookie.
-    pub fn enroll(&self, netns_cookie: u64, pod: PodId) -> Result<(), EbpfError> {
+    /// Also updates `flags` (`POD_F_*`) of a pod already enrolled.
+    pub fn enroll(&self, netns_cookie: u64, pod: PodId, flags: u32) -> Result<(), EbpfError> {
         let entry = PodEntry {
             pod_id: pod.0,
-            _reserved: 0,
+            flags,
         };
         self.enrolled
             .lock()
@@ -276,6 +295,23 @@ impl Redirector {
         }
         debug_assert_eq!(out.0.len() * Outcome::ALL.len(), COUNTERS as usize);
         Ok(out)
+    }
+
+    /// Per pod: new inbound plaintext connections accepted (PERMISSIVE) and dropped (STRICT).
+    pub fn pod_inbound(&self) -> Vec<(PodId, PodInbound)> {
+        self.pod_inbound
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(id, per_cpu)| {
+                let sum = per_cpu
+                    .iter()
+                    .fold(PodInbound::default(), |acc, c| PodInbound {
+                        plaintext: acc.plaintext + c.plaintext,
+                        denied: acc.denied + c.denied,
+                    });
+                (PodId(id), sum)
+            })
+            .collect()
     }
 
     pub fn pin_dir(&self) -> &Path {

@@ -94,6 +94,10 @@ struct State {
 pub trait EnrollHooks: Send + Sync {
     fn enrolled(&self, pod: &Pod);
     fn unenrolled(&self, pod: &Pod);
+    /// Kernel flags (`mesh_abi::POD_F_*`) the pod should carry, e.g. inbound STRICT.
+    fn flags(&self, _pod: &PodName) -> u32 {
+        0
+    }
 }
 
 pub struct Enrollment {
@@ -214,7 +218,11 @@ impl Enrollment {
             }
         };
         self.redirector
-            .enroll(cookie, id)
+            .enroll(
+                cookie,
+                id,
+                self.hooks.as_ref().map_or(0, |h| h.flags(&name)),
+            )
             .map_err(EnrollError::Kernel)?;
         if let Some(p) = previous.filter(|p| p.netns_cookie != cookie) {
             self.redirector
@@ -256,6 +264,20 @@ impl Enrollment {
         }
         tracing::info!(pod = %pod.name, id = %pod.id, "pod unenrolled");
         Ok(pod)
+    }
+
+    /// Re-applies every enrolled pod's flags (after the policy behind them changed).
+    pub fn refresh_flags(&self) -> Result<(), EnrollError> {
+        let Some(hooks) = &self.hooks else {
+            return Ok(());
+        };
+        let state = self.state.read().expect("state lock");
+        for pod in state.pods.values() {
+            self.redirector
+                .enroll(pod.netns_cookie, pod.id, hooks.flags(&pod.name))
+                .map_err(EnrollError::Kernel)?;
+        }
+        Ok(())
     }
 
     pub fn is_enrolled(&self, namespace: &str, name: &str) -> bool {

@@ -30,7 +30,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::{drain::Watch, enroll::Enrollment, identity::Identities, tls};
+use crate::{
+    drain::Watch,
+    enroll::Enrollment,
+    identity::Identities,
+    outbound::{ProxySource, connect_from},
+    tls,
+};
 
 /// Flow-control windows sized for bulk transfers over a fast link: a 64 KiB default window would
 /// cap one stream at window/RTT.
@@ -256,6 +262,8 @@ pub struct Inbound {
     pub pods: Arc<Enrollment>,
     pub stats: Arc<Stats>,
     pub connect_timeout: Duration,
+    /// Deliveries come from the proxy address (see `outbound::ProxySource`).
+    pub source: ProxySource,
 }
 
 /// Server TLS config, rebuilt when the trust bundle changes.
@@ -447,14 +455,18 @@ impl Inbound {
             warn!(%peer, %target, client = %client_id, served = %served, "refused tunnel: not an enrolled pod of this node with that identity");
             return status(StatusCode::FORBIDDEN);
         }
-        let upstream =
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(target)).await {
-                Ok(Ok(s)) => s,
-                _ => {
-                    self.stats.inbound_upstream_failed.fetch_add(1, Relaxed);
-                    return status(StatusCode::SERVICE_UNAVAILABLE);
-                }
-            };
+        let upstream = match tokio::time::timeout(
+            self.connect_timeout,
+            connect_from(self.source.for_dst(target), target),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            _ => {
+                self.stats.inbound_upstream_failed.fetch_add(1, Relaxed);
+                return status(StatusCode::SERVICE_UNAVAILABLE);
+            }
+        };
         let _ = upstream.set_nodelay(true);
         self.stats.inbound_streams.fetch_add(1, Relaxed);
         let on_upgrade = hyper::upgrade::on(&mut req);

@@ -5,7 +5,7 @@
 //! name, is reset: nothing reaches the network through the proxy without an identity.
 use std::{
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering::Relaxed},
@@ -86,6 +86,39 @@ pub struct Outbound {
     pub own_addrs: Vec<SocketAddr>,
     /// `None`: no identity source configured; everything is relayed as plain TCP.
     pub mesh: Option<MeshPath>,
+    /// Address local mesh deliveries come from.
+    pub source: ProxySource,
+}
+
+/// The proxy's own addresses. Deliveries to local pods come from them, which is how the kernel's
+/// ingress program tells mesh traffic from plaintext that bypassed the mesh.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProxySource {
+    pub v4: Option<std::net::Ipv4Addr>,
+    pub v6: Option<std::net::Ipv6Addr>,
+}
+
+impl ProxySource {
+    pub fn for_dst(&self, dst: SocketAddr) -> Option<IpAddr> {
+        match dst {
+            SocketAddr::V4(_) => self.v4.map(IpAddr::V4),
+            SocketAddr::V6(_) => self.v6.map(IpAddr::V6),
+        }
+    }
+}
+
+/// Connects to `dst`, from `from` when given.
+pub async fn connect_from(from: Option<IpAddr>, dst: SocketAddr) -> std::io::Result<TcpStream> {
+    let Some(ip) = from else {
+        return TcpStream::connect(dst).await;
+    };
+    let sock = if dst.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.bind(SocketAddr::new(ip, 0))?;
+    sock.connect(dst).await
 }
 
 impl Outbound {
@@ -141,7 +174,7 @@ impl Outbound {
         );
         let span = info_span!("outbound", src.pod = %pod.name, src.addr = %peer, dst = %orig_dst);
         match decision {
-            Route::Direct => self.relay(client, orig_dst).instrument(span).await,
+            Route::Direct => self.relay(client, orig_dst, None).instrument(span).await,
             Route::Local { namespace, name } => {
                 if !self.pods.is_enrolled(&namespace, &name) {
                     self.stats.refused_local_not_enrolled.fetch_add(1, Relaxed);
@@ -149,7 +182,8 @@ impl Outbound {
                     return reset(client);
                 }
                 self.stats.delivered_local.fetch_add(1, Relaxed);
-                self.relay(client, orig_dst).instrument(span).await
+                let from = self.source.for_dst(orig_dst);
+                self.relay(client, orig_dst, from).instrument(span).await
             }
             Route::Tunnel { node, src, dst } => {
                 let mesh = self.mesh.as_ref().expect("tunnel routes need a mesh path");
@@ -182,10 +216,10 @@ impl Outbound {
         }
     }
 
-    async fn relay(&self, mut client: TcpStream, dst: SocketAddr) {
+    async fn relay(&self, mut client: TcpStream, dst: SocketAddr, from: Option<IpAddr>) {
         let started = Instant::now();
         let mut upstream =
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(dst)).await {
+            match tokio::time::timeout(self.connect_timeout, connect_from(from, dst)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     self.stats.upstream_connect_failed.fetch_add(1, Relaxed);

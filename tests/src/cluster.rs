@@ -607,6 +607,44 @@ impl Cluster {
         Ok(())
     }
 
+    /// Rewrites the placement the controller and every node read, then waits until every node
+    /// has reloaded it.
+    pub async fn update_placement(&self, f: impl FnOnce(&mut Value)) -> anyhow::Result<()> {
+        let ctrl = self.ctrl.as_ref().context("no controller: no placement")?;
+        let mut placement: Value = serde_json::from_slice(&std::fs::read(ctrl.placement())?)?;
+        f(&mut placement);
+        let reloads = |n: &Node| {
+            n.log_records()
+                .iter()
+                .filter(|r| r["fields"]["message"] == "placement reloaded")
+                .count()
+        };
+        let before: Vec<usize> = self.nodes.iter().map(reloads).collect();
+        ctrl::write_json(&ctrl.placement(), &placement)?;
+        for node in &self.nodes {
+            ctrl::write_json(
+                &self.dir.join(format!("placement-{}.json", node.name)),
+                &placement,
+            )?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self
+            .nodes
+            .iter()
+            .zip(&before)
+            .any(|(n, b)| reloads(n) <= *b)
+        {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "nodes did not reload the placement"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Kernel flags follow the placement within a quarter second.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        Ok(())
+    }
+
     /// Keep everything after drop (the demo's `--keep`).
     pub fn keep(&mut self) {
         self.keep = true;

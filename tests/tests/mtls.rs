@@ -58,8 +58,12 @@ async fn cross_node_traffic_carries_both_workload_identities_over_mtls() {
         let report = client.client(dst, 4, 8192).await.unwrap();
         assert_all_ok(&report, 4);
         assert_eq!(report["peer_addrs"][0], dst.to_string(), "{report}");
-        // Delivered by node 1's proxy over the pod link, to the original destination.
-        let via = if v6 { "fd00:101:1::1" } else { "10.101.1.1" };
+        // Delivered by node 1's proxy, from its proxy address, to the original destination.
+        let via = if v6 {
+            cluster.nodes[1].ipv6.to_string()
+        } else {
+            cluster.nodes[1].ipv4.to_string()
+        };
         assert_eq!(server_saw(&report), format!("HELLO peer={via} local={dst}"));
     }
 
@@ -131,10 +135,14 @@ async fn delivery_requires_an_enrolled_destination_on_the_same_or_the_other_node
     cluster.enroll(&far).await.unwrap();
     let report = client.client(near.addr(false, PORT), 2, 64).await.unwrap();
     assert_all_ok(&report, 2);
-    // Same node: delivered locally by node 0's proxy, no tunnel.
+    // Same node: delivered locally by node 0's proxy (from its address), no tunnel.
     assert_eq!(
         server_saw(&report),
-        format!("HELLO peer=10.100.2.1 local={}", near.addr(false, PORT))
+        format!(
+            "HELLO peer={} local={}",
+            cluster.nodes[0].ipv4,
+            near.addr(false, PORT)
+        )
     );
     assert_all_ok(
         &client.client(far.addr(false, PORT), 2, 64).await.unwrap(),

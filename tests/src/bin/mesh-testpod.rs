@@ -17,9 +17,14 @@ use tokio::{
 
 #[derive(Parser)]
 struct Cli {
+    /// How long a connect may take before it counts as failed.
+    #[arg(long, global = true, default_value_t = 5000)]
+    connect_timeout_ms: u64,
     #[command(subcommand)]
     cmd: Cmd,
 }
+
+static CONNECT_TIMEOUT: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
 
 #[derive(Subcommand)]
 enum Cmd {
@@ -83,7 +88,9 @@ enum Cmd {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    match Cli::parse().cmd {
+    let cli = Cli::parse();
+    CONNECT_TIMEOUT.get_or_init(|| Duration::from_millis(cli.connect_timeout_ms));
+    match cli.cmd {
         Cmd::Serve { listen, sink } => serve(listen, sink).await,
         Cmd::Client {
             to,
@@ -184,7 +191,8 @@ fn pattern(conn: usize, len: usize) -> Vec<u8> {
 
 /// Connects and reads the server's greeting.
 async fn open(to: SocketAddr) -> anyhow::Result<(BufReader<TcpStream>, String)> {
-    let s = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(to))
+    let timeout = *CONNECT_TIMEOUT.get().expect("set in main");
+    let s = tokio::time::timeout(timeout, TcpStream::connect(to))
         .await
         .context("connect timed out")?
         .context("connect")?;

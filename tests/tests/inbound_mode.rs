@@ -1,0 +1,115 @@
+//! Inbound STRICT vs PERMISSIVE: plaintext from outside the mesh to an enrolled pod is dropped in
+//! the kernel (STRICT) or accepted and counted as plaintext (PERMISSIVE); mesh traffic, which
+//! reaches pods only from their node proxy, always passes.
+use mesh_tests::ClusterBuilder;
+use serde_json::{Value, json};
+
+const PORT: u16 = 8080;
+
+fn n(v: &Value, path: &[&str]) -> u64 {
+    path.iter()
+        .fold(v, |v, k| &v[k])
+        .as_u64()
+        .unwrap_or_else(|| panic!("no number at {path:?} in {v}"))
+}
+
+fn inbound_of<'a>(counters: &'a Value, pod: &str) -> &'a Value {
+    counters["inbound"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["pod"] == pod)
+        .unwrap_or(&Value::Null)
+}
+
+#[tokio::test]
+async fn strict_drops_plaintext_from_outside_the_mesh_and_permissive_counts_it() {
+    let cluster = ClusterBuilder::new()
+        .nodes(2)
+        .pods_per_node(2)
+        .with_controller()
+        .start()
+        .await
+        .unwrap();
+    let (mesh_client, outsider) = (cluster.pod(0, 0).clone(), cluster.pod(0, 1).clone());
+    let (strict, permissive) = (cluster.pod(1, 0).clone(), cluster.pod(1, 1).clone());
+    let _a = strict.serve(PORT, false).await.unwrap();
+    let _b = permissive.serve(PORT, false).await.unwrap();
+    for p in [&mesh_client, &strict, &permissive] {
+        cluster.enroll(p).await.unwrap();
+    }
+    let strict_name = strict.name.clone();
+    cluster
+        .update_placement(|p| {
+            p["peer_authentication"] =
+                json!([{"namespace": "default", "pod": strict_name, "mode": "STRICT"}]);
+        })
+        .await
+        .unwrap();
+    let outside = |dst: std::net::SocketAddr| {
+        let outsider = outsider.clone();
+        async move {
+            let args = [
+                "--connect-timeout-ms",
+                "1500",
+                "client",
+                "--to",
+                &dst.to_string(),
+                "--conns",
+                "2",
+                "--bytes",
+                "64",
+            ];
+            outsider.testpod(&args).await.unwrap()
+        }
+    };
+
+    for v6 in [false, true] {
+        // Mesh traffic reaches both.
+        for server in [&strict, &permissive] {
+            let r = mesh_client
+                .client(server.addr(v6, PORT), 2, 64)
+                .await
+                .unwrap();
+            assert_eq!(n(&r, &["ok"]), 2, "mesh client -> {}: {r}", server.name);
+        }
+        // Plaintext from a pod outside the mesh: dropped by STRICT, accepted by PERMISSIVE.
+        let r = outside(strict.addr(v6, PORT)).await;
+        assert_eq!(n(&r, &["ok"]), 0, "plaintext reached a STRICT pod: {r}");
+        let r = outside(permissive.addr(v6, PORT)).await;
+        assert_eq!(n(&r, &["ok"]), 2, "PERMISSIVE pod refused plaintext: {r}");
+    }
+    let c1 = cluster.nodes[1].counters().await.unwrap();
+    // Two plaintext connections per family reached the PERMISSIVE pod and are labelled so.
+    assert_eq!(
+        n(
+            inbound_of(&c1, &format!("default/{}", permissive.name)),
+            &["plaintext"]
+        ),
+        4,
+        "{c1}"
+    );
+    assert!(
+        n(
+            inbound_of(&c1, &format!("default/{}", strict.name)),
+            &["denied"]
+        ) >= 4,
+        "{c1}"
+    );
+    assert!(n(&c1, &["ebpf", "ingress", "from_proxy"]) >= 8, "{c1}");
+
+    // Switching the namespace to STRICT takes effect without re-enrolling anyone.
+    cluster
+        .update_placement(|p| {
+            p["peer_authentication"] = json!([{"namespace": "default", "mode": "STRICT"}])
+        })
+        .await
+        .unwrap();
+    let r = outside(permissive.addr(false, PORT)).await;
+    assert_eq!(n(&r, &["ok"]), 0, "namespace-wide STRICT not applied: {r}");
+    let r = mesh_client
+        .client(permissive.addr(false, PORT), 1, 64)
+        .await
+        .unwrap();
+    assert_eq!(n(&r, &["ok"]), 1, "{r}");
+}
