@@ -764,17 +764,31 @@ impl Pod {
 
     /// Starts the test server on `port` (IPv4 and IPv6) and waits until it listens.
     pub async fn serve(&self, port: u16, sink: bool) -> anyhow::Result<PodProcess> {
+        self.server(
+            if sink {
+                &["serve", "--sink"]
+            } else {
+                &["serve"]
+            },
+            port,
+        )
+        .await
+    }
+
+    /// Starts the small-response HTTP/1.1 server on `port` and waits until it listens.
+    pub async fn serve_http(&self, port: u16) -> anyhow::Result<PodProcess> {
+        self.server(&["http"], port).await
+    }
+
+    async fn server(&self, mode: &[&str], port: u16) -> anyhow::Result<PodProcess> {
         let mut cmd = self.command(find_bin("mesh-testpod")?)?;
+        cmd.args(mode);
         cmd.args([
-            "serve",
             "--listen",
             &format!("0.0.0.0:{port}"),
             "--listen",
             &format!("[::]:{port}"),
         ]);
-        if sink {
-            cmd.arg("--sink");
-        }
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn()?;
         let mut lines = BufReader::new(child.stdout.take().context("server stdout")?).lines();

@@ -36,6 +36,7 @@ fn main() -> anyhow::Result<()> {
         "test" => test(),
         "bench" => {
             build(true)?;
+            toolchain::install(toolchain::BENCH_PACKAGES)?;
             run_bin("mesh-bench", rest)
         }
         "demo" => {

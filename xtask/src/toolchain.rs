@@ -57,9 +57,12 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Installs whatever is missing; prints nothing when all is in place.
-pub fn setup() -> anyhow::Result<Tools> {
-    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+/// Only the benchmark needs these: the load generator and the comparison proxy.
+pub const BENCH_PACKAGES: &[&str] = &["wrk", "haproxy"];
+
+/// Installs the Debian packages of `packages` that are missing.
+pub fn install(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
     if !missing.is_empty() {
         eprintln!("==> installing Debian packages: {}", missing.join(" "));
         run(Command::new("apt-get").args(["update", "-qq"]))?;
@@ -75,6 +78,12 @@ pub fn setup() -> anyhow::Result<Tools> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
+    Ok(())
+}
+
+/// Installs whatever is missing; prints nothing when all is in place.
+pub fn setup() -> anyhow::Result<Tools> {
+    install(PACKAGES)?;
     if !Path::new(BPF_CORE).is_dir() {
         bail!("{BPF_CORE} is missing although libstd-rust-web-dev-bpf is installed");
     }

@@ -1,19 +1,21 @@
-//! `cargo xtask bench`: the same workloads pod to pod across two nodes, direct and through the
-//! mesh, in one run, reported as figures and as ratios to the direct baseline.
+//! `cargo xtask bench`: the same workloads pod to pod across two nodes, through each path, in one
+//! run; reported as figures and as ratios to the direct baseline measured alongside.
 //!
-//! Scenarios: `direct` (client pod not enrolled) and `redirect` (client pod enrolled: eBPF
-//! redirect + node proxy relay, plain TCP). Figures:
-//! - `connects_per_s`: connect + one echo round trip + close, 8 in parallel;
-//! - `rps`, `p50_us`, `p99_us`: 64-byte request/response on 16 persistent connections, unpaced;
-//! - `paced_p50_us`, `paced_p99_us`: the same at 4 x 250 requests/s (latency without queueing);
-//! - `bulk_gbps`: one connection streaming 1 GiB into a sink;
-//! - `proxy_cpu_us_per_req`: node proxy CPU time (user+sys) per request of the unpaced run;
-//! - `proxy_rss_kb`: node proxy resident memory after the runs.
+//! Scenarios:
+//! - `direct`: the client pod is not enrolled; no proxy.
+//! - `redirect`: the client pod is enrolled, no identities: eBPF redirect + node proxy, plain TCP.
+//! - `mesh_l4`: client and server enrolled with identities: two node proxies, HBONE over mTLS.
+//! - `haproxy_mtls`: what an operator might run instead: haproxy on each node, mTLS between them.
+//!
+//! Figures (see the README): `rps`, `p50_us`, `p99_us` (wrk, 50 connections, small responses),
+//! `paced_p50_us`, `paced_p99_us` (1,000 requests/s over 4 connections), `bulk_gbps` (one
+//! stream, 1 GiB), `connects_per_s` (new connection per request), `proxy_cpu_us_per_req`
+//! (proxies' CPU time during the wrk run, per request), `proxy_rss_kb` (proxies' memory after).
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
-use mesh_tests::{ClusterBuilder, Pod};
+use mesh_tests::{Cluster, ClusterBuilder, Pod, PodProcess, connect_in};
 use serde_json::{Value, json};
 
 #[derive(Parser)]
@@ -22,11 +24,33 @@ struct Args {
     #[arg(long)]
     json: Option<PathBuf>,
     /// Seconds per timed workload.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 4)]
     seconds: u64,
 }
 
 type Figures = BTreeMap<&'static str, f64>;
+
+const ECHO: u16 = 8080;
+const HTTP: u16 = 8081;
+const SINK: u16 = 8082;
+
+/// Where a scenario's client sends each workload.
+#[derive(Clone, Copy)]
+struct Targets {
+    echo: SocketAddr,
+    http: SocketAddr,
+    sink: SocketAddr,
+}
+
+impl Targets {
+    fn pod(p: &Pod) -> Self {
+        Self {
+            echo: p.addr(false, ECHO),
+            http: p.addr(false, HTTP),
+            sink: p.addr(false, SINK),
+        }
+    }
+}
 
 fn num(v: &Value, k: &str) -> anyhow::Result<f64> {
     v[k].as_f64().with_context(|| format!("no {k} in {v}"))
@@ -35,7 +59,6 @@ fn num(v: &Value, k: &str) -> anyhow::Result<f64> {
 /// CPU ticks (user + system) of a process.
 fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
     let after = stat.rsplit_once(')').context("stat format")?.1;
     let f: Vec<&str> = after.split_whitespace().collect();
     Ok(f[11].parse::<u64>()? + f[12].parse::<u64>()?)
@@ -54,55 +77,82 @@ fn rss_kb(pid: u32) -> anyhow::Result<f64> {
         .parse()?)
 }
 
-async fn run(
-    client: &Pod,
-    echo: SocketAddr,
-    sink: SocketAddr,
-    secs: u64,
-    proxy_pid: Option<u32>,
-) -> anyhow::Result<Figures> {
-    let ms = (secs * 1000).to_string();
-    let mut f = Figures::new();
-    let rate = client
-        .testpod(&[
-            "rate",
-            "--to",
-            &echo.to_string(),
-            "--duration-ms",
-            &ms,
-            "--concurrency",
-            "8",
-        ])
-        .await?;
-    f.insert("connects_per_s", num(&rate, "connects_per_s")?);
+fn ticks(pids: &[u32]) -> anyhow::Result<u64> {
+    pids.iter().map(|p| cpu_ticks(*p)).sum()
+}
 
-    let ticks_before = proxy_pid.map(cpu_ticks).transpose()?;
-    let rr = client
-        .testpod(&[
-            "rr",
-            "--to",
-            &echo.to_string(),
-            "--duration-ms",
-            &ms,
-            "--conns",
-            "16",
+/// wrk's "Requests/sec" and total requests; latency percentiles from `--latency`.
+fn parse_wrk(out: &str) -> anyhow::Result<(f64, f64, f64, f64)> {
+    let rps = out
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .context("no Requests/sec")?
+        .trim()
+        .parse()?;
+    let total = out
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in "))
+        .context("no total")?
+        .0
+        .trim()
+        .parse()?;
+    let pct = |p: &str| -> anyhow::Result<f64> {
+        let v = out
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(p))
+            .with_context(|| format!("no {p} latency"))?
+            .trim();
+        let (n, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic()).context("unit")?);
+        let n: f64 = n.parse()?;
+        Ok(match unit {
+            "us" => n,
+            "ms" => n * 1e3,
+            "s" => n * 1e6,
+            _ => anyhow::bail!("unit {unit}"),
+        })
+    };
+    Ok((rps, total, pct("50%")?, pct("99%")?))
+}
+
+async fn measure(client: &Pod, t: Targets, secs: u64, procs: &[u32]) -> anyhow::Result<Figures> {
+    let mut f = Figures::new();
+    let ms = (secs * 1000).to_string();
+
+    let before = ticks(procs)?;
+    let out = client
+        .command("wrk")?
+        .args([
+            "-t2",
+            "-c50",
+            &format!("-d{secs}s"),
+            "--latency",
+            &format!("http://{}/", t.http),
         ])
-        .await?;
-    f.insert("rps", num(&rr, "rps")?);
-    f.insert("p50_us", num(&rr, "p50_us")?);
-    f.insert("p99_us", num(&rr, "p99_us")?);
-    if let (Some(pid), Some(before)) = (proxy_pid, ticks_before) {
-        let ticks = cpu_ticks(pid)? - before;
-        // Kernel clock ticks are 100 Hz on every Linux configuration we build for.
-        let us = ticks as f64 * 10_000.0;
-        f.insert("proxy_cpu_us_per_req", us / num(&rr, "requests")?);
+        .output()
+        .await
+        .context("wrk (installed by cargo xtask bench)")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "wrk failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (rps, total, p50, p99) = parse_wrk(&String::from_utf8_lossy(&out.stdout))?;
+    f.insert("rps", rps);
+    f.insert("p50_us", p50);
+    f.insert("p99_us", p99);
+    if !procs.is_empty() {
+        // USER_HZ is 100 on every Linux we build for: one tick is 10 ms.
+        f.insert(
+            "proxy_cpu_us_per_req",
+            (ticks(procs)? - before) as f64 * 10_000.0 / total,
+        );
     }
 
     let paced = client
         .testpod(&[
             "rr",
             "--to",
-            &echo.to_string(),
+            &t.echo.to_string(),
             "--duration-ms",
             &ms,
             "--conns",
@@ -114,56 +164,246 @@ async fn run(
     f.insert("paced_p50_us", num(&paced, "p50_us")?);
     f.insert("paced_p99_us", num(&paced, "p99_us")?);
 
+    let rate = client
+        .testpod(&[
+            "rate",
+            "--to",
+            &t.echo.to_string(),
+            "--duration-ms",
+            &ms,
+            "--concurrency",
+            "8",
+        ])
+        .await?;
+    anyhow::ensure!(num(&rate, "errors")? == 0.0, "connection errors: {rate}");
+    f.insert("connects_per_s", num(&rate, "connects_per_s")?);
+
     let bulk = client
         .testpod(&[
             "bulk",
             "--to",
-            &sink.to_string(),
+            &t.sink.to_string(),
             "--bytes",
             &(1u64 << 30).to_string(),
         ])
         .await?;
     f.insert("bulk_gbps", num(&bulk, "gbps")?);
-    if let Some(pid) = proxy_pid {
-        f.insert("proxy_rss_kb", rss_kb(pid)?);
+    if !procs.is_empty() {
+        f.insert(
+            "proxy_rss_kb",
+            procs
+                .iter()
+                .map(|p| rss_kb(*p))
+                .sum::<anyhow::Result<f64>>()?,
+        );
     }
     Ok(f)
+}
+
+async fn servers(p: &Pod) -> anyhow::Result<Vec<PodProcess>> {
+    Ok(vec![
+        p.serve(ECHO, false).await?,
+        p.serve(SINK, true).await?,
+        p.serve_http(HTTP).await?,
+    ])
+}
+
+/// Two haproxy instances, one per node: plain TCP in on node 0, mTLS (TLS 1.3, mutual, verified)
+/// to node 1, plain TCP to the server pod. Returns the client's targets and the processes.
+async fn haproxy_pair(
+    cluster: &Cluster,
+    server: &Pod,
+) -> anyhow::Result<(Targets, Vec<tokio::process::Child>)> {
+    let dir = cluster.dir.join("haproxy");
+    std::fs::create_dir_all(&dir)?;
+    let ca_key = rcgen::KeyPair::generate()?;
+    let mut ca_params = rcgen::CertificateParams::default();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    // Distinct names: a leaf whose subject equals its issuer's looks self-signed to OpenSSL.
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "bench haproxy CA");
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let ca = rcgen::Issuer::new(ca_params, ca_key);
+    for name in ["haproxy-a", "haproxy-b"] {
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::new(vec![name.to_string()])?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let cert = params.signed_by(&key, &ca)?;
+        std::fs::write(
+            dir.join(format!("{name}.pem")),
+            cert.pem() + &key.serialize_pem(),
+        )?;
+    }
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem())?;
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let d = dir.display();
+    let head = "global\n    maxconn 4000\n    log stderr format short local0 warning\ndefaults\n    log global\n    option tcplog\n    mode tcp\n    timeout connect 5s\n    timeout client 1m\n    timeout server 1m\n";
+    let mut cfg_a = head.to_string();
+    let mut cfg_b = head.to_string();
+    for (i, (name, port)) in [("echo", ECHO), ("http", HTTP), ("sink", SINK)]
+        .into_iter()
+        .enumerate()
+    {
+        let (front, tls) = (9080 + i as u16, 9443 + i as u16);
+        cfg_a += &format!(
+            "listen {name}\n    bind {}:{front}\n    server b {}:{tls} ssl crt {d}/haproxy-a.pem ca-file {d}/ca.pem verify required verifyhost haproxy-b sni str(haproxy-b) ssl-min-ver TLSv1.3\n",
+            a.ipv4, b.ipv4
+        );
+        cfg_b += &format!(
+            "listen {name}\n    bind {}:{tls} ssl crt {d}/haproxy-b.pem ca-file {d}/ca.pem verify required ssl-min-ver TLSv1.3\n    server s {}:{port}\n",
+            b.ipv4, server.ipv4
+        );
+    }
+    std::fs::write(dir.join("a.cfg"), cfg_a)?;
+    std::fs::write(dir.join("b.cfg"), cfg_b)?;
+    let mut procs = Vec::new();
+    for (node, cfg) in [(b, "b.cfg"), (a, "a.cfg")] {
+        let mut cmd = node.command("haproxy")?;
+        cmd.arg("-db")
+            .arg("-f")
+            .arg(dir.join(cfg))
+            .stdout(std::process::Stdio::null());
+        procs.push(
+            cmd.spawn()
+                .context("haproxy (installed by cargo xtask bench)")?,
+        );
+    }
+    let targets = Targets {
+        echo: SocketAddr::new(a.ipv4.into(), 9080),
+        http: SocketAddr::new(a.ipv4.into(), 9081),
+        sink: SocketAddr::new(a.ipv4.into(), 9082),
+    };
+    for _ in 0..100 {
+        if connect_in(&a.netns, targets.echo).await.is_ok() {
+            return Ok((targets, procs));
+        }
+        for p in &mut procs {
+            if let Some(status) = p.try_wait()? {
+                anyhow::bail!("haproxy exited with {status} (its errors are above)");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("haproxy did not start listening")
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let cluster = ClusterBuilder::new()
-        .nodes(2)
-        .pods_per_node(1)
-        .start()
-        .await?;
-    let client = cluster.pod(0, 0).clone();
-    let server = cluster.pod(1, 0).clone();
-    let _echo = server.serve(8080, false).await?;
-    let _sink = server.serve(8081, true).await?;
-    let (echo, sink) = (server.addr(false, 8080), server.addr(false, 8081));
+    let secs = args.seconds;
+    let mut results: BTreeMap<&'static str, Figures> = BTreeMap::new();
 
-    eprintln!("==> direct: pod on node 0 -> pod on node 1, not enrolled");
-    let direct = run(&client, echo, sink, args.seconds, None).await?;
-    cluster.enroll(&client).await?;
-    eprintln!("==> redirect: the same pod enrolled (eBPF redirect + node proxy, plain TCP)");
-    let redirect = run(&client, echo, sink, args.seconds, cluster.nodes[0].pid()).await?;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    {
+        let cluster = ClusterBuilder::new()
+            .nodes(2)
+            .pods_per_node(1)
+            .start()
+            .await?;
+        let (client, server) = (cluster.pod(0, 0).clone(), cluster.pod(1, 0).clone());
+        let _servers = servers(&server).await?;
+        eprintln!("==> direct: pod on node 0 -> pod on node 1, no proxy");
+        results.insert(
+            "direct",
+            measure(&client, Targets::pod(&server), secs, &[]).await?,
+        );
+        cluster.enroll(&client).await?;
+        eprintln!("==> redirect: the client enrolled; eBPF redirect + node proxy, plain TCP");
+        let pid = cluster.nodes[0].pid().context("node 0 proxy")?;
+        results.insert(
+            "redirect",
+            measure(&client, Targets::pod(&server), secs, &[pid]).await?,
+        );
+    }
+    {
+        let cluster = ClusterBuilder::new()
+            .nodes(2)
+            .pods_per_node(2)
+            .with_controller()
+            .start()
+            .await?;
+        let (client, outsider, server) = (
+            cluster.pod(0, 0).clone(),
+            cluster.pod(0, 1).clone(),
+            cluster.pod(1, 0).clone(),
+        );
+        let _servers = servers(&server).await?;
+        cluster.enroll(&client).await?;
+        cluster.enroll(&server).await?;
+        eprintln!("==> mesh_l4: both pods enrolled; two node proxies, HBONE over mTLS");
+        let pids = [
+            cluster.nodes[0].pid().context("node 0")?,
+            cluster.nodes[1].pid().context("node 1")?,
+        ];
+        results.insert(
+            "mesh_l4",
+            measure(&client, Targets::pod(&server), secs, &pids).await?,
+        );
+        eprintln!("==> haproxy_mtls: a pod outside the mesh through two haproxies doing mTLS");
+        let (targets, procs) = haproxy_pair(&cluster, &server).await?;
+        let pids: Vec<u32> = procs.iter().filter_map(|p| p.id()).collect();
+        results.insert(
+            "haproxy_mtls",
+            measure(&outsider, targets, secs, &pids).await?,
+        );
+    }
 
+    let names = ["direct", "redirect", "mesh_l4", "haproxy_mtls"];
     println!(
-        "\n{:<22} {:>12} {:>12} {:>9}",
-        "figure", "direct", "redirect", "ratio"
+        "\n{:<22} {}",
+        "figure",
+        names.map(|n| format!("{n:>14}")).join("")
     );
-    for (k, d) in &direct {
-        let r = redirect[k];
-        println!("{k:<22} {d:>12.1} {r:>12.1} {:>8.2}x", r / d);
+    let figures: Vec<&str> = results
+        .values()
+        .flat_map(|f| f.keys().copied())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    for fig in &figures {
+        let row: String = names
+            .iter()
+            .map(|n| {
+                results[n]
+                    .get(fig)
+                    .map_or(format!("{:>14}", "-"), |v| format!("{v:>14.1}"))
+            })
+            .collect();
+        println!("{fig:<22} {row}");
     }
-    for (k, r) in redirect.iter().filter(|(k, _)| !direct.contains_key(*k)) {
-        println!("{k:<22} {:>12} {r:>12.1} {:>9}", "-", "-");
+    println!("\nratios to direct (same run):");
+    for fig in [
+        "rps",
+        "paced_p50_us",
+        "paced_p99_us",
+        "bulk_gbps",
+        "connects_per_s",
+    ] {
+        let d = results["direct"][fig];
+        let row: String = names[1..]
+            .iter()
+            .map(|n| format!("{:>14}", format!("{:.2}x", results[n][fig] / d)))
+            .collect();
+        println!("{fig:<22} {:>14}{row}", "1.00x");
     }
+    let (m, h) = (&results["mesh_l4"], &results["haproxy_mtls"]);
+    println!(
+        "\nmesh_l4 vs haproxy_mtls: rps {:.2}x, bulk {:.2}x, connects/s {:.2}x, CPU/req {:.2}x, RSS {:.2}x",
+        m["rps"] / h["rps"],
+        m["bulk_gbps"] / h["bulk_gbps"],
+        m["connects_per_s"] / h["connects_per_s"],
+        m["proxy_cpu_us_per_req"] / h["proxy_cpu_us_per_req"],
+        m["proxy_rss_kb"] / h["proxy_rss_kb"]
+    );
+    println!(
+        "added paced p99 over direct: mesh_l4 {:.0} us, haproxy_mtls {:.0} us",
+        m["paced_p99_us"] - results["direct"]["paced_p99_us"],
+        h["paced_p99_us"] - results["direct"]["paced_p99_us"]
+    );
     if let Some(path) = args.json {
-        let out = json!({"scenarios": {"direct": direct, "redirect": redirect}});
+        let out = json!({"scenarios": results});
         std::fs::write(&path, serde_json::to_string_pretty(&out)? + "\n")?;
         eprintln!("wrote {}", path.display());
     }

@@ -36,6 +36,11 @@ enum Cmd {
         #[arg(long)]
         sink: bool,
     },
+    /// HTTP/1.1 server answering every request with a small 200 (for wrk and h2load).
+    Http {
+        #[arg(long, required = true)]
+        listen: Vec<SocketAddr>,
+    },
     /// Open connections, send a pattern unique to each, check the echo byte for byte.
     Client {
         #[arg(long)]
@@ -92,6 +97,7 @@ async fn main() -> anyhow::Result<()> {
     CONNECT_TIMEOUT.get_or_init(|| Duration::from_millis(cli.connect_timeout_ms));
     match cli.cmd {
         Cmd::Serve { listen, sink } => serve(listen, sink).await,
+        Cmd::Http { listen } => http(listen).await,
         Cmd::Client {
             to,
             conns,
@@ -139,6 +145,35 @@ async fn serve(addrs: Vec<SocketAddr>, sink: bool) -> anyhow::Result<()> {
         });
     }
     // Serves until killed.
+    std::future::pending().await
+}
+
+async fn http(addrs: Vec<SocketAddr>) -> anyhow::Result<()> {
+    let mut listeners = Vec::new();
+    for a in addrs {
+        listeners.push(bind(a).with_context(|| format!("bind {a}"))?);
+    }
+    println!("ready");
+    for l in listeners {
+        tokio::spawn(async move {
+            loop {
+                let Ok((s, _)) = l.accept().await else {
+                    continue;
+                };
+                let _ = s.set_nodelay(true);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from_static(b"ok\n")),
+                        ))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+    }
     std::future::pending().await
 }
 
