@@ -113,6 +113,9 @@ pub struct RunArgs {
     /// What to leave behind on exit.
     #[arg(long, env = "MESH_ON_EXIT", value_enum, default_value_t = OnExit::Keep)]
     pub on_exit: OnExit,
+    /// Proxy worker threads (0: one per CPU).
+    #[arg(long, env = "MESH_WORKER_THREADS", default_value_t = 0)]
+    pub worker_threads: usize,
     /// The controller's certificate service (https://HOST:PORT). With it, connections to mesh
     /// workloads on other nodes go over mTLS with per-workload identities; without it, mesh-node
     /// only redirects and relays plain TCP.
@@ -171,6 +174,7 @@ pub struct Config {
     #[serde(with = "humantime_serde_shim")]
     pub connect_timeout: Duration,
     pub on_exit: OnExit,
+    pub worker_threads: usize,
     pub mesh: Option<MeshConfig>,
 }
 
@@ -345,6 +349,7 @@ impl RunArgs {
             drain_timeout: self.drain_timeout,
             connect_timeout: self.connect_timeout,
             on_exit: self.on_exit,
+            worker_threads: self.worker_threads,
             mesh,
         })
     }
