@@ -10,23 +10,24 @@
 //!   and multiplexed; a rotated source certificate starts a new connection while the old one drains.
 use std::{
     collections::HashMap,
+    future::poll_fn,
     net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
     },
     time::{Duration, Instant, SystemTime},
 };
 
-use bytes::Bytes;
-use http_body_util::Empty;
-use hyper::{
-    Method, Request, Response, StatusCode, client::conn::http2::SendRequest, upgrade::Upgraded,
-};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use bytes::{Bytes, BytesMut};
+use h2::{RecvStream, SendStream};
+use http::{Method, Request, Response, StatusCode};
 use mesh_api::{identity::SpiffeId, placement::PlacementWatch};
 use serde::Serialize;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
 use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -42,10 +43,12 @@ use crate::{
 /// cap one stream at window/RTT.
 const STREAM_WINDOW: u32 = 4 << 20;
 const CONN_WINDOW: u32 = 16 << 20;
+/// Largest DATA frame we accept: fewer frames per bulk megabyte.
+const MAX_FRAME: u32 = 256 << 10;
 /// Pooled connections unused this long are closed.
 const IDLE: Duration = Duration::from_secs(60);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Relay buffer per direction, as for plain TCP.
+/// Bytes read from a TCP socket per relay step.
 const RELAY_BUF: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
@@ -59,7 +62,7 @@ pub enum TunnelError {
     #[error("TLS handshake with {0} failed ({1})")]
     Handshake(SocketAddr, &'static str, #[source] std::io::Error),
     #[error("HTTP/2 with {0}")]
-    Http(SocketAddr, #[source] hyper::Error),
+    Http(SocketAddr, #[source] h2::Error),
     #[error("the destination node answered {0}")]
     Status(StatusCode),
     #[error("timed out")]
@@ -92,10 +95,18 @@ struct PoolKey {
 }
 
 struct Pooled {
-    send: SendRequest<Empty<Bytes>>,
+    send: h2::client::SendRequest<Bytes>,
+    /// Set when the connection's driver ends.
+    closed: Arc<AtomicBool>,
     /// The source certificate this connection was made with: a newer one replaces the connection.
     cert_not_after: SystemTime,
     last_used: Instant,
+}
+
+/// One CONNECT stream: the two halves of an HTTP/2 stream carrying one TCP connection.
+pub struct Tunnel {
+    pub send: SendStream<Bytes>,
+    pub recv: RecvStream,
 }
 
 /// Outbound tunnels, pooled.
@@ -122,7 +133,7 @@ impl Tunnels {
                 t.pool
                     .lock()
                     .expect("pool lock")
-                    .retain(|_, p| p.last_used.elapsed() < IDLE && !p.send.is_closed());
+                    .retain(|_, p| p.last_used.elapsed() < IDLE && !p.closed.load(Relaxed));
             }
         });
         this
@@ -137,20 +148,24 @@ impl Tunnels {
         dst: &SpiffeId,
         target: SocketAddr,
         original_src: SocketAddr,
-    ) -> Result<Upgraded, TunnelError> {
+    ) -> Result<Tunnel, TunnelError> {
         let key = PoolKey {
             src: src.clone(),
             node,
             dst: dst.clone(),
         };
-        let mut send = self.connection(&key).await?;
+        let send = self.connection(&key).await?;
+        let mut send = send.ready().await.map_err(|e| TunnelError::Http(node, e))?;
         let req = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
             .header("forwarded", format!("for=\"{original_src}\""))
-            .body(Empty::new())
+            .body(())
             .expect("static request parts");
-        let mut resp = tokio::time::timeout(HANDSHAKE_TIMEOUT, send.send_request(req))
+        let (resp, stream) = send
+            .send_request(req, false)
+            .map_err(|e| TunnelError::Http(node, e))?;
+        let resp = tokio::time::timeout(HANDSHAKE_TIMEOUT, resp)
             .await
             .map_err(|_| TunnelError::Timeout)?
             .map_err(|e| TunnelError::Http(node, e))?;
@@ -158,12 +173,16 @@ impl Tunnels {
             return Err(TunnelError::Status(resp.status()));
         }
         self.stats.outbound_streams.fetch_add(1, Relaxed);
-        hyper::upgrade::on(&mut resp)
-            .await
-            .map_err(|e| TunnelError::Http(node, e))
+        Ok(Tunnel {
+            send: stream,
+            recv: resp.into_body(),
+        })
     }
 
-    async fn connection(&self, key: &PoolKey) -> Result<SendRequest<Empty<Bytes>>, TunnelError> {
+    async fn connection(
+        &self,
+        key: &PoolKey,
+    ) -> Result<h2::client::SendRequest<Bytes>, TunnelError> {
         let cert = self.identities.get(&key.src).await?;
         if let Some(send) = self.pooled(key, cert.not_after) {
             return Ok(send);
@@ -208,20 +227,20 @@ impl Tunnels {
             }
             Err(_) => return Err(TunnelError::Timeout),
         };
-        let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(STREAM_WINDOW)
+        let (send, conn) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONN_WINDOW)
-            .keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .handshake(TokioIo::new(tls))
+            .max_frame_size(MAX_FRAME)
+            .handshake::<_, Bytes>(tls)
             .await
             .map_err(|e| TunnelError::Http(key.node, e))?;
-        let node = key.node;
+        let closed = Arc::new(AtomicBool::new(false));
+        let (node, done) = (key.node, closed.clone());
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 debug!(%node, error = %e, "tunnel connection ended");
             }
+            done.store(true, Relaxed);
         });
         self.stats.outbound_connections.fetch_add(1, Relaxed);
         info!(src = %key.src, dst = %key.dst, %node, "tunnel connection established");
@@ -229,6 +248,7 @@ impl Tunnels {
             key.clone(),
             Pooled {
                 send: send.clone(),
+                closed,
                 cert_not_after: cert.not_after,
                 last_used: Instant::now(),
             },
@@ -240,10 +260,10 @@ impl Tunnels {
         &self,
         key: &PoolKey,
         cert_not_after: SystemTime,
-    ) -> Option<SendRequest<Empty<Bytes>>> {
+    ) -> Option<h2::client::SendRequest<Bytes>> {
         let mut pool = self.pool.lock().expect("pool lock");
         let p = pool.get_mut(key)?;
-        if p.send.is_closed() || p.cert_not_after != cert_not_after {
+        if p.closed.load(Relaxed) || p.cert_not_after != cert_not_after {
             // Closed, or made with a certificate since rotated: streams on it finish, new ones
             // go to a new connection.
             pool.remove(key);
@@ -393,49 +413,56 @@ impl Inbound {
             return self.refuse_tls(peer, "foreign_trust_domain", &client_id);
         }
         self.stats.inbound_connections.fetch_add(1, Relaxed);
-        let (client_id, served) = (Arc::new(client_id), Arc::new(served));
-        let this = self.clone();
-        let svc = hyper::service::service_fn(move |req| {
-            let (this, client_id, served) = (this.clone(), client_id.clone(), served.clone());
-            async move {
-                Ok::<_, std::convert::Infallible>(this.stream(req, peer, &client_id, &served).await)
-            }
-        });
-        let result = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(STREAM_WINDOW)
+        let mut h2 = match h2::server::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONN_WINDOW)
+            .max_frame_size(MAX_FRAME)
             .max_concurrent_streams(1000)
-            .serve_connection(TokioIo::new(tls), svc)
-            .await;
-        if let Err(e) = result {
-            debug!(%peer, error = %e, "tunnel connection ended");
+            .handshake::<_, Bytes>(tls)
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => return debug!(%peer, error = %e, "HTTP/2 handshake failed"),
+        };
+        let (client_id, served) = (Arc::new(client_id), Arc::new(served));
+        // Accepting also drives the connection: streams make progress while this loop runs.
+        while let Some(next) = h2.accept().await {
+            let (req, respond) = match next {
+                Ok(s) => s,
+                Err(e) => return debug!(%peer, error = %e, "tunnel connection ended"),
+            };
+            let (this, client_id, served) = (self.clone(), client_id.clone(), served.clone());
+            tokio::spawn(async move { this.stream(req, respond, peer, &client_id, &served).await });
         }
     }
 
     /// One CONNECT stream.
     async fn stream(
         &self,
-        mut req: Request<hyper::body::Incoming>,
+        req: Request<RecvStream>,
+        mut respond: h2::server::SendResponse<Bytes>,
         peer: SocketAddr,
         client_id: &SpiffeId,
         served: &SpiffeId,
-    ) -> Response<Empty<Bytes>> {
-        let status = |s: StatusCode| {
-            Response::builder()
+    ) {
+        let mut answer = |s: StatusCode| {
+            let resp = Response::builder()
                 .status(s)
-                .body(Empty::new())
-                .expect("static response")
+                .body(())
+                .expect("static response");
+            respond.send_response(resp, s != StatusCode::OK)
         };
         if req.method() != Method::CONNECT {
-            return status(StatusCode::METHOD_NOT_ALLOWED);
+            let _ = answer(StatusCode::METHOD_NOT_ALLOWED);
+            return;
         }
         let Some(target) = req
             .uri()
             .authority()
             .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
         else {
-            return status(StatusCode::BAD_REQUEST);
+            let _ = answer(StatusCode::BAD_REQUEST);
+            return;
         };
         let forwarded = req
             .headers()
@@ -453,7 +480,8 @@ impl Inbound {
         if local.is_none() {
             self.stats.inbound_refused_not_local.fetch_add(1, Relaxed);
             warn!(%peer, %target, client = %client_id, served = %served, "refused tunnel: not an enrolled pod of this node with that identity");
-            return status(StatusCode::FORBIDDEN);
+            let _ = answer(StatusCode::FORBIDDEN);
+            return;
         }
         let upstream = match tokio::time::timeout(
             self.connect_timeout,
@@ -464,36 +492,92 @@ impl Inbound {
             Ok(Ok(s)) => s,
             _ => {
                 self.stats.inbound_upstream_failed.fetch_add(1, Relaxed);
-                return status(StatusCode::SERVICE_UNAVAILABLE);
+                let _ = answer(StatusCode::SERVICE_UNAVAILABLE);
+                return;
             }
         };
         let _ = upstream.set_nodelay(true);
+        let Ok(send) = answer(StatusCode::OK) else {
+            return;
+        };
         self.stats.inbound_streams.fetch_add(1, Relaxed);
-        let on_upgrade = hyper::upgrade::on(&mut req);
         let span =
             info_span!("inbound", src.identity = %client_id, dst = %target, forwarded = %forwarded);
-        tokio::spawn(
-            async move {
-                info!("delivering");
-                match on_upgrade.await {
-                    Ok(up) => relay(TokioIo::new(up), upstream).await,
-                    Err(e) => debug!(error = %e, "tunnel stream did not upgrade"),
-                }
-            }
-            .instrument(span),
-        );
-        status(StatusCode::OK)
+        async move {
+            info!("delivering");
+            relay(
+                upstream,
+                Tunnel {
+                    send,
+                    recv: req.into_body(),
+                },
+            )
+            .await;
+        }
+        .instrument(span)
+        .await
     }
 }
 
-/// Copies both ways until both sides are done.
-pub async fn relay<A, B>(mut a: A, mut b: B)
-where
-    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    match tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, RELAY_BUF, RELAY_BUF).await {
-        Ok((ab, ba)) => debug!(bytes_a_to_b = ab, bytes_b_to_a = ba, "relay closed"),
-        Err(e) => debug!(error = %e, "relay closed with error"),
+/// Copies between a TCP connection and a tunnel stream, both ways, until both are done (half
+/// closes are passed on). Bytes go straight between the socket and h2's buffers, within h2's flow
+/// control: no intermediate task or copy.
+pub async fn relay(tcp: TcpStream, tunnel: Tunnel) -> (u64, u64) {
+    let Tunnel { mut send, mut recv } = tunnel;
+    let (mut rd, mut wr) = tcp.into_split();
+    let up = async move {
+        let mut total = 0u64;
+        let mut buf = BytesMut::with_capacity(RELAY_BUF);
+        loop {
+            buf.reserve(RELAY_BUF);
+            let n = rd.read_buf(&mut buf).await?;
+            if n == 0 {
+                send.send_data(Bytes::new(), true)
+                    .map_err(std::io::Error::other)?;
+                return Ok::<_, std::io::Error>(total);
+            }
+            total += n as u64;
+            let mut chunk = buf.split().freeze();
+            while !chunk.is_empty() {
+                send.reserve_capacity(chunk.len());
+                let mut cap = send.capacity();
+                while cap == 0 {
+                    cap = match poll_fn(|cx| send.poll_capacity(cx)).await {
+                        Some(Ok(c)) => c,
+                        Some(Err(e)) => return Err(std::io::Error::other(e)),
+                        None => return Err(std::io::ErrorKind::BrokenPipe.into()),
+                    };
+                }
+                let part = chunk.split_to(cap.min(chunk.len()));
+                send.send_data(part, false).map_err(std::io::Error::other)?;
+            }
+        }
+    };
+    let down = async move {
+        let mut total = 0u64;
+        while let Some(data) = recv.data().await {
+            let data = data.map_err(std::io::Error::other)?;
+            wr.write_all(&data).await?;
+            total += data.len() as u64;
+            let _ = recv.flow_control().release_capacity(data.len());
+        }
+        wr.shutdown().await?;
+        Ok::<_, std::io::Error>(total)
+    };
+    tokio::pin!(up, down);
+    let (mut sent, mut received) = (None, None);
+    // Either side failing ends both: dropping the stream halves resets the HTTP/2 stream.
+    while sent.is_none() || received.is_none() {
+        tokio::select! {
+            r = &mut up, if sent.is_none() => match r {
+                Ok(n) => sent = Some(n),
+                Err(e) => { debug!(error = %e, "relay to tunnel ended"); break; }
+            },
+            r = &mut down, if received.is_none() => match r {
+                Ok(n) => received = Some(n),
+                Err(e) => { debug!(error = %e, "relay from tunnel ended"); break; }
+            },
+        }
     }
+    (sent.unwrap_or(0), received.unwrap_or(0))
 }

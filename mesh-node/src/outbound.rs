@@ -197,9 +197,9 @@ impl Outbound {
                         self.stats.tunneled.fetch_add(1, Relaxed);
                         info!(parent: &span, via = %node, src.identity = %src, dst.identity = %dst, "tunneling");
                         let _ = client.set_nodelay(true);
-                        hbone::relay(client, hyper_util::rt::TokioIo::new(up))
-                            .instrument(span)
-                            .await;
+                        let (up, down) = hbone::relay(client, up).instrument(span).await;
+                        self.stats.bytes_from_client.fetch_add(up, Relaxed);
+                        self.stats.bytes_to_client.fetch_add(down, Relaxed);
                     }
                     Err(e) => {
                         self.stats.tunnel_failed.fetch_add(1, Relaxed);

@@ -26,6 +26,9 @@ struct Args {
     /// Seconds per timed workload.
     #[arg(long, default_value_t = 4)]
     seconds: u64,
+    /// Run only these scenarios (repeatable; default all). Ratios need `direct`.
+    #[arg(long = "scenario")]
+    scenarios: Vec<String>,
 }
 
 type Figures = BTreeMap<&'static str, f64>;
@@ -290,13 +293,72 @@ async fn haproxy_pair(
     anyhow::bail!("haproxy did not start listening")
 }
 
+fn report(results: &BTreeMap<&'static str, Figures>) {
+    let names: Vec<&str> = ["direct", "redirect", "mesh_l4", "haproxy_mtls"]
+        .into_iter()
+        .filter(|n| results.contains_key(n))
+        .collect();
+    println!(
+        "\n{:<22} {}",
+        "figure",
+        names.iter().map(|n| format!("{n:>14}")).collect::<String>()
+    );
+    let figures: std::collections::BTreeSet<&str> =
+        results.values().flat_map(|f| f.keys().copied()).collect();
+    for fig in &figures {
+        let row: String = names
+            .iter()
+            .map(|n| {
+                results[n]
+                    .get(fig)
+                    .map_or(format!("{:>14}", "-"), |v| format!("{v:>14.1}"))
+            })
+            .collect();
+        println!("{fig:<22} {row}");
+    }
+    if let Some(d) = results.get("direct") {
+        println!("\nratios to direct (same run):");
+        for fig in [
+            "rps",
+            "paced_p50_us",
+            "paced_p99_us",
+            "bulk_gbps",
+            "connects_per_s",
+        ] {
+            let row: String = names
+                .iter()
+                .map(|n| format!("{:>14}", format!("{:.2}x", results[n][fig] / d[fig])))
+                .collect();
+            println!("{fig:<22} {row}");
+        }
+    }
+    if let (Some(m), Some(h)) = (results.get("mesh_l4"), results.get("haproxy_mtls")) {
+        println!(
+            "\nmesh_l4 vs haproxy_mtls: rps {:.2}x, bulk {:.2}x, connects/s {:.2}x, CPU/req {:.2}x, RSS {:.2}x",
+            m["rps"] / h["rps"],
+            m["bulk_gbps"] / h["bulk_gbps"],
+            m["connects_per_s"] / h["connects_per_s"],
+            m["proxy_cpu_us_per_req"] / h["proxy_cpu_us_per_req"],
+            m["proxy_rss_kb"] / h["proxy_rss_kb"]
+        );
+        if let Some(d) = results.get("direct") {
+            println!(
+                "added paced p99 over direct: mesh_l4 {:.0} us, haproxy_mtls {:.0} us",
+                m["paced_p99_us"] - d["paced_p99_us"],
+                h["paced_p99_us"] - d["paced_p99_us"]
+            );
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let secs = args.seconds;
+    let want = |s: &str| args.scenarios.is_empty() || args.scenarios.iter().any(|w| w == s);
     let mut results: BTreeMap<&'static str, Figures> = BTreeMap::new();
 
-    {
+    if want("direct") || want("redirect") {
         let cluster = ClusterBuilder::new()
             .nodes(2)
             .pods_per_node(1)
@@ -304,20 +366,24 @@ async fn main() -> anyhow::Result<()> {
             .await?;
         let (client, server) = (cluster.pod(0, 0).clone(), cluster.pod(1, 0).clone());
         let _servers = servers(&server).await?;
-        eprintln!("==> direct: pod on node 0 -> pod on node 1, no proxy");
-        results.insert(
-            "direct",
-            measure(&client, Targets::pod(&server), secs, &[]).await?,
-        );
-        cluster.enroll(&client).await?;
-        eprintln!("==> redirect: the client enrolled; eBPF redirect + node proxy, plain TCP");
-        let pid = cluster.nodes[0].pid().context("node 0 proxy")?;
-        results.insert(
-            "redirect",
-            measure(&client, Targets::pod(&server), secs, &[pid]).await?,
-        );
+        if want("direct") {
+            eprintln!("==> direct: pod on node 0 -> pod on node 1, no proxy");
+            results.insert(
+                "direct",
+                measure(&client, Targets::pod(&server), secs, &[]).await?,
+            );
+        }
+        if want("redirect") {
+            cluster.enroll(&client).await?;
+            eprintln!("==> redirect: the client enrolled; eBPF redirect + node proxy, plain TCP");
+            let pid = cluster.nodes[0].pid().context("node 0 proxy")?;
+            results.insert(
+                "redirect",
+                measure(&client, Targets::pod(&server), secs, &[pid]).await?,
+            );
+        }
     }
-    {
+    if want("mesh_l4") || want("haproxy_mtls") {
         let cluster = ClusterBuilder::new()
             .nodes(2)
             .pods_per_node(2)
@@ -332,76 +398,28 @@ async fn main() -> anyhow::Result<()> {
         let _servers = servers(&server).await?;
         cluster.enroll(&client).await?;
         cluster.enroll(&server).await?;
-        eprintln!("==> mesh_l4: both pods enrolled; two node proxies, HBONE over mTLS");
-        let pids = [
-            cluster.nodes[0].pid().context("node 0")?,
-            cluster.nodes[1].pid().context("node 1")?,
-        ];
-        results.insert(
-            "mesh_l4",
-            measure(&client, Targets::pod(&server), secs, &pids).await?,
-        );
-        eprintln!("==> haproxy_mtls: a pod outside the mesh through two haproxies doing mTLS");
-        let (targets, procs) = haproxy_pair(&cluster, &server).await?;
-        let pids: Vec<u32> = procs.iter().filter_map(|p| p.id()).collect();
-        results.insert(
-            "haproxy_mtls",
-            measure(&outsider, targets, secs, &pids).await?,
-        );
+        if want("mesh_l4") {
+            eprintln!("==> mesh_l4: both pods enrolled; two node proxies, HBONE over mTLS");
+            let pids = [
+                cluster.nodes[0].pid().context("node 0")?,
+                cluster.nodes[1].pid().context("node 1")?,
+            ];
+            results.insert(
+                "mesh_l4",
+                measure(&client, Targets::pod(&server), secs, &pids).await?,
+            );
+        }
+        if want("haproxy_mtls") {
+            eprintln!("==> haproxy_mtls: a pod outside the mesh through two haproxies doing mTLS");
+            let (targets, procs) = haproxy_pair(&cluster, &server).await?;
+            let pids: Vec<u32> = procs.iter().filter_map(|p| p.id()).collect();
+            results.insert(
+                "haproxy_mtls",
+                measure(&outsider, targets, secs, &pids).await?,
+            );
+        }
     }
-
-    let names = ["direct", "redirect", "mesh_l4", "haproxy_mtls"];
-    println!(
-        "\n{:<22} {}",
-        "figure",
-        names.map(|n| format!("{n:>14}")).join("")
-    );
-    let figures: Vec<&str> = results
-        .values()
-        .flat_map(|f| f.keys().copied())
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    for fig in &figures {
-        let row: String = names
-            .iter()
-            .map(|n| {
-                results[n]
-                    .get(fig)
-                    .map_or(format!("{:>14}", "-"), |v| format!("{v:>14.1}"))
-            })
-            .collect();
-        println!("{fig:<22} {row}");
-    }
-    println!("\nratios to direct (same run):");
-    for fig in [
-        "rps",
-        "paced_p50_us",
-        "paced_p99_us",
-        "bulk_gbps",
-        "connects_per_s",
-    ] {
-        let d = results["direct"][fig];
-        let row: String = names[1..]
-            .iter()
-            .map(|n| format!("{:>14}", format!("{:.2}x", results[n][fig] / d)))
-            .collect();
-        println!("{fig:<22} {:>14}{row}", "1.00x");
-    }
-    let (m, h) = (&results["mesh_l4"], &results["haproxy_mtls"]);
-    println!(
-        "\nmesh_l4 vs haproxy_mtls: rps {:.2}x, bulk {:.2}x, connects/s {:.2}x, CPU/req {:.2}x, RSS {:.2}x",
-        m["rps"] / h["rps"],
-        m["bulk_gbps"] / h["bulk_gbps"],
-        m["connects_per_s"] / h["connects_per_s"],
-        m["proxy_cpu_us_per_req"] / h["proxy_cpu_us_per_req"],
-        m["proxy_rss_kb"] / h["proxy_rss_kb"]
-    );
-    println!(
-        "added paced p99 over direct: mesh_l4 {:.0} us, haproxy_mtls {:.0} us",
-        m["paced_p99_us"] - results["direct"]["paced_p99_us"],
-        h["paced_p99_us"] - results["direct"]["paced_p99_us"]
-    );
+    report(&results);
     if let Some(path) = args.json {
         let out = json!({"scenarios": results});
         std::fs::write(&path, serde_json::to_string_pretty(&out)? + "\n")?;
