@@ -71,11 +71,12 @@ async fn main() -> anyhow::Result<()> {
         total: 6,
         started: Instant::now(),
     };
-    p.next("creating 2 nodes x 2 pods and starting a mesh-node on each");
+    p.next("creating 2 nodes x 2 pods, the controller (mesh CA) and a mesh-node on each node");
     let mut cluster = ClusterBuilder::new()
         .name(ID)
         .nodes(2)
         .pods_per_node(2)
+        .with_controller()
         .start()
         .await?;
     let report = run(&mut cluster, &mut p).await;
@@ -95,15 +96,23 @@ async fn main() -> anyhow::Result<()> {
     report
 }
 
+fn delivered(cluster: &Cluster) -> Option<Value> {
+    cluster.nodes[1]
+        .log_records()
+        .into_iter()
+        .find(|r| r["fields"]["message"] == "delivering")
+}
+
 async fn run(cluster: &mut Cluster, p: &mut Progress) -> anyhow::Result<()> {
     let client = cluster.pod(0, 0).clone();
     let outside = cluster.pod(0, 1).clone();
     let web = cluster.pod(1, 0).clone();
-    p.next("starting a TCP echo service in pod n1/p0 and enrolling pod n0/p0");
+    p.next("starting a TCP echo service in pod n1-p0; enrolling it and client pod n0-p0");
     let _web = web.serve(8080, false).await?;
     cluster.enroll(&client).await?;
+    cluster.enroll(&web).await?;
 
-    p.next("enrolled pod -> service on the other node, IPv4 and IPv6, 20 connections each");
+    p.next("client -> web on the other node, IPv4 and IPv6, 20 connections each, through mTLS");
     let mut lines = Vec::new();
     for v6 in [false, true] {
         let dst = web.addr(v6, 8080);
@@ -117,21 +126,31 @@ async fn run(cluster: &mut Cluster, p: &mut Progress) -> anyhow::Result<()> {
             first_key(&r, "hellos").trim_start_matches("HELLO ")
         ));
     }
-    let relay = cluster.nodes[0]
-        .log_records()
-        .into_iter()
-        .find(|r| r["fields"]["message"] == "relaying")
-        .context("node 0 logged no relayed connection")?;
+    let delivered = delivered(cluster).context("node 1 delivered nothing")?;
+    // Proxy figures live in the process: read them before node 0 restarts below.
+    let tunnel = cluster.nodes[0].counters().await?;
 
-    p.next("pod outside the mesh -> same service (not redirected)");
-    let r = outside.client(web.addr(false, 8080), 5, 1024).await?;
-    let outside_line = format!(
-        "  {} ok | server saw: {}",
-        r["ok"],
-        first_key(&r, "hellos").trim_start_matches("HELLO ")
-    );
+    p.next("a pod outside the mesh -> web: PERMISSIVE accepts plaintext, STRICT drops it");
+    let plain = outside.client(web.addr(false, 8080), 3, 1024).await?;
+    let web_name = web.name.clone();
+    cluster
+        .update_placement(|pl| {
+            pl["peer_authentication"] =
+                serde_json::json!([{"namespace": "default", "pod": web_name, "mode": "STRICT"}])
+        })
+        .await?;
+    let strict = outside
+        .testpod(&[
+            "--connect-timeout-ms",
+            "1000",
+            "client",
+            "--to",
+            &web.addr(false, 8080).to_string(),
+        ])
+        .await?;
+    let still = client.client(web.addr(false, 8080), 3, 1024).await?;
 
-    p.next("stopping node 0's proxy: the enrolled pod must fail closed, not bypass the mesh");
+    p.next("stopping node 0's proxy: the enrolled client must fail closed, not bypass the mesh");
     cluster.stop_node(0).await?;
     let down = client.client(web.addr(false, 8080), 3, 64).await?;
     anyhow::ensure!(
@@ -145,26 +164,36 @@ async fn run(cluster: &mut Cluster, p: &mut Progress) -> anyhow::Result<()> {
         "not redirected again after restart: {back}"
     );
 
-    p.next("reading the kernel counters");
-    let c = cluster.nodes[0].counters().await?;
+    p.next("reading counters");
+    let c0 = cluster.nodes[0].counters().await?;
+    let c1 = cluster.nodes[1].counters().await?;
     println!("\n== mesh demo report ==");
     println!(
-        "enrolled pod n0/p0 ({}) -> web on n1/p0 ({}):",
+        "enrolled pod n0-p0 ({}) -> web n1-p0 ({}) on the other node:",
         client.ipv4, web.ipv4
     );
     for l in &lines {
         println!("{l}");
     }
     println!(
-        "  node proxy n0 logged: source pod {} -> original destination {}",
-        relay["span"]["src.pod"], relay["span"]["dst"]
+        "  node 1 proved the caller over mTLS: {} (original source {})",
+        delivered["span"]["src.identity"], delivered["span"]["forwarded"]
     );
     println!(
-        "  (the server sees node 0's address: the bytes went pod -> node proxy -> destination)"
+        "  node 0: {} tunnel streams over {} TLS connection(s); workload certificate {} expires in {} s",
+        tunnel["tunnel"]["outbound_streams"],
+        tunnel["tunnel"]["outbound_connections"],
+        tunnel["identity"]["certificates"][0]["identity"],
+        tunnel["identity"]["certificates"][0]["expires_in_seconds"]
+    );
+    println!("pod n0-p1 outside the mesh ({}) -> web:", outside.ipv4);
+    println!(
+        "  PERMISSIVE: {}/3 accepted as plaintext (counted: {})",
+        plain["ok"], c1["inbound"]
     );
     println!(
-        "pod n0/p1 outside the mesh ({}):\n{outside_line}",
-        outside.ipv4
+        "  STRICT:     {}/1 connected (dropped in the kernel); mesh client still {}/3 ok",
+        strict["ok"], still["ok"]
     );
     println!(
         "fail closed: with node 0's proxy stopped, {}/3 connections refused (\"{}\"); after restart {}/3 ok without re-enrolling",
@@ -172,7 +201,7 @@ async fn run(cluster: &mut Cluster, p: &mut Progress) -> anyhow::Result<()> {
         first(&down, "errors").rsplit(": ").next().unwrap_or(""),
         back["ok"]
     );
-    let k = |prog: &str, what: &str| c["ebpf"][prog][what].as_u64().unwrap_or(0);
+    let k = |prog: &str, what: &str| c0["ebpf"][prog][what].as_u64().unwrap_or(0);
     println!(
         "kernel counters on node 0: connect4 seen {} redirected {} skipped(not enrolled) {} | connect6 redirected {} | getpeername rewritten {}",
         k("connect4", "seen"),
