@@ -43,6 +43,7 @@ pub struct ClusterBuilder {
     start_nodes: bool,
     controller: bool,
     cert_ttl: Duration,
+    ctrl_args: Vec<String>,
 }
 
 impl Default for ClusterBuilder {
@@ -56,6 +57,7 @@ impl Default for ClusterBuilder {
             start_nodes: true,
             controller: false,
             cert_ttl: Duration::from_secs(24 * 3600),
+            ctrl_args: Vec::new(),
         }
     }
 }
@@ -196,6 +198,11 @@ impl ClusterBuilder {
         self.controller = true;
         self
     }
+    /// Extra flags for mesh-ctrl (with a controller).
+    pub fn ctrl_args(mut self, args: &[&str]) -> Self {
+        self.ctrl_args.extend(args.iter().map(|s| s.to_string()));
+        self
+    }
     /// Lifetime of workload certificates (with a controller).
     pub fn cert_ttl(mut self, ttl: Duration) -> Self {
         self.cert_ttl = ttl;
@@ -243,8 +250,13 @@ impl ClusterBuilder {
         }
         if self.controller {
             let cg_root = PathBuf::from(CGROUP_ROOT).join(&cluster.id);
-            let (mut ctrl, node_args) =
-                ctrl::prepare(&cluster, &cluster.fabric, &cg_root, self.cert_ttl)?;
+            let (mut ctrl, node_args) = ctrl::prepare(
+                &cluster,
+                &cluster.fabric,
+                &cg_root,
+                self.cert_ttl,
+                self.ctrl_args,
+            )?;
             ctrl.start().await?;
             cluster.ctrl = Some(ctrl);
             for (node, args) in cluster.nodes.iter_mut().zip(node_args) {

@@ -28,6 +28,7 @@ pub struct Controller {
     pub log: PathBuf,
     cgroup: PathBuf,
     cert_ttl: Duration,
+    args: Vec<String>,
     process: Option<Child>,
 }
 
@@ -80,6 +81,7 @@ impl Controller {
             .arg(self.dir.join("node-tokens.json"))
             .args(["--trust-domain", TRUST_DOMAIN])
             .args(["--cert-ttl", &format!("{}s", self.cert_ttl.as_secs())])
+            .args(&self.args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -181,6 +183,7 @@ pub fn prepare(
     fabric: &str,
     cgroup_root: &Path,
     cert_ttl: Duration,
+    args: Vec<String>,
 ) -> anyhow::Result<(Controller, Vec<Vec<String>>)> {
     let netns = format!("mesh-{}-ctrl", cluster.id);
     ip(&["netns", "add", &netns])?;
@@ -248,6 +251,7 @@ pub fn prepare(
         dir: dir.clone(),
         cgroup,
         cert_ttl,
+        args,
         process: None,
     };
     write_json(&ctrl.placement(), &placement)?;

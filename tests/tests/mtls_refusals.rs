@@ -268,3 +268,68 @@ async fn a_server_with_a_valid_certificate_but_the_wrong_identity_is_refused() {
         "the impostor was never reached"
     );
 }
+
+#[tokio::test]
+async fn during_a_root_rotation_both_roots_are_trusted() {
+    // The next root, trusted alongside the current one before anything is issued from it.
+    let next_key = KeyPair::generate().unwrap();
+    let mut next_params = CertificateParams::default();
+    next_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    next_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "next mesh root");
+    let next_cert = next_params.self_signed(&next_key).unwrap();
+    let next = Issuer::new(next_params, next_key);
+    let dir = tempfile_dir();
+    let roots = dir.join("next-root.pem");
+    std::fs::write(&roots, next_cert.pem()).unwrap();
+
+    let Pair {
+        cluster,
+        client,
+        server,
+        server_process: _s,
+    } = ClusterBuilder::new()
+        .nodes(2)
+        .pods_per_node(1)
+        .with_controller()
+        .ctrl_args(&["--extra-roots", roots.to_str().unwrap()])
+        .start_pair(PORT)
+        .await
+        .unwrap();
+    cluster.enroll(&server).await.unwrap();
+    // Current root: mesh traffic flows, and the nodes learned the two-root bundle with it.
+    let report = client
+        .client(server.addr(false, PORT), 2, 128)
+        .await
+        .unwrap();
+    assert_eq!(n(&report, &["ok"]), 2, "{report}");
+    let bundle = std::fs::read_to_string(cluster.ctrl.as_ref().unwrap().trust_bundle()).unwrap();
+    assert_eq!(
+        bundle.matches("BEGIN CERTIFICATE").count(),
+        2,
+        "published bundle: {bundle}"
+    );
+
+    // A peer whose certificate already comes from the next root is accepted by node 1...
+    let client_id = format!(
+        "spiffe://cluster.local/ns/default/sa/{}",
+        client.service_account
+    );
+    let sni = format!("{}.default.id.mesh", server.service_account);
+    let (chain, key) = leaf(&next, &client_id, -60, 3600);
+    assert!(
+        present(&cluster, chain, key, &sni).await,
+        "a certificate from the rotating-in root was refused"
+    );
+    // ...while a root nobody configured still is not.
+    let (chain, key) = leaf(&rogue_ca(), &client_id, -60, 3600);
+    assert!(!present(&cluster, chain, key, &sni).await);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("mesh-rotation-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
