@@ -13,9 +13,10 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tracing::info;
 
 use crate::{
-    auth::{NodeTokens, TokensError},
+    auth::{NodeAuth, NodeTokens, TokensError},
     ca::{Ca, CaError},
     certs::{CertService, Stats},
+    token_review::TokenReviewAuth,
 };
 
 /// `mesh-ctrl serve` flags; each also reads an environment variable.
@@ -38,7 +39,25 @@ pub struct ServeArgs {
     pub placement: PathBuf,
     /// Local mode: node bootstrap tokens, JSON `{"node": "token"}`.
     #[arg(long, env = "MESH_CTRL_NODE_TOKENS")]
-    pub node_tokens: PathBuf,
+    pub node_tokens: Option<PathBuf>,
+    /// How nodes authenticate: bootstrap tokens (local mode) or service-account tokens checked
+    /// with TokenReview (cluster mode).
+    #[arg(long, env = "MESH_NODE_AUTH", value_enum, default_value_t = NodeAuthMode::Tokens)]
+    pub node_auth: NodeAuthMode,
+    /// With token-review: the node proxy's service account, NAMESPACE/NAME.
+    #[arg(
+        long,
+        env = "MESH_NODE_SERVICE_ACCOUNT",
+        default_value = "mesh-system/mesh-node"
+    )]
+    pub node_service_account: String,
+    /// With token-review: the audience node proxies request their tokens for.
+    #[arg(long, env = "MESH_TOKEN_AUDIENCE", default_value = "mesh-ctrl")]
+    pub token_audience: String,
+    /// Cluster mode: keep the generated root in this Secret (NAMESPACE/NAME) instead of the
+    /// state directory.
+    #[arg(long, env = "MESH_CA_SECRET")]
+    pub ca_secret: Option<String>,
     /// Longest lifetime of a workload certificate (nodes may ask for less).
     #[arg(long, env = "MESH_CERT_TTL", value_parser = humantime::parse_duration, default_value = "24h")]
     pub cert_ttl: Duration,
@@ -66,6 +85,10 @@ pub struct ServeArgs {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
+    #[error("CA Secret")]
+    Secret(#[from] crate::ca_secret::SecretError),
+    #[error("Kubernetes client")]
+    Kube(#[source] kube::Error),
     #[error("invalid {field}: {reason}")]
     Config { field: &'static str, reason: String },
     #[error("certificate authority")]
@@ -104,6 +127,29 @@ impl Bound {
     }
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum NodeAuthMode {
+    Tokens,
+    TokenReview,
+}
+
+/// `NAMESPACE/NAME`.
+fn namespaced<'a>(v: &'a str, field: &'static str) -> Result<(&'a str, &'a str), AppError> {
+    v.split_once('/')
+        .filter(|(ns, n)| !ns.is_empty() && !n.is_empty() && !n.contains('/'))
+        .ok_or_else(|| config_err(field, format!("{v:?} is not NAMESPACE/NAME")))
+}
+
+/// The in-cluster (or kubeconfig) client, made once and only when cluster mode needs it.
+async fn kube_client(cached: &mut Option<kube::Client>) -> Result<kube::Client, AppError> {
+    if let Some(c) = cached {
+        return Ok(c.clone());
+    }
+    let c = kube::Client::try_default().await.map_err(AppError::Kube)?;
+    *cached = Some(c.clone());
+    Ok(c)
+}
+
 fn config_err(field: &'static str, reason: impl Into<String>) -> AppError {
     AppError::Config {
         field,
@@ -130,6 +176,7 @@ pub async fn serve(args: ServeArgs) -> Result<Bound, AppError> {
         }
         None => Vec::new(),
     };
+    let mut kube = None;
     let ca = match (&args.ca_cert, &args.ca_key) {
         (Some(cert), Some(key)) => Ca::from_files(
             cert,
@@ -138,7 +185,17 @@ pub async fn serve(args: ServeArgs) -> Result<Bound, AppError> {
             &args.trust_domain,
             &extra_roots,
         )?,
-        _ => Ca::load_or_create(&args.state_dir.join("ca"), &args.trust_domain, &extra_roots)?,
+        _ => match &args.ca_secret {
+            Some(s) => {
+                let (ns, name) = namespaced(s, "--ca-secret")?;
+                let api = kube::Api::namespaced(kube_client(&mut kube).await?, ns);
+                crate::ca_secret::load_or_create(&api, name, &args.trust_domain, &extra_roots)
+                    .await?
+            }
+            None => {
+                Ca::load_or_create(&args.state_dir.join("ca"), &args.trust_domain, &extra_roots)?
+            }
+        },
     };
     let ca = Arc::new(ca);
     let trust_bundle = args.state_dir.join("trust-bundle.pem");
@@ -152,12 +209,29 @@ pub async fn serve(args: ServeArgs) -> Result<Bound, AppError> {
     })?;
 
     let placement = PlacementWatch::spawn(args.placement.clone(), Duration::from_millis(500))?;
-    let tokens = Arc::new(NodeTokens::load(&args.node_tokens)?);
+    let auth: Arc<dyn NodeAuth> = match args.node_auth {
+        NodeAuthMode::Tokens => {
+            let path = args
+                .node_tokens
+                .as_ref()
+                .ok_or_else(|| config_err("--node-tokens", "required with --node-auth tokens"))?;
+            Arc::new(NodeTokens::load(path)?)
+        }
+        NodeAuthMode::TokenReview => {
+            let (ns, name) = namespaced(&args.node_service_account, "--node-service-account")?;
+            Arc::new(TokenReviewAuth::new(
+                kube_client(&mut kube).await?,
+                ns,
+                name,
+                &args.token_audience,
+            ))
+        }
+    };
     let stats = Arc::new(Stats::default());
     let service = CertService {
         ca: ca.clone(),
         placement,
-        tokens,
+        auth,
         max_ttl: args.cert_ttl,
         stats: stats.clone(),
     };

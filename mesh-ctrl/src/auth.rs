@@ -1,8 +1,8 @@
 //! Who is calling: node credentials on certificate-service calls.
 //!
 //! Local mode uses bootstrap tokens, one per node, from a JSON file `{"node-name": "token"}`
-//! readable only by the controller. (Cluster mode checks projected service-account tokens with
-//! TokenReview; that arrives with the Kubernetes source.)
+//! readable only by the controller. Cluster mode checks projected service-account tokens with
+//! TokenReview (`token_review`).
 use std::{collections::HashMap, path::Path};
 
 use mesh_api::auth::{AUTHORIZATION, NODE_HEADER};
@@ -14,6 +14,30 @@ pub enum AuthError {
     Missing(&'static str),
     #[error("unknown node or wrong token for node {0:?}")]
     Rejected(String),
+    #[error("token of node {node:?} refused: {reason}")]
+    Refused { node: String, reason: String },
+    #[error("cannot check the token now: {0}")]
+    Unavailable(String),
+}
+
+/// Decides which node a call comes from.
+#[async_trait::async_trait]
+pub trait NodeAuth: Send + Sync {
+    async fn authenticate(&self, md: &MetadataMap) -> Result<String, AuthError>;
+}
+
+/// The claimed node name and the bearer token of a call.
+pub fn credentials(md: &MetadataMap) -> Result<(&str, &str), AuthError> {
+    let node = md
+        .get(NODE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .ok_or(AuthError::Missing(NODE_HEADER))?;
+    let token = md
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or(AuthError::Missing(AUTHORIZATION))?;
+    Ok((node, token))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,20 +91,19 @@ impl NodeTokens {
     }
 
     /// The authenticated node's name.
-    pub fn authenticate(&self, md: &MetadataMap) -> Result<String, AuthError> {
-        let node = md
-            .get(NODE_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .ok_or(AuthError::Missing(NODE_HEADER))?;
-        let token = md
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or(AuthError::Missing(AUTHORIZATION))?;
+    pub fn check(&self, md: &MetadataMap) -> Result<String, AuthError> {
+        let (node, token) = credentials(md)?;
         match self.0.get(node) {
             Some(expected) if same(expected.as_bytes(), token.as_bytes()) => Ok(node.to_string()),
             _ => Err(AuthError::Rejected(node.to_string())),
         }
+    }
+}
+
+#[async_trait::async_trait]
+impl NodeAuth for NodeTokens {
+    async fn authenticate(&self, md: &MetadataMap) -> Result<String, AuthError> {
+        self.check(md)
     }
 }
 
@@ -133,7 +156,7 @@ mod tests {
             ),
         ];
         for (node, auth, expected) in cases {
-            let got = tokens.authenticate(&md(*node, *auth));
+            let got = tokens.check(&md(*node, *auth));
             assert_eq!(
                 got.as_deref().map_err(Clone::clone),
                 expected.clone(),

@@ -135,25 +135,31 @@ impl Ca {
                 path: dir.into(),
                 source,
             })?;
-            let key = KeyPair::generate().map_err(CaError::Sign)?;
-            let mut params = CertificateParams::default();
-            let mut dn = DistinguishedName::new();
-            dn.push(DnType::OrganizationName, trust_domain);
-            dn.push(DnType::CommonName, "mesh root CA");
-            params.distinguished_name = dn;
-            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-            let now = SystemTime::now();
-            params.not_before = (now - BACKDATE).into();
-            params.not_after = (now + ROOT_LIFETIME).into();
-            params.serial_number = Some(serial()?);
-            let cert = params.self_signed(&key).map_err(CaError::Sign)?;
+            let (cert, key) = Self::generate_root(trust_domain)?;
             // Key first: a cert without its key would make the next start fail.
-            write_private(&key_path, &key.serialize_pem(), 0o600)?;
-            write_private(&cert_path, &cert.pem(), 0o644)?;
+            write_private(&key_path, &key, 0o600)?;
+            write_private(&cert_path, &cert, 0o644)?;
             tracing::info!(path = %cert_path.display(), "generated a new mesh root CA");
         }
         Self::from_files(&cert_path, &key_path, None, trust_domain, extra_roots)
+    }
+
+    /// A new self-signed root: (certificate PEM, private key PEM).
+    pub fn generate_root(trust_domain: &str) -> Result<(String, String), CaError> {
+        let key = KeyPair::generate().map_err(CaError::Sign)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, trust_domain);
+        dn.push(DnType::CommonName, "mesh root CA");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let now = SystemTime::now();
+        params.not_before = (now - BACKDATE).into();
+        params.not_after = (now + ROOT_LIFETIME).into();
+        params.serial_number = Some(serial()?);
+        let cert = params.self_signed(&key).map_err(CaError::Sign)?;
+        Ok((cert.pem(), key.serialize_pem()))
     }
 
     /// An operator-supplied CA. With `chain`, the issuer is an intermediate and `chain` holds the
@@ -165,29 +171,48 @@ impl Ca {
         trust_domain: &str,
         extra_roots: &[String],
     ) -> Result<Self, CaError> {
-        let cert_pem = read(cert)?;
-        let key = KeyPair::from_pem(&read(key)?).map_err(|source| CaError::Pem {
-            what: key.display().to_string(),
+        let chain_pem = chain.map(read).transpose()?;
+        Self::from_pems(
+            &read(cert)?,
+            &read(key)?,
+            chain_pem.as_deref(),
+            trust_domain,
+            extra_roots,
+            &cert.display().to_string(),
+        )
+    }
+
+    /// Like [`Ca::from_files`], from PEM text; `origin` names it in errors.
+    pub fn from_pems(
+        cert_pem: &str,
+        key_pem: &str,
+        chain_pem: Option<&str>,
+        trust_domain: &str,
+        extra_roots: &[String],
+        origin: &str,
+    ) -> Result<Self, CaError> {
+        let key = KeyPair::from_pem(key_pem).map_err(|source| CaError::Pem {
+            what: format!("{origin} (key)"),
             kind: "private key",
             source,
         })?;
-        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|source| CaError::Pem {
-            what: cert.display().to_string(),
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(|source| CaError::Pem {
+            what: origin.to_string(),
             kind: "CA certificate",
             source,
         })?;
-        let (chain_pem, mut roots_pem) = match chain {
+        let (chain_pem, mut roots_pem) = match chain_pem {
             // The issuer is a root: nothing to send after a leaf, and it is the trust anchor.
-            None => (Vec::new(), vec![cert_pem]),
+            None => (Vec::new(), vec![cert_pem.to_string()]),
             // The issuer is an intermediate: send it (and any intermediates above it) after each
-            // leaf; the chain file's last certificate is the root everyone trusts.
-            Some(p) => {
-                let mut above = split_pem(&read(p)?);
+            // leaf; the chain's last certificate is the root everyone trusts.
+            Some(bundle) => {
+                let mut above = split_pem(bundle);
                 let root = above.pop().ok_or_else(|| CaError::Read {
-                    path: p.into(),
-                    source: std::io::Error::other("no certificate in the chain file"),
+                    path: format!("{origin} chain").into(),
+                    source: std::io::Error::other("no certificate in the chain"),
                 })?;
-                let mut chain = vec![cert_pem];
+                let mut chain = vec![cert_pem.to_string()];
                 chain.extend(above);
                 (chain, vec![root])
             }

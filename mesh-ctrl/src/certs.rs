@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use crate::{
-    auth::{AuthError, NodeTokens},
+    auth::{AuthError, NodeAuth},
     ca::{Ca, CaError},
 };
 
@@ -44,6 +44,7 @@ impl From<SignError> for Status {
     fn from(e: SignError) -> Self {
         let msg = mesh_api::placement::error_chain(&e);
         match e {
+            SignError::Auth(AuthError::Unavailable(_)) => Status::unavailable(msg),
             SignError::Auth(_) => Status::unauthenticated(msg),
             SignError::UnknownPod { .. } => Status::not_found(msg),
             SignError::WrongNode { .. } => Status::permission_denied(msg),
@@ -62,7 +63,7 @@ pub struct Stats {
 pub struct CertService {
     pub ca: Arc<Ca>,
     pub placement: PlacementWatch,
-    pub tokens: Arc<NodeTokens>,
+    pub auth: Arc<dyn NodeAuth>,
     pub max_ttl: Duration,
     pub stats: Arc<Stats>,
 }
@@ -80,8 +81,11 @@ impl CertService {
         }
     }
 
-    fn sign(&self, req: &Request<SignWorkloadRequest>) -> Result<SignWorkloadResponse, SignError> {
-        let node = self.tokens.authenticate(req.metadata())?;
+    async fn sign(
+        &self,
+        req: &Request<SignWorkloadRequest>,
+    ) -> Result<SignWorkloadResponse, SignError> {
+        let node = self.auth.authenticate(req.metadata()).await?;
         let r = req.get_ref();
         let placement = self.placement.current();
         let w = placement
@@ -121,7 +125,7 @@ impl CertificateService for CertService {
         &self,
         request: Request<SignWorkloadRequest>,
     ) -> Result<Response<SignWorkloadResponse>, Status> {
-        match self.sign(&request) {
+        match self.sign(&request).await {
             Ok(r) => {
                 self.stats.signed.fetch_add(1, Relaxed);
                 Ok(Response::new(r))
@@ -138,8 +142,9 @@ impl CertificateService for CertService {
         &self,
         request: Request<GetTrustBundleRequest>,
     ) -> Result<Response<TrustBundle>, Status> {
-        self.tokens
+        self.auth
             .authenticate(request.metadata())
+            .await
             .map_err(|e| Status::from(SignError::from(e)))?;
         Ok(Response::new(self.bundle()))
     }

@@ -3,4 +3,6 @@
 pub mod app;
 pub mod auth;
 pub mod ca;
+pub mod ca_secret;
 pub mod certs;
+pub mod token_review;

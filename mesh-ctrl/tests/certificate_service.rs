@@ -39,10 +39,14 @@ async fn start(ttl: &str) -> Ctrl {
         state_dir: dir.path().join("state"),
         trust_domain: "cluster.local".into(),
         placement: p("placement.json", PLACEMENT),
-        node_tokens: p(
+        node_tokens: Some(p(
             "tokens.json",
             r#"{"node-a": "token-a-0123456789", "node-b": "token-b-0123456789"}"#,
-        ),
+        )),
+        node_auth: app::NodeAuthMode::Tokens,
+        node_service_account: "mesh-system/mesh-node".into(),
+        token_audience: "mesh-ctrl".into(),
+        ca_secret: None,
         cert_ttl: humantime::parse_duration(ttl).unwrap(),
         ca_cert: None,
         ca_key: None,

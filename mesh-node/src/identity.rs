@@ -108,7 +108,7 @@ pub struct Stats {
 pub struct Identities {
     cfg: CaConfig,
     client: CertificateServiceClient<Channel>,
-    token: String,
+
     certs: RwLock<HashMap<SpiffeId, Arc<WorkloadCert>>>,
     /// Pods of this node carrying each identity: who to name when asking for a certificate.
     owners: RwLock<HashMap<SpiffeId, BTreeSet<(String, String)>>>,
@@ -133,7 +133,8 @@ impl Identities {
             })
         };
         let bundle = read(&cfg.trust_bundle)?;
-        let token = read(&cfg.token_file)?.trim().to_string();
+        // Fail at start on a missing token; it is re-read for every request (below).
+        read(&cfg.token_file)?;
         let roots =
             tls::root_store(std::slice::from_ref(&bundle)).map_err(IdentityError::BadAnswer)?;
         let tls = ClientTlsConfig::new()
@@ -149,13 +150,24 @@ impl Identities {
         Ok(Arc::new(Self {
             cfg,
             client: CertificateServiceClient::new(channel),
-            token,
+
             certs: RwLock::default(),
             owners: RwLock::default(),
             roots: RwLock::new(Arc::new(roots)),
             fetching: Default::default(),
             stats: Stats::default(),
         }))
+    }
+
+    /// The bootstrap token, read afresh: in cluster mode it is a projected service-account token
+    /// the kubelet rotates in place.
+    fn token(&self) -> Result<String, IdentityError> {
+        std::fs::read_to_string(&self.cfg.token_file)
+            .map(|t| t.trim().to_string())
+            .map_err(|source| IdentityError::Read {
+                path: self.cfg.token_file.clone(),
+                source,
+            })
     }
 
     pub fn trust_domain(&self) -> &str {
@@ -266,7 +278,7 @@ impl Identities {
         );
         md.insert(
             AUTHORIZATION,
-            format!("Bearer {}", self.token)
+            format!("Bearer {}", self.token()?)
                 .parse()
                 .map_err(|_| IdentityError::Refused("token is not ASCII".into()))?,
         );
