@@ -283,6 +283,7 @@ pub struct Pair {
 
 impl ClusterBuilder {
     /// Starts the cluster (at least two nodes, one pod each) as a [`Pair`], serving on `port`.
+    /// With a controller the server is enrolled too: it is a mesh workload.
     pub async fn start_pair(self, port: u16) -> anyhow::Result<Pair> {
         let cluster = self.start().await?;
         anyhow::ensure!(
@@ -293,6 +294,9 @@ impl ClusterBuilder {
         let server = cluster.pod(1, 0).clone();
         let server_process = server.serve(port, false).await?;
         cluster.enroll(&client).await?;
+        if cluster.ctrl.is_some() {
+            cluster.enroll(&server).await?;
+        }
         Ok(Pair {
             cluster,
             client,

@@ -51,7 +51,6 @@ async fn cross_node_traffic_carries_both_workload_identities_over_mtls() {
         .start_pair(PORT)
         .await
         .unwrap();
-    cluster.enroll(&server).await.unwrap();
 
     for v6 in [false, true] {
         let dst = server.addr(v6, PORT);
@@ -252,7 +251,6 @@ async fn the_node_to_node_link_carries_only_tls() {
         .start_pair(PORT)
         .await
         .unwrap();
-    cluster.enroll(&server).await.unwrap();
     for v6 in [false, true] {
         let dst = server.addr(v6, PORT);
         let (bytes, summary) = capture_node0_link(&cluster, &client, dst, SECRET).await;

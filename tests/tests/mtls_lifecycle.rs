@@ -56,7 +56,6 @@ async fn certificates_rotate_under_load_without_failing_a_connection() {
         .start_pair(PORT)
         .await
         .unwrap();
-    cluster.enroll(&server).await.unwrap();
     let dst = server.addr(false, PORT);
     // A new connection per request, and long-lived connections, at the same time.
     let fresh = spawn_load(&client, load("rate", dst, 10_000, "4"));
@@ -101,7 +100,6 @@ async fn traffic_survives_a_controller_outage_until_certificates_expire() {
         .start_pair(PORT)
         .await
         .unwrap();
-    cluster.enroll(&server).await.unwrap();
     let dst = server.addr(false, PORT);
     assert_eq!(n(&client.client(dst, 2, 64).await.unwrap(), &["ok"]), 2);
 

@@ -135,7 +135,6 @@ async fn forged_and_expired_client_certificates_are_refused_and_counted() {
         .start_pair(PORT)
         .await
         .unwrap();
-    cluster.enroll(&server).await.unwrap();
     let client_id = format!(
         "spiffe://cluster.local/ns/default/sa/{}",
         client.service_account
@@ -297,7 +296,6 @@ async fn during_a_root_rotation_both_roots_are_trusted() {
         .start_pair(PORT)
         .await
         .unwrap();
-    cluster.enroll(&server).await.unwrap();
     // Current root: mesh traffic flows, and the nodes learned the two-root bundle with it.
     let report = client
         .client(server.addr(false, PORT), 2, 128)

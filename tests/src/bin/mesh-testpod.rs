@@ -122,7 +122,12 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn serve(addrs: Vec<SocketAddr>, sink: bool) -> anyhow::Result<()> {
+/// Binds every address, says "ready", then hands each accepted connection to `handle`.
+async fn accept_all<F, Fut>(addrs: Vec<SocketAddr>, handle: F) -> anyhow::Result<()>
+where
+    F: Fn(TcpStream, SocketAddr) -> Fut + Copy + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let mut listeners = Vec::new();
     for a in addrs {
         listeners.push(bind(a).with_context(|| format!("bind {a}"))?);
@@ -131,16 +136,9 @@ async fn serve(addrs: Vec<SocketAddr>, sink: bool) -> anyhow::Result<()> {
     for l in listeners {
         tokio::spawn(async move {
             loop {
-                let Ok((s, peer)) = l.accept().await else {
-                    continue;
-                };
-                tokio::spawn(async move {
-                    let _ = if sink {
-                        sink_conn(s).await
-                    } else {
-                        echo_conn(s, peer).await
-                    };
-                });
+                if let Ok((s, peer)) = l.accept().await {
+                    tokio::spawn(handle(s, peer));
+                }
             }
         });
     }
@@ -148,33 +146,30 @@ async fn serve(addrs: Vec<SocketAddr>, sink: bool) -> anyhow::Result<()> {
     std::future::pending().await
 }
 
+async fn serve(addrs: Vec<SocketAddr>, sink: bool) -> anyhow::Result<()> {
+    accept_all(addrs, move |s, peer| async move {
+        let _ = if sink {
+            sink_conn(s).await
+        } else {
+            echo_conn(s, peer).await
+        };
+    })
+    .await
+}
+
 async fn http(addrs: Vec<SocketAddr>) -> anyhow::Result<()> {
-    let mut listeners = Vec::new();
-    for a in addrs {
-        listeners.push(bind(a).with_context(|| format!("bind {a}"))?);
-    }
-    println!("ready");
-    for l in listeners {
-        tokio::spawn(async move {
-            loop {
-                let Ok((s, _)) = l.accept().await else {
-                    continue;
-                };
-                let _ = s.set_nodelay(true);
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(|_req| async {
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
-                            http_body_util::Full::new(bytes::Bytes::from_static(b"ok\n")),
-                        ))
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
-                        .await;
-                });
-            }
+    accept_all(addrs, |s, _| async move {
+        let _ = s.set_nodelay(true);
+        let svc = hyper::service::service_fn(|_req| async {
+            Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
+                bytes::Bytes::from_static(b"ok\n"),
+            )))
         });
-    }
-    std::future::pending().await
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+            .await;
+    })
+    .await
 }
 
 /// IPv6 listeners are IPv6-only so an IPv4 listener can share the port and peers keep their family.
