@@ -107,7 +107,6 @@ pub struct RedirectSpec {
 
 /// The attached programs and the maps mesh-node reads and writes.
 pub struct Redirector {
-    pin_dir: PathBuf,
     enrolled: Mutex<HashMap<MapData, u64, PodEntry>>,
     orig_by_conn: HashMap<MapData, ConnKey, OrigDst>,
     counters: PerCpuArray<MapData, u64>,
@@ -234,7 +233,6 @@ impl Redirector {
         let pod_inbound = PerCpuHashMap::try_from(take(&mut ebpf, maps::POD_INBOUND)?)
             .map_err(map_err(maps::POD_INBOUND))?;
         Ok(Self {
-            pin_dir: spec.pin_dir.clone(),
             enrolled: Mutex::new(enrolled),
             orig_by_conn,
             counters,
@@ -312,10 +310,6 @@ impl Redirector {
                 (PodId(id), sum)
             })
             .collect()
-    }
-
-    pub fn pin_dir(&self) -> &Path {
-        &self.pin_dir
     }
 }
 

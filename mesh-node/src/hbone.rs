@@ -75,7 +75,6 @@ pub struct Stats {
     pub outbound_connections: AtomicU64,
     /// CONNECT streams opened on them.
     pub outbound_streams: AtomicU64,
-    pub outbound_failures: AtomicU64,
     /// Outbound handshakes refused because of the peer's certificate (unknown CA, expired, wrong ID).
     pub outbound_tls_refused: AtomicU64,
     pub inbound_connections: AtomicU64,

@@ -747,12 +747,6 @@ impl Node {
     pub fn pid(&self) -> Option<u32> {
         self.process.as_ref().and_then(|p| p.id())
     }
-
-    pub fn is_running(&mut self) -> bool {
-        self.process
-            .as_mut()
-            .is_some_and(|p| matches!(p.try_wait(), Ok(None)))
-    }
 }
 
 /// A process running in a pod, killed when dropped.
