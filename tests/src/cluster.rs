@@ -103,6 +103,24 @@ pub struct Pod {
     pub ipv6: Ipv6Addr,
 }
 
+/// Connects namespace `netns` to the fabric bridge: its `fab0` with the given addresses, the
+/// bridge's port named `port`.
+pub(crate) fn join_fabric(
+    fabric: &str,
+    netns: &str,
+    port: &str,
+    v4: &str,
+    v6: &str,
+) -> anyhow::Result<()> {
+    ip(&[
+        "-n", netns, "link", "add", "fab0", "type", "veth", "peer", "name", port, "netns", fabric,
+    ])?;
+    ip(&["-n", netns, "addr", "add", v4, "dev", "fab0"])?;
+    ip(&["-n", netns, "addr", "add", v6, "dev", "fab0", "nodad"])?;
+    ip(&["-n", netns, "link", "set", "fab0", "up"])?;
+    ip(&["-n", fabric, "link", "set", port, "master", "br0", "up"])
+}
+
 pub(crate) fn netns_path(name: &str) -> PathBuf {
     PathBuf::from("/run/netns").join(name)
 }
@@ -344,50 +362,13 @@ impl Cluster {
                 "dev",
                 "lo",
             ])?;
-            ip(&[
-                "-n",
-                &netns,
-                "link",
-                "add",
-                "fab0",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &format!("n{i}"),
-                "netns",
+            join_fabric(
                 &fab,
-            ])?;
-            ip(&[
-                "-n",
                 &netns,
-                "addr",
-                "add",
+                &format!("n{i}"),
                 &format!("10.250.0.{}/24", i + 1),
-                "dev",
-                "fab0",
-            ])?;
-            ip(&[
-                "-n",
-                &netns,
-                "addr",
-                "add",
                 &format!("fd00:250::{}/64", i + 1),
-                "dev",
-                "fab0",
-                "nodad",
-            ])?;
-            ip(&["-n", &netns, "link", "set", "fab0", "up"])?;
-            ip(&[
-                "-n",
-                &fab,
-                "link",
-                "set",
-                &format!("n{i}"),
-                "master",
-                "br0",
-                "up",
-            ])?;
+            )?;
             sysctl(&netns, "net.ipv4.ip_forward", "1")?;
             sysctl(&netns, "net.ipv6.conf.all.forwarding", "1")?;
             let node_cg = cg_root.join(format!("n{i}"));

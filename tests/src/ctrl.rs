@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 
 use crate::{
-    cluster::{Cluster, find_bin, ip, netns_path},
+    cluster::{Cluster, find_bin, ip, join_fabric, netns_path},
     sys,
 };
 
@@ -188,31 +188,13 @@ pub fn prepare(
     let netns = format!("mesh-{}-ctrl", cluster.id);
     ip(&["netns", "add", &netns])?;
     ip(&["-n", &netns, "link", "set", "lo", "up"])?;
-    ip(&[
-        "-n", &netns, "link", "add", "fab0", "type", "veth", "peer", "name", "ctrl", "netns",
+    join_fabric(
         fabric,
-    ])?;
-    ip(&[
-        "-n",
         &netns,
-        "addr",
-        "add",
+        "ctrl",
         &format!("{CTRL_IPV4}/24"),
-        "dev",
-        "fab0",
-    ])?;
-    ip(&[
-        "-n",
-        &netns,
-        "addr",
-        "add",
         "fd00:250::fe/64",
-        "dev",
-        "fab0",
-        "nodad",
-    ])?;
-    ip(&["-n", &netns, "link", "set", "fab0", "up"])?;
-    ip(&["-n", fabric, "link", "set", "ctrl", "master", "br0", "up"])?;
+    )?;
     let cgroup = cgroup_root.join("ctrl");
     std::fs::create_dir_all(&cgroup)?;
     let dir = cluster.dir.join("ctrl");
