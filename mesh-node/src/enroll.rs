@@ -4,7 +4,7 @@
 //! names behind the ids and a state file, so a restarted proxy can still say which pod opened a
 //! connection without anyone re-enrolling.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     fs, io,
     path::{Path, PathBuf},
     sync::{Arc, RwLock},
@@ -88,6 +88,25 @@ pub enum EnrollError {
 struct State {
     next_id: u32,
     pods: BTreeMap<PodId, Pod>,
+    /// Pods by name: the per-connection delivery checks look pods up this way.
+    #[serde(skip)]
+    by_name: HashMap<PodName, PodId>,
+}
+
+impl State {
+    fn by_name(&self, name: &PodName) -> Option<&Pod> {
+        self.by_name.get(name).and_then(|id| self.pods.get(id))
+    }
+
+    fn insert(&mut self, pod: Pod) {
+        self.by_name.insert(pod.name.clone(), pod.id);
+        self.pods.insert(pod.id, pod);
+    }
+
+    fn remove(&mut self, pod: &Pod) {
+        self.by_name.remove(&pod.name);
+        self.pods.remove(&pod.id);
+    }
 }
 
 /// Told about every enrollment change (e.g. to fetch the pod's certificate ahead of use).
@@ -163,6 +182,11 @@ impl Enrollment {
                     "kernel redirects a namespace with no recorded name; its connections will be refused until it is enrolled again");
             }
         }
+        state.by_name = state
+            .pods
+            .values()
+            .map(|p| (p.name.clone(), p.id))
+            .collect();
         let max_id = in_kernel.values().map(|p| p.0).max().unwrap_or(0);
         state.next_id = state.next_id.max(max_id + 1).max(1);
         let own_netns_cookie = sys::own_netns_cookie().map_err(|source| EnrollError::Netns {
@@ -208,7 +232,7 @@ impl Enrollment {
                 other: other.name.clone(),
             });
         }
-        let previous = state.pods.values().find(|p| p.name == name).cloned();
+        let previous = state.by_name(&name).cloned();
         let id = match &previous {
             Some(p) => p.id,
             None => {
@@ -236,7 +260,7 @@ impl Enrollment {
             netns: req.netns,
             netns_cookie: cookie,
         };
-        state.pods.insert(id, pod.clone());
+        state.insert(pod.clone());
         self.persist(&state)?;
         if let Some(h) = &self.hooks {
             h.enrolled(&pod);
@@ -249,15 +273,13 @@ impl Enrollment {
     pub fn unenroll(&self, name: &PodName) -> Result<Pod, EnrollError> {
         let mut state = self.state.write().expect("state lock");
         let pod = state
-            .pods
-            .values()
-            .find(|p| &p.name == name)
+            .by_name(name)
             .cloned()
             .ok_or_else(|| EnrollError::NotFound(name.clone()))?;
         self.redirector
             .unenroll(pod.netns_cookie)
             .map_err(EnrollError::Kernel)?;
-        state.pods.remove(&pod.id);
+        state.remove(&pod);
         self.persist(&state)?;
         if let Some(h) = &self.hooks {
             h.unenrolled(&pod);
@@ -281,12 +303,15 @@ impl Enrollment {
     }
 
     pub fn is_enrolled(&self, namespace: &str, name: &str) -> bool {
+        let name = PodName {
+            namespace: namespace.into(),
+            name: name.into(),
+        };
         self.state
             .read()
             .expect("state lock")
-            .pods
-            .values()
-            .any(|p| p.name.namespace == namespace && p.name.name == name)
+            .by_name
+            .contains_key(&name)
     }
 
     pub fn list(&self) -> Vec<Pod> {

@@ -101,7 +101,7 @@ async fn cross_node_traffic_carries_both_workload_identities_over_mtls() {
 
 #[tokio::test]
 async fn delivery_requires_an_enrolled_destination_on_the_same_or_the_other_node() {
-    let cluster = ClusterBuilder::new()
+    let mut cluster = ClusterBuilder::new()
         .nodes(2)
         .pods_per_node(2)
         .with_controller()
@@ -150,6 +150,17 @@ async fn delivery_requires_an_enrolled_destination_on_the_same_or_the_other_node
     let c0 = cluster.nodes[0].counters().await.unwrap();
     assert_eq!(n(&c0, &["proxy", "delivered_local"]), 2, "{c0}");
     assert_eq!(n(&c0, &["proxy", "tunneled"]), 2, "{c0}");
+
+    // A restarted node proxy knows its enrolled pods again (from its state) and keeps delivering.
+    cluster.stop_node(0).await.unwrap();
+    cluster.start_node(0).await.unwrap();
+    assert_all_ok(
+        &client.client(near.addr(false, PORT), 2, 64).await.unwrap(),
+        2,
+    );
+    let c0 = cluster.nodes[0].counters().await.unwrap();
+    assert_eq!(n(&c0, &["proxy", "delivered_local"]), 2, "{c0}");
+    assert_eq!(n(&c0, &["proxy", "refused_local_not_enrolled"]), 0, "{c0}");
 }
 
 /// Captures everything on node 0's link to the fabric while `client` talks to `dst`.
