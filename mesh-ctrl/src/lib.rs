@@ -5,4 +5,6 @@ pub mod auth;
 pub mod ca;
 pub mod ca_secret;
 pub mod certs;
+pub mod cli;
+pub mod model;
 pub mod token_review;

@@ -1,7 +1,11 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use mesh_ctrl::app::{self, ServeArgs};
+use mesh_ctrl::{
+    app::{self, ServeArgs},
+    cli::{Output, check},
+    model,
+};
 use tracing_subscriber::EnvFilter;
 
 /// The mesh controller.
@@ -19,6 +23,15 @@ struct Cli {
 enum Cmd {
     /// Run the certificate authority and certificate service.
     Serve(ServeArgs),
+    /// Validate mesh config (a YAML file, a directory of them, or - for stdin) as the controller
+    /// would; exits 1 when anything is invalid.
+    Check {
+        path: String,
+        #[arg(long, short, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Print the CustomResourceDefinitions of the mesh's own kinds.
+    Crds,
 }
 
 fn main() -> ExitCode {
@@ -32,7 +45,14 @@ fn main() -> ExitCode {
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
-    let Cmd::Serve(args) = cli.cmd;
+    let args = match cli.cmd {
+        Cmd::Serve(args) => args,
+        Cmd::Check { path, output } => return run_check(&path, output),
+        Cmd::Crds => {
+            print!("{}", model::crds_yaml());
+            return ExitCode::SUCCESS;
+        }
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -58,6 +78,26 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("mesh-ctrl: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_check(path: &str, output: Output) -> ExitCode {
+    match check::check(path) {
+        Ok(report) => {
+            match output {
+                Output::Human => print!("{}", report.human()),
+                Output::Json => println!("{}", report.json()),
+            }
+            if report.invalid.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("mesh-ctrl: {}", mesh_api::placement::error_chain(&e));
+            ExitCode::from(2)
         }
     }
 }

@@ -1,0 +1,26 @@
+//! The config model: what operators write (our CRDs and the Gateway API routes), how it is read
+//! (`objects`), and what makes it valid (`validate`).
+pub mod crd;
+pub mod gateway;
+pub mod objects;
+pub mod validate;
+
+use kube::CustomResourceExt;
+
+/// The CRDs of the mesh's own kinds as one multi-document YAML, as committed under
+/// `manifests/crds/` (`cargo xtask crds` rewrites it; a test fails when it drifts).
+pub fn crds_yaml() -> String {
+    let crds = [
+        crd::AuthorizationPolicy::crd(),
+        crd::PeerAuthentication::crd(),
+        crd::TrafficPolicy::crd(),
+    ];
+    let mut out = String::from(
+        "# Generated from mesh-ctrl/src/model/crd.rs by `cargo xtask crds`. Do not edit.\n",
+    );
+    for c in crds {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&c).expect("CRDs serialize"));
+    }
+    out
+}
