@@ -22,7 +22,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the certificate authority and certificate service.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Validate mesh config (a YAML file, a directory of them, or - for stdin) as the controller
     /// would; exits 1 when anything is invalid.
     Check {
@@ -46,7 +46,7 @@ fn main() -> ExitCode {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
     let args = match cli.cmd {
-        Cmd::Serve(args) => args,
+        Cmd::Serve(args) => *args,
         Cmd::Check { path, output } => return run_check(&path, output),
         Cmd::Crds => {
             print!("{}", model::crds_yaml());
