@@ -1,6 +1,9 @@
 //! Generates the gRPC code with protox (a Rust protobuf compiler), so no `protoc` is needed.
 fn main() {
-    let protos = ["proto/mesh/ca/v1/ca.proto"];
+    let protos = [
+        "proto/mesh/ca/v1/ca.proto",
+        "proto/mesh/config/v1/config.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -10,6 +10,13 @@ pub mod ca {
     }
 }
 
+/// Config distribution (`proto/mesh/config/v1/config.proto`).
+pub mod config {
+    pub mod v1 {
+        tonic::include_proto!("mesh.config.v1");
+    }
+}
+
 /// Metadata keys of node credentials on gRPC calls.
 pub mod auth {
     /// The calling node's name.

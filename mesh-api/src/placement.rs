@@ -66,6 +66,19 @@ pub struct PodEntry {
     #[serde(default = "default_sa")]
     pub service_account: String,
     pub ips: Vec<IpAddr>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Not ready pods are not enrolled and not service endpoints.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub ready: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 fn default_sa() -> String {
@@ -109,6 +122,8 @@ pub struct Workload {
     pub node: String,
     pub identity: SpiffeId,
     pub ips: Vec<IpAddr>,
+    pub labels: BTreeMap<String, String>,
+    pub ready: bool,
 }
 
 /// Validated placement, indexed for the lookups the mesh makes.
@@ -133,6 +148,11 @@ impl Placement {
     pub fn parse(bytes: &[u8]) -> Result<Self, PlacementError> {
         let file: PlacementFile = serde_json::from_slice(bytes).map_err(PlacementError::Json)?;
         Self::try_from(file)
+    }
+
+    /// Every node and its tunnel addresses.
+    pub fn nodes(&self) -> impl Iterator<Item = (&str, &[IpAddr])> {
+        self.nodes.iter().map(|(n, a)| (n.as_str(), a.as_slice()))
     }
 
     /// The workload that owns `ip`.
@@ -221,6 +241,8 @@ impl TryFrom<PlacementFile> for Placement {
                 node: p.node,
                 identity,
                 ips: p.ips,
+                labels: p.labels,
+                ready: p.ready,
             };
             if pods.insert(key, w).is_some() {
                 return Err(bad("listed twice".into()));
@@ -298,6 +320,11 @@ impl PlacementWatch {
         Self {
             current: std::sync::Arc::new(std::sync::RwLock::new(std::sync::Arc::new(p))),
         }
+    }
+
+    /// Replaces the placement (config snapshots from the controller).
+    pub fn set(&self, p: Placement) {
+        *self.current.write().expect("placement lock") = std::sync::Arc::new(p);
     }
 
     pub fn current(&self) -> std::sync::Arc<Placement> {

@@ -5,8 +5,9 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 use clap::Args;
 use mesh_api::{
     ca::v1::certificate_service_server::CertificateServiceServer,
+    config::v1::config_discovery_server::ConfigDiscoveryServer,
     identity::SpiffeId,
-    placement::{PlacementError, PlacementWatch},
+    placement::{PlacementError, PlacementWatch, error_chain},
 };
 use tokio::sync::oneshot;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
@@ -16,6 +17,8 @@ use crate::{
     auth::{NodeAuth, NodeTokens, TokensError},
     ca::{Ca, CaError},
     certs::{CertService, Stats},
+    distribute::{ConfigService, NodeState},
+    model::store::Store,
     token_review::TokenReviewAuth,
 };
 
@@ -37,6 +40,10 @@ pub struct ServeArgs {
     /// Local mode: where pods run (JSON, see mesh_api::placement); reloaded when it changes.
     #[arg(long, env = "MESH_CTRL_PLACEMENT")]
     pub placement: PathBuf,
+    /// Local mode: a directory of mesh config YAML (Namespaces, Services, routes, policies),
+    /// followed as it changes.
+    #[arg(long, env = "MESH_CTRL_CONFIG_DIR")]
+    pub config_dir: Option<PathBuf>,
     /// Local mode: node bootstrap tokens, JSON `{"node": "token"}`.
     #[arg(long, env = "MESH_CTRL_NODE_TOKENS")]
     pub node_tokens: Option<PathBuf>,
@@ -114,6 +121,11 @@ pub enum AppError {
 pub struct Bound {
     pub addr: SocketAddr,
     pub stats: Arc<Stats>,
+    /// The configuration and its versions.
+    pub store: Arc<Store>,
+    /// Subscribed nodes and what they acknowledged.
+    pub nodes: Arc<std::sync::Mutex<std::collections::BTreeMap<String, NodeState>>>,
+    source: Option<tokio::task::JoinHandle<()>>,
     /// The trust bundle file nodes bootstrap from in local mode.
     pub trust_bundle: PathBuf,
     shutdown: oneshot::Sender<()>,
@@ -122,6 +134,9 @@ pub struct Bound {
 
 impl Bound {
     pub async fn shutdown(self) {
+        if let Some(s) = &self.source {
+            s.abort();
+        }
         let _ = self.shutdown.send(());
         let _ = self.task.await;
     }
@@ -209,6 +224,17 @@ pub async fn serve(args: ServeArgs) -> Result<Bound, AppError> {
     })?;
 
     let placement = PlacementWatch::spawn(args.placement.clone(), Duration::from_millis(500))?;
+    let store = Arc::new(Store::new());
+    let source = match &args.config_dir {
+        Some(dir) => Some(
+            crate::sources::local::spawn(dir.clone(), placement.clone(), store.clone())
+                .map_err(|e| config_err("--config-dir", error_chain(&e)))?,
+        ),
+        None => {
+            store.set_placement((*placement.current()).clone());
+            None
+        }
+    };
     let auth: Arc<dyn NodeAuth> = match args.node_auth {
         NodeAuthMode::Tokens => {
             let path = args
@@ -228,6 +254,8 @@ pub async fn serve(args: ServeArgs) -> Result<Bound, AppError> {
         }
     };
     let stats = Arc::new(Stats::default());
+    let config = ConfigService::new(store.clone(), auth.clone());
+    let nodes = config.nodes();
     let service = CertService {
         ca: ca.clone(),
         placement,
@@ -252,7 +280,8 @@ pub async fn serve(args: ServeArgs) -> Result<Bound, AppError> {
     let router = Server::builder()
         .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
         .map_err(|e| config_err("TLS", e.to_string()))?
-        .add_service(CertificateServiceServer::new(service));
+        .add_service(CertificateServiceServer::new(service))
+        .add_service(ConfigDiscoveryServer::new(config));
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let task = tokio::spawn(async move {
         if let Err(e) = router
@@ -268,6 +297,9 @@ pub async fn serve(args: ServeArgs) -> Result<Bound, AppError> {
     Ok(Bound {
         addr,
         stats,
+        store,
+        nodes,
+        source,
         trust_bundle,
         shutdown: tx,
         task,

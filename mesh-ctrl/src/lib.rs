@@ -6,5 +6,7 @@ pub mod ca;
 pub mod ca_secret;
 pub mod certs;
 pub mod cli;
+pub mod distribute;
 pub mod model;
+pub mod sources;
 pub mod token_review;

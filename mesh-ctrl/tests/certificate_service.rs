@@ -6,11 +6,10 @@ use mesh_api::{
         certificate_service_client::CertificateServiceClient,
     },
 };
-use mesh_ctrl::app::{self, ServeArgs};
-use tonic::{
-    Code,
-    transport::{Certificate, Channel, ClientTlsConfig},
-};
+use mesh_ctrl::app;
+
+mod support;
+use tonic::{Code, transport::Channel};
 
 const PLACEMENT: &str = r#"{
     "trust_domain": "cluster.local",
@@ -29,44 +28,10 @@ struct Ctrl {
 
 async fn start(ttl: &str) -> Ctrl {
     let dir = tempfile::tempdir().unwrap();
-    let p = |name: &str, body: &str| {
-        let path = dir.path().join(name);
-        std::fs::write(&path, body).unwrap();
-        path
-    };
-    let args = ServeArgs {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        state_dir: dir.path().join("state"),
-        trust_domain: "cluster.local".into(),
-        placement: p("placement.json", PLACEMENT),
-        node_tokens: Some(p(
-            "tokens.json",
-            r#"{"node-a": "token-a-0123456789", "node-b": "token-b-0123456789"}"#,
-        )),
-        node_auth: app::NodeAuthMode::Tokens,
-        node_service_account: "mesh-system/mesh-node".into(),
-        token_audience: "mesh-ctrl".into(),
-        ca_secret: None,
-        cert_ttl: humantime::parse_duration(ttl).unwrap(),
-        ca_cert: None,
-        ca_key: None,
-        ca_chain: None,
-        extra_roots: None,
-        server_names: vec!["mesh-ctrl".into()],
-    };
-    let bound = app::serve(args).await.unwrap();
-    let bundle = std::fs::read_to_string(&bound.trust_bundle).unwrap();
-    let channel = Channel::from_shared(format!("https://{}", bound.addr))
-        .unwrap()
-        .tls_config(
-            ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(bundle))
-                .domain_name("mesh-ctrl"),
-        )
-        .unwrap()
-        .connect()
+    let bound = app::serve(support::serve_args(dir.path(), PLACEMENT, ttl))
         .await
         .unwrap();
+    let channel = support::channel(&bound).await;
     Ctrl {
         bound,
         client: CertificateServiceClient::new(channel),

@@ -7,9 +7,10 @@
 //! | GET    | /ready                        | 200 once programs are attached and listeners bound |
 //! | GET    | /v1/counters                  | kernel counters per program and outcome, proxy figures |
 //! | GET    | /v1/config                    | the validated config |
+//! | GET    | /v1/mesh-config               | the configuration from the controller: version, stream state, contents |
 //! | GET    | /v1/pods                      | enrolled pods |
-//! | PUT    | /v1/pods/{namespace}/{name}   | enroll: `{"netns": PATH, "service_account": NAME}` |
-//! | DELETE | /v1/pods/{namespace}/{name}   | unenroll |
+//! | PUT    | /v1/pods/{namespace}/{name}   | enroll: `{"netns": PATH, "service_account": NAME}`; with a configuration stream: register the pod's sandbox, enrolled while the configuration has it in the mesh |
+//! | DELETE | /v1/pods/{namespace}/{name}   | unenroll (and forget the sandbox) |
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
@@ -36,6 +37,9 @@ pub struct Admin {
     pub pods: Arc<Enrollment>,
     pub stats: Arc<Stats>,
     pub mesh: Option<crate::app::Mesh>,
+    /// With config distribution, enrollment requests register sandboxes and the configuration
+    /// decides (see `follow`).
+    pub follow: Option<Arc<crate::follow::Follow>>,
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -144,6 +148,29 @@ impl Admin {
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
             },
             (&Method::GET, ["v1", "config"]) => json_response(StatusCode::OK, json!(self.config)),
+            (&Method::GET, ["v1", "mesh-config"]) => {
+                match self.mesh.as_ref().and_then(|m| m.config.as_ref()) {
+                    Some((rx, status)) => {
+                        let cfg = rx.borrow().clone();
+                        let status = status.lock().expect("status lock").clone();
+                        json_response(
+                            StatusCode::OK,
+                            json!({
+                                "stream": status,
+                                "version": cfg.version,
+                                "workloads": cfg.placement.workloads().map(|w| format!("{}/{}", w.namespace, w.name)).collect::<Vec<_>>(),
+                                "enrolled": cfg.enrolled.iter().map(|(ns, n)| format!("{ns}/{n}")).collect::<Vec<_>>(),
+                                "services": cfg.services.iter().map(|s| format!("{}/{}", s.namespace, s.name)).collect::<Vec<_>>(),
+                                "policies": cfg.policies.iter().map(|p| format!("{} {}/{}", p.kind, p.namespace, p.name)).collect::<Vec<_>>(),
+                            }),
+                        )
+                    }
+                    None => error(
+                        StatusCode::NOT_FOUND,
+                        "this node reads a placement file: no configuration stream",
+                    ),
+                }
+            }
             (&Method::GET, ["v1", "pods"]) => {
                 json_response(StatusCode::OK, json!(self.pods.list()))
             }
@@ -160,10 +187,14 @@ impl Admin {
                     Ok(r) => r,
                     Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid body: {e}")),
                 };
-                let pods = self.pods.clone();
+                let (pods, follow) = (self.pods.clone(), self.follow.clone());
                 // Entering a namespace blocks a thread briefly; keep it off the reactor.
-                match tokio::task::spawn_blocking(move || pods.enroll(pod, request)).await {
-                    Ok(Ok(p)) => json_response(StatusCode::OK, json!(p)),
+                let done = tokio::task::spawn_blocking(move || match follow {
+                    Some(f) => f.register(pod, request).map(|r| json!(r)),
+                    None => pods.enroll(pod, request).map(|p| json!(p)),
+                });
+                match done.await {
+                    Ok(Ok(v)) => json_response(StatusCode::OK, v),
                     Ok(Err(e)) => enroll_error(e),
                     Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
                 }
@@ -173,8 +204,12 @@ impl Admin {
                     namespace: ns.to_string(),
                     name: name.to_string(),
                 };
-                match self.pods.unenroll(&pod) {
-                    Ok(p) => json_response(StatusCode::OK, json!(p)),
+                let result = match &self.follow {
+                    Some(f) => f.unregister(&pod).map(|()| json!({"pod": pod})),
+                    None => self.pods.unenroll(&pod).map(|p| json!(p)),
+                };
+                match result {
+                    Ok(v) => json_response(StatusCode::OK, v),
                     Err(e) => enroll_error(e),
                 }
             }

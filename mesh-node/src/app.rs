@@ -1,9 +1,13 @@
 //! Wires the node proxy together. `build` returns the bound addresses and a handle to shut down,
 //! so tests can run the whole proxy in-process with port 0.
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
-use mesh_api::placement::{HBONE_PORT, InboundMode, PlacementError, PlacementWatch};
-use tokio::net::TcpListener;
+use mesh_api::placement::{HBONE_PORT, InboundMode, Placement, PlacementError, PlacementWatch};
+use tokio::{net::TcpListener, sync::watch};
 use tracing::info;
 
 use crate::{
@@ -12,11 +16,14 @@ use crate::{
     drain::{Drain, DrainOutcome},
     ebpf::{self, EbpfError, RedirectSpec, Redirector},
     enroll::{self, EnrollError, EnrollHooks, Enrollment, Pod, PodName},
+    follow::Follow,
     hbone::{self, Inbound, Tunnels},
     identity::{CaConfig, Identities, IdentityError},
+    node_config::NodeConfig,
     outbound::{self, MeshPath, Outbound, ProxySource, Stats},
     probe::{self, ProbeError},
     ready::Ready,
+    subscribe,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -53,11 +60,16 @@ pub struct Bound {
     drain: Drain,
 }
 
+/// The configuration serving, and the state of the stream it comes from.
+pub type ConfigFeed = (watch::Receiver<Arc<NodeConfig>>, Arc<Mutex<subscribe::Status>>);
+
 /// The identity side of a node: certificates, placement, tunnel figures.
 pub struct Mesh {
     pub identities: Arc<Identities>,
     pub placement: PlacementWatch,
     pub tunnel_stats: Arc<hbone::Stats>,
+    /// With config distribution: the configuration serving, and the stream's state.
+    pub config: Option<ConfigFeed>,
 }
 
 /// Fetches a pod's certificate as soon as it is enrolled, and lets it go when the pod leaves.
@@ -121,7 +133,7 @@ async fn follow_inbound_modes(placement: PlacementWatch, pods: Arc<Enrollment>) 
     }
 }
 
-fn start_mesh(config: &Config, m: &MeshConfig) -> Result<Mesh, AppError> {
+fn start_mesh(config: &Config, m: &MeshConfig, ready: &Ready) -> Result<Mesh, AppError> {
     let identities = Identities::new(CaConfig {
         endpoint: m.ctrl_addr.clone(),
         server_name: m.ctrl_server_name.clone(),
@@ -132,12 +144,44 @@ fn start_mesh(config: &Config, m: &MeshConfig) -> Result<Mesh, AppError> {
         ttl: m.cert_ttl,
     })?;
     tokio::spawn(identities.clone().rotate_forever());
-    let placement = PlacementWatch::spawn(m.placement.clone(), Duration::from_millis(500))?;
+    let Some(path) = &m.placement else {
+        return Ok(subscribe_config(m, identities, ready));
+    };
     Ok(Mesh {
+        identities,
+        placement: PlacementWatch::spawn(path.clone(), Duration::from_millis(500))?,
+        tunnel_stats: Arc::default(),
+        config: None,
+    })
+}
+
+/// Placement and policy from the controller's stream; not ready until the first version is in.
+fn subscribe_config(m: &MeshConfig, identities: Arc<Identities>, ready: &Ready) -> Mesh {
+    let mut empty = Placement::default();
+    empty.trust_domain = m.trust_domain.clone();
+    let placement = PlacementWatch::fixed(empty);
+    let (tx, rx) = watch::channel(Arc::new(NodeConfig::default()));
+    let status = Arc::new(Mutex::new(subscribe::Status::default()));
+    let subscriber = subscribe::Subscriber {
+        identities: identities.clone(),
+        trust_domain: m.trust_domain.clone(),
+        tx,
+        status: status.clone(),
+    };
+    tokio::spawn(subscriber.run(ready.register("config")));
+    let (mut follow, feed) = (rx.clone(), placement.clone());
+    tokio::spawn(async move {
+        while follow.changed().await.is_ok() {
+            let cfg = follow.borrow_and_update().clone();
+            feed.set(cfg.placement.clone());
+        }
+    });
+    Mesh {
         identities,
         placement,
         tunnel_stats: Arc::default(),
-    })
+        config: Some((rx, status)),
+    }
 }
 
 /// Binds one listener per proxy address on `port` (0: the first bind picks it, the others follow).
@@ -183,7 +227,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
     let mesh = config
         .mesh
         .as_ref()
-        .map(|m| start_mesh(&config, m))
+        .map(|m| start_mesh(&config, m, &ready))
         .transpose()?;
     let inbound_listeners = if mesh.is_some() {
         bind_all(&config, HBONE_PORT, "tunnel listener")?
@@ -221,6 +265,13 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
     )?);
     if let Some(m) = &mesh {
         tokio::spawn(follow_inbound_modes(m.placement.clone(), pods.clone()));
+    }
+    let follow = mesh
+        .as_ref()
+        .and_then(|m| m.config.as_ref())
+        .map(|(rx, _)| Follow::new(pods.clone(), rx.clone(), &config.state_dir));
+    if let Some(f) = &follow {
+        tokio::spawn(f.clone().run());
     }
     let stats = Arc::new(Stats::default());
     let drain = Drain::new();
@@ -290,6 +341,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         pods: pods.clone(),
         stats,
         mesh,
+        follow,
     });
     tokio::spawn(admin.serve(admin_listener, drain.watch()));
     info!(outbound = ?outbound_addrs, inbound = ?inbound_addrs, admin = %admin_addr, "node proxy serving");

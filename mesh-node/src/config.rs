@@ -130,7 +130,9 @@ pub struct RunArgs {
     /// This node's bootstrap token for the controller.
     #[arg(long, env = "MESH_BOOTSTRAP_TOKEN_FILE")]
     pub bootstrap_token_file: Option<PathBuf>,
-    /// Local mode: where workloads run (JSON, see mesh_api::placement); reloaded on change.
+    /// Local mode without config distribution: where workloads run (JSON, see
+    /// mesh_api::placement), reloaded on change. Without it, the node subscribes to the
+    /// controller's configuration stream, and enrollment follows it.
     #[arg(long, env = "MESH_PLACEMENT")]
     pub placement: Option<PathBuf>,
     #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
@@ -147,7 +149,8 @@ pub struct MeshConfig {
     pub ctrl_server_name: String,
     pub trust_bundle: PathBuf,
     pub bootstrap_token_file: PathBuf,
-    pub placement: PathBuf,
+    /// `None`: placement and policy come from the controller's configuration stream.
+    pub placement: Option<PathBuf>,
     pub trust_domain: String,
     #[serde(with = "humantime_serde_shim")]
     pub cert_ttl: Duration,
@@ -323,7 +326,7 @@ impl RunArgs {
                     ctrl_server_name: self.ctrl_server_name.clone(),
                     trust_bundle: need(bundle, "--trust-bundle")?,
                     bootstrap_token_file: need(token, "--bootstrap-token-file")?,
-                    placement: need(placement, "--placement")?,
+                    placement: placement.clone(),
                     trust_domain: self.trust_domain.clone(),
                     cert_ttl: self.cert_ttl,
                 })

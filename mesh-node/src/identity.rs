@@ -108,6 +108,8 @@ pub struct Stats {
 pub struct Identities {
     cfg: CaConfig,
     client: CertificateServiceClient<Channel>,
+    /// For long-lived streams (config): no per-request deadline.
+    streams: Channel,
 
     certs: RwLock<HashMap<SpiffeId, Arc<WorkloadCert>>>,
     /// Pods of this node carrying each identity: who to name when asking for a certificate.
@@ -140,16 +142,21 @@ impl Identities {
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&bundle))
             .domain_name(&cfg.server_name);
-        let channel = Endpoint::from_shared(cfg.endpoint.clone())
+        let endpoint = Endpoint::from_shared(cfg.endpoint.clone())
             .and_then(|e| e.tls_config(tls))
             .map_err(|e| IdentityError::Endpoint(cfg.endpoint.clone(), e))?
             .connect_timeout(Duration::from_secs(2))
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5));
+        // Connect on first use: the controller may be down when the node starts.
+        let channel = endpoint
+            .clone()
             .timeout(Duration::from_secs(5))
-            // Connect on first use: the controller may be down when the node starts.
             .connect_lazy();
         Ok(Arc::new(Self {
             cfg,
             client: CertificateServiceClient::new(channel),
+            streams: endpoint.connect_lazy(),
 
             certs: RwLock::default(),
             owners: RwLock::default(),
@@ -157,6 +164,34 @@ impl Identities {
             fetching: Default::default(),
             stats: Stats::default(),
         }))
+    }
+
+    /// Adds this node's credentials to a call to the controller.
+    pub fn authorize<T>(&self, req: &mut tonic::Request<T>) -> Result<(), IdentityError> {
+        let md = req.metadata_mut();
+        md.insert(
+            NODE_HEADER,
+            self.cfg
+                .node
+                .parse()
+                .map_err(|_| IdentityError::Refused("node name is not ASCII".into()))?,
+        );
+        md.insert(
+            AUTHORIZATION,
+            format!("Bearer {}", self.token()?)
+                .parse()
+                .map_err(|_| IdentityError::Refused("token is not ASCII".into()))?,
+        );
+        Ok(())
+    }
+
+    /// A channel to the controller for long-lived streams, with the same TLS trust.
+    pub fn stream_channel(&self) -> Channel {
+        self.streams.clone()
+    }
+
+    pub fn node(&self) -> &str {
+        &self.cfg.node
     }
 
     /// The bootstrap token, read afresh: in cluster mode it is a projected service-account token
@@ -268,20 +303,7 @@ impl Identities {
             csr_pem: csr,
             ttl_seconds: self.cfg.ttl.as_secs().min(u32::MAX as u64) as u32,
         });
-        let md = req.metadata_mut();
-        md.insert(
-            NODE_HEADER,
-            self.cfg
-                .node
-                .parse()
-                .map_err(|_| IdentityError::Refused("node name is not ASCII".into()))?,
-        );
-        md.insert(
-            AUTHORIZATION,
-            format!("Bearer {}", self.token()?)
-                .parse()
-                .map_err(|_| IdentityError::Refused("token is not ASCII".into()))?,
-        );
+        self.authorize(&mut req)?;
         let resp = self
             .client
             .clone()

@@ -44,6 +44,7 @@ pub struct ClusterBuilder {
     controller: bool,
     cert_ttl: Duration,
     ctrl_args: Vec<String>,
+    config_stream: bool,
 }
 
 impl Default for ClusterBuilder {
@@ -58,6 +59,7 @@ impl Default for ClusterBuilder {
             controller: false,
             cert_ttl: Duration::from_secs(24 * 3600),
             ctrl_args: Vec::new(),
+            config_stream: false,
         }
     }
 }
@@ -216,6 +218,13 @@ impl ClusterBuilder {
         self.controller = true;
         self
     }
+    /// Run the controller with a config directory and let nodes take placement and policy from
+    /// its configuration stream (no placement file): enrollment then follows the config.
+    pub fn config_stream(mut self) -> Self {
+        self.controller = true;
+        self.config_stream = true;
+        self
+    }
     /// Extra flags for mesh-ctrl (with a controller).
     pub fn ctrl_args(mut self, args: &[&str]) -> Self {
         self.ctrl_args.extend(args.iter().map(|s| s.to_string()));
@@ -274,6 +283,7 @@ impl ClusterBuilder {
                 &cg_root,
                 self.cert_ttl,
                 self.ctrl_args,
+                self.config_stream,
             )?;
             ctrl.start().await?;
             cluster.ctrl = Some(ctrl);
@@ -642,6 +652,30 @@ impl Cluster {
         Ok(())
     }
 
+    /// Writes `file` into the controller's config directory (with `config_stream`).
+    pub fn apply_config(&self, file: &str, yaml: &str) -> anyhow::Result<()> {
+        let dir = self
+            .ctrl
+            .as_ref()
+            .and_then(|c| c.config_dir())
+            .context("no config directory: build with config_stream()")?;
+        let tmp = dir.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, dir.join(file))?;
+        Ok(())
+    }
+
+    /// Removes `file` from the controller's config directory.
+    pub fn delete_config(&self, file: &str) -> anyhow::Result<()> {
+        let dir = self
+            .ctrl
+            .as_ref()
+            .and_then(|c| c.config_dir())
+            .context("no config directory: build with config_stream()")?;
+        std::fs::remove_file(dir.join(file))?;
+        Ok(())
+    }
+
     /// Keep everything after drop (the demo's `--keep`).
     pub fn keep(&mut self) {
         self.keep = true;
@@ -657,6 +691,35 @@ impl Cluster {
 }
 
 impl Node {
+    /// What the node holds from the controller's configuration stream (`/v1/mesh-config`).
+    pub async fn mesh_config(&self) -> anyhow::Result<Value> {
+        let (status, body) = self.admin("GET", "/v1/mesh-config", None).await?;
+        anyhow::ensure!(status == 200, "mesh-config: {status} {body}");
+        Ok(body)
+    }
+
+    /// Polls `/v1/mesh-config` until `pred` holds; returns how long that took.
+    pub async fn wait_config(
+        &self,
+        within: Duration,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Duration> {
+        let start = Instant::now();
+        loop {
+            let cfg = self.mesh_config().await?;
+            if pred(&cfg) {
+                return Ok(start.elapsed());
+            }
+            anyhow::ensure!(
+                start.elapsed() < within,
+                "node {}: {what} not within {within:?}; holding {cfg}",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Calls the node's admin API from inside the node's namespace.
     pub async fn admin(
         &self,

@@ -3,6 +3,7 @@
 //! local-mode inputs it needs, written by the harness: the placement of every pod and one
 //! bootstrap token per node.
 use std::{
+    ffi::OsStr,
     net::SocketAddr,
     path::{Path, PathBuf},
     process::Stdio,
@@ -29,6 +30,8 @@ pub struct Controller {
     cgroup: PathBuf,
     cert_ttl: Duration,
     args: Vec<String>,
+    /// With config distribution: the directory of mesh config YAML the controller follows.
+    config_dir: Option<PathBuf>,
     process: Option<Child>,
 }
 
@@ -49,6 +52,11 @@ impl Controller {
 
     pub fn placement(&self) -> PathBuf {
         self.dir.join("placement.json")
+    }
+
+    /// The config directory (with `ClusterBuilder::config_stream`).
+    pub fn config_dir(&self) -> Option<&Path> {
+        self.config_dir.as_deref()
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -81,6 +89,11 @@ impl Controller {
             .arg(self.dir.join("node-tokens.json"))
             .args(["--trust-domain", TRUST_DOMAIN])
             .args(["--cert-ttl", &format!("{}s", self.cert_ttl.as_secs())])
+            .args(
+                self.config_dir
+                    .iter()
+                    .flat_map(|d| [OsStr::new("--config-dir"), d.as_os_str()]),
+            )
             .args(&self.args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -184,6 +197,7 @@ pub fn prepare(
     cgroup_root: &Path,
     cert_ttl: Duration,
     args: Vec<String>,
+    stream: bool,
 ) -> anyhow::Result<(Controller, Vec<Vec<String>>)> {
     let netns = format!("mesh-{}-ctrl", cluster.id);
     ip(&["netns", "add", &netns])?;
@@ -211,22 +225,44 @@ pub fn prepare(
         // Each node reads its own copy, so a test can give one node a different view.
         let node_placement = cluster.dir.join(format!("placement-{}.json", node.name));
         write_json(&node_placement, &placement)?;
-        node_args.push(vec![
+        let mut args = vec![
             "--ctrl-addr".into(),
             format!("https://{CTRL_IPV4}:{CTRL_PORT}"),
             "--trust-bundle".into(),
             dir.join("state/trust-bundle.pem").display().to_string(),
             "--bootstrap-token-file".into(),
             token_file.display().to_string(),
-            "--placement".into(),
-            node_placement.display().to_string(),
             "--trust-domain".into(),
             TRUST_DOMAIN.into(),
             "--cert-ttl".into(),
             format!("{}s", cert_ttl.as_secs()),
-        ]);
+        ];
+        if !stream {
+            args.extend(["--placement".into(), node_placement.display().to_string()]);
+        }
+        node_args.push(args);
     }
     write_json(&dir.join("node-tokens.json"), &Value::Object(tokens))?;
+    let config_dir = if stream {
+        let d = dir.join("config");
+        std::fs::create_dir_all(&d)?;
+        // Every pod namespace joins the mesh; tests rewrite this file to change that.
+        let mut namespaces: Vec<&str> = cluster
+            .nodes
+            .iter()
+            .flat_map(|n| n.pods.iter().map(|p| p.namespace.as_str()))
+            .collect();
+        namespaces.sort();
+        namespaces.dedup();
+        let yaml: String = namespaces
+            .iter()
+            .map(|ns| format!("---\n{}", namespace_yaml(ns, true)))
+            .collect();
+        std::fs::write(d.join("namespaces.yaml"), yaml)?;
+        Some(d)
+    } else {
+        None
+    };
     let ctrl = Controller {
         netns,
         log: dir.join("ctrl.log"),
@@ -234,8 +270,17 @@ pub fn prepare(
         cgroup,
         cert_ttl,
         args,
+        config_dir,
         process: None,
     };
     write_json(&ctrl.placement(), &placement)?;
     Ok((ctrl, node_args))
+}
+
+/// A Namespace object, joined to the mesh or not.
+pub fn namespace_yaml(name: &str, in_mesh: bool) -> String {
+    let label = if in_mesh { "enabled" } else { "disabled" };
+    format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n  labels:\n    nodemesh.io/mesh: {label}\n"
+    )
 }

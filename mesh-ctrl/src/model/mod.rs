@@ -3,6 +3,8 @@
 pub mod crd;
 pub mod gateway;
 pub mod objects;
+pub mod snapshot;
+pub mod store;
 pub mod validate;
 
 use kube::CustomResourceExt;

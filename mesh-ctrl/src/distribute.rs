@@ -1,0 +1,236 @@
+//! Streams node-scoped configuration to node proxies (`mesh.config.v1.ConfigDiscovery`).
+//!
+//! One task per subscribed node follows the store's versions, sends the node what changed for it,
+//! and records the node's acks and nacks for `mesh-ctrl status`. The last version sent to each
+//! node is remembered, so a node that reconnects holding it gets a delta instead of everything.
+use std::{
+    collections::{BTreeMap, HashMap},
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::SystemTime,
+};
+
+use mesh_api::config::v1::{
+    ConfigUpdate, NodeMessage, config_discovery_server::ConfigDiscovery, node_message::Kind as Msg,
+};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
+
+use crate::{
+    auth::NodeAuth,
+    model::{
+        snapshot::{Snapshot, delta},
+        store::{Store, Version},
+    },
+};
+
+/// What the controller knows of one node's subscription.
+#[derive(Clone, Debug, Serialize)]
+pub struct NodeState {
+    pub connected: bool,
+    /// Last version sent to the node.
+    pub sent_version: u64,
+    /// Last version the node applied.
+    pub acked_version: u64,
+    /// The last version the node refused, and why.
+    pub nacked: Option<(u64, String)>,
+    #[serde(with = "unix_seconds")]
+    pub since: SystemTime,
+}
+
+mod unix_seconds {
+    pub fn serialize<S: serde::Serializer>(
+        t: &std::time::SystemTime,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        )
+    }
+}
+
+pub struct ConfigService {
+    pub store: Arc<Store>,
+    pub auth: Arc<dyn NodeAuth>,
+    nodes: Arc<Mutex<BTreeMap<String, NodeState>>>,
+    /// The version last sent to each node: the base of a delta when it reconnects.
+    sent: Arc<Mutex<HashMap<String, Arc<Version>>>>,
+}
+
+impl ConfigService {
+    pub fn new(store: Arc<Store>, auth: Arc<dyn NodeAuth>) -> Self {
+        Self {
+            store,
+            auth,
+            nodes: Arc::default(),
+            sent: Arc::default(),
+        }
+    }
+
+    /// Subscription state of every node that ever subscribed.
+    pub fn nodes(&self) -> Arc<Mutex<BTreeMap<String, NodeState>>> {
+        self.nodes.clone()
+    }
+}
+
+type UpdateStream = Pin<Box<dyn Stream<Item = Result<ConfigUpdate, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ConfigDiscovery for ConfigService {
+    type SubscribeStream = UpdateStream;
+
+    async fn subscribe(
+        &self,
+        req: Request<Streaming<NodeMessage>>,
+    ) -> Result<Response<UpdateStream>, Status> {
+        let node = self
+            .auth
+            .authenticate(req.metadata())
+            .await
+            .map_err(|e| Status::unauthenticated(mesh_api::placement::error_chain(&e)))?;
+        let mut inbound = req.into_inner();
+        let hello = match inbound.next().await {
+            Some(Ok(NodeMessage {
+                kind: Some(Msg::Hello(h)),
+            })) => h,
+            Some(Err(e)) => return Err(e),
+            _ => return Err(Status::invalid_argument("the first message must be Hello")),
+        };
+        if hello.node != node {
+            return Err(Status::permission_denied(format!(
+                "authenticated as node {node:?}, subscribing as {:?}",
+                hello.node
+            )));
+        }
+        info!(%node, last_version = hello.last_version, "node subscribed");
+        // Resume from what the node holds, if we still know what that was.
+        let base = self
+            .sent
+            .lock()
+            .expect("sent lock")
+            .get(&node)
+            .filter(|v| v.number == hello.last_version && hello.last_version != 0)
+            .cloned();
+        self.nodes.lock().expect("nodes lock").insert(
+            node.clone(),
+            NodeState {
+                connected: true,
+                sent_version: 0,
+                acked_version: hello.last_version,
+                nacked: None,
+                since: SystemTime::now(),
+            },
+        );
+        let (tx, rx) = mpsc::channel(4);
+        let sender = Sender {
+            node: node.clone(),
+            nodes: self.nodes.clone(),
+            sent: self.sent.clone(),
+        };
+        let versions = self.store.subscribe();
+        let send_task = tokio::spawn(sender.clone().run(versions, base, tx));
+        // Acks and nacks; the stream ending means the node went away.
+        tokio::spawn(async move {
+            while let Some(msg) = inbound.next().await {
+                match msg {
+                    Ok(NodeMessage { kind: Some(k) }) => sender.record(k),
+                    Ok(_) => {}
+                    Err(e) => {
+                        debug!(node = %sender.node, error = %e, "subscription stream error");
+                        break;
+                    }
+                }
+            }
+            send_task.abort();
+            sender.update(|s| s.connected = false);
+            info!(node = %sender.node, "node unsubscribed");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[derive(Clone)]
+struct Sender {
+    node: String,
+    nodes: Arc<Mutex<BTreeMap<String, NodeState>>>,
+    sent: Arc<Mutex<HashMap<String, Arc<Version>>>>,
+}
+
+impl Sender {
+    fn update(&self, f: impl FnOnce(&mut NodeState)) {
+        if let Some(s) = self.nodes.lock().expect("nodes lock").get_mut(&self.node) {
+            f(s);
+        }
+    }
+
+    fn record(&self, msg: Msg) {
+        match msg {
+            Msg::Ack(a) => {
+                debug!(node = %self.node, version = a.version, "ack");
+                self.update(|s| s.acked_version = s.acked_version.max(a.version));
+            }
+            Msg::Nack(n) => {
+                warn!(node = %self.node, version = n.version, reason = %n.reason, "node rejected a configuration version");
+                self.update(|s| s.nacked = Some((n.version, n.reason)));
+            }
+            Msg::Hello(_) => {}
+        }
+    }
+
+    async fn run(
+        self,
+        mut versions: tokio::sync::watch::Receiver<Arc<Version>>,
+        base: Option<Arc<Version>>,
+        tx: mpsc::Sender<Result<ConfigUpdate, Status>>,
+    ) {
+        let mut held: Option<(u64, Snapshot)> =
+            base.map(|v| (v.number, v.computed.for_node(&self.node)));
+        let mut first = true;
+        loop {
+            let current = versions.borrow_and_update().clone();
+            if current.number > 0 {
+                let snapshot = current.computed.for_node(&self.node);
+                let update = match &held {
+                    // Nothing changed for this node (a reconnect is always answered).
+                    Some((_, old)) if *old == snapshot && !first => None,
+                    Some((v, old)) => {
+                        let (upserts, removals) = delta(old, &snapshot);
+                        Some(ConfigUpdate {
+                            version: current.number,
+                            base_version: *v,
+                            upserts,
+                            removals,
+                        })
+                    }
+                    None => Some(ConfigUpdate {
+                        version: current.number,
+                        base_version: 0,
+                        upserts: snapshot.values().cloned().collect(),
+                        removals: Vec::new(),
+                    }),
+                };
+                if let Some(update) = update {
+                    debug!(node = %self.node, version = update.version, base = update.base_version, upserts = update.upserts.len(), removals = update.removals.len(), "sending");
+                    if tx.send(Ok(update)).await.is_err() {
+                        return;
+                    }
+                    self.update(|s| s.sent_version = current.number);
+                    self.sent
+                        .lock()
+                        .expect("sent lock")
+                        .insert(self.node.clone(), current.clone());
+                    held = Some((current.number, snapshot));
+                    first = false;
+                }
+            }
+            if versions.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,2 @@
+//! Where the controller's objects and pod placement come from.
+pub mod local;

@@ -1,0 +1,138 @@
+//! The configuration this node holds, as domain types. Built from the controller's resources
+//! once, at the edge: anything that does not convert rejects the whole version (the node nacks it
+//! and keeps its last good one).
+use std::collections::{BTreeMap, BTreeSet};
+
+use mesh_api::{
+    config::v1 as pb,
+    placement::{
+        InboundMode, NodeEntry, PeerAuthEntry, Placement, PlacementError, PlacementFile, PodEntry,
+    },
+};
+
+/// Resources as received, by (kind, name): what deltas apply to.
+pub type Resources = BTreeMap<(i32, String), pb::Resource>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    #[error("{kind} {name}: {reason}")]
+    Resource {
+        kind: &'static str,
+        name: String,
+        reason: String,
+    },
+    #[error("placement")]
+    Placement(#[from] PlacementError),
+}
+
+/// A policy or route as the controller validated it. Its spec is parsed by the layer that
+/// applies it (L7); here it only has to be a JSON object.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Policy {
+    pub kind: &'static str,
+    pub api_version: String,
+    pub namespace: String,
+    pub name: String,
+    pub spec: serde_json::Value,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct NodeConfig {
+    pub version: u64,
+    /// Nodes, workloads and inbound modes: what routing and the tunnel need.
+    pub placement: Placement,
+    /// Pods of this node the mesh should redirect.
+    pub enrolled: BTreeSet<(String, String)>,
+    pub services: Vec<pb::Service>,
+    pub policies: Vec<Policy>,
+}
+
+fn kind_name(kind: i32) -> &'static str {
+    pb::Kind::try_from(kind).map_or("UNKNOWN", |k| k.as_str_name())
+}
+
+impl NodeConfig {
+    pub fn convert(
+        node: &str,
+        trust_domain: &str,
+        version: u64,
+        resources: &Resources,
+    ) -> Result<Self, ConvertError> {
+        let mut file = PlacementFile {
+            trust_domain: trust_domain.to_string(),
+            ..Default::default()
+        };
+        let mut enrolled = BTreeSet::new();
+        let mut services = Vec::new();
+        let mut policies = Vec::new();
+        for ((kind, name), r) in resources {
+            let bad = |reason: String| ConvertError::Resource {
+                kind: kind_name(*kind),
+                name: name.clone(),
+                reason,
+            };
+            let ips = |v: &[String]| {
+                v.iter()
+                    .map(|a| {
+                        a.parse()
+                            .map_err(|_| bad(format!("{a:?} is not an IP address")))
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            };
+            match &r.body {
+                Some(pb::resource::Body::Node(n)) => file.nodes.push(NodeEntry {
+                    name: n.name.clone(),
+                    addresses: ips(&n.addresses)?,
+                }),
+                Some(pb::resource::Body::Workload(w)) => {
+                    if w.node == node && w.enrolled {
+                        enrolled.insert((w.namespace.clone(), w.name.clone()));
+                    }
+                    if w.node == node {
+                        let mode = match pb::InboundMode::try_from(w.inbound_mode) {
+                            Ok(pb::InboundMode::Strict) => InboundMode::Strict,
+                            _ => InboundMode::Permissive,
+                        };
+                        file.peer_authentication.push(PeerAuthEntry {
+                            namespace: w.namespace.clone(),
+                            pod: Some(w.name.clone()),
+                            mode,
+                        });
+                    }
+                    file.pods.push(PodEntry {
+                        namespace: w.namespace.clone(),
+                        name: w.name.clone(),
+                        node: w.node.clone(),
+                        service_account: w.service_account.clone(),
+                        ips: ips(&w.ips)?,
+                        labels: w.labels.clone().into_iter().collect(),
+                        ready: true,
+                    });
+                }
+                Some(pb::resource::Body::Service(s)) => services.push(s.clone()),
+                Some(pb::resource::Body::Policy(p)) => {
+                    let spec: serde_json::Value = serde_json::from_str(&p.spec_json)
+                        .map_err(|e| bad(format!("spec is not JSON: {e}")))?;
+                    if !spec.is_object() {
+                        return Err(bad("spec is not an object".into()));
+                    }
+                    policies.push(Policy {
+                        kind: kind_name(*kind),
+                        api_version: p.api_version.clone(),
+                        namespace: p.namespace.clone(),
+                        name: p.name.clone(),
+                        spec,
+                    });
+                }
+                None => return Err(bad("no body".into())),
+            }
+        }
+        Ok(Self {
+            version,
+            placement: Placement::try_from(file)?,
+            enrolled,
+            services,
+            policies,
+        })
+    }
+}
