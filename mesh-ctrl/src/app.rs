@@ -126,6 +126,7 @@ pub struct Bound {
     /// Subscribed nodes and what they acknowledged.
     pub nodes: Arc<std::sync::Mutex<std::collections::BTreeMap<String, NodeState>>>,
     source: Option<tokio::task::JoinHandle<()>>,
+    close_streams: Box<dyn FnOnce() + Send>,
     /// The trust bundle file nodes bootstrap from in local mode.
     pub trust_bundle: PathBuf,
     shutdown: oneshot::Sender<()>,
@@ -137,6 +138,7 @@ impl Bound {
         if let Some(s) = &self.source {
             s.abort();
         }
+        (self.close_streams)();
         let _ = self.shutdown.send(());
         let _ = self.task.await;
     }
@@ -256,6 +258,7 @@ pub async fn serve(args: ServeArgs) -> Result<Bound, AppError> {
     let stats = Arc::new(Stats::default());
     let config = ConfigService::new(store.clone(), auth.clone());
     let nodes = config.nodes();
+    let close_streams = Box::new(config.closer());
     let service = CertService {
         ca: ca.clone(),
         placement,
@@ -300,6 +303,7 @@ pub async fn serve(args: ServeArgs) -> Result<Bound, AppError> {
         store,
         nodes,
         source,
+        close_streams,
         trust_bundle,
         shutdown: tx,
         task,

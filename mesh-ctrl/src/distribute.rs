@@ -60,6 +60,8 @@ pub struct ConfigService {
     nodes: Arc<Mutex<BTreeMap<String, NodeState>>>,
     /// The version last sent to each node: the base of a delta when it reconnects.
     sent: Arc<Mutex<HashMap<String, Arc<Version>>>>,
+    /// Set on shutdown: streams end, so the server can stop (nodes reconnect elsewhere).
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 impl ConfigService {
@@ -69,6 +71,15 @@ impl ConfigService {
             auth,
             nodes: Arc::default(),
             sent: Arc::default(),
+            closing: tokio::sync::watch::channel(false).0,
+        }
+    }
+
+    /// Ends every subscription stream, now and for streams opened from here on.
+    pub fn closer(&self) -> impl FnOnce() + Send + 'static {
+        let closing = self.closing.clone();
+        move || {
+            closing.send_replace(true);
         }
     }
 
@@ -133,7 +144,14 @@ impl ConfigDiscovery for ConfigService {
             sent: self.sent.clone(),
         };
         let versions = self.store.subscribe();
-        let send_task = tokio::spawn(sender.clone().run(versions, base, tx));
+        let mut closing = self.closing.subscribe();
+        let run = sender.clone().run(versions, base, tx);
+        let send_task = tokio::spawn(async move {
+            tokio::select! {
+                () = run => {}
+                _ = closing.wait_for(|c| *c) => {}
+            }
+        });
         // Acks and nacks; the stream ending means the node went away.
         tokio::spawn(async move {
             while let Some(msg) = inbound.next().await {

@@ -61,7 +61,10 @@ pub struct Bound {
 }
 
 /// The configuration serving, and the state of the stream it comes from.
-pub type ConfigFeed = (watch::Receiver<Arc<NodeConfig>>, Arc<Mutex<subscribe::Status>>);
+pub type ConfigFeed = (
+    watch::Receiver<Arc<NodeConfig>>,
+    Arc<Mutex<subscribe::Status>>,
+);
 
 /// The identity side of a node: certificates, placement, tunnel figures.
 pub struct Mesh {

@@ -1,0 +1,154 @@
+//! Config distribution end to end: a real mesh-ctrl following a config directory, real node
+//! proxies subscribed to it, enrollment in the kernel following the namespace label.
+use std::time::Duration;
+
+use mesh_tests::{ClusterBuilder, Pair, ctrl::namespace_yaml};
+use serde_json::Value;
+
+const PORT: u16 = 8080;
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Who the server saw as its peer for a one-connection client run.
+async fn peer_seen(pair: &Pair) -> String {
+    let report = pair
+        .client
+        .client(pair.server.addr(false, PORT), 1, 1024)
+        .await
+        .unwrap();
+    assert_eq!(report["ok"], 1, "{report}");
+    let hello = report["hellos"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .next()
+        .unwrap()
+        .clone();
+    hello
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .trim_start_matches("peer=")
+        .to_string()
+}
+
+#[tokio::test]
+async fn enrollment_follows_the_config_and_nodes_keep_it_through_outages() {
+    let mut pair = ClusterBuilder::new()
+        .nodes(2)
+        .pods_per_node(1)
+        .config_stream()
+        .start_pair(PORT)
+        .await
+        .unwrap();
+    let node0 = &pair.cluster.nodes[0];
+    let client = format!("{}/{}", pair.client.namespace, pair.client.name);
+    let cfg = node0.mesh_config().await.unwrap();
+    assert!(cfg["version"].as_u64().unwrap() > 0, "{cfg}");
+    assert!(strings(&cfg["enrolled"]).contains(&client), "{cfg}");
+    assert_eq!(strings(&cfg["workloads"]).len(), 2, "{cfg}");
+    // In the mesh: the server sees node 1's proxy, not the client.
+    let via_mesh = pair.cluster.nodes[1].ipv4.to_string();
+    assert_eq!(peer_seen(&pair).await, via_mesh);
+
+    // The namespace leaves the mesh: both pods stop being redirected.
+    let ns = pair.client.namespace.clone();
+    pair.cluster
+        .apply_config("namespaces.yaml", &namespace_yaml(&ns, false))
+        .unwrap();
+    let left = node0
+        .wait_config(Duration::from_secs(10), "client leaves", |c| {
+            !strings(&c["enrolled"]).contains(&client)
+        })
+        .await
+        .unwrap();
+    let pods = || async {
+        let (_, v) = pair.cluster.nodes[0]
+            .admin("GET", "/v1/pods", None)
+            .await
+            .unwrap();
+        v.as_array().unwrap().len()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while pods().await != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still enrolled in the kernel"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("config change to node: {left:?}");
+    assert_eq!(
+        peer_seen(&pair).await,
+        pair.client.ipv4.to_string(),
+        "direct now"
+    );
+
+    // And joins again.
+    pair.cluster
+        .apply_config("namespaces.yaml", &namespace_yaml(&ns, true))
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while pods().await != 1 {
+        assert!(tokio::time::Instant::now() < deadline, "not enrolled again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(peer_seen(&pair).await, via_mesh);
+
+    // A bad object is rejected by the controller, naming the field; nodes keep their version.
+    let version = pair.cluster.nodes[0].mesh_config().await.unwrap()["version"].clone();
+    pair.cluster
+        .apply_config(
+            "bad.yaml",
+            &format!("apiVersion: nodemesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: t, namespace: {ns}}}\nspec: {{targetRef: {{name: ghost}}}}\n"),
+        )
+        .unwrap();
+    let ctrl = pair.cluster.ctrl.as_ref().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let rejected = ctrl.log_records().into_iter().any(|r| {
+            r["fields"]["field"] == "spec.targetRef.name"
+                && r["fields"]["object"] == format!("TrafficPolicy {ns}/t").as_str()
+        });
+        if rejected {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no rejection logged"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let cfg = pair.cluster.nodes[0].mesh_config().await.unwrap();
+    assert_eq!(cfg["version"], version, "{cfg}");
+
+    // Controller down: nodes keep serving their last configuration, and traffic flows.
+    pair.cluster.ctrl.as_mut().unwrap().stop().await.unwrap();
+    let node0 = &pair.cluster.nodes[0];
+    node0
+        .wait_config(Duration::from_secs(10), "stream lost", |c| {
+            c["stream"]["connected"] == false
+        })
+        .await
+        .unwrap();
+    assert_eq!(node0.mesh_config().await.unwrap()["version"], version);
+    assert_eq!(peer_seen(&pair).await, via_mesh);
+
+    // Back: the node reconnects by itself.
+    pair.cluster.ctrl.as_mut().unwrap().start().await.unwrap();
+    pair.cluster.nodes[0]
+        .wait_config(Duration::from_secs(15), "stream back", |c| {
+            c["stream"]["connected"] == true && c["stream"]["reconnects"].as_u64() > Some(0)
+        })
+        .await
+        .unwrap();
+    assert_eq!(peer_seen(&pair).await, via_mesh);
+}
