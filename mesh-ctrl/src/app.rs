@@ -40,6 +40,9 @@ pub struct ServeArgs {
     /// Local mode: where pods run (JSON, see mesh_api::placement); reloaded when it changes.
     #[arg(long, env = "MESH_CTRL_PLACEMENT")]
     pub placement: PathBuf,
+    /// The admin endpoint `mesh-ctrl status/history/rollback/explain` talk to.
+    #[arg(long, env = "MESH_CTRL_ADMIN", default_value = "127.0.0.1:15014")]
+    pub admin: SocketAddr,
     /// Local mode: a directory of mesh config YAML (Namespaces, Services, routes, policies),
     /// followed as it changes.
     #[arg(long, env = "MESH_CTRL_CONFIG_DIR")]
@@ -127,6 +130,9 @@ pub struct Bound {
     pub nodes: Arc<std::sync::Mutex<std::collections::BTreeMap<String, NodeState>>>,
     source: Option<tokio::task::JoinHandle<()>>,
     close_streams: Box<dyn FnOnce() + Send>,
+    /// Where the admin endpoint listens.
+    pub admin: SocketAddr,
+    admin_task: tokio::task::JoinHandle<()>,
     /// The trust bundle file nodes bootstrap from in local mode.
     pub trust_bundle: PathBuf,
     shutdown: oneshot::Sender<()>,
@@ -139,6 +145,7 @@ impl Bound {
             s.abort();
         }
         (self.close_streams)();
+        self.admin_task.abort();
         let _ = self.shutdown.send(());
         let _ = self.task.await;
     }
@@ -296,7 +303,27 @@ pub async fn serve(args: ServeArgs) -> Result<Bound, AppError> {
             tracing::error!(error = %e, "certificate service stopped");
         }
     });
-    info!(%addr, trust_domain = %args.trust_domain, trust_bundle = %trust_bundle.display(), "certificate service serving");
+    let admin_listener = tokio::net::TcpListener::bind(args.admin)
+        .await
+        .map_err(|source| AppError::Bind {
+            addr: args.admin,
+            source,
+        })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| AppError::Bind {
+            addr: args.admin,
+            source,
+        })?;
+    let admin = Arc::new(crate::admin::Admin {
+        store: store.clone(),
+        nodes: nodes.clone(),
+        certs: stats.clone(),
+        cert_ttl: args.cert_ttl,
+        config_dir: args.config_dir.clone(),
+    });
+    let admin_task = tokio::spawn(admin.serve(admin_listener));
+    info!(%addr, %admin_addr, trust_domain = %args.trust_domain, trust_bundle = %trust_bundle.display(), "certificate service serving");
     Ok(Bound {
         addr,
         stats,
@@ -304,6 +331,8 @@ pub async fn serve(args: ServeArgs) -> Result<Bound, AppError> {
         nodes,
         source,
         close_streams,
+        admin: admin_addr,
+        admin_task,
         trust_bundle,
         shutdown: tx,
         task,

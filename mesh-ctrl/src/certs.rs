@@ -58,6 +58,10 @@ impl From<SignError> for Status {
 pub struct Stats {
     pub signed: AtomicU64,
     pub refused: AtomicU64,
+    /// The newest certificate issued per (node, identity): its expiry, for `mesh-ctrl status`.
+    #[serde(skip)]
+    pub issued:
+        std::sync::Mutex<std::collections::BTreeMap<(String, String), std::time::SystemTime>>,
 }
 
 pub struct CertService {
@@ -109,6 +113,11 @@ impl CertService {
         };
         let signed = self.ca.sign_workload(&r.csr_pem, &w.identity, ttl)?;
         info!(%node, identity = %w.identity, ttl = ?ttl, "signed workload certificate");
+        self.stats
+            .issued
+            .lock()
+            .expect("issued lock")
+            .insert((node.clone(), w.identity.to_string()), signed.not_after);
         Ok(SignWorkloadResponse {
             spiffe_id: w.identity.to_string(),
             cert_chain_pem: signed.chain_pem,

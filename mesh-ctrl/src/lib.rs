@@ -1,5 +1,6 @@
 //! mesh-ctrl: the mesh's controller. Today: the certificate authority and the certificate service
 //! node proxies use to obtain workload identities.
+pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod ca;

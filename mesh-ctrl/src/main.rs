@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use mesh_ctrl::{
     app::{self, ServeArgs},
-    cli::{Output, check},
+    cli::{Output, check, remote},
     model,
 };
 use tracing_subscriber::EnvFilter;
@@ -32,6 +32,35 @@ enum Cmd {
     },
     /// Print the CustomResourceDefinitions of the mesh's own kinds.
     Crds,
+    /// Nodes subscribed, the versions they acknowledged, rejected objects, certificates close to
+    /// expiry.
+    Status(Remote),
+    /// Accepted configuration versions, newest first.
+    History(Remote),
+    /// Restore the object set of an earlier version; nodes converge to it.
+    Rollback {
+        version: u64,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Which route, backends, authorization rule and inbound mode apply to a connection from POD
+    /// (NAMESPACE/NAME) to DESTINATION (IP:PORT or SERVICE.NAMESPACE:PORT), and why.
+    Explain {
+        pod: String,
+        destination: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+/// Flags of the subcommands that ask a running controller.
+#[derive(clap::Args)]
+struct Remote {
+    /// The controller's admin endpoint.
+    #[arg(long, env = "MESH_CTRL_ADMIN", default_value = "127.0.0.1:15014")]
+    admin: std::net::SocketAddr,
+    #[arg(long, short, value_enum, default_value_t)]
+    output: Output,
 }
 
 fn main() -> ExitCode {
@@ -51,6 +80,28 @@ fn main() -> ExitCode {
         Cmd::Crds => {
             print!("{}", model::crds_yaml());
             return ExitCode::SUCCESS;
+        }
+        Cmd::Status(r) => return ask(&r, "GET", "/v1/status".into(), remote::human_status),
+        Cmd::History(r) => return ask(&r, "GET", "/v1/history".into(), remote::human_history),
+        Cmd::Rollback { version, remote } => {
+            return ask(&remote, "POST", format!("/v1/rollback/{version}"), |v| {
+                format!(
+                    "rolled back to version {}: wrote {}\n",
+                    v["rolled_back_to"], v["written"]
+                )
+            });
+        }
+        Cmd::Explain {
+            pod,
+            destination,
+            remote,
+        } => {
+            let path = format!(
+                "/v1/explain?pod={}&dest={}",
+                remote::encode(&pod),
+                remote::encode(&destination)
+            );
+            return ask(&remote, "GET", path, remote::human_explain);
         }
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -98,6 +149,27 @@ fn run_check(path: &str, output: Output) -> ExitCode {
         Err(e) => {
             eprintln!("mesh-ctrl: {}", mesh_api::placement::error_chain(&e));
             ExitCode::from(2)
+        }
+    }
+}
+
+fn ask(
+    r: &Remote,
+    method: &str,
+    path: String,
+    human: fn(&serde_json::Value) -> String,
+) -> ExitCode {
+    match remote::call(r.admin, method, &path) {
+        Ok(v) => {
+            match r.output {
+                Output::Human => print!("{}", human(&v)),
+                Output::Json => println!("{v}"),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("mesh-ctrl: {}", mesh_api::placement::error_chain(&e));
+            ExitCode::FAILURE
         }
     }
 }

@@ -287,3 +287,78 @@ async fn a_node_subscribes_only_as_itself() {
     let err = client.subscribe(req).await.err().unwrap();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
 }
+
+#[tokio::test]
+async fn status_history_explain_and_rollback_through_the_admin_endpoint() {
+    use mesh_ctrl::cli::remote;
+    let ctrl = Ctrl::start().await;
+    let admin = ctrl.bound.admin;
+    let call = move |method: &'static str, path: String| {
+        tokio::task::spawn_blocking(move || remote::call(admin, method, &path))
+    };
+    let mut a = subscribe(&ctrl, "node-a", "token-a-0123456789", 0)
+        .await
+        .unwrap();
+    let first = a.next().await;
+    a.ack(first.version).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let status = call("GET", "/v1/status".into()).await.unwrap().unwrap();
+    assert_eq!(status["version"], first.version);
+    assert_eq!(status["nodes"]["node-a"]["acked_version"], first.version);
+    assert_eq!(status["nodes"]["node-a"]["connected"], true);
+    let human = remote::human_status(&status);
+    assert!(human.contains("node-a\ttrue"), "{human}");
+
+    // Why can't batch reach the catalog?
+    let path = format!(
+        "/v1/explain?pod={}&dest={}",
+        remote::encode("shop/batch-1"),
+        remote::encode("catalog.shop:9090")
+    );
+    let e = call("GET", path).await.unwrap().unwrap();
+    assert_eq!(e["source"]["redirected"], false, "{e}");
+    assert!(
+        e["verdict"]
+            .as_str()
+            .unwrap()
+            .contains("dropped in the kernel"),
+        "{e}"
+    );
+    let err = call(
+        "GET",
+        "/v1/explain?pod=shop%2Fghost&dest=1.2.3.4%3A80".into(),
+    )
+    .await
+    .unwrap()
+    .unwrap_err();
+    assert!(err.to_string().contains("no pod shop/ghost"), "{err}");
+
+    // Change, then roll back to the first version: the node converges to it.
+    ctrl.write(
+        "extra.yaml",
+        "apiVersion: nodemesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: web, namespace: shop}\nspec: {targetRef: {name: web}, timeouts: {request: 1s}}\n",
+    );
+    let changed = a.next().await;
+    assert_eq!(names(&changed, Kind::TrafficPolicy), ["shop/web"]);
+    let history = call("GET", "/v1/history".into()).await.unwrap().unwrap();
+    assert_eq!(history[0]["version"], changed.version, "{history}");
+    assert_eq!(history[0]["changes"][0], "+ TrafficPolicy shop/web");
+    let back = call("POST", format!("/v1/rollback/{}", first.version))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back["rolled_back_to"], first.version);
+    let reverted = a.next().await;
+    let removed: Vec<&str> = reverted.removals.iter().map(|k| k.name.as_str()).collect();
+    assert_eq!(removed, ["shop/web"], "{reverted:?}");
+    assert!(
+        reverted.version > changed.version,
+        "a rollback is a new version"
+    );
+    let err = call("POST", "/v1/rollback/999".into())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(err.to_string().contains("not in the history"), "{err}");
+}

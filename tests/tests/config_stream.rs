@@ -40,6 +40,21 @@ async fn peer_seen(pair: &Pair) -> String {
         .to_string()
 }
 
+/// Runs `mesh-ctrl ARGS` next to the controller (its admin endpoint is on loopback there).
+async fn ctrl_cli(pair: &Pair, args: &[&str]) -> Value {
+    let ctrl = pair.cluster.ctrl.as_ref().unwrap();
+    let bin = mesh_tests::cluster::find_bin("mesh-ctrl").unwrap();
+    let out = tokio::process::Command::new("ip")
+        .args(["netns", "exec", &ctrl.netns])
+        .arg(bin)
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 #[tokio::test]
 async fn enrollment_follows_the_config_and_nodes_keep_it_through_outages() {
     let mut pair = ClusterBuilder::new()
@@ -58,6 +73,16 @@ async fn enrollment_follows_the_config_and_nodes_keep_it_through_outages() {
     // In the mesh: the server sees node 1's proxy, not the client.
     let via_mesh = pair.cluster.nodes[1].ipv4.to_string();
     assert_eq!(peer_seen(&pair).await, via_mesh);
+
+    // The CLI sees both nodes subscribed and current.
+    let status = ctrl_cli(&pair, &["status", "--output", "json"]).await;
+    for n in &pair.cluster.nodes {
+        assert_eq!(status["nodes"][&n.name]["connected"], true, "{status}");
+        assert_eq!(
+            status["nodes"][&n.name]["acked_version"], status["version"],
+            "{status}"
+        );
+    }
 
     // The namespace leaves the mesh: both pods stop being redirected.
     let ns = pair.client.namespace.clone();

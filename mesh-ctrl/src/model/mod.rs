@@ -1,6 +1,7 @@
 //! The config model: what operators write (our CRDs and the Gateway API routes), how it is read
 //! (`objects`), and what makes it valid (`validate`).
 pub mod crd;
+pub mod explain;
 pub mod gateway;
 pub mod objects;
 pub mod snapshot;

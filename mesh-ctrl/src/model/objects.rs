@@ -187,6 +187,25 @@ impl Objects {
         }
     }
 
+    /// Every object as multi-document YAML, in the form `add_yaml` reads.
+    pub fn to_yaml(&self) -> String {
+        fn each<T: serde::Serialize>(m: &ByName<T>, out: &mut String) {
+            for o in m.values() {
+                out.push_str("---\n");
+                out.push_str(&serde_yaml::to_string(o).expect("objects serialize"));
+            }
+        }
+        let mut out = String::new();
+        each(&self.namespaces, &mut out);
+        each(&self.services, &mut out);
+        each(&self.http_routes, &mut out);
+        each(&self.grpc_routes, &mut out);
+        each(&self.authorization_policies, &mut out);
+        each(&self.peer_authentications, &mut out);
+        each(&self.traffic_policies, &mut out);
+        out
+    }
+
     /// Every object's reference, for listings.
     pub fn refs(&self) -> Vec<ObjectRef> {
         fn each<T>(kind: &'static str, m: &ByName<T>, out: &mut Vec<ObjectRef>) {

@@ -148,6 +148,12 @@ impl Store {
         self.publish(&mut inner, vec!["placement".into()]);
     }
 
+    /// What the current version was computed from (for `explain`).
+    pub fn inputs(&self) -> (Arc<Objects>, Arc<Placement>) {
+        let inner = self.inner.lock().expect("store lock");
+        (inner.accepted.clone(), inner.placement.clone())
+    }
+
     /// Objects rejected by the last validation.
     pub fn rejected(&self) -> Vec<Invalid> {
         self.inner.lock().expect("store lock").rejected.clone()

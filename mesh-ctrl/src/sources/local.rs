@@ -70,3 +70,24 @@ pub fn spawn(
         }
     }))
 }
+
+/// Rollback in local mode: the directory is the source of truth, so the earlier object set is
+/// written back into it. The files it replaces are kept in `.replaced-<unix seconds>/`.
+pub fn rollback(dir: &Path, version: u64, objects: &Objects) -> std::io::Result<PathBuf> {
+    let stamp = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let aside = dir.join(format!(".replaced-{stamp}"));
+    std::fs::create_dir_all(&aside)?;
+    for (path, _, _) in fingerprint(dir) {
+        if path.is_file() {
+            std::fs::rename(&path, aside.join(path.file_name().unwrap_or_default()))?;
+        }
+    }
+    let target = dir.join(format!("rollback-to-v{version}.yaml"));
+    let tmp = aside.join("rollback.tmp");
+    std::fs::write(&tmp, objects.to_yaml())?;
+    std::fs::rename(&tmp, &target)?;
+    info!(version, file = %target.display(), replaced = %aside.display(), "rolled back");
+    Ok(target)
+}

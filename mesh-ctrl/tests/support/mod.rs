@@ -22,6 +22,7 @@ pub fn serve_args(dir: &Path, placement: &str, ttl: &str) -> ServeArgs {
         trust_domain: "cluster.local".into(),
         placement: p("placement.json", placement),
         config_dir: None,
+        admin: "127.0.0.1:0".parse().unwrap(),
         node_tokens: Some(p("tokens.json", TOKENS)),
         node_auth: app::NodeAuthMode::Tokens,
         node_service_account: "mesh-system/mesh-node".into(),
