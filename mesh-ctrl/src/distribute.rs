@@ -11,7 +11,8 @@ use std::{
 };
 
 use mesh_api::config::v1::{
-    ConfigUpdate, NodeMessage, config_discovery_server::ConfigDiscovery, node_message::Kind as Msg,
+    self as pb, ConfigUpdate, NodeMessage, config_discovery_server::ConfigDiscovery,
+    node_message::Kind as Msg,
 };
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -60,6 +61,7 @@ pub struct ConfigService {
     nodes: Arc<Mutex<BTreeMap<String, NodeState>>>,
     /// The version last sent to each node: the base of a delta when it reconnects.
     sent: Arc<Mutex<HashMap<String, Arc<Version>>>>,
+    deltas: Arc<SharedDeltas>,
     /// Set on shutdown: streams end, so the server can stop (nodes reconnect elsewhere).
     closing: tokio::sync::watch::Sender<bool>,
 }
@@ -71,6 +73,7 @@ impl ConfigService {
             auth,
             nodes: Arc::default(),
             sent: Arc::default(),
+            deltas: Arc::default(),
             closing: tokio::sync::watch::channel(false).0,
         }
     }
@@ -140,6 +143,7 @@ impl ConfigDiscovery for ConfigService {
         let (tx, rx) = mpsc::channel(4);
         let sender = Sender {
             node: node.clone(),
+            deltas: self.deltas.clone(),
             nodes: self.nodes.clone(),
             sent: self.sent.clone(),
         };
@@ -172,9 +176,34 @@ impl ConfigDiscovery for ConfigService {
     }
 }
 
+/// Deltas of the shared part between two versions: every node moving between the same two
+/// versions gets the same one, so it is computed once.
+#[derive(Default)]
+struct SharedDeltas(Mutex<HashMap<(u64, u64), Arc<Delta>>>);
+
+type Delta = (Vec<pb::Resource>, Vec<pb::ResourceKey>);
+
+impl SharedDeltas {
+    fn shared(&self, from: &Version, to: &Version) -> Arc<Delta> {
+        let key = (from.number, to.number);
+        if let Some(d) = self.0.lock().expect("deltas lock").get(&key) {
+            return d.clone();
+        }
+        // Computed outside the lock; two nodes racing compute it twice, which is harmless.
+        let d = Arc::new(delta(&from.computed.shared, &to.computed.shared));
+        let mut cache = self.0.lock().expect("deltas lock");
+        if cache.len() > 64 {
+            cache.clear();
+        }
+        cache.insert(key, d.clone());
+        d
+    }
+}
+
 #[derive(Clone)]
 struct Sender {
     node: String,
+    deltas: Arc<SharedDeltas>,
     nodes: Arc<Mutex<BTreeMap<String, NodeState>>>,
     sent: Arc<Mutex<HashMap<String, Arc<Version>>>>,
 }
@@ -206,29 +235,43 @@ impl Sender {
         base: Option<Arc<Version>>,
         tx: mpsc::Sender<Result<ConfigUpdate, Status>>,
     ) {
-        let mut held: Option<(u64, Snapshot)> =
-            base.map(|v| (v.number, v.computed.for_node(&self.node)));
+        // What the node holds: a version (shared with every node) and its node-scoped part.
+        let mut held: Option<(Arc<Version>, Snapshot)> = base.map(|v| {
+            let part = v.computed.node_part(&self.node);
+            (v, part)
+        });
         let mut first = true;
         loop {
             let current = versions.borrow_and_update().clone();
             if current.number > 0 {
-                let snapshot = current.computed.for_node(&self.node);
+                let part = current.computed.node_part(&self.node);
                 let update = match &held {
-                    // Nothing changed for this node (a reconnect is always answered).
-                    Some((_, old)) if *old == snapshot && !first => None,
-                    Some((v, old)) => {
-                        let (upserts, removals) = delta(old, &snapshot);
-                        Some(ConfigUpdate {
-                            version: current.number,
-                            base_version: *v,
-                            upserts,
-                            removals,
+                    Some((old, old_part)) => {
+                        let (mut upserts, mut removals) =
+                            (*self.deltas.shared(old, &current)).clone();
+                        let (u, r) = delta(old_part, &part);
+                        upserts.extend(u);
+                        removals.extend(r);
+                        // Nothing changed for this node (a reconnect is always answered).
+                        (first || !upserts.is_empty() || !removals.is_empty()).then(|| {
+                            ConfigUpdate {
+                                version: current.number,
+                                base_version: old.number,
+                                upserts,
+                                removals,
+                            }
                         })
                     }
                     None => Some(ConfigUpdate {
                         version: current.number,
                         base_version: 0,
-                        upserts: snapshot.values().cloned().collect(),
+                        upserts: current
+                            .computed
+                            .shared
+                            .values()
+                            .chain(part.values())
+                            .cloned()
+                            .collect(),
                         removals: Vec::new(),
                     }),
                 };
@@ -242,7 +285,7 @@ impl Sender {
                         .lock()
                         .expect("sent lock")
                         .insert(self.node.clone(), current.clone());
-                    held = Some((current.number, snapshot));
+                    held = Some((current, part));
                     first = false;
                 }
             }

@@ -3,6 +3,7 @@
 //! and `cargo xtask demo`. Needs root.
 pub mod cluster;
 pub mod ctrl;
+pub mod ctrl_bench;
 pub mod http;
 mod sys;
 

@@ -28,7 +28,7 @@ pub type Snapshot = BTreeMap<Key, pb::Resource>;
 /// The shared part and the node-scoped index, for one version of the configuration.
 #[derive(Debug, Default, PartialEq)]
 pub struct Computed {
-    shared: Snapshot,
+    pub shared: Snapshot,
     /// Inbound policies by namespace.
     by_namespace: BTreeMap<String, Vec<pb::Resource>>,
     /// Namespaces with pods on each node.
@@ -75,12 +75,18 @@ impl Computed {
                 }),
             );
         }
+        // Endpoint selection looks only at the Service's namespace.
+        let mut by_ns: BTreeMap<&str, Vec<&Workload>> = BTreeMap::new();
+        for w in placement.workloads() {
+            by_ns.entry(w.namespace.as_str()).or_default().push(w);
+        }
         for ((ns, name), s) in &objects.services {
+            let pods = by_ns.get(ns.as_str()).map_or(&[][..], Vec::as_slice);
             add(
                 &mut shared,
                 pb::Kind::Service,
                 format!("{ns}/{name}"),
-                pb::resource::Body::Service(service(s, placement)),
+                pb::resource::Body::Service(service(s, pods)),
             );
         }
         let policy = |api_version: &str, ns: &str, name: &str, spec: serde_json::Value| {
@@ -145,6 +151,14 @@ impl Computed {
     /// What `node` should hold.
     pub fn for_node(&self, node: &str) -> Snapshot {
         let mut s = self.shared.clone();
+        s.extend(self.node_part(node));
+        s
+    }
+
+    /// The node-scoped part of what `node` should hold (small: inbound policy of the namespaces
+    /// with pods on it).
+    pub fn node_part(&self, node: &str) -> Snapshot {
+        let mut s = Snapshot::new();
         for ns in self.namespaces_on.get(node).into_iter().flatten() {
             for r in self.by_namespace.get(ns).into_iter().flatten() {
                 let k = r.key.as_ref().expect("built with a key");
@@ -230,7 +244,8 @@ pub fn inbound_mode(objects: &Objects, w: &Workload) -> pb::InboundMode {
     }
 }
 
-fn service(s: &Service, placement: &Placement) -> pb::Service {
+/// A Service with its endpoints among `pods` (the pods of its namespace).
+fn service(s: &Service, pods: &[&Workload]) -> pb::Service {
     let ns = s.namespace().unwrap_or_default();
     let spec = s.spec.clone().unwrap_or_default();
     let ports = spec
@@ -257,8 +272,7 @@ fn service(s: &Service, placement: &Placement) -> pb::Service {
     let endpoints = if selector.is_empty() {
         Vec::new()
     } else {
-        placement
-            .workloads()
+        pods.iter()
             .filter(|w| {
                 w.namespace == ns
                     && w.ready

@@ -6,6 +6,8 @@
 //! - `redirect`: the client pod is enrolled, no identities: eBPF redirect + node proxy, plain TCP.
 //! - `mesh_l4`: client and server enrolled with identities: two node proxies, HBONE over mTLS.
 //! - `haproxy_mtls`: what an operator might run instead: haproxy on each node, mTLS between them.
+//! - `ctrl`: the controller at scale (`snapshot_ms`, `fanout_ms`, `rss_kb`; see
+//!   `mesh_tests::ctrl_bench`).
 //!
 //! Figures (see the README): `rps`, `p50_us`, `p99_us` (wrk, 50 connections, small responses),
 //! `paced_p50_us`, `paced_p99_us` (1,000 requests/s over 4 connections), `bulk_gbps` (one
@@ -303,8 +305,10 @@ fn report(results: &BTreeMap<&'static str, Figures>) {
         "figure",
         names.iter().map(|n| format!("{n:>14}")).collect::<String>()
     );
-    let figures: std::collections::BTreeSet<&str> =
-        results.values().flat_map(|f| f.keys().copied()).collect();
+    let figures: std::collections::BTreeSet<&str> = names
+        .iter()
+        .flat_map(|n| results[n].keys().copied())
+        .collect();
     for fig in &figures {
         let row: String = names
             .iter()
@@ -419,7 +423,29 @@ async fn main() -> anyhow::Result<()> {
             );
         }
     }
+    if want("ctrl") {
+        eprintln!(
+            "==> ctrl: {} pods, {} Services, {} nodes subscribed to an in-process controller",
+            mesh_tests::ctrl_bench::PODS,
+            mesh_tests::ctrl_bench::SERVICES,
+            mesh_tests::ctrl_bench::NODES
+        );
+        let dir = std::env::temp_dir().join(format!("mesh-bench-ctrl-{}", std::process::id()));
+        let figures = mesh_tests::ctrl_bench::run(&dir).await;
+        let _ = std::fs::remove_dir_all(&dir);
+        results.insert("ctrl", figures?.into_iter().collect());
+    }
     report(&results);
+    if let Some(ctrl) = results.get("ctrl") {
+        println!(
+            "\nctrl: snapshot computation {:.0} ms (target < 1000), one pod change to all {} nodes {:.0} ms (target < 100), controller memory {:.0} MiB, {} resources",
+            ctrl["snapshot_ms"],
+            ctrl["nodes"],
+            ctrl["fanout_ms"],
+            ctrl["rss_kb"] / 1024.0,
+            ctrl["resources"]
+        );
+    }
     if let Some(path) = args.json {
         let out = json!({"scenarios": results});
         std::fs::write(&path, serde_json::to_string_pretty(&out)? + "\n")?;
