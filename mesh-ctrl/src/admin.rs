@@ -20,6 +20,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
+use mesh_api::placement::error_chain;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tracing::warn;
@@ -37,6 +38,8 @@ pub struct Admin {
     pub cert_ttl: Duration,
     /// Local mode's config directory (rollback rewrites it).
     pub config_dir: Option<PathBuf>,
+    /// Cluster mode's client (rollback re-applies objects).
+    pub kube: Option<kube::Client>,
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -98,7 +101,7 @@ impl Admin {
             tokio::spawn(async move {
                 let svc = service_fn(move |req| {
                     let this = this.clone();
-                    async move { Ok::<_, Infallible>(this.route(req)) }
+                    async move { Ok::<_, Infallible>(this.route(req).await) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), svc)
@@ -107,14 +110,14 @@ impl Admin {
         }
     }
 
-    fn route(&self, req: Request<Incoming>) -> Resp {
+    async fn route(&self, req: Request<Incoming>) -> Resp {
         let path = req.uri().path().to_string();
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         match (req.method(), segments.as_slice()) {
             (&Method::GET, ["healthz"]) => reply(StatusCode::OK, json!({"status": "ok"})),
             (&Method::GET, ["v1", "status"]) => reply(StatusCode::OK, self.status()),
             (&Method::GET, ["v1", "history"]) => reply(StatusCode::OK, json!(self.store.history())),
-            (&Method::POST, ["v1", "rollback", v]) => self.rollback(v),
+            (&Method::POST, ["v1", "rollback", v]) => self.rollback(v).await,
             (&Method::GET, ["v1", "explain"]) => {
                 let (Some(pod), Some(dest)) = (query(&req, "pod"), query(&req, "dest")) else {
                     return error(
@@ -164,7 +167,7 @@ impl Admin {
         })
     }
 
-    fn rollback(&self, version: &str) -> Resp {
+    async fn rollback(&self, version: &str) -> Resp {
         let Ok(version) = version.parse::<u64>() else {
             return error(
                 StatusCode::BAD_REQUEST,
@@ -177,18 +180,28 @@ impl Admin {
                 format!("version {version} is not in the history (see mesh-ctrl history)"),
             );
         };
-        let Some(dir) = &self.config_dir else {
-            return error(
-                StatusCode::CONFLICT,
-                "rollback rewrites the config source, and this controller has no --config-dir",
-            );
-        };
-        match crate::sources::local::rollback(dir, version, &objects) {
-            Ok(file) => reply(
-                StatusCode::OK,
-                json!({"rolled_back_to": version, "written": file.display().to_string()}),
-            ),
-            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        if let Some(dir) = &self.config_dir {
+            return match crate::sources::local::rollback(dir, version, &objects) {
+                Ok(file) => reply(
+                    StatusCode::OK,
+                    json!({"rolled_back_to": version, "written": file.display().to_string()}),
+                ),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+            };
         }
+        if let Some(client) = &self.kube {
+            let (now, _) = self.store.inputs();
+            return match crate::sources::kube::rollback(client, &now, &objects).await {
+                Ok(done) => reply(
+                    StatusCode::OK,
+                    json!({"rolled_back_to": version, "written": "the cluster", "changes": done}),
+                ),
+                Err(e) => error(StatusCode::BAD_GATEWAY, error_chain(&e)),
+            };
+        }
+        error(
+            StatusCode::CONFLICT,
+            "rollback rewrites the config source, and this controller reads none (no --config-dir)",
+        )
     }
 }

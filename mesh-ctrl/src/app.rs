@@ -7,7 +7,7 @@ use mesh_api::{
     ca::v1::certificate_service_server::CertificateServiceServer,
     config::v1::config_discovery_server::ConfigDiscoveryServer,
     identity::SpiffeId,
-    placement::{PlacementError, PlacementWatch, error_chain},
+    placement::{Placement, PlacementError, PlacementWatch, error_chain},
 };
 use tokio::sync::oneshot;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
@@ -39,7 +39,22 @@ pub struct ServeArgs {
     pub trust_domain: String,
     /// Local mode: where pods run (JSON, see mesh_api::placement); reloaded when it changes.
     #[arg(long, env = "MESH_CTRL_PLACEMENT")]
-    pub placement: PathBuf,
+    pub placement: Option<PathBuf>,
+    /// Cluster mode: read Namespaces, Pods, Services, routes and policies from the Kubernetes
+    /// API (in-cluster config, or the kubeconfig).
+    #[arg(long, env = "MESH_CTRL_KUBERNETES")]
+    pub kubernetes: bool,
+    /// Cluster mode: the namespace of the node proxies' pods.
+    #[arg(long, env = "MESH_NODE_PROXY_NAMESPACE", default_value = "mesh-system")]
+    pub node_proxy_namespace: String,
+    /// Cluster mode: the label selector of the node proxies' pods (their IPs are tunnel
+    /// addresses).
+    #[arg(
+        long,
+        env = "MESH_NODE_PROXY_SELECTOR",
+        default_value = "app.kubernetes.io/name=mesh-node"
+    )]
+    pub node_proxy_selector: String,
     /// The admin endpoint `mesh-ctrl status/history/rollback/explain` talk to.
     #[arg(long, env = "MESH_CTRL_ADMIN", default_value = "127.0.0.1:15014")]
     pub admin: SocketAddr,
@@ -128,7 +143,7 @@ pub struct Bound {
     pub store: Arc<Store>,
     /// Subscribed nodes and what they acknowledged.
     pub nodes: Arc<std::sync::Mutex<std::collections::BTreeMap<String, NodeState>>>,
-    source: Option<tokio::task::JoinHandle<()>>,
+    source: tokio::task::JoinHandle<()>,
     close_streams: Box<dyn FnOnce() + Send>,
     /// Where the admin endpoint listens.
     pub admin: SocketAddr,
@@ -141,9 +156,7 @@ pub struct Bound {
 
 impl Bound {
     pub async fn shutdown(self) {
-        if let Some(s) = &self.source {
-            s.abort();
-        }
+        self.source.abort();
         (self.close_streams)();
         self.admin_task.abort();
         let _ = self.shutdown.send(());
@@ -232,17 +245,41 @@ pub async fn serve(args: ServeArgs) -> Result<Bound, AppError> {
         source,
     })?;
 
-    let placement = PlacementWatch::spawn(args.placement.clone(), Duration::from_millis(500))?;
     let store = Arc::new(Store::new());
-    let source = match &args.config_dir {
-        Some(dir) => Some(
-            crate::sources::local::spawn(dir.clone(), placement.clone(), store.clone())
-                .map_err(|e| config_err("--config-dir", error_chain(&e)))?,
-        ),
-        None => {
-            store.set_placement((*placement.current()).clone());
-            None
+    let (placement, source) = if args.kubernetes {
+        if args.placement.is_some() || args.config_dir.is_some() {
+            return Err(config_err(
+                "--kubernetes",
+                "reads the cluster: --placement and --config-dir are for local mode",
+            ));
         }
+        let mut empty = Placement::default();
+        empty.trust_domain = args.trust_domain.clone();
+        let feed = PlacementWatch::fixed(empty);
+        let proxies = crate::sources::kube::NodeProxies {
+            namespace: args.node_proxy_namespace.clone(),
+            selector: args.node_proxy_selector.clone(),
+        };
+        let task = tokio::spawn(crate::sources::kube::run(
+            kube_client(&mut kube).await?,
+            proxies,
+            args.trust_domain.clone(),
+            store.clone(),
+            feed.clone(),
+        ));
+        (feed, task)
+    } else {
+        let path = args.placement.clone().ok_or_else(|| {
+            config_err(
+                "--placement",
+                "required in local mode (or use --kubernetes)",
+            )
+        })?;
+        let placement = PlacementWatch::spawn(path, Duration::from_millis(500))?;
+        let task =
+            crate::sources::local::spawn(args.config_dir.clone(), placement.clone(), store.clone())
+                .map_err(|e| config_err("--config-dir", error_chain(&e)))?;
+        (placement, task)
     };
     let auth: Arc<dyn NodeAuth> = match args.node_auth {
         NodeAuthMode::Tokens => {
@@ -321,6 +358,7 @@ pub async fn serve(args: ServeArgs) -> Result<Bound, AppError> {
         certs: stats.clone(),
         cert_ttl: args.cert_ttl,
         config_dir: args.config_dir.clone(),
+        kube: if args.kubernetes { kube.clone() } else { None },
     });
     let admin_task = tokio::spawn(admin.serve(admin_listener));
     info!(%addr, %admin_addr, trust_domain = %args.trust_domain, trust_bundle = %trust_bundle.display(), "certificate service serving");

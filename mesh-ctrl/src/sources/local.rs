@@ -34,17 +34,19 @@ fn fingerprint(dir: &Path) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
     v
 }
 
-/// Loads `dir` now (an error here fails start-up: there is no last good set yet) and follows it.
+/// Loads `dir` now (an error here fails start-up: there is no last good set yet) and follows it
+/// and the placement. Without a directory, only the placement is followed.
 pub fn spawn(
-    dir: PathBuf,
+    dir: Option<PathBuf>,
     placement: PlacementWatch,
     store: Arc<Store>,
 ) -> Result<tokio::task::JoinHandle<()>, crate::model::objects::ParseError> {
-    let objects = Objects::load(&dir)?;
     store.set_placement((*placement.current()).clone());
-    store.set_objects(&objects);
+    if let Some(dir) = &dir {
+        store.set_objects(&Objects::load(dir)?);
+    }
     Ok(tokio::spawn(async move {
-        let mut seen = fingerprint(&dir);
+        let mut seen = dir.as_deref().map(fingerprint);
         let mut pods = placement.current();
         loop {
             tokio::time::sleep(POLL).await;
@@ -53,12 +55,13 @@ pub fn spawn(
                 pods = now;
                 store.set_placement((*pods).clone());
             }
-            let fp = fingerprint(&dir);
+            let Some(dir) = &dir else { continue };
+            let fp = Some(fingerprint(dir));
             if fp == seen {
                 continue;
             }
             seen = fp;
-            match Objects::load(&dir) {
+            match Objects::load(dir) {
                 Ok(objects) => {
                     let invalid = store.set_objects(&objects);
                     info!(dir = %dir.display(), objects = objects.refs().len(), invalid = invalid.len(), "config directory reloaded");

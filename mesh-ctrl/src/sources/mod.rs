@@ -1,2 +1,3 @@
 //! Where the controller's objects and pod placement come from.
+pub mod kube;
 pub mod local;
