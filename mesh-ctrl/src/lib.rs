@@ -1,5 +1,6 @@
-//! mesh-ctrl: the mesh's controller. Today: the certificate authority and the certificate service
-//! node proxies use to obtain workload identities.
+//! mesh-ctrl: the mesh's controller. The certificate authority and certificate service (workload
+//! identities), the config model (`model`) read from Kubernetes or a local directory (`sources`),
+//! versioned and streamed to node proxies (`distribute`), and the admin endpoint and CLI.
 pub mod admin;
 pub mod app;
 pub mod auth;

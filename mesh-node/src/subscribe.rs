@@ -138,34 +138,170 @@ impl Subscriber {
         }
     }
 
-    /// Applies `update` to a copy of `held`: `Ok(None)` when it is a delta from a version we do
-    /// not hold, `Err` when the result does not convert.
     fn apply(&self, held: &mut Resources, u: ConfigUpdate) -> Result<Option<NodeConfig>, String> {
         let current = self.tx.borrow().version;
-        let mut next = if u.base_version == 0 {
-            Resources::new()
-        } else if u.base_version == current {
-            held.clone()
-        } else {
-            info!(
-                base = u.base_version,
-                holding = current,
-                "delta from another version; resyncing"
-            );
-            return Ok(None);
+        apply(held, current, self.identities.node(), &self.trust_domain, u)
+    }
+}
+
+/// Applies `u` to a copy of `held` (the resources of version `current`): `Ok(None)` when it is a
+/// delta from a version we do not hold, `Err` with the reason when the result does not convert.
+/// `held` changes only on success.
+pub fn apply(
+    held: &mut Resources,
+    current: u64,
+    node: &str,
+    trust_domain: &str,
+    u: ConfigUpdate,
+) -> Result<Option<NodeConfig>, String> {
+    let mut next = if u.base_version == 0 {
+        Resources::new()
+    } else if u.base_version == current {
+        held.clone()
+    } else {
+        info!(
+            base = u.base_version,
+            holding = current,
+            "delta from another version; resyncing"
+        );
+        return Ok(None);
+    };
+    for k in &u.removals {
+        next.remove(&(k.kind, k.name.clone()));
+    }
+    for r in u.upserts {
+        let Some(k) = r.key.clone() else {
+            return Err("a resource without a key".into());
         };
-        for k in &u.removals {
-            next.remove(&(k.kind, k.name.clone()));
+        next.insert((k.kind, k.name), r);
+    }
+    let cfg = NodeConfig::convert(node, trust_domain, u.version, &next)
+        .map_err(|e| mesh_api::placement::error_chain(&e))?;
+    *held = next;
+    Ok(Some(cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pb::{Kind, Resource, ResourceKey, resource::Body};
+
+    fn node(name: &str, ip: &str) -> Resource {
+        Resource {
+            key: Some(ResourceKey {
+                kind: Kind::Node as i32,
+                name: name.into(),
+            }),
+            body: Some(Body::Node(pb::Node {
+                name: name.into(),
+                addresses: vec![ip.into()],
+            })),
         }
-        for r in u.upserts {
-            let Some(k) = r.key.clone() else {
-                return Err("a resource without a key".into());
-            };
-            next.insert((k.kind, k.name), r);
+    }
+
+    fn pod(name: &str, on: &str, ip: &str, enrolled: bool) -> Resource {
+        Resource {
+            key: Some(ResourceKey {
+                kind: Kind::Workload as i32,
+                name: format!("shop/{name}"),
+            }),
+            body: Some(Body::Workload(pb::Workload {
+                namespace: "shop".into(),
+                name: name.into(),
+                node: on.into(),
+                service_account: "web".into(),
+                ips: vec![ip.into()],
+                enrolled,
+                inbound_mode: pb::InboundMode::Strict as i32,
+                ..Default::default()
+            })),
         }
-        let cfg = NodeConfig::convert(self.identities.node(), &self.trust_domain, u.version, &next)
-            .map_err(|e| mesh_api::placement::error_chain(&e))?;
-        *held = next;
-        Ok(Some(cfg))
+    }
+
+    fn update(version: u64, base: u64, upserts: Vec<Resource>, removals: &[&str]) -> ConfigUpdate {
+        ConfigUpdate {
+            version,
+            base_version: base,
+            upserts,
+            removals: removals
+                .iter()
+                .map(|n| ResourceKey {
+                    kind: Kind::Workload as i32,
+                    name: (*n).into(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn full_then_delta_then_bad_then_foreign_base() {
+        let mut held = Resources::new();
+        let full = update(
+            3,
+            0,
+            vec![
+                node("a", "10.0.0.1"),
+                pod("web-1", "a", "10.1.0.1", true),
+                pod("db-1", "a", "10.1.0.2", false),
+            ],
+            &[],
+        );
+        let cfg = apply(&mut held, 0, "a", "cluster.local", full)
+            .unwrap()
+            .unwrap();
+        assert_eq!(cfg.version, 3);
+        assert_eq!(
+            cfg.enrolled.iter().collect::<Vec<_>>(),
+            [&("shop".to_string(), "web-1".to_string())]
+        );
+        assert_eq!(
+            cfg.placement.inbound_mode("shop", "web-1"),
+            mesh_api::placement::InboundMode::Strict
+        );
+
+        let delta = update(
+            4,
+            3,
+            vec![pod("web-2", "a", "10.1.0.3", true)],
+            &["shop/web-1"],
+        );
+        let cfg = apply(&mut held, 3, "a", "cluster.local", delta)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            cfg.enrolled
+                .iter()
+                .map(|(_, n)| n.as_str())
+                .collect::<Vec<_>>(),
+            ["web-2"]
+        );
+        assert_eq!(held.len(), 3);
+
+        // Two pods with one IP: rejected with the reason; what is held does not change.
+        let bad = update(5, 4, vec![pod("web-3", "a", "10.1.0.3", true)], &[]);
+        let err = apply(&mut held, 4, "a", "cluster.local", bad).unwrap_err();
+        assert!(err.contains("10.1.0.3"), "{err}");
+        assert_eq!(held.len(), 3);
+        let bad = update(5, 4, vec![pod("web-3", "nowhere", "10.1.0.9", true)], &[]);
+        assert!(
+            apply(&mut held, 4, "a", "cluster.local", bad)
+                .unwrap_err()
+                .contains("nowhere")
+        );
+        let bad = update(5, 4, vec![pod("web-3", "a", "not-an-ip", true)], &[]);
+        assert!(
+            apply(&mut held, 4, "a", "cluster.local", bad)
+                .unwrap_err()
+                .contains("not-an-ip")
+        );
+
+        // A delta from a version we do not hold: resync, nothing applied.
+        let foreign = update(6, 5, vec![pod("web-4", "a", "10.1.0.4", true)], &[]);
+        assert!(
+            apply(&mut held, 4, "a", "cluster.local", foreign)
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(held.len(), 3);
     }
 }
