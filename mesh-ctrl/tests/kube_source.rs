@@ -349,6 +349,24 @@ async fn follows_lists_watch_events_relists_and_failures() {
         "route and service distributed"
     );
 
+    // A Service without a selector, backed by hand-made EndpointSlices: a mesh pod and an address.
+    fake.apply(SERVICES, json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "legacy", "namespace": "shop"}, "spec": {"ports": [{"port": 80}]}}));
+    fake.apply("/apis/discovery.k8s.io/v1/endpointslices", json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+        "metadata": {"name": "legacy-1", "namespace": "shop", "labels": {"kubernetes.io/service-name": "legacy"}},
+        "endpoints": [
+            {"addresses": ["10.1.0.1"], "conditions": {"ready": true}},
+            {"addresses": ["192.168.9.9"]},
+            {"addresses": ["192.168.9.10"], "conditions": {"ready": false}},
+        ],
+    }));
+    until("slice endpoints", || {
+        store.current().computed.shared.values().any(|r| matches!(&r.body,
+            Some(mesh_api::config::v1::resource::Body::Service(s))
+                if s.name == "legacy" && s.endpoints == ["shop/web-1"] && s.addresses == ["192.168.9.9"]))
+    })
+    .await;
+
     // A watch event: a new pod, and a new policy.
     fake.apply(
         PODS,

@@ -5,7 +5,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::api::{
+    core::v1::{Namespace, Service},
+    discovery::v1::EndpointSlice,
+};
 use kube::{Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 
@@ -41,6 +44,8 @@ pub type ByName<T> = BTreeMap<(String, String), T>;
 pub struct Objects {
     pub namespaces: ByName<Namespace>,
     pub services: ByName<Service>,
+    /// Which pods back each Service (cluster mode; without any, the selector decides).
+    pub endpoint_slices: ByName<EndpointSlice>,
     pub http_routes: ByName<HTTPRoute>,
     pub grpc_routes: ByName<GRPCRoute>,
     pub authorization_policies: ByName<AuthorizationPolicy>,
@@ -87,7 +92,7 @@ pub enum ParseError {
     },
 }
 
-const KNOWN: &str = "v1 Namespace and Service, gateway.networking.k8s.io/v1 HTTPRoute and GRPCRoute, nodemesh.io/v1alpha1 AuthorizationPolicy, PeerAuthentication and TrafficPolicy";
+const KNOWN: &str = "v1 Namespace and Service, discovery.k8s.io/v1 EndpointSlice, gateway.networking.k8s.io/v1 HTTPRoute and GRPCRoute, nodemesh.io/v1alpha1 AuthorizationPolicy, PeerAuthentication and TrafficPolicy";
 
 impl Objects {
     /// Reads every `*.yaml`/`*.yml` file of `dir` (sorted, not recursive), or one file.
@@ -157,6 +162,9 @@ impl Objects {
         match (api_version.as_str(), kind.as_str()) {
             ("v1", "Namespace") => insert(origin, "Namespace", value, &mut self.namespaces),
             ("v1", "Service") => insert(origin, "Service", value, &mut self.services),
+            ("discovery.k8s.io/v1", "EndpointSlice") => {
+                insert(origin, "EndpointSlice", value, &mut self.endpoint_slices)
+            }
             ("gateway.networking.k8s.io/v1", "HTTPRoute") => {
                 insert(origin, "HTTPRoute", value, &mut self.http_routes)
             }
@@ -198,6 +206,7 @@ impl Objects {
         let mut out = String::new();
         each(&self.namespaces, &mut out);
         each(&self.services, &mut out);
+        each(&self.endpoint_slices, &mut out);
         each(&self.http_routes, &mut out);
         each(&self.grpc_routes, &mut out);
         each(&self.authorization_policies, &mut out);
@@ -220,6 +229,7 @@ impl Objects {
         let mut out = Vec::new();
         each("Namespace", &self.namespaces, &mut out);
         each("Service", &self.services, &mut out);
+        each("EndpointSlice", &self.endpoint_slices, &mut out);
         each("HTTPRoute", &self.http_routes, &mut out);
         each("GRPCRoute", &self.grpc_routes, &mut out);
         each(

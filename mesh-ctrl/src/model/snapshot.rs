@@ -7,7 +7,7 @@
 //! union: computing 100 nodes costs little more than computing one.
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kube::ResourceExt;
 use mesh_api::{
     config::v1 as pb,
@@ -80,13 +80,15 @@ impl Computed {
         for w in placement.workloads() {
             by_ns.entry(w.namespace.as_str()).or_default().push(w);
         }
+        let slices = slices_by_service(objects);
         for ((ns, name), s) in &objects.services {
             let pods = by_ns.get(ns.as_str()).map_or(&[][..], Vec::as_slice);
+            let slices = slices.get(&(ns.as_str(), name.as_str()));
             add(
                 &mut shared,
                 pb::Kind::Service,
                 format!("{ns}/{name}"),
-                pb::resource::Body::Service(service(s, pods)),
+                pb::resource::Body::Service(service(s, pods, slices, placement)),
             );
         }
         let policy = |api_version: &str, ns: &str, name: &str, spec: serde_json::Value| {
@@ -244,8 +246,65 @@ pub fn inbound_mode(objects: &Objects, w: &Workload) -> pb::InboundMode {
     }
 }
 
-/// A Service with its endpoints among `pods` (the pods of its namespace).
-fn service(s: &Service, pods: &[&Workload]) -> pb::Service {
+type Slices<'a> = Vec<&'a EndpointSlice>;
+
+/// EndpointSlices by the Service they belong to (`kubernetes.io/service-name`).
+fn slices_by_service(objects: &Objects) -> BTreeMap<(&str, &str), Slices<'_>> {
+    let mut m: BTreeMap<(&str, &str), Slices<'_>> = BTreeMap::new();
+    for ((ns, _), slice) in &objects.endpoint_slices {
+        if let Some(svc) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME))
+        {
+            m.entry((ns.as_str(), svc.as_str()))
+                .or_default()
+                .push(slice);
+        }
+    }
+    m
+}
+
+const SERVICE_NAME: &str = "kubernetes.io/service-name";
+
+/// Ready endpoints of the slices: pods by name (via `targetRef`, or by address when a mesh pod
+/// has it), anything else as a bare address.
+fn slice_endpoints(slices: &[&EndpointSlice], placement: &Placement) -> (Vec<String>, Vec<String>) {
+    let (mut pods, mut addresses) = (BTreeSet::new(), BTreeSet::new());
+    for e in slices.iter().flat_map(|s| s.endpoints.iter()) {
+        if e.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+            continue;
+        }
+        let by_ref = e
+            .target_ref
+            .as_ref()
+            .filter(|r| r.kind.as_deref() == Some("Pod"))
+            .and_then(|r| Some(format!("{}/{}", r.namespace.clone()?, r.name.clone()?)));
+        let by_ip = || {
+            e.addresses.iter().find_map(|a| {
+                let w = placement.by_ip(a.parse().ok()?)?;
+                Some(format!("{}/{}", w.namespace, w.name))
+            })
+        };
+        match by_ref.or_else(by_ip) {
+            Some(p) => {
+                pods.insert(p);
+            }
+            None => addresses.extend(e.addresses.iter().cloned()),
+        }
+    }
+    (pods.into_iter().collect(), addresses.into_iter().collect())
+}
+
+/// A Service with its endpoints: from its EndpointSlices when it has any, else its selector over
+/// `pods` (the pods of its namespace).
+fn service(
+    s: &Service,
+    pods: &[&Workload],
+    slices: Option<&Slices<'_>>,
+    placement: &Placement,
+) -> pb::Service {
     let ns = s.namespace().unwrap_or_default();
     let spec = s.spec.clone().unwrap_or_default();
     let ports = spec
@@ -269,7 +328,12 @@ fn service(s: &Service, pods: &[&Workload]) -> pb::Service {
         })
         .collect();
     let selector = spec.selector.unwrap_or_default();
-    let endpoints = if selector.is_empty() {
+    let mut addresses = Vec::new();
+    let endpoints = if let Some(slices) = slices {
+        let (pods, bare) = slice_endpoints(slices, placement);
+        addresses = bare;
+        pods
+    } else if selector.is_empty() {
         Vec::new()
     } else {
         pods.iter()
@@ -293,6 +357,7 @@ fn service(s: &Service, pods: &[&Workload]) -> pb::Service {
             .collect(),
         ports,
         endpoints,
+        addresses,
     }
 }
 

@@ -113,6 +113,7 @@ impl Store {
         let accepted = Objects {
             namespaces: keep_good("Namespace", &raw.namespaces, &prev.namespaces, &bad),
             services: keep_good("Service", &raw.services, &prev.services, &bad),
+            endpoint_slices: raw.endpoint_slices.clone(),
             http_routes: keep_good("HTTPRoute", &raw.http_routes, &prev.http_routes, &bad),
             grpc_routes: keep_good("GRPCRoute", &raw.grpc_routes, &prev.grpc_routes, &bad),
             authorization_policies: keep_good(
@@ -134,7 +135,11 @@ impl Store {
                 &bad,
             ),
         };
-        let changes = changes(&prev, &accepted);
+        let mut changes = changes(&prev, &accepted);
+        if changes.is_empty() {
+            // Only EndpointSlices moved (they are not listed object by object).
+            changes.push("endpoints".into());
+        }
         inner.accepted = Arc::new(accepted);
         inner.rejected = invalid.clone();
         self.publish(&mut inner, changes);

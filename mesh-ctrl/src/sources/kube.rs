@@ -13,7 +13,10 @@ use std::{
 };
 
 use futures::{Stream, StreamExt, stream::BoxStream};
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
 use kube::{
     Api, Client, Resource, ResourceExt,
     runtime::{
@@ -53,6 +56,7 @@ pub struct Stores {
     namespaces: Store<Namespace>,
     pods: Store<Pod>,
     services: Store<Service>,
+    endpoint_slices: Store<EndpointSlice>,
     http_routes: Store<HTTPRoute>,
     grpc_routes: Store<GRPCRoute>,
     authorization_policies: Store<AuthorizationPolicy>,
@@ -103,7 +107,8 @@ pub fn watch_all(client: Client, proxies: &NodeProxies) -> (Stores, impl Stream<
     let (grpc_routes, e) = reflect(Api::all(client.clone()), all.clone());
     let (authorization_policies, f) = reflect(Api::all(client.clone()), all.clone());
     let (peer_authentications, g) = reflect(Api::all(client.clone()), all.clone());
-    let (traffic_policies, h) = reflect(Api::all(client.clone()), all);
+    let (traffic_policies, h) = reflect(Api::all(client.clone()), all.clone());
+    let (endpoint_slices, j) = reflect(Api::all(client.clone()), all);
     let (node_proxies, i) = reflect(
         Api::namespaced(client, &proxies.namespace),
         watcher::Config::default().labels(&proxies.selector),
@@ -112,6 +117,7 @@ pub fn watch_all(client: Client, proxies: &NodeProxies) -> (Stores, impl Stream<
         namespaces,
         pods,
         services,
+        endpoint_slices,
         http_routes,
         grpc_routes,
         authorization_policies,
@@ -121,7 +127,7 @@ pub fn watch_all(client: Client, proxies: &NodeProxies) -> (Stores, impl Stream<
     };
     (
         stores,
-        futures::stream::select_all([a, b, c, d, e, f, g, h, i]),
+        futures::stream::select_all([a, b, c, d, e, f, g, h, i, j]),
     )
 }
 
@@ -145,6 +151,7 @@ impl Stores {
             self.namespaces.wait_until_ready(),
             self.pods.wait_until_ready(),
             self.services.wait_until_ready(),
+            self.endpoint_slices.wait_until_ready(),
             self.http_routes.wait_until_ready(),
             self.grpc_routes.wait_until_ready(),
             self.authorization_policies.wait_until_ready(),
@@ -158,6 +165,7 @@ impl Stores {
         Objects {
             namespaces: by_name(&self.namespaces),
             services: by_name(&self.services),
+            endpoint_slices: by_name(&self.endpoint_slices),
             http_routes: by_name(&self.http_routes),
             grpc_routes: by_name(&self.grpc_routes),
             authorization_policies: by_name(&self.authorization_policies),
