@@ -177,3 +177,77 @@ async fn enrollment_follows_the_config_and_nodes_keep_it_through_outages() {
         .unwrap();
     assert_eq!(peer_seen(&pair).await, via_mesh);
 }
+
+/// One plaintext connection attempt from a pod outside the mesh; returns how many succeeded.
+async fn plaintext_ok(from: &mesh_tests::Pod, to: std::net::SocketAddr) -> u64 {
+    let args = [
+        "--connect-timeout-ms",
+        "1500",
+        "client",
+        "--to",
+        &to.to_string(),
+        "--conns",
+        "1",
+        "--bytes",
+        "64",
+    ];
+    from.testpod(&args).await.unwrap()["ok"].as_u64().unwrap()
+}
+
+#[tokio::test]
+async fn peer_authentication_from_the_config_reaches_the_kernel() {
+    let cluster = ClusterBuilder::new()
+        .nodes(2)
+        .pods_per_node(2)
+        .config_stream()
+        .start()
+        .await
+        .unwrap();
+    let (client, outsider, server) = (
+        cluster.pod(0, 0).clone(),
+        cluster.pod(0, 1).clone(),
+        cluster.pod(1, 0).clone(),
+    );
+    let _s = server.serve(PORT, false).await.unwrap();
+    cluster.enroll(&client).await.unwrap();
+    cluster.enroll(&server).await.unwrap();
+    // The outsider's sandbox is never registered: it stays outside the mesh.
+    let dst = server.addr(false, PORT);
+    assert_eq!(
+        plaintext_ok(&outsider, dst).await,
+        1,
+        "PERMISSIVE by default"
+    );
+
+    let strict = format!(
+        "apiVersion: nodemesh.io/v1alpha1\nkind: PeerAuthentication\nmetadata: {{name: default, namespace: {}}}\nspec: {{mode: STRICT}}\n",
+        server.namespace
+    );
+    let version = |c: &Value| c["version"].as_u64().unwrap_or(0);
+    let before = version(&cluster.nodes[1].mesh_config().await.unwrap());
+    cluster.apply_config("peer-auth.yaml", &strict).unwrap();
+    cluster.nodes[1]
+        .wait_config(Duration::from_secs(10), "STRICT", |c| version(c) > before)
+        .await
+        .unwrap();
+    // Kernel flags follow the config right after it is applied.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        plaintext_ok(&outsider, dst).await,
+        0,
+        "plaintext reached a STRICT pod"
+    );
+    let r = client.client(dst, 2, 64).await.unwrap();
+    assert_eq!(r["ok"], 2, "mesh traffic still passes: {r}");
+
+    let before = version(&cluster.nodes[1].mesh_config().await.unwrap());
+    cluster.delete_config("peer-auth.yaml").unwrap();
+    cluster.nodes[1]
+        .wait_config(Duration::from_secs(10), "PERMISSIVE", |c| {
+            version(c) > before
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(plaintext_ok(&outsider, dst).await, 1, "PERMISSIVE again");
+}
