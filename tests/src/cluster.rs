@@ -620,6 +620,12 @@ impl Cluster {
         let ctrl = self.ctrl.as_ref().context("no controller: no placement")?;
         let mut placement: Value = serde_json::from_slice(&std::fs::read(ctrl.placement())?)?;
         f(&mut placement);
+        if ctrl.config_dir().is_some() {
+            // Nodes take placement from the controller's stream: wait for the new version there.
+            return self
+                .after_new_version(|| ctrl::write_json(&ctrl.placement(), &placement))
+                .await;
+        }
         let reloads = |n: &Node| {
             n.log_records()
                 .iter()
@@ -662,6 +668,38 @@ impl Cluster {
         let tmp = dir.join(format!(".{file}.tmp"));
         std::fs::write(&tmp, yaml)?;
         std::fs::rename(&tmp, dir.join(file))?;
+        Ok(())
+    }
+
+    /// Writes (or with `None` removes) `file` in the config directory, then waits until every node
+    /// holds a newer configuration version and its kernel flags had time to follow.
+    pub async fn change_config(&self, file: &str, yaml: Option<&str>) -> anyhow::Result<()> {
+        self.after_new_version(|| match yaml {
+            Some(y) => self.apply_config(file, y),
+            None => self.delete_config(file),
+        })
+        .await
+    }
+
+    /// Runs `change`, then waits until every node holds a newer configuration version.
+    async fn after_new_version(
+        &self,
+        change: impl FnOnce() -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let version = |c: &Value| c["version"].as_u64().unwrap_or(0);
+        let mut before = Vec::new();
+        for n in &self.nodes {
+            before.push(version(&n.mesh_config().await?));
+        }
+        change()?;
+        for (n, b) in self.nodes.iter().zip(before) {
+            n.wait_config(Duration::from_secs(10), "a newer version", |c| {
+                version(c) > b
+            })
+            .await?;
+        }
+        // Enrollment and inbound flags follow each applied version at once; allow a moment.
+        tokio::time::sleep(Duration::from_millis(300)).await;
         Ok(())
     }
 

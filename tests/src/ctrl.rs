@@ -54,6 +54,25 @@ impl Controller {
         self.dir.join("placement.json")
     }
 
+    /// Runs `mesh-ctrl ARGS --output json` next to the controller (its admin endpoint is on
+    /// loopback there) and returns what it printed.
+    pub async fn cli(&self, args: &[&str]) -> anyhow::Result<Value> {
+        let bin = find_bin("mesh-ctrl")?;
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.netns])
+            .arg(bin)
+            .args(args)
+            .args(["--output", "json"])
+            .output()
+            .await?;
+        anyhow::ensure!(
+            out.status.success(),
+            "mesh-ctrl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
     /// The config directory (with `ClusterBuilder::config_stream`).
     pub fn config_dir(&self) -> Option<&Path> {
         self.config_dir.as_deref()

@@ -40,21 +40,6 @@ async fn peer_seen(pair: &Pair) -> String {
         .to_string()
 }
 
-/// Runs `mesh-ctrl ARGS` next to the controller (its admin endpoint is on loopback there).
-async fn ctrl_cli(pair: &Pair, args: &[&str]) -> Value {
-    let ctrl = pair.cluster.ctrl.as_ref().unwrap();
-    let bin = mesh_tests::cluster::find_bin("mesh-ctrl").unwrap();
-    let out = tokio::process::Command::new("ip")
-        .args(["netns", "exec", &ctrl.netns])
-        .arg(bin)
-        .args(args)
-        .output()
-        .await
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 #[tokio::test]
 async fn enrollment_follows_the_config_and_nodes_keep_it_through_outages() {
     let mut pair = ClusterBuilder::new()
@@ -75,7 +60,14 @@ async fn enrollment_follows_the_config_and_nodes_keep_it_through_outages() {
     assert_eq!(peer_seen(&pair).await, via_mesh);
 
     // The CLI sees both nodes subscribed and current.
-    let status = ctrl_cli(&pair, &["status", "--output", "json"]).await;
+    let status = pair
+        .cluster
+        .ctrl
+        .as_ref()
+        .unwrap()
+        .cli(&["status"])
+        .await
+        .unwrap();
     for n in &pair.cluster.nodes {
         assert_eq!(status["nodes"][&n.name]["connected"], true, "{status}");
         assert_eq!(
@@ -211,7 +203,20 @@ async fn peer_authentication_from_the_config_reaches_the_kernel() {
     let _s = server.serve(PORT, false).await.unwrap();
     cluster.enroll(&client).await.unwrap();
     cluster.enroll(&server).await.unwrap();
-    // The outsider's sandbox is never registered: it stays outside the mesh.
+    // The outsider opts out with its label: registering its sandbox does not enroll it.
+    let name = outsider.name.clone();
+    cluster
+        .update_placement(|pl| {
+            for pod in pl["pods"].as_array_mut().unwrap() {
+                if pod["name"] == name.as_str() {
+                    pod["labels"] = serde_json::json!({"nodemesh.io/mesh": "disabled"});
+                }
+            }
+        })
+        .await
+        .unwrap();
+    let registered = cluster.enroll(&outsider).await.unwrap();
+    assert_eq!(registered["enrolled"], false, "{registered}");
     let dst = server.addr(false, PORT);
     assert_eq!(
         plaintext_ok(&outsider, dst).await,
@@ -223,15 +228,10 @@ async fn peer_authentication_from_the_config_reaches_the_kernel() {
         "apiVersion: nodemesh.io/v1alpha1\nkind: PeerAuthentication\nmetadata: {{name: default, namespace: {}}}\nspec: {{mode: STRICT}}\n",
         server.namespace
     );
-    let version = |c: &Value| c["version"].as_u64().unwrap_or(0);
-    let before = version(&cluster.nodes[1].mesh_config().await.unwrap());
-    cluster.apply_config("peer-auth.yaml", &strict).unwrap();
-    cluster.nodes[1]
-        .wait_config(Duration::from_secs(10), "STRICT", |c| version(c) > before)
+    cluster
+        .change_config("peer-auth.yaml", Some(&strict))
         .await
         .unwrap();
-    // Kernel flags follow the config right after it is applied.
-    tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         plaintext_ok(&outsider, dst).await,
         0,
@@ -240,14 +240,6 @@ async fn peer_authentication_from_the_config_reaches_the_kernel() {
     let r = client.client(dst, 2, 64).await.unwrap();
     assert_eq!(r["ok"], 2, "mesh traffic still passes: {r}");
 
-    let before = version(&cluster.nodes[1].mesh_config().await.unwrap());
-    cluster.delete_config("peer-auth.yaml").unwrap();
-    cluster.nodes[1]
-        .wait_config(Duration::from_secs(10), "PERMISSIVE", |c| {
-            version(c) > before
-        })
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.change_config("peer-auth.yaml", None).await.unwrap();
     assert_eq!(plaintext_ok(&outsider, dst).await, 1, "PERMISSIVE again");
 }

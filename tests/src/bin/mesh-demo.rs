@@ -1,6 +1,7 @@
 //! `cargo xtask demo`: the mesh on this machine, end to end, with a short report.
 //!
-//! Two nodes, two pods each, as network namespaces and cgroups; a real mesh-node per node.
+//! Two nodes, two pods each, as network namespaces and cgroups; a real mesh-node per node, and a
+//! real mesh-ctrl following a directory of mesh config YAML and streaming it to the nodes.
 use std::time::Instant;
 
 use anyhow::Context;
@@ -68,15 +69,17 @@ async fn main() -> anyhow::Result<()> {
     teardown(ID);
     let mut p = Progress {
         step: 0,
-        total: 6,
+        total: 7,
         started: Instant::now(),
     };
-    p.next("creating 2 nodes x 2 pods, the controller (mesh CA) and a mesh-node on each node");
+    p.next(
+        "creating 2 nodes x 2 pods, the controller (mesh CA + config) and a mesh-node on each node",
+    );
     let mut cluster = ClusterBuilder::new()
         .name(ID)
         .nodes(2)
         .pods_per_node(2)
-        .with_controller()
+        .config_stream()
         .start()
         .await?;
     let report = run(&mut cluster, &mut p).await;
@@ -107,10 +110,22 @@ async fn run(cluster: &mut Cluster, p: &mut Progress) -> anyhow::Result<()> {
     let client = cluster.pod(0, 0).clone();
     let outside = cluster.pod(0, 1).clone();
     let web = cluster.pod(1, 0).clone();
-    p.next("starting a TCP echo service in pod n1-p0; enrolling it and client pod n0-p0");
+    p.next("starting a TCP echo service in pod n1-p0; their namespace is in the mesh, pod n0-p1 opts out");
     let _web = web.serve(8080, false).await?;
-    cluster.enroll(&client).await?;
-    cluster.enroll(&web).await?;
+    let outsider = outside.name.clone();
+    cluster
+        .update_placement(|pl| {
+            for pod in pl["pods"].as_array_mut().into_iter().flatten() {
+                if pod["name"] == outsider.as_str() {
+                    pod["labels"] = serde_json::json!({"nodemesh.io/mesh": "disabled"});
+                }
+            }
+        })
+        .await?;
+    // The CNI hook's part: every pod's sandbox is registered; the config decides who is in.
+    for pod in [&client, &web, &outside] {
+        cluster.enroll(pod).await?;
+    }
 
     p.next("client -> web on the other node, IPv4 and IPv6, 20 connections each, through mTLS");
     let mut lines = Vec::new();
@@ -130,14 +145,14 @@ async fn run(cluster: &mut Cluster, p: &mut Progress) -> anyhow::Result<()> {
     // Proxy figures live in the process: read them before node 0 restarts below.
     let tunnel = cluster.nodes[0].counters().await?;
 
-    p.next("a pod outside the mesh -> web: PERMISSIVE accepts plaintext, STRICT drops it");
+    p.next("a pod outside the mesh -> web: PERMISSIVE accepts plaintext; a PeerAuthentication makes it STRICT");
     let plain = outside.client(web.addr(false, 8080), 3, 1024).await?;
-    let web_name = web.name.clone();
+    let strict_yaml = format!(
+        "apiVersion: nodemesh.io/v1alpha1\nkind: PeerAuthentication\nmetadata: {{name: default, namespace: {}}}\nspec: {{mode: STRICT}}\n",
+        web.namespace
+    );
     cluster
-        .update_placement(|pl| {
-            pl["peer_authentication"] =
-                serde_json::json!([{"namespace": "default", "pod": web_name, "mode": "STRICT"}])
-        })
+        .change_config("peer-auth.yaml", Some(&strict_yaml))
         .await?;
     let strict = outside
         .testpod(&[
@@ -149,6 +164,18 @@ async fn run(cluster: &mut Cluster, p: &mut Progress) -> anyhow::Result<()> {
         ])
         .await?;
     let still = client.client(web.addr(false, 8080), 3, 1024).await?;
+
+    p.next("asking the controller why the outsider was refused, and how the nodes stand");
+    let ctrl = cluster.ctrl.as_ref().context("no controller")?;
+    let outsider_name = format!("{}/{}", outside.namespace, outside.name);
+    let why = ctrl
+        .cli(&[
+            "explain",
+            &outsider_name,
+            &web.addr(false, 8080).to_string(),
+        ])
+        .await?;
+    let status = ctrl.cli(&["status"]).await?;
 
     p.next("stopping node 0's proxy: the enrolled client must fail closed, not bypass the mesh");
     cluster.stop_node(0).await?;
@@ -196,6 +223,22 @@ async fn run(cluster: &mut Cluster, p: &mut Progress) -> anyhow::Result<()> {
         strict["ok"], still["ok"]
     );
     println!(
+        "  mesh-ctrl explain {outsider_name} {}: {}",
+        web.addr(false, 8080),
+        why["verdict"].as_str().unwrap_or("")
+    );
+    let nodes = status["nodes"].as_object().cloned().unwrap_or_default();
+    println!(
+        "config: version {} streamed to {} nodes, acked: {}",
+        status["version"],
+        nodes.len(),
+        nodes
+            .iter()
+            .map(|(n, s)| format!("{n} v{}", s["acked_version"]))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
         "fail closed: with node 0's proxy stopped, {}/3 connections refused (\"{}\"); after restart {}/3 ok without re-enrolling",
         down["failed"],
         first(&down, "errors").rsplit(": ").next().unwrap_or(""),
@@ -225,6 +268,18 @@ fn explore(cluster: &Cluster) {
         n0.netns
     );
     println!("  bpftool link list            # the programs, attached once per node");
+    if let Some(ctrl) = &cluster.ctrl {
+        println!(
+            "  ip netns exec {} mesh-ctrl status        # also: history, explain POD DEST, rollback V",
+            ctrl.netns
+        );
+        if let Some(dir) = ctrl.config_dir() {
+            println!(
+                "  config directory (edit it; nodes follow): {}",
+                dir.display()
+            );
+        }
+    }
     println!("  node logs: {}", cluster.dir.display());
     println!("Remove it with: cargo xtask demo down");
 }
