@@ -246,6 +246,20 @@ fn check_command_reports_and_exits_nonzero() {
         "{text}"
     );
 
+    // The same from standard input.
+    let mut child = Command::new(bin)
+        .args(["check", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("runs");
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), &std::fs::read(&bad).unwrap())
+        .unwrap();
+    drop(child.stdin.take());
+    let out = child.wait_with_output().expect("ends");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no Service shop/ghost"));
+
     std::fs::write(&bad, "kind: [").expect("write");
     let out = Command::new(bin)
         .arg("check")
