@@ -1,5 +1,7 @@
 //! Contracts between the mesh's processes: gRPC services, workload identities, the local
 //! placement file. Wire types are converted to domain types once, at the edge that receives them.
+pub mod crd;
+pub mod gateway;
 pub mod identity;
 pub mod placement;
 

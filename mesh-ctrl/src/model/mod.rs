@@ -1,8 +1,9 @@
 //! The config model: what operators write (our CRDs and the Gateway API routes), how it is read
-//! (`objects`), and what makes it valid (`validate`).
-pub mod crd;
+//! (`objects`), and what makes it valid (`validate`). The types themselves live in `mesh_api` (node
+//! proxies parse the same specs); the Kubernetes derives are behind its `kube` feature.
+pub use mesh_api::{crd, gateway};
+
 pub mod explain;
-pub mod gateway;
 pub mod objects;
 pub mod snapshot;
 pub mod store;

@@ -3,8 +3,6 @@
 //! (`cargo xtask crds`); a test fails when they drift.
 use std::collections::BTreeMap;
 
-use kube::CustomResource;
-use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// The one API group of every CRD, label and annotation of the mesh.
@@ -14,7 +12,8 @@ pub const GROUP: &str = "nodemesh.io";
 pub const MESH_LABEL: &str = "nodemesh.io/mesh";
 
 /// Which pods of the namespace a policy applies to; absent: all of them.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WorkloadSelector {
     #[serde(default)]
@@ -27,8 +26,11 @@ pub struct WorkloadSelector {
 /// Semantics (Istio's): DENY policies are checked first; then, if any ALLOW policy selects the
 /// workload, a request must match one of their rules (so an ALLOW policy without rules denies
 /// everything: default deny). AUDIT rules only mark matching requests in logs and metrics.
-#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[kube(
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(
+    feature = "kube",
+    derive(kube::CustomResource, schemars::JsonSchema),
+    kube(
     group = "nodemesh.io",
     version = "v1alpha1",
     kind = "AuthorizationPolicy",
@@ -37,6 +39,7 @@ pub struct WorkloadSelector {
     status = "PolicyStatus",
     printcolumn = r#"{"name":"Action","type":"string","jsonPath":".spec.action"}"#,
     printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#
+)
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationPolicySpec {
@@ -48,7 +51,8 @@ pub struct AuthorizationPolicySpec {
     pub rules: Vec<AuthorizationRule>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "UPPERCASE")]
 pub enum AuthorizationAction {
     Allow,
@@ -57,7 +61,8 @@ pub enum AuthorizationAction {
 }
 
 /// Matches when every present part matches: any of `from`, and any of `to`.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationRule {
     #[serde(default)]
@@ -67,7 +72,8 @@ pub struct AuthorizationRule {
 }
 
 /// Where a request comes from. Every present field must match.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Source {
     /// SPIFFE IDs (`spiffe://td/ns/N/sa/S`); a trailing `*` matches a prefix.
@@ -82,7 +88,8 @@ pub struct Source {
 
 /// What a request does. Every present field must match; `methods`, `paths` and `headers` need
 /// HTTP (a plain TCP connection never matches them).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Operation {
     #[serde(default)]
@@ -96,7 +103,8 @@ pub struct Operation {
     pub headers: Vec<HeaderMatch>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HeaderMatch {
     pub name: String,
@@ -108,8 +116,11 @@ pub struct HeaderMatch {
 }
 
 /// Whether the selected workloads accept plaintext from outside the mesh.
-#[derive(CustomResource, Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[kube(
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(
+    feature = "kube",
+    derive(kube::CustomResource, schemars::JsonSchema),
+    kube(
     group = "nodemesh.io",
     version = "v1alpha1",
     kind = "PeerAuthentication",
@@ -117,6 +128,7 @@ pub struct HeaderMatch {
     shortname = "peerauth",
     status = "PolicyStatus",
     printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#
+)
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PeerAuthenticationSpec {
@@ -125,7 +137,8 @@ pub struct PeerAuthenticationSpec {
     pub mode: PeerAuthenticationMode,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "UPPERCASE")]
 pub enum PeerAuthenticationMode {
     Strict,
@@ -133,14 +146,18 @@ pub enum PeerAuthenticationMode {
 }
 
 /// Resilience for calls to one Service: applied by the caller's node proxy.
-#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[kube(
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(
+    feature = "kube",
+    derive(kube::CustomResource, schemars::JsonSchema),
+    kube(
     group = "nodemesh.io",
     version = "v1alpha1",
     kind = "TrafficPolicy",
     namespaced,
     status = "PolicyStatus",
     printcolumn = r#"{"name":"Service","type":"string","jsonPath":".spec.targetRef.name"}"#
+)
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TrafficPolicySpec {
@@ -162,7 +179,8 @@ pub struct TrafficPolicySpec {
 }
 
 /// A Service in the policy's namespace.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServiceRef {
     /// Only `Service` is supported.
@@ -176,7 +194,8 @@ fn service_kind() -> String {
 }
 
 /// Durations are strings like `250ms`, `1.5s`, `2m`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Timeouts {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -187,7 +206,8 @@ pub struct Timeouts {
     pub connect: Option<String>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Retries {
     pub attempts: u32,
@@ -205,14 +225,16 @@ pub struct Retries {
     pub budget_percent: Option<u32>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Backoff {
     pub base_interval: String,
     pub max_interval: String,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CircuitBreaker {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -223,7 +245,8 @@ pub struct CircuitBreaker {
     pub max_requests: Option<u32>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OutlierDetection {
     pub consecutive_failures: u32,
@@ -234,7 +257,8 @@ pub struct OutlierDetection {
 }
 
 /// Token bucket (GCRA) per destination, and optionally per source identity.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RateLimit {
     pub requests_per_second: f64,
@@ -244,7 +268,8 @@ pub struct RateLimit {
     pub per_source: bool,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Faults {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -253,7 +278,8 @@ pub struct Faults {
     pub abort: Option<FaultAbort>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FaultDelay {
     pub percent: f64,
@@ -261,7 +287,8 @@ pub struct FaultDelay {
 }
 
 /// Exactly one of `httpStatus` and `grpcStatus`.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FaultAbort {
     pub percent: f64,
@@ -271,7 +298,8 @@ pub struct FaultAbort {
     pub grpc_status: Option<u32>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LoadBalancer {
     pub policy: LoadBalancerPolicy,
@@ -280,7 +308,8 @@ pub struct LoadBalancer {
     pub hash_header: Option<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum LoadBalancerPolicy {
     /// Power of two choices over peak-EWMA latency (the default).
@@ -290,7 +319,8 @@ pub enum LoadBalancerPolicy {
 }
 
 /// What the controller made of the object.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct PolicyStatus {
     #[serde(default)]
@@ -298,7 +328,8 @@ pub struct PolicyStatus {
 }
 
 /// A status condition (the shape of `metav1.Condition`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
     #[serde(rename = "type")]

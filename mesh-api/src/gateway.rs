@@ -2,18 +2,20 @@
 //! `GRPCRoute` attached to a Service (the GAMMA pattern). Users install the upstream CRDs; these
 //! types only read them, so unknown fields are ignored here and unsupported values (a filter type
 //! we do not implement, a parent that is not a Service) are reported by validation instead.
-use kube::CustomResource;
-use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// `spec` of an `HTTPRoute`.
-#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[kube(
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(
+    feature = "kube",
+    derive(kube::CustomResource, schemars::JsonSchema),
+    kube(
     group = "gateway.networking.k8s.io",
     version = "v1",
     kind = "HTTPRoute",
     namespaced,
     status = "RouteStatus"
+)
 )]
 #[serde(rename_all = "camelCase")]
 pub struct HTTPRouteSpec {
@@ -26,13 +28,17 @@ pub struct HTTPRouteSpec {
 }
 
 /// `spec` of a `GRPCRoute`.
-#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[kube(
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(
+    feature = "kube",
+    derive(kube::CustomResource, schemars::JsonSchema),
+    kube(
     group = "gateway.networking.k8s.io",
     version = "v1",
     kind = "GRPCRoute",
     namespaced,
     status = "RouteStatus"
+)
 )]
 #[serde(rename_all = "camelCase")]
 pub struct GRPCRouteSpec {
@@ -45,7 +51,8 @@ pub struct GRPCRouteSpec {
 }
 
 /// What a route attaches to: for the mesh, a Service (`group: ""`, `kind: Service`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct ParentRef {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -59,7 +66,8 @@ pub struct ParentRef {
     pub port: Option<u16>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct HTTPRouteRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -74,7 +82,8 @@ pub struct HTTPRouteRule {
     pub timeouts: Option<HTTPRouteTimeouts>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct GRPCRouteRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -87,7 +96,8 @@ pub struct GRPCRouteRule {
     pub backend_refs: Vec<BackendRef>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct HTTPRouteMatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -100,7 +110,8 @@ pub struct HTTPRouteMatch {
     pub method: Option<String>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct GRPCRouteMatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -109,7 +120,8 @@ pub struct GRPCRouteMatch {
     pub headers: Vec<ValueMatch>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct GRPCMethodMatch {
     /// `Exact` (default) or `RegularExpression`.
@@ -121,7 +133,8 @@ pub struct GRPCMethodMatch {
     pub method: Option<String>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct PathMatch {
     /// `Exact`, `PathPrefix` (default) or `RegularExpression`.
@@ -132,7 +145,8 @@ pub struct PathMatch {
 }
 
 /// A header or query-parameter match.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct ValueMatch {
     /// `Exact` (default) or `RegularExpression`.
@@ -142,7 +156,8 @@ pub struct ValueMatch {
     pub value: String,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct HTTPRouteFilter {
     /// `RequestHeaderModifier`, `ResponseHeaderModifier`, `URLRewrite`, `RequestRedirect` or
@@ -161,7 +176,8 @@ pub struct HTTPRouteFilter {
     pub request_mirror: Option<RequestMirror>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct HeaderModifier {
     #[serde(default)]
@@ -172,13 +188,15 @@ pub struct HeaderModifier {
     pub remove: Vec<String>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 pub struct HeaderValue {
     pub name: String,
     pub value: String,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct UrlRewrite {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -187,7 +205,8 @@ pub struct UrlRewrite {
     pub path: Option<PathModifier>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct PathModifier {
     /// `ReplaceFullPath` or `ReplacePrefixMatch`.
@@ -199,7 +218,8 @@ pub struct PathModifier {
     pub replace_prefix_match: Option<String>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct RequestRedirect {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -214,7 +234,8 @@ pub struct RequestRedirect {
     pub status_code: Option<u16>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct RequestMirror {
     pub backend_ref: BackendRef,
@@ -223,7 +244,8 @@ pub struct RequestMirror {
 }
 
 /// A Service to send to, and its share of the rule's requests.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct BackendRef {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -240,7 +262,8 @@ pub struct BackendRef {
     pub weight: Option<u32>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct HTTPRouteTimeouts {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -250,18 +273,20 @@ pub struct HTTPRouteTimeouts {
 }
 
 /// Route status as the Gateway API defines it: one entry per parent, with conditions.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct RouteStatus {
     #[serde(default)]
     pub parents: Vec<RouteParentStatus>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct RouteParentStatus {
     pub parent_ref: ParentRef,
     pub controller_name: String,
     #[serde(default)]
-    pub conditions: Vec<super::crd::Condition>,
+    pub conditions: Vec<crate::crd::Condition>,
 }
