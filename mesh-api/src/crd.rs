@@ -31,15 +31,15 @@ pub struct WorkloadSelector {
     feature = "kube",
     derive(kube::CustomResource, schemars::JsonSchema),
     kube(
-    group = "nodemesh.io",
-    version = "v1alpha1",
-    kind = "AuthorizationPolicy",
-    namespaced,
-    shortname = "authz",
-    status = "PolicyStatus",
-    printcolumn = r#"{"name":"Action","type":"string","jsonPath":".spec.action"}"#,
-    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#
-)
+        group = "nodemesh.io",
+        version = "v1alpha1",
+        kind = "AuthorizationPolicy",
+        namespaced,
+        shortname = "authz",
+        status = "PolicyStatus",
+        printcolumn = r#"{"name":"Action","type":"string","jsonPath":".spec.action"}"#,
+        printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#
+    )
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationPolicySpec {
@@ -121,14 +121,14 @@ pub struct HeaderMatch {
     feature = "kube",
     derive(kube::CustomResource, schemars::JsonSchema),
     kube(
-    group = "nodemesh.io",
-    version = "v1alpha1",
-    kind = "PeerAuthentication",
-    namespaced,
-    shortname = "peerauth",
-    status = "PolicyStatus",
-    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#
-)
+        group = "nodemesh.io",
+        version = "v1alpha1",
+        kind = "PeerAuthentication",
+        namespaced,
+        shortname = "peerauth",
+        status = "PolicyStatus",
+        printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#
+    )
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PeerAuthenticationSpec {
@@ -151,13 +151,13 @@ pub enum PeerAuthenticationMode {
     feature = "kube",
     derive(kube::CustomResource, schemars::JsonSchema),
     kube(
-    group = "nodemesh.io",
-    version = "v1alpha1",
-    kind = "TrafficPolicy",
-    namespaced,
-    status = "PolicyStatus",
-    printcolumn = r#"{"name":"Service","type":"string","jsonPath":".spec.targetRef.name"}"#
-)
+        group = "nodemesh.io",
+        version = "v1alpha1",
+        kind = "TrafficPolicy",
+        namespaced,
+        status = "PolicyStatus",
+        printcolumn = r#"{"name":"Service","type":"string","jsonPath":".spec.targetRef.name"}"#
+    )
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TrafficPolicySpec {

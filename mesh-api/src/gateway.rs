@@ -10,12 +10,12 @@ use serde::{Deserialize, Serialize};
     feature = "kube",
     derive(kube::CustomResource, schemars::JsonSchema),
     kube(
-    group = "gateway.networking.k8s.io",
-    version = "v1",
-    kind = "HTTPRoute",
-    namespaced,
-    status = "RouteStatus"
-)
+        group = "gateway.networking.k8s.io",
+        version = "v1",
+        kind = "HTTPRoute",
+        namespaced,
+        status = "RouteStatus"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct HTTPRouteSpec {
@@ -33,12 +33,12 @@ pub struct HTTPRouteSpec {
     feature = "kube",
     derive(kube::CustomResource, schemars::JsonSchema),
     kube(
-    group = "gateway.networking.k8s.io",
-    version = "v1",
-    kind = "GRPCRoute",
-    namespaced,
-    status = "RouteStatus"
-)
+        group = "gateway.networking.k8s.io",
+        version = "v1",
+        kind = "GRPCRoute",
+        namespaced,
+        status = "RouteStatus"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct GRPCRouteSpec {

@@ -4,6 +4,7 @@
 //! source pod (`orig_dst`, `enroll`) -> upstream.
 pub mod admin;
 pub mod app;
+pub mod authz;
 pub mod config;
 pub mod drain;
 pub mod ebpf;

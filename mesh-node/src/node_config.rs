@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use mesh_api::{
     config::v1 as pb,
+    crd::AuthorizationPolicySpec,
     placement::{
         InboundMode, NodeEntry, PeerAuthEntry, Placement, PlacementError, PlacementFile, PodEntry,
     },
@@ -23,6 +24,8 @@ pub enum ConvertError {
     },
     #[error("placement")]
     Placement(#[from] PlacementError),
+    #[error(transparent)]
+    Authz(#[from] crate::authz::CompileError),
 }
 
 /// A policy or route as the controller validated it. Its spec is parsed by the layer that
@@ -45,6 +48,8 @@ pub struct NodeConfig {
     pub enrolled: BTreeSet<(String, String)>,
     pub services: Vec<pb::Service>,
     pub policies: Vec<Policy>,
+    /// Authorization for this node's pods, compiled.
+    pub authz: std::sync::Arc<crate::authz::Policies>,
 }
 
 fn kind_name(kind: i32) -> &'static str {
@@ -113,9 +118,7 @@ impl NodeConfig {
                 Some(pb::resource::Body::Policy(p)) => {
                     let spec: serde_json::Value = serde_json::from_str(&p.spec_json)
                         .map_err(|e| bad(format!("spec is not JSON: {e}")))?;
-                    if !spec.is_object() {
-                        return Err(bad("spec is not an object".into()));
-                    }
+                    typed(*kind, &spec).map_err(|e| bad(format!("spec: {e}")))?;
                     policies.push(Policy {
                         kind: kind_name(*kind),
                         api_version: p.api_version.clone(),
@@ -127,12 +130,47 @@ impl NodeConfig {
                 None => return Err(bad("no body".into())),
             }
         }
+        let authz_specs: Vec<(String, String, AuthorizationPolicySpec)> = policies
+            .iter()
+            .filter(|p| p.kind == pb::Kind::AuthorizationPolicy.as_str_name())
+            .map(|p| {
+                let spec = serde_json::from_value(p.spec.clone()).expect("checked by typed()");
+                (p.namespace.clone(), p.name.clone(), spec)
+            })
+            .collect();
+        let authz = crate::authz::Policies::compile(
+            authz_specs
+                .iter()
+                .map(|(ns, name, spec)| (ns.as_str(), name.as_str(), spec)),
+        )?;
         Ok(Self {
             version,
+            authz: std::sync::Arc::new(authz),
             placement: Placement::try_from(file)?,
             enrolled,
             services,
             policies,
         })
+    }
+}
+
+/// Parses a policy's spec with the types the controller validated it with: a spec this node
+/// cannot read (a newer controller, say) rejects the version instead of being half applied.
+fn typed(kind: i32, spec: &serde_json::Value) -> Result<(), serde_json::Error> {
+    use mesh_api::{crd, gateway};
+    let v = spec.clone();
+    match pb::Kind::try_from(kind) {
+        Ok(pb::Kind::AuthorizationPolicy) => {
+            serde_json::from_value::<AuthorizationPolicySpec>(v).map(drop)
+        }
+        Ok(pb::Kind::PeerAuthentication) => {
+            serde_json::from_value::<crd::PeerAuthenticationSpec>(v).map(drop)
+        }
+        Ok(pb::Kind::TrafficPolicy) => {
+            serde_json::from_value::<crd::TrafficPolicySpec>(v).map(drop)
+        }
+        Ok(pb::Kind::HttpRoute) => serde_json::from_value::<gateway::HTTPRouteSpec>(v).map(drop),
+        Ok(pb::Kind::GrpcRoute) => serde_json::from_value::<gateway::GRPCRouteSpec>(v).map(drop),
+        _ => serde_json::from_value::<serde_json::Map<String, serde_json::Value>>(v).map(drop),
     }
 }

@@ -295,6 +295,42 @@ mod tests {
                 .contains("not-an-ip")
         );
 
+        // Policies are parsed and compiled: one this node cannot use rejects the version.
+        let policy = |spec: &str| Resource {
+            key: Some(ResourceKey {
+                kind: Kind::AuthorizationPolicy as i32,
+                name: "shop/p".into(),
+            }),
+            body: Some(Body::Policy(pb::Policy {
+                api_version: "nodemesh.io/v1alpha1".into(),
+                namespace: "shop".into(),
+                name: "p".into(),
+                spec_json: spec.into(),
+            })),
+        };
+        let bad = update(
+            5,
+            4,
+            vec![policy(
+                r#"{"action": "ALLOW", "rules": [{"to": [{"headers": [{"name": "x", "regex": "("}]}]}]}"#,
+            )],
+            &[],
+        );
+        let err = apply(&mut held, 4, "a", "cluster.local", bad).unwrap_err();
+        assert!(err.contains("rules[0].to[0].headers[0].regex"), "{err}");
+        let bad = update(5, 4, vec![policy(r#"{"action": "MAYBE"}"#)], &[]);
+        assert!(
+            apply(&mut held, 4, "a", "cluster.local", bad)
+                .unwrap_err()
+                .contains("MAYBE")
+        );
+        let good = update(5, 4, vec![policy(r#"{"action": "ALLOW"}"#)], &[]);
+        let cfg = apply(&mut held, 4, "a", "cluster.local", good)
+            .unwrap()
+            .unwrap();
+        assert_eq!(cfg.authz.len(), 1);
+        held.remove(&(Kind::AuthorizationPolicy as i32, "shop/p".to_string()));
+
         // A delta from a version we do not hold: resync, nothing applied.
         let foreign = update(6, 5, vec![pod("web-4", "a", "10.1.0.4", true)], &[]);
         assert!(
