@@ -395,17 +395,20 @@ mod tests {
         other/deny-all-in-other: {"action": "DENY", "rules": [{}]}
     "#;
 
+    /// Method, path, headers.
+    type HttpCase = (
+        &'static str,
+        &'static str,
+        &'static [(&'static str, &'static str)],
+    );
+
     struct Case {
         name: &'static str,
         source: Option<&'static str>,
         ip: &'static str,
         app: &'static str,
         port: u16,
-        http: Option<(
-            &'static str,
-            &'static str,
-            &'static [(&'static str, &'static str)],
-        )>,
+        http: Option<HttpCase>,
         want: &'static str,
     }
 
