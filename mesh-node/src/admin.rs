@@ -40,6 +40,8 @@ pub struct Admin {
     /// With config distribution, enrollment requests register sandboxes and the configuration
     /// decides (see `follow`).
     pub follow: Option<Arc<crate::follow::Follow>>,
+    /// Authorization figures, when policy comes from the controller.
+    pub enforcer: Option<Arc<crate::enforce::Enforcer>>,
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -142,6 +144,9 @@ impl Admin {
                             "stats": &m.identities.stats,
                         });
                         body["tunnel"] = json!(&*m.tunnel_stats);
+                    }
+                    if let Some(e) = &self.enforcer {
+                        body["authz"] = json!(&e.stats);
                     }
                     json_response(StatusCode::OK, body)
                 }

@@ -15,6 +15,7 @@ use crate::{
     config::{Config, MeshConfig, OnExit},
     drain::{Drain, DrainOutcome},
     ebpf::{self, EbpfError, RedirectSpec, Redirector},
+    enforce::Enforcer,
     enroll::{self, EnrollError, EnrollHooks, Enrollment, Pod, PodName},
     follow::Follow,
     hbone::{self, Inbound, Tunnels},
@@ -276,6 +277,13 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
     if let Some(f) = &follow {
         tokio::spawn(f.clone().run());
     }
+    let enforcer = mesh
+        .as_ref()
+        .and_then(|m| m.config.as_ref())
+        .map(|(rx, _)| Enforcer::new(rx.clone()));
+    if let Some(e) = &enforcer {
+        tokio::spawn(e.clone().run());
+    }
     let stats = Arc::new(Stats::default());
     let drain = Drain::new();
 
@@ -299,6 +307,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
             tunnels: Tunnels::new(m.identities.clone(), m.tunnel_stats.clone()),
         }),
         source,
+        enforcer: enforcer.clone(),
     });
     for l in listeners {
         tokio::spawn(proxy.clone().serve(l, drain.watch()));
@@ -312,6 +321,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
             stats: m.tunnel_stats.clone(),
             connect_timeout: config.connect_timeout,
             source,
+            enforcer: enforcer.clone(),
         });
         for l in inbound_listeners {
             tokio::spawn(inbound.clone().serve(l, drain.watch()));
@@ -345,6 +355,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         stats,
         mesh,
         follow,
+        enforcer,
     });
     tokio::spawn(admin.serve(admin_listener, drain.watch()));
     info!(outbound = ?outbound_addrs, inbound = ?inbound_addrs, admin = %admin_addr, "node proxy serving");

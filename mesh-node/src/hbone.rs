@@ -33,6 +33,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
     drain::Watch,
+    enforce::{Admitted, Conn, Enforcer, forwarded_for},
     enroll::Enrollment,
     identity::Identities,
     outbound::{ProxySource, connect_from},
@@ -283,6 +284,8 @@ pub struct Inbound {
     pub connect_timeout: Duration,
     /// Deliveries come from the proxy address (see `outbound::ProxySource`).
     pub source: ProxySource,
+    /// Authorization, when policy comes from the controller.
+    pub enforcer: Option<Arc<Enforcer>>,
 }
 
 /// Server TLS config, rebuilt when the trust bundle changes.
@@ -476,12 +479,32 @@ impl Inbound {
                 && &w.identity == served
                 && self.pods.is_enrolled(&w.namespace, &w.name)
         });
-        if local.is_none() {
+        let Some(local) = local else {
             self.stats.inbound_refused_not_local.fetch_add(1, Relaxed);
             warn!(%peer, %target, client = %client_id, served = %served, "refused tunnel: not an enrolled pod of this node with that identity");
             let _ = answer(StatusCode::FORBIDDEN);
             return;
-        }
+        };
+        let admitted = match &self.enforcer {
+            None => None,
+            Some(e) => {
+                let conn = Conn {
+                    source: Some(client_id.clone()),
+                    source_ip: forwarded_for(&forwarded).unwrap_or(peer.ip()),
+                    namespace: local.namespace.clone(),
+                    pod: local.name.clone(),
+                    port: target.port(),
+                };
+                match e.admit(conn) {
+                    Ok(a) => Some(a),
+                    Err(reason) => {
+                        warn!(%peer, %target, client = %client_id, %reason, "refused tunnel: authorization");
+                        let _ = answer(StatusCode::FORBIDDEN);
+                        return;
+                    }
+                }
+            }
+        };
         let upstream = match tokio::time::timeout(
             self.connect_timeout,
             connect_from(self.source.for_dst(target), target),
@@ -504,14 +527,14 @@ impl Inbound {
             info_span!("inbound", src.identity = %client_id, dst = %target, forwarded = %forwarded);
         async move {
             info!("delivering");
-            relay(
+            let relay = relay(
                 upstream,
                 Tunnel {
                     send,
                     recv: req.into_body(),
                 },
-            )
-            .await;
+            );
+            until_revoked(relay, admitted).await;
         }
         .instrument(span)
         .await
@@ -579,4 +602,20 @@ pub async fn relay(tcp: TcpStream, tunnel: Tunnel) -> (u64, u64) {
         }
     }
     (sent.unwrap_or(0), received.unwrap_or(0))
+}
+
+/// Runs `relay` until it ends, or until a new policy revokes the connection (dropping the relay
+/// resets both sides).
+pub async fn until_revoked<T>(
+    relay: impl std::future::Future<Output = T>,
+    admitted: Option<Admitted>,
+) {
+    let Some(mut admitted) = admitted else {
+        relay.await;
+        return;
+    };
+    tokio::select! {
+        _ = relay => {}
+        Ok(()) = &mut admitted.revoked => info!("closed: the policy now denies this connection"),
+    }
 }

@@ -8,6 +8,7 @@ pub mod authz;
 pub mod config;
 pub mod drain;
 pub mod ebpf;
+pub mod enforce;
 pub mod enroll;
 pub mod follow;
 pub mod hbone;

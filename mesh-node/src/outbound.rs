@@ -22,6 +22,7 @@ use mesh_api::placement::PlacementWatch;
 
 use crate::{
     drain::Watch,
+    enforce::{Conn, Enforcer},
     enroll::Enrollment,
     hbone::{self, Tunnels},
     orig_dst::{OrigDstSource, Redirected},
@@ -88,6 +89,8 @@ pub struct Outbound {
     pub mesh: Option<MeshPath>,
     /// Address local mesh deliveries come from.
     pub source: ProxySource,
+    /// Authorization of same-node deliveries, when policy comes from the controller.
+    pub enforcer: Option<Arc<Enforcer>>,
 }
 
 /// The proxy's own addresses. Deliveries to local pods come from them, which is how the kernel's
@@ -181,9 +184,34 @@ impl Outbound {
                     warn!(parent: &span, dst.pod = %format!("{namespace}/{name}"), "refused: local mesh destination is not enrolled on this node");
                     return reset(client);
                 }
+                // Same node: the caller's identity is the one its socket belongs to.
+                let admitted = match &self.enforcer {
+                    None => None,
+                    Some(e) => {
+                        let source = placement
+                            .as_deref()
+                            .and_then(|p| p.pod(&pod.name.namespace, &pod.name.name))
+                            .map(|w| w.identity.clone());
+                        let conn = Conn {
+                            source,
+                            source_ip: peer.ip(),
+                            namespace: namespace.clone(),
+                            pod: name.clone(),
+                            port: orig_dst.port(),
+                        };
+                        match e.admit(conn) {
+                            Ok(a) => Some(a),
+                            Err(reason) => {
+                                warn!(parent: &span, %reason, "refused: authorization");
+                                return reset(client);
+                            }
+                        }
+                    }
+                };
                 self.stats.delivered_local.fetch_add(1, Relaxed);
                 let from = self.source.for_dst(orig_dst);
-                self.relay(client, orig_dst, from).instrument(span).await
+                let relay = self.relay(client, orig_dst, from).instrument(span);
+                hbone::until_revoked(relay, admitted).await
             }
             Route::Tunnel { node, src, dst } => {
                 let mesh = self.mesh.as_ref().expect("tunnel routes need a mesh path");

@@ -243,3 +243,85 @@ async fn peer_authentication_from_the_config_reaches_the_kernel() {
     cluster.change_config("peer-auth.yaml", None).await.unwrap();
     assert_eq!(plaintext_ok(&outsider, dst).await, 1, "PERMISSIVE again");
 }
+
+#[tokio::test]
+async fn authorization_from_the_config_refuses_new_and_closes_live_connections() {
+    let cluster = ClusterBuilder::new()
+        .nodes(2)
+        .pods_per_node(2)
+        .config_stream()
+        .start()
+        .await
+        .unwrap();
+    let server = cluster.pod(1, 0).clone();
+    let (remote, other, neighbour) = (
+        cluster.pod(0, 0).clone(),
+        cluster.pod(0, 1).clone(),
+        cluster.pod(1, 1).clone(),
+    );
+    let _s = server.serve(PORT, false).await.unwrap();
+    for p in [&server, &remote, &other, &neighbour] {
+        cluster.enroll(p).await.unwrap();
+    }
+    let dst = server.addr(false, PORT);
+    // A live connection from `remote`, echoing 20 times a second for 6 s.
+    let live = {
+        let remote = remote.clone();
+        tokio::spawn(async move {
+            remote
+                .testpod(&[
+                    "rr",
+                    "--to",
+                    &dst.to_string(),
+                    "--duration-ms",
+                    "6000",
+                    "--conns",
+                    "1",
+                    "--pace",
+                    "20",
+                ])
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    let deny = format!(
+        "apiVersion: nodemesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: deny-some, namespace: {ns}}}\nspec:\n  action: DENY\n  rules:\n  - from: [{{principals: ['spiffe://cluster.local/ns/{ns}/sa/{a}', 'spiffe://cluster.local/ns/{ns}/sa/{b}']}}]\n",
+        ns = server.namespace,
+        a = remote.service_account,
+        b = neighbour.service_account,
+    );
+    cluster
+        .change_config("authz.yaml", Some(&deny))
+        .await
+        .unwrap();
+
+    // The live connection is closed by the new policy.
+    let result = tokio::time::timeout(Duration::from_secs(10), live)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        result.is_err(),
+        "the denied connection kept working: {result:?}"
+    );
+    // New connections: denied across nodes and on the same node; others still pass.
+    for (who, want) in [(&remote, 0), (&neighbour, 0), (&other, 2)] {
+        let r = who.client(dst, 2, 64).await.unwrap();
+        assert_eq!(r["ok"], want, "{} -> server: {r}", who.name);
+    }
+    let c = cluster.nodes[1].counters().await.unwrap();
+    assert!(
+        c["authz"]["closed_by_policy"].as_u64() >= Some(1),
+        "{}",
+        c["authz"]
+    );
+    assert!(c["authz"]["denied"].as_u64() >= Some(4), "{}", c["authz"]);
+    // And the refusal says why, in the node's log.
+    let logged = cluster.nodes[1].log_records().into_iter().any(|r| {
+        r["fields"]["reason"]
+            .as_str()
+            .is_some_and(|s| s.contains("deny-some rule 0"))
+    });
+    assert!(logged, "{}", cluster.nodes[1].log_tail(20));
+}
