@@ -42,9 +42,12 @@ pub struct Stats {
     pub closed_by_policy: AtomicU64,
 }
 
+/// A live connection and how to close it (taken once used).
+type Live = (Conn, Option<oneshot::Sender<()>>);
+
 pub struct Enforcer {
     config: watch::Receiver<Arc<NodeConfig>>,
-    live: Mutex<HashMap<u64, (Conn, Option<oneshot::Sender<()>>)>>,
+    live: Mutex<HashMap<u64, Live>>,
     next: AtomicU64,
     pub stats: Stats,
 }
