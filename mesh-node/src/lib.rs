@@ -19,6 +19,7 @@ pub mod outbound;
 pub mod probe;
 pub mod ready;
 pub mod route;
+pub mod routes;
 pub mod subscribe;
 mod sys;
 pub mod tls;
