@@ -192,3 +192,47 @@ async fn requested_lifetimes_are_capped_by_the_controller() {
     assert_eq!(r.not_after_unix - r.not_before_unix, 3600 + 60);
     c.bound.shutdown().await;
 }
+
+#[tokio::test]
+async fn status_lists_certificates_close_to_expiry() {
+    let mut c = start("4s").await;
+    c.client
+        .sign_workload(request(
+            "node-a",
+            "token-a-0123456789",
+            "shop",
+            "web-1",
+            csr(),
+            0,
+        ))
+        .await
+        .unwrap();
+    let admin = c.bound.admin;
+    let status = move || {
+        tokio::task::spawn_blocking(move || {
+            mesh_ctrl::cli::remote::call(admin, "GET", "/v1/status").unwrap()
+        })
+    };
+    // Fresh: more than a quarter of its life left.
+    let s = status().await.unwrap();
+    assert_eq!(s["certificates_expiring"], serde_json::json!([]), "{s}");
+    // A node renews at half-life; one still unrenewed with under a quarter left is listed.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(8);
+    loop {
+        let s = status().await.unwrap();
+        if let Some(e) = s["certificates_expiring"]
+            .as_array()
+            .and_then(|a| a.first())
+        {
+            assert_eq!(e["node"], "node-a");
+            assert_eq!(e["identity"], "spiffe://cluster.local/ns/shop/sa/web");
+            assert!(
+                mesh_ctrl::cli::remote::human_status(&s)
+                    .contains("certificates close to expiry: 1")
+            );
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never listed: {s}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
