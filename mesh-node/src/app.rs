@@ -305,6 +305,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
             node: config.node_name.clone(),
             placement: m.placement.clone(),
             tunnels: Tunnels::new(m.identities.clone(), m.tunnel_stats.clone()),
+            config: m.config.as_ref().map(|(rx, _)| rx.clone()),
         }),
         source,
         enforcer: enforcer.clone(),

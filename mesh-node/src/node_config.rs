@@ -1,7 +1,11 @@
 //! The configuration this node holds, as domain types. Built from the controller's resources
 //! once, at the edge: anything that does not convert rejects the whole version (the node nacks it
 //! and keeps its last good one).
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::{IpAddr, SocketAddr},
+    sync::atomic::{AtomicUsize, Ordering::Relaxed},
+};
 
 use mesh_api::{
     config::v1 as pb,
@@ -50,6 +54,30 @@ pub struct NodeConfig {
     pub policies: Vec<Policy>,
     /// Authorization for this node's pods, compiled.
     pub authz: std::sync::Arc<crate::authz::Policies>,
+    /// Service ports by cluster IP and port: where a connection to a Service goes.
+    pub vips: HashMap<SocketAddr, std::sync::Arc<VipTarget>>,
+}
+
+/// A Service port as reached through its cluster IP.
+#[derive(Debug, Default)]
+pub struct VipTarget {
+    /// `namespace/name`.
+    pub service: String,
+    pub target_port: u16,
+    /// Ready pods behind it, `(namespace, name)`.
+    pub endpoints: Vec<(String, String)>,
+    next: AtomicUsize,
+}
+
+impl VipTarget {
+    /// The next endpoint, round robin (per-request balancing comes with L7).
+    pub fn pick(&self) -> Option<&(String, String)> {
+        if self.endpoints.is_empty() {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Relaxed) % self.endpoints.len();
+        self.endpoints.get(i)
+    }
 }
 
 fn kind_name(kind: i32) -> &'static str {
@@ -143,8 +171,49 @@ impl NodeConfig {
                 .iter()
                 .map(|(ns, name, spec)| (ns.as_str(), name.as_str(), spec)),
         )?;
+        let mut vips = HashMap::new();
+        for s in &services {
+            let service = format!("{}/{}", s.namespace, s.name);
+            let endpoints: Vec<(String, String)> = s
+                .endpoints
+                .iter()
+                .filter_map(|e| e.split_once('/'))
+                .map(|(ns, n)| (ns.to_string(), n.to_string()))
+                .collect();
+            for ip in &s.cluster_ips {
+                let ip: IpAddr = ip.parse().map_err(|_| ConvertError::Resource {
+                    kind: "KIND_SERVICE",
+                    name: service.clone(),
+                    reason: format!("cluster IP {ip:?} is not an IP address"),
+                })?;
+                for p in &s.ports {
+                    let port = |v: u32| u16::try_from(v).ok().filter(|p| *p != 0);
+                    let (Some(port), Some(target_port)) = (port(p.port), port(p.target_port))
+                    else {
+                        return Err(ConvertError::Resource {
+                            kind: "KIND_SERVICE",
+                            name: service.clone(),
+                            reason: format!(
+                                "port {} -> {} is not a TCP port",
+                                p.port, p.target_port
+                            ),
+                        });
+                    };
+                    vips.insert(
+                        SocketAddr::new(ip, port),
+                        std::sync::Arc::new(VipTarget {
+                            service: service.clone(),
+                            target_port,
+                            endpoints: endpoints.clone(),
+                            next: AtomicUsize::new(0),
+                        }),
+                    );
+                }
+            }
+        }
         Ok(Self {
             version,
+            vips,
             authz: std::sync::Arc::new(authz),
             placement: Placement::try_from(file)?,
             enrolled,

@@ -18,13 +18,14 @@ use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use mesh_api::placement::PlacementWatch;
+use mesh_api::placement::{Placement, PlacementWatch};
 
 use crate::{
     drain::Watch,
     enforce::{Conn, Enforcer},
     enroll::Enrollment,
     hbone::{self, Tunnels},
+    node_config::NodeConfig,
     orig_dst::{OrigDstSource, Redirected},
     route::{Route, route},
 };
@@ -49,6 +50,10 @@ pub struct Stats {
     pub refused_route: AtomicU64,
     /// Refused: a local mesh destination that is not enrolled here.
     pub refused_local_not_enrolled: AtomicU64,
+    /// Connections to a Service's cluster IP, sent to one of its endpoints.
+    pub to_service: AtomicU64,
+    /// Refused: a Service without ready endpoints.
+    pub refused_no_endpoints: AtomicU64,
     pub tunnel_failed: AtomicU64,
 }
 
@@ -57,6 +62,18 @@ pub struct MeshPath {
     pub node: String,
     pub placement: PlacementWatch,
     pub tunnels: Arc<Tunnels>,
+    /// With config from the controller: Services, by cluster IP.
+    pub config: Option<tokio::sync::watch::Receiver<Arc<NodeConfig>>>,
+}
+
+/// Where a connection to a Service's cluster IP goes.
+enum Vip {
+    /// Not a cluster IP.
+    No,
+    /// One of the Service's endpoints.
+    Endpoint(SocketAddr, String),
+    /// A Service without ready endpoints (its name).
+    Empty(String),
 }
 
 /// Binds the outbound listener on `addr`. `SO_REUSEPORT` lets a new proxy bind beside a draining
@@ -168,6 +185,20 @@ impl Outbound {
             return reset(client);
         }
         let placement = self.mesh.as_ref().map(|m| m.placement.current());
+        let requested = orig_dst;
+        let orig_dst = match self.vip(orig_dst, placement.as_deref()) {
+            Vip::No => orig_dst,
+            Vip::Endpoint(addr, service) => {
+                self.stats.to_service.fetch_add(1, Relaxed);
+                debug!(%peer, %requested, %service, endpoint = %addr, "service endpoint");
+                addr
+            }
+            Vip::Empty(service) => {
+                self.stats.refused_no_endpoints.fetch_add(1, Relaxed);
+                warn!(%peer, %requested, %service, "refused: the Service has no ready endpoints");
+                return reset(client);
+            }
+        };
         let this_node = self.mesh.as_ref().map_or("", |m| m.node.as_str());
         let decision = route(
             placement.as_deref(),
@@ -175,7 +206,7 @@ impl Outbound {
             (&pod.name.namespace, &pod.name.name),
             orig_dst,
         );
-        let span = info_span!("outbound", src.pod = %pod.name, src.addr = %peer, dst = %orig_dst);
+        let span = info_span!("outbound", src.pod = %pod.name, src.addr = %peer, dst = %requested, dst.endpoint = %orig_dst);
         match decision {
             Route::Direct => self.relay(client, orig_dst, None).instrument(span).await,
             Route::Local { namespace, name } => {
@@ -242,6 +273,31 @@ impl Outbound {
                 reset(client);
             }
         }
+    }
+
+    /// A Service cluster IP becomes one of its endpoints (an address of the same family).
+    fn vip(&self, dst: SocketAddr, placement: Option<&Placement>) -> Vip {
+        let Some(cfg) = self.mesh.as_ref().and_then(|m| m.config.as_ref()) else {
+            return Vip::No;
+        };
+        let Some(target) = cfg.borrow().vips.get(&dst).cloned() else {
+            return Vip::No;
+        };
+        for _ in 0..target.endpoints.len() {
+            let Some((ns, name)) = target.pick() else {
+                break;
+            };
+            let ip = placement
+                .and_then(|p| p.pod(ns, name))
+                .and_then(|w| w.ips.iter().find(|ip| ip.is_ipv4() == dst.is_ipv4()));
+            if let Some(ip) = ip {
+                return Vip::Endpoint(
+                    SocketAddr::new(*ip, target.target_port),
+                    target.service.clone(),
+                );
+            }
+        }
+        Vip::Empty(target.service.clone())
     }
 
     async fn relay(&self, mut client: TcpStream, dst: SocketAddr, from: Option<IpAddr>) {

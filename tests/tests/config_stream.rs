@@ -325,3 +325,89 @@ async fn authorization_from_the_config_refuses_new_and_closes_live_connections()
     });
     assert!(logged, "{}", cluster.nodes[1].log_tail(20));
 }
+
+#[tokio::test]
+async fn a_service_cluster_ip_reaches_its_endpoints_through_the_mesh() {
+    let cluster = ClusterBuilder::new()
+        .nodes(2)
+        .pods_per_node(2)
+        .config_stream()
+        .start()
+        .await
+        .unwrap();
+    let client = cluster.pod(0, 0).clone();
+    // Three endpoints: two on the other node, one beside the client.
+    let backends = [
+        cluster.pod(1, 0).clone(),
+        cluster.pod(1, 1).clone(),
+        cluster.pod(0, 1).clone(),
+    ];
+    let mut servers = Vec::new();
+    for b in &backends {
+        servers.push(b.serve(PORT, false).await.unwrap());
+    }
+    for p in backends.iter().chain([&client]) {
+        cluster.enroll(p).await.unwrap();
+    }
+    let names: Vec<String> = backends.iter().map(|b| b.name.clone()).collect();
+    cluster
+        .update_placement(|pl| {
+            for pod in pl["pods"].as_array_mut().unwrap() {
+                if names.iter().any(|n| pod["name"] == n.as_str()) {
+                    pod["labels"] = serde_json::json!({"app": "web"});
+                }
+            }
+        })
+        .await
+        .unwrap();
+    let service = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: {}}}\nspec:\n  clusterIP: 10.96.0.10\n  selector: {{app: web}}\n  ports: [{{name: tcp-echo, port: 80, targetPort: {PORT}}}]\n",
+        client.namespace
+    );
+    cluster
+        .change_config("web.yaml", Some(&service))
+        .await
+        .unwrap();
+
+    let vip: std::net::SocketAddr = "10.96.0.10:80".parse().unwrap();
+    let r = client.client(vip, 12, 1024).await.unwrap();
+    assert_eq!(r["ok"], 12, "{r}");
+    // The app still sees the Service address as its peer.
+    assert_eq!(r["peer_addrs"][0], "10.96.0.10:80", "{r}");
+    // Spread over every endpoint; each server saw a proxy, never the client itself.
+    let seen: std::collections::BTreeSet<String> = r["hellos"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|h| h.split("local=").nth(1).unwrap().to_string())
+        .collect();
+    let want: std::collections::BTreeSet<String> = backends
+        .iter()
+        .map(|b| b.addr(false, PORT).to_string())
+        .collect();
+    assert_eq!(seen, want, "{r}");
+    assert!(
+        r["hellos"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .all(|h| !h.contains(&format!("peer={} ", client.ipv4))),
+        "{r}"
+    );
+    let c = cluster.nodes[0].counters().await.unwrap();
+    assert_eq!(c["proxy"]["to_service"], 12, "{}", c["proxy"]);
+
+    // No ready endpoints: refused, not sent anywhere.
+    cluster
+        .update_placement(|pl| {
+            for pod in pl["pods"].as_array_mut().unwrap() {
+                pod["labels"] = serde_json::json!({});
+            }
+        })
+        .await
+        .unwrap();
+    let r = client.client(vip, 2, 64).await.unwrap();
+    assert_eq!(r["ok"], 0, "{r}");
+    let c = cluster.nodes[0].counters().await.unwrap();
+    assert_eq!(c["proxy"]["refused_no_endpoints"], 2, "{}", c["proxy"]);
+}
