@@ -6,6 +6,7 @@
 //! | GET    | /healthz                      | 200 while the process serves |
 //! | GET    | /ready                        | 200 once programs are attached and listeners bound |
 //! | GET    | /v1/counters                  | kernel counters per program and outcome, proxy figures |
+//! | GET    | /metrics                      | the same, in Prometheus text format (names in `metrics.rs`) |
 //! | GET    | /v1/config                    | the validated config |
 //! | GET    | /v1/mesh-config               | the configuration from the controller: version, stream state, contents |
 //! | GET    | /v1/pods                      | enrolled pods |
@@ -103,6 +104,43 @@ impl Admin {
         }
     }
 
+    /// Everything the node counts, as `/v1/counters` shows it and `/metrics` renders it.
+    fn counters(&self) -> Result<serde_json::Value, String> {
+        let c = self.redirector.counters().map_err(|e| e.to_string())?;
+        let pods = self.pods.list();
+        let names: std::collections::HashMap<_, _> =
+            pods.iter().map(|p| (p.id, p.name.to_string())).collect();
+        let inbound: Vec<_> = self
+            .redirector
+            .pod_inbound()
+            .into_iter()
+            .map(|(id, c)| {
+                let pod = names.get(&id).cloned().unwrap_or_else(|| id.to_string());
+                json!({"pod": pod, "plaintext": c.plaintext, "denied": c.denied})
+            })
+            .collect();
+        let mut body = json!({
+            "ebpf": c.to_json(),
+            "enrolled_pods": pods.len(),
+            "proxy": &*self.stats,
+            "inbound": inbound,
+        });
+        if let Some(m) = &self.mesh {
+            body["identity"] = json!({
+                "certificates": m.identities.status(),
+                "stats": &m.identities.stats,
+            });
+            body["tunnel"] = json!(&*m.tunnel_stats);
+            if let Some((_, status)) = &m.config {
+                body["config"] = json!(&*status.lock().expect("status lock"));
+            }
+        }
+        if let Some(e) = &self.enforcer {
+            body["authz"] = json!(&e.stats);
+        }
+        Ok(body)
+    }
+
     async fn route(&self, req: Request<Incoming>) -> Resp {
         let path = req.uri().path().to_string();
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
@@ -119,37 +157,16 @@ impl Admin {
                     )
                 }
             }
-            (&Method::GET, ["v1", "counters"]) => match self.redirector.counters() {
-                Ok(c) => {
-                    let names: std::collections::HashMap<_, _> = self
-                        .pods
-                        .list()
-                        .into_iter()
-                        .map(|p| (p.id, p.name.to_string()))
-                        .collect();
-                    let inbound: Vec<_> = self
-                        .redirector
-                        .pod_inbound()
-                        .into_iter()
-                        .map(|(id, c)| {
-                            let pod = names.get(&id).cloned().unwrap_or_else(|| id.to_string());
-                            json!({"pod": pod, "plaintext": c.plaintext, "denied": c.denied})
-                        })
-                        .collect();
-                    let mut body =
-                        json!({"ebpf": c.to_json(), "proxy": &*self.stats, "inbound": inbound});
-                    if let Some(m) = &self.mesh {
-                        body["identity"] = json!({
-                            "certificates": m.identities.status(),
-                            "stats": &m.identities.stats,
-                        });
-                        body["tunnel"] = json!(&*m.tunnel_stats);
-                    }
-                    if let Some(e) = &self.enforcer {
-                        body["authz"] = json!(&e.stats);
-                    }
-                    json_response(StatusCode::OK, body)
-                }
+            (&Method::GET, ["v1", "counters"]) => match self.counters() {
+                Ok(body) => json_response(StatusCode::OK, body),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+            },
+            (&Method::GET, ["metrics"]) => match self.counters() {
+                Ok(body) => Response::builder()
+                    .status(StatusCode::OK)
+                    .header("content-type", "text/plain; version=0.0.4")
+                    .body(Full::new(Bytes::from(crate::metrics::render(&body))))
+                    .expect("static response parts"),
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
             },
             (&Method::GET, ["v1", "config"]) => json_response(StatusCode::OK, json!(self.config)),

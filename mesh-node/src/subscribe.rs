@@ -36,6 +36,8 @@ pub struct Status {
     pub updates: u64,
     /// The last version refused, and why.
     pub nacked: Option<(u64, String)>,
+    /// Versions refused.
+    pub rejected: u64,
     pub reconnects: u64,
 }
 
@@ -125,7 +127,10 @@ impl Subscriber {
                 }
                 Err(reason) => {
                     warn!(version = number, %reason, "configuration rejected; keeping version {}", self.tx.borrow().version);
-                    self.set(|s| s.nacked = Some((number, reason.clone())));
+                    self.set(|s| {
+                        s.nacked = Some((number, reason.clone()));
+                        s.rejected += 1;
+                    });
                     Msg::Nack(pb::Nack {
                         version: number,
                         reason,

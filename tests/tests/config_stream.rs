@@ -317,6 +317,27 @@ async fn authorization_from_the_config_refuses_new_and_closes_live_connections()
         c["authz"]
     );
     assert!(c["authz"]["denied"].as_u64() >= Some(4), "{}", c["authz"]);
+    // The same figures for Prometheus.
+    let (status, metrics) = cluster.nodes[1]
+        .admin("GET", "/metrics", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let metrics = metrics.as_str().unwrap().to_string();
+    let sample = |name: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit_once(' '))
+            .and_then(|(_, v)| v.parse::<f64>().ok())
+    };
+    assert_eq!(
+        sample(r#"mesh_authz_decisions_total{decision="deny"}"#),
+        c["authz"]["denied"].as_f64(),
+        "{metrics}"
+    );
+    assert_eq!(sample("mesh_config_connected"), Some(1.0), "{metrics}");
+    assert!(sample(r#"mesh_tunnel_streams_total{direction="inbound"}"#) >= Some(1.0));
     // And the refusal says why, in the node's log.
     let logged = cluster.nodes[1].log_records().into_iter().any(|r| {
         r["fields"]["reason"]

@@ -1,0 +1,298 @@
+//! Prometheus metrics of the node proxy (`GET /metrics` on the admin port). Every name, label and
+//! help text is in this file.
+//!
+//! The data path keeps plain atomic counters; a scrape renders the same snapshot `/v1/counters`
+//! shows into a fresh `metrics` recorder (absolute values), so the two can never disagree and the
+//! data path pays nothing for metrics. Label values are bounded by what the node hosts (its pods,
+//! their identities) and by fixed enumerations (programs, outcomes, reasons).
+use metrics::{Unit, counter, describe_counter, describe_gauge, gauge, with_local_recorder};
+use metrics_exporter_prometheus::PrometheusBuilder;
+use serde_json::Value;
+
+fn describe() {
+    describe_counter!(
+        "mesh_redirect_events_total",
+        "Kernel program events, by program (connect4, connect6, sock_ops, getpeername, ingress) and outcome"
+    );
+    describe_gauge!(
+        "mesh_enrolled_pods",
+        "Pods of this node the kernel redirects"
+    );
+    describe_counter!(
+        "mesh_inbound_plaintext_connections_total",
+        "Plaintext connections from outside the mesh accepted by a PERMISSIVE pod"
+    );
+    describe_counter!(
+        "mesh_inbound_dropped_connections_total",
+        "Plaintext connections from outside the mesh dropped in the kernel for a STRICT pod"
+    );
+    describe_counter!(
+        "mesh_tcp_connections_accepted_total",
+        "Redirected connections accepted by the outbound listener"
+    );
+    describe_counter!(
+        "mesh_tcp_connections_total",
+        "Outbound connections carried, by path (direct, local, tunnel)"
+    );
+    describe_counter!(
+        "mesh_tcp_connections_refused_total",
+        "Outbound connections refused or failed, by reason"
+    );
+    describe_gauge!(
+        "mesh_tcp_active_connections",
+        "Relayed connections open now"
+    );
+    describe_counter!(
+        "mesh_tcp_bytes_total",
+        Unit::Bytes,
+        "Bytes relayed, by direction (from_client, to_client)"
+    );
+    describe_counter!(
+        "mesh_service_connections_total",
+        "Connections to a Service cluster IP sent to one of its endpoints"
+    );
+    describe_counter!(
+        "mesh_tunnel_connections_total",
+        "HTTP/2-over-mTLS connections between node proxies, by direction"
+    );
+    describe_counter!(
+        "mesh_tunnel_streams_total",
+        "CONNECT streams (one per carried connection), by direction"
+    );
+    describe_counter!(
+        "mesh_tunnel_handshakes_refused_total",
+        "TLS handshakes refused because of the peer's certificate, by direction and reason"
+    );
+    describe_counter!(
+        "mesh_tunnel_inbound_refused_total",
+        "Inbound tunnel streams refused, by reason"
+    );
+    describe_counter!(
+        "mesh_authz_decisions_total",
+        "Authorization decisions on delivered connections, by decision"
+    );
+    describe_counter!(
+        "mesh_authz_connections_closed_total",
+        "Live connections closed because a new policy denies them"
+    );
+    describe_gauge!(
+        "mesh_workload_certificate_expiry_seconds",
+        Unit::Seconds,
+        "Seconds until each workload certificate this node holds expires"
+    );
+    describe_counter!(
+        "mesh_certificate_requests_total",
+        "Workload certificate requests to the controller, by result (fetched, rotated, failed)"
+    );
+    describe_gauge!("mesh_config_version", "Configuration version serving");
+    describe_gauge!(
+        "mesh_config_connected",
+        "1 while the configuration stream to the controller is up"
+    );
+    describe_counter!("mesh_config_updates_total", "Configuration updates applied");
+    describe_counter!(
+        "mesh_config_rejected_total",
+        "Configuration updates rejected"
+    );
+    describe_counter!(
+        "mesh_config_reconnects_total",
+        "Reconnections of the configuration stream"
+    );
+}
+
+fn n(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+/// Renders the `/v1/counters` snapshot (plus `config`, the stream's status) as Prometheus text.
+pub fn render(snapshot: &Value) -> String {
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    with_local_recorder(&recorder, || {
+        describe();
+        record(snapshot);
+    });
+    handle.render()
+}
+
+fn record(s: &Value) {
+    for (program, outcomes) in s["ebpf"].as_object().into_iter().flatten() {
+        for (outcome, v) in outcomes.as_object().into_iter().flatten() {
+            counter!("mesh_redirect_events_total", "program" => program.clone(), "outcome" => outcome.clone())
+                .absolute(n(v));
+        }
+    }
+    gauge!("mesh_enrolled_pods").set(n(&s["enrolled_pods"]) as f64);
+    for e in s["inbound"].as_array().into_iter().flatten() {
+        let pod = e["pod"].as_str().unwrap_or("").to_string();
+        counter!("mesh_inbound_plaintext_connections_total", "pod" => pod.clone())
+            .absolute(n(&e["plaintext"]));
+        counter!("mesh_inbound_dropped_connections_total", "pod" => pod).absolute(n(&e["denied"]));
+    }
+    let p = &s["proxy"];
+    counter!("mesh_tcp_connections_accepted_total").absolute(n(&p["accepted"]));
+    let local = n(&p["delivered_local"]);
+    for (path, v) in [
+        ("direct", n(&p["relayed"]).saturating_sub(local)),
+        ("local", local),
+        ("tunnel", n(&p["tunneled"])),
+    ] {
+        counter!("mesh_tcp_connections_total", "path" => path).absolute(v);
+    }
+    for (reason, field) in [
+        ("not_redirected", "refused_not_redirected"),
+        ("unknown_pod", "refused_unknown_pod"),
+        ("loop", "refused_loop"),
+        ("route", "refused_route"),
+        ("local_not_enrolled", "refused_local_not_enrolled"),
+        ("no_endpoints", "refused_no_endpoints"),
+        ("upstream_connect", "upstream_connect_failed"),
+        ("tunnel", "tunnel_failed"),
+    ] {
+        counter!("mesh_tcp_connections_refused_total", "reason" => reason).absolute(n(&p[field]));
+    }
+    gauge!("mesh_tcp_active_connections").set(n(&p["active"]) as f64);
+    counter!("mesh_tcp_bytes_total", "direction" => "from_client")
+        .absolute(n(&p["bytes_from_client"]));
+    counter!("mesh_tcp_bytes_total", "direction" => "to_client").absolute(n(&p["bytes_to_client"]));
+    counter!("mesh_service_connections_total").absolute(n(&p["to_service"]));
+
+    let t = &s["tunnel"];
+    if t.is_object() {
+        for dir in ["outbound", "inbound"] {
+            counter!("mesh_tunnel_connections_total", "direction" => dir)
+                .absolute(n(&t[format!("{dir}_connections")]));
+            counter!("mesh_tunnel_streams_total", "direction" => dir)
+                .absolute(n(&t[format!("{dir}_streams")]));
+        }
+        counter!("mesh_tunnel_handshakes_refused_total", "direction" => "outbound", "reason" => "peer_certificate")
+            .absolute(n(&t["outbound_tls_refused"]));
+        for (reason, v) in t["inbound_tls_refused"].as_object().into_iter().flatten() {
+            counter!("mesh_tunnel_handshakes_refused_total", "direction" => "inbound", "reason" => reason.clone())
+                .absolute(n(v));
+        }
+        counter!("mesh_tunnel_inbound_refused_total", "reason" => "not_local")
+            .absolute(n(&t["inbound_refused_not_local"]));
+        counter!("mesh_tunnel_inbound_refused_total", "reason" => "upstream")
+            .absolute(n(&t["inbound_upstream_failed"]));
+    }
+    let a = &s["authz"];
+    if a.is_object() {
+        counter!("mesh_authz_decisions_total", "decision" => "allow").absolute(n(&a["allowed"]));
+        counter!("mesh_authz_decisions_total", "decision" => "deny").absolute(n(&a["denied"]));
+        counter!("mesh_authz_connections_closed_total").absolute(n(&a["closed_by_policy"]));
+    }
+    let id = &s["identity"];
+    for c in id["certificates"].as_array().into_iter().flatten() {
+        let identity = c["identity"].as_str().unwrap_or("").to_string();
+        gauge!("mesh_workload_certificate_expiry_seconds", "identity" => identity)
+            .set(c["expires_in_seconds"].as_f64().unwrap_or(0.0));
+    }
+    if id.is_object() {
+        for (result, field) in [
+            ("fetched", "fetched"),
+            ("rotated", "rotations"),
+            ("failed", "failures"),
+        ] {
+            counter!("mesh_certificate_requests_total", "result" => result)
+                .absolute(n(&id["stats"][field]));
+        }
+    }
+    let c = &s["config"];
+    if c.is_object() {
+        gauge!("mesh_config_version").set(n(&c["version"]) as f64);
+        gauge!("mesh_config_connected").set(if c["connected"] == true { 1.0 } else { 0.0 });
+        counter!("mesh_config_updates_total").absolute(n(&c["updates"]));
+        counter!("mesh_config_rejected_total").absolute(n(&c["rejected"]));
+        counter!("mesh_config_reconnects_total").absolute(n(&c["reconnects"]));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    /// Every sample line: `name{labels} value`.
+    fn samples(text: &str) -> Vec<(String, f64)> {
+        text.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .map(|l| {
+                let (k, v) = l.rsplit_once(' ').unwrap();
+                (k.to_string(), v.parse().unwrap())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn renders_the_counters_snapshot() {
+        let snapshot = json!({
+            "ebpf": {"connect4": {"seen": 7, "redirected": 5}},
+            "enrolled_pods": 2,
+            "inbound": [{"pod": "shop/web-1", "plaintext": 3, "denied": 1}],
+            "proxy": {"accepted": 5, "relayed": 4, "delivered_local": 1, "tunneled": 1, "refused_no_endpoints": 2, "bytes_from_client": 100, "active": 1},
+            "tunnel": {"outbound_connections": 1, "outbound_streams": 3, "inbound_tls_refused": {"unknown_ca": 2}},
+            "authz": {"allowed": 4, "denied": 2, "closed_by_policy": 1},
+            "identity": {"certificates": [{"identity": "spiffe://td/ns/shop/sa/web", "expires_in_seconds": 3600}], "stats": {"fetched": 1}},
+            "config": {"version": 9, "connected": true, "updates": 3},
+        });
+        let text = super::render(&snapshot);
+        let s = samples(&text);
+        let get = |k: &str| s.iter().find(|(n, _)| n == k).map(|(_, v)| *v);
+        assert_eq!(
+            get(r#"mesh_redirect_events_total{program="connect4",outcome="redirected"}"#),
+            Some(5.0),
+            "{text}"
+        );
+        assert_eq!(get("mesh_enrolled_pods"), Some(2.0));
+        assert_eq!(
+            get(r#"mesh_inbound_dropped_connections_total{pod="shop/web-1"}"#),
+            Some(1.0)
+        );
+        assert_eq!(
+            get(r#"mesh_tcp_connections_total{path="direct"}"#),
+            Some(3.0)
+        );
+        assert_eq!(
+            get(r#"mesh_tcp_connections_total{path="local"}"#),
+            Some(1.0)
+        );
+        assert_eq!(
+            get(r#"mesh_tcp_connections_refused_total{reason="no_endpoints"}"#),
+            Some(2.0)
+        );
+        assert_eq!(
+            get(r#"mesh_tcp_bytes_total{direction="from_client"}"#),
+            Some(100.0)
+        );
+        assert_eq!(
+            get(r#"mesh_tunnel_streams_total{direction="outbound"}"#),
+            Some(3.0)
+        );
+        assert_eq!(
+            get(r#"mesh_tunnel_handshakes_refused_total{direction="inbound",reason="unknown_ca"}"#),
+            Some(2.0)
+        );
+        assert_eq!(
+            get(r#"mesh_authz_decisions_total{decision="deny"}"#),
+            Some(2.0)
+        );
+        assert_eq!(
+            get(
+                r#"mesh_workload_certificate_expiry_seconds{identity="spiffe://td/ns/shop/sa/web"}"#
+            ),
+            Some(3600.0)
+        );
+        assert_eq!(get("mesh_config_version"), Some(9.0));
+        assert_eq!(get("mesh_config_connected"), Some(1.0));
+        // Conventions: counters end in _total, help and type lines are present.
+        assert!(
+            text.contains("# TYPE mesh_tcp_bytes_total counter"),
+            "{text}"
+        );
+        assert!(text.contains("# HELP mesh_enrolled_pods"), "{text}");
+        for (name, _) in &s {
+            let base = name.split('{').next().unwrap();
+            assert!(base.starts_with("mesh_"), "{base}");
+        }
+    }
+}
