@@ -4,6 +4,7 @@
 //! | method | path                          | |
 //! |--------|-------------------------------|---|
 //! | GET    | /healthz                      | 200 while serving |
+//! | GET    | /metrics                      | Prometheus text (names in `metrics.rs`) |
 //! | GET    | /v1/status                    | version, nodes and their acked versions, rejected objects, certificates close to expiry |
 //! | GET    | /v1/history                   | accepted versions, newest first |
 //! | POST   | /v1/rollback/{version}        | restore the object set of `version` (local mode: rewrites the config directory) |
@@ -116,6 +117,19 @@ impl Admin {
         match (req.method(), segments.as_slice()) {
             (&Method::GET, ["healthz"]) => reply(StatusCode::OK, json!({"status": "ok"})),
             (&Method::GET, ["v1", "status"]) => reply(StatusCode::OK, self.status()),
+            (&Method::GET, ["metrics"]) => {
+                use std::sync::atomic::Ordering::Relaxed;
+                let text = crate::metrics::render(
+                    &self.status(),
+                    self.certs.signed.load(Relaxed),
+                    self.certs.refused.load(Relaxed),
+                );
+                Response::builder()
+                    .status(StatusCode::OK)
+                    .header("content-type", "text/plain; version=0.0.4")
+                    .body(Full::new(Bytes::from(text)))
+                    .expect("static response parts")
+            }
             (&Method::GET, ["v1", "history"]) => reply(StatusCode::OK, json!(self.store.history())),
             (&Method::POST, ["v1", "rollback", v]) => self.rollback(v).await,
             (&Method::GET, ["v1", "explain"]) => {

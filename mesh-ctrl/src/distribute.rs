@@ -38,6 +38,8 @@ pub struct NodeState {
     pub acked_version: u64,
     /// The last version the node refused, and why.
     pub nacked: Option<(u64, String)>,
+    /// From publishing the last acknowledged version to the node's ack, seconds.
+    pub push_latency_seconds: Option<f64>,
     #[serde(with = "unix_seconds")]
     pub since: SystemTime,
 }
@@ -137,6 +139,7 @@ impl ConfigDiscovery for ConfigService {
                 sent_version: 0,
                 acked_version: hello.last_version,
                 nacked: None,
+                push_latency_seconds: None,
                 since: SystemTime::now(),
             },
         );
@@ -219,7 +222,17 @@ impl Sender {
         match msg {
             Msg::Ack(a) => {
                 debug!(node = %self.node, version = a.version, "ack");
-                self.update(|s| s.acked_version = s.acked_version.max(a.version));
+                let latency = self
+                    .sent
+                    .lock()
+                    .expect("sent lock")
+                    .get(&self.node)
+                    .filter(|v| v.number == a.version)
+                    .map(|v| v.published.elapsed().as_secs_f64());
+                self.update(|s| {
+                    s.acked_version = s.acked_version.max(a.version);
+                    s.push_latency_seconds = latency.or(s.push_latency_seconds);
+                });
             }
             Msg::Nack(n) => {
                 warn!(node = %self.node, version = n.version, reason = %n.reason, "node rejected a configuration version");

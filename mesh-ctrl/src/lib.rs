@@ -9,6 +9,7 @@ pub mod ca_secret;
 pub mod certs;
 pub mod cli;
 pub mod distribute;
+pub mod metrics;
 pub mod model;
 pub mod sources;
 pub mod token_review;

@@ -310,6 +310,30 @@ async fn status_history_explain_and_rollback_through_the_admin_endpoint() {
     let human = remote::human_status(&status);
     assert!(human.contains("node-a\ttrue"), "{human}");
 
+    // The same for Prometheus.
+    let metrics = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(admin).unwrap();
+        write!(s, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    })
+    .await
+    .unwrap();
+    assert!(metrics.contains("mesh_ctrl_nodes_connected 1"), "{metrics}");
+    assert!(
+        metrics.contains(&format!(
+            "mesh_ctrl_node_acked_version{{node=\"node-a\"}} {}",
+            first.version
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("mesh_ctrl_node_push_latency_seconds{node=\"node-a\"}"),
+        "{metrics}"
+    );
+
     // Why can't batch reach the catalog?
     let path = format!(
         "/v1/explain?pod={}&dest={}",

@@ -30,6 +30,8 @@ pub const HISTORY: usize = 50;
 pub struct Version {
     pub number: u64,
     pub computed: Computed,
+    /// When it was published: push latency is measured from here to each node's ack.
+    pub published: std::time::Instant,
 }
 
 /// One accepted change, as `mesh-ctrl history` lists it.
@@ -80,6 +82,7 @@ impl Store {
         let (tx, _) = watch::channel(Arc::new(Version {
             number: 0,
             computed: Computed::default(),
+            published: std::time::Instant::now(),
         }));
         Self {
             inner: Mutex::new(Inner {
@@ -197,7 +200,11 @@ impl Store {
         while inner.history.len() > HISTORY {
             inner.history.pop_front();
         }
-        self.tx.send_replace(Arc::new(Version { number, computed }));
+        self.tx.send_replace(Arc::new(Version {
+            number,
+            computed,
+            published: std::time::Instant::now(),
+        }));
     }
 }
 
