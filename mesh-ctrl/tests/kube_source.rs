@@ -402,6 +402,21 @@ async fn follows_lists_watch_events_relists_and_failures() {
     let (objects, _) = store.inputs();
     let kept = &objects.http_routes[&("shop".into(), "web".into())];
     assert_eq!(kept.spec.rules[0].backend_refs[0].name, "web");
+    // The route says so in its status, in the mesh's own entry.
+    let parent =
+        || fake.0.lock().unwrap().objects[HTTP_ROUTES]["shop/web"]["status"]["parents"][0].clone();
+    until("route status", || {
+        parent()["conditions"][0]["status"] == "False"
+    })
+    .await;
+    let p = parent();
+    assert_eq!(p["controllerName"], "nodemesh.io/mesh-ctrl");
+    assert_eq!(p["parentRef"]["name"], "web");
+    let message = p["conditions"][0]["message"].as_str().unwrap().to_string();
+    assert!(
+        message.starts_with("spec.rules[0].backendRefs[0].name: unknown backend"),
+        "{message}"
+    );
 }
 
 #[tokio::test]
@@ -426,9 +441,9 @@ async fn rejected_objects_get_a_status_condition_naming_the_field() {
 
     let mut policy = json!({"apiVersion": "nodemesh.io/v1alpha1", "kind": "TrafficPolicy", "metadata": {"name": "t", "namespace": "shop", "generation": 1}, "spec": {"targetRef": {"kind": "Service", "name": "ghost"}}});
     fake.apply(TRAFFIC, policy.clone());
-    until("a status patch", || !fake.patches().is_empty()).await;
     let status =
         || fake.0.lock().unwrap().objects[TRAFFIC]["shop/t"]["status"]["conditions"][0].clone();
+    until("a status patch", || status()["type"] == "Accepted").await;
     let c = status();
     assert_eq!(c["type"], "Accepted");
     assert_eq!(c["status"], "False");

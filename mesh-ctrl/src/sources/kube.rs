@@ -436,6 +436,109 @@ mod conditions {
             invalid,
         );
         each(client, "TrafficPolicy", &stores.traffic_policies, invalid);
+        routes(client, "HTTPRoute", &stores.http_routes, invalid);
+        routes(client, "GRPCRoute", &stores.grpc_routes, invalid);
+    }
+
+    /// The Gateway API's controller name for the mesh's entries in route status.
+    pub const CONTROLLER: &str = "nodemesh.io/mesh-ctrl";
+
+    pub trait Route {
+        fn parent_refs(&self) -> &[crate::model::gateway::ParentRef];
+        fn parents(&self) -> Vec<crate::model::gateway::RouteParentStatus>;
+    }
+
+    macro_rules! route {
+        ($($t:ty),*) => {$(
+            impl Route for $t {
+                fn parent_refs(&self) -> &[crate::model::gateway::ParentRef] {
+                    &self.spec.parent_refs
+                }
+                fn parents(&self) -> Vec<crate::model::gateway::RouteParentStatus> {
+                    self.status.as_ref().map(|s| s.parents.clone()).unwrap_or_default()
+                }
+            }
+        )*};
+    }
+    route!(HTTPRoute, GRPCRoute);
+
+    /// Route status is shared with other controllers (one entry per parent and controller): ours
+    /// are replaced, theirs kept, and the write carries the resourceVersion it was computed from,
+    /// so a concurrent writer makes it fail (and the next rebuild retries) instead of being lost.
+    fn routes<K>(client: &Client, kind: &'static str, store: &Store<K>, invalid: &[Invalid])
+    where
+        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + ResourceExt
+            + Route
+            + Clone
+            + DeserializeOwned
+            + serde::Serialize
+            + std::fmt::Debug
+            + Send
+            + Sync
+            + 'static,
+    {
+        use crate::model::gateway::RouteParentStatus;
+        for o in store.state() {
+            let (ns, name) = (o.namespace().unwrap_or_default(), o.name_any());
+            let r = ObjectRef {
+                kind,
+                namespace: ns.clone(),
+                name: name.clone(),
+            };
+            let (status, reason, message) = desired(&r, invalid);
+            let generation = o.meta().generation;
+            let current = o.parents();
+            let ours: Vec<&RouteParentStatus> = current
+                .iter()
+                .filter(|p| p.controller_name == CONTROLLER)
+                .collect();
+            let settled = ours.len() == o.parent_refs().len()
+                && ours.iter().zip(o.parent_refs()).all(|(p, want)| {
+                    p.parent_ref == *want
+                        && p.conditions.iter().any(|c| {
+                            c.type_ == "Accepted"
+                                && c.status == status
+                                && c.message == message
+                                && c.observed_generation == generation
+                        })
+                });
+            if settled {
+                continue;
+            }
+            let now = k8s_openapi::jiff::Timestamp::now().to_string();
+            let mut parents: Vec<RouteParentStatus> = current
+                .iter()
+                .filter(|p| p.controller_name != CONTROLLER)
+                .cloned()
+                .collect();
+            parents.extend(o.parent_refs().iter().map(|p| RouteParentStatus {
+                parent_ref: p.clone(),
+                controller_name: CONTROLLER.into(),
+                conditions: vec![Condition {
+                    type_: "Accepted".into(),
+                    status: status.into(),
+                    reason: reason.into(),
+                    message: message.clone(),
+                    observed_generation: generation,
+                    last_transition_time: now.clone(),
+                }],
+            }));
+            let rv = o.meta().resource_version.clone();
+            let api: Api<K> = Api::namespaced(client.clone(), &ns);
+            tokio::spawn(async move {
+                let patch = serde_json::json!({
+                    "metadata": {"resourceVersion": rv},
+                    "status": {"parents": parents},
+                });
+                if let Err(e) = api
+                    .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                {
+                    warn!(object = %r, error = %e, "cannot write route status (retried on the next change)");
+                }
+            });
+        }
     }
 }
 
