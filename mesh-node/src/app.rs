@@ -149,7 +149,7 @@ fn start_mesh(config: &Config, m: &MeshConfig, ready: &Ready) -> Result<Mesh, Ap
     })?;
     tokio::spawn(identities.clone().rotate_forever());
     let Some(path) = &m.placement else {
-        return Ok(subscribe_config(m, identities, ready));
+        return Ok(subscribe_config(m, identities, ready, &config.state_dir));
     };
     Ok(Mesh {
         identities,
@@ -160,7 +160,12 @@ fn start_mesh(config: &Config, m: &MeshConfig, ready: &Ready) -> Result<Mesh, Ap
 }
 
 /// Placement and policy from the controller's stream; not ready until the first version is in.
-fn subscribe_config(m: &MeshConfig, identities: Arc<Identities>, ready: &Ready) -> Mesh {
+fn subscribe_config(
+    m: &MeshConfig,
+    identities: Arc<Identities>,
+    ready: &Ready,
+    state_dir: &std::path::Path,
+) -> Mesh {
     let mut empty = Placement::default();
     empty.trust_domain = m.trust_domain.clone();
     let placement = PlacementWatch::fixed(empty);
@@ -171,6 +176,7 @@ fn subscribe_config(m: &MeshConfig, identities: Arc<Identities>, ready: &Ready) 
         trust_domain: m.trust_domain.clone(),
         tx,
         status: status.clone(),
+        saved: state_dir.join("config.pb"),
     };
     tokio::spawn(subscriber.run(ready.register("config")));
     let (mut follow, feed) = (rx.clone(), placement.clone());

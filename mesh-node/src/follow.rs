@@ -160,9 +160,14 @@ impl Follow {
         }
     }
 
-    /// Makes enrollment match the configuration.
+    /// Makes enrollment match the configuration. Before the first configuration (version 0)
+    /// nothing changes: enrollment restored from the state file stays, so pods keep failing
+    /// closed through the proxy instead of leaving the mesh while the controller is away.
     pub fn reconcile(&self) {
         let config = self.config.borrow().clone();
+        if config.version == 0 {
+            return;
+        }
         let sandboxes = self.sandboxes.lock().expect("sandboxes lock").clone();
         for (pod, sandbox) in &sandboxes {
             let wanted = config

@@ -148,6 +148,7 @@ fn record(s: &Value) {
         ("no_endpoints", "refused_no_endpoints"),
         ("upstream_connect", "upstream_connect_failed"),
         ("tunnel", "tunnel_failed"),
+        ("no_config", "refused_no_config"),
     ] {
         counter!("mesh_tcp_connections_refused_total", "reason" => reason).absolute(n(&p[field]));
     }

@@ -54,6 +54,8 @@ pub struct Stats {
     pub to_service: AtomicU64,
     /// Refused: a Service without ready endpoints.
     pub refused_no_endpoints: AtomicU64,
+    /// Refused: no configuration from the controller yet (nothing to route by; fail closed).
+    pub refused_no_config: AtomicU64,
     pub tunnel_failed: AtomicU64,
 }
 
@@ -182,6 +184,13 @@ impl Outbound {
         if self.own_addrs.contains(&orig_dst) {
             self.stats.refused_loop.fetch_add(1, Relaxed);
             warn!(%peer, %orig_dst, "refused: destination is the proxy itself");
+            return reset(client);
+        }
+        if let Some(cfg) = self.mesh.as_ref().and_then(|m| m.config.as_ref())
+            && cfg.borrow().version == 0
+        {
+            self.stats.refused_no_config.fetch_add(1, Relaxed);
+            warn!(%peer, %orig_dst, "refused: no configuration from the controller yet");
             return reset(client);
         }
         let placement = self.mesh.as_ref().map(|m| m.placement.current());

@@ -5,9 +5,12 @@
 //! good configuration keeps serving. A controller outage changes nothing here but the
 //! `connected` flag: the node reconnects with backoff and resumes from the version it holds.
 use std::{
+    path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
 };
+
+use prost::Message;
 
 use mesh_api::config::v1::{
     self as pb, ConfigUpdate, NodeMessage, config_discovery_client::ConfigDiscoveryClient,
@@ -46,12 +49,16 @@ pub struct Subscriber {
     pub trust_domain: String,
     pub tx: watch::Sender<Arc<NodeConfig>>,
     pub status: Arc<Mutex<Status>>,
+    /// The last good configuration is kept here, so a proxy restarted while the controller is
+    /// unreachable serves it instead of nothing.
+    pub saved: PathBuf,
 }
 
 /// Why a stream ended.
 enum End {
-    /// The controller went away or refused: reconnect after a pause.
-    Lost(String),
+    /// The controller went away or refused: reconnect after a pause (reset when the stream had
+    /// been up).
+    Lost(String, bool),
     /// A delta did not fit what we hold: reconnect at once for a full update.
     Resync,
 }
@@ -61,18 +68,64 @@ impl Subscriber {
     pub async fn run(self, first: Blocker) {
         let mut first = Some(first);
         let mut held = Resources::new();
+        self.restore(&mut held, &mut first);
         let mut backoff = BACKOFF_MIN;
         loop {
             match self.stream(&mut held, &mut first).await {
                 End::Resync => continue,
-                End::Lost(why) => {
+                End::Lost(why, was_up) => {
                     self.set(|s| s.connected = false);
+                    if was_up {
+                        backoff = BACKOFF_MIN;
+                    }
                     warn!(reason = %why, retry_in = ?backoff, "config stream lost; serving the last good configuration");
                 }
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(BACKOFF_MAX);
             self.set(|s| s.reconnects += 1);
+        }
+    }
+
+    /// Serves the configuration saved by an earlier run, if any, until the controller answers.
+    fn restore(&self, held: &mut Resources, first: &mut Option<Blocker>) {
+        let Ok(bytes) = std::fs::read(&self.saved) else {
+            return;
+        };
+        let restored = ConfigUpdate::decode(bytes.as_slice())
+            .map_err(|e| e.to_string())
+            .and_then(|u| apply(held, 0, self.identities.node(), &self.trust_domain, u));
+        match restored {
+            Ok(Some(cfg)) => {
+                info!(version = cfg.version, path = %self.saved.display(), "serving the saved configuration until the controller answers");
+                let version = cfg.version;
+                self.tx.send_replace(Arc::new(cfg));
+                self.set(|s| s.version = version);
+                first.take();
+            }
+            Ok(None) => {}
+            Err(e) => {
+                warn!(path = %self.saved.display(), error = %e, "ignoring an unusable saved configuration")
+            }
+        }
+    }
+
+    /// Keeps `held` (version `version`) for the next start. Best effort: a failure is logged.
+    fn save(&self, held: &Resources, version: u64) {
+        let update = ConfigUpdate {
+            version,
+            base_version: 0,
+            upserts: held.values().cloned().collect(),
+            removals: Vec::new(),
+        };
+        let tmp = self.saved.with_extension("tmp");
+        // The first version can arrive before anything else made the state directory.
+        let dir = self.saved.parent().map(std::fs::create_dir_all).transpose();
+        let written = dir
+            .and_then(|_| std::fs::write(&tmp, update.encode_to_vec()))
+            .and_then(|()| std::fs::rename(&tmp, &self.saved));
+        if let Err(e) = written {
+            warn!(path = %self.saved.display(), error = %e, "cannot save the configuration");
         }
     }
 
@@ -90,20 +143,20 @@ impl Subscriber {
         let _ = out.send(NodeMessage { kind: Some(hello) }).await;
         let mut req = tonic::Request::new(ReceiverStream::new(rx));
         if let Err(e) = self.identities.authorize(&mut req) {
-            return End::Lost(e.to_string());
+            return End::Lost(e.to_string(), false);
         }
         let mut client = ConfigDiscoveryClient::new(self.identities.stream_channel());
         let mut updates = match client.subscribe(req).await {
             Ok(r) => r.into_inner(),
-            Err(s) => return End::Lost(format!("{:?}: {}", s.code(), s.message())),
+            Err(s) => return End::Lost(format!("{:?}: {}", s.code(), s.message()), false),
         };
         self.set(|s| s.connected = true);
         info!(last_version = version, "config stream open");
         loop {
             let update = match updates.message().await {
                 Ok(Some(u)) => u,
-                Ok(None) => return End::Lost("the controller closed the stream".into()),
-                Err(s) => return End::Lost(format!("{:?}: {}", s.code(), s.message())),
+                Ok(None) => return End::Lost("the controller closed the stream".into(), true),
+                Err(s) => return End::Lost(format!("{:?}: {}", s.code(), s.message()), true),
             };
             let number = update.version;
             let reply = match self.apply(held, update) {
@@ -117,6 +170,7 @@ impl Subscriber {
                         policies = cfg.policies.len(),
                         "configuration applied"
                     );
+                    self.save(held, number);
                     self.tx.send_replace(Arc::new(cfg));
                     self.set(|s| {
                         s.version = number;
@@ -138,7 +192,7 @@ impl Subscriber {
                 }
             };
             if out.send(NodeMessage { kind: Some(reply) }).await.is_err() {
-                return End::Lost("stream closed".into());
+                return End::Lost("stream closed".into(), true);
             }
         }
     }

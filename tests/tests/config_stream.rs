@@ -432,3 +432,61 @@ async fn a_service_cluster_ip_reaches_its_endpoints_through_the_mesh() {
     let c = cluster.nodes[0].counters().await.unwrap();
     assert_eq!(c["proxy"]["refused_no_endpoints"], 2, "{}", c["proxy"]);
 }
+
+#[tokio::test]
+async fn a_node_restarted_during_a_controller_outage_serves_its_saved_config_and_fails_closed() {
+    let mut pair = ClusterBuilder::new()
+        .nodes(2)
+        .pods_per_node(1)
+        .config_stream()
+        .start_pair(PORT)
+        .await
+        .unwrap();
+    let via_mesh = pair.cluster.nodes[1].ipv4.to_string();
+    assert_eq!(peer_seen(&pair).await, via_mesh);
+    let version = pair.cluster.nodes[0].mesh_config().await.unwrap()["version"].clone();
+
+    pair.cluster.ctrl.as_mut().unwrap().stop().await.unwrap();
+    pair.cluster.stop_node(0).await.unwrap();
+    // Ready again without the controller: the saved configuration is serving.
+    pair.cluster.start_node(0).await.unwrap();
+    let cfg = pair.cluster.nodes[0].mesh_config().await.unwrap();
+    assert_eq!(cfg["version"], version, "{cfg}");
+    assert_eq!(cfg["stream"]["connected"], false, "{cfg}");
+    let (_, pods) = pair.cluster.nodes[0]
+        .admin("GET", "/v1/pods", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        pods.as_array().unwrap().len(),
+        1,
+        "the client stays enrolled: {pods}"
+    );
+    // No certificate can be had while the controller is away: the connection fails, it never
+    // leaves the mesh as plaintext.
+    let r = pair
+        .client
+        .client(pair.server.addr(false, PORT), 1, 64)
+        .await
+        .unwrap();
+    assert_eq!(r["ok"], 0, "{r}");
+
+    pair.cluster.ctrl.as_mut().unwrap().start().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = pair
+            .client
+            .client(pair.server.addr(false, PORT), 1, 64)
+            .await
+            .unwrap();
+        if r["ok"] == 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "mesh traffic did not come back: {r}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(peer_seen(&pair).await, via_mesh);
+}
