@@ -82,7 +82,8 @@ fn enroll_error(e: EnrollError) -> Resp {
 }
 
 impl Admin {
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, watch: Watch) {
+    /// Serves every endpoint, or with `read_only` only `/metrics`, `/healthz` and `/ready`.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, watch: Watch, read_only: bool) {
         loop {
             let (stream, _) = tokio::select! {
                 a = listener.accept() => match a {
@@ -95,7 +96,16 @@ impl Admin {
             tokio::spawn(async move {
                 let svc = service_fn(move |req| {
                     let this = this.clone();
-                    async move { Ok::<_, Infallible>(this.route(req).await) }
+                    async move {
+                        let open = matches!(req.uri().path(), "/metrics" | "/healthz" | "/ready");
+                        if read_only && !open {
+                            return Ok::<_, Infallible>(error(
+                                StatusCode::NOT_FOUND,
+                                "this listener serves /metrics, /healthz and /ready only",
+                            ));
+                        }
+                        Ok::<_, Infallible>(this.route(req).await)
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), svc)

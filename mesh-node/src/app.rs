@@ -364,7 +364,15 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         follow,
         enforcer,
     });
-    tokio::spawn(admin.serve(admin_listener, drain.watch()));
+    if let Some(addr) = config.metrics_addr {
+        let l = admin::bind(addr).await.map_err(|source| AppError::Bind {
+            what: "metrics endpoint",
+            addr,
+            source,
+        })?;
+        tokio::spawn(admin.clone().serve(l, drain.watch(), true));
+    }
+    tokio::spawn(admin.serve(admin_listener, drain.watch(), false));
     info!(outbound = ?outbound_addrs, inbound = ?inbound_addrs, admin = %admin_addr, "node proxy serving");
 
     Ok(Bound {

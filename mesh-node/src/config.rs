@@ -83,6 +83,10 @@ pub struct RunArgs {
     /// Admin endpoint: health, readiness, enrollment API, counters.
     #[arg(long, env = "MESH_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
     pub admin_addr: SocketAddr,
+    /// A read-only listener for Prometheus and probes (`/metrics`, `/healthz`, `/ready`), e.g.
+    /// `0.0.0.0:15020`: scrapable from the network without exposing the enrollment API.
+    #[arg(long, env = "MESH_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
     /// Destination ports never redirected (comma-separated or repeated).
     #[arg(long, env = "MESH_EXCLUDE_PORTS", value_delimiter = ',')]
     pub exclude_ports: Vec<u16>,
@@ -165,6 +169,7 @@ pub struct Config {
     pub proxy_ipv6: Option<Ipv6Addr>,
     pub outbound_port: u16,
     pub admin_addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
     pub exclude_ports: Vec<u16>,
     pub exclude_cidrs: Vec<IpNet>,
     pub bpffs: PathBuf,
@@ -342,6 +347,7 @@ impl RunArgs {
             proxy_ipv6,
             outbound_port: self.outbound_port,
             admin_addr: self.admin_addr,
+            metrics_addr: self.metrics_addr,
             exclude_ports: self.exclude_ports,
             exclude_cidrs,
             bpffs: self.bpffs,

@@ -73,6 +73,12 @@ impl Controller {
         Ok(serde_json::from_slice(&out.stdout)?)
     }
 
+    /// A GET to `addr` from inside the controller's namespace (tools run beside it, e.g.
+    /// Prometheus).
+    pub async fn get(&self, addr: SocketAddr, path: &str) -> anyhow::Result<(u16, Value)> {
+        crate::http::request(&netns_path(&self.netns), addr, "GET", path, None).await
+    }
+
     /// The config directory (with `ClusterBuilder::config_stream`).
     pub fn config_dir(&self) -> Option<&Path> {
         self.config_dir.as_deref()

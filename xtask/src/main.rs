@@ -123,6 +123,7 @@ fn require_root(what: &str) -> anyhow::Result<()> {
 fn test() -> anyhow::Result<()> {
     require_root("cargo xtask test")?;
     build_ebpf()?;
+    toolchain::install(toolchain::TEST_PACKAGES)?;
     step("cargo fmt --check", || {
         cargo(&["fmt", "--all", "--", "--check"])
     })?;

@@ -57,6 +57,9 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The tests need a real Prometheus (the dashboards are checked against it).
+pub const TEST_PACKAGES: &[&str] = &["prometheus"];
+
 /// Only the benchmark needs these: the load generator and the comparison proxy.
 pub const BENCH_PACKAGES: &[&str] = &["wrk", "haproxy"];
 
