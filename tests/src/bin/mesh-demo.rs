@@ -80,6 +80,7 @@ async fn main() -> anyhow::Result<()> {
         .nodes(2)
         .pods_per_node(2)
         .config_stream()
+        .node_args(&["--metrics-addr", "0.0.0.0:15020"])
         .start()
         .await?;
     let report = run(&mut cluster, &mut p).await;
@@ -268,6 +269,10 @@ fn explore(cluster: &Cluster) {
         n0.netns
     );
     println!("  bpftool link list            # the programs, attached once per node");
+    println!(
+        "  nsenter --net=/run/netns/{} curl -s 127.0.0.1:15020/metrics   # Prometheus text; dashboards in manifests/dashboards/",
+        n0.netns
+    );
     if let Some(ctrl) = &cluster.ctrl {
         println!(
             "  ip netns exec {} mesh-ctrl status        # also: history, explain POD DEST, rollback V",
