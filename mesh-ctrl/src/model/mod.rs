@@ -20,7 +20,7 @@ pub fn crds_yaml() -> String {
         crd::TrafficPolicy::crd(),
     ];
     let mut out = String::from(
-        "# Generated from mesh-ctrl/src/model/crd.rs by `cargo xtask crds`. Do not edit.\n",
+        "# Generated from mesh-api/src/crd.rs by `cargo xtask crds`. Do not edit.\n",
     );
     for c in crds {
         out.push_str("---\n");
