@@ -9,6 +9,8 @@
 //! | GET    | /metrics                      | the same, in Prometheus text format (names in `metrics.rs`) |
 //! | GET    | /v1/config                    | the validated config |
 //! | GET    | /v1/mesh-config               | the configuration from the controller: version, stream state, contents |
+//! | GET    | /v1/log-level                 | the log filter in force |
+//! | PUT    | /v1/log-level                 | replace it (body: `RUST_LOG` syntax), no restart |
 //! | GET    | /v1/pods                      | enrolled pods |
 //! | PUT    | /v1/pods/{namespace}/{name}   | enroll: `{"netns": PATH, "service_account": NAME}`; with a configuration stream: register the pod's sandbox, enrolled while the configuration has it in the mesh |
 //! | DELETE | /v1/pods/{namespace}/{name}   | unenroll (and forget the sandbox) |
@@ -180,6 +182,24 @@ impl Admin {
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
             },
             (&Method::GET, ["v1", "config"]) => json_response(StatusCode::OK, json!(self.config)),
+            (&Method::GET, ["v1", "log-level"]) => match crate::logging::filter() {
+                Some(f) => json_response(StatusCode::OK, json!({"filter": f})),
+                None => error(
+                    StatusCode::NOT_FOUND,
+                    "logging is not controlled by this process",
+                ),
+            },
+            (&Method::PUT, ["v1", "log-level"]) => {
+                let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+                    Ok(b) => b.to_bytes(),
+                    Err(e) => return error(StatusCode::BAD_REQUEST, format!("reading body: {e}")),
+                };
+                let directives = String::from_utf8_lossy(&body).trim().to_string();
+                match crate::logging::set_filter(&directives) {
+                    Ok(()) => json_response(StatusCode::OK, json!({"filter": directives})),
+                    Err(e) => error(StatusCode::BAD_REQUEST, e),
+                }
+            }
             (&Method::GET, ["v1", "mesh-config"]) => {
                 match self.mesh.as_ref().and_then(|m| m.config.as_ref()) {
                     Some((rx, status)) => {

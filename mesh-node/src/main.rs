@@ -3,7 +3,6 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mesh_node::{app, config::RunArgs};
-use tracing_subscriber::EnvFilter;
 
 /// Node proxy of the mesh: redirects enrolled pods' TCP connections to itself and relays them.
 #[derive(Parser)]
@@ -35,15 +34,7 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    if cli.log_json {
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init();
-    } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
-    }
+    mesh_node::logging::init(cli.log_json);
     let result = match cli.cmd {
         Cmd::Run(args) => run(*args),
         Cmd::Detach {

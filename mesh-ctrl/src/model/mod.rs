@@ -19,9 +19,8 @@ pub fn crds_yaml() -> String {
         crd::PeerAuthentication::crd(),
         crd::TrafficPolicy::crd(),
     ];
-    let mut out = String::from(
-        "# Generated from mesh-api/src/crd.rs by `cargo xtask crds`. Do not edit.\n",
-    );
+    let mut out =
+        String::from("# Generated from mesh-api/src/crd.rs by `cargo xtask crds`. Do not edit.\n");
     for c in crds {
         out.push_str("---\n");
         out.push_str(&serde_yaml::to_string(&c).expect("CRDs serialize"));
