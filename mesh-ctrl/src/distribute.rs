@@ -40,21 +40,8 @@ pub struct NodeState {
     pub nacked: Option<(u64, String)>,
     /// From publishing the last acknowledged version to the node's ack, seconds.
     pub push_latency_seconds: Option<f64>,
-    #[serde(with = "unix_seconds")]
+    #[serde(serialize_with = "crate::unix_seconds")]
     pub since: SystemTime,
-}
-
-mod unix_seconds {
-    pub fn serialize<S: serde::Serializer>(
-        t: &std::time::SystemTime,
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(
-            t.duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-        )
-    }
 }
 
 pub struct ConfigService {

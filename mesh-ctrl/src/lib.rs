@@ -13,3 +13,14 @@ pub mod metrics;
 pub mod model;
 pub mod sources;
 pub mod token_review;
+
+/// Times in status output: seconds since the Unix epoch.
+pub(crate) fn unix_seconds<S: serde::Serializer>(
+    t: &std::time::SystemTime,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    )
+}

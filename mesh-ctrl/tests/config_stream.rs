@@ -195,11 +195,26 @@ async fn nodes_get_node_scoped_versions_and_resume_with_deltas() {
     let removed: Vec<&str> = resumed.removals.iter().map(|k| k.name.as_str()).collect();
     assert_eq!(removed, ["shop/deny-batch"]);
 
-    // A node that holds an unknown version gets everything.
+    // Inbound policy is node-scoped: a policy of namespace `other` reaches node-a (tool-1 runs
+    // there) and not node-b, which runs no pod of `other`.
+    ctrl.write(
+        "other.yaml",
+        "apiVersion: nodemesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: lock, namespace: other}\nspec: {action: ALLOW}\n",
+    );
+    let to_a = a.next().await;
+    assert_eq!(names(&to_a, Kind::AuthorizationPolicy), ["other/lock"]);
+    // A node that holds an unknown version gets everything (of its own scope).
     let mut b = subscribe(&ctrl, "node-b", "token-b-0123456789", 999)
         .await
         .unwrap();
-    assert_eq!(b.next().await.base_version, 0);
+    let to_b = b.next().await;
+    assert_eq!(to_b.base_version, 0);
+    assert_eq!(to_b.version, to_a.version);
+    assert_eq!(
+        names(&to_b, Kind::AuthorizationPolicy),
+        ["shop/catalog-readers"],
+        "node-b got another namespace's inbound policy"
+    );
 }
 
 #[tokio::test]

@@ -275,6 +275,28 @@ fn cluster() -> Fake {
     fake
 }
 
+/// The cluster-mode source following `fake`: its client (for writes of the test's own), the
+/// store it fills, and the certificate service's view of placement.
+fn follow(fake: &Fake) -> (Client, Arc<Store>, PlacementWatch) {
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    tokio::spawn(fake.clone().serve(handle));
+    let client = Client::new(service, "default");
+    let store = Arc::new(Store::new());
+    let feed = PlacementWatch::fixed(Placement::default());
+    let proxies = NodeProxies {
+        namespace: "mesh-system".into(),
+        selector: "app.kubernetes.io/name=mesh-node".into(),
+    };
+    tokio::spawn(run(
+        client.clone(),
+        proxies,
+        "cluster.local".into(),
+        store.clone(),
+        feed.clone(),
+    ));
+    (client, store, feed)
+}
+
 async fn until(what: &str, f: impl Fn() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !f() {
@@ -303,21 +325,7 @@ async fn follows_lists_watch_events_relists_and_failures() {
         .unwrap()
         .fail_next_list
         .insert(SERVICES.into());
-    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    tokio::spawn(fake.clone().serve(handle));
-    let store = Arc::new(Store::new());
-    let feed = PlacementWatch::fixed(Placement::default());
-    let proxies = NodeProxies {
-        namespace: "mesh-system".into(),
-        selector: "app.kubernetes.io/name=mesh-node".into(),
-    };
-    tokio::spawn(run(
-        Client::new(service, "default"),
-        proxies,
-        "cluster.local".into(),
-        store.clone(),
-        feed.clone(),
-    ));
+    let (_, store, feed) = follow(&fake);
 
     // Nothing is published until every kind is listed; then everything at once.
     until("first version", || store.current().number > 0).await;
@@ -423,20 +431,7 @@ async fn follows_lists_watch_events_relists_and_failures() {
 async fn rejected_objects_get_a_status_condition_naming_the_field() {
     const TRAFFIC: &str = "/apis/nodemesh.io/v1alpha1/trafficpolicies";
     let fake = cluster();
-    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    tokio::spawn(fake.clone().serve(handle));
-    let store = Arc::new(Store::new());
-    let proxies = NodeProxies {
-        namespace: "mesh-system".into(),
-        selector: "app.kubernetes.io/name=mesh-node".into(),
-    };
-    tokio::spawn(run(
-        Client::new(service, "default"),
-        proxies,
-        "cluster.local".into(),
-        store.clone(),
-        PlacementWatch::fixed(Placement::default()),
-    ));
+    let (_, store, _) = follow(&fake);
     until("first version", || store.current().number > 0).await;
 
     let mut policy = json!({"apiVersion": "nodemesh.io/v1alpha1", "kind": "TrafficPolicy", "metadata": {"name": "t", "namespace": "shop", "generation": 1}, "spec": {"targetRef": {"kind": "Service", "name": "ghost"}}});
@@ -472,21 +467,7 @@ async fn rollback_reapplies_the_earlier_policy_set_in_the_cluster() {
     let fake = cluster();
     let allow_web = json!({"apiVersion": "nodemesh.io/v1alpha1", "kind": "AuthorizationPolicy", "metadata": {"name": "web", "namespace": "shop"}, "spec": {"action": "ALLOW", "rules": [{"from": [{"namespaces": ["shop"]}]}]}});
     fake.apply(AUTHZ, allow_web.clone());
-    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    tokio::spawn(fake.clone().serve(handle));
-    let client = Client::new(service, "default");
-    let store = Arc::new(Store::new());
-    let proxies = NodeProxies {
-        namespace: "mesh-system".into(),
-        selector: "app.kubernetes.io/name=mesh-node".into(),
-    };
-    tokio::spawn(run(
-        client.clone(),
-        proxies,
-        "cluster.local".into(),
-        store.clone(),
-        PlacementWatch::fixed(Placement::default()),
-    ));
+    let (client, store, _) = follow(&fake);
     until("first version", || {
         store.inputs().0.authorization_policies.len() == 1
     })

@@ -177,15 +177,9 @@ fn subscribe_config(
         tx,
         status: status.clone(),
         saved: state_dir.join("config.pb"),
+        placement: placement.clone(),
     };
     tokio::spawn(subscriber.run(ready.register("config")));
-    let (mut follow, feed) = (rx.clone(), placement.clone());
-    tokio::spawn(async move {
-        while follow.changed().await.is_ok() {
-            let cfg = follow.borrow_and_update().clone();
-            feed.set(cfg.placement.clone());
-        }
-    });
     Mesh {
         identities,
         placement,
@@ -273,7 +267,9 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         redirector.clone(),
         hooks,
     )?);
-    if let Some(m) = &mesh {
+    // With a config stream, `Follow` re-applies flags on every version; with a placement file,
+    // this follows the file.
+    if let Some(m) = mesh.as_ref().filter(|m| m.config.is_none()) {
         tokio::spawn(follow_inbound_modes(m.placement.clone(), pods.clone()));
     }
     let follow = mesh

@@ -98,6 +98,7 @@ impl NodeConfig {
         let mut enrolled = BTreeSet::new();
         let mut services = Vec::new();
         let mut policies = Vec::new();
+        let mut authz_specs: Vec<(String, String, AuthorizationPolicySpec)> = Vec::new();
         for ((kind, name), r) in resources {
             let bad = |reason: String| ConvertError::Resource {
                 kind: kind_name(*kind),
@@ -146,7 +147,11 @@ impl NodeConfig {
                 Some(pb::resource::Body::Policy(p)) => {
                     let spec: serde_json::Value = serde_json::from_str(&p.spec_json)
                         .map_err(|e| bad(format!("spec is not JSON: {e}")))?;
-                    typed(*kind, &spec).map_err(|e| bad(format!("spec: {e}")))?;
+                    if let Some(authz) =
+                        typed(*kind, &p.spec_json).map_err(|e| bad(format!("spec: {e}")))?
+                    {
+                        authz_specs.push((p.namespace.clone(), p.name.clone(), authz));
+                    }
                     policies.push(Policy {
                         kind: kind_name(*kind),
                         api_version: p.api_version.clone(),
@@ -158,14 +163,6 @@ impl NodeConfig {
                 None => return Err(bad("no body".into())),
             }
         }
-        let authz_specs: Vec<(String, String, AuthorizationPolicySpec)> = policies
-            .iter()
-            .filter(|p| p.kind == pb::Kind::AuthorizationPolicy.as_str_name())
-            .map(|p| {
-                let spec = serde_json::from_value(p.spec.clone()).expect("checked by typed()");
-                (p.namespace.clone(), p.name.clone(), spec)
-            })
-            .collect();
         let authz = crate::authz::Policies::compile(
             authz_specs
                 .iter()
@@ -223,23 +220,22 @@ impl NodeConfig {
     }
 }
 
-/// Parses a policy's spec with the types the controller validated it with: a spec this node
-/// cannot read (a newer controller, say) rejects the version instead of being half applied.
-fn typed(kind: i32, spec: &serde_json::Value) -> Result<(), serde_json::Error> {
+/// Parses a policy's spec with the types the controller validated it with (a spec this node
+/// cannot read, from a newer controller say, rejects the version instead of being half applied);
+/// an authorization policy's spec is returned for compiling.
+fn typed(kind: i32, json: &str) -> Result<Option<AuthorizationPolicySpec>, serde_json::Error> {
     use mesh_api::{crd, gateway};
-    let v = spec.clone();
     match pb::Kind::try_from(kind) {
-        Ok(pb::Kind::AuthorizationPolicy) => {
-            serde_json::from_value::<AuthorizationPolicySpec>(v).map(drop)
-        }
+        Ok(pb::Kind::AuthorizationPolicy) => return serde_json::from_str(json).map(Some),
         Ok(pb::Kind::PeerAuthentication) => {
-            serde_json::from_value::<crd::PeerAuthenticationSpec>(v).map(drop)
+            serde_json::from_str::<crd::PeerAuthenticationSpec>(json).map(drop)
         }
         Ok(pb::Kind::TrafficPolicy) => {
-            serde_json::from_value::<crd::TrafficPolicySpec>(v).map(drop)
+            serde_json::from_str::<crd::TrafficPolicySpec>(json).map(drop)
         }
-        Ok(pb::Kind::HttpRoute) => serde_json::from_value::<gateway::HTTPRouteSpec>(v).map(drop),
-        Ok(pb::Kind::GrpcRoute) => serde_json::from_value::<gateway::GRPCRouteSpec>(v).map(drop),
-        _ => serde_json::from_value::<serde_json::Map<String, serde_json::Value>>(v).map(drop),
-    }
+        Ok(pb::Kind::HttpRoute) => serde_json::from_str::<gateway::HTTPRouteSpec>(json).map(drop),
+        Ok(pb::Kind::GrpcRoute) => serde_json::from_str::<gateway::GRPCRouteSpec>(json).map(drop),
+        _ => serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(json).map(drop),
+    }?;
+    Ok(None)
 }

@@ -98,6 +98,22 @@ fn value(f: &str, m: &ValueMatch) -> Result<Value, (String, String)> {
     }
 }
 
+/// Header matches of one match entry at field path `f`.
+fn headers(f: &str, hs: &[ValueMatch]) -> Result<Vec<(http::HeaderName, Value)>, (String, String)> {
+    hs.iter()
+        .enumerate()
+        .map(|(k, h)| {
+            let name = http::HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| {
+                (
+                    format!("{f}.headers[{k}].name"),
+                    "not a header name".to_string(),
+                )
+            })?;
+            Ok((name, value(&format!("{f}.headers[{k}]"), h)?))
+        })
+        .collect()
+}
+
 /// Gateway API regular expressions match the whole value.
 fn anchored(r: &str) -> Result<Regex, String> {
     Regex::new(&format!("^(?:{r})$")).map_err(|e| e.to_string())
@@ -149,22 +165,7 @@ impl Table {
                 matches.push(Match {
                     path,
                     method: m.method.clone(),
-                    headers: m
-                        .headers
-                        .iter()
-                        .enumerate()
-                        .map(|(k, h)| {
-                            let name =
-                                http::HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| {
-                                    (
-                                        format!("{f}.headers[{k}].name"),
-                                        "not a header name".to_string(),
-                                    )
-                                })?;
-                            Ok((name, value(&format!("{f}.headers[{k}]"), h)?))
-                        })
-                        .collect::<Result<_, _>>()
-                        .map_err(err)?,
+                    headers: headers(&f, &m.headers).map_err(err)?,
                     query: m
                         .query_params
                         .iter()
@@ -228,22 +229,7 @@ impl Table {
                 matches.push(Match {
                     path,
                     method: Some("POST".into()),
-                    headers: m
-                        .headers
-                        .iter()
-                        .enumerate()
-                        .map(|(k, h)| {
-                            let name =
-                                http::HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| {
-                                    (
-                                        format!("{f}.headers[{k}].name"),
-                                        "not a header name".to_string(),
-                                    )
-                                })?;
-                            Ok((name, value(&format!("{f}.headers[{k}]"), h)?))
-                        })
-                        .collect::<Result<_, _>>()
-                        .map_err(err)?,
+                    headers: headers(&f, &m.headers).map_err(err)?,
                     query: Vec::new(),
                 });
             }

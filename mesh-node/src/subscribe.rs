@@ -12,9 +12,12 @@ use std::{
 
 use prost::Message;
 
-use mesh_api::config::v1::{
-    self as pb, ConfigUpdate, NodeMessage, config_discovery_client::ConfigDiscoveryClient,
-    node_message::Kind as Msg,
+use mesh_api::{
+    config::v1::{
+        self as pb, ConfigUpdate, NodeMessage, config_discovery_client::ConfigDiscoveryClient,
+        node_message::Kind as Msg,
+    },
+    placement::PlacementWatch,
 };
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
@@ -52,6 +55,8 @@ pub struct Subscriber {
     /// The last good configuration is kept here, so a proxy restarted while the controller is
     /// unreachable serves it instead of nothing.
     pub saved: PathBuf,
+    /// The placement routing and the tunnel read, kept in step with the configuration.
+    pub placement: PlacementWatch,
 }
 
 /// Why a stream ended.
@@ -87,6 +92,13 @@ impl Subscriber {
         }
     }
 
+    /// Makes `cfg` the configuration serving. The placement goes first: whoever wakes on the new
+    /// version (enrollment, inbound flags) must already see its pods.
+    fn publish(&self, cfg: NodeConfig) {
+        self.placement.set(cfg.placement.clone());
+        self.tx.send_replace(Arc::new(cfg));
+    }
+
     /// Serves the configuration saved by an earlier run, if any, until the controller answers.
     fn restore(&self, held: &mut Resources, first: &mut Option<Blocker>) {
         let Ok(bytes) = std::fs::read(&self.saved) else {
@@ -99,7 +111,7 @@ impl Subscriber {
             Ok(Some(cfg)) => {
                 info!(version = cfg.version, path = %self.saved.display(), "serving the saved configuration until the controller answers");
                 let version = cfg.version;
-                self.tx.send_replace(Arc::new(cfg));
+                self.publish(cfg);
                 self.set(|s| s.version = version);
                 first.take();
             }
@@ -171,7 +183,7 @@ impl Subscriber {
                         "configuration applied"
                     );
                     self.save(held, number);
-                    self.tx.send_replace(Arc::new(cfg));
+                    self.publish(cfg);
                     self.set(|s| {
                         s.version = number;
                         s.updates += 1;

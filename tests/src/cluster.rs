@@ -107,6 +107,28 @@ pub struct Pod {
 
 /// Connects namespace `netns` to the fabric bridge: its `fab0` with the given addresses, the
 /// bridge's port named `port`.
+/// Spawns `cmd` inside network namespace `netns` and `cgroup`, appending its output to `log`;
+/// it is killed when the handle is dropped.
+pub(crate) fn spawn_in(
+    mut cmd: Command,
+    log: &Path,
+    netns: &str,
+    cgroup: &Path,
+) -> anyhow::Result<Child> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    cmd.stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .kill_on_drop(true);
+    sys::enter_before_exec(&mut cmd, &netns_path(netns), cgroup)?;
+    let program = cmd.as_std().get_program().to_owned();
+    cmd.spawn()
+        .with_context(|| format!("starting {}", program.display()))
+}
+
 pub(crate) fn join_fabric(
     fabric: &str,
     netns: &str,
@@ -535,13 +557,8 @@ impl Cluster {
 
     /// Starts (or restarts) node `i`'s mesh-node and waits until it is ready.
     pub async fn start_node(&mut self, i: usize) -> anyhow::Result<()> {
-        let bin = find_bin("mesh-node")?;
         let node = &mut self.nodes[i];
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&node.log)?;
-        let mut cmd = Command::new(&bin);
+        let mut cmd = Command::new(find_bin("mesh-node")?);
         cmd.arg("--log-json")
             .arg("run")
             .args(["--node-name", &node.name])
@@ -553,16 +570,8 @@ impl Cluster {
             .args(["--admin-addr", &format!("127.0.0.1:{ADMIN_PORT}")])
             .args(["--drain-timeout", "2s"])
             .args(&node.args)
-            .env("RUST_LOG", &node.log_filter)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true);
-        sys::enter_before_exec(&mut cmd, &netns_path(&node.netns), &node.proxy_cgroup)?;
-        node.process = Some(
-            cmd.spawn()
-                .with_context(|| format!("starting {}", bin.display()))?,
-        );
+            .env("RUST_LOG", &node.log_filter);
+        node.process = Some(spawn_in(cmd, &node.log, &node.netns, &node.proxy_cgroup)?);
         node.wait_ready(Duration::from_secs(20)).await
     }
 
@@ -712,6 +721,20 @@ impl Cluster {
             .context("no config directory: build with config_stream()")?;
         std::fs::remove_file(dir.join(file))?;
         Ok(())
+    }
+
+    /// Sets the labels of `pods` in the placement (replacing theirs) and waits until the nodes
+    /// hold it.
+    pub async fn label_pods(&self, pods: &[&Pod], labels: Value) -> anyhow::Result<()> {
+        let names: Vec<&str> = pods.iter().map(|p| p.name.as_str()).collect();
+        self.update_placement(|pl| {
+            for pod in pl["pods"].as_array_mut().into_iter().flatten() {
+                if names.iter().any(|n| pod["name"] == *n) {
+                    pod["labels"] = labels.clone();
+                }
+            }
+        })
+        .await
     }
 
     /// Keep everything after drop (the demo's `--keep`).

@@ -6,7 +6,6 @@ use std::{
     ffi::OsStr,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::Stdio,
     time::{Duration, Instant},
 };
 
@@ -15,7 +14,7 @@ use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 
 use crate::{
-    cluster::{Cluster, find_bin, ip, join_fabric, netns_path},
+    cluster::{Cluster, find_bin, ip, join_fabric, netns_path, spawn_in},
     sys,
 };
 
@@ -97,12 +96,7 @@ impl Controller {
     }
 
     pub async fn start(&mut self) -> anyhow::Result<()> {
-        let bin = find_bin("mesh-ctrl")?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)?;
-        let mut cmd = Command::new(&bin);
+        let mut cmd = Command::new(find_bin("mesh-ctrl")?);
         cmd.arg("--log-json")
             .arg("serve")
             .args(["--listen", &format!("0.0.0.0:{CTRL_PORT}")])
@@ -120,16 +114,8 @@ impl Controller {
                     .flat_map(|d| [OsStr::new("--config-dir"), d.as_os_str()]),
             )
             .args(&self.args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true);
-        sys::enter_before_exec(&mut cmd, &netns_path(&self.netns), &self.cgroup)?;
-        self.process = Some(
-            cmd.spawn()
-                .with_context(|| format!("starting {}", bin.display()))?,
-        );
+            .env("RUST_LOG", "info");
+        self.process = Some(spawn_in(cmd, &self.log, &self.netns, &self.cgroup)?);
         // Ready when it accepts connections (the trust bundle is written before it listens).
         let deadline = Instant::now() + Duration::from_secs(20);
         let addr = self.addr();

@@ -11,3 +11,12 @@ pub use cluster::{
     Cluster, ClusterBuilder, Node, Pair, Pod, PodProcess, cleanup_stale, connect_in, find_bin,
     listen_in, teardown,
 };
+
+/// The number at `path` in a JSON report or counters snapshot; panics, showing the JSON, when
+/// there is none (a test must not read a missing figure as zero).
+pub fn n(v: &serde_json::Value, path: &[&str]) -> u64 {
+    path.iter()
+        .fold(v, |v, k| &v[k])
+        .as_u64()
+        .unwrap_or_else(|| panic!("no number at {path:?} in {v}"))
+}

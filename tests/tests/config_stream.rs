@@ -204,15 +204,11 @@ async fn peer_authentication_from_the_config_reaches_the_kernel() {
     cluster.enroll(&client).await.unwrap();
     cluster.enroll(&server).await.unwrap();
     // The outsider opts out with its label: registering its sandbox does not enroll it.
-    let name = outsider.name.clone();
     cluster
-        .update_placement(|pl| {
-            for pod in pl["pods"].as_array_mut().unwrap() {
-                if pod["name"] == name.as_str() {
-                    pod["labels"] = serde_json::json!({"nodemesh.io/mesh": "disabled"});
-                }
-            }
-        })
+        .label_pods(
+            &[&outsider],
+            serde_json::json!({"nodemesh.io/mesh": "disabled"}),
+        )
         .await
         .unwrap();
     let registered = cluster.enroll(&outsider).await.unwrap();
@@ -370,15 +366,9 @@ async fn a_service_cluster_ip_reaches_its_endpoints_through_the_mesh() {
     for p in backends.iter().chain([&client]) {
         cluster.enroll(p).await.unwrap();
     }
-    let names: Vec<String> = backends.iter().map(|b| b.name.clone()).collect();
+    let labelled: Vec<&mesh_tests::Pod> = backends.iter().collect();
     cluster
-        .update_placement(|pl| {
-            for pod in pl["pods"].as_array_mut().unwrap() {
-                if names.iter().any(|n| pod["name"] == n.as_str()) {
-                    pod["labels"] = serde_json::json!({"app": "web"});
-                }
-            }
-        })
+        .label_pods(&labelled, serde_json::json!({"app": "web"}))
         .await
         .unwrap();
     let service = format!(
@@ -420,11 +410,7 @@ async fn a_service_cluster_ip_reaches_its_endpoints_through_the_mesh() {
 
     // No ready endpoints: refused, not sent anywhere.
     cluster
-        .update_placement(|pl| {
-            for pod in pl["pods"].as_array_mut().unwrap() {
-                pod["labels"] = serde_json::json!({});
-            }
-        })
+        .label_pods(&labelled, serde_json::json!({}))
         .await
         .unwrap();
     let r = client.client(vip, 2, 64).await.unwrap();

@@ -10,17 +10,6 @@ const PORT: u16 = 8080;
 const METRICS_PORT: u16 = 15020;
 const PROMETHEUS: &str = "127.0.0.1:9090";
 
-fn encode(v: &str) -> String {
-    v.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 /// Every panel expression of every dashboard: (dashboard, panel title, expr).
 fn panels() -> Vec<(String, String, String)> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../manifests/dashboards");
@@ -118,7 +107,10 @@ async fn every_dashboard_panel_returns_data_from_a_real_prometheus() {
     traffic.await;
 
     let query = |expr: String| async move {
-        let path = format!("/api/v1/query?query={}", encode(&expr));
+        let path = format!(
+            "/api/v1/query?query={}",
+            mesh_ctrl::cli::remote::encode(&expr)
+        );
         ctrl.get(PROMETHEUS.parse().unwrap(), &path).await
     };
     // Every target up.

@@ -1,17 +1,10 @@
 //! Inbound STRICT vs PERMISSIVE: plaintext from outside the mesh to an enrolled pod is dropped in
 //! the kernel (STRICT) or accepted and counted as plaintext (PERMISSIVE); mesh traffic, which
 //! reaches pods only from their node proxy, always passes.
-use mesh_tests::ClusterBuilder;
+use mesh_tests::{ClusterBuilder, n};
 use serde_json::{Value, json};
 
 const PORT: u16 = 8080;
-
-fn n(v: &Value, path: &[&str]) -> u64 {
-    path.iter()
-        .fold(v, |v, k| &v[k])
-        .as_u64()
-        .unwrap_or_else(|| panic!("no number at {path:?} in {v}"))
-}
 
 fn inbound_of<'a>(counters: &'a Value, pod: &str) -> &'a Value {
     counters["inbound"]

@@ -2,17 +2,10 @@
 //! mesh-ctrl: certificates, HBONE, inbound checks, refusals, rotation, controller outages.
 use std::net::SocketAddr;
 
-use mesh_tests::{ClusterBuilder, Pair, Pod};
+use mesh_tests::{ClusterBuilder, Pair, Pod, n};
 use serde_json::Value;
 
 const PORT: u16 = 8080;
-
-fn n(v: &Value, path: &[&str]) -> u64 {
-    path.iter()
-        .fold(v, |v, k| &v[k])
-        .as_u64()
-        .unwrap_or_else(|| panic!("no number at {path:?} in {v}"))
-}
 
 fn spiffe(pod: &Pod) -> String {
     format!(

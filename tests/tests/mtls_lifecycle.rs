@@ -1,17 +1,10 @@
 //! Certificates over time: rotation under load, and the controller going away and coming back.
 use std::time::Duration;
 
-use mesh_tests::{ClusterBuilder, Pair, Pod};
+use mesh_tests::{ClusterBuilder, Pair, Pod, n};
 use serde_json::Value;
 
 const PORT: u16 = 8080;
-
-fn n(v: &Value, path: &[&str]) -> u64 {
-    path.iter()
-        .fold(v, |v, k| &v[k])
-        .as_u64()
-        .unwrap_or_else(|| panic!("no number at {path:?} in {v}"))
-}
 
 fn spawn_load(client: &Pod, args: Vec<String>) -> tokio::task::JoinHandle<anyhow::Result<Value>> {
     let client = client.clone();

@@ -1,7 +1,7 @@
 //! Peers the mesh must refuse, and count: forged, expired and mismatched certificates.
 use std::{sync::Arc, time::Duration};
 
-use mesh_tests::{ClusterBuilder, Pair, connect_in, listen_in};
+use mesh_tests::{ClusterBuilder, Pair, connect_in, listen_in, n};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
 use rustls::{
     ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme,
@@ -12,10 +12,6 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const PORT: u16 = 8080;
-
-fn n(v: &Value, path: &[&str]) -> u64 {
-    path.iter().fold(v, |v, k| &v[k]).as_u64().unwrap_or(0)
-}
 
 /// A leaf for `spiffe_id`, signed by `issuer`, valid in [now + from, now + to].
 fn leaf(

@@ -2,7 +2,7 @@
 //! mesh-node processes, pods and nodes as network namespaces. Needs root.
 use std::net::SocketAddr;
 
-use mesh_tests::{Cluster, ClusterBuilder, Pair, Pod};
+use mesh_tests::{Cluster, ClusterBuilder, Pair, Pod, n};
 use serde_json::Value;
 
 const PORT: u16 = 8080;
@@ -24,13 +24,6 @@ fn unsafe_free_euid() -> u32 {
                 .and_then(|v| v.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(u32::MAX)
-}
-
-fn n(v: &Value, path: &[&str]) -> u64 {
-    path.iter()
-        .fold(v, |v, k| &v[k])
-        .as_u64()
-        .unwrap_or_else(|| panic!("no number at {path:?} in {v}"))
 }
 
 fn strs(v: &Value, key: &str) -> Vec<String> {

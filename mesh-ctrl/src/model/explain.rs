@@ -10,7 +10,7 @@ use serde::Serialize;
 use super::{
     crd::{AuthorizationAction, AuthorizationPolicy, MESH_LABEL},
     objects::Objects,
-    snapshot::inbound_mode,
+    snapshot::{inbound_mode, selects, service_endpoints},
 };
 
 #[derive(Debug, Serialize, PartialEq)]
@@ -295,38 +295,11 @@ fn add_backend(
     name: &str,
     weight: Option<u32>,
 ) {
-    let selector = objects
-        .services
-        .get(&(ns.to_string(), name.to_string()))
-        .and_then(|s| s.spec.as_ref())
-        .and_then(|s| s.selector.clone())
-        .unwrap_or_default();
-    let endpoints = if selector.is_empty() {
-        Vec::new()
-    } else {
-        placement
-            .workloads()
-            .filter(|w| {
-                w.namespace == ns
-                    && w.ready
-                    && selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
-            })
-            .map(|w| format!("{}/{}", w.namespace, w.name))
-            .collect()
-    };
     out.push(Backend {
         service: format!("{ns}/{name}"),
         weight: weight.unwrap_or(1),
-        endpoints,
+        endpoints: service_endpoints(objects, placement, ns, name),
     });
-}
-
-fn selects(p: &AuthorizationPolicy, w: &Workload) -> bool {
-    p.spec.selector.as_ref().is_none_or(|s| {
-        s.match_labels
-            .iter()
-            .all(|(k, v)| w.labels.get(k) == Some(v))
-    })
 }
 
 /// Whether `from` sources match the caller: `Some(true/false)` when decidable from identity and
@@ -375,7 +348,7 @@ fn inbound_facts(objects: &Objects, src: &Workload, redirected: bool, dst: &Work
     let policies: Vec<(&(String, String), &AuthorizationPolicy)> = objects
         .authorization_policies
         .iter()
-        .filter(|((ns, _), p)| *ns == dst.namespace && selects(p, dst))
+        .filter(|((ns, _), p)| *ns == dst.namespace && selects(&p.spec.selector, dst))
         .collect();
     let mut depends = Vec::new();
     for ((ns, name), p) in &policies {

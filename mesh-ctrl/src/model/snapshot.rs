@@ -223,7 +223,8 @@ fn in_mesh(objects: &Objects, namespace: &str) -> bool {
         .is_some_and(|n| n.labels().get(MESH_LABEL).map(String::as_str) == Some("enabled"))
 }
 
-fn selects(selector: &Option<WorkloadSelector>, w: &Workload) -> bool {
+/// Whether a policy's selector (absent: the whole namespace) picks `w`.
+pub fn selects(selector: &Option<WorkloadSelector>, w: &Workload) -> bool {
     selector.as_ref().is_none_or(|s| {
         s.match_labels
             .iter()
@@ -295,6 +296,24 @@ fn slice_endpoints(slices: &[&EndpointSlice], placement: &Placement) -> (Vec<Str
         }
     }
     (pods.into_iter().collect(), addresses.into_iter().collect())
+}
+
+/// The ready pods (`namespace/name`) behind Service `ns/name`, exactly as nodes get them.
+pub fn service_endpoints(
+    objects: &Objects,
+    placement: &Placement,
+    ns: &str,
+    name: &str,
+) -> Vec<String> {
+    let Some(s) = objects.services.get(&(ns.to_string(), name.to_string())) else {
+        return Vec::new();
+    };
+    let pods: Vec<&Workload> = placement
+        .workloads()
+        .filter(|w| w.namespace == ns)
+        .collect();
+    let slices = slices_by_service(objects);
+    service(s, &pods, slices.get(&(ns, name)), placement).endpoints
 }
 
 /// A Service with its endpoints: from its EndpointSlices when it has any, else its selector over

@@ -38,25 +38,12 @@ pub struct Version {
 #[derive(Clone, Debug, Serialize)]
 pub struct HistoryEntry {
     pub version: u64,
-    #[serde(with = "unix_seconds")]
+    #[serde(serialize_with = "crate::unix_seconds")]
     pub at: SystemTime,
     /// `+ kind ns/name`, `- ...`, `~ ...`, or `placement` when only pods moved.
     pub changes: Vec<String>,
     #[serde(skip)]
     pub objects: Arc<Objects>,
-}
-
-mod unix_seconds {
-    pub fn serialize<S: serde::Serializer>(
-        t: &std::time::SystemTime,
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(
-            t.duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-        )
-    }
 }
 
 struct Inner {

@@ -39,6 +39,33 @@ use crate::model::{
     store::Store as ConfigStore,
 };
 
+/// A namespaced kind the status writers and rollback handle alike.
+pub trait Namespaced:
+    Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+    + ResourceExt
+    + Clone
+    + DeserializeOwned
+    + serde::Serialize
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<K> Namespaced for K where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + ResourceExt
+        + Clone
+        + DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// Changes closer together than this make one rebuild.
 pub const DEBOUNCE: Duration = Duration::from_millis(50);
 
@@ -358,19 +385,12 @@ mod conditions {
         }
     }
 
-    fn each<K>(client: &Client, kind: &'static str, store: &Store<K>, invalid: &[Invalid])
-    where
-        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-            + ResourceExt
-            + Clone
-            + DeserializeOwned
-            + serde::Serialize
-            + std::fmt::Debug
-            + Send
-            + Sync
-            + 'static,
-        K: HasConditions,
-    {
+    fn each<K: Namespaced + HasConditions>(
+        client: &Client,
+        kind: &'static str,
+        store: &Store<K>,
+        invalid: &[Invalid],
+    ) {
         for o in store.state() {
             let (ns, name) = (o.namespace().unwrap_or_default(), o.name_any());
             let r = ObjectRef {
@@ -465,19 +485,12 @@ mod conditions {
     /// Route status is shared with other controllers (one entry per parent and controller): ours
     /// are replaced, theirs kept, and the write carries the resourceVersion it was computed from,
     /// so a concurrent writer makes it fail (and the next rebuild retries) instead of being lost.
-    fn routes<K>(client: &Client, kind: &'static str, store: &Store<K>, invalid: &[Invalid])
-    where
-        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-            + ResourceExt
-            + Route
-            + Clone
-            + DeserializeOwned
-            + serde::Serialize
-            + std::fmt::Debug
-            + Send
-            + Sync
-            + 'static,
-    {
+    fn routes<K: Namespaced + Route>(
+        client: &Client,
+        kind: &'static str,
+        store: &Store<K>,
+        invalid: &[Invalid],
+    ) {
         use crate::model::gateway::RouteParentStatus;
         for o in store.state() {
             let (ns, name) = (o.namespace().unwrap_or_default(), o.name_any());
@@ -603,11 +616,7 @@ async fn restore<K>(
     done: &mut Vec<String>,
 ) -> Result<(), kube::Error>
 where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + DeserializeOwned
-        + serde::Serialize
-        + std::fmt::Debug,
+    K: Namespaced,
 {
     use kube::api::{DeleteParams, Patch, PatchParams};
     let params = PatchParams::apply("mesh-ctrl-rollback").force();

@@ -113,15 +113,11 @@ async fn run(cluster: &mut Cluster, p: &mut Progress) -> anyhow::Result<()> {
     let web = cluster.pod(1, 0).clone();
     p.next("starting a TCP echo service in pod n1-p0; their namespace is in the mesh, pod n0-p1 opts out");
     let _web = web.serve(8080, false).await?;
-    let outsider = outside.name.clone();
     cluster
-        .update_placement(|pl| {
-            for pod in pl["pods"].as_array_mut().into_iter().flatten() {
-                if pod["name"] == outsider.as_str() {
-                    pod["labels"] = serde_json::json!({"nodemesh.io/mesh": "disabled"});
-                }
-            }
-        })
+        .label_pods(
+            &[&outside],
+            serde_json::json!({"nodemesh.io/mesh": "disabled"}),
+        )
         .await?;
     // The CNI hook's part: every pod's sandbox is registered; the config decides who is in.
     for pod in [&client, &web, &outside] {
