@@ -342,3 +342,16 @@ pub struct Condition {
     pub observed_generation: Option<i64>,
     pub last_transition_time: String,
 }
+
+/// Durations as Kubernetes and the Gateway API write them: `250ms`, `1.5s`, `1m30s`. One parser
+/// for the controller (validation) and the node (applying).
+pub fn parse_duration(v: &str) -> Result<std::time::Duration, String> {
+    if let Some(secs) = v.strip_suffix('s').filter(|s| s.contains('.'))
+        && let Ok(f) = secs.parse::<f64>()
+    {
+        return (f.is_finite() && f >= 0.0)
+            .then(|| std::time::Duration::from_secs_f64(f))
+            .ok_or_else(|| "negative".to_string());
+    }
+    humantime::parse_duration(v).map_err(|e| e.to_string())
+}

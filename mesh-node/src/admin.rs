@@ -8,6 +8,7 @@
 //! | GET    | /v1/counters                  | kernel counters per program and outcome, proxy figures |
 //! | GET    | /metrics                      | the same, in Prometheus text format (names in `metrics.rs`) |
 //! | GET    | /v1/config                    | the validated config |
+//! | GET    | /v1/l7                        | HTTP path: endpoint health per Service (latency, in flight, ejections) |
 //! | GET    | /v1/mesh-config               | the configuration from the controller: version, stream state, contents |
 //! | GET    | /v1/log-level                 | the log filter in force |
 //! | PUT    | /v1/log-level                 | replace it (body: `RUST_LOG` syntax), no restart |
@@ -45,6 +46,8 @@ pub struct Admin {
     pub follow: Option<Arc<crate::follow::Follow>>,
     /// Authorization figures, when policy comes from the controller.
     pub enforcer: Option<Arc<crate::enforce::Enforcer>>,
+    /// The HTTP path's state and request figures, when config comes from the controller.
+    pub l7: Option<Arc<crate::l7::inbound::L7Inbound>>,
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -150,6 +153,16 @@ impl Admin {
         if let Some(e) = &self.enforcer {
             body["authz"] = json!(&e.stats);
         }
+        if let Some(l7) = &self.l7 {
+            body["l7"] = json!(&l7.counters);
+            body["requests"] = json!(
+                l7.stats
+                    .snapshot()
+                    .into_iter()
+                    .map(|(labels, figures)| json!({"labels": labels, "figures": figures}))
+                    .collect::<Vec<_>>()
+            );
+        }
         Ok(body)
     }
 
@@ -182,6 +195,21 @@ impl Admin {
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
             },
             (&Method::GET, ["v1", "config"]) => json_response(StatusCode::OK, json!(self.config)),
+            (&Method::GET, ["v1", "l7"]) => match &self.l7 {
+                Some(l7) => {
+                    let services: serde_json::Map<String, serde_json::Value> = l7
+                        .runtime
+                        .views()
+                        .into_iter()
+                        .map(|(name, eps)| (name, json!(eps)))
+                        .collect();
+                    json_response(StatusCode::OK, json!({"services": services}))
+                }
+                None => error(
+                    StatusCode::NOT_FOUND,
+                    "the HTTP path runs with config from the controller",
+                ),
+            },
             (&Method::GET, ["v1", "log-level"]) => match crate::logging::filter() {
                 Some(f) => json_response(StatusCode::OK, json!({"filter": f})),
                 None => error(

@@ -20,6 +20,7 @@ use crate::{
     follow::Follow,
     hbone::{self, Inbound, Tunnels},
     identity::{CaConfig, Identities, IdentityError},
+    l7::{inbound::L7Inbound, outbound::L7Outbound, stats::L7Stats, upstream::PodClient},
     node_config::NodeConfig,
     outbound::{self, MeshPath, Outbound, ProxySource, Stats},
     probe::{self, ProbeError},
@@ -293,6 +294,38 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         v4: config.proxy_ipv4,
         v6: config.proxy_ipv6,
     };
+    let tunnels = mesh
+        .as_ref()
+        .map(|m| Tunnels::new(m.identities.clone(), m.tunnel_stats.clone()));
+    let l7_stats = Arc::new(L7Stats::new(config.metrics_label_budget));
+    // The HTTP path needs routes and policies: it runs with config from the controller.
+    let l7_inbound = mesh
+        .as_ref()
+        .and_then(|m| m.config.as_ref())
+        .map(|(rx, _)| {
+            Arc::new(L7Inbound {
+                config: rx.clone(),
+                runtime: Arc::default(),
+                pods: PodClient::new(source, config.connect_timeout),
+                enrollment: pods.clone(),
+                stats: l7_stats.clone(),
+                counters: Default::default(),
+            })
+        });
+    let l7_path = l7_inbound
+        .as_ref()
+        .zip(tunnels.as_ref())
+        .map(|(inbound, tunnels)| outbound::L7Path {
+            proxy: Arc::new(L7Outbound {
+                node: config.node_name.clone(),
+                config: inbound.config.clone(),
+                tunnels: tunnels.clone(),
+                inbound: inbound.clone(),
+                stats: l7_stats.clone(),
+            }),
+            detect_timeout: config.protocol_detect_timeout,
+            declared_wait: Duration::from_secs(10),
+        });
     let proxy = Arc::new(Outbound {
         orig: redirector.clone(),
         pods: pods.clone(),
@@ -306,11 +339,12 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         mesh: mesh.as_ref().map(|m| MeshPath {
             node: config.node_name.clone(),
             placement: m.placement.clone(),
-            tunnels: Tunnels::new(m.identities.clone(), m.tunnel_stats.clone()),
+            tunnels: tunnels.clone().expect("made with the mesh"),
             config: m.config.as_ref().map(|(rx, _)| rx.clone()),
         }),
         source,
         enforcer: enforcer.clone(),
+        l7: l7_path,
     });
     for l in listeners {
         tokio::spawn(proxy.clone().serve(l, drain.watch()));
@@ -325,6 +359,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
             connect_timeout: config.connect_timeout,
             source,
             enforcer: enforcer.clone(),
+            l7: l7_inbound.clone(),
         });
         for l in inbound_listeners {
             tokio::spawn(inbound.clone().serve(l, drain.watch()));
@@ -359,6 +394,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         mesh,
         follow,
         enforcer,
+        l7: l7_inbound,
     });
     if let Some(addr) = config.metrics_addr {
         let l = admin::bind(addr).await.map_err(|source| AppError::Bind {

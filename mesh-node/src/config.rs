@@ -114,6 +114,15 @@ pub struct RunArgs {
     /// Upstream connect timeout.
     #[arg(long, env = "MESH_CONNECT_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5s")]
     pub connect_timeout: Duration,
+    /// How long to look at a new connection's first bytes for HTTP on ports whose Service does
+    /// not declare a protocol. Server-first protocols wait this long before being relayed as TCP;
+    /// declare them `tcp` (appProtocol or port name) to skip detection.
+    #[arg(long, env = "MESH_PROTOCOL_DETECT_TIMEOUT", value_parser = humantime::parse_duration, default_value = "100ms")]
+    pub protocol_detect_timeout: Duration,
+    /// Distinct values each request-metric label may take before further values are reported as
+    /// `overflow`.
+    #[arg(long, env = "MESH_METRICS_LABEL_BUDGET", default_value_t = 200)]
+    pub metrics_label_budget: usize,
     /// What to leave behind on exit.
     #[arg(long, env = "MESH_ON_EXIT", value_enum, default_value_t = OnExit::Keep)]
     pub on_exit: OnExit,
@@ -181,6 +190,9 @@ pub struct Config {
     pub drain_timeout: Duration,
     #[serde(with = "humantime_serde_shim")]
     pub connect_timeout: Duration,
+    #[serde(with = "humantime_serde_shim")]
+    pub protocol_detect_timeout: Duration,
+    pub metrics_label_budget: usize,
     pub on_exit: OnExit,
     pub worker_threads: usize,
     pub mesh: Option<MeshConfig>,
@@ -281,6 +293,15 @@ impl RunArgs {
         if self.drain_timeout > Duration::from_secs(3600) {
             return Err(err("--drain-timeout", "longer than one hour"));
         }
+        if self.protocol_detect_timeout > Duration::from_secs(10) {
+            return Err(err(
+                "--protocol-detect-timeout",
+                "longer than 10s would hold up server-first protocols",
+            ));
+        }
+        if self.metrics_label_budget == 0 {
+            return Err(err("--metrics-label-budget", "must be at least 1"));
+        }
         if self.connect_timeout.is_zero() {
             return Err(err("--connect-timeout", "must be greater than zero"));
         }
@@ -357,6 +378,8 @@ impl RunArgs {
             ebpf_log_level: self.ebpf_log_level,
             drain_timeout: self.drain_timeout,
             connect_timeout: self.connect_timeout,
+            protocol_detect_timeout: self.protocol_detect_timeout,
+            metrics_label_budget: self.metrics_label_budget,
             on_exit: self.on_exit,
             worker_threads: self.worker_threads,
             mesh,

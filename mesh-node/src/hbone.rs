@@ -179,6 +179,24 @@ impl Tunnels {
         })
     }
 
+    /// The pooled HTTP/2 connection for (source identity, node, destination identity), for
+    /// requests that ride it as their own streams (L7).
+    pub async fn sender(
+        &self,
+        src: &SpiffeId,
+        node: SocketAddr,
+        dst: &SpiffeId,
+    ) -> Result<h2::client::SendRequest<Bytes>, TunnelError> {
+        let key = PoolKey {
+            src: src.clone(),
+            node,
+            dst: dst.clone(),
+        };
+        let send = self.connection(&key).await?;
+        self.stats.outbound_streams.fetch_add(1, Relaxed);
+        Ok(send)
+    }
+
     async fn connection(
         &self,
         key: &PoolKey,
@@ -286,6 +304,8 @@ pub struct Inbound {
     pub source: ProxySource,
     /// Authorization, when policy comes from the controller.
     pub enforcer: Option<Arc<Enforcer>>,
+    /// Per-request handling of L7 requests, when config comes from the controller.
+    pub l7: Option<Arc<crate::l7::inbound::L7Inbound>>,
 }
 
 /// Server TLS config, rebuilt when the trust bundle changes.
@@ -455,8 +475,17 @@ impl Inbound {
             respond.send_response(resp, s != StatusCode::OK)
         };
         if req.method() != Method::CONNECT {
-            let _ = answer(StatusCode::METHOD_NOT_ALLOWED);
-            return;
+            match &self.l7 {
+                Some(l7) if req.headers().contains_key(crate::l7::TARGET_HEADER) => {
+                    return self
+                        .request(l7, req, respond, peer, client_id, served)
+                        .await;
+                }
+                _ => {
+                    let _ = answer(StatusCode::METHOD_NOT_ALLOWED);
+                    return;
+                }
+            }
         }
         let Some(target) = req
             .uri()
@@ -538,6 +567,62 @@ impl Inbound {
         }
         .instrument(span)
         .await
+    }
+}
+
+impl Inbound {
+    /// An HTTP request from another node's proxy, for a pod of this node (L7): the same delivery
+    /// checks as CONNECT, then authorization and rate limits per request.
+    async fn request(
+        &self,
+        l7: &crate::l7::inbound::L7Inbound,
+        req: Request<RecvStream>,
+        respond: h2::server::SendResponse<Bytes>,
+        peer: SocketAddr,
+        client_id: &SpiffeId,
+        served: &SpiffeId,
+    ) {
+        use crate::l7::{self, body, respond::ProxyError};
+        let (mut parts, recv) = req.into_parts();
+        let header = |h: &mut http::HeaderMap, name: &str| {
+            h.remove(name)
+                .and_then(|v| v.to_str().ok().map(str::to_string))
+        };
+        let target = header(&mut parts.headers, l7::TARGET_HEADER)
+            .and_then(|t| t.parse::<SocketAddr>().ok());
+        let proto = header(&mut parts.headers, l7::UPSTREAM_PROTOCOL_HEADER)
+            .and_then(|p| l7::UpstreamProtocol::parse(&p))
+            .unwrap_or(l7::UpstreamProtocol::H1);
+        let forwarded = header(&mut parts.headers, l7::FORWARDED_HEADER).unwrap_or_default();
+        let grpc = l7::is_grpc(&parts.headers);
+        let req = Request::from_parts(parts, body::boxed(body::RecvBody::new(recv)));
+        let placement = self.placement.current();
+        let local = target.and_then(|t| {
+            placement.by_ip(t.ip()).filter(|w| {
+                w.node == self.node
+                    && &w.identity == served
+                    && self.pods.is_enrolled(&w.namespace, &w.name)
+            })
+        });
+        let resp = match (target, local) {
+            (Some(target), Some(w)) => {
+                self.stats.inbound_streams.fetch_add(1, Relaxed);
+                let caller = l7::inbound::Caller {
+                    identity: Some(client_id.clone()),
+                    ip: forwarded_for(&forwarded).unwrap_or(peer.ip()),
+                };
+                l7.handle(req, &caller, (&w.namespace, &w.name), target, proto)
+                    .await
+            }
+            _ => {
+                self.stats.inbound_refused_not_local.fetch_add(1, Relaxed);
+                warn!(%peer, ?target, client = %client_id, served = %served, "refused request: not an enrolled pod of this node with that identity");
+                l7::respond::error_response(&ProxyError::NotLocal, grpc)
+            }
+        };
+        if let Err(e) = crate::l7::upstream::respond_h2(respond, resp).await {
+            debug!(%peer, error = %e, "response to the tunnel ended");
+        }
     }
 }
 

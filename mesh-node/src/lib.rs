@@ -13,6 +13,7 @@ pub mod enroll;
 pub mod follow;
 pub mod hbone;
 pub mod identity;
+pub mod l7;
 pub mod logging;
 pub mod metrics;
 pub mod node_config;

@@ -30,6 +30,8 @@ pub enum ConvertError {
     Placement(#[from] PlacementError),
     #[error(transparent)]
     Authz(#[from] crate::authz::CompileError),
+    #[error(transparent)]
+    L7(#[from] crate::l7::services::CatalogError),
 }
 
 /// A policy or route as the controller validated it. Its spec is parsed by the layer that
@@ -56,6 +58,8 @@ pub struct NodeConfig {
     pub authz: std::sync::Arc<crate::authz::Policies>,
     /// Service ports by cluster IP and port: where a connection to a Service goes.
     pub vips: HashMap<SocketAddr, std::sync::Arc<VipTarget>>,
+    /// Services, routes and traffic policies, compiled for the HTTP path.
+    pub l7: std::sync::Arc<crate::l7::services::Catalog>,
 }
 
 /// A Service port as reached through its cluster IP.
@@ -208,9 +212,20 @@ impl NodeConfig {
                 }
             }
         }
+        let l7 = crate::l7::services::Catalog::compile(
+            &services,
+            &policies
+                .iter()
+                .filter_map(|p| {
+                    let kind = pb::Kind::from_str_name(p.kind)?;
+                    Some((kind, p.namespace.as_str(), p.name.as_str(), &p.spec))
+                })
+                .collect::<Vec<_>>(),
+        )?;
         Ok(Self {
             version,
             vips,
+            l7: std::sync::Arc::new(l7),
             authz: std::sync::Arc::new(authz),
             placement: Placement::try_from(file)?,
             enrolled,

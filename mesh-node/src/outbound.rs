@@ -25,6 +25,7 @@ use crate::{
     enforce::{Conn, Enforcer},
     enroll::Enrollment,
     hbone::{self, Tunnels},
+    l7,
     node_config::NodeConfig,
     orig_dst::{OrigDstSource, Redirected},
     route::{Route, route},
@@ -56,6 +57,10 @@ pub struct Stats {
     pub refused_no_endpoints: AtomicU64,
     /// Refused: no configuration from the controller yet (nothing to route by; fail closed).
     pub refused_no_config: AtomicU64,
+    /// Connections served as HTTP (declared or detected).
+    pub http_connections: AtomicU64,
+    /// Connections to mesh destinations detected as not HTTP: relayed as opaque TCP.
+    pub opaque: AtomicU64,
     pub tunnel_failed: AtomicU64,
 }
 
@@ -110,6 +115,16 @@ pub struct Outbound {
     pub source: ProxySource,
     /// Authorization of same-node deliveries, when policy comes from the controller.
     pub enforcer: Option<Arc<Enforcer>>,
+    /// The HTTP path, when config comes from the controller.
+    pub l7: Option<L7Path>,
+}
+
+/// The HTTP path and how long to look at a connection's first bytes.
+pub struct L7Path {
+    pub proxy: Arc<l7::outbound::L7Outbound>,
+    pub detect_timeout: Duration,
+    /// For ports declared HTTP: how long a client may stay silent before it is treated as TCP.
+    pub declared_wait: Duration,
 }
 
 /// The proxy's own addresses. Deliveries to local pods come from them, which is how the kernel's
@@ -195,6 +210,13 @@ impl Outbound {
         }
         let placement = self.mesh.as_ref().map(|m| m.placement.current());
         let requested = orig_dst;
+        let client = match self.l7_conn(&pod.name, peer, orig_dst, placement.as_deref()) {
+            None => client,
+            Some((conn, declared)) => match self.http(client, conn, declared).await {
+                None => return,
+                Some(c) => c,
+            },
+        };
         let orig_dst = match self.vip(orig_dst, placement.as_deref()) {
             Vip::No => orig_dst,
             Vip::Endpoint(addr, service) => {
@@ -282,6 +304,83 @@ impl Outbound {
                 reset(client);
             }
         }
+    }
+
+    /// The HTTP view of a connection to a mesh destination (a Service or a mesh pod), when the
+    /// node has L7 on; `None`: plain TCP as before.
+    fn l7_conn(
+        &self,
+        pod: &crate::enroll::PodName,
+        peer: SocketAddr,
+        dst: SocketAddr,
+        placement: Option<&Placement>,
+    ) -> Option<(l7::outbound::Conn, Option<l7::Protocol>)> {
+        let l7 = self.l7.as_ref()?;
+        let cfg = l7.proxy.config.borrow().clone();
+        let (target, declared) = match cfg.l7.vip(dst) {
+            Some((svc, port)) => (
+                l7::outbound::Target::Service(svc.clone(), *port),
+                svc.port(*port).and_then(|p| p.protocol),
+            ),
+            None => {
+                let w = placement?.by_ip(dst.ip())?;
+                let key = format!("{}/{}", w.namespace, w.name);
+                let declared = cfg.l7.pod_protocol(&key, dst.port());
+                (l7::outbound::Target::Pod(key, dst.port()), declared)
+            }
+        };
+        if declared == Some(l7::Protocol::Tcp) {
+            return None;
+        }
+        let identity = placement?
+            .pod(&pod.namespace, &pod.name)
+            .filter(|w| w.node == l7.proxy.node)
+            .map(|w| w.identity.clone());
+        Some((
+            l7::outbound::Conn {
+                pod: (pod.namespace.clone(), pod.name.clone()),
+                identity,
+                peer,
+                dst,
+                target,
+                detected: l7::UpstreamProtocol::H1,
+                declared,
+            },
+            declared,
+        ))
+    }
+
+    /// Serves the connection as HTTP if it is; gives it back when it is not (opaque TCP).
+    async fn http(
+        &self,
+        client: TcpStream,
+        mut conn: l7::outbound::Conn,
+        declared: Option<l7::Protocol>,
+    ) -> Option<TcpStream> {
+        let l7 = self.l7.as_ref().expect("checked by l7_conn");
+        // A declared HTTP port waits for the client's first bytes; an undeclared one only briefly,
+        // so server-first protocols are not held up long.
+        let wait = if declared.is_some() {
+            l7.declared_wait
+        } else {
+            l7.detect_timeout
+        };
+        conn.detected = match l7::detect::detect(&client, wait).await {
+            l7::detect::Detected::Opaque => {
+                self.stats.opaque.fetch_add(1, Relaxed);
+                return Some(client);
+            }
+            l7::detect::Detected::Http1 => l7::UpstreamProtocol::H1,
+            l7::detect::Detected::Http2 => l7::UpstreamProtocol::H2,
+        };
+        self.stats.http_connections.fetch_add(1, Relaxed);
+        let span = info_span!("http", src.pod = %format!("{}/{}", conn.pod.0, conn.pod.1), dst = %conn.dst);
+        l7.proxy
+            .clone()
+            .serve(client, Arc::new(conn))
+            .instrument(span)
+            .await;
+        None
     }
 
     /// A Service cluster IP becomes one of its endpoints (an address of the same family).

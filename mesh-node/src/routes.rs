@@ -245,10 +245,11 @@ impl Table {
         Ok(())
     }
 
-    /// The rule for `req`, by Gateway API precedence; `None` when no rule matches (404).
-    pub fn select(&self, req: &Request<'_>) -> Option<&Rule> {
+    /// The rule for `req`, by Gateway API precedence, and the path prefix it matched (what
+    /// `ReplacePrefixMatch` replaces); `None` when no rule matches (404).
+    pub fn select(&self, req: &Request<'_>) -> Option<(&Rule, Option<&str>)> {
         let query = parse_query(req.query);
-        let mut best: Option<(Specificity, usize)> = None;
+        let mut best: Option<(Specificity, usize, &Match)> = None;
         for (ri, rule) in self.rules.iter().enumerate() {
             for m in &rule.matches {
                 if !matches(m, req, &query) {
@@ -256,12 +257,18 @@ impl Table {
                 }
                 let s = specificity(m);
                 // Earlier rules win ties: only a strictly more specific match replaces.
-                if best.as_ref().is_none_or(|(b, _)| s > *b) {
-                    best = Some((s, ri));
+                if best.as_ref().is_none_or(|(b, _, _)| s > *b) {
+                    best = Some((s, ri, m));
                 }
             }
         }
-        best.map(|(_, ri)| &self.rules[ri])
+        best.map(|(_, ri, m)| {
+            let prefix = match &m.path {
+                Path::Prefix(p) => Some(p.as_str()),
+                _ => None,
+            };
+            (&self.rules[ri], prefix)
+        })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -436,7 +443,7 @@ mod tests {
                 headers: &h,
             });
             assert_eq!(
-                got.map(|r| r.backends[0].service.as_str()),
+                got.map(|(r, _)| r.backends[0].service.as_str()),
                 *want,
                 "{method} {target} {headers:?}"
             );
@@ -454,7 +461,8 @@ mod tests {
                 query: None,
                 headers: &h,
             })
-            .unwrap();
+            .unwrap()
+            .0;
         // A fixed xorshift sequence: deterministic, uniform enough.
         let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
         let mut canary = 0;

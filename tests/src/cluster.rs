@@ -859,6 +859,24 @@ pub struct PodProcess {
     pub child: Child,
 }
 
+/// One curl answer.
+#[derive(Debug)]
+pub struct Curl {
+    pub status: u16,
+    pub headers: std::collections::BTreeMap<String, String>,
+    pub body: String,
+}
+
+impl Curl {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or(Value::Null)
+    }
+
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.get(name).map_or("", String::as_str)
+    }
+}
+
 impl Pod {
     /// A command that runs inside this pod (its network namespace and cgroup).
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> anyhow::Result<Command> {
@@ -893,6 +911,49 @@ impl Pod {
     /// Starts the small-response HTTP/1.1 server on `port` and waits until it listens.
     pub async fn serve_http(&self, port: u16) -> anyhow::Result<PodProcess> {
         self.server(&["http"], port).await
+    }
+
+    /// Starts the HTTP server as `name`, with extra `mesh-testpod http` arguments.
+    pub async fn serve_http_as(
+        &self,
+        port: u16,
+        name: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<PodProcess> {
+        let mut args = vec!["http", "--name", name];
+        args.extend_from_slice(extra);
+        self.server(&args, port).await
+    }
+
+    /// Runs curl in this pod (`-i`: the answer's head and body).
+    pub async fn curl(&self, args: &[&str]) -> anyhow::Result<Curl> {
+        let mut cmd = self.command("curl")?;
+        cmd.args(["-s", "-i", "--max-time", "20"]).args(args);
+        let out = cmd.output().await.context("run curl")?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+            bail!(
+                "curl {args:?} in {} got no response (exit {:?}): {text}{}",
+                self.name,
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let mut lines = head.lines();
+        let status = lines
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|s| s.parse().ok())
+            .context("curl: no status line")?;
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        Ok(Curl {
+            status,
+            headers,
+            body: body.to_string(),
+        })
     }
 
     async fn server(&self, mode: &[&str], port: u16) -> anyhow::Result<PodProcess> {

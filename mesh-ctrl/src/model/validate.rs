@@ -66,17 +66,7 @@ impl Check<'_> {
     }
 }
 
-/// Durations as Kubernetes and the Gateway API write them: `250ms`, `1.5s`, `1m30s`.
-pub fn parse_duration(v: &str) -> Result<Duration, String> {
-    if let Some(secs) = v.strip_suffix('s').filter(|s| s.contains('.'))
-        && let Ok(f) = secs.parse::<f64>()
-    {
-        return (f.is_finite() && f >= 0.0)
-            .then(|| Duration::from_secs_f64(f))
-            .ok_or_else(|| "negative".to_string());
-    }
-    humantime::parse_duration(v).map_err(|e| e.to_string())
-}
+pub use mesh_api::crd::parse_duration;
 
 /// Every problem of every object. Order is stable (by object, then field).
 pub fn validate(objects: &Objects) -> Vec<Invalid> {

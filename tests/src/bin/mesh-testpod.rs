@@ -36,10 +36,18 @@ enum Cmd {
         #[arg(long)]
         sink: bool,
     },
-    /// HTTP/1.1 server answering every request with a small 200 (for wrk and h2load).
+    /// HTTP/1.1 and HTTP/2 (prior knowledge) server: a small 200 with `x-pod: NAME` (for wrk and
+    /// h2load); `/echo...` answers with what it received as JSON; `/status/N` answers N;
+    /// `/delay/MS` answers after MS milliseconds; `/reset` drops the connection.
     Http {
         #[arg(long, required = true)]
         listen: Vec<SocketAddr>,
+        /// Who this server is (a pod name, a version).
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Answer every request with this status (a broken endpoint).
+        #[arg(long)]
+        status: Option<u16>,
     },
     /// Open connections, send a pattern unique to each, check the echo byte for byte.
     Client {
@@ -82,6 +90,25 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         pace: u64,
     },
+    /// HTTP requests over keep-alive connections; reports answers by status and by `x-pod`.
+    Get {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        #[arg(long, default_value_t = 1)]
+        conns: usize,
+        /// `name: value`, repeatable.
+        #[arg(long)]
+        header: Vec<String>,
+        /// HTTP/2 with prior knowledge instead of HTTP/1.1.
+        #[arg(long)]
+        h2: bool,
+        #[arg(long, default_value = "GET")]
+        method: String,
+    },
     /// Bulk transfer to a --sink server.
     Bulk {
         #[arg(long)]
@@ -97,7 +124,11 @@ async fn main() -> anyhow::Result<()> {
     CONNECT_TIMEOUT.get_or_init(|| Duration::from_millis(cli.connect_timeout_ms));
     match cli.cmd {
         Cmd::Serve { listen, sink } => serve(listen, sink).await,
-        Cmd::Http { listen } => http(listen).await,
+        Cmd::Http {
+            listen,
+            name,
+            status,
+        } => http(listen, name, status).await,
         Cmd::Client {
             to,
             conns,
@@ -119,6 +150,15 @@ async fn main() -> anyhow::Result<()> {
             pace,
         } => rr(to, Duration::from_millis(duration_ms), conns, size, pace).await,
         Cmd::Bulk { to, bytes } => bulk(to, bytes).await,
+        Cmd::Get {
+            to,
+            path,
+            count,
+            conns,
+            header,
+            h2,
+            method,
+        } => get(to, path, count, conns, header, h2, method).await,
     }
 }
 
@@ -157,19 +197,63 @@ async fn serve(addrs: Vec<SocketAddr>, sink: bool) -> anyhow::Result<()> {
     .await
 }
 
-async fn http(addrs: Vec<SocketAddr>) -> anyhow::Result<()> {
-    accept_all(addrs, |s, _| async move {
+static HTTP_NAME: std::sync::OnceLock<(String, Option<u16>)> = std::sync::OnceLock::new();
+
+async fn http(addrs: Vec<SocketAddr>, name: String, status: Option<u16>) -> anyhow::Result<()> {
+    HTTP_NAME.get_or_init(|| (name, status));
+    accept_all(addrs, |s, peer| async move {
         let _ = s.set_nodelay(true);
-        let svc = hyper::service::service_fn(|_req| async {
-            Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
-                bytes::Bytes::from_static(b"ok\n"),
-            )))
-        });
-        let _ = hyper::server::conn::http1::Builder::new()
+        let svc = hyper::service::service_fn(move |req| http_answer(req, peer));
+        let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
             .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
             .await;
     })
     .await
+}
+
+type HttpBody = http_body_util::Full<bytes::Bytes>;
+
+async fn http_answer(
+    req: hyper::Request<hyper::body::Incoming>,
+    peer: SocketAddr,
+) -> Result<hyper::Response<HttpBody>, std::io::Error> {
+    use http_body_util::BodyExt;
+    let (name, fixed) = HTTP_NAME.get().expect("set at start");
+    let path = req.uri().path().to_string();
+    let mut status = fixed.unwrap_or(200);
+    let mut body = bytes::Bytes::from_static(b"ok\n");
+    if let Some(code) = path.strip_prefix("/status/") {
+        status = code.parse().unwrap_or(400);
+    } else if let Some(ms) = path.strip_prefix("/delay/") {
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+    } else if path == "/reset" {
+        return Err(std::io::Error::other("reset as asked"));
+    } else if path.starts_with("/echo") {
+        let (parts, b) = req.into_parts();
+        let received = b.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+        let headers: BTreeMap<String, String> = parts
+            .headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into()))
+            .collect();
+        body = serde_json::to_vec(&json!({
+            "pod": name,
+            "peer": peer.to_string(),
+            "version": format!("{:?}", parts.version),
+            "method": parts.method.as_str(),
+            "uri": parts.uri.to_string(),
+            "headers": headers,
+            "body_bytes": received.len(),
+        }))
+        .expect("JSON")
+        .into();
+    }
+    let mut resp = hyper::Response::new(http_body_util::Full::new(body));
+    *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::OK);
+    if let Ok(v) = name.parse() {
+        resp.headers_mut().insert("x-pod", v);
+    }
+    Ok(resp)
 }
 
 /// IPv6 listeners are IPv6-only so an IPv4 listener can share the port and peers keep their family.
@@ -480,4 +564,182 @@ async fn bulk(to: SocketAddr, bytes: u64) -> anyhow::Result<()> {
         json!({"bytes": bytes, "gbps": bytes as f64 * 8.0 / secs / 1e9})
     );
     Ok(())
+}
+
+/// Answers counted by status and by the `x-pod` header that served them.
+#[derive(Default, serde::Serialize)]
+struct GetReport {
+    statuses: BTreeMap<String, u64>,
+    pods: BTreeMap<String, u64>,
+    flags: BTreeMap<String, u64>,
+    errors: BTreeMap<String, u64>,
+    /// The last body seen, for a look at what came back.
+    last_body: String,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn get(
+    to: SocketAddr,
+    path: String,
+    count: usize,
+    conns: usize,
+    headers: Vec<String>,
+    h2: bool,
+    method: String,
+) -> anyhow::Result<()> {
+    use http_body_util::{BodyExt, Empty};
+    let report = Arc::new(Mutex::new(GetReport::default()));
+    let left = Arc::new(std::sync::atomic::AtomicUsize::new(count));
+    let mut tasks = Vec::new();
+    for _ in 0..conns.max(1) {
+        let (report, left, path, headers, method) = (
+            report.clone(),
+            left.clone(),
+            path.clone(),
+            headers.clone(),
+            method.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut sender: Option<Sender> = None;
+            loop {
+                if left
+                    .fetch_update(
+                        std::sync::atomic::Ordering::Relaxed,
+                        std::sync::atomic::Ordering::Relaxed,
+                        |n| n.checked_sub(1),
+                    )
+                    .is_err()
+                {
+                    return;
+                }
+                if sender.as_ref().is_none_or(Sender::is_closed) {
+                    match Sender::connect(to, h2).await {
+                        Ok(s) => sender = Some(s),
+                        Err(e) => {
+                            *report
+                                .lock()
+                                .unwrap()
+                                .errors
+                                .entry(e.to_string())
+                                .or_default() += 1;
+                            continue;
+                        }
+                    }
+                }
+                let mut req = hyper::Request::builder()
+                    .method(method.as_str())
+                    .uri(if h2 {
+                        format!("http://{to}{path}")
+                    } else {
+                        path.clone()
+                    })
+                    .body(Empty::<bytes::Bytes>::new())
+                    .expect("request");
+                if !h2 {
+                    req.headers_mut()
+                        .insert("host", to.to_string().parse().unwrap());
+                }
+                for h in &headers {
+                    if let Some((k, v)) = h.split_once(':') {
+                        req.headers_mut().append(
+                            hyper::header::HeaderName::from_bytes(k.trim().as_bytes()).unwrap(),
+                            v.trim().parse().unwrap(),
+                        );
+                    }
+                }
+                let s = sender.as_mut().expect("connected above");
+                match s.send(req).await {
+                    Ok(resp) => {
+                        let status = resp.status().as_u16().to_string();
+                        let pod = resp
+                            .headers()
+                            .get("x-pod")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_string();
+                        let flag = resp
+                            .headers()
+                            .get("x-nodemesh-flag")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_string();
+                        let body = resp.into_body().collect().await.map(|b| b.to_bytes());
+                        let mut r = report.lock().unwrap();
+                        *r.statuses.entry(status).or_default() += 1;
+                        *r.pods.entry(pod).or_default() += 1;
+                        if !flag.is_empty() {
+                            *r.flags.entry(flag).or_default() += 1;
+                        }
+                        if let Ok(b) = body {
+                            r.last_body = String::from_utf8_lossy(&b).into();
+                        }
+                    }
+                    Err(e) => {
+                        *report
+                            .lock()
+                            .unwrap()
+                            .errors
+                            .entry(e.to_string())
+                            .or_default() += 1;
+                        sender = None;
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let r = report.lock().unwrap();
+    println!("{}", serde_json::to_string(&*r)?);
+    Ok(())
+}
+
+type GetBody = http_body_util::Empty<bytes::Bytes>;
+
+enum Sender {
+    H1(hyper::client::conn::http1::SendRequest<GetBody>),
+    H2(hyper::client::conn::http2::SendRequest<GetBody>),
+}
+
+impl Sender {
+    async fn connect(to: SocketAddr, h2: bool) -> anyhow::Result<Self> {
+        let tcp = TcpStream::connect(to).await?;
+        tcp.set_nodelay(true)?;
+        let io = hyper_util::rt::TokioIo::new(tcp);
+        Ok(if h2 {
+            let (s, c) =
+                hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                    .await?;
+            tokio::spawn(c);
+            Sender::H2(s)
+        } else {
+            let (s, c) = hyper::client::conn::http1::handshake(io).await?;
+            tokio::spawn(c);
+            Sender::H1(s)
+        })
+    }
+
+    fn is_closed(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
+
+    async fn send(
+        &mut self,
+        req: hyper::Request<GetBody>,
+    ) -> hyper::Result<hyper::Response<hyper::body::Incoming>> {
+        match self {
+            Sender::H1(s) => {
+                s.ready().await?;
+                s.send_request(req).await
+            }
+            Sender::H2(s) => {
+                s.ready().await?;
+                s.send_request(req).await
+            }
+        }
+    }
 }

@@ -1,0 +1,404 @@
+//! Per-request load balancing across a Service's endpoints, and their health.
+//!
+//! - Power of two choices over peak-EWMA latency (default): two random endpoints, the cheaper wins;
+//!   cost is the decayed latency estimate (jumping up at once on a slow response, decaying back
+//!   slowly) times the requests in flight plus one.
+//! - Round robin; consistent hashing of a header (rendezvous hashing, so adding an endpoint moves
+//!   only its share of keys).
+//! - Outlier detection: consecutive failures eject an endpoint for a cool-down that grows with
+//!   repeated ejections; at most a share of endpoints is out at once; when every endpoint is out,
+//!   all are tried (better a likely failure than a certain one).
+//!
+//! Endpoint state lives as long as the endpoint stays in its Service, across config versions.
+use std::{
+    collections::HashMap,
+    hash::{DefaultHasher, Hash, Hasher},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, AtomicUsize, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+
+use super::policy::{Lb, Outlier, ejection_time};
+
+/// How fast the latency estimate forgets a slow response.
+const DECAY: Duration = Duration::from_secs(10);
+/// The estimate for an endpoint nothing is known about yet.
+const DEFAULT_RTT_NS: f64 = 1_000_000.0;
+
+#[derive(Debug)]
+struct Health {
+    ewma_ns: f64,
+    stamp: Instant,
+    failures: u32,
+    ejected_until: Option<Instant>,
+    /// Ejections in a row (reset by a success after coming back).
+    ejections: u32,
+}
+
+#[derive(Debug)]
+pub struct Endpoint {
+    /// `namespace/name` of the pod.
+    pub key: String,
+    health: Mutex<Health>,
+    inflight: AtomicU32,
+}
+
+/// What `/debug` and metrics show of an endpoint.
+#[derive(Debug, Serialize)]
+pub struct EndpointView {
+    pub key: String,
+    pub ewma_ms: f64,
+    pub inflight: u32,
+    pub consecutive_failures: u32,
+    pub ejected: bool,
+}
+
+/// Counts a request in flight on an endpoint while it lives.
+pub struct InFlight(Arc<Endpoint>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Relaxed);
+    }
+}
+
+impl Endpoint {
+    fn new(key: String, now: Instant) -> Self {
+        Self {
+            key,
+            health: Mutex::new(Health {
+                ewma_ns: DEFAULT_RTT_NS,
+                stamp: now,
+                failures: 0,
+                ejected_until: None,
+                ejections: 0,
+            }),
+            inflight: AtomicU32::new(0),
+        }
+    }
+
+    pub fn start(self: &Arc<Self>) -> InFlight {
+        self.inflight.fetch_add(1, Relaxed);
+        InFlight(self.clone())
+    }
+
+    fn cost(&self, now: Instant) -> f64 {
+        let h = self.health.lock().expect("health lock");
+        let ewma = decayed(h.ewma_ns, h.stamp, now);
+        ewma * f64::from(self.inflight.load(Relaxed) + 1)
+    }
+
+    /// A response time: peak-sensitive, decaying towards faster ones.
+    pub fn observe(&self, rtt: Duration, now: Instant) {
+        let mut h = self.health.lock().expect("health lock");
+        let rtt = rtt.as_nanos() as f64;
+        let current = decayed(h.ewma_ns, h.stamp, now);
+        h.ewma_ns = if rtt > current {
+            rtt
+        } else {
+            let w =
+                (-now.saturating_duration_since(h.stamp).as_secs_f64() / DECAY.as_secs_f64()).exp();
+            current * w + rtt * (1.0 - w)
+        };
+        h.stamp = now;
+    }
+
+    pub fn is_ejected(&self, now: Instant) -> bool {
+        self.health
+            .lock()
+            .expect("health lock")
+            .ejected_until
+            .is_some_and(|t| t > now)
+    }
+
+    pub fn view(&self, now: Instant) -> EndpointView {
+        let h = self.health.lock().expect("health lock");
+        EndpointView {
+            key: self.key.clone(),
+            ewma_ms: decayed(h.ewma_ns, h.stamp, now) / 1e6,
+            inflight: self.inflight.load(Relaxed),
+            consecutive_failures: h.failures,
+            ejected: h.ejected_until.is_some_and(|t| t > now),
+        }
+    }
+}
+
+/// The estimate decays towards the default as it ages (old news about a slow endpoint fades).
+fn decayed(ewma: f64, stamp: Instant, now: Instant) -> f64 {
+    let age = now.saturating_duration_since(stamp).as_secs_f64();
+    let w = (-age / DECAY.as_secs_f64()).exp();
+    ewma * w + DEFAULT_RTT_NS * (1.0 - w)
+}
+
+/// The endpoints of one Service and how to choose among them.
+#[derive(Debug, Default)]
+pub struct Balancer {
+    endpoints: Mutex<HashMap<String, Arc<Endpoint>>>,
+    rr: AtomicUsize,
+    pub ejections: AtomicU32,
+}
+
+impl Balancer {
+    /// The state of `keys` (created on first sight; endpoints no longer listed are forgotten).
+    pub fn endpoints(&self, keys: &[String], now: Instant) -> Vec<Arc<Endpoint>> {
+        let mut map = self.endpoints.lock().expect("endpoints lock");
+        if map.len() > keys.len() {
+            map.retain(|k, _| keys.contains(k));
+        }
+        keys.iter()
+            .map(|k| {
+                map.entry(k.clone())
+                    .or_insert_with(|| Arc::new(Endpoint::new(k.clone(), now)))
+                    .clone()
+            })
+            .collect()
+    }
+
+    pub fn views(&self, now: Instant) -> Vec<EndpointView> {
+        let mut v: Vec<_> = self
+            .endpoints
+            .lock()
+            .expect("endpoints lock")
+            .values()
+            .map(|e| e.view(now))
+            .collect();
+        v.sort_by(|a, b| a.key.cmp(&b.key));
+        v
+    }
+
+    /// Chooses among `eps` (not empty), avoiding `tried` and ejected endpoints where possible.
+    /// `draw` gives random numbers.
+    pub fn pick(
+        &self,
+        eps: &[Arc<Endpoint>],
+        lb: &Lb,
+        hash_key: Option<&[u8]>,
+        tried: &[String],
+        now: Instant,
+        mut draw: impl FnMut() -> u64,
+    ) -> Option<Arc<Endpoint>> {
+        let usable: Vec<&Arc<Endpoint>> = {
+            let fresh: Vec<_> = eps.iter().filter(|e| !tried.contains(&e.key)).collect();
+            let pool = if fresh.is_empty() {
+                eps.iter().collect()
+            } else {
+                fresh
+            };
+            let healthy: Vec<_> = pool
+                .iter()
+                .copied()
+                .filter(|e| !e.is_ejected(now))
+                .collect();
+            if healthy.is_empty() { pool } else { healthy }
+        };
+        if usable.is_empty() {
+            return None;
+        }
+        let i = match (lb, hash_key) {
+            (Lb::Hash(_), Some(key)) => {
+                let keys: Vec<&str> = usable.iter().map(|e| e.key.as_str()).collect();
+                rendezvous(key, &keys)
+            }
+            (Lb::RoundRobin, _) => self.rr.fetch_add(1, Relaxed) % usable.len(),
+            // P2C, and hashing without the header.
+            _ => {
+                let costs: Vec<f64> = usable.iter().map(|e| e.cost(now)).collect();
+                p2c(&costs, draw(), draw())
+            }
+        };
+        Some(usable[i].clone())
+    }
+
+    /// Records how a try on `ep` ended; ejects it after too many failures in a row.
+    pub fn record(
+        &self,
+        eps: &[Arc<Endpoint>],
+        ep: &Endpoint,
+        failed: bool,
+        outlier: Option<&Outlier>,
+        now: Instant,
+    ) -> bool {
+        let mut h = ep.health.lock().expect("health lock");
+        if !failed {
+            h.failures = 0;
+            if h.ejected_until.is_none_or(|t| t <= now) {
+                h.ejected_until = None;
+                h.ejections = 0;
+            }
+            return false;
+        }
+        h.failures += 1;
+        let Some(o) = outlier else { return false };
+        if h.failures < o.consecutive_failures || h.ejected_until.is_some_and(|t| t > now) {
+            return false;
+        }
+        drop(h);
+        let ejected = eps
+            .iter()
+            .filter(|e| e.key != ep.key && e.is_ejected(now))
+            .count();
+        if !may_eject(eps.len(), ejected, o.max_ejection_percent) {
+            return false;
+        }
+        let mut h = ep.health.lock().expect("health lock");
+        h.ejections += 1;
+        h.failures = 0;
+        h.ejected_until = Some(now + ejection_time(o, h.ejections));
+        self.ejections.fetch_add(1, Relaxed);
+        true
+    }
+}
+
+/// Whether one more of `n` endpoints may be ejected while `ejected` already are.
+pub fn may_eject(n: usize, ejected: usize, max_percent: u32) -> bool {
+    let allowed = (n * max_percent as usize / 100).max(usize::from(max_percent > 0));
+    ejected < allowed
+}
+
+/// The cheaper of two random choices (distinct when there are two or more).
+pub fn p2c(costs: &[f64], a: u64, b: u64) -> usize {
+    let n = costs.len();
+    if n == 1 {
+        return 0;
+    }
+    let i = (a % n as u64) as usize;
+    let mut j = (b % (n as u64 - 1)) as usize;
+    if j >= i {
+        j += 1;
+    }
+    if costs[j] < costs[i] { j } else { i }
+}
+
+/// Rendezvous hashing: the endpoint with the highest hash of (key, endpoint).
+pub fn rendezvous(key: &[u8], endpoints: &[&str]) -> usize {
+    let score = |e: &str| {
+        let mut h = DefaultHasher::new();
+        key.hash(&mut h);
+        e.hash(&mut h);
+        h.finish()
+    };
+    (0..endpoints.len())
+        .max_by_key(|&i| score(endpoints[i]))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn p2c_takes_the_cheaper_of_two_distinct() {
+        let cases: &[(&[f64], u64, u64, usize)] = &[
+            (&[5.0], 3, 9, 0),
+            (&[5.0, 1.0], 0, 0, 1),
+            (&[1.0, 5.0], 0, 0, 0),
+            (&[1.0, 5.0], 1, 0, 0),
+            (&[3.0, 2.0, 1.0], 0, 0, 1),
+            (&[3.0, 2.0, 1.0], 0, 1, 2),
+            (&[3.0, 2.0, 1.0], 2, 0, 2),
+        ];
+        for (costs, a, b, want) in cases {
+            assert_eq!(p2c(costs, *a, *b), *want, "{costs:?} {a} {b}");
+        }
+    }
+
+    #[test]
+    fn rendezvous_is_stable_and_moves_little() {
+        let eps = ["a/1", "a/2", "a/3", "a/4"];
+        let before: Vec<usize> = (0..1000u32)
+            .map(|k| rendezvous(&k.to_be_bytes(), &eps))
+            .collect();
+        let again: Vec<usize> = (0..1000u32)
+            .map(|k| rendezvous(&k.to_be_bytes(), &eps))
+            .collect();
+        assert_eq!(before, again);
+        let more = ["a/1", "a/2", "a/3", "a/4", "a/5"];
+        let moved = (0..1000u32)
+            .filter(|k| {
+                let j = rendezvous(&k.to_be_bytes(), &more);
+                j != before[*k as usize]
+            })
+            .count();
+        // About a fifth move (to the new endpoint); nothing else does.
+        assert!((120..=280).contains(&moved), "{moved}");
+    }
+
+    #[test]
+    fn ejection_share() {
+        for (n, ejected, pct, want) in [
+            (1, 0, 50, true),
+            (2, 0, 50, true),
+            (2, 1, 50, false),
+            (10, 4, 50, true),
+            (10, 5, 50, false),
+            (10, 0, 0, false),
+        ] {
+            assert_eq!(may_eject(n, ejected, pct), want, "{n} {ejected} {pct}");
+        }
+    }
+
+    #[test]
+    fn outliers_are_ejected_and_come_back() {
+        let t0 = Instant::now();
+        let b = Balancer::default();
+        let eps = b.endpoints(&["ns/a".into(), "ns/b".into()], t0);
+        let o = Outlier {
+            consecutive_failures: 3,
+            base_ejection: Duration::from_secs(10),
+            max_ejection_percent: 50,
+        };
+        assert!(!b.record(&eps, &eps[0], true, Some(&o), t0));
+        assert!(!b.record(&eps, &eps[0], true, Some(&o), t0));
+        assert!(b.record(&eps, &eps[0], true, Some(&o), t0));
+        // While a is out, every pick is b; b cannot be ejected too (50%).
+        for _ in 0..20 {
+            let p = b.pick(&eps, &Lb::RoundRobin, None, &[], t0, || 0).unwrap();
+            assert_eq!(p.key, "ns/b");
+        }
+        for _ in 0..3 {
+            assert!(!b.record(&eps, &eps[1], true, Some(&o), t0));
+        }
+        // After the cool-down, a is back.
+        let later = t0 + Duration::from_secs(11);
+        let picked: Vec<String> = (0..4)
+            .map(|_| {
+                b.pick(&eps, &Lb::RoundRobin, None, &[], later, || 0)
+                    .unwrap()
+                    .key
+                    .clone()
+            })
+            .collect();
+        assert!(picked.contains(&"ns/a".to_string()), "{picked:?}");
+        // A retry avoids the endpoint already tried.
+        let p = b
+            .pick(&eps, &Lb::P2cEwma, None, &["ns/a".into()], later, || 1)
+            .unwrap();
+        assert_eq!(p.key, "ns/b");
+    }
+
+    #[test]
+    fn slow_endpoints_lose_the_p2c_draw() {
+        let t0 = Instant::now();
+        let b = Balancer::default();
+        let eps = b.endpoints(&["ns/fast".into(), "ns/slow".into()], t0);
+        eps[0].observe(Duration::from_millis(1), t0);
+        eps[1].observe(Duration::from_millis(200), t0);
+        let mut x = 1u64;
+        let slow = (0..1000)
+            .filter(|_| {
+                let p = b
+                    .pick(&eps, &Lb::P2cEwma, None, &[], t0, || {
+                        x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                        x >> 33
+                    })
+                    .unwrap();
+                p.key == "ns/slow"
+            })
+            .count();
+        assert_eq!(slow, 0);
+    }
+}

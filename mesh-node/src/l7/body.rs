@@ -1,0 +1,243 @@
+//! Bodies: one boxed type through the proxy; an HTTP/2 receive stream seen as a body; a body sent
+//! on an HTTP/2 stream within flow control; and a body recorded as it streams so a retry or a
+//! mirror can replay it.
+use std::{
+    future::poll_fn,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll, ready},
+};
+
+use bytes::{Bytes, BytesMut};
+use http::HeaderMap;
+use http_body::{Body as _, Frame, SizeHint};
+use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// Bodies larger than this are not kept for replay: such a request is tried once.
+pub const REPLAY_LIMIT: usize = 64 * 1024;
+
+pub fn boxed<B>(b: B) -> Body
+where
+    B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    b.map_err(Into::into).boxed()
+}
+
+pub fn empty() -> Body {
+    boxed(Empty::new())
+}
+
+pub fn full(b: impl Into<Bytes>) -> Body {
+    boxed(Full::new(b.into()))
+}
+
+/// An HTTP/2 stream's data and trailers. Flow-control capacity is released as each frame is handed
+/// on, so the peer's window follows what the consumer takes.
+pub struct RecvBody {
+    recv: h2::RecvStream,
+    data_done: bool,
+}
+
+impl RecvBody {
+    pub fn new(recv: h2::RecvStream) -> Self {
+        Self {
+            recv,
+            data_done: false,
+        }
+    }
+}
+
+impl http_body::Body for RecvBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        if !self.data_done {
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(b)) => {
+                    let _ = self.recv.flow_control().release_capacity(b.len());
+                    return Poll::Ready(Some(Ok(Frame::data(b))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => self.data_done = true,
+            }
+        }
+        match ready!(self.recv.poll_trailers(cx)) {
+            Ok(Some(t)) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+}
+
+/// Sends `body` on `send`: data as the peer's window allows, then trailers or end of stream. An
+/// error from the body resets the stream.
+pub async fn send_body(mut body: Body, send: &mut h2::SendStream<Bytes>) -> Result<(), BoxError> {
+    loop {
+        let frame = match body.frame().await {
+            None => {
+                send.send_data(Bytes::new(), true)?;
+                return Ok(());
+            }
+            Some(Err(e)) => {
+                send.send_reset(h2::Reason::CANCEL);
+                return Err(e);
+            }
+            Some(Ok(f)) => f,
+        };
+        let mut data = match frame.into_data() {
+            Ok(d) => d,
+            Err(frame) => {
+                if let Ok(t) = frame.into_trailers() {
+                    send.send_trailers(t)?;
+                    return Ok(());
+                }
+                continue;
+            }
+        };
+        while !data.is_empty() {
+            send.reserve_capacity(data.len());
+            let mut cap = send.capacity();
+            while cap == 0 {
+                cap = match poll_fn(|cx| send.poll_capacity(cx)).await {
+                    Some(c) => c?,
+                    None => return Err("stream closed by the peer".into()),
+                };
+            }
+            let part = data.split_to(cap.min(data.len()));
+            send.send_data(part, false)?;
+        }
+    }
+}
+
+/// What a recording body has seen so far.
+#[derive(Debug, Default)]
+struct Recorded {
+    data: BytesMut,
+    trailers: Option<HeaderMap>,
+    complete: bool,
+    /// Past the limit: not replayable.
+    overflow: bool,
+}
+
+/// A handle to replay a request body recorded by [`Recording`].
+#[derive(Clone, Debug, Default)]
+pub struct Replay(Arc<Mutex<Recorded>>);
+
+impl Replay {
+    /// The body again, if it was seen whole and within the limit.
+    pub fn body(&self) -> Option<Body> {
+        let r = self.0.lock().expect("replay lock");
+        if !r.complete || r.overflow {
+            return None;
+        }
+        let data = r.data.clone().freeze();
+        let trailers = r.trailers.clone();
+        let body = Full::new(data).map_err(|never| match never {});
+        Some(match trailers {
+            Some(t) => boxed(body.with_trailers(async move { Some(Ok(t)) })),
+            None => boxed(body),
+        })
+    }
+}
+
+/// Passes a body through, keeping a copy (up to [`REPLAY_LIMIT`]) for [`Replay`].
+pub struct Recording {
+    inner: Body,
+    rec: Replay,
+}
+
+impl Recording {
+    pub fn new(inner: Body) -> (Self, Replay) {
+        let rec = Replay::default();
+        if inner.is_end_stream() {
+            rec.0.lock().expect("replay lock").complete = true;
+        }
+        (
+            Self {
+                inner,
+                rec: rec.clone(),
+            },
+            rec,
+        )
+    }
+}
+
+impl http_body::Body for Recording {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        let mut r = self.rec.0.lock().expect("replay lock");
+        match &frame {
+            None => r.complete = true,
+            Some(Ok(f)) => {
+                if let Some(d) = f.data_ref() {
+                    if r.data.len() + d.len() > REPLAY_LIMIT {
+                        r.overflow = true;
+                        r.data = BytesMut::new();
+                    } else if !r.overflow {
+                        r.data.extend_from_slice(d);
+                    }
+                } else if let Some(t) = f.trailers_ref() {
+                    r.trailers = Some(t.clone());
+                    r.complete = true;
+                }
+            }
+            Some(Err(_)) => r.overflow = true,
+        }
+        drop(r);
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn recording_replays_small_bodies_only() {
+        let (rec, replay) = Recording::new(full("hello"));
+        assert!(replay.body().is_none(), "not seen whole yet");
+        let got = rec.collect().await.unwrap().to_bytes();
+        assert_eq!(got, "hello");
+        let again = replay.body().unwrap().collect().await.unwrap().to_bytes();
+        assert_eq!(again, "hello");
+
+        let (rec, replay) = Recording::new(full(vec![7u8; REPLAY_LIMIT + 1]));
+        assert_eq!(
+            rec.collect().await.unwrap().to_bytes().len(),
+            REPLAY_LIMIT + 1
+        );
+        assert!(replay.body().is_none());
+
+        let (_, replay) = Recording::new(empty());
+        assert!(
+            replay.body().is_some(),
+            "an empty body is whole from the start"
+        );
+    }
+}

@@ -1,0 +1,627 @@
+//! The source side: serves the app's HTTP connection with hyper and sends each request where its
+//! route says, under the backend Service's traffic policy.
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use http::{HeaderValue, Request, Response, header};
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use mesh_api::{gateway::HTTPRouteFilter, identity::SpiffeId};
+use tokio::{net::TcpStream, sync::watch};
+use tracing::{debug, info};
+
+use super::{
+    Protocol, UpstreamProtocol,
+    body::{Body, Recording, Replay, boxed},
+    filters, inbound,
+    inbound::{Caller, L7Inbound},
+    is_grpc,
+    policy::{Abort, Outcome, ServicePolicy, backoff},
+    respond::{ProxyError, error_response},
+    services::{Service, ServiceState, acquire},
+    stats::{L7Stats, RequestLabels},
+    upstream::{self, TunnelTarget},
+};
+use crate::{hbone::Tunnels, node_config::NodeConfig, routes};
+
+/// Largest request head accepted from an app (HTTP/1.1 buffer; HTTP/2 header list).
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+pub const MAX_HEADERS: usize = 100;
+
+/// Where the app's connection was going.
+#[derive(Clone, Debug)]
+pub enum Target {
+    /// A Service port, by cluster IP.
+    Service(Arc<Service>, u16),
+    /// A pod, by IP (`namespace/name`), on `port`.
+    Pod(String, u16),
+}
+
+/// Who opened the connection and where it was going.
+#[derive(Clone, Debug)]
+pub struct Conn {
+    /// `namespace/name` of the client pod.
+    pub pod: (String, String),
+    pub identity: Option<SpiffeId>,
+    pub peer: SocketAddr,
+    /// The address the app connected to.
+    pub dst: SocketAddr,
+    pub target: Target,
+    /// The client's HTTP version, and the declared protocol if any.
+    pub detected: UpstreamProtocol,
+    pub declared: Option<Protocol>,
+}
+
+#[derive(Clone)]
+pub struct L7Outbound {
+    pub node: String,
+    pub config: watch::Receiver<Arc<NodeConfig>>,
+    pub tunnels: Arc<Tunnels>,
+    pub inbound: Arc<L7Inbound>,
+    pub stats: Arc<L7Stats>,
+}
+
+/// A chosen backend: its Service (with policy and state) and the pod port requests go to.
+struct Backend {
+    service: Arc<Service>,
+    state: Arc<ServiceState>,
+    target_port: u16,
+    proto: UpstreamProtocol,
+}
+
+/// What the route decided besides the backend.
+#[derive(Default)]
+struct Decided {
+    mirror: Option<(String, u16, u32)>,
+    response_headers: Vec<mesh_api::gateway::HeaderModifier>,
+    request_timeout: Option<Duration>,
+    per_try_timeout: Option<Duration>,
+}
+
+fn chance(percent: f64) -> bool {
+    percent > 0.0 && rand::random::<f64>() * 100.0 < percent
+}
+
+impl L7Outbound {
+    /// Serves the app's connection until it closes.
+    pub async fn serve(self: Arc<Self>, client: TcpStream, conn: Arc<Conn>) {
+        let _ = client.set_nodelay(true);
+        let io = TokioIo::new(client);
+        let this = self.clone();
+        let c = conn.clone();
+        let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+            let (this, c) = (this.clone(), c.clone());
+            async move { Ok::<_, Infallible>(this.request(req.map(boxed), &c).await) }
+        });
+        let result = match conn.detected {
+            UpstreamProtocol::H1 => {
+                http1::Builder::new()
+                    .max_headers(MAX_HEADERS)
+                    .max_buf_size(MAX_HEADER_BYTES)
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(60))
+                    .serve_connection(io, svc)
+                    .await
+            }
+            UpstreamProtocol::H2 => {
+                http2::Builder::new(TokioExecutor::new())
+                    .max_header_list_size(MAX_HEADER_BYTES as u32)
+                    .initial_stream_window_size(4 << 20)
+                    .initial_connection_window_size(16 << 20)
+                    .serve_connection(io, svc)
+                    .await
+            }
+        };
+        if let Err(e) = result {
+            debug!(error = %e, "HTTP connection from the app ended");
+        }
+    }
+
+    async fn request(&self, req: Request<Body>, conn: &Conn) -> Response<Body> {
+        let started = Instant::now();
+        let grpc = is_grpc(req.headers());
+        let cfg = self.config.borrow().clone();
+        let (method, path) = (req.method().clone(), req.uri().path().to_string());
+        let (resp, service, dst_pod) = match self.route(&cfg, req, conn).await {
+            Ok(r) => r,
+            Err((e, service)) => (error_response(&e, grpc), service, String::new()),
+        };
+        let labels = self.stats.record(
+            RequestLabels {
+                reporter: "source",
+                source_workload: conn.pod.1.clone(),
+                source_namespace: conn.pod.0.clone(),
+                source_principal: conn
+                    .identity
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
+                destination_service: service.clone(),
+                destination_workload: dst_pod
+                    .split_once('/')
+                    .map(|(_, n)| n.to_string())
+                    .unwrap_or_default(),
+                destination_namespace: dst_pod
+                    .split_once('/')
+                    .map(|(ns, _)| ns.to_string())
+                    .unwrap_or_default(),
+                response_code: resp.status().as_u16(),
+                grpc_status: inbound::grpc_status(&resp),
+                response_flags: inbound::flag(&resp),
+                connection_security: "mutual_tls",
+            },
+            started.elapsed(),
+            0,
+        );
+        debug!(%method, %path, status = resp.status().as_u16(), service, flag = labels.response_flags, took = ?started.elapsed(), "request");
+        resp
+    }
+
+    /// Routes and sends; the error carries the Service name for metrics.
+    async fn route(
+        &self,
+        cfg: &NodeConfig,
+        mut req: Request<Body>,
+        conn: &Conn,
+    ) -> Result<(Response<Body>, String, String), (ProxyError, String)> {
+        let (service, port) = match &conn.target {
+            Target::Service(s, p) => (s.clone(), *p),
+            Target::Pod(pod, port) => {
+                // Straight to the pod: no route, no policy; still per-request authorization and
+                // metrics at its node.
+                let (resp, _) = self
+                    .send_to(cfg, pod, *port, conn.detected, req, conn)
+                    .await
+                    .map_err(|e| (e, String::new()))?;
+                return Ok((resp, String::new(), pod.clone()));
+            }
+        };
+        let name = service.name.clone();
+        let fail = |e| (e, name.clone());
+        let mut decided = Decided::default();
+        let (backend_name, backend_port) = match service.table(port) {
+            None => (service.name.clone(), port),
+            Some(table) => {
+                let headers = req.headers().clone();
+                let uri = req.uri().clone();
+                let Some((rule, prefix)) = table.select(&routes::Request {
+                    method: req.method().as_str(),
+                    path: uri.path(),
+                    query: uri.query(),
+                    headers: &headers,
+                }) else {
+                    return Err(fail(ProxyError::NoRoute));
+                };
+                let route_ns = rule.route.split_once('/').map_or("", |(ns, _)| ns);
+                if let Some(resp) =
+                    apply_filters(&mut req, &rule.filters, prefix, route_ns, &mut decided)
+                {
+                    return Ok((resp, name, String::new()));
+                }
+                if let Some(t) = &rule.timeouts {
+                    let d = |v: &Option<String>| {
+                        v.as_deref()
+                            .and_then(|s| mesh_api::crd::parse_duration(s).ok())
+                    };
+                    decided.request_timeout = d(&t.request);
+                    decided.per_try_timeout = d(&t.backend_request);
+                }
+                let Some(b) = routes::pick(&rule.backends, rand::random()) else {
+                    return Err(fail(ProxyError::NoEndpoints(format!(
+                        "{}: no backend with weight",
+                        rule.route
+                    ))));
+                };
+                (b.service.clone(), if b.port == 0 { port } else { b.port })
+            }
+        };
+        let backend = self
+            .backend(cfg, &backend_name, backend_port, conn)
+            .map_err(fail)?;
+        let (resp, pod) = self
+            .send(cfg, req, &backend, &mut decided, conn)
+            .await
+            .map_err(|e| (e, backend_name.clone()))?;
+        let mut resp = resp;
+        for m in &decided.response_headers {
+            filters::modify_headers(resp.headers_mut(), m);
+        }
+        Ok((resp, backend_name, pod))
+    }
+
+    fn backend(
+        &self,
+        cfg: &NodeConfig,
+        name: &str,
+        port: u16,
+        conn: &Conn,
+    ) -> Result<Backend, ProxyError> {
+        let service = cfg
+            .l7
+            .service(name)
+            .cloned()
+            .ok_or_else(|| ProxyError::NoEndpoints(format!("{name}: unknown Service")))?;
+        let p = service
+            .port(port)
+            .or_else(|| service.ports.first())
+            .cloned()
+            .ok_or_else(|| ProxyError::NoEndpoints(format!("{name}: no port {port}")))?;
+        let proto = match p.protocol.or(conn.declared) {
+            Some(p) => p.upstream(),
+            None => conn.detected,
+        };
+        Ok(Backend {
+            state: self.runtime().service(&service.name),
+            service,
+            target_port: p.target_port,
+            proto,
+        })
+    }
+
+    fn runtime(&self) -> &super::services::Runtime {
+        &self.inbound.runtime
+    }
+
+    /// Faults, circuit breaking, then tries with retries under the timeouts.
+    async fn send(
+        &self,
+        cfg: &NodeConfig,
+        req: Request<Body>,
+        b: &Backend,
+        decided: &mut Decided,
+        conn: &Conn,
+    ) -> Result<(Response<Body>, String), ProxyError> {
+        let policy: &ServicePolicy = &b.service.policy;
+        let grpc = is_grpc(req.headers());
+        if let Some((pct, d)) = policy.delay
+            && chance(pct)
+        {
+            tokio::time::sleep(d).await;
+        }
+        if let Some((pct, a)) = policy.abort
+            && chance(pct)
+        {
+            return Err(match a {
+                Abort::Http(status) => ProxyError::FaultAbort { status, grpc: None },
+                Abort::Grpc(code) => ProxyError::FaultAbort {
+                    status: 200,
+                    grpc: Some(code),
+                },
+            });
+        }
+        let _ = grpc;
+        // Circuit breaking: a request slot, else a place in the queue for one.
+        let slot = match acquire(&b.state.requests, policy.breaker.max_requests) {
+            Some(s) => s,
+            None => {
+                let Some(_queued) = acquire(
+                    &b.state.pending,
+                    Some(policy.breaker.max_pending.unwrap_or(0)),
+                ) else {
+                    return Err(ProxyError::Overflow(
+                        "max requests and max pending requests",
+                    ));
+                };
+                loop {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    if let Some(s) = acquire(&b.state.requests, policy.breaker.max_requests) {
+                        break s;
+                    }
+                }
+            }
+        };
+        let request_timeout = decided.request_timeout.or(policy.request_timeout);
+        let tries = self.tries(cfg, req, b, decided, conn);
+        let result = match request_timeout {
+            Some(t) => tokio::time::timeout(t, tries)
+                .await
+                .unwrap_or(Err(ProxyError::Timeout)),
+            None => tries.await,
+        };
+        drop(slot);
+        result
+    }
+
+    async fn tries(
+        &self,
+        cfg: &NodeConfig,
+        req: Request<Body>,
+        b: &Backend,
+        decided: &Decided,
+        conn: &Conn,
+    ) -> Result<(Response<Body>, String), ProxyError> {
+        let policy = &b.service.policy;
+        let now = Instant::now();
+        let eps = b.state.balancer.endpoints(&b.service.endpoints, now);
+        if eps.is_empty() {
+            return Err(ProxyError::NoEndpoints(b.service.name.clone()));
+        }
+        let retry = policy.retry.as_ref();
+        if let Some(r) = retry {
+            b.state
+                .budget
+                .lock()
+                .expect("budget lock")
+                .deposit(r.budget_percent, now);
+        }
+        let per_try = decided
+            .per_try_timeout
+            .or(retry.and_then(|r| r.per_try_timeout));
+        let hash_key = match &policy.lb {
+            super::policy::Lb::Hash(h) => req.headers().get(h).map(|v| v.as_bytes().to_vec()),
+            _ => None,
+        };
+        let (parts, body) = req.into_parts();
+        let keep = retry.is_some() || decided.mirror.is_some();
+        let (mut body, replay) = if keep {
+            let (rec, replay) = Recording::new(body);
+            (Some(boxed(rec)), Some(replay))
+        } else {
+            (Some(body), None)
+        };
+        let mut tried: Vec<String> = Vec::new();
+        let mut attempt = 0u32;
+        loop {
+            let Some(ep) = b.state.balancer.pick(
+                &eps,
+                &policy.lb,
+                hash_key.as_deref(),
+                &tried,
+                Instant::now(),
+                rand::random,
+            ) else {
+                return Err(ProxyError::NoEndpoints(b.service.name.clone()));
+            };
+            let this_body = match body.take() {
+                Some(bd) => bd,
+                None => match replay.as_ref().and_then(Replay::body) {
+                    Some(bd) => bd,
+                    None => unreachable!("retries only happen with a replayable body"),
+                },
+            };
+            let mut req = Request::new(this_body);
+            *req.method_mut() = parts.method.clone();
+            *req.uri_mut() = parts.uri.clone();
+            *req.headers_mut() = parts.headers.clone();
+            let in_flight = ep.start();
+            let t0 = Instant::now();
+            let sent = self.send_to(cfg, &ep.key, b.target_port, b.proto, req, conn);
+            let result = match per_try {
+                Some(t) => tokio::time::timeout(t, sent)
+                    .await
+                    .unwrap_or(Err(ProxyError::Timeout)),
+                None => sent.await,
+            };
+            drop(in_flight);
+            let outcome = match &result {
+                Ok((r, _)) => {
+                    Outcome::Response(r.status().as_u16(), inbound::grpc_status(r).parse().ok())
+                }
+                Err(ProxyError::Connect(_)) => Outcome::ConnectFailure,
+                Err(ProxyError::Timeout) => Outcome::Timeout,
+                Err(_) => Outcome::Reset,
+            };
+            let now = Instant::now();
+            if matches!(outcome, Outcome::Response(..)) {
+                ep.observe(now - t0, now);
+            }
+            // Answers the proxies made themselves (denied, rate limited) say nothing about the
+            // endpoint's health.
+            let proxy_answer = result
+                .as_ref()
+                .is_ok_and(|(r, _)| matches!(inbound::flag(r), "RBAC" | "RL"));
+            if !proxy_answer
+                && b.state.balancer.record(
+                    &eps,
+                    &ep,
+                    outcome.is_failure(),
+                    policy.outlier.as_ref(),
+                    now,
+                )
+            {
+                info!(service = %b.service.name, endpoint = %ep.key, "endpoint ejected after consecutive failures");
+            }
+            let again = retry.is_some_and(|r| {
+                attempt < r.attempts
+                    && !proxy_answer
+                    && r.on.retryable(outcome)
+                    && replay.as_ref().and_then(Replay::body).is_some()
+                    && b.state.budget.lock().expect("budget lock").withdraw(now)
+            });
+            if !again {
+                if let (Some((svc, port, pct)), Some(replay)) = (&decided.mirror, &replay) {
+                    self.mirror(cfg, svc, *port, *pct, &parts, replay, conn);
+                }
+                return result;
+            }
+            let r = retry.expect("checked above");
+            attempt += 1;
+            tried.push(ep.key.clone());
+            debug!(service = %b.service.name, endpoint = %ep.key, ?outcome, attempt, "retrying");
+            tokio::time::sleep(backoff(r.base, r.max, attempt - 1, rand::random())).await;
+        }
+    }
+
+    /// Sends a copy of the request to the mirror backend; its answer is dropped.
+    #[allow(clippy::too_many_arguments)]
+    fn mirror(
+        &self,
+        cfg: &NodeConfig,
+        service: &str,
+        port: u16,
+        percent: u32,
+        parts: &http::request::Parts,
+        replay: &Replay,
+        conn: &Conn,
+    ) {
+        if !chance(f64::from(percent)) {
+            return;
+        }
+        let (Some(body), Ok(b)) = (replay.body(), self.backend(cfg, service, port, conn)) else {
+            return;
+        };
+        let Some(ep) = b.state.balancer.pick(
+            &b.state
+                .balancer
+                .endpoints(&b.service.endpoints, Instant::now()),
+            &b.service.policy.lb,
+            None,
+            &[],
+            Instant::now(),
+            rand::random,
+        ) else {
+            return;
+        };
+        let mut req = Request::new(body);
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = parts.uri.clone();
+        *req.headers_mut() = parts.headers.clone();
+        let cfg = self.config.borrow().clone();
+        let conn = conn.clone();
+        let this = self.clone();
+        tokio::spawn(async move {
+            let r = this
+                .send_to(&cfg, &ep.key, b.target_port, b.proto, req, &conn)
+                .await;
+            debug!(service = %b.service.name, ok = r.is_ok(), "mirrored");
+        });
+    }
+
+    /// One try to one endpoint (`namespace/name`): this node's inbound side, or another node's
+    /// over the tunnel. Returns the response and the endpoint.
+    async fn send_to(
+        &self,
+        cfg: &NodeConfig,
+        pod: &str,
+        port: u16,
+        proto: UpstreamProtocol,
+        req: Request<Body>,
+        conn: &Conn,
+    ) -> Result<(Response<Body>, String), ProxyError> {
+        let (ns, name) = pod
+            .split_once('/')
+            .ok_or_else(|| ProxyError::Connect(format!("bad endpoint {pod:?}")))?;
+        let w = cfg
+            .placement
+            .pod(ns, name)
+            .ok_or_else(|| ProxyError::Connect(format!("{pod} is not in the placement")))?;
+        let ip = w
+            .ips
+            .iter()
+            .find(|ip| ip.is_ipv4() == conn.dst.is_ipv4())
+            .or(w.ips.first())
+            .copied()
+            .ok_or_else(|| ProxyError::Connect(format!("{pod} has no address")))?;
+        let target = SocketAddr::new(ip, port);
+        if w.node == self.node {
+            let caller = Caller {
+                identity: conn.identity.clone(),
+                ip: conn.peer.ip(),
+            };
+            let resp = self
+                .inbound
+                .handle(req, &caller, (ns, name), target, proto)
+                .await;
+            return Ok((resp, pod.to_string()));
+        }
+        let src = conn
+            .identity
+            .as_ref()
+            .ok_or_else(|| ProxyError::Denied("the client pod has no mesh identity".into()))?;
+        let node = cfg
+            .placement
+            .tunnel_addr(&w.node, ip)
+            .ok_or_else(|| ProxyError::Connect(format!("node {} has no tunnel address", w.node)))?;
+        let resp = upstream::via_tunnel(
+            &self.tunnels,
+            TunnelTarget {
+                src,
+                node,
+                dst: &w.identity,
+                target,
+                client: conn.peer,
+            },
+            proto,
+            req,
+        )
+        .await?;
+        Ok((resp, pod.to_string()))
+    }
+}
+
+/// Applies a rule's filters to the request; a redirect answers at once.
+fn apply_filters(
+    req: &mut Request<Body>,
+    fs: &[HTTPRouteFilter],
+    prefix: Option<&str>,
+    route_ns: &str,
+    decided: &mut Decided,
+) -> Option<Response<Body>> {
+    for f in fs {
+        match f.type_.as_str() {
+            "RequestRedirect" => {
+                let r = f.request_redirect.clone().unwrap_or_default();
+                let host = upstream::authority(req).unwrap_or_default();
+                let host = host.rsplit_once(':').map_or(host.as_str(), |(h, _)| h);
+                let (status, location) = filters::redirect(req.uri(), host, &r, prefix);
+                let mut resp = Response::new(super::body::empty());
+                *resp.status_mut() = status;
+                if let Ok(v) = HeaderValue::from_str(&location) {
+                    resp.headers_mut().insert(header::LOCATION, v);
+                }
+                return Some(resp);
+            }
+            "RequestHeaderModifier" => {
+                if let Some(m) = &f.request_header_modifier {
+                    filters::modify_headers(req.headers_mut(), m);
+                }
+            }
+            "ResponseHeaderModifier" => {
+                if let Some(m) = &f.response_header_modifier {
+                    decided.response_headers.push(m.clone());
+                }
+            }
+            "URLRewrite" => {
+                if let Some(rw) = &f.url_rewrite {
+                    let (uri, host) = filters::rewrite(req.uri(), rw, prefix);
+                    *req.uri_mut() = uri;
+                    if let Some(h) = host {
+                        set_host(req, &h);
+                    }
+                }
+            }
+            "RequestMirror" => {
+                if let Some(m) = &f.request_mirror {
+                    let ns = m.backend_ref.namespace.as_deref().unwrap_or(route_ns);
+                    decided.mirror = Some((
+                        format!("{ns}/{}", m.backend_ref.name),
+                        m.backend_ref.port.unwrap_or(0),
+                        m.percent.unwrap_or(100),
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Replaces the request's host, wherever the request carries it (HTTP/2: the URI's authority).
+fn set_host(req: &mut Request<Body>, host: &str) {
+    if req.uri().authority().is_some() {
+        let mut parts = req.uri().clone().into_parts();
+        if let Ok(a) = host.parse() {
+            parts.authority = Some(a);
+        }
+        if let Ok(u) = http::Uri::from_parts(parts) {
+            *req.uri_mut() = u;
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(host) {
+        req.headers_mut().insert(header::HOST, v);
+    }
+}

@@ -1,0 +1,177 @@
+//! The one place proxy failures become responses: an HTTP status with a short reason, or, for a
+//! gRPC request, a trailers-only gRPC status. Each carries a response flag (Envoy's vocabulary)
+//! for access logs and metrics.
+use http::{HeaderValue, Response, StatusCode};
+
+use super::{
+    body::{Body, full},
+    policy::grpc_from_http,
+};
+
+/// The header naming what the proxy did, on responses it made itself.
+pub const FLAG_HEADER: &str = "x-nodemesh-flag";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route matches the request")]
+    NoRoute,
+    #[error("no healthy endpoint for {0}")]
+    NoEndpoints(String),
+    #[error("denied: {0}")]
+    Denied(String),
+    #[error("rate limited")]
+    RateLimited,
+    #[error("circuit breaker open ({0})")]
+    Overflow(&'static str),
+    #[error("fault injected")]
+    FaultAbort { status: u16, grpc: Option<u32> },
+    #[error("request timed out")]
+    Timeout,
+    #[error("upstream connect failed: {0}")]
+    Connect(String),
+    #[error("upstream reset: {0}")]
+    Reset(String),
+    #[error("destination is not an enrolled pod of this node")]
+    NotLocal,
+    #[error("bad request: {0}")]
+    BadRequest(String),
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::NoRoute => StatusCode::NOT_FOUND,
+            Self::Denied(_) | Self::NotLocal => StatusCode::FORBIDDEN,
+            Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Self::NoEndpoints(_) | Self::Overflow(_) | Self::Connect(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::FaultAbort { status, .. } => {
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+            }
+            Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::Reset(_) => StatusCode::BAD_GATEWAY,
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    pub fn grpc_status(&self) -> u32 {
+        match self {
+            Self::NoRoute => 12,
+            Self::Denied(_) | Self::NotLocal => 7,
+            Self::RateLimited => 8,
+            Self::Timeout => 4,
+            Self::FaultAbort {
+                grpc: Some(code), ..
+            } => *code,
+            Self::BadRequest(_) => 13,
+            Self::NoEndpoints(_) | Self::Overflow(_) | Self::Connect(_) | Self::Reset(_) => 14,
+            Self::FaultAbort { status, .. } => grpc_from_http(*status),
+        }
+    }
+
+    /// Envoy-style response flag.
+    pub fn flag(&self) -> &'static str {
+        match self {
+            Self::NoRoute => "NR",
+            Self::NoEndpoints(_) => "UH",
+            Self::Denied(_) | Self::NotLocal => "RBAC",
+            Self::RateLimited => "RL",
+            Self::Overflow(_) => "UO",
+            Self::FaultAbort { .. } => "FI",
+            Self::Timeout => "UT",
+            Self::Connect(_) => "UF",
+            Self::Reset(_) => "UR",
+            Self::BadRequest(_) => "DPE",
+        }
+    }
+}
+
+pub fn error_response(e: &ProxyError, grpc: bool) -> Response<Body> {
+    let reason = e.to_string();
+    let mut resp = if grpc {
+        // Trailers-only: the status travels in the headers of an HTTP 200.
+        let mut r = Response::new(full(""));
+        let h = r.headers_mut();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert("grpc-status", HeaderValue::from(e.grpc_status()));
+        if let Ok(v) = HeaderValue::from_str(&percent_encode(&reason)) {
+            h.insert("grpc-message", v);
+        }
+        r
+    } else {
+        let mut r = Response::new(full(format!("{reason}\n")));
+        *r.status_mut() = e.status();
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain"),
+        );
+        r
+    };
+    resp.headers_mut()
+        .insert(FLAG_HEADER, HeaderValue::from_static(e.flag()));
+    resp
+}
+
+/// grpc-message is percent-encoded (only what HTTP/2 header values cannot carry).
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if (0x20..0x7f).contains(&b) && b != b'%' {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_and_flags() {
+        let cases = [
+            (ProxyError::NoRoute, 404, 12, "NR"),
+            (ProxyError::Denied("x".into()), 403, 7, "RBAC"),
+            (ProxyError::RateLimited, 429, 8, "RL"),
+            (ProxyError::Overflow("max requests"), 503, 14, "UO"),
+            (ProxyError::Timeout, 504, 4, "UT"),
+            (ProxyError::Reset("x".into()), 502, 14, "UR"),
+            (
+                ProxyError::FaultAbort {
+                    status: 503,
+                    grpc: None,
+                },
+                503,
+                14,
+                "FI",
+            ),
+            (
+                ProxyError::FaultAbort {
+                    status: 500,
+                    grpc: Some(10),
+                },
+                500,
+                10,
+                "FI",
+            ),
+        ];
+        for (e, status, grpc, flag) in cases {
+            assert_eq!(e.status().as_u16(), status, "{e}");
+            assert_eq!(e.grpc_status(), grpc, "{e}");
+            assert_eq!(e.flag(), flag, "{e}");
+        }
+        let r = error_response(&ProxyError::RateLimited, true);
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["grpc-status"], "8");
+        assert_eq!(r.headers()["grpc-message"], "rate limited");
+        let r = error_response(&ProxyError::RateLimited, false);
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()[FLAG_HEADER], "RL");
+    }
+}

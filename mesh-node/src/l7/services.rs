@@ -1,0 +1,342 @@
+//! What L7 knows about Services: compiled once per configuration version (`Catalog`: ports and
+//! their protocols, endpoints, route tables per port, the traffic policy), and the state that
+//! outlives versions (`Runtime`: endpoint health and latency, breaker counters, retry budgets,
+//! rate limiters).
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering::Relaxed},
+    },
+    time::Instant,
+};
+
+use mesh_api::{
+    config::v1 as pb,
+    crd::TrafficPolicySpec,
+    gateway::{GRPCRouteSpec, HTTPRouteSpec, ParentRef},
+};
+
+use super::{
+    Protocol,
+    balance::Balancer,
+    policy::{Gcra, PolicyError, RateLimit, RetryBudget, ServicePolicy},
+};
+use crate::routes::{RouteError, Table};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("route {0}")]
+    Route(#[from] RouteError),
+    #[error("TrafficPolicy {name}: {source}")]
+    Policy {
+        name: String,
+        #[source]
+        source: PolicyError,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct Port {
+    pub port: u16,
+    pub target_port: u16,
+    /// `None`: detect.
+    pub protocol: Option<Protocol>,
+}
+
+#[derive(Debug)]
+pub struct Service {
+    /// `namespace/name`.
+    pub name: String,
+    pub ports: Vec<Port>,
+    /// Ready pods, `namespace/name`.
+    pub endpoints: Vec<String>,
+    /// Route table per Service port (routes without a port apply to every port).
+    tables: HashMap<u16, Table>,
+    pub policy: Arc<ServicePolicy>,
+}
+
+impl Service {
+    pub fn port(&self, port: u16) -> Option<&Port> {
+        self.ports.iter().find(|p| p.port == port)
+    }
+
+    /// The routes for a Service port; `None` when none attach (the Service itself is the backend).
+    pub fn table(&self, port: u16) -> Option<&Table> {
+        self.tables.get(&port).filter(|t| !t.is_empty())
+    }
+}
+
+/// A route spec waiting to be put into the tables of the Service ports it attaches to.
+enum RouteSpec<'a> {
+    Http(&'a HTTPRouteSpec),
+    Grpc(&'a GRPCRouteSpec),
+}
+
+/// A route attached to a Service: (port or all, route namespace, route name, spec).
+type Attached<'a> = (Option<u16>, &'a str, &'a str, RouteSpec<'a>);
+
+/// The L7 view of one configuration version.
+#[derive(Debug, Default)]
+pub struct Catalog {
+    services: HashMap<String, Arc<Service>>,
+    /// A Service port by cluster IP and port.
+    vips: HashMap<SocketAddr, (Arc<Service>, u16)>,
+    /// Service ports targeting a pod port: `(pod key, target port)` -> protocol.
+    pod_ports: HashMap<(String, u16), Option<Protocol>>,
+}
+
+impl Catalog {
+    /// `policies` are `(kind, namespace, name, spec JSON)` already parsed by the node config.
+    pub fn compile(
+        services: &[pb::Service],
+        policies: &[(pb::Kind, &str, &str, &serde_json::Value)],
+    ) -> Result<Self, CatalogError> {
+        let mut routes: HashMap<String, Vec<Attached>> = HashMap::new();
+        let mut traffic: HashMap<String, ServicePolicy> = HashMap::new();
+        // Parsed specs must outlive the borrow in `routes`.
+        let mut http_specs = Vec::new();
+        let mut grpc_specs = Vec::new();
+        for (kind, ns, name, spec) in policies {
+            match kind {
+                pb::Kind::HttpRoute => {
+                    if let Ok(s) = serde_json::from_value::<HTTPRouteSpec>((*spec).clone()) {
+                        http_specs.push((*ns, *name, s));
+                    }
+                }
+                pb::Kind::GrpcRoute => {
+                    if let Ok(s) = serde_json::from_value::<GRPCRouteSpec>((*spec).clone()) {
+                        grpc_specs.push((*ns, *name, s));
+                    }
+                }
+                pb::Kind::TrafficPolicy => {
+                    if let Ok(s) = serde_json::from_value::<TrafficPolicySpec>((*spec).clone()) {
+                        let full = format!("{ns}/{name}");
+                        let p = ServicePolicy::compile(&full, &s).map_err(|source| {
+                            CatalogError::Policy {
+                                name: full.clone(),
+                                source,
+                            }
+                        })?;
+                        traffic.insert(format!("{ns}/{}", s.target_ref.name), p);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let attach = |parents: &[ParentRef], ns: &str| -> Vec<(String, Option<u16>)> {
+            parents
+                .iter()
+                .filter(|p| p.kind.as_deref().unwrap_or("Service") == "Service")
+                .map(|p| {
+                    (
+                        format!("{}/{}", p.namespace.as_deref().unwrap_or(ns), p.name),
+                        p.port,
+                    )
+                })
+                .collect()
+        };
+        for (ns, name, s) in &http_specs {
+            for (svc, port) in attach(&s.parent_refs, ns) {
+                routes
+                    .entry(svc)
+                    .or_default()
+                    .push((port, ns, name, RouteSpec::Http(s)));
+            }
+        }
+        for (ns, name, s) in &grpc_specs {
+            for (svc, port) in attach(&s.parent_refs, ns) {
+                routes
+                    .entry(svc)
+                    .or_default()
+                    .push((port, ns, name, RouteSpec::Grpc(s)));
+            }
+        }
+
+        let mut catalog = Catalog::default();
+        for s in services {
+            let name = format!("{}/{}", s.namespace, s.name);
+            let ports: Vec<Port> = s
+                .ports
+                .iter()
+                .filter_map(|p| {
+                    Some(Port {
+                        port: u16::try_from(p.port).ok()?,
+                        target_port: u16::try_from(p.target_port).ok()?,
+                        protocol: Protocol::declared(&p.protocol),
+                    })
+                })
+                .collect();
+            let mut tables = HashMap::new();
+            for p in &ports {
+                let mut t = Table::default();
+                for (port, ns, rname, spec) in routes.get(&name).into_iter().flatten() {
+                    if port.is_some_and(|x| x != p.port) {
+                        continue;
+                    }
+                    match spec {
+                        RouteSpec::Http(h) => t.add_http(ns, rname, h)?,
+                        RouteSpec::Grpc(g) => t.add_grpc(ns, rname, g)?,
+                    }
+                }
+                tables.insert(p.port, t);
+            }
+            let svc = Arc::new(Service {
+                endpoints: s.endpoints.clone(),
+                policy: Arc::new(traffic.remove(&name).unwrap_or_default()),
+                ports: ports.clone(),
+                tables,
+                name: name.clone(),
+            });
+            for ip in &s.cluster_ips {
+                if let Ok(ip) = ip.parse() {
+                    for p in &ports {
+                        catalog
+                            .vips
+                            .insert(SocketAddr::new(ip, p.port), (svc.clone(), p.port));
+                    }
+                }
+            }
+            for e in &s.endpoints {
+                for p in &ports {
+                    let slot = catalog
+                        .pod_ports
+                        .entry((e.clone(), p.target_port))
+                        .or_insert(p.protocol);
+                    // Services that disagree about a pod port: detect.
+                    if *slot != p.protocol {
+                        *slot = None;
+                    }
+                }
+            }
+            catalog.services.insert(name, svc);
+        }
+        Ok(catalog)
+    }
+
+    pub fn service(&self, name: &str) -> Option<&Arc<Service>> {
+        self.services.get(name)
+    }
+
+    pub fn vip(&self, addr: SocketAddr) -> Option<&(Arc<Service>, u16)> {
+        self.vips.get(&addr)
+    }
+
+    /// The declared protocol of a pod's port, from the Services that target it.
+    pub fn pod_protocol(&self, pod: &str, port: u16) -> Option<Protocol> {
+        self.pod_ports
+            .get(&(pod.to_string(), port))
+            .copied()
+            .flatten()
+    }
+
+    /// Services that have `pod` as an endpoint on `target_port`.
+    pub fn services_of(&self, pod: &str, target_port: u16) -> impl Iterator<Item = &Arc<Service>> {
+        self.services.values().filter(move |s| {
+            s.endpoints.iter().any(|e| e == pod)
+                && s.ports.iter().any(|p| p.target_port == target_port)
+        })
+    }
+}
+
+/// Per-Service state kept across configuration versions.
+#[derive(Debug)]
+pub struct ServiceState {
+    pub balancer: Balancer,
+    pub budget: Mutex<RetryBudget>,
+    pub requests: AtomicU32,
+    pub pending: AtomicU32,
+    pub connections: AtomicU32,
+    /// GCRA state per source identity (`""`: the whole destination).
+    limiters: Mutex<HashMap<String, Gcra>>,
+}
+
+/// Sources tracked per rate-limited destination before the oldest state is dropped.
+const MAX_LIMITER_KEYS: usize = 10_000;
+
+impl ServiceState {
+    fn new(now: Instant) -> Self {
+        Self {
+            balancer: Balancer::default(),
+            budget: Mutex::new(RetryBudget::new(now)),
+            requests: AtomicU32::new(0),
+            pending: AtomicU32::new(0),
+            connections: AtomicU32::new(0),
+            limiters: Mutex::default(),
+        }
+    }
+
+    /// GCRA for `key`: `Ok` to proceed.
+    pub fn rate_limit(&self, limit: &RateLimit, key: &str, epoch: Instant, now: Instant) -> bool {
+        let mut m = self.limiters.lock().expect("limiter lock");
+        if m.len() >= MAX_LIMITER_KEYS && !m.contains_key(key) {
+            // Bounded memory under many sources: forgetting state only ever lets a request
+            // through that a full table would also have judged on its own rate.
+            m.clear();
+        }
+        m.entry(key.to_string())
+            .or_default()
+            .check(limit, epoch, now)
+            .is_ok()
+    }
+}
+
+/// A counter slot held while a request or connection is in flight.
+pub struct Slot<'a>(&'a AtomicU32);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Takes a slot of `counter` if fewer than `max` are taken.
+pub fn acquire(counter: &AtomicU32, max: Option<u32>) -> Option<Slot<'_>> {
+    let n = counter.fetch_add(1, Relaxed);
+    if max.is_some_and(|m| n >= m) {
+        counter.fetch_sub(1, Relaxed);
+        return None;
+    }
+    Some(Slot(counter))
+}
+
+#[derive(Debug)]
+pub struct Runtime {
+    services: Mutex<HashMap<String, Arc<ServiceState>>>,
+    pub epoch: Instant,
+}
+
+impl Default for Runtime {
+    fn default() -> Self {
+        Self {
+            services: Mutex::default(),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl Runtime {
+    pub fn service(&self, name: &str) -> Arc<ServiceState> {
+        self.services
+            .lock()
+            .expect("runtime lock")
+            .entry(name.to_string())
+            .or_insert_with(|| Arc::new(ServiceState::new(Instant::now())))
+            .clone()
+    }
+
+    /// Endpoint health by Service, for `/debug`.
+    pub fn views(&self) -> Vec<(String, Vec<super::balance::EndpointView>)> {
+        let now = Instant::now();
+        let mut v: Vec<_> = self
+            .services
+            .lock()
+            .expect("runtime lock")
+            .iter()
+            .map(|(k, s)| (k.clone(), s.balancer.views(now)))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+}

@@ -1,0 +1,169 @@
+//! Request figures by bounded labels: each label has a budget of distinct values; values beyond it
+//! are reported as `overflow`, so a misbehaving client cannot blow up the time series.
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Mutex,
+    time::Duration,
+};
+
+use serde::Serialize;
+
+/// Upper bounds of the request duration histogram, in seconds.
+pub const DURATION_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+pub const OVERFLOW: &str = "overflow";
+
+/// Labels of one request series.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct RequestLabels {
+    /// `source` (the caller's node proxy) or `destination` (the callee's).
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_namespace: String,
+    pub source_principal: String,
+    pub destination_service: String,
+    pub destination_workload: String,
+    pub destination_namespace: String,
+    pub response_code: u16,
+    /// The gRPC status in the response headers, or empty.
+    pub grpc_status: String,
+    /// Envoy-style flag of what the proxy did (`-` when nothing).
+    pub response_flags: &'static str,
+    /// `mutual_tls` or `plaintext`.
+    pub connection_security: &'static str,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RequestFigures {
+    pub count: u64,
+    pub duration_sum_seconds: f64,
+    /// Cumulative counts per `DURATION_BUCKETS` bound.
+    pub duration_buckets: [u64; DURATION_BUCKETS.len()],
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+}
+
+#[derive(Debug)]
+pub struct L7Stats {
+    budget: usize,
+    seen: Mutex<HashMap<&'static str, HashSet<String>>>,
+    series: Mutex<HashMap<RequestLabels, RequestFigures>>,
+}
+
+impl L7Stats {
+    pub fn new(label_budget: usize) -> Self {
+        Self {
+            budget: label_budget,
+            seen: Mutex::default(),
+            series: Mutex::default(),
+        }
+    }
+
+    /// `value`, or `overflow` when the label has used its budget on other values.
+    fn bounded(&self, label: &'static str, value: String) -> String {
+        let mut seen = self.seen.lock().expect("labels lock");
+        let set = seen.entry(label).or_default();
+        if set.contains(&value) || set.len() < self.budget {
+            set.insert(value.clone());
+            value
+        } else {
+            OVERFLOW.to_string()
+        }
+    }
+
+    fn bound(&self, mut l: RequestLabels) -> RequestLabels {
+        l.source_workload = self.bounded("source_workload", l.source_workload);
+        l.source_namespace = self.bounded("source_namespace", l.source_namespace);
+        l.source_principal = self.bounded("source_principal", l.source_principal);
+        l.destination_service = self.bounded("destination_service", l.destination_service);
+        l.destination_workload = self.bounded("destination_workload", l.destination_workload);
+        l.destination_namespace = self.bounded("destination_namespace", l.destination_namespace);
+        l.grpc_status = self.bounded("grpc_status", l.grpc_status);
+        l
+    }
+
+    /// A request answered (headers sent) after `took`.
+    pub fn record(
+        &self,
+        labels: RequestLabels,
+        took: Duration,
+        request_bytes: u64,
+    ) -> RequestLabels {
+        let labels = self.bound(labels);
+        let secs = took.as_secs_f64();
+        let mut series = self.series.lock().expect("series lock");
+        let f = series.entry(labels.clone()).or_default();
+        f.count += 1;
+        f.duration_sum_seconds += secs;
+        for (i, b) in DURATION_BUCKETS.iter().enumerate() {
+            if secs <= *b {
+                f.duration_buckets[i] += 1;
+            }
+        }
+        f.request_bytes += request_bytes;
+        labels
+    }
+
+    /// Response bytes of a request recorded with `labels` (counted as the body finishes).
+    pub fn response_bytes(&self, labels: &RequestLabels, n: u64) {
+        if let Some(f) = self.series.lock().expect("series lock").get_mut(labels) {
+            f.response_bytes += n;
+        }
+    }
+
+    pub fn snapshot(&self) -> Vec<(RequestLabels, RequestFigures)> {
+        let mut v: Vec<_> = self
+            .series
+            .lock()
+            .expect("series lock")
+            .iter()
+            .map(|(l, f)| (l.clone(), f.clone()))
+            .collect();
+        v.sort_by(|a, b| format!("{:?}", a.0).cmp(&format!("{:?}", b.0)));
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(src: &str) -> RequestLabels {
+        RequestLabels {
+            reporter: "source",
+            source_workload: src.into(),
+            source_namespace: "ns".into(),
+            source_principal: String::new(),
+            destination_service: "ns/web".into(),
+            destination_workload: "web-0".into(),
+            destination_namespace: "ns".into(),
+            response_code: 200,
+            grpc_status: String::new(),
+            response_flags: "-",
+            connection_security: "mutual_tls",
+        }
+    }
+
+    #[test]
+    fn labels_beyond_the_budget_overflow() {
+        let s = L7Stats::new(2);
+        for w in ["a", "b", "c", "d", "a"] {
+            s.record(labels(w), Duration::from_millis(3), 10);
+        }
+        let snap = s.snapshot();
+        let by: HashMap<String, u64> = snap
+            .iter()
+            .map(|(l, f)| (l.source_workload.clone(), f.count))
+            .collect();
+        assert_eq!(by["a"], 2);
+        assert_eq!(by["b"], 1);
+        assert_eq!(by[OVERFLOW], 2);
+        assert_eq!(by.len(), 3);
+        let (_, f) = snap.iter().find(|(l, _)| l.source_workload == "a").unwrap();
+        // 3 ms: in every bucket from 5 ms up.
+        assert_eq!(f.duration_buckets[2], 0);
+        assert_eq!(f.duration_buckets[3], 2);
+    }
+}

@@ -1,0 +1,340 @@
+//! Where requests leave the proxy: to a pod of this node (HTTP/1.1 connections pooled per pod, or
+//! one multiplexed HTTP/2 connection), or to another node's proxy as an HTTP/2 stream on the
+//! pooled mTLS tunnel connection.
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, Mutex, Weak},
+    task::{Context, Poll, ready},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, Uri, header};
+use http_body::{Body as _, Frame};
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use mesh_api::identity::SpiffeId;
+use tracing::debug;
+
+use super::{
+    FORWARDED_HEADER, TARGET_HEADER, UPSTREAM_PROTOCOL_HEADER, UpstreamProtocol,
+    body::{Body, BoxError, RecvBody, boxed, send_body},
+    respond::ProxyError,
+};
+use crate::{
+    hbone::Tunnels,
+    outbound::{ProxySource, connect_from},
+};
+
+/// HTTP/1.1 connections kept idle per pod.
+const MAX_IDLE_H1: usize = 64;
+
+/// Removes hop-by-hop headers (RFC 9110 7.6.1): they describe one connection, not the message,
+/// and HTTP/2 forbids them.
+pub fn strip_hop_headers(h: &mut HeaderMap) {
+    let listed: Vec<String> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .collect();
+    for name in listed {
+        h.remove(name.as_str());
+    }
+    for name in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        h.remove(name);
+    }
+    if h.get(header::TE).is_some_and(|v| v != "trailers") {
+        h.remove(header::TE);
+    }
+}
+
+/// The authority a request names: its URI's, else its Host header.
+pub fn authority(req: &Request<Body>) -> Option<String> {
+    req.uri().authority().map(|a| a.to_string()).or_else(|| {
+        req.headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string)
+    })
+}
+
+/// `http://authority/path?query`, for HTTP/2 (which needs scheme and authority).
+fn absolute(uri: &Uri, authority: &str) -> Result<Uri, ProxyError> {
+    let pq = uri.path_and_query().map_or("/", |p| p.as_str());
+    format!("http://{authority}{pq}")
+        .parse()
+        .map_err(|e| ProxyError::BadRequest(format!("request target: {e}")))
+}
+
+/// Requests to pods of this node.
+pub struct PodClient {
+    pub source: ProxySource,
+    pub connect_timeout: Duration,
+    h1: Mutex<HashMap<SocketAddr, Vec<http1::SendRequest<Body>>>>,
+    h2: Mutex<HashMap<SocketAddr, http2::SendRequest<Body>>>,
+}
+
+impl PodClient {
+    pub fn new(source: ProxySource, connect_timeout: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            source,
+            connect_timeout,
+            h1: Mutex::default(),
+            h2: Mutex::default(),
+        })
+    }
+
+    async fn connect(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<TokioIo<tokio::net::TcpStream>, ProxyError> {
+        let tcp = tokio::time::timeout(
+            self.connect_timeout,
+            connect_from(self.source.for_dst(addr), addr),
+        )
+        .await
+        .map_err(|_| ProxyError::Connect(format!("{addr}: timed out")))?
+        .map_err(|e| ProxyError::Connect(format!("{addr}: {e}")))?;
+        let _ = tcp.set_nodelay(true);
+        Ok(TokioIo::new(tcp))
+    }
+
+    pub async fn send(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        proto: UpstreamProtocol,
+        mut req: Request<Body>,
+    ) -> Result<Response<Body>, ProxyError> {
+        let auth = authority(&req).unwrap_or_else(|| addr.to_string());
+        strip_hop_headers(req.headers_mut());
+        match proto {
+            UpstreamProtocol::H2 => {
+                *req.uri_mut() = absolute(req.uri(), &auth)?;
+                req.headers_mut().remove(header::HOST);
+                *req.version_mut() = http::Version::HTTP_2;
+                let mut send = self.h2_sender(addr).await?;
+                let resp = send.send_request(req).await.map_err(upstream_error)?;
+                Ok(resp.map(boxed))
+            }
+            UpstreamProtocol::H1 => {
+                let pq = req
+                    .uri()
+                    .path_and_query()
+                    .map_or("/", |p| p.as_str())
+                    .to_string();
+                *req.uri_mut() = pq
+                    .parse()
+                    .map_err(|e| ProxyError::BadRequest(format!("request target: {e}")))?;
+                if let Ok(v) = HeaderValue::from_str(&auth) {
+                    req.headers_mut().insert(header::HOST, v);
+                }
+                *req.version_mut() = http::Version::HTTP_11;
+                let mut send = self.h1_sender(addr).await?;
+                let resp = send.send_request(req).await.map_err(upstream_error)?;
+                let pool = Arc::downgrade(self);
+                Ok(resp.map(|b| {
+                    boxed(ReturnToPool {
+                        inner: b,
+                        sender: Some(send),
+                        pool,
+                        addr,
+                    })
+                }))
+            }
+        }
+    }
+
+    async fn h1_sender(&self, addr: SocketAddr) -> Result<http1::SendRequest<Body>, ProxyError> {
+        loop {
+            let idle = self
+                .h1
+                .lock()
+                .expect("pool lock")
+                .get_mut(&addr)
+                .and_then(Vec::pop);
+            let Some(mut s) = idle else { break };
+            if s.is_closed() {
+                continue;
+            }
+            if s.ready().await.is_ok() {
+                return Ok(s);
+            }
+        }
+        let io = self.connect(addr).await?;
+        let (send, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|e| ProxyError::Connect(format!("{addr}: {e}")))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                debug!(%addr, error = %e, "pod connection ended");
+            }
+        });
+        Ok(send)
+    }
+
+    async fn h2_sender(&self, addr: SocketAddr) -> Result<http2::SendRequest<Body>, ProxyError> {
+        let pooled = self.h2.lock().expect("pool lock").get(&addr).cloned();
+        if let Some(mut s) = pooled
+            && !s.is_closed()
+            && s.ready().await.is_ok()
+        {
+            return Ok(s);
+        }
+        let io = self.connect(addr).await?;
+        let (send, conn) = http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(4 << 20)
+            .initial_connection_window_size(16 << 20)
+            .handshake(io)
+            .await
+            .map_err(|e| ProxyError::Connect(format!("{addr}: {e}")))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(%addr, error = %e, "pod connection ended");
+            }
+        });
+        self.h2
+            .lock()
+            .expect("pool lock")
+            .insert(addr, send.clone());
+        Ok(send)
+    }
+
+    fn give_back(&self, addr: SocketAddr, s: http1::SendRequest<Body>) {
+        let mut pool = self.h1.lock().expect("pool lock");
+        let idle = pool.entry(addr).or_default();
+        if idle.len() < MAX_IDLE_H1 {
+            idle.push(s);
+        }
+    }
+}
+
+fn upstream_error(e: hyper::Error) -> ProxyError {
+    ProxyError::Reset(e.to_string())
+}
+
+/// An HTTP/1.1 response body that puts its connection back in the pool once read to the end.
+struct ReturnToPool {
+    inner: hyper::body::Incoming,
+    sender: Option<http1::SendRequest<Body>>,
+    pool: Weak<PodClient>,
+    addr: SocketAddr,
+}
+
+impl http_body::Body for ReturnToPool {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        if (frame.is_none() || self.inner.is_end_stream())
+            && let (Some(s), Some(pool)) = (self.sender.take(), self.pool.upgrade())
+        {
+            pool.give_back(self.addr, s);
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Where a request crosses to another node.
+pub struct TunnelTarget<'a> {
+    pub src: &'a SpiffeId,
+    pub node: SocketAddr,
+    pub dst: &'a SpiffeId,
+    /// The destination pod.
+    pub target: SocketAddr,
+    pub client: SocketAddr,
+}
+
+/// Sends `req` as its own stream on the pooled tunnel connection. The request body streams
+/// concurrently with the response (gRPC bidirectional streaming works).
+pub async fn via_tunnel(
+    tunnels: &Tunnels,
+    t: TunnelTarget<'_>,
+    proto: UpstreamProtocol,
+    mut req: Request<Body>,
+) -> Result<Response<Body>, ProxyError> {
+    let auth = authority(&req).unwrap_or_else(|| t.target.to_string());
+    strip_hop_headers(req.headers_mut());
+    let (mut parts, body) = req.into_parts();
+    parts.uri = absolute(&parts.uri, &auth)?;
+    parts.version = http::Version::HTTP_2;
+    parts.headers.remove(header::HOST);
+    let h = &mut parts.headers;
+    h.insert(
+        TARGET_HEADER,
+        HeaderValue::from_str(&t.target.to_string()).expect("an address is a header value"),
+    );
+    h.insert(
+        UPSTREAM_PROTOCOL_HEADER,
+        HeaderValue::from_static(proto.as_str()),
+    );
+    h.insert(
+        FORWARDED_HEADER,
+        HeaderValue::from_str(&format!("for=\"{}\"", t.client))
+            .expect("an address is a header value"),
+    );
+    let send = tunnels
+        .sender(t.src, t.node, t.dst)
+        .await
+        .map_err(|e| ProxyError::Connect(mesh_api::placement::error_chain(&e)))?;
+    let mut send = send
+        .ready()
+        .await
+        .map_err(|e| ProxyError::Connect(e.to_string()))?;
+    let end = body.is_end_stream();
+    let (resp, mut stream) = send
+        .send_request(Request::from_parts(parts, ()), end)
+        .map_err(|e| ProxyError::Connect(e.to_string()))?;
+    if !end {
+        tokio::spawn(async move {
+            if let Err(e) = send_body(body, &mut stream).await {
+                debug!(error = %e, "request body to the tunnel ended");
+            }
+        });
+    }
+    let resp = resp.await.map_err(h2_error)?;
+    Ok(resp.map(|r| boxed(RecvBody::new(r))))
+}
+
+fn h2_error(e: h2::Error) -> ProxyError {
+    ProxyError::Reset(e.to_string())
+}
+
+/// Answers an HTTP/2 stream (the tunnel's inbound side) with `resp`.
+pub async fn respond_h2(
+    mut respond: h2::server::SendResponse<Bytes>,
+    resp: Response<Body>,
+) -> Result<(), BoxError> {
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_headers(&mut parts.headers);
+    parts.version = http::Version::HTTP_2;
+    let end = body.is_end_stream();
+    let mut send = respond.send_response(Response::from_parts(parts, ()), end)?;
+    if !end {
+        send_body(body, &mut send).await?;
+    }
+    Ok(())
+}

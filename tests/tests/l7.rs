@@ -1,0 +1,444 @@
+//! The HTTP path end to end: real node proxies on the real kernel, real HTTP/1.1 and HTTP/2
+//! clients (curl, h2load, hyper) in pods, routes and policies from the controller's config.
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+
+use mesh_tests::{Cluster, ClusterBuilder, Pod, PodProcess, n};
+use serde_json::{Value, json};
+
+const PORT: u16 = 8080;
+const WEB: &str = "10.96.0.20:80";
+
+/// Two nodes, two pods each. `client` is pod 0 of node 0; `v1` runs on node 1 pod 0 and on node 0
+/// pod 1 (a local endpoint); `v2` runs on node 1 pod 1. Services `web` (both versions),
+/// `web-v1`, `web-v2`, all HTTP.
+struct Shop {
+    cluster: Cluster,
+    client: Pod,
+    _servers: Vec<PodProcess>,
+}
+
+fn services(ns: &str) -> String {
+    let svc = |name: &str, ip: &str, selector: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  clusterIP: {ip}\n  selector: {selector}\n  ports: [{{name: http, port: 80, targetPort: {PORT}}}]\n---\n"
+        )
+    };
+    svc("web", "10.96.0.20", "{app: web}")
+        + &svc("web-v1", "10.96.0.21", "{version: v1}")
+        + &svc("web-v2", "10.96.0.22", "{version: v2}")
+}
+
+async fn shop(statuses: [Option<u16>; 3]) -> Shop {
+    let cluster = ClusterBuilder::new()
+        .nodes(2)
+        .pods_per_node(2)
+        .config_stream()
+        .start()
+        .await
+        .unwrap();
+    let client = cluster.pod(0, 0).clone();
+    let pods = [
+        (cluster.pod(1, 0).clone(), "v1"),
+        (cluster.pod(0, 1).clone(), "v1"),
+        (cluster.pod(1, 1).clone(), "v2"),
+    ];
+    let mut servers = Vec::new();
+    for ((p, version), status) in pods.iter().zip(statuses) {
+        let name = format!("{version}-{}", p.name);
+        let code = status.map(|s| s.to_string());
+        let extra: Vec<&str> = match &code {
+            Some(c) => vec!["--status", c],
+            None => vec![],
+        };
+        servers.push(p.serve_http_as(PORT, &name, &extra).await.unwrap());
+        cluster.enroll(p).await.unwrap();
+    }
+    cluster.enroll(&client).await.unwrap();
+    for version in ["v1", "v2"] {
+        let these: Vec<&Pod> = pods
+            .iter()
+            .filter(|(_, v)| *v == version)
+            .map(|(p, _)| p)
+            .collect();
+        cluster
+            .label_pods(&these, json!({"app": "web", "version": version}))
+            .await
+            .unwrap();
+    }
+    cluster
+        .change_config("services.yaml", Some(&services(&client.namespace)))
+        .await
+        .unwrap();
+    Shop {
+        cluster,
+        client,
+        _servers: servers,
+    }
+}
+
+impl Shop {
+    async fn apply(&self, file: &str, yaml: &str) {
+        self.cluster.change_config(file, Some(yaml)).await.unwrap();
+    }
+
+    /// `count` requests from the client over `conns` connections.
+    async fn get(&self, path: &str, count: usize, extra: &[&str]) -> Value {
+        let count = count.to_string();
+        let mut args = vec![
+            "get", "--to", WEB, "--path", path, "--count", &count, "--conns", "4",
+        ];
+        args.extend_from_slice(extra);
+        self.client.testpod(&args).await.unwrap()
+    }
+}
+
+fn count(v: &Value, group: &str, key: &str) -> u64 {
+    v[group][key].as_u64().unwrap_or(0)
+}
+
+/// Requests answered, by version prefix of the serving pod's name.
+fn by_version(v: &Value) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for (pod, n) in v["pods"].as_object().unwrap() {
+        let version = pod.split('-').next().unwrap_or("").to_string();
+        *out.entry(version).or_default() += n.as_u64().unwrap();
+    }
+    out
+}
+
+#[tokio::test]
+async fn routes_split_canaries_and_steer_by_header() {
+    let shop = shop([None, None, None]).await;
+    let ns = shop.client.namespace.clone();
+    // Without a route, the Service itself: both versions answer.
+    let r = shop.get("/", 200, &[]).await;
+    assert_eq!(count(&r, "statuses", "200"), 200, "{r}");
+    let versions = by_version(&r);
+    assert!(versions["v1"] > 0 && versions["v2"] > 0, "{r}");
+    // Per-request balancing: the two v1 pods both served over 4 keep-alive connections.
+    assert!(r["pods"].as_object().unwrap().len() == 3, "{r}");
+
+    shop.apply(
+        "route.yaml",
+        &format!(
+            r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: web, namespace: {ns}}}
+spec:
+  parentRefs: [{{kind: Service, name: web, port: 80}}]
+  rules:
+  - matches: [{{headers: [{{name: x-version, value: v2}}]}}]
+    backendRefs: [{{name: web-v2, port: 80}}]
+  - matches: [{{path: {{type: PathPrefix, value: /old}}}}]
+    filters: [{{type: RequestRedirect, requestRedirect: {{path: {{type: ReplacePrefixMatch, replacePrefixMatch: /new}}, statusCode: 301}}}}]
+  - matches: [{{path: {{type: PathPrefix, value: /api}}}}]
+    filters:
+    - {{type: URLRewrite, urlRewrite: {{path: {{type: ReplacePrefixMatch, replacePrefixMatch: /echo}}}}}}
+    - {{type: RequestHeaderModifier, requestHeaderModifier: {{set: [{{name: x-mesh-test, value: rewritten}}]}}}}
+    - {{type: ResponseHeaderModifier, responseHeaderModifier: {{add: [{{name: x-routed, value: api}}]}}}}
+    backendRefs: [{{name: web-v1, port: 80}}]
+  - matches: [{{path: {{type: PathPrefix, value: /}}}}]
+    backendRefs: [{{name: web-v1, port: 80, weight: 90}}, {{name: web-v2, port: 80, weight: 10}}]
+"#
+        ),
+    )
+    .await;
+
+    // Canary: 10,000 requests split 90/10 within 2 points.
+    let r = shop.get("/", 10_000, &[]).await;
+    assert_eq!(count(&r, "statuses", "200"), 10_000, "{r}");
+    let v = by_version(&r);
+    let v2 = v.get("v2").copied().unwrap_or(0) as f64 / 100.0;
+    eprintln!("canary share: {v2:.2}% of 10000 ({v:?})");
+    assert!(
+        (8.0..=12.0).contains(&v2),
+        "v2 got {v2}% (want 10 +-2): {r}"
+    );
+
+    // Header A/B: always v2.
+    let r = shop.get("/", 100, &["--header", "x-version: v2"]).await;
+    assert_eq!(by_version(&r).get("v2"), Some(&100), "{r}");
+
+    // Redirect, answered by the proxy.
+    let c = shop
+        .client
+        .curl(&[
+            "-H",
+            "host: web.shop",
+            &format!("http://{WEB}/old/page?q=1"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(c.status, 301, "{c:?}");
+    assert_eq!(
+        c.header("location"),
+        "http://web.shop/new/page?q=1",
+        "{c:?}"
+    );
+
+    // Rewrite, request and response header modifiers; the app sees the rewritten request.
+    let c = shop
+        .client
+        .curl(&[&format!("http://{WEB}/api/items?x=1")])
+        .await
+        .unwrap();
+    assert_eq!(c.status, 200, "{c:?}");
+    assert_eq!(c.header("x-routed"), "api", "{c:?}");
+    let seen = c.json();
+    assert_eq!(seen["uri"], "/echo/items?x=1", "{c:?}");
+    assert_eq!(seen["headers"]["x-mesh-test"], "rewritten", "{c:?}");
+    // The Host the app sent (curl leaves out the default port) reaches the server unchanged.
+    assert_eq!(seen["headers"]["host"], "10.96.0.20", "{c:?}");
+    assert!(seen["pod"].as_str().unwrap().starts_with("v1"), "{c:?}");
+
+    // No route matches a path the table does not cover? `/` catches all here; a request to an
+    // unknown backend Service is 503 with a flag, never a hang.
+    let c = shop
+        .client
+        .curl(&["--http2-prior-knowledge", &format!("http://{WEB}/echo")])
+        .await
+        .unwrap();
+    assert_eq!(c.status, 200, "{c:?}");
+    assert!(c.headers.contains_key("x-pod"), "{c:?}");
+
+    // h2load: HTTP/2 multiplexed through the mesh, every request answered.
+    let out = shop
+        .client
+        .command("h2load")
+        .unwrap()
+        .args([
+            "-n",
+            "2000",
+            "-c",
+            "4",
+            "-m",
+            "10",
+            &format!("http://{WEB}/"),
+        ])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("2000 succeeded, 0 failed"),
+        "h2load: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("2000 2xx"), "h2load: {text}");
+
+    // The node proxy counted the HTTP connections.
+    let c = shop.cluster.nodes[0].counters().await.unwrap();
+    assert!(n(&c, &["proxy", "http_connections"]) > 0, "{c}");
+}
+
+#[tokio::test]
+async fn authorization_per_request_and_rate_limits() {
+    let shop = shop([None, None, None]).await;
+    let ns = shop.client.namespace.clone();
+    let client_id = format!("spiffe://cluster.local/ns/{ns}/sa/{}", shop.client.name);
+    shop.apply(
+        "authz.yaml",
+        &format!(
+            r#"apiVersion: nodemesh.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: web-read, namespace: {ns}}}
+spec:
+  selector: {{matchLabels: {{app: web}}}}
+  action: ALLOW
+  rules:
+  - from: [{{principals: ["{client_id}"]}}]
+    to: [{{methods: [GET], paths: ["/echo*", "/"]}}]
+"#
+        ),
+    )
+    .await;
+    // Allowed, on both nodes' endpoints (remote over the tunnel, local in-process).
+    let r = shop.get("/", 60, &[]).await;
+    assert_eq!(count(&r, "statuses", "200"), 60, "{r}");
+    // Denied per request: 403 with the reason, and the connection stays usable.
+    let r = shop.get("/echo", 30, &["--method", "POST"]).await;
+    assert_eq!(count(&r, "statuses", "403"), 30, "{r}");
+    assert_eq!(count(&r, "flags", "RBAC"), 30, "{r}");
+    assert!(r["last_body"].as_str().unwrap().contains("denied"), "{r}");
+    let c = shop
+        .client
+        .curl(&[&format!("http://{WEB}/admin")])
+        .await
+        .unwrap();
+    assert_eq!(c.status, 403, "{c:?}");
+    let denied: u64 = {
+        let mut total = 0;
+        for node in &shop.cluster.nodes {
+            total += n(&node.counters().await.unwrap(), &["l7", "denied"]);
+        }
+        total
+    };
+    assert_eq!(denied, 31);
+
+    // Rate limit per destination: 5/s with a burst of 5 on each web-v2 pod.
+    shop.apply(
+        "ratelimit.yaml",
+        &format!(
+            r#"apiVersion: nodemesh.io/v1alpha1
+kind: TrafficPolicy
+metadata: {{name: web-limit, namespace: {ns}}}
+spec:
+  targetRef: {{name: web-v2}}
+  rateLimit: {{requestsPerSecond: 5, burst: 5}}
+"#
+        ),
+    )
+    .await;
+    let r = shop
+        .client
+        .testpod(&[
+            "get",
+            "--to",
+            "10.96.0.22:80",
+            "--count",
+            "40",
+            "--conns",
+            "2",
+        ])
+        .await
+        .unwrap();
+    let ok = count(&r, "statuses", "200");
+    let limited = count(&r, "statuses", "429");
+    assert_eq!(ok + limited, 40, "{r}");
+    assert!((5..=10).contains(&ok), "{r}");
+    assert_eq!(count(&r, "flags", "RL"), limited, "{r}");
+}
+
+#[tokio::test]
+async fn timeouts_retries_and_outlier_ejection() {
+    // The local v1 endpoint is broken: it answers 503 to everything.
+    let shop = shop([None, Some(503), None]).await;
+    let ns = shop.client.namespace.clone();
+    // Without retries, some requests land on the broken endpoint.
+    let r = shop
+        .client
+        .testpod(&[
+            "get",
+            "--to",
+            "10.96.0.21:80",
+            "--count",
+            "100",
+            "--conns",
+            "4",
+        ])
+        .await
+        .unwrap();
+    assert!(count(&r, "statuses", "503") > 0, "{r}");
+
+    shop.apply(
+        "policy.yaml",
+        &format!(
+            r#"apiVersion: nodemesh.io/v1alpha1
+kind: TrafficPolicy
+metadata: {{name: web-v1, namespace: {ns}}}
+spec:
+  targetRef: {{name: web-v1}}
+  timeouts: {{request: 400ms}}
+  retries: {{attempts: 2, retryOn: ["503", "reset", "connect-failure"], backoff: {{baseInterval: 5ms, maxInterval: 20ms}}, budgetPercent: 50}}
+  outlierDetection: {{consecutiveFailures: 3, baseEjectionTime: 30s}}
+"#
+        ),
+    )
+    .await;
+    // Retries hide the broken endpoint, then ejection takes it out of rotation.
+    let r = shop
+        .client
+        .testpod(&[
+            "get",
+            "--to",
+            "10.96.0.21:80",
+            "--count",
+            "200",
+            "--conns",
+            "4",
+        ])
+        .await
+        .unwrap();
+    assert_eq!(count(&r, "statuses", "200"), 200, "{r}");
+    let health = shop.cluster.nodes[0]
+        .admin("GET", "/v1/l7", None)
+        .await
+        .unwrap()
+        .1;
+    let eps = &health["services"][&format!("{ns}/web-v1")];
+    let broken = format!("{ns}/{}", shop.cluster.pod(0, 1).name);
+    let ejected: Vec<&Value> = eps
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["ejected"] == true)
+        .collect();
+    assert_eq!(ejected.len(), 1, "{health}");
+    assert_eq!(ejected[0]["key"], broken.as_str(), "{health}");
+
+    // A slow answer hits the request timeout: 504 quickly, not a hang.
+    let t = std::time::Instant::now();
+    let c = shop
+        .client
+        .curl(&["http://10.96.0.21:80/delay/3000"])
+        .await
+        .unwrap();
+    assert_eq!(c.status, 504, "{c:?}");
+    assert_eq!(c.header("x-nodemesh-flag"), "UT", "{c:?}");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+
+    // A server that resets: retried, then 502.
+    let c = shop
+        .client
+        .curl(&["http://10.96.0.21:80/reset"])
+        .await
+        .unwrap();
+    assert_eq!(c.status, 502, "{c:?}");
+    assert_eq!(c.header("x-nodemesh-flag"), "UR", "{c:?}");
+
+    // Fault injection: half of web-v2's requests aborted with 418.
+    shop.apply(
+        "faults.yaml",
+        &format!(
+            r#"apiVersion: nodemesh.io/v1alpha1
+kind: TrafficPolicy
+metadata: {{name: web-v2, namespace: {ns}}}
+spec:
+  targetRef: {{name: web-v2}}
+  faults: {{abort: {{percent: 50, httpStatus: 418}}}}
+"#
+        ),
+    )
+    .await;
+    let r = shop
+        .client
+        .testpod(&[
+            "get",
+            "--to",
+            "10.96.0.22:80",
+            "--count",
+            "1000",
+            "--conns",
+            "4",
+        ])
+        .await
+        .unwrap();
+    let aborted = count(&r, "statuses", "418");
+    assert_eq!(aborted + count(&r, "statuses", "200"), 1000, "{r}");
+    assert!((400..=600).contains(&aborted), "{r}");
+    assert_eq!(count(&r, "flags", "FI"), aborted, "{r}");
+}
+
+/// Connections that are not HTTP still go through as opaque TCP on a port without a declared
+/// protocol (the echo server speaks first: detection gives up after its timeout).
+#[tokio::test]
+async fn opaque_tcp_still_works_beside_http() {
+    let shop = shop([None, None, None]).await;
+    let echo = shop.cluster.pod(1, 0).serve(9000, false).await.unwrap();
+    let to: SocketAddr = shop.cluster.pod(1, 0).addr(false, 9000);
+    let r = shop.client.client(to, 4, 4096).await.unwrap();
+    assert_eq!(r["ok"], 4, "{r}");
+    drop(echo);
+    let c = shop.cluster.nodes[0].counters().await.unwrap();
+    assert!(n(&c, &["proxy", "opaque"]) >= 4, "{c}");
+}
