@@ -956,7 +956,8 @@ impl Pod {
         })
     }
 
-    async fn server(&self, mode: &[&str], port: u16) -> anyhow::Result<PodProcess> {
+    /// Starts `mesh-testpod MODE...` listening on `port` (IPv4 and IPv6) and waits until it listens.
+    pub async fn server(&self, mode: &[&str], port: u16) -> anyhow::Result<PodProcess> {
         let mut cmd = self.command(find_bin("mesh-testpod")?)?;
         cmd.args(mode);
         cmd.args([

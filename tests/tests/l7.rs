@@ -442,3 +442,108 @@ async fn opaque_tcp_still_works_beside_http() {
     let c = shop.cluster.nodes[0].counters().await.unwrap();
     assert!(n(&c, &["proxy", "opaque"]) >= 4, "{c}");
 }
+
+/// gRPC through the mesh with tonic on both ends: GRPCRoute by method, statuses from the server
+/// and from the proxies (rate limited, denied) as gRPC codes, a bidirectional stream live end to
+/// end.
+#[tokio::test]
+async fn grpc_routes_statuses_and_streams() {
+    let shop = shop([None, None, None]).await;
+    let ns = shop.client.namespace.clone();
+    let mut grpc = Vec::new();
+    for (node, pod) in [(1, 0), (0, 1), (1, 1)] {
+        let p = shop.cluster.pod(node, pod);
+        grpc.push(
+            p.server(&["grpc", "--name", &format!("g-{}", p.name)], 9090)
+                .await
+                .unwrap(),
+        );
+    }
+    shop.apply(
+        "greeter.yaml",
+        &format!(
+            r#"apiVersion: v1
+kind: Service
+metadata: {{name: greeter, namespace: {ns}}}
+spec:
+  clusterIP: 10.96.0.30
+  selector: {{app: web}}
+  ports: [{{name: grpc, port: 9090, targetPort: 9090}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: greeter-v2, namespace: {ns}}}
+spec:
+  clusterIP: 10.96.0.31
+  selector: {{version: v2}}
+  ports: [{{name: grpc, port: 9090, targetPort: 9090}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {{name: greeter, namespace: {ns}}}
+spec:
+  parentRefs: [{{kind: Service, name: greeter}}]
+  rules:
+  - matches: [{{method: {{service: testpod.v1.Greeter, method: Chat}}}}]
+    backendRefs: [{{name: greeter-v2, port: 9090}}]
+  - backendRefs: [{{name: greeter, port: 9090}}]
+"#
+        ),
+    )
+    .await;
+    let call = |args: &[&str]| {
+        let mut a = vec!["grpc-call", "--to", "10.96.0.30:9090"];
+        a.extend_from_slice(args);
+        let client = shop.client.clone();
+        let a: Vec<String> = a.into_iter().map(String::from).collect();
+        async move {
+            let a: Vec<&str> = a.iter().map(String::as_str).collect();
+            client.testpod(&a).await.unwrap()
+        }
+    };
+    // Unary calls balanced over every endpoint; the chat goes to v2 only, live both ways.
+    let r = call(&["--count", "90", "--chat", "20"]).await;
+    assert_eq!(count(&r, "codes", "0"), 90, "{r}");
+    assert_eq!(r["servers"].as_object().unwrap().len(), 3, "{r}");
+    assert_eq!(r["chat_echoed"], 20, "{r}");
+    // The server's own status (in trailers or trailers-only) reaches the client.
+    let r = call(&["--count", "5", "--fail-with", "5"]).await;
+    assert_eq!(count(&r, "codes", "5"), 5, "{r}");
+
+    // Rate limited: RESOURCE_EXHAUSTED; denied: PERMISSION_DENIED.
+    shop.apply(
+        "greeter-policy.yaml",
+        &format!(
+            r#"apiVersion: nodemesh.io/v1alpha1
+kind: TrafficPolicy
+metadata: {{name: greeter, namespace: {ns}}}
+spec:
+  targetRef: {{name: greeter}}
+  rateLimit: {{requestsPerSecond: 2, burst: 2, perSource: true}}
+---
+apiVersion: nodemesh.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: no-chat, namespace: {ns}}}
+spec:
+  selector: {{matchLabels: {{app: web}}}}
+  action: DENY
+  rules: [{{to: [{{paths: [/testpod.v1.Greeter/Chat]}}]}}]
+"#
+        ),
+    )
+    .await;
+    let r = call(&["--count", "30"]).await;
+    let limited = count(&r, "codes", "8");
+    assert!(limited >= 15, "{r}");
+    assert_eq!(count(&r, "codes", "0") + limited, 30, "{r}");
+    let mut a = vec!["grpc-call", "--to", "10.96.0.30:9090", "--count", "0", "--chat", "1"];
+    let client = shop.client.clone();
+    let mut cmd = client.command(mesh_tests::find_bin("mesh-testpod").unwrap()).unwrap();
+    a.remove(0);
+    cmd.arg("grpc-call").args(&a[..]);
+    let out = cmd.output().await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "chat should be denied");
+    assert!(err.contains("PermissionDenied") || err.contains("denied"), "{err}");
+    drop(grpc);
+}

@@ -15,6 +15,10 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
+mod pb {
+    tonic::include_proto!("testpod.v1");
+}
+
 #[derive(Parser)]
 struct Cli {
     /// How long a connect may take before it counts as failed.
@@ -109,6 +113,26 @@ enum Cmd {
         #[arg(long, default_value = "GET")]
         method: String,
     },
+    /// gRPC server (tonic, HTTP/2 cleartext) of `testpod.v1.Greeter`.
+    Grpc {
+        #[arg(long, required = true)]
+        listen: Vec<SocketAddr>,
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// gRPC calls over one channel: `count` unary Hellos, then a Chat stream of `chat` messages;
+    /// reports gRPC codes and which servers answered.
+    GrpcCall {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        #[arg(long, default_value_t = 0)]
+        chat: usize,
+        /// Ask the server to fail with this code.
+        #[arg(long, default_value_t = 0)]
+        fail_with: u32,
+    },
     /// Bulk transfer to a --sink server.
     Bulk {
         #[arg(long)]
@@ -150,6 +174,13 @@ async fn main() -> anyhow::Result<()> {
             pace,
         } => rr(to, Duration::from_millis(duration_ms), conns, size, pace).await,
         Cmd::Bulk { to, bytes } => bulk(to, bytes).await,
+        Cmd::Grpc { listen, name } => grpc_serve(listen, name).await,
+        Cmd::GrpcCall {
+            to,
+            count,
+            chat,
+            fail_with,
+        } => grpc_call(to, count, chat, fail_with).await,
         Cmd::Get {
             to,
             path,
@@ -742,4 +773,124 @@ impl Sender {
             }
         }
     }
+}
+
+struct Greeter {
+    name: String,
+}
+
+#[tonic::async_trait]
+impl pb::greeter_server::Greeter for Greeter {
+    async fn hello(
+        &self,
+        req: tonic::Request<pb::HelloRequest>,
+    ) -> Result<tonic::Response<pb::HelloReply>, tonic::Status> {
+        let r = req.into_inner();
+        if r.fail_with != 0 {
+            return Err(tonic::Status::new(
+                tonic::Code::from(r.fail_with as i32),
+                "failing as asked",
+            ));
+        }
+        Ok(tonic::Response::new(pb::HelloReply {
+            message: format!("hello {}", r.name),
+            server: self.name.clone(),
+        }))
+    }
+
+    type ChatStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::HelloReply, tonic::Status>> + Send>,
+    >;
+
+    async fn chat(
+        &self,
+        req: tonic::Request<tonic::Streaming<pb::HelloRequest>>,
+    ) -> Result<tonic::Response<Self::ChatStream>, tonic::Status> {
+        use tokio_stream::StreamExt;
+        let name = self.name.clone();
+        let out = req.into_inner().map(move |m| {
+            m.map(|m| pb::HelloReply {
+                message: m.name,
+                server: name.clone(),
+            })
+        });
+        Ok(tonic::Response::new(Box::pin(out)))
+    }
+}
+
+async fn grpc_serve(addrs: Vec<SocketAddr>, name: String) -> anyhow::Result<()> {
+    let mut listeners = Vec::new();
+    for a in addrs {
+        listeners.push(bind(a).with_context(|| format!("bind {a}"))?);
+    }
+    println!("ready");
+    let mut tasks = Vec::new();
+    for l in listeners {
+        let svc = pb::greeter_server::GreeterServer::new(Greeter { name: name.clone() });
+        tasks.push(tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
+        ));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
+async fn grpc_call(to: SocketAddr, count: usize, chat: usize, fail_with: u32) -> anyhow::Result<()> {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{to}"))?
+        .connect()
+        .await?;
+    let mut client = pb::greeter_client::GreeterClient::new(channel);
+    let mut codes: BTreeMap<String, u64> = BTreeMap::new();
+    let mut servers: BTreeMap<String, u64> = BTreeMap::new();
+    let mut messages: BTreeMap<String, u64> = BTreeMap::new();
+    for i in 0..count {
+        let r = client
+            .hello(pb::HelloRequest {
+                name: format!("n{i}"),
+                fail_with,
+            })
+            .await;
+        match r {
+            Ok(r) => {
+                *codes.entry("0".into()).or_default() += 1;
+                *servers.entry(r.into_inner().server).or_default() += 1;
+            }
+            Err(s) => {
+                *codes.entry((s.code() as i32).to_string()).or_default() += 1;
+                *messages.entry(s.message().to_string()).or_default() += 1;
+            }
+        }
+    }
+    let mut echoed = 0;
+    if chat > 0 {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let resp = client
+            .chat(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?;
+        let mut inbound = resp.into_inner();
+        // One message at a time: each answer must come back before the next is sent (the
+        // stream is live end to end, not buffered until the request ends).
+        for i in 0..chat {
+            tx.send(pb::HelloRequest {
+                name: format!("m{i}"),
+                fail_with: 0,
+            })
+            .await?;
+            match inbound.message().await? {
+                Some(m) if m.message == format!("m{i}") => echoed += 1,
+                other => anyhow::bail!("chat: unexpected {other:?}"),
+            }
+        }
+        drop(tx);
+        anyhow::ensure!(inbound.message().await?.is_none(), "chat: stream did not end");
+    }
+    println!(
+        "{}",
+        json!({"codes": codes, "servers": servers, "messages": messages, "chat_echoed": echoed})
+    );
+    Ok(())
 }
