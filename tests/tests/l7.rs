@@ -536,14 +536,27 @@ spec:
     let limited = count(&r, "codes", "8");
     assert!(limited >= 15, "{r}");
     assert_eq!(count(&r, "codes", "0") + limited, 30, "{r}");
-    let mut a = vec!["grpc-call", "--to", "10.96.0.30:9090", "--count", "0", "--chat", "1"];
+    let mut a = vec![
+        "grpc-call",
+        "--to",
+        "10.96.0.30:9090",
+        "--count",
+        "0",
+        "--chat",
+        "1",
+    ];
     let client = shop.client.clone();
-    let mut cmd = client.command(mesh_tests::find_bin("mesh-testpod").unwrap()).unwrap();
+    let mut cmd = client
+        .command(mesh_tests::find_bin("mesh-testpod").unwrap())
+        .unwrap();
     a.remove(0);
     cmd.arg("grpc-call").args(&a[..]);
     let out = cmd.output().await.unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "chat should be denied");
-    assert!(err.contains("PermissionDenied") || err.contains("denied"), "{err}");
+    assert!(
+        err.contains("PermissionDenied") || err.contains("denied"),
+        "{err}"
+    );
     drop(grpc);
 }

@@ -318,9 +318,11 @@ impl Default for Runtime {
 
 impl Runtime {
     pub fn service(&self, name: &str) -> Arc<ServiceState> {
-        self.services
-            .lock()
-            .expect("runtime lock")
+        let mut services = self.services.lock().expect("runtime lock");
+        if let Some(s) = services.get(name) {
+            return s.clone();
+        }
+        services
             .entry(name.to_string())
             .or_insert_with(|| Arc::new(ServiceState::new(Instant::now())))
             .clone()

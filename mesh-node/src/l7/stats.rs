@@ -91,9 +91,18 @@ impl L7Stats {
         took: Duration,
         request_bytes: u64,
     ) -> RequestLabels {
-        let labels = self.bound(labels);
         let secs = took.as_secs_f64();
         let mut series = self.series.lock().expect("series lock");
+        // A series that exists was within budget when it was made: the common case needs no
+        // per-label bookkeeping.
+        let labels = if series.contains_key(&labels) {
+            labels
+        } else {
+            drop(series);
+            let bounded = self.bound(labels);
+            series = self.series.lock().expect("series lock");
+            bounded
+        };
         let f = series.entry(labels.clone()).or_default();
         f.count += 1;
         f.duration_sum_seconds += secs;

@@ -5,6 +5,8 @@
 //! - `direct`: the client pod is not enrolled; no proxy.
 //! - `redirect`: the client pod is enrolled, no identities: eBPF redirect + node proxy, plain TCP.
 //! - `mesh_l4`: client and server enrolled with identities: two node proxies, HBONE over mTLS.
+//! - `mesh_l7`: the HTTP path: a Service by cluster IP, an HTTPRoute and an AuthorizationPolicy
+//!   evaluated per request; HTTP figures only (`rps`, `p50_us`, `p99_us`, CPU and memory).
 //! - `haproxy_mtls`: what an operator might run instead: haproxy on each node, mTLS between them.
 //! - `ctrl`: the controller at scale (`snapshot_ms`, `fanout_ms`, `rss_kb`; see
 //!   `mesh_tests::ctrl_bench`).
@@ -119,10 +121,14 @@ fn parse_wrk(out: &str) -> anyhow::Result<(f64, f64, f64, f64)> {
     Ok((rps, total, pct("50%")?, pct("99%")?))
 }
 
-async fn measure(client: &Pod, t: Targets, secs: u64, procs: &[u32]) -> anyhow::Result<Figures> {
-    let mut f = Figures::new();
-    let ms = (secs * 1000).to_string();
-
+/// wrk at 50 connections: `rps`, `p50_us`, `p99_us`, and the proxies' CPU per request.
+async fn measure_http(
+    client: &Pod,
+    http: SocketAddr,
+    secs: u64,
+    procs: &[u32],
+    f: &mut Figures,
+) -> anyhow::Result<()> {
     let before = ticks(procs)?;
     let out = client
         .command("wrk")?
@@ -131,7 +137,7 @@ async fn measure(client: &Pod, t: Targets, secs: u64, procs: &[u32]) -> anyhow::
             "-c50",
             &format!("-d{secs}s"),
             "--latency",
-            &format!("http://{}/", t.http),
+            &format!("http://{http}/"),
         ])
         .output()
         .await
@@ -152,6 +158,26 @@ async fn measure(client: &Pod, t: Targets, secs: u64, procs: &[u32]) -> anyhow::
             (ticks(procs)? - before) as f64 * 10_000.0 / total,
         );
     }
+    Ok(())
+}
+
+fn rss(procs: &[u32], f: &mut Figures) -> anyhow::Result<()> {
+    if !procs.is_empty() {
+        f.insert(
+            "proxy_rss_kb",
+            procs
+                .iter()
+                .map(|p| rss_kb(*p))
+                .sum::<anyhow::Result<f64>>()?,
+        );
+    }
+    Ok(())
+}
+
+async fn measure(client: &Pod, t: Targets, secs: u64, procs: &[u32]) -> anyhow::Result<Figures> {
+    let mut f = Figures::new();
+    let ms = (secs * 1000).to_string();
+    measure_http(client, t.http, secs, procs, &mut f).await?;
 
     let paced = client
         .testpod(&[
@@ -193,15 +219,73 @@ async fn measure(client: &Pod, t: Targets, secs: u64, procs: &[u32]) -> anyhow::
         ])
         .await?;
     f.insert("bulk_gbps", num(&bulk, "gbps")?);
-    if !procs.is_empty() {
-        f.insert(
-            "proxy_rss_kb",
-            procs
-                .iter()
-                .map(|p| rss_kb(*p))
-                .sum::<anyhow::Result<f64>>()?,
-        );
-    }
+    rss(procs, &mut f)?;
+    Ok(f)
+}
+
+/// The L7 path: the client calls a Service by cluster IP; an HTTPRoute picks the backend and an
+/// AuthorizationPolicy is evaluated per request on the server's node.
+async fn mesh_l7(secs: u64) -> anyhow::Result<Figures> {
+    let cluster = ClusterBuilder::new()
+        .nodes(2)
+        .pods_per_node(1)
+        .config_stream()
+        .start()
+        .await?;
+    let (client, server) = (cluster.pod(0, 0).clone(), cluster.pod(1, 0).clone());
+    let _servers = servers(&server).await?;
+    cluster.enroll(&client).await?;
+    cluster.enroll(&server).await?;
+    cluster
+        .label_pods(&[&server], json!({"app": "web"}))
+        .await?;
+    let ns = &client.namespace;
+    let principal = format!("spiffe://cluster.local/ns/{ns}/sa/{}", client.name);
+    cluster
+        .change_config(
+            "web.yaml",
+            Some(&format!(
+                r#"apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: {ns}}}
+spec:
+  clusterIP: 10.96.0.80
+  selector: {{app: web}}
+  ports: [{{name: http, port: 80, targetPort: {HTTP}}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: web, namespace: {ns}}}
+spec:
+  parentRefs: [{{kind: Service, name: web}}]
+  rules:
+  - matches: [{{path: {{type: PathPrefix, value: /}}}}]
+    backendRefs: [{{name: web, port: 80}}]
+---
+apiVersion: nodemesh.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: web, namespace: {ns}}}
+spec:
+  selector: {{matchLabels: {{app: web}}}}
+  action: ALLOW
+  rules: [{{from: [{{principals: ["{principal}"]}}], to: [{{methods: [GET]}}]}}]
+"#
+            )),
+        )
+        .await?;
+    let pids = [
+        cluster.nodes[0].pid().context("node 0")?,
+        cluster.nodes[1].pid().context("node 1")?,
+    ];
+    let mut f = Figures::new();
+    let vip: SocketAddr = "10.96.0.80:80".parse()?;
+    measure_http(&client, vip, secs, &pids, &mut f).await?;
+    rss(&pids, &mut f)?;
+    let c = cluster.nodes[1].counters().await?;
+    anyhow::ensure!(
+        c["l7"]["requests"].as_u64().unwrap_or(0) > 0,
+        "the L7 path did not carry the requests: {c}"
+    );
     Ok(f)
 }
 
@@ -296,7 +380,7 @@ async fn haproxy_pair(
 }
 
 fn report(results: &BTreeMap<&'static str, Figures>) {
-    let names: Vec<&str> = ["direct", "redirect", "mesh_l4", "haproxy_mtls"]
+    let names: Vec<&str> = ["direct", "redirect", "mesh_l4", "mesh_l7", "haproxy_mtls"]
         .into_iter()
         .filter(|n| results.contains_key(n))
         .collect();
@@ -331,7 +415,10 @@ fn report(results: &BTreeMap<&'static str, Figures>) {
         ] {
             let row: String = names
                 .iter()
-                .map(|n| format!("{:>14}", format!("{:.2}x", results[n][fig] / d[fig])))
+                .map(|n| match results[n].get(fig) {
+                    Some(v) => format!("{:>14}", format!("{:.2}x", v / d[fig])),
+                    None => format!("{:>14}", "-"),
+                })
                 .collect();
             println!("{fig:<22} {row}");
         }
@@ -423,6 +510,12 @@ async fn main() -> anyhow::Result<()> {
             );
         }
     }
+    if want("mesh_l7") {
+        eprintln!(
+            "==> mesh_l7: a Service by cluster IP, HTTPRoute and per-request authorization on"
+        );
+        results.insert("mesh_l7", mesh_l7(secs).await?);
+    }
     if want("ctrl") {
         eprintln!(
             "==> ctrl: {} pods, {} Services, {} nodes subscribed to an in-process controller",
@@ -436,6 +529,13 @@ async fn main() -> anyhow::Result<()> {
         results.insert("ctrl", figures?.into_iter().collect());
     }
     report(&results);
+    if let (Some(l7), Some(l4)) = (results.get("mesh_l7"), results.get("mesh_l4")) {
+        println!(
+            "\nmesh_l7 vs mesh_l4: rps {:.2}x (target >= 0.80), CPU/req {:.2}x",
+            l7["rps"] / l4["rps"],
+            l7["proxy_cpu_us_per_req"] / l4["proxy_cpu_us_per_req"]
+        );
+    }
     if let Some(ctrl) = results.get("ctrl") {
         println!(
             "\nctrl: snapshot computation {:.0} ms (target < 1000), one pod change to all {} nodes {:.0} ms (target < 100), controller memory {:.0} MiB, {} resources",

@@ -839,7 +839,12 @@ async fn grpc_serve(addrs: Vec<SocketAddr>, name: String) -> anyhow::Result<()> 
     Ok(())
 }
 
-async fn grpc_call(to: SocketAddr, count: usize, chat: usize, fail_with: u32) -> anyhow::Result<()> {
+async fn grpc_call(
+    to: SocketAddr,
+    count: usize,
+    chat: usize,
+    fail_with: u32,
+) -> anyhow::Result<()> {
     let channel = tonic::transport::Channel::from_shared(format!("http://{to}"))?
         .connect()
         .await?;
@@ -886,7 +891,10 @@ async fn grpc_call(to: SocketAddr, count: usize, chat: usize, fail_with: u32) ->
             }
         }
         drop(tx);
-        anyhow::ensure!(inbound.message().await?.is_none(), "chat: stream did not end");
+        anyhow::ensure!(
+            inbound.message().await?.is_none(),
+            "chat: stream did not end"
+        );
     }
     println!(
         "{}",
