@@ -84,6 +84,41 @@ fn describe() {
         "mesh_certificate_requests_total",
         "Workload certificate requests to the controller, by result (fetched, rotated, failed)"
     );
+    describe_counter!(
+        "mesh_requests_total",
+        "HTTP/gRPC requests, by reporter (source or destination proxy), workloads, service, response code, gRPC status, response flag and connection security"
+    );
+    describe_counter!(
+        "mesh_request_duration_seconds_bucket",
+        "Request duration until the response head, cumulative histogram buckets (le)"
+    );
+    describe_counter!(
+        "mesh_request_duration_seconds_count",
+        "Requests in the duration histogram"
+    );
+    describe_gauge!(
+        "mesh_request_duration_seconds_sum",
+        Unit::Seconds,
+        "Sum of request durations"
+    );
+    describe_counter!(
+        "mesh_request_bytes_total",
+        Unit::Bytes,
+        "Request body bytes (from Content-Length)"
+    );
+    describe_counter!(
+        "mesh_response_bytes_total",
+        Unit::Bytes,
+        "Response body bytes (from Content-Length)"
+    );
+    describe_counter!(
+        "mesh_http_requests_denied_total",
+        "HTTP requests denied by authorization on this node"
+    );
+    describe_counter!(
+        "mesh_http_requests_rate_limited_total",
+        "HTTP requests refused by a local rate limit on this node"
+    );
     describe_gauge!("mesh_config_version", "Configuration version serving");
     describe_gauge!(
         "mesh_config_connected",
@@ -199,6 +234,7 @@ fn record(s: &Value) {
                 .absolute(n(&id["stats"][field]));
         }
     }
+    requests(s);
     let c = &s["config"];
     if c.is_object() {
         gauge!("mesh_config_version").set(n(&c["version"]) as f64);
@@ -206,6 +242,60 @@ fn record(s: &Value) {
         counter!("mesh_config_updates_total").absolute(n(&c["updates"]));
         counter!("mesh_config_rejected_total").absolute(n(&c["rejected"]));
         counter!("mesh_config_reconnects_total").absolute(n(&c["reconnects"]));
+    }
+}
+
+/// Request series of the HTTP path (labels bounded where they are counted, `l7::stats`). The
+/// duration histogram is rendered from its cumulative buckets as `_bucket{le}`, `_sum`, `_count`.
+fn requests(s: &Value) {
+    let l7 = &s["l7"];
+    if l7.is_object() {
+        counter!("mesh_http_requests_denied_total").absolute(n(&l7["denied"]));
+        counter!("mesh_http_requests_rate_limited_total").absolute(n(&l7["rate_limited"]));
+    }
+    const LABELS: [&str; 11] = [
+        "reporter",
+        "source_workload",
+        "source_namespace",
+        "source_principal",
+        "destination_service",
+        "destination_workload",
+        "destination_namespace",
+        "response_code",
+        "grpc_status",
+        "response_flags",
+        "connection_security",
+    ];
+    for r in s["requests"].as_array().into_iter().flatten() {
+        let labels: Vec<metrics::Label> = LABELS
+            .iter()
+            .map(|k| {
+                let v = match &r["labels"][k] {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                metrics::Label::new(*k, v)
+            })
+            .collect();
+        let f = &r["figures"];
+        counter!("mesh_requests_total", labels.clone()).absolute(n(&f["count"]));
+        counter!("mesh_request_duration_seconds_count", labels.clone()).absolute(n(&f["count"]));
+        gauge!("mesh_request_duration_seconds_sum", labels.clone())
+            .set(f["duration_sum_seconds"].as_f64().unwrap_or(0.0));
+        let buckets = f["duration_buckets"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        for (bound, v) in crate::l7::stats::DURATION_BUCKETS.iter().zip(&buckets) {
+            let mut l = labels.clone();
+            l.push(metrics::Label::new("le", bound.to_string()));
+            counter!("mesh_request_duration_seconds_bucket", l).absolute(n(v));
+        }
+        let mut l = labels.clone();
+        l.push(metrics::Label::new("le", "+Inf"));
+        counter!("mesh_request_duration_seconds_bucket", l).absolute(n(&f["count"]));
+        counter!("mesh_request_bytes_total", labels.clone()).absolute(n(&f["request_bytes"]));
+        counter!("mesh_response_bytes_total", labels).absolute(n(&f["response_bytes"]));
     }
 }
 
@@ -235,6 +325,9 @@ mod tests {
             "authz": {"allowed": 4, "denied": 2, "closed_by_policy": 1},
             "identity": {"certificates": [{"identity": "spiffe://td/ns/shop/sa/web", "expires_in_seconds": 3600}], "stats": {"fetched": 1}},
             "config": {"version": 9, "connected": true, "updates": 3},
+            "l7": {"requests": 3, "denied": 1, "rate_limited": 0},
+            "requests": [{"labels": {"reporter": "source", "source_workload": "client", "source_namespace": "shop", "source_principal": "", "destination_service": "shop/web", "destination_workload": "web-1", "destination_namespace": "shop", "response_code": 200, "grpc_status": "", "response_flags": "-", "connection_security": "mutual_tls"},
+                          "figures": {"count": 3, "duration_sum_seconds": 0.006, "duration_buckets": [0, 1, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3], "request_bytes": 0, "response_bytes": 9}}],
         });
         let text = super::render(&snapshot);
         let s = samples(&text);
@@ -245,6 +338,27 @@ mod tests {
             "{text}"
         );
         assert_eq!(get("mesh_enrolled_pods"), Some(2.0));
+        let series = r#"reporter="source",source_workload="client",source_namespace="shop",source_principal="",destination_service="shop/web",destination_workload="web-1",destination_namespace="shop",response_code="200",grpc_status="",response_flags="-",connection_security="mutual_tls""#;
+        assert_eq!(
+            get(&format!("mesh_requests_total{{{series}}}")),
+            Some(3.0),
+            "{text}"
+        );
+        assert_eq!(
+            get(&format!(
+                "mesh_request_duration_seconds_bucket{{{series},le=\"0.001\"}}"
+            )),
+            Some(1.0),
+            "{text}"
+        );
+        assert_eq!(
+            get(&format!(
+                "mesh_request_duration_seconds_bucket{{{series},le=\"+Inf\"}}"
+            )),
+            Some(3.0),
+            "{text}"
+        );
+        assert_eq!(get("mesh_http_requests_denied_total"), Some(1.0));
         assert_eq!(
             get(r#"mesh_inbound_dropped_connections_total{pod="shop/web-1"}"#),
             Some(1.0)

@@ -81,11 +81,23 @@ impl Shop {
         self.cluster.change_config(file, Some(yaml)).await.unwrap();
     }
 
-    /// `count` requests from the client over `conns` connections.
+    /// `count` requests to `web` from the client over 4 connections.
     async fn get(&self, path: &str, count: usize, extra: &[&str]) -> Value {
-        let count = count.to_string();
+        self.get_at(WEB, path, count, 4, extra).await
+    }
+
+    /// `count` requests to `to` over `conns` keep-alive connections.
+    async fn get_at(
+        &self,
+        to: &str,
+        path: &str,
+        count: usize,
+        conns: usize,
+        extra: &[&str],
+    ) -> Value {
+        let (count, conns) = (count.to_string(), conns.to_string());
         let mut args = vec![
-            "get", "--to", WEB, "--path", path, "--count", &count, "--conns", "4",
+            "get", "--to", to, "--path", path, "--count", &count, "--conns", &conns,
         ];
         args.extend_from_slice(extra);
         self.client.testpod(&args).await.unwrap()
@@ -289,19 +301,7 @@ spec:
         ),
     )
     .await;
-    let r = shop
-        .client
-        .testpod(&[
-            "get",
-            "--to",
-            "10.96.0.22:80",
-            "--count",
-            "40",
-            "--conns",
-            "2",
-        ])
-        .await
-        .unwrap();
+    let r = shop.get_at("10.96.0.22:80", "/", 40, 2, &[]).await;
     let ok = count(&r, "statuses", "200");
     let limited = count(&r, "statuses", "429");
     assert_eq!(ok + limited, 40, "{r}");
@@ -315,19 +315,7 @@ async fn timeouts_retries_and_outlier_ejection() {
     let shop = shop([None, Some(503), None]).await;
     let ns = shop.client.namespace.clone();
     // Without retries, some requests land on the broken endpoint.
-    let r = shop
-        .client
-        .testpod(&[
-            "get",
-            "--to",
-            "10.96.0.21:80",
-            "--count",
-            "100",
-            "--conns",
-            "4",
-        ])
-        .await
-        .unwrap();
+    let r = shop.get_at("10.96.0.21:80", "/", 100, 4, &[]).await;
     assert!(count(&r, "statuses", "503") > 0, "{r}");
 
     shop.apply(
@@ -346,19 +334,7 @@ spec:
     )
     .await;
     // Retries hide the broken endpoint, then ejection takes it out of rotation.
-    let r = shop
-        .client
-        .testpod(&[
-            "get",
-            "--to",
-            "10.96.0.21:80",
-            "--count",
-            "200",
-            "--conns",
-            "4",
-        ])
-        .await
-        .unwrap();
+    let r = shop.get_at("10.96.0.21:80", "/", 200, 4, &[]).await;
     assert_eq!(count(&r, "statuses", "200"), 200, "{r}");
     let health = shop.cluster.nodes[0]
         .admin("GET", "/v1/l7", None)
@@ -410,23 +386,32 @@ spec:
         ),
     )
     .await;
-    let r = shop
-        .client
-        .testpod(&[
-            "get",
-            "--to",
-            "10.96.0.22:80",
-            "--count",
-            "1000",
-            "--conns",
-            "4",
-        ])
-        .await
-        .unwrap();
+    let r = shop.get_at("10.96.0.22:80", "/", 1000, 4, &[]).await;
     let aborted = count(&r, "statuses", "418");
     assert_eq!(aborted + count(&r, "statuses", "200"), 1000, "{r}");
     assert!((400..=600).contains(&aborted), "{r}");
     assert_eq!(count(&r, "flags", "FI"), aborted, "{r}");
+
+    // Circuit breaking on connections: one app connection to web-v2 at a time; a second one
+    // held open beside it is refused (reset), and counted.
+    shop.apply(
+        "faults.yaml",
+        &format!(
+            r#"apiVersion: nodemesh.io/v1alpha1
+kind: TrafficPolicy
+metadata: {{name: web-v2, namespace: {ns}}}
+spec:
+  targetRef: {{name: web-v2}}
+  circuitBreaker: {{maxConnections: 1}}
+"#
+        ),
+    )
+    .await;
+    let r = shop.get_at("10.96.0.22:80", "/delay/20", 40, 2, &[]).await;
+    assert!(count(&r, "statuses", "200") > 0, "{r}");
+    assert!(!r["errors"].as_object().unwrap().is_empty(), "{r}");
+    let c = shop.cluster.nodes[0].counters().await.unwrap();
+    assert!(n(&c, &["l7", "connections_over_limit"]) > 0, "{c}");
 }
 
 /// Connections that are not HTTP still go through as opaque TCP on a port without a declared

@@ -37,6 +37,8 @@ pub struct InboundCounters {
     pub requests: AtomicU64,
     pub denied: AtomicU64,
     pub rate_limited: AtomicU64,
+    /// App connections to a Service refused by its circuit breaker's `maxConnections`.
+    pub connections_over_limit: AtomicU64,
 }
 
 /// Who is calling, as this node knows it.
@@ -70,6 +72,7 @@ impl L7Inbound {
         let started = Instant::now();
         self.counters.requests.fetch_add(1, Relaxed);
         let grpc = is_grpc(req.headers());
+        let request_bytes = super::content_length(req.headers());
         let cfg = self.config.borrow().clone();
         let result = self.admit(&cfg, &req, caller, dst, target);
         let resp = match result {
@@ -83,7 +86,7 @@ impl L7Inbound {
             .identity
             .as_ref()
             .and_then(|_| cfg.placement.by_ip(caller.ip));
-        self.stats.record(
+        let labels = self.stats.record(
             RequestLabels {
                 reporter: "destination",
                 source_workload: source.map(|w| w.name.clone()).unwrap_or_default(),
@@ -106,8 +109,10 @@ impl L7Inbound {
                 },
             },
             started.elapsed(),
-            0,
+            request_bytes,
         );
+        self.stats
+            .response_bytes(&labels, super::content_length(resp.headers()));
         resp
     }
 

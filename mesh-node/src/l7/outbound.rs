@@ -89,6 +89,26 @@ fn chance(percent: f64) -> bool {
 impl L7Outbound {
     /// Serves the app's connection until it closes.
     pub async fn serve(self: Arc<Self>, client: TcpStream, conn: Arc<Conn>) {
+        // Circuit breaking on connections: the Service's `maxConnections` counts app connections
+        // to it through this node.
+        let _slot = match &conn.target {
+            Target::Service(svc, _) => {
+                let state = self.runtime().service(&svc.name);
+                match state.connection(svc.policy.breaker.max_connections) {
+                    Some(slot) => Some(slot),
+                    None => {
+                        self.inbound
+                            .counters
+                            .connections_over_limit
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        info!(service = %svc.name, "connection refused: circuit breaker maxConnections");
+                        let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+                        return;
+                    }
+                }
+            }
+            Target::Pod(..) => None,
+        };
         let _ = client.set_nodelay(true);
         let io = TokioIo::new(client);
         let this = self.clone();
@@ -126,6 +146,7 @@ impl L7Outbound {
         let grpc = is_grpc(req.headers());
         let cfg = self.config.borrow().clone();
         let (method, path) = (req.method().clone(), req.uri().path().to_string());
+        let request_bytes = super::content_length(req.headers());
         let (resp, service, dst_pod) = match self.route(&cfg, req, conn).await {
             Ok(r) => r,
             Err((e, service)) => (error_response(&e, grpc), service, String::new()),
@@ -155,8 +176,10 @@ impl L7Outbound {
                 connection_security: "mutual_tls",
             },
             started.elapsed(),
-            0,
+            request_bytes,
         );
+        self.stats
+            .response_bytes(&labels, super::content_length(resp.headers()));
         debug!(%method, %path, status = resp.status().as_u16(), service, flag = labels.response_flags, took = ?started.elapsed(), "request");
         resp
     }

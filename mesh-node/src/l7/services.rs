@@ -282,6 +282,27 @@ impl ServiceState {
     }
 }
 
+/// An app connection counted against its Service's `maxConnections` while it lives.
+pub struct ConnectionSlot(Arc<ServiceState>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Relaxed);
+    }
+}
+
+impl ServiceState {
+    /// A connection slot, if fewer than `max` are open.
+    pub fn connection(self: &Arc<Self>, max: Option<u32>) -> Option<ConnectionSlot> {
+        let n = self.connections.fetch_add(1, Relaxed);
+        if max.is_some_and(|m| n >= m) {
+            self.connections.fetch_sub(1, Relaxed);
+            return None;
+        }
+        Some(ConnectionSlot(self.clone()))
+    }
+}
+
 /// A counter slot held while a request or connection is in flight.
 pub struct Slot<'a>(&'a AtomicU32);
 
