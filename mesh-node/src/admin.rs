@@ -8,6 +8,7 @@
 //! | GET    | /v1/counters                  | kernel counters per program and outcome, proxy figures |
 //! | GET    | /metrics                      | the same, in Prometheus text format (names in `metrics.rs`) |
 //! | GET    | /v1/config                    | the validated config |
+//! | GET    | /config_dump                  | everything the node runs on, in full (flags, workloads, Services, policy specs, pods, certificates) |
 //! | GET    | /v1/l7                        | HTTP path: endpoint health per Service (latency, in flight, ejections) |
 //! | GET    | /v1/mesh-config               | the configuration from the controller: version, stream state, contents |
 //! | GET    | /v1/log-level                 | the log filter in force |
@@ -166,6 +167,59 @@ impl Admin {
         Ok(body)
     }
 
+    /// Everything this node runs on, in full: its flags, the configuration from the controller
+    /// (workloads with identities and addresses, Services with ports and endpoints, policies as
+    /// the specs it applies), enrolled pods and certificates. For support, not for machines: the
+    /// shape follows the domain types.
+    fn config_dump(&self) -> serde_json::Value {
+        let mut out = json!({
+            "node": self.config,
+            "enrolled_pods": self.pods.list(),
+        });
+        let Some(m) = &self.mesh else { return out };
+        out["certificates"] = json!(m.identities.status());
+        let placement = m.placement.current();
+        out["workloads"] = placement
+            .workloads()
+            .map(|w| {
+                json!({
+                    "namespace": w.namespace, "name": w.name, "node": w.node,
+                    "identity": w.identity.to_string(), "ips": w.ips, "labels": w.labels,
+                })
+            })
+            .collect();
+        if let Some((rx, status)) = &m.config {
+            let cfg = rx.borrow().clone();
+            out["stream"] = json!(&*status.lock().expect("status lock"));
+            out["version"] = json!(cfg.version);
+            out["services"] = cfg
+                .services
+                .iter()
+                .map(|s| {
+                    json!({
+                        "namespace": s.namespace, "name": s.name, "cluster_ips": s.cluster_ips,
+                        "endpoints": s.endpoints, "addresses": s.addresses,
+                        "ports": s.ports.iter().map(|p| json!({
+                            "name": p.name, "port": p.port, "target_port": p.target_port,
+                            "protocol": p.protocol,
+                        })).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            out["policies"] = cfg
+                .policies
+                .iter()
+                .map(|p| {
+                    json!({
+                        "kind": p.kind, "api_version": p.api_version, "namespace": p.namespace,
+                        "name": p.name, "spec": p.spec,
+                    })
+                })
+                .collect();
+        }
+        out
+    }
+
     async fn route(&self, req: Request<Incoming>) -> Resp {
         let path = req.uri().path().to_string();
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
@@ -251,6 +305,7 @@ impl Admin {
                     ),
                 }
             }
+            (&Method::GET, ["config_dump"]) => json_response(StatusCode::OK, self.config_dump()),
             (&Method::GET, ["v1", "pods"]) => {
                 json_response(StatusCode::OK, json!(self.pods.list()))
             }

@@ -241,6 +241,42 @@ spec:
     // The node proxy counted the HTTP connections.
     let c = shop.cluster.nodes[0].counters().await.unwrap();
     assert!(n(&c, &["proxy", "http_connections"]) > 0, "{c}");
+
+    // /config_dump shows what the node applies, in full: the route's spec, the Service's port
+    // protocol and endpoints, each workload's identity.
+    let (status, dump) = shop.cluster.nodes[0]
+        .admin("GET", "/config_dump", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{dump}");
+    let route = dump["policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["kind"] == "KIND_HTTP_ROUTE" && p["name"] == "web")
+        .unwrap_or_else(|| panic!("no route in {dump}"));
+    assert_eq!(
+        route["spec"]["rules"].as_array().unwrap().len(),
+        4,
+        "{route}"
+    );
+    let web = dump["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "web")
+        .unwrap_or_else(|| panic!("no web Service in {dump}"));
+    assert_eq!(web["ports"][0]["protocol"], "http", "{web}");
+    assert_eq!(web["endpoints"].as_array().unwrap().len(), 3, "{web}");
+    let client_id = format!("spiffe://cluster.local/ns/{ns}/sa/{}", shop.client.name);
+    assert!(
+        dump["workloads"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["identity"] == client_id.as_str()),
+        "{dump}"
+    );
 }
 
 #[tokio::test]
