@@ -86,7 +86,7 @@ impl L7Inbound {
             .identity
             .as_ref()
             .and_then(|_| cfg.placement.by_ip(caller.ip));
-        let labels = self.stats.record(
+        self.stats.record(
             RequestLabels {
                 reporter: "destination",
                 source_workload: source.map(|w| w.name.clone()).unwrap_or_default(),
@@ -110,9 +110,8 @@ impl L7Inbound {
             },
             started.elapsed(),
             request_bytes,
+            super::content_length(resp.headers()),
         );
-        self.stats
-            .response_bytes(&labels, super::content_length(resp.headers()));
         resp
     }
 

@@ -151,7 +151,7 @@ impl L7Outbound {
             Ok(r) => r,
             Err((e, service)) => (error_response(&e, grpc), service, String::new()),
         };
-        let labels = self.stats.record(
+        self.stats.record(
             RequestLabels {
                 reporter: "source",
                 source_workload: conn.pod.1.clone(),
@@ -177,10 +177,9 @@ impl L7Outbound {
             },
             started.elapsed(),
             request_bytes,
+            super::content_length(resp.headers()),
         );
-        self.stats
-            .response_bytes(&labels, super::content_length(resp.headers()));
-        debug!(%method, %path, status = resp.status().as_u16(), service, flag = labels.response_flags, took = ?started.elapsed(), "request");
+        debug!(%method, %path, status = resp.status().as_u16(), service, took = ?started.elapsed(), "request");
         resp
     }
 

@@ -84,42 +84,39 @@ impl L7Stats {
         l
     }
 
-    /// A request answered (headers sent) after `took`.
+    /// A request answered (headers sent) after `took`, with its body sizes.
     pub fn record(
         &self,
         labels: RequestLabels,
         took: Duration,
         request_bytes: u64,
-    ) -> RequestLabels {
+        response_bytes: u64,
+    ) {
         let secs = took.as_secs_f64();
-        let mut series = self.series.lock().expect("series lock");
-        // A series that exists was within budget when it was made: the common case needs no
-        // per-label bookkeeping.
-        let labels = if series.contains_key(&labels) {
-            labels
-        } else {
-            drop(series);
-            let bounded = self.bound(labels);
-            series = self.series.lock().expect("series lock");
-            bounded
-        };
-        let f = series.entry(labels.clone()).or_default();
-        f.count += 1;
-        f.duration_sum_seconds += secs;
-        for (i, b) in DURATION_BUCKETS.iter().enumerate() {
-            if secs <= *b {
-                f.duration_buckets[i] += 1;
+        let add = |f: &mut RequestFigures| {
+            f.count += 1;
+            f.duration_sum_seconds += secs;
+            for (i, b) in DURATION_BUCKETS.iter().enumerate() {
+                if secs <= *b {
+                    f.duration_buckets[i] += 1;
+                }
             }
+            f.request_bytes += request_bytes;
+            f.response_bytes += response_bytes;
+        };
+        // A series that exists was within budget when it was made: the common case is one
+        // lookup, no allocation, no per-label bookkeeping.
+        if let Some(f) = self.series.lock().expect("series lock").get_mut(&labels) {
+            add(f);
+            return;
         }
-        f.request_bytes += request_bytes;
-        labels
-    }
-
-    /// Response bytes of a request recorded with `labels` (counted as the body finishes).
-    pub fn response_bytes(&self, labels: &RequestLabels, n: u64) {
-        if let Some(f) = self.series.lock().expect("series lock").get_mut(labels) {
-            f.response_bytes += n;
-        }
+        let labels = self.bound(labels);
+        add(self
+            .series
+            .lock()
+            .expect("series lock")
+            .entry(labels)
+            .or_default());
     }
 
     pub fn snapshot(&self) -> Vec<(RequestLabels, RequestFigures)> {
@@ -159,7 +156,7 @@ mod tests {
     fn labels_beyond_the_budget_overflow() {
         let s = L7Stats::new(2);
         for w in ["a", "b", "c", "d", "a"] {
-            s.record(labels(w), Duration::from_millis(3), 10);
+            s.record(labels(w), Duration::from_millis(3), 10, 0);
         }
         let snap = s.snapshot();
         let by: HashMap<String, u64> = snap
