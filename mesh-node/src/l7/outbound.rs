@@ -145,7 +145,9 @@ impl L7Outbound {
         let started = Instant::now();
         let grpc = is_grpc(req.headers());
         let cfg = self.config.borrow().clone();
-        let (method, path) = (req.method().clone(), req.uri().path().to_string());
+        // Kept for the debug line only, and only when it will be written.
+        let seen = tracing::enabled!(tracing::Level::DEBUG)
+            .then(|| (req.method().clone(), req.uri().path().to_string()));
         let request_bytes = super::content_length(req.headers());
         let (resp, service, dst_pod) = match self.route(&cfg, req, conn).await {
             Ok(r) => r,
@@ -179,7 +181,9 @@ impl L7Outbound {
             request_bytes,
             super::content_length(resp.headers()),
         );
-        debug!(%method, %path, status = resp.status().as_u16(), service, took = ?started.elapsed(), "request");
+        if let Some((method, path)) = seen {
+            debug!(%method, %path, status = resp.status().as_u16(), took = ?started.elapsed(), "request");
+        }
         resp
     }
 
@@ -208,13 +212,11 @@ impl L7Outbound {
         let (backend_name, backend_port) = match service.table(port) {
             None => (service.name.clone(), port),
             Some(table) => {
-                let headers = req.headers().clone();
-                let uri = req.uri().clone();
                 let Some((rule, prefix)) = table.select(&routes::Request {
                     method: req.method().as_str(),
-                    path: uri.path(),
-                    query: uri.query(),
-                    headers: &headers,
+                    path: req.uri().path(),
+                    query: req.uri().query(),
+                    headers: req.headers(),
                 }) else {
                     return Err(fail(ProxyError::NoRoute));
                 };
@@ -377,7 +379,7 @@ impl L7Outbound {
             super::policy::Lb::Hash(h) => req.headers().get(h).map(|v| v.as_bytes().to_vec()),
             _ => None,
         };
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         let keep = retry.is_some() || decided.mirror.is_some();
         let (mut body, replay) = if keep {
             let (rec, replay) = Recording::new(body);
@@ -405,10 +407,19 @@ impl L7Outbound {
                     None => unreachable!("retries only happen with a replayable body"),
                 },
             };
-            let mut req = Request::new(this_body);
-            *req.method_mut() = parts.method.clone();
-            *req.uri_mut() = parts.uri.clone();
-            *req.headers_mut() = parts.headers.clone();
+            // The head is copied only when a retry or a mirror may need it again.
+            let req = if keep {
+                let mut req = Request::new(this_body);
+                *req.method_mut() = parts.method.clone();
+                *req.uri_mut() = parts.uri.clone();
+                *req.headers_mut() = parts.headers.clone();
+                req
+            } else {
+                Request::from_parts(
+                    std::mem::replace(&mut parts, Request::new(()).into_parts().0),
+                    this_body,
+                )
+            };
             let in_flight = ep.start();
             let t0 = Instant::now();
             let sent = self.send_to(cfg, &ep.key, b.target_port, b.proto, req, conn);
