@@ -119,6 +119,14 @@ fn describe() {
         "mesh_http_requests_rate_limited_total",
         "HTTP requests refused by a local rate limit on this node"
     );
+    describe_counter!(
+        "mesh_http_retries_total",
+        "Request retries sent by this node (within the retry budget)"
+    );
+    describe_counter!(
+        "mesh_http_connections_over_limit_total",
+        "App connections to a Service refused by its circuit breaker's maxConnections"
+    );
     describe_gauge!("mesh_config_version", "Configuration version serving");
     describe_gauge!(
         "mesh_config_connected",
@@ -252,6 +260,9 @@ fn requests(s: &Value) {
     if l7.is_object() {
         counter!("mesh_http_requests_denied_total").absolute(n(&l7["denied"]));
         counter!("mesh_http_requests_rate_limited_total").absolute(n(&l7["rate_limited"]));
+        counter!("mesh_http_retries_total").absolute(n(&l7["retries"]));
+        counter!("mesh_http_connections_over_limit_total")
+            .absolute(n(&l7["connections_over_limit"]));
     }
     const LABELS: [&str; 11] = [
         "reporter",

@@ -103,6 +103,7 @@ impl NodeConfig {
         let mut services = Vec::new();
         let mut policies = Vec::new();
         let mut authz_specs: Vec<(String, String, AuthorizationPolicySpec)> = Vec::new();
+        let mut l7_specs = crate::l7::services::Specs::default();
         for ((kind, name), r) in resources {
             let bad = |reason: String| ConvertError::Resource {
                 kind: kind_name(*kind),
@@ -151,10 +152,13 @@ impl NodeConfig {
                 Some(pb::resource::Body::Policy(p)) => {
                     let spec: serde_json::Value = serde_json::from_str(&p.spec_json)
                         .map_err(|e| bad(format!("spec is not JSON: {e}")))?;
-                    if let Some(authz) =
-                        typed(*kind, &p.spec_json).map_err(|e| bad(format!("spec: {e}")))?
-                    {
-                        authz_specs.push((p.namespace.clone(), p.name.clone(), authz));
+                    let (ns, n) = (p.namespace.clone(), p.name.clone());
+                    match typed(*kind, &p.spec_json).map_err(|e| bad(format!("spec: {e}")))? {
+                        Typed::Authz(a) => authz_specs.push((ns, n, a)),
+                        Typed::Http(h) => l7_specs.http.push((ns, n, h)),
+                        Typed::Grpc(g) => l7_specs.grpc.push((ns, n, g)),
+                        Typed::Traffic(t) => l7_specs.traffic.push((ns, n, *t)),
+                        Typed::Other => {}
                     }
                     policies.push(Policy {
                         kind: kind_name(*kind),
@@ -212,16 +216,7 @@ impl NodeConfig {
                 }
             }
         }
-        let l7 = crate::l7::services::Catalog::compile(
-            &services,
-            &policies
-                .iter()
-                .filter_map(|p| {
-                    let kind = pb::Kind::from_str_name(p.kind)?;
-                    Some((kind, p.namespace.as_str(), p.name.as_str(), &p.spec))
-                })
-                .collect::<Vec<_>>(),
-        )?;
+        let l7 = crate::l7::services::Catalog::compile(&services, &l7_specs)?;
         Ok(Self {
             version,
             vips,
@@ -235,22 +230,34 @@ impl NodeConfig {
     }
 }
 
-/// Parses a policy's spec with the types the controller validated it with (a spec this node
-/// cannot read, from a newer controller say, rejects the version instead of being half applied);
-/// an authorization policy's spec is returned for compiling.
-fn typed(kind: i32, json: &str) -> Result<Option<AuthorizationPolicySpec>, serde_json::Error> {
-    use mesh_api::{crd, gateway};
-    match pb::Kind::try_from(kind) {
-        Ok(pb::Kind::AuthorizationPolicy) => return serde_json::from_str(json).map(Some),
+/// A policy's spec parsed with the types the controller validated it with.
+enum Typed {
+    Authz(AuthorizationPolicySpec),
+    Http(mesh_api::gateway::HTTPRouteSpec),
+    Grpc(mesh_api::gateway::GRPCRouteSpec),
+    /// Boxed: by far the largest spec.
+    Traffic(Box<mesh_api::crd::TrafficPolicySpec>),
+    /// Checked, applied elsewhere (PeerAuthentication reaches the node as workload modes).
+    Other,
+}
+
+/// Parses a policy's spec once, with the types the controller validated it with (a spec this
+/// node cannot read, from a newer controller say, rejects the version instead of being half
+/// applied).
+fn typed(kind: i32, json: &str) -> Result<Typed, serde_json::Error> {
+    use mesh_api::crd;
+    Ok(match pb::Kind::try_from(kind) {
+        Ok(pb::Kind::AuthorizationPolicy) => Typed::Authz(serde_json::from_str(json)?),
+        Ok(pb::Kind::TrafficPolicy) => Typed::Traffic(serde_json::from_str(json)?),
+        Ok(pb::Kind::HttpRoute) => Typed::Http(serde_json::from_str(json)?),
+        Ok(pb::Kind::GrpcRoute) => Typed::Grpc(serde_json::from_str(json)?),
         Ok(pb::Kind::PeerAuthentication) => {
-            serde_json::from_str::<crd::PeerAuthenticationSpec>(json).map(drop)
+            serde_json::from_str::<crd::PeerAuthenticationSpec>(json)?;
+            Typed::Other
         }
-        Ok(pb::Kind::TrafficPolicy) => {
-            serde_json::from_str::<crd::TrafficPolicySpec>(json).map(drop)
+        _ => {
+            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(json)?;
+            Typed::Other
         }
-        Ok(pb::Kind::HttpRoute) => serde_json::from_str::<gateway::HTTPRouteSpec>(json).map(drop),
-        Ok(pb::Kind::GrpcRoute) => serde_json::from_str::<gateway::GRPCRouteSpec>(json).map(drop),
-        _ => serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(json).map(drop),
-    }?;
-    Ok(None)
+    })
 }

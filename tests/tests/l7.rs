@@ -81,6 +81,26 @@ impl Shop {
         self.cluster.change_config(file, Some(yaml)).await.unwrap();
     }
 
+    /// Applies a TrafficPolicy `name` for Service `target` with `spec` (YAML flow mappings,
+    /// one per line, indented two spaces).
+    async fn traffic_policy(&self, file: &str, name: &str, target: &str, spec: &str) {
+        let ns = &self.client.namespace;
+        self.apply(
+            file,
+            &format!(
+                "apiVersion: nodemesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  targetRef: {{name: {target}}}\n{spec}"
+            ),
+        )
+        .await;
+    }
+
+    async fn l7_counter(&self, node: usize, name: &str) -> u64 {
+        n(
+            &self.cluster.nodes[node].counters().await.unwrap(),
+            &["l7", name],
+        )
+    }
+
     /// `count` requests to `web` from the client over 4 connections.
     async fn get(&self, path: &str, count: usize, extra: &[&str]) -> Value {
         self.get_at(WEB, path, count, 4, extra).await
@@ -203,8 +223,7 @@ spec:
     assert_eq!(seen["headers"]["host"], "10.96.0.20", "{c:?}");
     assert!(seen["pod"].as_str().unwrap().starts_with("v1"), "{c:?}");
 
-    // No route matches a path the table does not cover? `/` catches all here; a request to an
-    // unknown backend Service is 503 with a flag, never a hang.
+    // curl speaking HTTP/2 with prior knowledge: detected and served as HTTP/2, answered by a pod.
     let c = shop
         .client
         .curl(&["--http2-prior-knowledge", &format!("http://{WEB}/echo")])
@@ -324,17 +343,11 @@ spec:
     assert_eq!(denied, 31);
 
     // Rate limit per destination: 5/s with a burst of 5 on each web-v2 pod.
-    shop.apply(
+    shop.traffic_policy(
         "ratelimit.yaml",
-        &format!(
-            r#"apiVersion: nodemesh.io/v1alpha1
-kind: TrafficPolicy
-metadata: {{name: web-limit, namespace: {ns}}}
-spec:
-  targetRef: {{name: web-v2}}
-  rateLimit: {{requestsPerSecond: 5, burst: 5}}
-"#
-        ),
+        "web-limit",
+        "web-v2",
+        "  rateLimit: {requestsPerSecond: 5, burst: 5}\n",
     )
     .await;
     let r = shop.get_at("10.96.0.22:80", "/", 40, 2, &[]).await;
@@ -354,18 +367,14 @@ async fn timeouts_retries_and_outlier_ejection() {
     let r = shop.get_at("10.96.0.21:80", "/", 100, 4, &[]).await;
     assert!(count(&r, "statuses", "503") > 0, "{r}");
 
-    shop.apply(
+    shop.traffic_policy(
         "policy.yaml",
-        &format!(
-            r#"apiVersion: nodemesh.io/v1alpha1
-kind: TrafficPolicy
-metadata: {{name: web-v1, namespace: {ns}}}
-spec:
-  targetRef: {{name: web-v1}}
-  timeouts: {{request: 400ms}}
-  retries: {{attempts: 2, retryOn: ["503", "reset", "connect-failure"], backoff: {{baseInterval: 5ms, maxInterval: 20ms}}, budgetPercent: 50}}
-  outlierDetection: {{consecutiveFailures: 3, baseEjectionTime: 30s}}
-"#
+        "web-v1",
+        "web-v1",
+        concat!(
+            "  timeouts: {request: 400ms}\n",
+            "  retries: {attempts: 2, retryOn: [\"503\", reset, connect-failure], backoff: {baseInterval: 5ms, maxInterval: 20ms}, budgetPercent: 50}\n",
+            "  outlierDetection: {consecutiveFailures: 3, baseEjectionTime: 30s}\n",
         ),
     )
     .await;
@@ -399,7 +408,8 @@ spec:
     assert_eq!(c.header("x-nodemesh-flag"), "UT", "{c:?}");
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
 
-    // A server that resets: retried, then 502.
+    // A server that resets: tried three times (two retries, on both endpoints), then 502.
+    let retries = shop.l7_counter(0, "retries").await;
     let c = shop
         .client
         .curl(&["http://10.96.0.21:80/reset"])
@@ -407,19 +417,14 @@ spec:
         .unwrap();
     assert_eq!(c.status, 502, "{c:?}");
     assert_eq!(c.header("x-nodemesh-flag"), "UR", "{c:?}");
+    assert_eq!(shop.l7_counter(0, "retries").await, retries + 2);
 
     // Fault injection: half of web-v2's requests aborted with 418.
-    shop.apply(
+    shop.traffic_policy(
         "faults.yaml",
-        &format!(
-            r#"apiVersion: nodemesh.io/v1alpha1
-kind: TrafficPolicy
-metadata: {{name: web-v2, namespace: {ns}}}
-spec:
-  targetRef: {{name: web-v2}}
-  faults: {{abort: {{percent: 50, httpStatus: 418}}}}
-"#
-        ),
+        "web-v2",
+        "web-v2",
+        "  faults: {abort: {percent: 50, httpStatus: 418}}\n",
     )
     .await;
     let r = shop.get_at("10.96.0.22:80", "/", 1000, 4, &[]).await;
@@ -430,24 +435,31 @@ spec:
 
     // Circuit breaking on connections: one app connection to web-v2 at a time; a second one
     // held open beside it is refused (reset), and counted.
-    shop.apply(
+    shop.traffic_policy(
         "faults.yaml",
-        &format!(
-            r#"apiVersion: nodemesh.io/v1alpha1
-kind: TrafficPolicy
-metadata: {{name: web-v2, namespace: {ns}}}
-spec:
-  targetRef: {{name: web-v2}}
-  circuitBreaker: {{maxConnections: 1}}
-"#
-        ),
+        "web-v2",
+        "web-v2",
+        "  circuitBreaker: {maxConnections: 1}\n",
     )
     .await;
     let r = shop.get_at("10.96.0.22:80", "/delay/20", 40, 2, &[]).await;
     assert!(count(&r, "statuses", "200") > 0, "{r}");
     assert!(!r["errors"].as_object().unwrap().is_empty(), "{r}");
-    let c = shop.cluster.nodes[0].counters().await.unwrap();
-    assert!(n(&c, &["l7", "connections_over_limit"]) > 0, "{c}");
+    assert!(shop.l7_counter(0, "connections_over_limit").await > 0);
+
+    // Circuit breaking on requests: one in flight and one queued per node; the queued one is
+    // served when the first finishes, the rest get 503 UO at once.
+    shop.traffic_policy(
+        "faults.yaml",
+        "web-v2",
+        "web-v2",
+        "  circuitBreaker: {maxRequests: 1, maxPendingRequests: 1}\n",
+    )
+    .await;
+    let r = shop.get_at("10.96.0.22:80", "/delay/300", 4, 4, &[]).await;
+    assert_eq!(count(&r, "statuses", "200"), 2, "{r}");
+    assert_eq!(count(&r, "statuses", "503"), 2, "{r}");
+    assert_eq!(count(&r, "flags", "UO"), 2, "{r}");
 }
 
 /// Connections that are not HTTP still go through as opaque TCP on a port without a declared

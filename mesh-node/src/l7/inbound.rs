@@ -32,13 +32,16 @@ use crate::{
     node_config::NodeConfig,
 };
 
+/// The HTTP path's own figures (`/v1/counters` -> `l7`), both sides.
 #[derive(Default, Debug, Serialize)]
-pub struct InboundCounters {
+pub struct L7Counters {
     pub requests: AtomicU64,
     pub denied: AtomicU64,
     pub rate_limited: AtomicU64,
     /// App connections to a Service refused by its circuit breaker's `maxConnections`.
     pub connections_over_limit: AtomicU64,
+    /// Tries after the first (the retry policy allowed them, the budget had room).
+    pub retries: AtomicU64,
 }
 
 /// Who is calling, as this node knows it.
@@ -55,7 +58,7 @@ pub struct L7Inbound {
     pub pods: Arc<PodClient>,
     pub enrollment: Arc<Enrollment>,
     pub stats: Arc<L7Stats>,
-    pub counters: InboundCounters,
+    pub counters: L7Counters,
 }
 
 impl L7Inbound {

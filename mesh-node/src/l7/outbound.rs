@@ -300,7 +300,6 @@ impl L7Outbound {
         conn: &Conn,
     ) -> Result<(Response<Body>, String), ProxyError> {
         let policy: &ServicePolicy = &b.service.policy;
-        let grpc = is_grpc(req.headers());
         if let Some((pct, d)) = policy.delay
             && chance(pct)
         {
@@ -317,37 +316,32 @@ impl L7Outbound {
                 },
             });
         }
-        let _ = grpc;
-        // Circuit breaking: a request slot, else a place in the queue for one.
-        let slot = match acquire(&b.state.requests, policy.breaker.max_requests) {
-            Some(s) => s,
-            None => {
-                let Some(_queued) = acquire(
-                    &b.state.pending,
-                    Some(policy.breaker.max_pending.unwrap_or(0)),
-                ) else {
-                    return Err(ProxyError::Overflow(
-                        "max requests and max pending requests",
-                    ));
-                };
-                loop {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                    if let Some(s) = acquire(&b.state.requests, policy.breaker.max_requests) {
-                        break s;
-                    }
-                }
-            }
-        };
         let request_timeout = decided.request_timeout.or(policy.request_timeout);
-        let tries = self.tries(cfg, req, b, decided, conn);
-        let result = match request_timeout {
-            Some(t) => tokio::time::timeout(t, tries)
+        // Circuit breaking: a request slot, else a bounded place in the queue for one. Waiting in
+        // the queue counts against the request timeout.
+        let work = async {
+            let _slot = match b.state.request_slot(policy.breaker.max_requests) {
+                Some(s) => s,
+                None => {
+                    let Some(_queued) = acquire(
+                        &b.state.pending,
+                        Some(policy.breaker.max_pending.unwrap_or(0)),
+                    ) else {
+                        return Err(ProxyError::Overflow(
+                            "max requests and max pending requests",
+                        ));
+                    };
+                    b.state.wait_request_slot(policy.breaker.max_requests).await
+                }
+            };
+            self.tries(cfg, req, b, decided, conn).await
+        };
+        match request_timeout {
+            Some(t) => tokio::time::timeout(t, work)
                 .await
                 .unwrap_or(Err(ProxyError::Timeout)),
-            None => tries.await,
-        };
-        drop(slot);
-        result
+            None => work.await,
+        }
     }
 
     async fn tries(
@@ -431,9 +425,16 @@ impl L7Outbound {
             };
             drop(in_flight);
             let outcome = match &result {
-                Ok((r, _)) => {
-                    Outcome::Response(r.status().as_u16(), inbound::grpc_status(r).parse().ok())
-                }
+                // The destination's proxy answers its own upstream failures; its flag says which
+                // (pods cannot set it: it is taken off their answers).
+                Ok((r, _)) => match inbound::flag(r) {
+                    "UR" => Outcome::Reset,
+                    "UF" => Outcome::ConnectFailure,
+                    "UT" => Outcome::Timeout,
+                    _ => {
+                        Outcome::Response(r.status().as_u16(), inbound::grpc_status(r).parse().ok())
+                    }
+                },
                 Err(ProxyError::Connect(_)) => Outcome::ConnectFailure,
                 Err(ProxyError::Timeout) => Outcome::Timeout,
                 Err(_) => Outcome::Reset,
@@ -473,6 +474,10 @@ impl L7Outbound {
             }
             let r = retry.expect("checked above");
             attempt += 1;
+            self.inbound
+                .counters
+                .retries
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tried.push(ep.key.clone());
             debug!(service = %b.service.name, endpoint = %ep.key, ?outcome, attempt, "retrying");
             tokio::time::sleep(backoff(r.base, r.max, attempt - 1, rand::random())).await;

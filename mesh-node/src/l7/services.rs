@@ -74,6 +74,14 @@ enum RouteSpec<'a> {
     Grpc(&'a GRPCRouteSpec),
 }
 
+/// Routes and traffic policies as the node config parsed them: `(namespace, name, spec)`.
+#[derive(Debug, Default)]
+pub struct Specs {
+    pub http: Vec<(String, String, HTTPRouteSpec)>,
+    pub grpc: Vec<(String, String, GRPCRouteSpec)>,
+    pub traffic: Vec<(String, String, TrafficPolicySpec)>,
+}
+
 /// A route attached to a Service: (port or all, route namespace, route name, spec).
 type Attached<'a> = (Option<u16>, &'a str, &'a str, RouteSpec<'a>);
 
@@ -88,42 +96,16 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    /// `policies` are `(kind, namespace, name, spec JSON)` already parsed by the node config.
-    pub fn compile(
-        services: &[pb::Service],
-        policies: &[(pb::Kind, &str, &str, &serde_json::Value)],
-    ) -> Result<Self, CatalogError> {
+    pub fn compile(services: &[pb::Service], specs: &Specs) -> Result<Self, CatalogError> {
         let mut routes: HashMap<String, Vec<Attached>> = HashMap::new();
         let mut traffic: HashMap<String, ServicePolicy> = HashMap::new();
-        // Parsed specs must outlive the borrow in `routes`.
-        let mut http_specs = Vec::new();
-        let mut grpc_specs = Vec::new();
-        for (kind, ns, name, spec) in policies {
-            match kind {
-                pb::Kind::HttpRoute => {
-                    if let Ok(s) = serde_json::from_value::<HTTPRouteSpec>((*spec).clone()) {
-                        http_specs.push((*ns, *name, s));
-                    }
-                }
-                pb::Kind::GrpcRoute => {
-                    if let Ok(s) = serde_json::from_value::<GRPCRouteSpec>((*spec).clone()) {
-                        grpc_specs.push((*ns, *name, s));
-                    }
-                }
-                pb::Kind::TrafficPolicy => {
-                    if let Ok(s) = serde_json::from_value::<TrafficPolicySpec>((*spec).clone()) {
-                        let full = format!("{ns}/{name}");
-                        let p = ServicePolicy::compile(&full, &s).map_err(|source| {
-                            CatalogError::Policy {
-                                name: full.clone(),
-                                source,
-                            }
-                        })?;
-                        traffic.insert(format!("{ns}/{}", s.target_ref.name), p);
-                    }
-                }
-                _ => {}
-            }
+        for (ns, name, s) in &specs.traffic {
+            let full = format!("{ns}/{name}");
+            let p = ServicePolicy::compile(&full, s).map_err(|source| CatalogError::Policy {
+                name: full.clone(),
+                source,
+            })?;
+            traffic.insert(format!("{ns}/{}", s.target_ref.name), p);
         }
         let attach = |parents: &[ParentRef], ns: &str| -> Vec<(String, Option<u16>)> {
             parents
@@ -137,7 +119,7 @@ impl Catalog {
                 })
                 .collect()
         };
-        for (ns, name, s) in &http_specs {
+        for (ns, name, s) in &specs.http {
             for (svc, port) in attach(&s.parent_refs, ns) {
                 routes
                     .entry(svc)
@@ -145,7 +127,7 @@ impl Catalog {
                     .push((port, ns, name, RouteSpec::Http(s)));
             }
         }
-        for (ns, name, s) in &grpc_specs {
+        for (ns, name, s) in &specs.grpc {
             for (svc, port) in attach(&s.parent_refs, ns) {
                 routes
                     .entry(svc)
@@ -248,6 +230,7 @@ pub struct ServiceState {
     pub requests: AtomicU32,
     pub pending: AtomicU32,
     pub connections: AtomicU32,
+    released: tokio::sync::Notify,
     /// GCRA state per source identity (`""`: the whole destination).
     limiters: Mutex<HashMap<String, Gcra>>,
 }
@@ -263,6 +246,7 @@ impl ServiceState {
             requests: AtomicU32::new(0),
             pending: AtomicU32::new(0),
             connections: AtomicU32::new(0),
+            released: tokio::sync::Notify::new(),
             limiters: Mutex::default(),
         }
     }
@@ -279,6 +263,42 @@ impl ServiceState {
             .or_default()
             .check(limit, epoch, now)
             .is_ok()
+    }
+}
+
+/// A request counted against its Service's `maxRequests` while it is in flight; releasing it
+/// wakes one queued request.
+pub struct RequestSlot(Arc<ServiceState>);
+
+impl Drop for RequestSlot {
+    fn drop(&mut self) {
+        self.0.requests.fetch_sub(1, Relaxed);
+        self.0.released.notify_one();
+    }
+}
+
+impl ServiceState {
+    pub fn request_slot(self: &Arc<Self>, max: Option<u32>) -> Option<RequestSlot> {
+        let n = self.requests.fetch_add(1, Relaxed);
+        if max.is_some_and(|m| n >= m) {
+            self.requests.fetch_sub(1, Relaxed);
+            return None;
+        }
+        Some(RequestSlot(self.clone()))
+    }
+
+    /// Waits until a request slot frees up (no polling: woken by the slot's release).
+    pub async fn wait_request_slot(self: &Arc<Self>, max: Option<u32>) -> RequestSlot {
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            // Registered before trying, so a release between the try and the wait is not lost.
+            released.as_mut().enable();
+            if let Some(s) = self.request_slot(max) {
+                return s;
+            }
+            released.await;
+        }
     }
 }
 

@@ -110,7 +110,20 @@ impl PodClient {
         Ok(TokioIo::new(tcp))
     }
 
+    /// Sends `req` to the pod at `addr`. Our own response flag is taken off the pod's answer: only
+    /// the proxies may say what they did (retries and outlier detection trust it).
     pub async fn send(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        proto: UpstreamProtocol,
+        req: Request<Body>,
+    ) -> Result<Response<Body>, ProxyError> {
+        let mut resp = self.forward(addr, proto, req).await?;
+        resp.headers_mut().remove(super::respond::FLAG_HEADER);
+        Ok(resp)
+    }
+
+    async fn forward(
         self: &Arc<Self>,
         addr: SocketAddr,
         proto: UpstreamProtocol,
