@@ -593,3 +593,70 @@ spec:
     );
     drop(grpc);
 }
+
+#[tokio::test]
+async fn websocket_upgrades_and_idle_connections() {
+    let shop = shop([None, None, None]).await;
+    let ws = |to: String| {
+        let client = shop.client.clone();
+        async move {
+            client
+                .testpod(&["ws", "--to", &to, "--send", "one", "--send", "two"])
+                .await
+        }
+    };
+    // Across nodes (web-v2 lives on node 1 only): the upgrade is carried over the tunnel.
+    let r = ws("10.96.0.22:80".into()).await.unwrap();
+    assert_eq!(r["status"], 101, "{r}");
+    let replies: Vec<&str> = r["replies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(replies.len(), 2, "{r}");
+    assert!(
+        replies[0].starts_with("v2-") && replies[0].ends_with(": one"),
+        "{r}"
+    );
+    assert!(replies[1].ends_with(": two"), "{r}");
+    // Same node, straight to a pod's address.
+    let local = shop.cluster.pod(0, 1).clone();
+    let r = ws(format!("{}:{PORT}", local.ipv4)).await.unwrap();
+    assert_eq!(r["replies"][1], format!("v1-{}: two", local.name), "{r}");
+
+    // The upgrade request is authorized like any other: deny it and the handshake fails with 403.
+    let ns = &shop.client.namespace;
+    shop.apply(
+        "deny-ws.yaml",
+        &format!(
+            "apiVersion: nodemesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: no-ws, namespace: {ns}}}\nspec:\n  action: DENY\n  rules: [{{to: [{{paths: [/ws]}}]}}]\n"
+        ),
+    )
+    .await;
+    let err = ws("10.96.0.22:80".into()).await.unwrap_err();
+    assert!(format!("{err:#}").contains("403"), "{err:#}");
+    let r = shop.get_at("10.96.0.22:80", "/", 5, 1, &[]).await;
+    assert_eq!(count(&r, "statuses", "200"), 5, "{r}");
+
+    // Idle timeout: an app connection with no request for `timeouts.idle` is closed (HTTP/1.1
+    // and HTTP/2); one used more often stays open.
+    shop.traffic_policy(
+        "idle.yaml",
+        "web-v2-idle",
+        "web-v2",
+        "  timeouts: {idle: 1s}\n",
+    )
+    .await;
+    for h2 in [&[][..], &["--h2"][..]] {
+        let mut extra = vec!["--pause-ms", "1600"];
+        extra.extend_from_slice(h2);
+        let r = shop.get_at("10.96.0.22:80", "/", 3, 1, &extra).await;
+        assert_eq!(count(&r, "statuses", "200"), 3, "{r}");
+        assert_eq!(r["connections"], 3, "closed when idle ({h2:?}): {r}");
+        let mut extra = vec!["--pause-ms", "200"];
+        extra.extend_from_slice(h2);
+        let r = shop.get_at("10.96.0.22:80", "/", 3, 1, &extra).await;
+        assert_eq!(r["connections"], 1, "kept while in use ({h2:?}): {r}");
+    }
+}

@@ -12,12 +12,14 @@ pub mod balance;
 pub mod body;
 pub mod detect;
 pub mod filters;
+pub mod idle;
 pub mod inbound;
 pub mod outbound;
 pub mod policy;
 pub mod respond;
 pub mod services;
 pub mod stats;
+pub mod upgrade;
 pub mod upstream;
 
 use serde::Serialize;

@@ -17,13 +17,16 @@ use tracing::{debug, info};
 use super::{
     Protocol, UpstreamProtocol,
     body::{Body, Recording, Replay, boxed},
-    filters, inbound,
+    filters,
+    idle::Activity,
+    inbound,
     inbound::{Caller, L7Inbound},
     is_grpc,
     policy::{Abort, Outcome, ServicePolicy, backoff},
     respond::{ProxyError, error_response},
     services::{Service, ServiceState, acquire},
     stats::{L7Stats, RequestLabels},
+    upgrade,
     upstream::{self, TunnelTarget},
 };
 use crate::{hbone::Tunnels, node_config::NodeConfig, routes};
@@ -31,6 +34,10 @@ use crate::{hbone::Tunnels, node_config::NodeConfig, routes};
 /// Largest request head accepted from an app (HTTP/1.1 buffer; HTTP/2 header list).
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 pub const MAX_HEADERS: usize = 100;
+
+/// How long an app's HTTP/1.1 connection may wait for its next request when its Service's
+/// policy says nothing (Envoy's default idle timeout).
+const HTTP1_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// Where the app's connection was going.
 #[derive(Clone, Debug)]
@@ -111,29 +118,64 @@ impl L7Outbound {
         };
         let _ = client.set_nodelay(true);
         let io = TokioIo::new(client);
+        let idle = match &conn.target {
+            Target::Service(svc, _) => svc.policy.idle_timeout,
+            Target::Pod(..) => None,
+        };
         let this = self.clone();
         let c = conn.clone();
-        let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-            let (this, c) = (this.clone(), c.clone());
-            async move { Ok::<_, Infallible>(this.request(req.map(boxed), &c).await) }
-        });
         let result = match conn.detected {
             UpstreamProtocol::H1 => {
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let (this, c) = (this.clone(), c.clone());
+                    async move { Ok::<_, Infallible>(this.request(req.map(boxed), &c).await) }
+                });
+                // hyper's header read timer runs from the end of one response to the end of the
+                // next request's head: on a keep-alive connection it is the idle timeout.
                 http1::Builder::new()
                     .max_headers(MAX_HEADERS)
                     .max_buf_size(MAX_HEADER_BYTES)
                     .timer(TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(60))
+                    .header_read_timeout(idle.unwrap_or(HTTP1_IDLE_TIMEOUT))
                     .serve_connection(io, svc)
+                    .with_upgrades()
                     .await
             }
             UpstreamProtocol::H2 => {
-                http2::Builder::new(TokioExecutor::new())
+                let activity = idle.map(|_| Arc::new(Activity::default()));
+                let a = activity.clone();
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let (this, c, a) = (this.clone(), c.clone(), a.clone());
+                    async move {
+                        let busy = a.as_ref().map(|a| a.start());
+                        let resp = this.request(req.map(boxed), &c).await;
+                        Ok::<_, Infallible>(match busy {
+                            Some(b) => resp.map(|body| boxed(b.until_end_of(body))),
+                            None => resp,
+                        })
+                    }
+                });
+                let served = http2::Builder::new(TokioExecutor::new())
                     .max_header_list_size(MAX_HEADER_BYTES as u32)
                     .initial_stream_window_size(4 << 20)
                     .initial_connection_window_size(16 << 20)
-                    .serve_connection(io, svc)
-                    .await
+                    .serve_connection(io, svc);
+                match (idle, activity) {
+                    (Some(idle), Some(a)) => {
+                        tokio::pin!(served);
+                        loop {
+                            let Some(wait) = a.next_check(idle) else {
+                                served.as_mut().graceful_shutdown();
+                                break served.await;
+                            };
+                            tokio::select! {
+                                r = served.as_mut() => break r,
+                                _ = tokio::time::sleep(wait) => {}
+                            }
+                        }
+                    }
+                    _ => served.await,
+                }
             }
         };
         if let Err(e) = result {
@@ -141,8 +183,9 @@ impl L7Outbound {
         }
     }
 
-    async fn request(&self, req: Request<Body>, conn: &Conn) -> Response<Body> {
+    async fn request(&self, mut req: Request<Body>, conn: &Conn) -> Response<Body> {
         let started = Instant::now();
+        let upgrade = upgrade::prepare_source(&mut req);
         let grpc = is_grpc(req.headers());
         let cfg = self.config.borrow().clone();
         // Kept for the debug line only, and only when it will be written.
@@ -152,6 +195,10 @@ impl L7Outbound {
         let (resp, service, dst_pod) = match self.route(&cfg, req, conn).await {
             Ok(r) => r,
             Err((e, service)) => (error_response(&e, grpc), service, String::new()),
+        };
+        let resp = match upgrade {
+            Some(u) => upgrade::finish_source(resp, u),
+            None => resp,
         };
         self.stats.record(
             RequestLabels {
@@ -374,7 +421,9 @@ impl L7Outbound {
             _ => None,
         };
         let (mut parts, body) = req.into_parts();
-        let keep = retry.is_some() || decided.mirror.is_some();
+        // An upgraded connection's bytes are neither replayed nor mirrored.
+        let keep = (retry.is_some() || decided.mirror.is_some())
+            && !parts.headers.contains_key(upgrade::UPGRADE_HEADER);
         let (mut body, replay) = if keep {
             let (rec, replay) = Recording::new(body);
             (Some(boxed(rec)), Some(replay))

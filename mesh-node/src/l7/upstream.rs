@@ -22,6 +22,7 @@ use super::{
     FORWARDED_HEADER, TARGET_HEADER, UPSTREAM_PROTOCOL_HEADER, UpstreamProtocol,
     body::{Body, BoxError, RecvBody, boxed, send_body},
     respond::ProxyError,
+    upgrade,
 };
 use crate::{
     hbone::Tunnels,
@@ -77,6 +78,14 @@ fn absolute(uri: &Uri, authority: &str) -> Result<Uri, ProxyError> {
         .map_err(|e| ProxyError::BadRequest(format!("request target: {e}")))
 }
 
+/// `/path?query`, for HTTP/1.1.
+fn origin_form(uri: &Uri) -> Result<Uri, ProxyError> {
+    uri.path_and_query()
+        .map_or("/", |p| p.as_str())
+        .parse()
+        .map_err(|e| ProxyError::BadRequest(format!("request target: {e}")))
+}
+
 /// Requests to pods of this node.
 pub struct PodClient {
     pub source: ProxySource,
@@ -116,11 +125,48 @@ impl PodClient {
         self: &Arc<Self>,
         addr: SocketAddr,
         proto: UpstreamProtocol,
-        req: Request<Body>,
+        mut req: Request<Body>,
     ) -> Result<Response<Body>, ProxyError> {
+        if proto == UpstreamProtocol::H1
+            && let Some(from_app) = upgrade::prepare_destination(&mut req)
+        {
+            return self.upgrade(addr, req, from_app).await;
+        }
+        req.headers_mut().remove(upgrade::UPGRADE_HEADER);
         let mut resp = self.forward(addr, proto, req).await?;
         resp.headers_mut().remove(super::respond::FLAG_HEADER);
+        resp.headers_mut().remove(upgrade::UPGRADED_HEADER);
         Ok(resp)
+    }
+
+    /// An `Upgrade` request, on a connection of its own (it will not come back to the pool).
+    async fn upgrade(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        mut req: Request<Body>,
+        from_app: Body,
+    ) -> Result<Response<Body>, ProxyError> {
+        let auth = authority(&req).unwrap_or_else(|| addr.to_string());
+        let (proto, connection) = (
+            req.headers_mut().remove(header::UPGRADE),
+            req.headers_mut().remove(header::CONNECTION),
+        );
+        strip_hop_headers(req.headers_mut());
+        let h = req.headers_mut();
+        if let (Some(p), Some(c)) = (proto, connection) {
+            h.insert(header::UPGRADE, p);
+            h.insert(header::CONNECTION, c);
+        }
+        if let Ok(v) = HeaderValue::from_str(&auth) {
+            h.insert(header::HOST, v);
+        }
+        *req.uri_mut() = origin_form(req.uri())?;
+        *req.version_mut() = http::Version::HTTP_11;
+        let mut send = self.h1_connect(addr).await?;
+        let mut resp = send.send_request(req).await.map_err(upstream_error)?;
+        resp.headers_mut().remove(super::respond::FLAG_HEADER);
+        resp.headers_mut().remove(upgrade::UPGRADED_HEADER);
+        Ok(upgrade::finish_destination(resp, from_app, send))
     }
 
     async fn forward(
@@ -141,14 +187,7 @@ impl PodClient {
                 Ok(resp.map(boxed))
             }
             UpstreamProtocol::H1 => {
-                let pq = req
-                    .uri()
-                    .path_and_query()
-                    .map_or("/", |p| p.as_str())
-                    .to_string();
-                *req.uri_mut() = pq
-                    .parse()
-                    .map_err(|e| ProxyError::BadRequest(format!("request target: {e}")))?;
+                *req.uri_mut() = origin_form(req.uri())?;
                 if let Ok(v) = HeaderValue::from_str(&auth) {
                     req.headers_mut().insert(header::HOST, v);
                 }
@@ -184,6 +223,10 @@ impl PodClient {
                 return Ok(s);
             }
         }
+        self.h1_connect(addr).await
+    }
+
+    async fn h1_connect(&self, addr: SocketAddr) -> Result<http1::SendRequest<Body>, ProxyError> {
         let io = self.connect(addr).await?;
         let (send, conn) = http1::Builder::new()
             .handshake(io)

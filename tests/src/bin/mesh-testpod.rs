@@ -112,6 +112,19 @@ enum Cmd {
         h2: bool,
         #[arg(long, default_value = "GET")]
         method: String,
+        /// Wait this long before each request after a connection's first (idle connections).
+        #[arg(long, default_value_t = 0)]
+        pause_ms: u64,
+    },
+    /// WebSocket client: sends each message, reads each echo (`NAME: message` from an `http`
+    /// server's `/ws`); reports the replies as JSON.
+    Ws {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value = "/ws")]
+        path: String,
+        #[arg(long)]
+        send: Vec<String>,
     },
     /// gRPC server (tonic, HTTP/2 cleartext) of `testpod.v1.Greeter`.
     Grpc {
@@ -174,6 +187,7 @@ async fn main() -> anyhow::Result<()> {
             pace,
         } => rr(to, Duration::from_millis(duration_ms), conns, size, pace).await,
         Cmd::Bulk { to, bytes } => bulk(to, bytes).await,
+        Cmd::Ws { to, path, send } => ws(to, path, send).await,
         Cmd::Grpc { listen, name } => grpc_serve(listen, name).await,
         Cmd::GrpcCall {
             to,
@@ -189,7 +203,11 @@ async fn main() -> anyhow::Result<()> {
             header,
             h2,
             method,
-        } => get(to, path, count, conns, header, h2, method).await,
+            pause_ms,
+        } => {
+            let pause = Duration::from_millis(pause_ms);
+            get(to, path, count, conns, header, h2, method, pause).await
+        }
     }
 }
 
@@ -236,7 +254,7 @@ async fn http(addrs: Vec<SocketAddr>, name: String, status: Option<u16>) -> anyh
         let _ = s.set_nodelay(true);
         let svc = hyper::service::service_fn(move |req| http_answer(req, peer));
         let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+            .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(s), svc)
             .await;
     })
     .await
@@ -257,6 +275,8 @@ async fn http_answer(
         status = code.parse().unwrap_or(400);
     } else if let Some(ms) = path.strip_prefix("/delay/") {
         tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+    } else if path == "/ws" {
+        return Ok(ws_accept(req, name.clone()));
     } else if path == "/reset" {
         return Err(std::io::Error::other("reset as asked"));
     } else if path.starts_with("/echo") {
@@ -285,6 +305,84 @@ async fn http_answer(
         resp.headers_mut().insert("x-pod", v);
     }
     Ok(resp)
+}
+
+/// Answers a WebSocket handshake with `101` and echoes each message as `NAME: message`.
+fn ws_accept(
+    mut req: hyper::Request<hyper::body::Incoming>,
+    name: String,
+) -> hyper::Response<HttpBody> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{Message, handshake::derive_accept_key, protocol::Role};
+    let key = req.headers().get("sec-websocket-key").cloned();
+    let Some(key) = key.filter(|_| req.headers().contains_key(hyper::header::UPGRADE)) else {
+        let mut resp = hyper::Response::new(HttpBody::default());
+        *resp.status_mut() = hyper::StatusCode::BAD_REQUEST;
+        return resp;
+    };
+    let on = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(io) = on.await else { return };
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            hyper_util::rt::TokioIo::new(io),
+            Role::Server,
+            None,
+        )
+        .await;
+        while let Some(Ok(msg)) = ws.next().await {
+            let Message::Text(t) = msg else {
+                if msg.is_close() {
+                    break;
+                }
+                continue;
+            };
+            if ws
+                .send(Message::text(format!("{name}: {t}")))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let mut resp = hyper::Response::new(HttpBody::default());
+    *resp.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("upgrade"),
+    );
+    h.insert(
+        hyper::header::UPGRADE,
+        hyper::header::HeaderValue::from_static("websocket"),
+    );
+    if let Ok(v) = derive_accept_key(key.as_bytes()).parse() {
+        h.insert("sec-websocket-accept", v);
+    }
+    resp
+}
+
+async fn ws(to: SocketAddr, path: String, send: Vec<String>) -> anyhow::Result<()> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let tcp = TcpStream::connect(to).await.context("connect")?;
+    let (mut ws, resp) = tokio_tungstenite::client_async(format!("ws://{to}{path}"), tcp)
+        .await
+        .context("WebSocket handshake")?;
+    let mut replies = Vec::new();
+    for m in send {
+        ws.send(Message::text(m)).await?;
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => replies.push(t.to_string()),
+            other => anyhow::bail!("no echo: {other:?}"),
+        }
+    }
+    ws.close(None).await?;
+    println!(
+        "{}",
+        json!({"status": resp.status().as_u16(), "replies": replies})
+    );
+    Ok(())
 }
 
 /// IPv6 listeners are IPv6-only so an IPv4 listener can share the port and peers keep their family.
@@ -604,6 +702,8 @@ struct GetReport {
     pods: BTreeMap<String, u64>,
     flags: BTreeMap<String, u64>,
     errors: BTreeMap<String, u64>,
+    /// Connections opened (a closed one is replaced).
+    connections: u64,
     /// The last body seen, for a look at what came back.
     last_body: String,
 }
@@ -617,6 +717,7 @@ async fn get(
     headers: Vec<String>,
     h2: bool,
     method: String,
+    pause: Duration,
 ) -> anyhow::Result<()> {
     use http_body_util::{BodyExt, Empty};
     let report = Arc::new(Mutex::new(GetReport::default()));
@@ -643,9 +744,15 @@ async fn get(
                 {
                     return;
                 }
+                if sender.is_some() && !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
+                }
                 if sender.as_ref().is_none_or(Sender::is_closed) {
                     match Sender::connect(to, h2).await {
-                        Ok(s) => sender = Some(s),
+                        Ok(s) => {
+                            report.lock().unwrap().connections += 1;
+                            sender = Some(s)
+                        }
                         Err(e) => {
                             *report
                                 .lock()
