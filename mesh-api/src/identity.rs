@@ -2,12 +2,18 @@
 use std::{fmt, str::FromStr};
 
 /// A workload's SPIFFE ID. Only the Kubernetes-shaped form is accepted.
+///
+/// Kept as its URI, shared: the proxies compare, hash, clone and print identities on every
+/// connection and request, and none of that should allocate.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SpiffeId {
-    trust_domain: String,
-    namespace: String,
-    service_account: String,
+    uri: std::sync::Arc<str>,
+    /// Where the namespace and the service account start in `uri`.
+    ns: usize,
+    sa: usize,
 }
+
+const SCHEME: &str = "spiffe://";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum IdentityError {
@@ -60,27 +66,34 @@ impl SpiffeId {
                 });
             }
         }
+        let ns = SCHEME.len() + trust_domain.len() + "/ns/".len();
+        let sa = ns + namespace.len() + "/sa/".len();
         Ok(Self {
-            trust_domain: trust_domain.into(),
-            namespace: namespace.into(),
-            service_account: service_account.into(),
+            uri: format!("{SCHEME}{trust_domain}/ns/{namespace}/sa/{service_account}").into(),
+            ns,
+            sa,
         })
     }
 
     pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
+        &self.uri[SCHEME.len()..self.ns - "/ns/".len()]
     }
     pub fn namespace(&self) -> &str {
-        &self.namespace
+        &self.uri[self.ns..self.sa - "/sa/".len()]
     }
     pub fn service_account(&self) -> &str {
-        &self.service_account
+        &self.uri[self.sa..]
+    }
+
+    /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+    pub fn as_str(&self) -> &str {
+        &self.uri
     }
 
     /// The TLS server name a client asks for to reach this identity at a node proxy: the node
     /// serves many workloads on one port and picks the certificate by SNI.
     pub fn server_name(&self) -> String {
-        format!("{}.{}.id.mesh", self.service_account, self.namespace)
+        format!("{}.{}.id.mesh", self.service_account(), self.namespace())
     }
 
     /// Inverse of [`SpiffeId::server_name`] within a trust domain.
@@ -93,11 +106,7 @@ impl SpiffeId {
 
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "spiffe://{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
-        )
+        f.write_str(&self.uri)
     }
 }
 

@@ -3,6 +3,7 @@
 pub mod crd;
 pub mod gateway;
 pub mod identity;
+pub mod pair;
 pub mod placement;
 
 /// The certificate service (`proto/mesh/ca/v1/ca.proto`).

@@ -161,7 +161,8 @@ impl Placement {
     }
 
     pub fn pod(&self, namespace: &str, name: &str) -> Option<&Workload> {
-        self.pods.get(&(namespace.to_string(), name.to_string()))
+        self.pods
+            .get(&crate::pair::key(namespace, name) as &dyn crate::pair::Pair)
     }
 
     /// Where `node`'s proxy accepts tunnels, preferring the family of `like`.

@@ -25,6 +25,18 @@ pub struct PodName {
     pub name: String,
 }
 
+impl mesh_api::pair::Pair for PodName {
+    fn pair(&self) -> (&str, &str) {
+        (&self.namespace, &self.name)
+    }
+}
+
+impl<'a> std::borrow::Borrow<dyn mesh_api::pair::Pair + 'a> for PodName {
+    fn borrow(&self) -> &(dyn mesh_api::pair::Pair + 'a) {
+        self
+    }
+}
+
 impl std::fmt::Display for PodName {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.namespace, self.name)
@@ -303,15 +315,12 @@ impl Enrollment {
     }
 
     pub fn is_enrolled(&self, namespace: &str, name: &str) -> bool {
-        let name = PodName {
-            namespace: namespace.into(),
-            name: name.into(),
-        };
+        let key = mesh_api::pair::key(namespace, name);
         self.state
             .read()
             .expect("state lock")
             .by_name
-            .contains_key(&name)
+            .contains_key(&key as &dyn mesh_api::pair::Pair)
     }
 
     pub fn list(&self) -> Vec<Pod> {

@@ -584,16 +584,19 @@ impl Inbound {
     ) {
         use crate::l7::{self, body, respond::ProxyError};
         let (mut parts, recv) = req.into_parts();
-        let header = |h: &mut http::HeaderMap, name: &str| {
-            h.remove(name)
-                .and_then(|v| v.to_str().ok().map(str::to_string))
-        };
-        let target = header(&mut parts.headers, l7::TARGET_HEADER)
-            .and_then(|t| t.parse::<SocketAddr>().ok());
-        let proto = header(&mut parts.headers, l7::UPSTREAM_PROTOCOL_HEADER)
-            .and_then(|p| l7::UpstreamProtocol::parse(&p))
+        let h = &mut parts.headers;
+        let target = h
+            .remove(l7::TARGET_HEADER)
+            .and_then(|t| t.to_str().ok()?.parse::<SocketAddr>().ok());
+        let proto = h
+            .remove(l7::UPSTREAM_PROTOCOL_HEADER)
+            .and_then(|p| l7::UpstreamProtocol::parse(p.to_str().ok()?))
             .unwrap_or(l7::UpstreamProtocol::H1);
-        let forwarded = header(&mut parts.headers, l7::FORWARDED_HEADER).unwrap_or_default();
+        let forwarded = h.remove(l7::FORWARDED_HEADER);
+        let forwarded = forwarded
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
         let grpc = l7::is_grpc(&parts.headers);
         let req = Request::from_parts(parts, body::boxed(body::RecvBody::new(recv)));
         let placement = self.placement.current();
@@ -609,7 +612,7 @@ impl Inbound {
                 self.stats.inbound_streams.fetch_add(1, Relaxed);
                 let caller = l7::inbound::Caller {
                     identity: Some(client_id.clone()),
-                    ip: forwarded_for(&forwarded).unwrap_or(peer.ip()),
+                    ip: forwarded_for(forwarded).unwrap_or(peer.ip()),
                 };
                 l7.handle(req, &caller, (&w.namespace, &w.name), target, proto)
                     .await

@@ -345,6 +345,7 @@ impl Outbound {
                 target,
                 detected: l7::UpstreamProtocol::H1,
                 declared,
+                forwarded: l7::upstream::forwarded(peer),
             },
             declared,
         ))

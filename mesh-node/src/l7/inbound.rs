@@ -92,16 +92,12 @@ impl L7Inbound {
         self.stats.record(
             RequestLabels {
                 reporter: "destination",
-                source_workload: source.map(|w| w.name.clone()).unwrap_or_default(),
-                source_namespace: source.map(|w| w.namespace.clone()).unwrap_or_default(),
-                source_principal: caller
-                    .identity
-                    .as_ref()
-                    .map(ToString::to_string)
-                    .unwrap_or_default(),
-                destination_service: String::new(),
-                destination_workload: dst.1.to_string(),
-                destination_namespace: dst.0.to_string(),
+                source_workload: source.map_or("", |w| w.name.as_str()),
+                source_namespace: source.map_or("", |w| w.namespace.as_str()),
+                source_principal: caller.identity.as_ref().map_or("", SpiffeId::as_str),
+                destination_service: "",
+                destination_workload: dst.1,
+                destination_namespace: dst.0,
                 response_code: resp.status().as_u16(),
                 grpc_status: grpc_status(&resp),
                 response_flags: flag(&resp),
@@ -143,7 +139,7 @@ impl L7Inbound {
                 headers: req.headers(),
             }),
         });
-        let src = caller.identity.as_ref().map(ToString::to_string);
+        let src = caller.identity.as_ref().map(SpiffeId::as_str);
         for a in &verdict.audited {
             info!(audit = %a, ?src, dst = %format!("{ns}/{name}"), method = %req.method(), path = %req.uri().path(), "audited request");
         }
@@ -153,12 +149,12 @@ impl L7Inbound {
             warn!(?src, dst = %format!("{ns}/{name}"), method = %req.method(), path = %req.uri().path(), %reason, "request denied");
             return Err(ProxyError::Denied(reason));
         }
-        let pod = format!("{ns}/{name}");
         let now = Instant::now();
-        for svc in cfg.l7.services_of(&pod, target.port()) {
+        for svc in cfg.l7.rate_limited(ns, name, target.port()) {
             let Some(limit) = &svc.policy.rate_limit else {
                 continue;
             };
+            let pod = format!("{ns}/{name}");
             let key = if limit.per_source {
                 let who = caller
                     .identity
@@ -178,12 +174,11 @@ impl L7Inbound {
     }
 }
 
-pub fn grpc_status(resp: &Response<Body>) -> String {
+pub fn grpc_status(resp: &Response<Body>) -> &str {
     resp.headers()
         .get("grpc-status")
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
-        .to_string()
 }
 
 pub fn flag(resp: &Response<Body>) -> &'static str {

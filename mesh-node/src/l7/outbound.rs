@@ -61,6 +61,8 @@ pub struct Conn {
     /// The client's HTTP version, and the declared protocol if any.
     pub detected: UpstreamProtocol,
     pub declared: Option<Protocol>,
+    /// `Forwarded: for="<peer>"` for requests crossing to other nodes.
+    pub forwarded: HeaderValue,
 }
 
 #[derive(Clone)]
@@ -200,25 +202,16 @@ impl L7Outbound {
             Some(u) => upgrade::finish_source(resp, u),
             None => resp,
         };
+        let (dst_ns, dst_name) = dst_pod.split_once('/').unwrap_or_default();
         self.stats.record(
             RequestLabels {
                 reporter: "source",
-                source_workload: conn.pod.1.clone(),
-                source_namespace: conn.pod.0.clone(),
-                source_principal: conn
-                    .identity
-                    .as_ref()
-                    .map(ToString::to_string)
-                    .unwrap_or_default(),
-                destination_service: service.clone(),
-                destination_workload: dst_pod
-                    .split_once('/')
-                    .map(|(_, n)| n.to_string())
-                    .unwrap_or_default(),
-                destination_namespace: dst_pod
-                    .split_once('/')
-                    .map(|(ns, _)| ns.to_string())
-                    .unwrap_or_default(),
+                source_workload: &conn.pod.1,
+                source_namespace: &conn.pod.0,
+                source_principal: conn.identity.as_ref().map_or("", SpiffeId::as_str),
+                destination_service: &service,
+                destination_workload: dst_name,
+                destination_namespace: dst_ns,
                 response_code: resp.status().as_u16(),
                 grpc_status: inbound::grpc_status(&resp),
                 response_flags: inbound::flag(&resp),
@@ -630,7 +623,7 @@ impl L7Outbound {
                 node,
                 dst: &w.identity,
                 target,
-                client: conn.peer,
+                forwarded: &conn.forwarded,
             },
             proto,
             req,

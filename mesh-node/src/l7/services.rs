@@ -93,6 +93,8 @@ pub struct Catalog {
     vips: HashMap<SocketAddr, (Arc<Service>, u16)>,
     /// Service ports targeting a pod port: `(pod key, target port)` -> protocol.
     pod_ports: HashMap<(String, u16), Option<Protocol>>,
+    /// Rate-limited Services by endpoint pod `(namespace, name)`, with the target ports.
+    limits: HashMap<(String, String), Vec<(u16, Arc<Service>)>>,
 }
 
 impl Catalog {
@@ -192,6 +194,15 @@ impl Catalog {
                     }
                 }
             }
+            if svc.policy.rate_limit.is_some() {
+                for e in &s.endpoints {
+                    let Some((ns, pod)) = e.split_once('/') else {
+                        continue;
+                    };
+                    let entry = catalog.limits.entry((ns.into(), pod.into())).or_default();
+                    entry.extend(ports.iter().map(|p| (p.target_port, svc.clone())));
+                }
+            }
             catalog.services.insert(name, svc);
         }
         Ok(catalog)
@@ -213,12 +224,20 @@ impl Catalog {
             .flatten()
     }
 
-    /// Services that have `pod` as an endpoint on `target_port`.
-    pub fn services_of(&self, pod: &str, target_port: u16) -> impl Iterator<Item = &Arc<Service>> {
-        self.services.values().filter(move |s| {
-            s.endpoints.iter().any(|e| e == pod)
-                && s.ports.iter().any(|p| p.target_port == target_port)
-        })
+    /// Rate-limited Services that have pod `namespace/name` as an endpoint on `target_port`.
+    pub fn rate_limited(
+        &self,
+        namespace: &str,
+        name: &str,
+        target_port: u16,
+    ) -> impl Iterator<Item = &Arc<Service>> {
+        let key = mesh_api::pair::key(namespace, name);
+        self.limits
+            .get(&key as &dyn mesh_api::pair::Pair)
+            .into_iter()
+            .flatten()
+            .filter(move |(p, _)| *p == target_port)
+            .map(|(_, s)| s)
     }
 }
 

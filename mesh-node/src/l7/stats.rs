@@ -15,24 +15,61 @@ pub const DURATION_BUCKETS: [f64; 12] = [
 
 pub const OVERFLOW: &str = "overflow";
 
-/// Labels of one request series.
+/// Labels of one request series. Recorded borrowed (`RequestLabels<&str>`, no allocation per
+/// request), kept owned.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
-pub struct RequestLabels {
+pub struct RequestLabels<S = String> {
     /// `source` (the caller's node proxy) or `destination` (the callee's).
     pub reporter: &'static str,
-    pub source_workload: String,
-    pub source_namespace: String,
-    pub source_principal: String,
-    pub destination_service: String,
-    pub destination_workload: String,
-    pub destination_namespace: String,
+    pub source_workload: S,
+    pub source_namespace: S,
+    pub source_principal: S,
+    pub destination_service: S,
+    pub destination_workload: S,
+    pub destination_namespace: S,
     pub response_code: u16,
     /// The gRPC status in the response headers, or empty.
-    pub grpc_status: String,
+    pub grpc_status: S,
     /// Envoy-style flag of what the proxy did (`-` when nothing).
     pub response_flags: &'static str,
     /// `mutual_tls` or `plaintext`.
     pub connection_security: &'static str,
+}
+
+impl RequestLabels<&str> {
+    fn owned(&self) -> RequestLabels {
+        RequestLabels {
+            reporter: self.reporter,
+            source_workload: self.source_workload.into(),
+            source_namespace: self.source_namespace.into(),
+            source_principal: self.source_principal.into(),
+            destination_service: self.destination_service.into(),
+            destination_workload: self.destination_workload.into(),
+            destination_namespace: self.destination_namespace.into(),
+            response_code: self.response_code,
+            grpc_status: self.grpc_status.into(),
+            response_flags: self.response_flags,
+            connection_security: self.connection_security,
+        }
+    }
+}
+
+/// Derived `Hash` hashes `&str` and `String` fields alike, so a borrowed set of labels finds its
+/// owned series.
+impl hashbrown::Equivalent<RequestLabels> for RequestLabels<&str> {
+    fn equivalent(&self, k: &RequestLabels) -> bool {
+        self.reporter == k.reporter
+            && self.source_workload == k.source_workload
+            && self.source_namespace == k.source_namespace
+            && self.source_principal == k.source_principal
+            && self.destination_service == k.destination_service
+            && self.destination_workload == k.destination_workload
+            && self.destination_namespace == k.destination_namespace
+            && self.response_code == k.response_code
+            && self.grpc_status == k.grpc_status
+            && self.response_flags == k.response_flags
+            && self.connection_security == k.connection_security
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -49,7 +86,7 @@ pub struct RequestFigures {
 pub struct L7Stats {
     budget: usize,
     seen: Mutex<HashMap<&'static str, HashSet<String>>>,
-    series: Mutex<HashMap<RequestLabels, RequestFigures>>,
+    series: Mutex<hashbrown::HashMap<RequestLabels, RequestFigures>>,
 }
 
 impl L7Stats {
@@ -87,7 +124,7 @@ impl L7Stats {
     /// A request answered (headers sent) after `took`, with its body sizes.
     pub fn record(
         &self,
-        labels: RequestLabels,
+        labels: RequestLabels<&str>,
         took: Duration,
         request_bytes: u64,
         response_bytes: u64,
@@ -110,7 +147,7 @@ impl L7Stats {
             add(f);
             return;
         }
-        let labels = self.bound(labels);
+        let labels = self.bound(labels.owned());
         add(self
             .series
             .lock()
@@ -136,17 +173,17 @@ impl L7Stats {
 mod tests {
     use super::*;
 
-    fn labels(src: &str) -> RequestLabels {
+    fn labels(src: &str) -> RequestLabels<&str> {
         RequestLabels {
             reporter: "source",
-            source_workload: src.into(),
-            source_namespace: "ns".into(),
-            source_principal: String::new(),
-            destination_service: "ns/web".into(),
-            destination_workload: "web-0".into(),
-            destination_namespace: "ns".into(),
+            source_workload: src,
+            source_namespace: "ns",
+            source_principal: "",
+            destination_service: "ns/web",
+            destination_workload: "web-0",
+            destination_namespace: "ns",
             response_code: 200,
-            grpc_status: String::new(),
+            grpc_status: "",
             response_flags: "-",
             connection_security: "mutual_tls",
         }

@@ -11,7 +11,10 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Request, Response, Uri, header};
+use http::{
+    HeaderMap, HeaderValue, Request, Response, Uri, header,
+    uri::{Authority, PathAndQuery, Scheme},
+};
 use http_body::{Body as _, Frame};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -70,20 +73,50 @@ pub fn authority(req: &Request<Body>) -> Option<String> {
     })
 }
 
+/// The request's authority (its URI's, else its Host header's, else `fallback`), without copying
+/// when the URI has one.
+fn authority_of(req: &Request<Body>, fallback: SocketAddr) -> Result<Authority, ProxyError> {
+    if let Some(a) = req.uri().authority() {
+        return Ok(a.clone());
+    }
+    match req.headers().get(header::HOST) {
+        Some(h) => Authority::try_from(h.as_bytes())
+            .map_err(|e| ProxyError::BadRequest(format!("Host header: {e}"))),
+        None => Authority::try_from(fallback.to_string().as_str())
+            .map_err(|e| ProxyError::BadRequest(format!("authority: {e}"))),
+    }
+}
+
 /// `http://authority/path?query`, for HTTP/2 (which needs scheme and authority).
-fn absolute(uri: &Uri, authority: &str) -> Result<Uri, ProxyError> {
-    let pq = uri.path_and_query().map_or("/", |p| p.as_str());
-    format!("http://{authority}{pq}")
-        .parse()
-        .map_err(|e| ProxyError::BadRequest(format!("request target: {e}")))
+fn absolute(uri: Uri, authority: Authority) -> Result<Uri, ProxyError> {
+    let mut parts = uri.into_parts();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(authority);
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    Uri::from_parts(parts).map_err(|e| ProxyError::BadRequest(format!("request target: {e}")))
 }
 
 /// `/path?query`, for HTTP/1.1.
 fn origin_form(uri: &Uri) -> Result<Uri, ProxyError> {
-    uri.path_and_query()
-        .map_or("/", |p| p.as_str())
-        .parse()
-        .map_err(|e| ProxyError::BadRequest(format!("request target: {e}")))
+    let mut parts = http::uri::Parts::default();
+    parts.path_and_query = Some(
+        uri.path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    Uri::from_parts(parts).map_err(|e| ProxyError::BadRequest(format!("request target: {e}")))
+}
+
+/// An address as a header value, formatted without a heap string.
+fn addr_value(addr: SocketAddr) -> HeaderValue {
+    use std::io::Write;
+    let mut buf = [0u8; 64];
+    let mut w = &mut buf[..];
+    let _ = write!(w, "{addr}");
+    let n = 64 - w.len();
+    HeaderValue::from_bytes(&buf[..n]).expect("an address is a header value")
 }
 
 /// Requests to pods of this node.
@@ -175,11 +208,12 @@ impl PodClient {
         proto: UpstreamProtocol,
         mut req: Request<Body>,
     ) -> Result<Response<Body>, ProxyError> {
-        let auth = authority(&req).unwrap_or_else(|| addr.to_string());
+        let auth = authority_of(&req, addr)?;
         strip_hop_headers(req.headers_mut());
         match proto {
             UpstreamProtocol::H2 => {
-                *req.uri_mut() = absolute(req.uri(), &auth)?;
+                let uri = std::mem::take(req.uri_mut());
+                *req.uri_mut() = absolute(uri, auth)?;
                 req.headers_mut().remove(header::HOST);
                 *req.version_mut() = http::Version::HTTP_2;
                 let mut send = self.h2_sender(addr).await?;
@@ -188,7 +222,9 @@ impl PodClient {
             }
             UpstreamProtocol::H1 => {
                 *req.uri_mut() = origin_form(req.uri())?;
-                if let Ok(v) = HeaderValue::from_str(&auth) {
+                if !req.headers().contains_key(header::HOST)
+                    && let Ok(v) = HeaderValue::from_str(auth.as_str())
+                {
                     req.headers_mut().insert(header::HOST, v);
                 }
                 *req.version_mut() = http::Version::HTTP_11;
@@ -321,7 +357,13 @@ pub struct TunnelTarget<'a> {
     pub dst: &'a SpiffeId,
     /// The destination pod.
     pub target: SocketAddr,
-    pub client: SocketAddr,
+    /// `for="<client address>"`, rendered once per app connection.
+    pub forwarded: &'a HeaderValue,
+}
+
+/// The `Forwarded` value naming the app's address.
+pub fn forwarded(client: SocketAddr) -> HeaderValue {
+    HeaderValue::from_str(&format!("for=\"{client}\"")).expect("an address is a header value")
 }
 
 /// Sends `req` as its own stream on the pooled tunnel connection. The request body streams
@@ -332,26 +374,19 @@ pub async fn via_tunnel(
     proto: UpstreamProtocol,
     mut req: Request<Body>,
 ) -> Result<Response<Body>, ProxyError> {
-    let auth = authority(&req).unwrap_or_else(|| t.target.to_string());
+    let auth = authority_of(&req, t.target)?;
     strip_hop_headers(req.headers_mut());
     let (mut parts, body) = req.into_parts();
-    parts.uri = absolute(&parts.uri, &auth)?;
+    parts.uri = absolute(std::mem::take(&mut parts.uri), auth)?;
     parts.version = http::Version::HTTP_2;
     parts.headers.remove(header::HOST);
     let h = &mut parts.headers;
-    h.insert(
-        TARGET_HEADER,
-        HeaderValue::from_str(&t.target.to_string()).expect("an address is a header value"),
-    );
+    h.insert(TARGET_HEADER, addr_value(t.target));
     h.insert(
         UPSTREAM_PROTOCOL_HEADER,
         HeaderValue::from_static(proto.as_str()),
     );
-    h.insert(
-        FORWARDED_HEADER,
-        HeaderValue::from_str(&format!("for=\"{}\"", t.client))
-            .expect("an address is a header value"),
-    );
+    h.insert(FORWARDED_HEADER, t.forwarded.clone());
     let send = tunnels
         .sender(t.src, t.node, t.dst)
         .await
