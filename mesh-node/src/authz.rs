@@ -321,7 +321,7 @@ fn rule_matches(r: &Rule, f: &Facts<'_>, deny: bool) -> bool {
 fn source_matches(s: &From, f: &Facts<'_>) -> bool {
     let id = f.source.map(SpiffeId::as_str);
     let principal = s.principals.is_empty()
-        || id.as_deref().is_some_and(|id| {
+        || id.is_some_and(|id| {
             s.principals.iter().any(|p| match p {
                 Principal::Exact(e) => e == id,
                 Principal::Prefix(pre) => id.starts_with(pre.as_str()),

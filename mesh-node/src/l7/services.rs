@@ -85,6 +85,9 @@ pub struct Specs {
 /// A route attached to a Service: (port or all, route namespace, route name, spec).
 type Attached<'a> = (Option<u16>, &'a str, &'a str, RouteSpec<'a>);
 
+/// A Service by the target port it reaches a pod on.
+type PortService = (u16, Arc<Service>);
+
 /// The L7 view of one configuration version.
 #[derive(Debug, Default)]
 pub struct Catalog {
@@ -94,7 +97,7 @@ pub struct Catalog {
     /// Service ports targeting a pod port: `(pod key, target port)` -> protocol.
     pod_ports: HashMap<(String, u16), Option<Protocol>>,
     /// Rate-limited Services by endpoint pod `(namespace, name)`, with the target ports.
-    limits: HashMap<(String, String), Vec<(u16, Arc<Service>)>>,
+    limits: HashMap<(String, String), Vec<PortService>>,
 }
 
 impl Catalog {
