@@ -178,6 +178,38 @@ pub struct TrafficPolicySpec {
     pub load_balancer: Option<LoadBalancer>,
 }
 
+/// What the node proxies record for the workloads of one namespace (one Telemetry per namespace;
+/// without one, the node's defaults apply).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(
+    feature = "kube",
+    derive(kube::CustomResource, schemars::JsonSchema),
+    kube(
+        group = "nodemesh.io",
+        version = "v1alpha1",
+        kind = "Telemetry",
+        namespaced,
+        status = "PolicyStatus",
+        printcolumn = r#"{"name":"AccessLogs","type":"boolean","jsonPath":".spec.accessLogging.enabled"}"#
+    )
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TelemetrySpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_logging: Option<AccessLogging>,
+}
+
+/// One JSON line per HTTP request or TCP connection, on the node proxy's stdout.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AccessLogging {
+    pub enabled: bool,
+    /// Share of requests and connections logged, 0-100 (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_percent: Option<f64>,
+}
+
 /// A Service in the policy's namespace.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]

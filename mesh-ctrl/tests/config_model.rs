@@ -123,6 +123,11 @@ fn invalid_objects_are_rejected_with_field_and_reason() {
             "spec.loadBalancer.hashHeader",
             "required",
         ),
+        (
+            "apiVersion: nodemesh.io/v1alpha1\nkind: Telemetry\nspec:\n  accessLogging: {enabled: true, samplePercent: 120}",
+            "spec.accessLogging.samplePercent",
+            "not between 0 and 100",
+        ),
     ];
     for (doc, field, reason) in cases {
         let doc = if doc.starts_with("kind: HTTPRoute") || doc.starts_with("kind: GRPCRoute") {
@@ -172,6 +177,16 @@ apiVersion: nodemesh.io/v1alpha1
 kind: TrafficPolicy
 metadata: {{name: two, namespace: shop}}
 spec: {{targetRef: {{name: web}}}}
+---
+apiVersion: nodemesh.io/v1alpha1
+kind: Telemetry
+metadata: {{name: logs, namespace: shop, creationTimestamp: '2025-01-01T00:00:00Z'}}
+spec: {{accessLogging: {{enabled: true}}}}
+---
+apiVersion: nodemesh.io/v1alpha1
+kind: Telemetry
+metadata: {{name: more-logs, namespace: shop, creationTimestamp: '2026-01-01T00:00:00Z'}}
+spec: {{accessLogging: {{enabled: false}}}}
 "
             ),
         )
@@ -184,6 +199,7 @@ spec: {{targetRef: {{name: web}}}}
         invalid,
         vec![
             ("a".to_string(), "spec.selector".to_string()),
+            ("more-logs".to_string(), "metadata.namespace".to_string()),
             ("two".to_string(), "spec.targetRef".to_string()),
         ]
     );

@@ -298,6 +298,12 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         .as_ref()
         .map(|m| Tunnels::new(m.identities.clone(), m.tunnel_stats.clone()));
     let l7_stats = Arc::new(L7Stats::new(config.metrics_label_budget));
+    let access_log = Arc::new(crate::access_log::AccessLog::new(
+        config.access_log,
+        mesh.as_ref()
+            .and_then(|m| m.config.as_ref())
+            .map(|(rx, _)| rx.clone()),
+    ));
     // The HTTP path needs routes and policies: it runs with config from the controller.
     let l7_inbound = mesh
         .as_ref()
@@ -310,6 +316,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
                 enrollment: pods.clone(),
                 stats: l7_stats.clone(),
                 counters: Default::default(),
+                access_log: access_log.clone(),
             })
         });
     let l7_path = l7_inbound
@@ -322,6 +329,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
                 tunnels: tunnels.clone(),
                 inbound: inbound.clone(),
                 stats: l7_stats.clone(),
+                access_log: access_log.clone(),
             }),
             detect_timeout: config.protocol_detect_timeout,
             declared_wait: Duration::from_secs(10),
@@ -345,6 +353,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         source,
         enforcer: enforcer.clone(),
         l7: l7_path,
+        access_log: access_log.clone(),
     });
     for l in listeners {
         tokio::spawn(proxy.clone().serve(l, drain.watch()));
@@ -360,6 +369,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
             source,
             enforcer: enforcer.clone(),
             l7: l7_inbound.clone(),
+            access_log: access_log.clone(),
         });
         for l in inbound_listeners {
             tokio::spawn(inbound.clone().serve(l, drain.watch()));

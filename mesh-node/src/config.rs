@@ -123,6 +123,10 @@ pub struct RunArgs {
     /// `overflow`.
     #[arg(long, env = "MESH_METRICS_LABEL_BUDGET", default_value_t = 200)]
     pub metrics_label_budget: usize,
+    /// Percent of HTTP requests and TCP connections written to the access log (JSON lines on
+    /// stdout) for namespaces without a Telemetry resource; 0 turns it off there.
+    #[arg(long, env = "MESH_ACCESS_LOG", default_value_t = 0.0)]
+    pub access_log: f64,
     /// What to leave behind on exit.
     #[arg(long, env = "MESH_ON_EXIT", value_enum, default_value_t = OnExit::Keep)]
     pub on_exit: OnExit,
@@ -193,6 +197,8 @@ pub struct Config {
     #[serde(with = "humantime_serde_shim")]
     pub protocol_detect_timeout: Duration,
     pub metrics_label_budget: usize,
+    /// Access log sample percent without a Telemetry.
+    pub access_log: f64,
     pub on_exit: OnExit,
     pub worker_threads: usize,
     pub mesh: Option<MeshConfig>,
@@ -299,6 +305,9 @@ impl RunArgs {
                 "longer than 10s would hold up server-first protocols",
             ));
         }
+        if !(0.0..=100.0).contains(&self.access_log) {
+            return Err(err("--access-log", "a percentage, 0 to 100"));
+        }
         if self.metrics_label_budget == 0 {
             return Err(err("--metrics-label-budget", "must be at least 1"));
         }
@@ -380,6 +389,7 @@ impl RunArgs {
             connect_timeout: self.connect_timeout,
             protocol_detect_timeout: self.protocol_detect_timeout,
             metrics_label_budget: self.metrics_label_budget,
+            access_log: self.access_log,
             on_exit: self.on_exit,
             worker_threads: self.worker_threads,
             mesh,

@@ -306,6 +306,7 @@ pub struct Inbound {
     pub enforcer: Option<Arc<Enforcer>>,
     /// Per-request handling of L7 requests, when config comes from the controller.
     pub l7: Option<Arc<crate::l7::inbound::L7Inbound>>,
+    pub access_log: Arc<crate::access_log::AccessLog>,
 }
 
 /// Server TLS config, rebuilt when the trust bundle changes.
@@ -529,6 +530,17 @@ impl Inbound {
                     Err(reason) => {
                         warn!(%peer, %target, client = %client_id, %reason, "refused tunnel: authorization");
                         let _ = answer(StatusCode::FORBIDDEN);
+                        if self.access_log.wants(&local.namespace) {
+                            self.log_tcp(
+                                client_id,
+                                &forwarded,
+                                (&local.namespace, &local.name),
+                                target,
+                                &reason.to_string(),
+                                (0, 0),
+                                Instant::now(),
+                            );
+                        }
                         return;
                     }
                 }
@@ -554,7 +566,8 @@ impl Inbound {
         self.stats.inbound_streams.fetch_add(1, Relaxed);
         let span =
             info_span!("inbound", src.identity = %client_id, dst = %target, forwarded = %forwarded);
-        async move {
+        let started = Instant::now();
+        let (decision, bytes) = async move {
             info!("delivering");
             let relay = relay(
                 upstream,
@@ -563,10 +576,67 @@ impl Inbound {
                     recv: req.into_body(),
                 },
             );
-            until_revoked(relay, admitted).await;
+            match until_revoked(relay, admitted).await {
+                Some((sent, received)) => ("allowed", (received, sent)),
+                None => ("closed: the policy now denies this connection", (0, 0)),
+            }
         }
         .instrument(span)
-        .await
+        .await;
+        if self.access_log.wants(&local.namespace) {
+            self.log_tcp(
+                client_id,
+                &forwarded,
+                (&local.namespace, &local.name),
+                target,
+                decision,
+                bytes,
+                started,
+            );
+        }
+    }
+
+    /// The access log line for a tunneled TCP connection (destination side).
+    #[allow(clippy::too_many_arguments)]
+    fn log_tcp(
+        &self,
+        client: &SpiffeId,
+        forwarded: &str,
+        (namespace, name): (&str, &str),
+        target: SocketAddr,
+        decision: &str,
+        (received, sent): (u64, u64),
+        started: Instant,
+    ) {
+        let placement = self.placement.current();
+        let src = placement.by_ip(forwarded_for(forwarded).unwrap_or(target.ip()));
+        let src = src.filter(|w| &w.identity == client);
+        self.access_log.write(&crate::access_log::Entry {
+            reporter: "destination",
+            kind: "tcp",
+            source: crate::access_log::Peer {
+                workload: src.map_or("", |w| w.name.as_str()),
+                namespace: src.map_or("", |w| w.namespace.as_str()),
+                principal: client.as_str(),
+                address: forwarded_for(forwarded)
+                    .map(|ip| ip.to_string())
+                    .unwrap_or_default(),
+            },
+            destination: crate::access_log::Peer {
+                workload: name,
+                namespace,
+                principal: "",
+                address: target.to_string(),
+            },
+            service: "",
+            http: None,
+            decision,
+            flags: "-",
+            security: "mutual_tls",
+            bytes_received: received,
+            bytes_sent: sent,
+            duration_ms: crate::access_log::millis(started.elapsed()),
+        });
     }
 }
 
@@ -697,13 +767,15 @@ pub async fn relay(tcp: TcpStream, tunnel: Tunnel) -> (u64, u64) {
 pub async fn until_revoked<T>(
     relay: impl std::future::Future<Output = T>,
     admitted: Option<Admitted>,
-) {
+) -> Option<T> {
     let Some(mut admitted) = admitted else {
-        relay.await;
-        return;
+        return Some(relay.await);
     };
     tokio::select! {
-        _ = relay => {}
-        Ok(()) = &mut admitted.revoked => info!("closed: the policy now denies this connection"),
+        r = relay => Some(r),
+        Ok(()) = &mut admitted.revoked => {
+            info!("closed: the policy now denies this connection");
+            None
+        }
     }
 }

@@ -2,6 +2,7 @@
 //!
 //! Data flows one way: kernel redirect (`ebpf`) -> accept (`outbound`) -> original destination and
 //! source pod (`orig_dst`, `enroll`) -> upstream.
+pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod authz;

@@ -60,6 +60,8 @@ pub struct NodeConfig {
     pub vips: HashMap<SocketAddr, std::sync::Arc<VipTarget>>,
     /// Services, routes and traffic policies, compiled for the HTTP path.
     pub l7: std::sync::Arc<crate::l7::services::Catalog>,
+    /// Access logging per namespace.
+    pub telemetry: std::sync::Arc<crate::access_log::Telemetry>,
 }
 
 /// A Service port as reached through its cluster IP.
@@ -103,6 +105,7 @@ impl NodeConfig {
         let mut services = Vec::new();
         let mut policies = Vec::new();
         let mut authz_specs: Vec<(String, String, AuthorizationPolicySpec)> = Vec::new();
+        let mut telemetry_specs: Vec<(String, mesh_api::crd::TelemetrySpec)> = Vec::new();
         let mut l7_specs = crate::l7::services::Specs::default();
         for ((kind, name), r) in resources {
             let bad = |reason: String| ConvertError::Resource {
@@ -158,6 +161,7 @@ impl NodeConfig {
                         Typed::Http(h) => l7_specs.http.push((ns, n, h)),
                         Typed::Grpc(g) => l7_specs.grpc.push((ns, n, g)),
                         Typed::Traffic(t) => l7_specs.traffic.push((ns, n, *t)),
+                        Typed::Telemetry(t) => telemetry_specs.push((ns, t)),
                         Typed::Other => {}
                     }
                     policies.push(Policy {
@@ -217,8 +221,12 @@ impl NodeConfig {
             }
         }
         let l7 = crate::l7::services::Catalog::compile(&services, &l7_specs)?;
+        let telemetry = crate::access_log::Telemetry::compile(
+            telemetry_specs.iter().map(|(ns, t)| (ns.as_str(), t)),
+        );
         Ok(Self {
             version,
+            telemetry: std::sync::Arc::new(telemetry),
             vips,
             l7: std::sync::Arc::new(l7),
             authz: std::sync::Arc::new(authz),
@@ -237,6 +245,7 @@ enum Typed {
     Grpc(mesh_api::gateway::GRPCRouteSpec),
     /// Boxed: by far the largest spec.
     Traffic(Box<mesh_api::crd::TrafficPolicySpec>),
+    Telemetry(mesh_api::crd::TelemetrySpec),
     /// Checked, applied elsewhere (PeerAuthentication reaches the node as workload modes).
     Other,
 }
@@ -249,6 +258,7 @@ fn typed(kind: i32, json: &str) -> Result<Typed, serde_json::Error> {
     Ok(match pb::Kind::try_from(kind) {
         Ok(pb::Kind::AuthorizationPolicy) => Typed::Authz(serde_json::from_str(json)?),
         Ok(pb::Kind::TrafficPolicy) => Typed::Traffic(serde_json::from_str(json)?),
+        Ok(pb::Kind::Telemetry) => Typed::Telemetry(serde_json::from_str(json)?),
         Ok(pb::Kind::HttpRoute) => Typed::Http(serde_json::from_str(json)?),
         Ok(pb::Kind::GrpcRoute) => Typed::Grpc(serde_json::from_str(json)?),
         Ok(pb::Kind::PeerAuthentication) => {

@@ -18,9 +18,13 @@ use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use mesh_api::placement::{Placement, PlacementWatch};
+use mesh_api::{
+    identity::SpiffeId,
+    placement::{Placement, PlacementWatch},
+};
 
 use crate::{
+    access_log::{AccessLog, Entry as AccessEntry, Peer as AccessPeer},
     drain::Watch,
     enforce::{Conn, Enforcer},
     enroll::Enrollment,
@@ -117,6 +121,7 @@ pub struct Outbound {
     pub enforcer: Option<Arc<Enforcer>>,
     /// The HTTP path, when config comes from the controller.
     pub l7: Option<L7Path>,
+    pub access_log: Arc<AccessLog>,
 }
 
 /// The HTTP path and how long to look at a connection's first bytes.
@@ -238,12 +243,30 @@ impl Outbound {
             orig_dst,
         );
         let span = info_span!("outbound", src.pod = %pod.name, src.addr = %peer, dst = %requested, dst.endpoint = %orig_dst);
+        let started = Instant::now();
+        let log = self.access_log.wants(&pod.name.namespace);
+        let logged = |dst_pod: Option<(&str, &str)>, principal: &str, decision: &str, bytes| {
+            if log {
+                self.log_tcp(
+                    &pod.name, peer, orig_dst, dst_pod, principal, decision, bytes, started,
+                );
+            }
+        };
         match decision {
-            Route::Direct => self.relay(client, orig_dst, None).instrument(span).await,
+            Route::Direct => {
+                let r = self.relay(client, orig_dst, None).instrument(span).await;
+                let (decision, bytes) = match r {
+                    Ok(b) => ("allowed", b),
+                    Err(why) => (why, (0, 0)),
+                };
+                logged(None, "", decision, bytes);
+            }
             Route::Local { namespace, name } => {
+                let dst_pod = Some((namespace.as_str(), name.as_str()));
                 if !self.pods.is_enrolled(&namespace, &name) {
                     self.stats.refused_local_not_enrolled.fetch_add(1, Relaxed);
                     warn!(parent: &span, dst.pod = %format!("{namespace}/{name}"), "refused: local mesh destination is not enrolled on this node");
+                    logged(dst_pod, "", "refused: destination not enrolled", (0, 0));
                     return reset(client);
                 }
                 // Same node: the caller's identity is the one its socket belongs to.
@@ -265,6 +288,7 @@ impl Outbound {
                             Ok(a) => Some(a),
                             Err(reason) => {
                                 warn!(parent: &span, %reason, "refused: authorization");
+                                logged(dst_pod, "", &reason.to_string(), (0, 0));
                                 return reset(client);
                             }
                         }
@@ -273,7 +297,21 @@ impl Outbound {
                 self.stats.delivered_local.fetch_add(1, Relaxed);
                 let from = self.source.for_dst(orig_dst);
                 let relay = self.relay(client, orig_dst, from).instrument(span);
-                hbone::until_revoked(relay, admitted).await
+                let (decision, bytes) = match hbone::until_revoked(relay, admitted).await {
+                    Some(Ok(b)) => ("allowed", b),
+                    Some(Err(why)) => (why, (0, 0)),
+                    None => ("closed: the policy now denies this connection", (0, 0)),
+                };
+                let principal = placement
+                    .as_deref()
+                    .and_then(|p| p.pod(&namespace, &name))
+                    .map(|w| w.identity.clone());
+                logged(
+                    dst_pod,
+                    principal.as_ref().map_or("", SpiffeId::as_str),
+                    decision,
+                    bytes,
+                );
             }
             Route::Tunnel { node, src, dst } => {
                 let mesh = self.mesh.as_ref().expect("tunnel routes need a mesh path");
@@ -290,10 +328,18 @@ impl Outbound {
                         let (up, down) = hbone::relay(client, up).instrument(span).await;
                         self.stats.bytes_from_client.fetch_add(up, Relaxed);
                         self.stats.bytes_to_client.fetch_add(down, Relaxed);
+                        logged(None, dst.as_str(), "allowed", (up, down));
                     }
                     Err(e) => {
                         self.stats.tunnel_failed.fetch_add(1, Relaxed);
-                        warn!(parent: &span, via = %node, error = %mesh_api::placement::error_chain(&e), "tunnel failed");
+                        let error = mesh_api::placement::error_chain(&e);
+                        warn!(parent: &span, via = %node, %error, "tunnel failed");
+                        logged(
+                            None,
+                            dst.as_str(),
+                            &format!("tunnel failed: {error}"),
+                            (0, 0),
+                        );
                         reset(client);
                     }
                 }
@@ -301,6 +347,7 @@ impl Outbound {
             Route::Refuse(why) => {
                 self.stats.refused_route.fetch_add(1, Relaxed);
                 warn!(parent: &span, reason = why, "refused");
+                logged(None, "", &format!("refused: {why}"), (0, 0));
                 reset(client);
             }
         }
@@ -409,7 +456,13 @@ impl Outbound {
         Vip::Empty(target.service.clone())
     }
 
-    async fn relay(&self, mut client: TcpStream, dst: SocketAddr, from: Option<IpAddr>) {
+    /// Relays to `dst`; the bytes each way, or why not.
+    async fn relay(
+        &self,
+        mut client: TcpStream,
+        dst: SocketAddr,
+        from: Option<IpAddr>,
+    ) -> Result<(u64, u64), &'static str> {
         let started = Instant::now();
         let mut upstream =
             match tokio::time::timeout(self.connect_timeout, connect_from(from, dst)).await {
@@ -417,12 +470,14 @@ impl Outbound {
                 Ok(Err(e)) => {
                     self.stats.upstream_connect_failed.fetch_add(1, Relaxed);
                     info!(error = %e, "upstream connect failed");
-                    return reset(client);
+                    reset(client);
+                    return Err("upstream connect failed");
                 }
                 Err(_) => {
                     self.stats.upstream_connect_failed.fetch_add(1, Relaxed);
                     info!(timeout = ?self.connect_timeout, "upstream connect timed out");
-                    return reset(client);
+                    reset(client);
+                    return Err("upstream connect timed out");
                 }
             };
         let _ = client.set_nodelay(true);
@@ -443,9 +498,62 @@ impl Outbound {
                 self.stats.bytes_from_client.fetch_add(up, Relaxed);
                 self.stats.bytes_to_client.fetch_add(down, Relaxed);
                 debug!(bytes_up = up, bytes_down = down, duration = ?started.elapsed(), "closed");
+                Ok((up, down))
             }
-            Err(e) => debug!(error = %e, duration = ?started.elapsed(), "closed with error"),
+            Err(e) => {
+                debug!(error = %e, duration = ?started.elapsed(), "closed with error");
+                Err("connection error")
+            }
         }
+    }
+
+    /// The access log line for a TCP connection from `pod` (source side).
+    #[allow(clippy::too_many_arguments)]
+    fn log_tcp(
+        &self,
+        pod: &crate::enroll::PodName,
+        peer: SocketAddr,
+        dst: SocketAddr,
+        dst_pod: Option<(&str, &str)>,
+        dst_principal: &str,
+        decision: &str,
+        (up, down): (u64, u64),
+        started: Instant,
+    ) {
+        let source = self.mesh.as_ref().and_then(|m| {
+            m.placement
+                .current()
+                .pod(&pod.namespace, &pod.name)
+                .map(|w| w.identity.clone())
+        });
+        self.access_log.write(&AccessEntry {
+            reporter: "source",
+            kind: "tcp",
+            source: AccessPeer {
+                workload: &pod.name,
+                namespace: &pod.namespace,
+                principal: source.as_ref().map_or("", SpiffeId::as_str),
+                address: peer.to_string(),
+            },
+            destination: AccessPeer {
+                workload: dst_pod.map_or("", |p| p.1),
+                namespace: dst_pod.map_or("", |p| p.0),
+                principal: dst_principal,
+                address: dst.to_string(),
+            },
+            service: "",
+            http: None,
+            decision,
+            flags: "-",
+            security: if dst_principal.is_empty() {
+                "plaintext"
+            } else {
+                "mutual_tls"
+            },
+            bytes_received: up,
+            bytes_sent: down,
+            duration_ms: crate::access_log::millis(started.elapsed()),
+        });
     }
 }
 

@@ -65,7 +65,7 @@ pub struct Backend {
 #[derive(Debug)]
 pub struct Rule {
     /// `namespace/name` of the route and the rule's index, for logs and metrics.
-    pub route: String,
+    pub route: std::sync::Arc<str>,
     pub index: usize,
     matches: Vec<Match>,
     pub backends: Vec<Backend>,
@@ -178,7 +178,7 @@ impl Table {
                 });
             }
             self.rules.push(Rule {
-                route: route.clone(),
+                route: route.as_str().into(),
                 index: i,
                 matches: default_match(matches),
                 backends: backends(&r.backend_refs, ns),
@@ -234,7 +234,7 @@ impl Table {
                 });
             }
             self.rules.push(Rule {
-                route: route.clone(),
+                route: route.as_str().into(),
                 index: i,
                 matches: default_match(matches),
                 backends: backends(&r.backend_refs, ns),

@@ -124,6 +124,16 @@ impl Shop {
     }
 }
 
+/// Access log lines (JSON on the node proxy's stdout) written by `reporter` on `node`.
+fn access_log(cluster: &Cluster, node: usize, reporter: &str) -> Vec<Value> {
+    let text = std::fs::read_to_string(&cluster.nodes[node].log).unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("{\"time\""))
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|e| e["reporter"] == reporter)
+        .collect()
+}
+
 fn count(v: &Value, group: &str, key: &str) -> u64 {
     v[group][key].as_u64().unwrap_or(0)
 }
@@ -319,6 +329,14 @@ spec:
         ),
     )
     .await;
+    // Access logs on for the namespace (the nodes' default is off).
+    shop.apply(
+        "telemetry.yaml",
+        &format!(
+            "apiVersion: nodemesh.io/v1alpha1\nkind: Telemetry\nmetadata: {{name: logs, namespace: {ns}}}\nspec:\n  accessLogging: {{enabled: true}}\n"
+        ),
+    )
+    .await;
     // Allowed, on both nodes' endpoints (remote over the tunnel, local in-process).
     let r = shop.get("/", 60, &[]).await;
     assert_eq!(count(&r, "statuses", "200"), 60, "{r}");
@@ -341,6 +359,49 @@ spec:
         total
     };
     assert_eq!(denied, 31);
+
+    // One JSON line per request on each side, with identities, decision and flags.
+    let source = access_log(&shop.cluster, 0, "source");
+    let http: Vec<&Value> = source.iter().filter(|e| e["kind"] == "http").collect();
+    assert_eq!(http.len(), 91, "{source:#?}");
+    let denied_line = http
+        .iter()
+        .find(|e| e["http"]["status"] == 403 && e["http"]["path"] == "/admin")
+        .unwrap_or_else(|| panic!("no 403 line: {http:#?}"));
+    assert_eq!(denied_line["decision"], "denied", "{denied_line}");
+    assert_eq!(denied_line["flags"], "RBAC", "{denied_line}");
+    assert_eq!(
+        denied_line["source"]["principal"],
+        client_id.as_str(),
+        "{denied_line}"
+    );
+    assert_eq!(denied_line["service"], format!("{ns}/web"), "{denied_line}");
+    let mut destination = access_log(&shop.cluster, 0, "destination");
+    destination.extend(access_log(&shop.cluster, 1, "destination"));
+    let denied_at_dst: Vec<&Value> = destination
+        .iter()
+        .filter(|e| e["http"]["status"] == 403)
+        .collect();
+    assert_eq!(denied_at_dst.len(), 31, "{destination:#?}");
+    assert!(
+        denied_at_dst[0]["decision"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("{ns}/web-read")),
+        "the deciding policy is named: {}",
+        denied_at_dst[0]
+    );
+    assert_eq!(denied_at_dst[0]["source"]["principal"], client_id.as_str());
+    // Off again: no more lines.
+    shop.apply(
+        "telemetry.yaml",
+        &format!(
+            "apiVersion: nodemesh.io/v1alpha1\nkind: Telemetry\nmetadata: {{name: logs, namespace: {ns}}}\nspec:\n  accessLogging: {{enabled: false}}\n"
+        ),
+    )
+    .await;
+    shop.get("/", 20, &[]).await;
+    assert_eq!(access_log(&shop.cluster, 0, "source").len(), source.len());
 
     // Rate limit per destination: 5/s with a burst of 5 on each web-v2 pod.
     shop.traffic_policy(
@@ -467,13 +528,41 @@ async fn timeouts_retries_and_outlier_ejection() {
 #[tokio::test]
 async fn opaque_tcp_still_works_beside_http() {
     let shop = shop([None, None, None]).await;
+    let ns = shop.client.namespace.clone();
+    // Access logs sampled at 50%: of many connections, about half are logged.
+    shop.apply(
+        "telemetry.yaml",
+        &format!(
+            "apiVersion: nodemesh.io/v1alpha1\nkind: Telemetry\nmetadata: {{name: logs, namespace: {ns}}}\nspec:\n  accessLogging: {{enabled: true, samplePercent: 50}}\n"
+        ),
+    )
+    .await;
     let echo = shop.cluster.pod(1, 0).serve(9000, false).await.unwrap();
     let to: SocketAddr = shop.cluster.pod(1, 0).addr(false, 9000);
-    let r = shop.client.client(to, 4, 4096).await.unwrap();
-    assert_eq!(r["ok"], 4, "{r}");
+    let r = shop.client.client(to, 200, 4096).await.unwrap();
+    assert_eq!(r["ok"], 200, "{r}");
     drop(echo);
     let c = shop.cluster.nodes[0].counters().await.unwrap();
-    assert!(n(&c, &["proxy", "opaque"]) >= 4, "{c}");
+    assert!(n(&c, &["proxy", "opaque"]) >= 200, "{c}");
+    // One line per TCP connection on each side (sampled per side), with bytes both ways.
+    let lines = access_log(&shop.cluster, 0, "source");
+    assert!((60..=140).contains(&lines.len()), "{} lines", lines.len());
+    let l = &lines[0];
+    assert_eq!(l["kind"], "tcp", "{l}");
+    assert_eq!(l["decision"], "allowed", "{l}");
+    assert_eq!(l["destination"]["address"], to.to_string(), "{l}");
+    assert!(
+        l["destination"]["principal"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("/sa/{}", shop.cluster.pod(1, 0).name)),
+        "{l}"
+    );
+    assert!(l["bytes_received"].as_u64().unwrap() >= 4096, "{l}");
+    let dst = access_log(&shop.cluster, 1, "destination");
+    assert!((60..=140).contains(&dst.len()), "{} lines", dst.len());
+    assert_eq!(dst[0]["source"]["workload"], shop.client.name, "{}", dst[0]);
+    assert!(dst[0]["bytes_sent"].as_u64().unwrap() >= 4096, "{}", dst[0]);
 }
 
 /// gRPC through the mesh with tonic on both ends: GRPCRoute by method, statuses from the server

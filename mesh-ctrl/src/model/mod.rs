@@ -18,6 +18,7 @@ pub fn crds_yaml() -> String {
         crd::AuthorizationPolicy::crd(),
         crd::PeerAuthentication::crd(),
         crd::TrafficPolicy::crd(),
+        crd::Telemetry::crd(),
     ];
     let mut out =
         String::from("# Generated from mesh-api/src/crd.rs by `cargo xtask crds`. Do not edit.\n");

@@ -13,7 +13,7 @@ use kube::{Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 
 use super::{
-    crd::{AuthorizationPolicy, PeerAuthentication, TrafficPolicy},
+    crd::{AuthorizationPolicy, PeerAuthentication, Telemetry, TrafficPolicy},
     gateway::{GRPCRoute, HTTPRoute},
 };
 
@@ -51,6 +51,7 @@ pub struct Objects {
     pub authorization_policies: ByName<AuthorizationPolicy>,
     pub peer_authentications: ByName<PeerAuthentication>,
     pub traffic_policies: ByName<TrafficPolicy>,
+    pub telemetries: ByName<Telemetry>,
 }
 
 /// A document that could not be read as an object we know.
@@ -92,7 +93,7 @@ pub enum ParseError {
     },
 }
 
-const KNOWN: &str = "v1 Namespace and Service, discovery.k8s.io/v1 EndpointSlice, gateway.networking.k8s.io/v1 HTTPRoute and GRPCRoute, nodemesh.io/v1alpha1 AuthorizationPolicy, PeerAuthentication and TrafficPolicy";
+const KNOWN: &str = "v1 Namespace and Service, discovery.k8s.io/v1 EndpointSlice, gateway.networking.k8s.io/v1 HTTPRoute and GRPCRoute, nodemesh.io/v1alpha1 AuthorizationPolicy, PeerAuthentication, TrafficPolicy and Telemetry";
 
 impl Objects {
     /// Reads every `*.yaml`/`*.yml` file of `dir` (sorted, not recursive), or one file.
@@ -186,6 +187,9 @@ impl Objects {
             ("nodemesh.io/v1alpha1", "TrafficPolicy") => {
                 insert(origin, "TrafficPolicy", value, &mut self.traffic_policies)
             }
+            ("nodemesh.io/v1alpha1", "Telemetry") => {
+                insert(origin, "Telemetry", value, &mut self.telemetries)
+            }
             _ => Err(ParseError::UnknownKind {
                 origin: origin.to_string(),
                 api_version,
@@ -212,6 +216,7 @@ impl Objects {
         each(&self.authorization_policies, &mut out);
         each(&self.peer_authentications, &mut out);
         each(&self.traffic_policies, &mut out);
+        each(&self.telemetries, &mut out);
         out
     }
 
@@ -239,6 +244,7 @@ impl Objects {
         );
         each("PeerAuthentication", &self.peer_authentications, &mut out);
         each("TrafficPolicy", &self.traffic_policies, &mut out);
+        each("Telemetry", &self.telemetries, &mut out);
         out
     }
 }

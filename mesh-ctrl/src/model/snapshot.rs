@@ -128,6 +128,15 @@ impl Computed {
                 body,
             );
         }
+        for ((ns, name), t) in &objects.telemetries {
+            let body = policy(ours, ns, name, json(&t.spec));
+            add(
+                &mut shared,
+                pb::Kind::Telemetry,
+                format!("{ns}/{name}"),
+                body,
+            );
+        }
         let mut by_namespace: BTreeMap<String, Vec<pb::Resource>> = BTreeMap::new();
         for ((ns, name), p) in &objects.authorization_policies {
             by_namespace.entry(ns.clone()).or_default().push(resource(

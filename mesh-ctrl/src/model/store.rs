@@ -124,6 +124,7 @@ impl Store {
                 &prev.traffic_policies,
                 &bad,
             ),
+            telemetries: keep_good("Telemetry", &raw.telemetries, &prev.telemetries, &bad),
         };
         let mut changes = changes(&prev, &accepted);
         if changes.is_empty() {
@@ -265,6 +266,12 @@ fn changes(before: &Objects, after: &Objects) -> Vec<String> {
         "TrafficPolicy",
         &before.traffic_policies,
         &after.traffic_policies,
+        &mut out,
+    );
+    each(
+        "Telemetry",
+        &before.telemetries,
+        &after.telemetries,
         &mut out,
     );
     out

@@ -75,6 +75,7 @@ pub fn validate(objects: &Objects) -> Vec<Invalid> {
         authorization(p, &mut check("AuthorizationPolicy", ns, name, &mut out));
     }
     peer_authentications(objects, &mut out);
+    telemetries(objects, &mut out);
     for ((ns, name), r) in &objects.http_routes {
         let mut c = check("HTTPRoute", ns, name, &mut out);
         parents(&r.spec.parent_refs, ns, objects, &mut c);
@@ -471,6 +472,35 @@ fn route_conflicts(objects: &Objects, out: &mut Vec<Invalid>) {
                     }
                 }
             }
+        }
+    }
+}
+
+/// One Telemetry per namespace (the oldest wins); sample shares are percentages.
+fn telemetries(objects: &Objects, out: &mut Vec<Invalid>) {
+    let mut owner: BTreeMap<String, String> = BTreeMap::new();
+    for (ns, name) in by_age(&objects.telemetries) {
+        let t = &objects.telemetries[&(ns.clone(), name.clone())];
+        let mut c = check("Telemetry", &ns, &name, out);
+        if let Some(first) = owner.get(&ns) {
+            c.fail(
+                "metadata.namespace",
+                format!("Telemetry {ns}/{first} already configures this namespace"),
+            );
+        } else {
+            owner.insert(ns.clone(), name.clone());
+        }
+        if let Some(pct) = t
+            .spec
+            .access_logging
+            .as_ref()
+            .and_then(|a| a.sample_percent)
+            && !(0.0..=100.0).contains(&pct)
+        {
+            c.fail(
+                "spec.accessLogging.samplePercent",
+                format!("{pct} is not between 0 and 100"),
+            );
         }
     }
 }

@@ -33,7 +33,7 @@ use serde::de::DeserializeOwned;
 use tracing::{debug, info, warn};
 
 use crate::model::{
-    crd::{AuthorizationPolicy, PeerAuthentication, TrafficPolicy},
+    crd::{AuthorizationPolicy, PeerAuthentication, Telemetry, TrafficPolicy},
     gateway::{GRPCRoute, HTTPRoute},
     objects::{ByName, Objects},
     store::Store as ConfigStore,
@@ -89,6 +89,7 @@ pub struct Stores {
     authorization_policies: Store<AuthorizationPolicy>,
     peer_authentications: Store<PeerAuthentication>,
     traffic_policies: Store<TrafficPolicy>,
+    telemetries: Store<Telemetry>,
     node_proxies: Store<Pod>,
 }
 
@@ -135,6 +136,7 @@ pub fn watch_all(client: Client, proxies: &NodeProxies) -> (Stores, impl Stream<
     let (authorization_policies, f) = reflect(Api::all(client.clone()), all.clone());
     let (peer_authentications, g) = reflect(Api::all(client.clone()), all.clone());
     let (traffic_policies, h) = reflect(Api::all(client.clone()), all.clone());
+    let (telemetries, k) = reflect(Api::all(client.clone()), all.clone());
     let (endpoint_slices, j) = reflect(Api::all(client.clone()), all);
     let (node_proxies, i) = reflect(
         Api::namespaced(client, &proxies.namespace),
@@ -150,11 +152,12 @@ pub fn watch_all(client: Client, proxies: &NodeProxies) -> (Stores, impl Stream<
         authorization_policies,
         peer_authentications,
         traffic_policies,
+        telemetries,
         node_proxies,
     };
     (
         stores,
-        futures::stream::select_all([a, b, c, d, e, f, g, h, i, j]),
+        futures::stream::select_all([a, b, c, d, e, f, g, h, i, j, k]),
     )
 }
 
@@ -184,6 +187,7 @@ impl Stores {
             self.authorization_policies.wait_until_ready(),
             self.peer_authentications.wait_until_ready(),
             self.traffic_policies.wait_until_ready(),
+            self.telemetries.wait_until_ready(),
             self.node_proxies.wait_until_ready(),
         );
     }
@@ -198,6 +202,7 @@ impl Stores {
             authorization_policies: by_name(&self.authorization_policies),
             peer_authentications: by_name(&self.peer_authentications),
             traffic_policies: by_name(&self.traffic_policies),
+            telemetries: by_name(&self.telemetries),
         }
     }
 
@@ -440,7 +445,12 @@ mod conditions {
             }
         )*};
     }
-    has_conditions!(AuthorizationPolicy, PeerAuthentication, TrafficPolicy);
+    has_conditions!(
+        AuthorizationPolicy,
+        PeerAuthentication,
+        TrafficPolicy,
+        Telemetry
+    );
 
     pub fn write(client: &Client, stores: &Stores, invalid: &[Invalid]) {
         each(
@@ -456,6 +466,7 @@ mod conditions {
             invalid,
         );
         each(client, "TrafficPolicy", &stores.traffic_policies, invalid);
+        each(client, "Telemetry", &stores.telemetries, invalid);
         routes(client, "HTTPRoute", &stores.http_routes, invalid);
         routes(client, "GRPCRoute", &stores.grpc_routes, invalid);
     }
@@ -602,6 +613,14 @@ pub async fn rollback(
         "TrafficPolicy",
         &now.traffic_policies,
         &target.traffic_policies,
+        &mut done,
+    )
+    .await?;
+    restore(
+        client,
+        "Telemetry",
+        &now.telemetries,
+        &target.telemetries,
         &mut done,
     )
     .await?;

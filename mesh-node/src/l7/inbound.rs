@@ -27,6 +27,7 @@ use super::{
     upstream::PodClient,
 };
 use crate::{
+    access_log::{self, AccessLog},
     authz::{Facts, Http},
     enroll::Enrollment,
     node_config::NodeConfig,
@@ -59,6 +60,7 @@ pub struct L7Inbound {
     pub enrollment: Arc<Enrollment>,
     pub stats: Arc<L7Stats>,
     pub counters: L7Counters,
+    pub access_log: Arc<AccessLog>,
 }
 
 impl L7Inbound {
@@ -77,13 +79,20 @@ impl L7Inbound {
         let grpc = is_grpc(req.headers());
         let request_bytes = super::content_length(req.headers());
         let cfg = self.config.borrow().clone();
+        let log = self.access_log.wants(dst.0);
+        let seen = log.then(|| access_log::Seen::of(&req));
         let result = self.admit(&cfg, &req, caller, dst, target);
+        let mut decision = None;
         let resp = match result {
             Ok(()) => match self.pods.send(target, proto, req).await {
                 Ok(r) => r,
                 Err(e) => error_response(&e, grpc),
             },
-            Err(e) => error_response(&e, grpc),
+            Err(e) => {
+                let resp = error_response(&e, grpc);
+                decision = log.then(|| e.to_string());
+                resp
+            }
         };
         let source = caller
             .identity
@@ -111,6 +120,39 @@ impl L7Inbound {
             request_bytes,
             super::content_length(resp.headers()),
         );
+        if let Some(seen) = &seen {
+            let flag = flag(&resp);
+            self.access_log.write(&access_log::Entry {
+                reporter: "destination",
+                kind: "http",
+                source: access_log::Peer {
+                    workload: source.map_or("", |w| w.name.as_str()),
+                    namespace: source.map_or("", |w| w.namespace.as_str()),
+                    principal: caller.identity.as_ref().map_or("", SpiffeId::as_str),
+                    address: caller.ip.to_string(),
+                },
+                destination: access_log::Peer {
+                    workload: dst.1,
+                    namespace: dst.0,
+                    principal: "",
+                    address: target.to_string(),
+                },
+                service: "",
+                http: Some(seen.http(resp.status().as_u16(), grpc_status(&resp), "")),
+                decision: decision
+                    .as_deref()
+                    .unwrap_or_else(|| access_log::decision(flag)),
+                flags: flag,
+                security: if caller.identity.is_some() {
+                    "mutual_tls"
+                } else {
+                    "plaintext"
+                },
+                bytes_received: request_bytes,
+                bytes_sent: super::content_length(resp.headers()),
+                duration_ms: access_log::millis(started.elapsed()),
+            });
+        }
         resp
     }
 

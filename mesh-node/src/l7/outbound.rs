@@ -29,7 +29,12 @@ use super::{
     upgrade,
     upstream::{self, TunnelTarget},
 };
-use crate::{hbone::Tunnels, node_config::NodeConfig, routes};
+use crate::{
+    access_log::{self, AccessLog},
+    hbone::Tunnels,
+    node_config::NodeConfig,
+    routes,
+};
 
 /// Largest request head accepted from an app (HTTP/1.1 buffer; HTTP/2 header list).
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -72,6 +77,7 @@ pub struct L7Outbound {
     pub tunnels: Arc<Tunnels>,
     pub inbound: Arc<L7Inbound>,
     pub stats: Arc<L7Stats>,
+    pub access_log: Arc<AccessLog>,
 }
 
 /// A chosen backend: its Service (with policy and state) and the pod port requests go to.
@@ -190,11 +196,13 @@ impl L7Outbound {
         let upgrade = upgrade::prepare_source(&mut req);
         let grpc = is_grpc(req.headers());
         let cfg = self.config.borrow().clone();
-        // Kept for the debug line only, and only when it will be written.
-        let seen = tracing::enabled!(tracing::Level::DEBUG)
-            .then(|| (req.method().clone(), req.uri().path().to_string()));
+        // Copied only when an access log line or a debug line will be written.
+        let log = self.access_log.wants(&conn.pod.0);
+        let seen =
+            (log || tracing::enabled!(tracing::Level::DEBUG)).then(|| access_log::Seen::of(&req));
         let request_bytes = super::content_length(req.headers());
-        let (resp, service, dst_pod) = match self.route(&cfg, req, conn).await {
+        let mut route = None;
+        let (resp, service, dst_pod) = match self.route(&cfg, req, conn, &mut route).await {
             Ok(r) => r,
             Err((e, service)) => (error_response(&e, grpc), service, String::new()),
         };
@@ -203,6 +211,7 @@ impl L7Outbound {
             None => resp,
         };
         let (dst_ns, dst_name) = dst_pod.split_once('/').unwrap_or_default();
+        let response_bytes = super::content_length(resp.headers());
         self.stats.record(
             RequestLabels {
                 reporter: "source",
@@ -219,10 +228,41 @@ impl L7Outbound {
             },
             started.elapsed(),
             request_bytes,
-            super::content_length(resp.headers()),
+            response_bytes,
         );
-        if let Some((method, path)) = seen {
-            debug!(%method, %path, status = resp.status().as_u16(), took = ?started.elapsed(), "request");
+        if let Some(seen) = &seen {
+            debug!(method = %seen.method, path = %seen.path, status = resp.status().as_u16(), took = ?started.elapsed(), "request");
+            if log {
+                let flag = inbound::flag(&resp);
+                self.access_log.write(&access_log::Entry {
+                    reporter: "source",
+                    kind: "http",
+                    source: access_log::Peer {
+                        workload: &conn.pod.1,
+                        namespace: &conn.pod.0,
+                        principal: conn.identity.as_ref().map_or("", SpiffeId::as_str),
+                        address: conn.peer.to_string(),
+                    },
+                    destination: access_log::Peer {
+                        workload: dst_name,
+                        namespace: dst_ns,
+                        principal: "",
+                        address: conn.dst.to_string(),
+                    },
+                    service: &service,
+                    http: Some(seen.http(
+                        resp.status().as_u16(),
+                        inbound::grpc_status(&resp),
+                        route.as_deref().unwrap_or(""),
+                    )),
+                    decision: access_log::decision(flag),
+                    flags: flag,
+                    security: "mutual_tls",
+                    bytes_received: request_bytes,
+                    bytes_sent: response_bytes,
+                    duration_ms: access_log::millis(started.elapsed()),
+                });
+            }
         }
         resp
     }
@@ -233,6 +273,7 @@ impl L7Outbound {
         cfg: &NodeConfig,
         mut req: Request<Body>,
         conn: &Conn,
+        route: &mut Option<Arc<str>>,
     ) -> Result<(Response<Body>, String, String), (ProxyError, String)> {
         let (service, port) = match &conn.target {
             Target::Service(s, p) => (s.clone(), *p),
@@ -260,6 +301,7 @@ impl L7Outbound {
                 }) else {
                     return Err(fail(ProxyError::NoRoute));
                 };
+                *route = Some(rule.route.clone());
                 let route_ns = rule.route.split_once('/').map_or("", |(ns, _)| ns);
                 if let Some(resp) =
                     apply_filters(&mut req, &rule.filters, prefix, route_ns, &mut decided)
