@@ -9,6 +9,7 @@
 //! | GET    | /metrics                      | the same, in Prometheus text format (names in `metrics.rs`) |
 //! | GET    | /v1/config                    | the validated config |
 //! | GET    | /config_dump                  | everything the node runs on, in full (flags, workloads, Services, policy specs, pods, certificates) |
+//! | GET    | /debug/connections[?pod=ns/name] | connections carried now: who, where, how, for how long |
 //! | GET    | /v1/l7                        | HTTP path: endpoint health per Service (latency, in flight, ejections) |
 //! | GET    | /v1/mesh-config               | the configuration from the controller: version, stream state, contents |
 //! | GET    | /v1/log-level                 | the log filter in force |
@@ -49,6 +50,8 @@ pub struct Admin {
     pub enforcer: Option<Arc<crate::enforce::Enforcer>>,
     /// The HTTP path's state and request figures, when config comes from the controller.
     pub l7: Option<Arc<crate::l7::inbound::L7Inbound>>,
+    /// Connections being carried now.
+    pub live: Arc<crate::live::Connections>,
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -65,6 +68,18 @@ fn json_response(status: StatusCode, body: serde_json::Value) -> Resp {
 
 fn error(status: StatusCode, message: impl std::fmt::Display) -> Resp {
     json_response(status, json!({ "error": message.to_string() }))
+}
+
+/// A query parameter, percent-decoded.
+fn query(req: &Request<Incoming>, name: &str) -> Option<String> {
+    req.uri().query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == name).then(|| {
+            percent_encoding::percent_decode_str(v)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+    })
 }
 
 /// The one place enrollment errors become HTTP statuses.
@@ -249,6 +264,14 @@ impl Admin {
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
             },
             (&Method::GET, ["v1", "config"]) => json_response(StatusCode::OK, json!(self.config)),
+            (&Method::GET, ["debug", "connections"]) => {
+                let pod = query(&req, "pod");
+                let list = self.live.list(pod.as_deref());
+                json_response(
+                    StatusCode::OK,
+                    json!({"count": list.len(), "connections": list}),
+                )
+            }
             (&Method::GET, ["v1", "l7"]) => match &self.l7 {
                 Some(l7) => {
                     let services: serde_json::Map<String, serde_json::Value> = l7

@@ -298,6 +298,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         .as_ref()
         .map(|m| Tunnels::new(m.identities.clone(), m.tunnel_stats.clone()));
     let l7_stats = Arc::new(L7Stats::new(config.metrics_label_budget));
+    let live = Arc::new(crate::live::Connections::default());
     let access_log = Arc::new(crate::access_log::AccessLog::new(
         config.access_log,
         mesh.as_ref()
@@ -354,6 +355,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         enforcer: enforcer.clone(),
         l7: l7_path,
         access_log: access_log.clone(),
+        live: live.clone(),
     });
     for l in listeners {
         tokio::spawn(proxy.clone().serve(l, drain.watch()));
@@ -370,6 +372,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
             enforcer: enforcer.clone(),
             l7: l7_inbound.clone(),
             access_log: access_log.clone(),
+            live: live.clone(),
         });
         for l in inbound_listeners {
             tokio::spawn(inbound.clone().serve(l, drain.watch()));
@@ -405,6 +408,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         follow,
         enforcer,
         l7: l7_inbound,
+        live,
     });
     if let Some(addr) = config.metrics_addr {
         let l = admin::bind(addr).await.map_err(|source| AppError::Bind {

@@ -307,6 +307,7 @@ pub struct Inbound {
     /// Per-request handling of L7 requests, when config comes from the controller.
     pub l7: Option<Arc<crate::l7::inbound::L7Inbound>>,
     pub access_log: Arc<crate::access_log::AccessLog>,
+    pub live: Arc<crate::live::Connections>,
 }
 
 /// Server TLS config, rebuilt when the trust bundle changes.
@@ -567,6 +568,13 @@ impl Inbound {
         let span =
             info_span!("inbound", src.identity = %client_id, dst = %target, forwarded = %forwarded);
         let started = Instant::now();
+        let _tracked = self.live.track({
+            let mut l = crate::live::Live::new("inbound", peer, target);
+            l.source_identity = client_id.to_string();
+            l.destination_workload = format!("{}/{}", local.namespace, local.name);
+            l.via = "tunnel".into();
+            l
+        });
         let (decision, bytes) = async move {
             info!("delivering");
             let relay = relay(

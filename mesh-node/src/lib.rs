@@ -15,6 +15,7 @@ pub mod follow;
 pub mod hbone;
 pub mod identity;
 pub mod l7;
+pub mod live;
 pub mod logging;
 pub mod metrics;
 pub mod node_config;

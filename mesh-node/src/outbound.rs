@@ -30,6 +30,7 @@ use crate::{
     enroll::Enrollment,
     hbone::{self, Tunnels},
     l7,
+    live::{Connections, Live, Tracked},
     node_config::NodeConfig,
     orig_dst::{OrigDstSource, Redirected},
     route::{Route, route},
@@ -122,6 +123,7 @@ pub struct Outbound {
     /// The HTTP path, when config comes from the controller.
     pub l7: Option<L7Path>,
     pub access_log: Arc<AccessLog>,
+    pub live: Arc<Connections>,
 }
 
 /// The HTTP path and how long to look at a connection's first bytes.
@@ -215,9 +217,19 @@ impl Outbound {
         }
         let placement = self.mesh.as_ref().map(|m| m.placement.current());
         let requested = orig_dst;
+        let tracked = self.live.track({
+            let mut l = Live::new("outbound", peer, orig_dst);
+            l.source = pod.name.to_string();
+            l.source_identity = placement
+                .as_deref()
+                .and_then(|p| p.pod(&pod.name.namespace, &pod.name.name))
+                .map(|w| w.identity.to_string())
+                .unwrap_or_default();
+            l
+        });
         let client = match self.l7_conn(&pod.name, peer, orig_dst, placement.as_deref()) {
             None => client,
-            Some((conn, declared)) => match self.http(client, conn, declared).await {
+            Some((conn, declared)) => match self.http(client, conn, declared, &tracked).await {
                 None => return,
                 Some(c) => c,
             },
@@ -252,6 +264,17 @@ impl Outbound {
                 );
             }
         };
+        tracked.update(|l| {
+            l.via = match &decision {
+                Route::Direct => "direct".into(),
+                Route::Local { namespace, name } => {
+                    l.destination_workload = format!("{namespace}/{name}");
+                    "local".into()
+                }
+                Route::Tunnel { node, .. } => format!("tunnel via {node}"),
+                Route::Refuse(_) => "refused".into(),
+            };
+        });
         match decision {
             Route::Direct => {
                 let r = self.relay(client, orig_dst, None).instrument(span).await;
@@ -404,6 +427,7 @@ impl Outbound {
         client: TcpStream,
         mut conn: l7::outbound::Conn,
         declared: Option<l7::Protocol>,
+        tracked: &Tracked,
     ) -> Option<TcpStream> {
         let l7 = self.l7.as_ref().expect("checked by l7_conn");
         // A declared HTTP port waits for the client's first bytes; an undeclared one only briefly,
@@ -422,6 +446,13 @@ impl Outbound {
             l7::detect::Detected::Http2 => l7::UpstreamProtocol::H2,
         };
         self.stats.http_connections.fetch_add(1, Relaxed);
+        tracked.update(|l| {
+            l.protocol = match conn.detected {
+                l7::UpstreamProtocol::H1 => "http1",
+                l7::UpstreamProtocol::H2 => "http2",
+            };
+            l.via = "http".into();
+        });
         let span = info_span!("http", src.pod = %format!("{}/{}", conn.pod.0, conn.pod.1), dst = %conn.dst);
         l7.proxy
             .clone()

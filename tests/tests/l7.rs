@@ -728,6 +728,33 @@ async fn websocket_upgrades_and_idle_connections() {
     let r = shop.get_at("10.96.0.22:80", "/", 5, 1, &[]).await;
     assert_eq!(count(&r, "statuses", "200"), 5, "{r}");
 
+    // /debug/connections shows a connection while it is carried, and not after.
+    let who = format!("{}/{}", shop.client.namespace, shop.client.name);
+    let path = format!("/debug/connections?pod={who}");
+    let slow = shop.client.curl(&["http://10.96.0.22:80/delay/1500"]);
+    let look = async {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        shop.cluster.nodes[0]
+            .admin("GET", &path, None)
+            .await
+            .unwrap()
+    };
+    let (c, (status, live)) = tokio::join!(slow, look);
+    assert_eq!(c.unwrap().status, 200);
+    assert_eq!(status, 200, "{live}");
+    assert_eq!(live["count"], 1, "{live}");
+    let l = &live["connections"][0];
+    assert_eq!(l["source"], who.as_str(), "{l}");
+    assert_eq!(l["destination"], "10.96.0.22:80", "{l}");
+    assert_eq!(l["protocol"], "http1", "{l}");
+    assert_eq!(l["direction"], "outbound", "{l}");
+    assert!(l["age_seconds"].as_f64().unwrap() >= 0.5, "{l}");
+    let (_, after) = shop.cluster.nodes[0]
+        .admin("GET", &path, None)
+        .await
+        .unwrap();
+    assert_eq!(after["count"], 0, "{after}");
+
     // Idle timeout: an app connection with no request for `timeouts.idle` is closed (HTTP/1.1
     // and HTTP/2); one used more often stays open.
     shop.traffic_policy(
