@@ -9,6 +9,7 @@
 //! | GET    | /metrics                      | the same, in Prometheus text format (names in `metrics.rs`) |
 //! | GET    | /v1/config                    | the validated config |
 //! | GET    | /config_dump                  | everything the node runs on, in full (flags, workloads, Services, policy specs, pods, certificates) |
+//! | GET    | /debug/explain?src=&dst=[&method=&path=] | would this connection be redirected, which route, policy and endpoints apply, and why |
 //! | GET    | /debug/connections[?pod=ns/name] | connections carried now: who, where, how, for how long |
 //! | GET    | /v1/l7                        | HTTP path: endpoint health per Service (latency, in flight, ejections) |
 //! | GET    | /v1/mesh-config               | the configuration from the controller: version, stream state, contents |
@@ -133,6 +134,52 @@ impl Admin {
                     .await;
             });
         }
+    }
+
+    /// `/debug/explain?src=POD_OR_IP&dst=IP:PORT[&method=GET&path=/]`.
+    fn explain(&self, req: &Request<Incoming>) -> Resp {
+        let (Some(src), Some(dst)) = (query(req, "src"), query(req, "dst")) else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "usage: /debug/explain?src=<namespace/pod or IP>&dst=<ip:port>[&method=GET&path=/]",
+            );
+        };
+        let Ok(dst) = dst.parse::<SocketAddr>() else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("dst {dst:?} is not ip:port"),
+            );
+        };
+        let Some((rx, _)) = self.mesh.as_ref().and_then(|m| m.config.as_ref()) else {
+            return error(
+                StatusCode::NOT_FOUND,
+                "this node runs without configuration from a controller: nothing to explain",
+            );
+        };
+        let cfg = rx.borrow().clone();
+        let proxy_addrs: Vec<SocketAddr> = [
+            self.config.proxy_ipv4.map(std::net::IpAddr::V4),
+            self.config.proxy_ipv6.map(std::net::IpAddr::V6),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|ip| SocketAddr::new(ip, self.config.outbound_port))
+        .collect();
+        let enrolled = |ns: &str, name: &str| self.pods.is_enrolled(ns, name);
+        let node = crate::explain::Node {
+            name: &self.config.node_name,
+            exclude_ports: &self.config.exclude_ports,
+            exclude_cidrs: &self.config.exclude_cidrs,
+            proxy_addrs: &proxy_addrs,
+            enrolled: &enrolled,
+        };
+        let q = crate::explain::Query {
+            src,
+            dst,
+            method: query(req, "method").unwrap_or_else(|| "GET".into()),
+            path: query(req, "path").unwrap_or_else(|| "/".into()),
+        };
+        json_response(StatusCode::OK, crate::explain::explain(&q, &cfg, &node))
     }
 
     /// Everything the node counts, as `/v1/counters` shows it and `/metrics` renders it.
@@ -264,6 +311,7 @@ impl Admin {
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
             },
             (&Method::GET, ["v1", "config"]) => json_response(StatusCode::OK, json!(self.config)),
+            (&Method::GET, ["debug", "explain"]) => self.explain(&req),
             (&Method::GET, ["debug", "connections"]) => {
                 let pod = query(&req, "pod");
                 let list = self.live.list(pod.as_deref());

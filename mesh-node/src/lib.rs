@@ -11,6 +11,7 @@ pub mod drain;
 pub mod ebpf;
 pub mod enforce;
 pub mod enroll;
+pub mod explain;
 pub mod follow;
 pub mod hbone;
 pub mod identity;

@@ -197,6 +197,32 @@ spec:
         "v2 got {v2}% (want 10 +-2): {r}"
     );
 
+    // /debug/explain names the rule a request would take and its weighted backends.
+    let (_, e) = shop.cluster.nodes[0]
+        .admin(
+            "GET",
+            &format!(
+                "/debug/explain?src={}&dst={WEB}&method=GET&path=/api/x",
+                shop.client.ipv4
+            ),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(e["route"]["name"], format!("{ns}/web"), "{e}");
+    assert_eq!(e["route"]["rule"], 2, "{e}");
+    assert_eq!(
+        e["route"]["backends"][0]["service"],
+        format!("{ns}/web-v1"),
+        "{e}"
+    );
+    assert_eq!(e["route"]["filters"][0], "URLRewrite", "{e}");
+    assert_eq!(
+        e["endpoints"].as_array().unwrap().len(),
+        2,
+        "v1 has two pods: {e}"
+    );
+
     // Header A/B: always v2.
     let r = shop.get("/", 100, &["--header", "x-version: v2"]).await;
     assert_eq!(by_version(&r).get("v2"), Some(&100), "{r}");
@@ -359,6 +385,61 @@ spec:
         total
     };
     assert_eq!(denied, 31);
+
+    // /debug/explain answers for a request before it is made: the route, every endpoint, and
+    // the deciding rule.
+    let node0 = &shop.cluster.nodes[0];
+    let client_name = &shop.client.name;
+    let explain = |method: &str, path: &str| {
+        let q =
+            format!("/debug/explain?src={ns}/{client_name}&dst={WEB}&method={method}&path={path}");
+        async move { node0.admin("GET", &q, None).await.unwrap().1 }
+    };
+    let e = explain("GET", "/").await;
+    assert_eq!(e["redirect"]["redirected"], true, "{e}");
+    assert_eq!(e["destination"]["service"], format!("{ns}/web"), "{e}");
+    assert_eq!(e["endpoints"].as_array().unwrap().len(), 3, "{e}");
+    assert_eq!(e["verdict"], "allowed to all 3 endpoints", "{e}");
+    assert!(
+        e["endpoints"][0]["authorization"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("allowed by {ns}/web-read")),
+        "{e}"
+    );
+    let e = explain("POST", "/echo").await;
+    assert!(e["verdict"].as_str().unwrap().starts_with("denied"), "{e}");
+    assert!(
+        e["endpoints"][0]["authorization"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("no rule of {ns}/web-read allows it")),
+        "{e}"
+    );
+    let vias: Vec<&str> = e["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["via"].as_str().unwrap())
+        .collect();
+    assert!(vias.iter().any(|v| v.starts_with("this node")), "{e}");
+    assert!(vias.iter().any(|v| v.starts_with("mTLS tunnel")), "{e}");
+    let (_, e) = shop.cluster.nodes[0]
+        .admin(
+            "GET",
+            &format!(
+                "/debug/explain?src={ns}/{}&dst=127.0.0.1:80",
+                shop.client.name
+            ),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(e["redirect"]["redirected"], false, "{e}");
+    assert!(
+        e["verdict"].as_str().unwrap().contains("skip_loopback"),
+        "{e}"
+    );
 
     // One JSON line per request on each side, with identities, decision and flags.
     let source = access_log(&shop.cluster, 0, "source");

@@ -62,6 +62,11 @@ impl Service {
         self.ports.iter().find(|p| p.port == port)
     }
 
+    /// The Service port that reaches pods on `target_port`.
+    pub fn port_by_target(&self, target_port: u16) -> Option<&Port> {
+        self.ports.iter().find(|p| p.target_port == target_port)
+    }
+
     /// The routes for a Service port; `None` when none attach (the Service itself is the backend).
     pub fn table(&self, port: u16) -> Option<&Table> {
         self.tables.get(&port).filter(|t| !t.is_empty())
