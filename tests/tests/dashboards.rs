@@ -7,6 +7,7 @@ use mesh_tests::ClusterBuilder;
 use serde_json::Value;
 
 const PORT: u16 = 8080;
+const HTTP_PORT: u16 = 8081;
 const METRICS_PORT: u16 = 15020;
 const PROMETHEUS: &str = "127.0.0.1:9090";
 
@@ -19,10 +20,16 @@ fn panels() -> Vec<(String, String, String)> {
         let d: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         for p in d["panels"].as_array().unwrap() {
             for t in p["targets"].as_array().unwrap() {
+                // Template variables at their "All" value.
+                let expr = t["expr"]
+                    .as_str()
+                    .unwrap()
+                    .replace("$namespace", ".*")
+                    .replace("$workload", ".*");
                 out.push((
                     d["title"].as_str().unwrap().to_string(),
                     p["title"].as_str().unwrap().to_string(),
-                    t["expr"].as_str().unwrap().to_string(),
+                    expr,
                 ));
             }
         }
@@ -47,11 +54,12 @@ async fn every_dashboard_panel_returns_data_from_a_real_prometheus() {
         cluster.pod(1, 0).clone(),
     );
     let _s = server.serve(PORT, false).await.unwrap();
+    let _h = server.serve_http(HTTP_PORT).await.unwrap();
     cluster.enroll(&client).await.unwrap();
     cluster.enroll(&server).await.unwrap();
     // Something to count on every panel: allowed and denied connections, plaintext from outside.
     let deny = format!(
-        "apiVersion: nodemesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: deny-outsider, namespace: {ns}}}\nspec:\n  action: DENY\n  rules: [{{from: [{{principals: ['spiffe://cluster.local/ns/{ns}/sa/nobody']}}]}}]\n",
+        "apiVersion: nodemesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: deny-outsider, namespace: {ns}}}\nspec:\n  action: DENY\n  rules:\n  - {{from: [{{principals: ['spiffe://cluster.local/ns/{ns}/sa/nobody']}}]}}\n  - {{to: [{{ports: [{HTTP_PORT}], paths: [/forbidden]}}]}}\n",
         ns = server.namespace
     );
     cluster
@@ -101,6 +109,15 @@ async fn every_dashboard_panel_returns_data_from_a_real_prometheus() {
                 .client(server.addr(false, PORT), 1, 64)
                 .await
                 .unwrap();
+            // HTTP: answered, failing (5xx) and denied requests.
+            let to = server.addr(false, HTTP_PORT).to_string();
+            for (path, count) in [("/", "20"), ("/status/503", "3"), ("/forbidden", "3")] {
+                let r = client
+                    .testpod(&["get", "--to", &to, "--path", path, "--count", count])
+                    .await
+                    .unwrap();
+                assert!(r["errors"].as_object().unwrap().is_empty(), "{r}");
+            }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     };
