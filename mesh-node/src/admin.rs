@@ -3,6 +3,7 @@
 //!
 //! | method | path                          | |
 //! |--------|-------------------------------|---|
+//! | GET    | /                             | live page (HTML): top workloads by requests and errors, denials, redirect counters, open connections |
 //! | GET    | /healthz                      | 200 while the process serves |
 //! | GET    | /ready                        | 200 once programs are attached and listeners bound |
 //! | GET    | /v1/counters                  | kernel counters per program and outcome, proxy figures |
@@ -56,6 +57,9 @@ pub struct Admin {
 }
 
 type Resp = Response<Full<Bytes>>;
+
+/// The node's live page: top workloads, denials, redirect counters, open connections.
+const LIVE_PAGE: &str = include_str!("ui/index.html");
 
 const MAX_BODY: usize = 64 * 1024;
 
@@ -286,6 +290,11 @@ impl Admin {
         let path = req.uri().path().to_string();
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         match (req.method(), segments.as_slice()) {
+            (&Method::GET, [""]) => Response::builder()
+                .status(StatusCode::OK)
+                .header("content-type", "text/html; charset=utf-8")
+                .body(Full::new(Bytes::from_static(LIVE_PAGE.as_bytes())))
+                .expect("static response parts"),
             (&Method::GET, ["healthz"]) => json_response(StatusCode::OK, json!({"status": "ok"})),
             (&Method::GET, ["ready"]) => {
                 let pending = self.ready.pending();

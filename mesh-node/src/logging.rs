@@ -20,12 +20,19 @@ pub fn init(json: bool) {
     let filter = EnvFilter::try_new(&initial).unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
+    // Operational logs on stderr: stdout carries the access log (`access_log`).
     if json {
         registry
-            .with(tracing_subscriber::fmt::layer().json())
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            )
             .init();
     } else {
-        registry.with(tracing_subscriber::fmt::layer()).init();
+        registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .init();
     }
     let _ = CONTROL.set(Control {
         handle,

@@ -58,3 +58,99 @@ async fn the_log_level_changes_at_run_time_without_a_restart() {
         "a bad filter changes nothing"
     );
 }
+
+/// The admin port's live page in a real browser: headless Chromium loads it from the node's
+/// admin address, runs its script against the live counters, and takes a screenshot.
+#[tokio::test]
+async fn the_live_page_renders_in_headless_chromium() {
+    let cluster = ClusterBuilder::new()
+        .nodes(2)
+        .pods_per_node(2)
+        .config_stream()
+        .start()
+        .await
+        .unwrap();
+    let client = cluster.pod(0, 0).clone();
+    let (local, remote) = (cluster.pod(0, 1).clone(), cluster.pod(1, 0).clone());
+    let _servers = [
+        local.serve_http(8080).await.unwrap(),
+        remote.serve_http(8080).await.unwrap(),
+    ];
+    for p in [&client, &local, &remote] {
+        cluster.enroll(p).await.unwrap();
+    }
+    for to in [&local, &remote] {
+        let r = client
+            .testpod(&[
+                "get",
+                "--to",
+                &to.addr(false, 8080).to_string(),
+                "--count",
+                "25",
+            ])
+            .await
+            .unwrap();
+        assert_eq!(r["statuses"]["200"], 25, "{r}");
+    }
+    let node = &cluster.nodes[0];
+    let dir = cluster.dir.join("chromium");
+    std::fs::create_dir_all(&dir).unwrap();
+    let shot = dir.join("live-page.png");
+    let url = format!("http://127.0.0.1:{}/", mesh_tests::cluster::ADMIN_PORT);
+    let chromium = |extra: Vec<String>| {
+        let mut cmd = tokio::process::Command::new("ip");
+        cmd.args([
+            "netns",
+            "exec",
+            &node.netns,
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+        ])
+        .args(["--disable-gpu", "--no-first-run", "--hide-scrollbars"])
+        .arg(format!("--user-data-dir={}", dir.join("profile").display()))
+        .args(["--virtual-time-budget=5000", "--window-size=1280,1000"])
+        .args(extra)
+        .arg(&url)
+        .env("HOME", &dir);
+        async move {
+            cmd.output()
+                .await
+                .expect("chromium (installed by cargo xtask test)")
+        }
+    };
+    let dom = chromium(vec!["--dump-dom".into()]).await;
+    let html = String::from_utf8_lossy(&dom.stdout);
+    assert!(
+        html.contains(r#"data-loaded="true""#),
+        "the page's script ran against the live counters: {html}\n{}",
+        String::from_utf8_lossy(&dom.stderr)
+    );
+    // The top-workloads table names both servers (served) and the client (sent), with counts.
+    for p in [&client, &local] {
+        let name = format!("{}/{}", p.namespace, p.name);
+        assert!(html.contains(&name), "{name} missing from the page: {html}");
+    }
+    assert!(html.contains("redirected"), "kernel counters shown: {html}");
+    assert!(
+        html.contains(&format!("nodemesh node {}", node.name)),
+        "{html}"
+    );
+    let out = chromium(vec![format!("--screenshot={}", shot.display())]).await;
+    let png = std::fs::read(&shot).unwrap_or_else(|e| {
+        panic!(
+            "no screenshot ({e}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "a PNG");
+    assert!(
+        png.len() > 20_000,
+        "a rendered page, not a blank one: {} bytes",
+        png.len()
+    );
+    // Kept where a person can look at it after the run.
+    let keep = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/live-page.png");
+    let _ = std::fs::copy(&shot, &keep);
+    eprintln!("live page screenshot: {}", keep.display());
+}

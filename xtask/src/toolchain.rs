@@ -58,7 +58,8 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
 }
 
 /// The tests need a real Prometheus (the dashboards are checked against it).
-pub const TEST_PACKAGES: &[&str] = &["prometheus", "curl", "nghttp2-client"];
+/// `chromium` renders the node's live page in the tests (headless, with a screenshot).
+pub const TEST_PACKAGES: &[&str] = &["prometheus", "curl", "nghttp2-client", "chromium"];
 
 /// Only the benchmark needs these: the load generator and the comparison proxy.
 pub const BENCH_PACKAGES: &[&str] = &["wrk", "haproxy"];
