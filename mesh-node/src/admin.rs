@@ -206,6 +206,7 @@ impl Admin {
             "enrolled_pods": pods.len(),
             "proxy": &*self.stats,
             "inbound": inbound,
+            "process": crate::metrics::process(),
         });
         if let Some(m) = &self.mesh {
             body["identity"] = json!({

@@ -129,6 +129,34 @@ fn describe() {
     );
     describe_gauge!("mesh_config_version", "Configuration version serving");
     describe_gauge!(
+        "mesh_config_last_update_timestamp_seconds",
+        Unit::Seconds,
+        "When the serving configuration version was applied (Unix time; age = time() - this)"
+    );
+    describe_gauge!(
+        "mesh_process_resident_memory_bytes",
+        Unit::Bytes,
+        "Resident memory of the node proxy"
+    );
+    describe_counter!(
+        "mesh_process_cpu_seconds_total",
+        Unit::Seconds,
+        "CPU time of the node proxy, user and system (whole seconds)"
+    );
+    describe_gauge!(
+        "mesh_process_open_fds",
+        "Open file descriptors of the node proxy"
+    );
+    describe_gauge!("mesh_runtime_workers", "tokio worker threads");
+    describe_gauge!(
+        "mesh_runtime_alive_tasks",
+        "tokio tasks alive (connections, streams, timers)"
+    );
+    describe_gauge!(
+        "mesh_runtime_global_queue_depth",
+        "tokio tasks waiting in the global queue (a sign of overload when it stays above 0)"
+    );
+    describe_gauge!(
         "mesh_config_connected",
         "1 while the configuration stream to the controller is up"
     );
@@ -250,7 +278,52 @@ fn record(s: &Value) {
         counter!("mesh_config_updates_total").absolute(n(&c["updates"]));
         counter!("mesh_config_rejected_total").absolute(n(&c["rejected"]));
         counter!("mesh_config_reconnects_total").absolute(n(&c["reconnects"]));
+        if let Some(t) = c["last_update_unix"].as_f64() {
+            gauge!("mesh_config_last_update_timestamp_seconds").set(t);
+        }
     }
+    let p = &s["process"];
+    if p.is_object() {
+        gauge!("mesh_process_resident_memory_bytes").set(n(&p["resident_memory_bytes"]) as f64);
+        counter!("mesh_process_cpu_seconds_total")
+            .absolute(p["cpu_seconds"].as_f64().unwrap_or(0.0) as u64);
+        gauge!("mesh_process_open_fds").set(n(&p["open_fds"]) as f64);
+        gauge!("mesh_runtime_workers").set(n(&p["runtime_workers"]) as f64);
+        gauge!("mesh_runtime_alive_tasks").set(n(&p["runtime_alive_tasks"]) as f64);
+        gauge!("mesh_runtime_global_queue_depth").set(n(&p["runtime_global_queue_depth"]) as f64);
+    }
+}
+
+/// The proxy process itself: memory, CPU, file descriptors (from /proc), and the tokio runtime.
+pub fn process() -> Value {
+    let page = 4096u64;
+    let rss = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * page);
+    // Fields 14 and 15 of /proc/self/stat (after the parenthesised command): user and system
+    // time in clock ticks; USER_HZ is 100 on Linux.
+    let cpu = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = &s[s.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some((f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?) as f64 / 100.0)
+        })
+        .unwrap_or(0.0);
+    let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
+    let mut v = serde_json::json!({
+        "resident_memory_bytes": rss,
+        "cpu_seconds": cpu,
+        "open_fds": fds,
+    });
+    if let Ok(h) = tokio::runtime::Handle::try_current() {
+        let m = h.metrics();
+        v["runtime_workers"] = m.num_workers().into();
+        v["runtime_alive_tasks"] = m.num_alive_tasks().into();
+        v["runtime_global_queue_depth"] = m.global_queue_depth().into();
+    }
+    v
 }
 
 /// Request series of the HTTP path (labels bounded where they are counted, `l7::stats`). The

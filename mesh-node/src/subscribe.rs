@@ -45,6 +45,8 @@ pub struct Status {
     /// Versions refused.
     pub rejected: u64,
     pub reconnects: u64,
+    /// When the serving version was applied (Unix seconds).
+    pub last_update_unix: Option<f64>,
 }
 
 pub struct Subscriber {
@@ -187,6 +189,10 @@ impl Subscriber {
                     self.set(|s| {
                         s.version = number;
                         s.updates += 1;
+                        s.last_update_unix = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .ok()
+                            .map(|d| d.as_secs_f64());
                     });
                     first.take();
                     Msg::Ack(pb::Ack { version: number })
