@@ -47,6 +47,8 @@ pub enum AppError {
     Identity(#[from] IdentityError),
     #[error("placement")]
     Placement(#[from] PlacementError),
+    #[error("tracing")]
+    Trace(#[from] crate::trace::TraceError),
 }
 
 /// A running node proxy.
@@ -299,6 +301,11 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         .map(|m| Tunnels::new(m.identities.clone(), m.tunnel_stats.clone()));
     let l7_stats = Arc::new(L7Stats::new(config.metrics_label_budget));
     let live = Arc::new(crate::live::Connections::default());
+    let tracing = Arc::new(crate::trace::Tracing::new(
+        config.otlp_endpoint.as_deref(),
+        config.trace_sample_percent,
+        &config.node_name,
+    )?);
     let access_log = Arc::new(crate::access_log::AccessLog::new(
         config.access_log,
         mesh.as_ref()
@@ -318,6 +325,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
                 stats: l7_stats.clone(),
                 counters: Default::default(),
                 access_log: access_log.clone(),
+                tracing: tracing.clone(),
             })
         });
     let l7_path = l7_inbound
@@ -331,6 +339,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
                 inbound: inbound.clone(),
                 stats: l7_stats.clone(),
                 access_log: access_log.clone(),
+                tracing: tracing.clone(),
             }),
             detect_timeout: config.protocol_detect_timeout,
             declared_wait: Duration::from_secs(10),

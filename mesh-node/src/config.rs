@@ -127,6 +127,14 @@ pub struct RunArgs {
     /// stdout) for namespaces without a Telemetry resource; 0 turns it off there.
     #[arg(long, env = "MESH_ACCESS_LOG", default_value_t = 0.0)]
     pub access_log: f64,
+    /// OTLP/gRPC collector for request spans (e.g. `http://otel-collector:4317`); none: no spans,
+    /// trace headers pass through untouched.
+    #[arg(long, env = "MESH_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Percent of requests without a trace context that start a trace (requests that carry one
+    /// keep its sampling decision).
+    #[arg(long, env = "MESH_TRACE_SAMPLE_PERCENT", default_value_t = 1.0)]
+    pub trace_sample_percent: f64,
     /// What to leave behind on exit.
     #[arg(long, env = "MESH_ON_EXIT", value_enum, default_value_t = OnExit::Keep)]
     pub on_exit: OnExit,
@@ -199,6 +207,8 @@ pub struct Config {
     pub metrics_label_budget: usize,
     /// Access log sample percent without a Telemetry.
     pub access_log: f64,
+    pub otlp_endpoint: Option<String>,
+    pub trace_sample_percent: f64,
     pub on_exit: OnExit,
     pub worker_threads: usize,
     pub mesh: Option<MeshConfig>,
@@ -308,6 +318,17 @@ impl RunArgs {
         if !(0.0..=100.0).contains(&self.access_log) {
             return Err(err("--access-log", "a percentage, 0 to 100"));
         }
+        if !(0.0..=100.0).contains(&self.trace_sample_percent) {
+            return Err(err("--trace-sample-percent", "a percentage, 0 to 100"));
+        }
+        if let Some(e) = &self.otlp_endpoint
+            && !(e.starts_with("http://") || e.starts_with("https://"))
+        {
+            return Err(err(
+                "--otlp-endpoint",
+                format!("{e:?} is not an http:// or https:// URL"),
+            ));
+        }
         if self.metrics_label_budget == 0 {
             return Err(err("--metrics-label-budget", "must be at least 1"));
         }
@@ -390,6 +411,8 @@ impl RunArgs {
             protocol_detect_timeout: self.protocol_detect_timeout,
             metrics_label_budget: self.metrics_label_budget,
             access_log: self.access_log,
+            otlp_endpoint: self.otlp_endpoint,
+            trace_sample_percent: self.trace_sample_percent,
             on_exit: self.on_exit,
             worker_threads: self.worker_threads,
             mesh,

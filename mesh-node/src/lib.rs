@@ -29,3 +29,4 @@ pub mod routes;
 pub mod subscribe;
 mod sys;
 pub mod tls;
+pub mod trace;

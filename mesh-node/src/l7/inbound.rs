@@ -61,6 +61,7 @@ pub struct L7Inbound {
     pub stats: Arc<L7Stats>,
     pub counters: L7Counters,
     pub access_log: Arc<AccessLog>,
+    pub tracing: Arc<crate::trace::Tracing>,
 }
 
 impl L7Inbound {
@@ -68,13 +69,14 @@ impl L7Inbound {
     /// answered.
     pub async fn handle(
         &self,
-        req: Request<Body>,
+        mut req: Request<Body>,
         caller: &Caller,
         dst: (&str, &str),
         target: SocketAddr,
         proto: UpstreamProtocol,
     ) -> Response<Body> {
         let started = Instant::now();
+        let span = super::outbound::start_span(&self.tracing, crate::trace::Hop::Inbound, &mut req);
         self.counters.requests.fetch_add(1, Relaxed);
         let grpc = is_grpc(req.headers());
         let request_bytes = super::content_length(req.headers());
@@ -120,6 +122,13 @@ impl L7Inbound {
             request_bytes,
             super::content_length(resp.headers()),
         );
+        if let Some(mut span) = span {
+            if let Some(id) = &caller.identity {
+                span.set("mesh.source.principal", id.to_string());
+            }
+            span.set("mesh.destination.workload", format!("{}/{}", dst.0, dst.1));
+            span.end(resp.status().as_u16(), flag(&resp));
+        }
         if let Some(seen) = &seen {
             let flag = flag(&resp);
             self.access_log.write(&access_log::Entry {

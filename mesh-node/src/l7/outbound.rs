@@ -34,6 +34,7 @@ use crate::{
     hbone::Tunnels,
     node_config::NodeConfig,
     routes,
+    trace::{Hop, HopSpan, Tracing},
 };
 
 /// Largest request head accepted from an app (HTTP/1.1 buffer; HTTP/2 header list).
@@ -78,6 +79,7 @@ pub struct L7Outbound {
     pub inbound: Arc<L7Inbound>,
     pub stats: Arc<L7Stats>,
     pub access_log: Arc<AccessLog>,
+    pub tracing: Arc<Tracing>,
 }
 
 /// A chosen backend: its Service (with policy and state) and the pod port requests go to.
@@ -196,6 +198,7 @@ impl L7Outbound {
         let upgrade = upgrade::prepare_source(&mut req);
         let grpc = is_grpc(req.headers());
         let cfg = self.config.borrow().clone();
+        let mut span = start_span(&self.tracing, Hop::Outbound, &mut req);
         // Copied only when an access log line or a debug line will be written.
         let log = self.access_log.wants(&conn.pod.0);
         let seen =
@@ -230,6 +233,18 @@ impl L7Outbound {
             request_bytes,
             response_bytes,
         );
+        if let Some(mut span) = span.take() {
+            span.set(
+                "mesh.source.workload",
+                format!("{}/{}", conn.pod.0, conn.pod.1),
+            );
+            span.set("mesh.destination.service", service.clone());
+            span.set("mesh.destination.workload", dst_pod.clone());
+            if let Some(r) = &route {
+                span.set("mesh.route", r.to_string());
+            }
+            span.end(resp.status().as_u16(), inbound::flag(&resp));
+        }
         if let Some(seen) = &seen {
             debug!(method = %seen.method, path = %seen.path, status = resp.status().as_u16(), took = ?started.elapsed(), "request");
             if log {
@@ -673,6 +688,15 @@ impl L7Outbound {
         .await?;
         Ok((resp, pod.to_string()))
     }
+}
+
+/// This hop's span, when tracing is on (the request then carries it as the parent).
+pub fn start_span(tracing: &Tracing, hop: Hop, req: &mut Request<Body>) -> Option<HopSpan> {
+    if !tracing.enabled() {
+        return None;
+    }
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    tracing.start(hop, method.as_str(), &path, req.headers_mut())
 }
 
 /// Applies a rule's filters to the request; a redirect answers at once.

@@ -126,6 +126,11 @@ enum Cmd {
         #[arg(long)]
         send: Vec<String>,
     },
+    /// An OTLP/gRPC trace collector: prints each span it receives as a JSON line.
+    Otlp {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
     /// gRPC server (tonic, HTTP/2 cleartext) of `testpod.v1.Greeter`.
     Grpc {
         #[arg(long, required = true)]
@@ -188,6 +193,7 @@ async fn main() -> anyhow::Result<()> {
         } => rr(to, Duration::from_millis(duration_ms), conns, size, pace).await,
         Cmd::Bulk { to, bytes } => bulk(to, bytes).await,
         Cmd::Ws { to, path, send } => ws(to, path, send).await,
+        Cmd::Otlp { listen } => otlp::serve(listen).await,
         Cmd::Grpc { listen, name } => grpc_serve(listen, name).await,
         Cmd::GrpcCall {
             to,
@@ -1008,4 +1014,80 @@ async fn grpc_call(
         json!({"codes": codes, "servers": servers, "messages": messages, "chat_echoed": echoed})
     );
     Ok(())
+}
+
+/// A minimal OTLP trace collector for the tracing tests.
+mod otlp {
+    use std::net::SocketAddr;
+
+    use opentelemetry_proto::tonic::{
+        collector::trace::v1::{
+            ExportTraceServiceRequest, ExportTraceServiceResponse,
+            trace_service_server::{TraceService, TraceServiceServer},
+        },
+        common::v1::{AnyValue, KeyValue, any_value::Value as V},
+    };
+    use serde_json::{Map, Value, json};
+
+    struct Collector;
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    fn value(v: &Option<AnyValue>) -> Value {
+        match v.as_ref().and_then(|v| v.value.as_ref()) {
+            Some(V::StringValue(s)) => json!(s),
+            Some(V::IntValue(i)) => json!(i),
+            Some(V::BoolValue(b)) => json!(b),
+            Some(V::DoubleValue(d)) => json!(d),
+            _ => Value::Null,
+        }
+    }
+
+    fn attrs(kv: &[KeyValue]) -> Map<String, Value> {
+        kv.iter()
+            .map(|a| (a.key.clone(), value(&a.value)))
+            .collect()
+    }
+
+    #[tonic::async_trait]
+    impl TraceService for Collector {
+        async fn export(
+            &self,
+            req: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            for rs in req.into_inner().resource_spans {
+                let resource = rs
+                    .resource
+                    .map(|r| attrs(&r.attributes))
+                    .unwrap_or_default();
+                for ss in rs.scope_spans {
+                    for s in ss.spans {
+                        println!(
+                            "{}",
+                            json!({
+                                "trace_id": hex(&s.trace_id),
+                                "span_id": hex(&s.span_id),
+                                "parent_span_id": hex(&s.parent_span_id),
+                                "name": s.name,
+                                "kind": s.kind,
+                                "resource": resource,
+                                "attributes": attrs(&s.attributes),
+                            })
+                        );
+                    }
+                }
+            }
+            Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+        }
+    }
+
+    pub async fn serve(listen: SocketAddr) -> anyhow::Result<()> {
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(Collector))
+            .serve(listen)
+            .await?;
+        Ok(())
+    }
 }
