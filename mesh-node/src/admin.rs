@@ -220,6 +220,7 @@ impl Admin {
         }
         if let Some(e) = &self.enforcer {
             body["authz"] = json!(&e.stats);
+            body["authz_policies"] = json!(e.decisions.snapshot());
         }
         if let Some(l7) = &self.l7 {
             body["l7"] = json!(&l7.counters);

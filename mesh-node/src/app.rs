@@ -282,10 +282,11 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
     if let Some(f) = &follow {
         tokio::spawn(f.clone().run());
     }
+    let decisions = Arc::new(crate::authz::DecisionCounts::default());
     let enforcer = mesh
         .as_ref()
         .and_then(|m| m.config.as_ref())
-        .map(|(rx, _)| Enforcer::new(rx.clone()));
+        .map(|(rx, _)| Enforcer::new(rx.clone(), decisions.clone()));
     if let Some(e) = &enforcer {
         tokio::spawn(e.clone().run());
     }
@@ -326,6 +327,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
                 counters: Default::default(),
                 access_log: access_log.clone(),
                 tracing: tracing.clone(),
+                decisions: decisions.clone(),
             })
         });
     let l7_path = l7_inbound

@@ -74,6 +74,45 @@ pub struct Verdict {
     pub audited: Vec<RuleRef>,
 }
 
+/// Decisions by policy and action, for `mesh_authz_policy_decisions_total`: bounded by the
+/// number of policies in the configuration.
+#[derive(Debug, Default)]
+pub struct DecisionCounts(std::sync::Mutex<BTreeMap<DecisionKey, u64>>);
+
+/// (policy, action, layer).
+type DecisionKey = (Arc<str>, &'static str, &'static str);
+
+impl DecisionCounts {
+    /// Counts `v` for `layer` (`tcp` connections or `http` requests): the deciding policy (or
+    /// `none` when no ALLOW policy applies, `default` when ALLOW policies apply and none allows),
+    /// and each AUDIT rule that matched.
+    pub fn record(&self, layer: &'static str, v: &Verdict) {
+        let none: Arc<str> = Arc::from("none");
+        let (policy, action) = match &v.decision {
+            Decision::Allow(Some(r)) => (r.policy.clone(), "allow"),
+            Decision::Allow(None) => (none, "allow"),
+            Decision::Denied(r) => (r.policy.clone(), "deny"),
+            Decision::NotAllowed { .. } => (Arc::from("default"), "deny"),
+        };
+        let mut m = self.0.lock().expect("decisions lock");
+        *m.entry((policy, action, layer)).or_default() += 1;
+        for a in &v.audited {
+            *m.entry((a.policy.clone(), "audit", layer)).or_default() += 1;
+        }
+    }
+
+    pub fn snapshot(&self) -> Vec<serde_json::Value> {
+        self.0
+            .lock()
+            .expect("decisions lock")
+            .iter()
+            .map(|((policy, action, layer), n)| {
+                serde_json::json!({"policy": &**policy, "action": action, "layer": layer, "count": n})
+            })
+            .collect()
+    }
+}
+
 /// The HTTP facts of a request (absent for a TCP connection).
 pub struct Http<'a> {
     pub method: &'a str,

@@ -50,6 +50,8 @@ pub struct Enforcer {
     live: Mutex<HashMap<u64, Live>>,
     next: AtomicU64,
     pub stats: Stats,
+    /// By policy and action, shared with the HTTP path.
+    pub decisions: Arc<crate::authz::DecisionCounts>,
 }
 
 /// An admitted connection: deregistered when dropped; `revoked` resolves when a new policy denies
@@ -71,12 +73,16 @@ impl Drop for Admitted {
 }
 
 impl Enforcer {
-    pub fn new(config: watch::Receiver<Arc<NodeConfig>>) -> Arc<Self> {
+    pub fn new(
+        config: watch::Receiver<Arc<NodeConfig>>,
+        decisions: Arc<crate::authz::DecisionCounts>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             config,
             live: Mutex::default(),
             next: AtomicU64::new(0),
             stats: Stats::default(),
+            decisions,
         })
     }
 
@@ -99,6 +105,7 @@ impl Enforcer {
     /// Admits `c` if the current policy allows it; the error says which rule denied it.
     pub fn admit(self: &Arc<Self>, c: Conn) -> Result<Admitted, String> {
         let verdict = Self::judge(&self.config.borrow(), &c);
+        self.decisions.record("tcp", &verdict);
         for a in &verdict.audited {
             info!(audit = %a, src = ?c.source.as_ref().map(ToString::to_string), dst = %format!("{}/{}", c.namespace, c.pod), "audited connection");
         }

@@ -72,6 +72,10 @@ fn describe() {
         "Authorization decisions on delivered connections, by decision"
     );
     describe_counter!(
+        "mesh_authz_policy_decisions_total",
+        "Authorization decisions by deciding policy (none: no ALLOW policy applies; default: ALLOW policies apply and none allows), action (allow, deny, audit) and layer (tcp, http)"
+    );
+    describe_counter!(
         "mesh_authz_connections_closed_total",
         "Live connections closed because a new policy denies them"
     );
@@ -253,6 +257,11 @@ fn record(s: &Value) {
         counter!("mesh_authz_decisions_total", "decision" => "allow").absolute(n(&a["allowed"]));
         counter!("mesh_authz_decisions_total", "decision" => "deny").absolute(n(&a["denied"]));
         counter!("mesh_authz_connections_closed_total").absolute(n(&a["closed_by_policy"]));
+    }
+    for d in s["authz_policies"].as_array().into_iter().flatten() {
+        let text = |k: &str| d[k].as_str().unwrap_or("").to_string();
+        counter!("mesh_authz_policy_decisions_total", "policy" => text("policy"), "action" => text("action"), "layer" => text("layer"))
+            .absolute(n(&d["count"]));
     }
     let id = &s["identity"];
     for c in id["certificates"].as_array().into_iter().flatten() {

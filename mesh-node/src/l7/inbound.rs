@@ -62,6 +62,7 @@ pub struct L7Inbound {
     pub counters: L7Counters,
     pub access_log: Arc<AccessLog>,
     pub tracing: Arc<crate::trace::Tracing>,
+    pub decisions: Arc<crate::authz::DecisionCounts>,
 }
 
 impl L7Inbound {
@@ -190,6 +191,7 @@ impl L7Inbound {
                 headers: req.headers(),
             }),
         });
+        self.decisions.record("http", &verdict);
         let src = caller.identity.as_ref().map(SpiffeId::as_str);
         for a in &verdict.audited {
             info!(audit = %a, ?src, dst = %format!("{ns}/{name}"), method = %req.method(), path = %req.uri().path(), "audited request");
