@@ -89,7 +89,8 @@ fn decode(v: &str) -> String {
 }
 
 impl Admin {
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+    /// Serves every endpoint, or with `read_only` only `/metrics` and `/healthz`.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, read_only: bool) {
         loop {
             let stream = match listener.accept().await {
                 Ok((s, _)) => s,
@@ -102,7 +103,15 @@ impl Admin {
             tokio::spawn(async move {
                 let svc = service_fn(move |req| {
                     let this = this.clone();
-                    async move { Ok::<_, Infallible>(this.route(req).await) }
+                    async move {
+                        if read_only && !matches!(req.uri().path(), "/metrics" | "/healthz") {
+                            return Ok::<_, Infallible>(reply(
+                                StatusCode::NOT_FOUND,
+                                json!({"error": "this listener serves /metrics and /healthz only"}),
+                            ));
+                        }
+                        Ok::<_, Infallible>(this.route(req).await)
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), svc)

@@ -58,6 +58,10 @@ pub struct ServeArgs {
     /// The admin endpoint `mesh-ctrl status/history/rollback/explain` talk to.
     #[arg(long, env = "MESH_CTRL_ADMIN", default_value = "127.0.0.1:15014")]
     pub admin: SocketAddr,
+    /// A second, read-only listener serving only `/metrics` and `/healthz` (for Prometheus and
+    /// probes, without exposing rollback).
+    #[arg(long, env = "MESH_CTRL_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
     /// Local mode: a directory of mesh config YAML (Namespaces, Services, routes, policies),
     /// followed as it changes.
     #[arg(long, env = "MESH_CTRL_CONFIG_DIR")]
@@ -83,6 +87,10 @@ pub struct ServeArgs {
     /// state directory.
     #[arg(long, env = "MESH_CA_SECRET")]
     pub ca_secret: Option<String>,
+    /// Cluster mode: publish the trust bundle in this ConfigMap (NAMESPACE/NAME) for node proxies
+    /// to mount.
+    #[arg(long, env = "MESH_TRUST_BUNDLE_CONFIGMAP")]
+    pub trust_bundle_configmap: Option<String>,
     /// Longest lifetime of a workload certificate (nodes may ask for less).
     #[arg(long, env = "MESH_CERT_TTL", value_parser = humantime::parse_duration, default_value = "24h")]
     pub cert_ttl: Duration,
@@ -245,6 +253,12 @@ pub async fn serve(args: ServeArgs) -> Result<Bound, AppError> {
         source,
     })?;
 
+    if let Some(cm) = &args.trust_bundle_configmap {
+        let (ns, name) = namespaced(cm, "--trust-bundle-configmap")?;
+        let api = kube::Api::namespaced(kube_client(&mut kube).await?, ns);
+        crate::ca_secret::publish_bundle(&api, name, &ca.roots_pem().concat()).await?;
+    }
+
     let store = Arc::new(Store::new());
     let (placement, source) = if args.kubernetes {
         if args.placement.is_some() || args.config_dir.is_some() {
@@ -360,7 +374,13 @@ pub async fn serve(args: ServeArgs) -> Result<Bound, AppError> {
         config_dir: args.config_dir.clone(),
         kube: if args.kubernetes { kube.clone() } else { None },
     });
-    let admin_task = tokio::spawn(admin.serve(admin_listener));
+    if let Some(m) = args.metrics_addr {
+        let l = tokio::net::TcpListener::bind(m)
+            .await
+            .map_err(|source| AppError::Bind { addr: m, source })?;
+        tokio::spawn(admin.clone().serve(l, true));
+    }
+    let admin_task = tokio::spawn(admin.serve(admin_listener, false));
     info!(%addr, %admin_addr, trust_domain = %args.trust_domain, trust_bundle = %trust_bundle.display(), "certificate service serving");
     Ok(Bound {
         addr,

@@ -117,3 +117,37 @@ pub async fn load_or_create(
         }),
     }
 }
+
+/// The key of the published trust bundle in its ConfigMap.
+pub const BUNDLE_KEY: &str = "trust-bundle.pem";
+
+/// Publishes the roots node proxies trust (PEM) in ConfigMap `name` of `api`'s namespace, which
+/// the DaemonSet mounts: a node proxy can then verify the controller before its first stream.
+/// Server-side apply, so a restart or a second replica converges on the same content.
+pub async fn publish_bundle(
+    api: &Api<k8s_openapi::api::core::v1::ConfigMap>,
+    name: &str,
+    pem: &str,
+) -> Result<(), SecretError> {
+    let cm = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": name,
+            "labels": {"app.kubernetes.io/managed-by": "mesh-ctrl"},
+        },
+        "data": {BUNDLE_KEY: pem},
+    });
+    api.patch(
+        name,
+        &kube::api::PatchParams::apply("mesh-ctrl").force(),
+        &kube::api::Patch::Apply(&cm),
+    )
+    .await
+    .map(|_| ())
+    .map_err(|source| SecretError::Api {
+        action: "publishing the trust bundle in ConfigMap",
+        name: name.into(),
+        source,
+    })
+}

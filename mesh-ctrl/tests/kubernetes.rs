@@ -214,3 +214,32 @@ async fn when_two_replicas_race_the_loser_uses_the_winners_root() {
     server.await.unwrap();
     assert_eq!(ca.roots_pem(), &[winner_cert]);
 }
+
+#[tokio::test]
+async fn the_trust_bundle_is_published_for_node_proxies_by_server_side_apply() {
+    let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let api: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(Client::new(service, "default"), "mesh-system");
+    let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+    let server = tokio::spawn(async move {
+        let mut handle = pin!(&mut handle);
+        let (req, send) = handle.next_request().await.unwrap();
+        assert_eq!(req.method(), Method::PATCH);
+        assert_eq!(
+            req.uri().path(),
+            "/api/v1/namespaces/mesh-system/configmaps/mesh-trust-bundle"
+        );
+        let query = req.uri().query().unwrap_or_default().to_string();
+        assert!(
+            query.contains("fieldManager=mesh-ctrl") && query.contains("force=true"),
+            "{query}"
+        );
+        let sent = body_json(req).await;
+        assert_eq!(sent["data"]["trust-bundle.pem"], pem);
+        send.send_response(respond(200, sent));
+    });
+    ca_secret::publish_bundle(&api, "mesh-trust-bundle", pem)
+        .await
+        .unwrap();
+    server.await.unwrap();
+}

@@ -439,6 +439,8 @@ impl Admin {
 }
 
 /// Binds the admin listener.
+/// `SO_REUSEPORT`, like the proxy listeners: during a surge upgrade the new proxy binds its admin
+/// and metrics ports beside the draining one.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
+    crate::outbound::bind(addr)
 }

@@ -125,6 +125,8 @@ pub async fn run(dir: &Path) -> anyhow::Result<Vec<(&'static str, f64)>> {
         node_service_account: "mesh-system/mesh-node".into(),
         token_audience: "mesh-ctrl".into(),
         ca_secret: None,
+        trust_bundle_configmap: None,
+        metrics_addr: None,
         cert_ttl: Duration::from_secs(24 * 3600),
         ca_cert: None,
         ca_key: None,

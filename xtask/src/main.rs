@@ -124,6 +124,7 @@ fn test() -> anyhow::Result<()> {
     require_root("cargo xtask test")?;
     build_ebpf()?;
     toolchain::install(toolchain::TEST_PACKAGES)?;
+    toolchain::install_kubectl()?;
     step("cargo fmt --check", || {
         cargo(&["fmt", "--all", "--", "--check"])
     })?;

@@ -61,6 +61,19 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
 /// `chromium` renders the node's live page in the tests (headless, with a screenshot).
 pub const TEST_PACKAGES: &[&str] = &["prometheus", "curl", "nghttp2-client", "chromium"];
 
+/// `kubectl kustomize` renders the manifests in the tests. Any kubectl on the PATH will do;
+/// without one, Debian's.
+pub fn install_kubectl() -> anyhow::Result<()> {
+    let found = Command::new("kubectl")
+        .args(["version", "--client"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if found {
+        return Ok(());
+    }
+    install(&["kubernetes-client"])
+}
+
 /// Only the benchmark needs these: the load generator and the comparison proxy.
 pub const BENCH_PACKAGES: &[&str] = &["wrk", "haproxy"];
 

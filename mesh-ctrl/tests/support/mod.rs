@@ -31,6 +31,8 @@ pub fn serve_args(dir: &Path, placement: &str, ttl: &str) -> ServeArgs {
         node_service_account: "mesh-system/mesh-node".into(),
         token_audience: "mesh-ctrl".into(),
         ca_secret: None,
+        trust_bundle_configmap: None,
+        metrics_addr: None,
         cert_ttl: humantime::parse_duration(ttl).unwrap(),
         ca_cert: None,
         ca_key: None,
