@@ -71,6 +71,9 @@ pub struct PodEntry {
     /// Not ready pods are not enrolled and not service endpoints.
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub ready: bool,
+    /// The pod's UID (cluster mode): how its node proxy finds the pod's cgroup.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub uid: String,
 }
 
 fn yes() -> bool {
@@ -124,6 +127,8 @@ pub struct Workload {
     pub ips: Vec<IpAddr>,
     pub labels: BTreeMap<String, String>,
     pub ready: bool,
+    /// Empty in local mode.
+    pub uid: String,
 }
 
 /// Validated placement, indexed for the lookups the mesh makes.
@@ -244,6 +249,7 @@ impl TryFrom<PlacementFile> for Placement {
                 ips: p.ips,
                 labels: p.labels,
                 ready: p.ready,
+                uid: p.uid,
             };
             if pods.insert(key, w).is_some() {
                 return Err(bad("listed twice".into()));

@@ -2,6 +2,7 @@
 //! so tests can run the whole proxy in-process with port 0.
 use std::{
     net::SocketAddr,
+    path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -281,6 +282,19 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         .map(|(rx, _)| Follow::new(pods.clone(), rx.clone(), &config.state_dir));
     if let Some(f) = &follow {
         tokio::spawn(f.clone().run());
+        if let (Some(root), Some((rx, _))) = (
+            &config.kubepods_cgroup_root,
+            mesh.as_ref().and_then(|m| m.config.as_ref()),
+        ) {
+            let d = Arc::new(crate::kubepods::Discovery {
+                root: root.clone(),
+                proc: PathBuf::from("/proc"),
+                node: config.node_name.clone(),
+                follow: f.clone(),
+                config: rx.clone(),
+            });
+            tokio::spawn(d.run());
+        }
     }
     let decisions = Arc::new(crate::authz::DecisionCounts::default());
     let enforcer = mesh

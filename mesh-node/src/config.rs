@@ -127,6 +127,11 @@ pub struct RunArgs {
     /// stdout) for namespaces without a Telemetry resource; 0 turns it off there.
     #[arg(long, env = "MESH_ACCESS_LOG", default_value_t = 0.0)]
     pub access_log: f64,
+    /// Cluster mode: find each local pod's network namespace under the kubelet's `kubepods`
+    /// cgroups below this cgroup2 mount (both cgroup drivers), instead of waiting for a CNI hook
+    /// to register it.
+    #[arg(long, env = "MESH_KUBEPODS_CGROUP_ROOT")]
+    pub kubepods_cgroup_root: Option<PathBuf>,
     /// OTLP/gRPC collector for request spans (e.g. `http://otel-collector:4317`); none: no spans,
     /// trace headers pass through untouched.
     #[arg(long, env = "MESH_OTLP_ENDPOINT")]
@@ -209,6 +214,7 @@ pub struct Config {
     pub access_log: f64,
     pub otlp_endpoint: Option<String>,
     pub trace_sample_percent: f64,
+    pub kubepods_cgroup_root: Option<PathBuf>,
     pub on_exit: OnExit,
     pub worker_threads: usize,
     pub mesh: Option<MeshConfig>,
@@ -318,6 +324,11 @@ impl RunArgs {
         if !(0.0..=100.0).contains(&self.access_log) {
             return Err(err("--access-log", "a percentage, 0 to 100"));
         }
+        if let Some(r) = &self.kubepods_cgroup_root
+            && !r.is_absolute()
+        {
+            return Err(err("--kubepods-cgroup-root", "must be an absolute path"));
+        }
         if !(0.0..=100.0).contains(&self.trace_sample_percent) {
             return Err(err("--trace-sample-percent", "a percentage, 0 to 100"));
         }
@@ -412,6 +423,7 @@ impl RunArgs {
             metrics_label_budget: self.metrics_label_budget,
             access_log: self.access_log,
             otlp_endpoint: self.otlp_endpoint,
+            kubepods_cgroup_root: self.kubepods_cgroup_root,
             trace_sample_percent: self.trace_sample_percent,
             on_exit: self.on_exit,
             worker_threads: self.worker_threads,

@@ -114,6 +114,25 @@ impl Follow {
         })
     }
 
+    /// The registered sandbox of `pod`.
+    pub fn sandbox(&self, pod: &PodName) -> Option<Sandbox> {
+        self.sandboxes
+            .lock()
+            .expect("sandboxes lock")
+            .get(pod)
+            .cloned()
+    }
+
+    /// Every pod with a registered sandbox.
+    pub fn registered(&self) -> Vec<PodName> {
+        self.sandboxes
+            .lock()
+            .expect("sandboxes lock")
+            .keys()
+            .cloned()
+            .collect()
+    }
+
     /// Forgets the sandbox of `pod` (deleted) and stops redirecting it.
     pub fn unregister(&self, pod: &PodName) -> Result<(), EnrollError> {
         let known = self

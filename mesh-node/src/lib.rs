@@ -15,6 +15,7 @@ pub mod explain;
 pub mod follow;
 pub mod hbone;
 pub mod identity;
+pub mod kubepods;
 pub mod l7;
 pub mod live;
 pub mod logging;

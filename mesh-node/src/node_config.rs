@@ -149,6 +149,7 @@ impl NodeConfig {
                         ips: ips(&w.ips)?,
                         labels: w.labels.clone().into_iter().collect(),
                         ready: true,
+                        uid: w.uid.clone(),
                     });
                 }
                 Some(pb::resource::Body::Service(s)) => services.push(s.clone()),

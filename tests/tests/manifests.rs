@@ -297,7 +297,12 @@ fn the_manifests_render_parse_and_match_the_binaries() {
         .flatten()
         .map(|m| m.mount_path.as_str())
         .collect();
-    for f in ["--bpffs", "--state-dir", "--cgroup"] {
+    for f in [
+        "--bpffs",
+        "--state-dir",
+        "--cgroup",
+        "--kubepods-cgroup-root",
+    ] {
         assert!(
             mounts.contains(&flag(&a, f)),
             "{f} {} is mounted",

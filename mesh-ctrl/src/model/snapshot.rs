@@ -72,6 +72,7 @@ impl Computed {
                     labels: w.labels.clone().into_iter().collect(),
                     enrolled,
                     inbound_mode: inbound_mode(objects, w) as i32,
+                    uid: w.uid.clone(),
                 }),
             );
         }

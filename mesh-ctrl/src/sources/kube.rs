@@ -309,6 +309,7 @@ pub fn placement(trust_domain: &str, pods: &[Arc<Pod>], proxies: &[Arc<Pod>]) ->
             ips: pod_ips,
             labels: p.labels().clone(),
             ready: ready(p),
+            uid: p.uid().unwrap_or_default(),
         });
     }
     Placement::try_from(file).unwrap_or_else(|e| {
