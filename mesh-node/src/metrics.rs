@@ -94,7 +94,7 @@ fn describe() {
     );
     describe_counter!(
         "mesh_request_duration_seconds_bucket",
-        "Request duration until the response head, cumulative histogram buckets (le)"
+        "Request duration until the response head (gRPC with a status in trailers: until the trailers), cumulative histogram buckets (le)"
     );
     describe_counter!(
         "mesh_request_duration_seconds_count",
@@ -108,12 +108,12 @@ fn describe() {
     describe_counter!(
         "mesh_request_bytes_total",
         Unit::Bytes,
-        "Request body bytes (from Content-Length)"
+        "Request body bytes (Content-Length, or counted as the body streams)"
     );
     describe_counter!(
         "mesh_response_bytes_total",
         Unit::Bytes,
-        "Response body bytes (from Content-Length)"
+        "Response body bytes (Content-Length, or counted as the body streams)"
     );
     describe_counter!(
         "mesh_http_requests_denied_total",

@@ -709,6 +709,30 @@ spec:
     assert_eq!(count(&r, "codes", "0"), 90, "{r}");
     assert_eq!(r["servers"].as_object().unwrap().len(), 3, "{r}");
     assert_eq!(r["chat_echoed"], 20, "{r}");
+    // gRPC bodies have no Content-Length: request metrics count them as they stream, both ways.
+    let c = shop.cluster.nodes[0].counters().await.unwrap();
+    let grpc: Vec<&Value> = c["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| {
+            s["labels"]["reporter"] == "source"
+                && s["labels"]["destination_service"]
+                    .as_str()
+                    .unwrap()
+                    .contains("/greeter")
+        })
+        .collect();
+    let total = |k: &str| -> u64 { grpc.iter().map(|s| s["figures"][k].as_u64().unwrap()).sum() };
+    assert!(total("request_bytes") > 0, "{grpc:?}");
+    assert!(total("response_bytes") > 0, "{grpc:?}");
+    // The gRPC status arrives in trailers; the series carries it (90 unary calls + the chat).
+    let ok: u64 = grpc
+        .iter()
+        .filter(|s| s["labels"]["grpc_status"] == "0")
+        .map(|s| s["figures"]["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(ok, 91, "{grpc:?}");
     // The server's own status (in trailers or trailers-only) reaches the client.
     let r = call(&["--count", "5", "--fail-with", "5"]).await;
     assert_eq!(count(&r, "codes", "5"), 5, "{r}");

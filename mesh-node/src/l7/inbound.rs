@@ -81,6 +81,7 @@ impl L7Inbound {
         self.counters.requests.fetch_add(1, Relaxed);
         let grpc = is_grpc(req.headers());
         let request_bytes = super::content_length(req.headers());
+        let counting = super::stats::count_request(&mut req);
         let cfg = self.config.borrow().clone();
         let log = self.access_log.wants(dst.0);
         let seen = log.then(|| access_log::Seen::of(&req));
@@ -101,28 +102,33 @@ impl L7Inbound {
             .identity
             .as_ref()
             .and_then(|_| cfg.placement.by_ip(caller.ip));
-        self.stats.record(
-            RequestLabels {
-                reporter: "destination",
-                source_workload: source.map_or("", |w| w.name.as_str()),
-                source_namespace: source.map_or("", |w| w.namespace.as_str()),
-                source_principal: caller.identity.as_ref().map_or("", SpiffeId::as_str),
-                destination_service: "",
-                destination_workload: dst.1,
-                destination_namespace: dst.0,
-                response_code: resp.status().as_u16(),
-                grpc_status: grpc_status(&resp),
-                response_flags: flag(&resp),
-                connection_security: if caller.identity.is_some() {
-                    "mutual_tls"
-                } else {
-                    "plaintext"
-                },
+        let (code, resp_flag) = (resp.status().as_u16(), flag(&resp));
+        let labels = |grpc_status| RequestLabels::<&str> {
+            reporter: "destination",
+            source_workload: source.map_or("", |w| w.name.as_str()),
+            source_namespace: source.map_or("", |w| w.namespace.as_str()),
+            source_principal: caller.identity.as_ref().map_or("", SpiffeId::as_str),
+            destination_service: "",
+            destination_workload: dst.1,
+            destination_namespace: dst.0,
+            response_code: code,
+            grpc_status,
+            response_flags: resp_flag,
+            connection_security: if caller.identity.is_some() {
+                "mutual_tls"
+            } else {
+                "plaintext"
             },
-            started.elapsed(),
-            request_bytes,
-            super::content_length(resp.headers()),
-        );
+        };
+        let status_now = grpc_status(&resp).to_string();
+        let series = (!super::stats::status_in_trailers(grpc, &resp)).then(|| {
+            self.stats.record(
+                labels(&status_now),
+                started.elapsed(),
+                request_bytes,
+                super::content_length(resp.headers()),
+            )
+        });
         if let Some(mut span) = span {
             if let Some(id) = &caller.identity {
                 span.set("mesh.source.principal", id.to_string());
@@ -163,7 +169,18 @@ impl L7Inbound {
                 duration_ms: access_log::millis(started.elapsed()),
             });
         }
-        resp
+        match series {
+            Some(series) => super::stats::count_response(resp, series, counting),
+            // A gRPC status in trailers: recorded when they arrive.
+            None => super::stats::record_at_trailers(
+                &self.stats,
+                labels(""),
+                started,
+                request_bytes,
+                resp,
+                counting,
+            ),
+        }
     }
 
     fn admit(

@@ -25,7 +25,7 @@ use super::{
     policy::{Abort, Outcome, ServicePolicy, backoff},
     respond::{ProxyError, error_response},
     services::{Service, ServiceState, acquire},
-    stats::{L7Stats, RequestLabels},
+    stats::{self, L7Stats, RequestLabels},
     upgrade,
     upstream::{self, TunnelTarget},
 };
@@ -204,6 +204,7 @@ impl L7Outbound {
         let seen =
             (log || tracing::enabled!(tracing::Level::DEBUG)).then(|| access_log::Seen::of(&req));
         let request_bytes = super::content_length(req.headers());
+        let counting = stats::count_request(&mut req);
         let mut route = None;
         let (resp, service, dst_pod) = match self.route(&cfg, req, conn, &mut route).await {
             Ok(r) => r,
@@ -215,24 +216,31 @@ impl L7Outbound {
         };
         let (dst_ns, dst_name) = dst_pod.split_once('/').unwrap_or_default();
         let response_bytes = super::content_length(resp.headers());
-        self.stats.record(
-            RequestLabels {
-                reporter: "source",
-                source_workload: &conn.pod.1,
-                source_namespace: &conn.pod.0,
-                source_principal: conn.identity.as_ref().map_or("", SpiffeId::as_str),
-                destination_service: &service,
-                destination_workload: dst_name,
-                destination_namespace: dst_ns,
-                response_code: resp.status().as_u16(),
-                grpc_status: inbound::grpc_status(&resp),
-                response_flags: inbound::flag(&resp),
-                connection_security: "mutual_tls",
-            },
-            started.elapsed(),
-            request_bytes,
-            response_bytes,
-        );
+        let (code, flag) = (resp.status().as_u16(), inbound::flag(&resp));
+        let labels = |grpc_status| RequestLabels::<&str> {
+            reporter: "source",
+            source_workload: conn.pod.1.as_str(),
+            source_namespace: conn.pod.0.as_str(),
+            source_principal: conn.identity.as_ref().map_or("", SpiffeId::as_str),
+            destination_service: service.as_str(),
+            destination_workload: dst_name,
+            destination_namespace: dst_ns,
+            response_code: code,
+            grpc_status,
+            response_flags: flag,
+            connection_security: "mutual_tls",
+        };
+        // A gRPC status in trailers: recorded when they arrive.
+        // (Empty for every non-gRPC answer: no allocation.)
+        let status_now = inbound::grpc_status(&resp).to_string();
+        let series = (!stats::status_in_trailers(grpc, &resp)).then(|| {
+            self.stats.record(
+                labels(&status_now),
+                started.elapsed(),
+                request_bytes,
+                response_bytes,
+            )
+        });
         if let Some(mut span) = span.take() {
             span.set(
                 "mesh.source.workload",
@@ -279,7 +287,17 @@ impl L7Outbound {
                 });
             }
         }
-        resp
+        match series {
+            Some(series) => stats::count_response(resp, series, counting),
+            None => stats::record_at_trailers(
+                &self.stats,
+                labels(""),
+                started,
+                request_bytes,
+                resp,
+                counting,
+            ),
+        }
     }
 
     /// Routes and sends; the error carries the Service name for metrics.

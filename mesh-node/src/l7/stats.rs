@@ -2,9 +2,14 @@
 //! are reported as `overflow`, so a misbehaving client cannot blow up the time series.
 use std::{
     collections::{HashMap, HashSet},
-    sync::Mutex,
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
+
+use super::body::Body;
 
 use serde::Serialize;
 
@@ -86,7 +91,7 @@ pub struct RequestFigures {
 pub struct L7Stats {
     budget: usize,
     seen: Mutex<HashMap<&'static str, HashSet<String>>>,
-    series: Mutex<hashbrown::HashMap<RequestLabels, RequestFigures>>,
+    series: Mutex<hashbrown::HashMap<RequestLabels, Arc<Series>>>,
 }
 
 impl L7Stats {
@@ -121,16 +126,18 @@ impl L7Stats {
         l
     }
 
-    /// A request answered (headers sent) after `took`, with its body sizes.
+    /// A request answered (headers sent) after `took`, with the body sizes known then (declared
+    /// lengths). Bodies that stream on count into the returned series as they go ([`Counted`]).
     pub fn record(
         &self,
         labels: RequestLabels<&str>,
         took: Duration,
         request_bytes: u64,
         response_bytes: u64,
-    ) {
+    ) -> Arc<Series> {
         let secs = took.as_secs_f64();
-        let add = |f: &mut RequestFigures| {
+        let add = |series: &Arc<Series>| {
+            let mut f = series.0.lock().expect("series lock");
             f.count += 1;
             f.duration_sum_seconds += secs;
             for (i, b) in DURATION_BUCKETS.iter().enumerate() {
@@ -143,17 +150,26 @@ impl L7Stats {
         };
         // A series that exists was within budget when it was made: the common case is one
         // lookup, no allocation, no per-label bookkeeping.
-        if let Some(f) = self.series.lock().expect("series lock").get_mut(&labels) {
-            add(f);
-            return;
-        }
-        let labels = self.bound(labels.owned());
-        add(self
+        let known = self
             .series
             .lock()
             .expect("series lock")
-            .entry(labels)
-            .or_default());
+            .get(&labels)
+            .cloned();
+        let series = match known {
+            Some(s) => s,
+            None => {
+                let labels = self.bound(labels.owned());
+                self.series
+                    .lock()
+                    .expect("series lock")
+                    .entry(labels)
+                    .or_default()
+                    .clone()
+            }
+        };
+        add(&series);
+        series
     }
 
     pub fn snapshot(&self) -> Vec<(RequestLabels, RequestFigures)> {
@@ -162,11 +178,286 @@ impl L7Stats {
             .lock()
             .expect("series lock")
             .iter()
-            .map(|(l, f)| (l.clone(), f.clone()))
+            .map(|(l, f)| (l.clone(), f.0.lock().expect("series lock").clone()))
             .collect();
         v.sort_by(|a, b| format!("{:?}", a.0).cmp(&format!("{:?}", b.0)));
         v
     }
+}
+
+/// One series' figures.
+#[derive(Debug, Default)]
+pub struct Series(Mutex<RequestFigures>);
+
+impl Series {
+    fn add_bytes(&self, dir: Direction, n: u64) {
+        let mut f = self.0.lock().expect("series lock");
+        match dir {
+            Direction::Request => f.request_bytes += n,
+            Direction::Response => f.response_bytes += n,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum Direction {
+    Request,
+    Response,
+}
+
+/// Bytes of a body counted before its series is known (a request body streams before the
+/// response that decides its labels), moved into the series once it is.
+#[derive(Debug, Default)]
+pub struct Pending {
+    bytes: AtomicU64,
+    series: OnceLock<Arc<Series>>,
+}
+
+impl Pending {
+    fn add(&self, n: u64) {
+        self.bytes.fetch_add(n, Ordering::AcqRel);
+        self.flush();
+    }
+
+    /// Moves what was counted so far into the series; each byte moves once (`swap`).
+    fn flush(&self) {
+        if let Some(s) = self.series.get() {
+            let n = self.bytes.swap(0, Ordering::AcqRel);
+            if n > 0 {
+                s.add_bytes(Direction::Request, n);
+            }
+        }
+    }
+
+    pub fn attach(&self, series: &Arc<Series>) {
+        let _ = self.series.set(series.clone());
+        self.flush();
+    }
+}
+
+enum Sink {
+    Series(Arc<Series>, Direction),
+    Pending(Arc<Pending>),
+}
+
+/// A body whose data bytes are counted into request metrics as it streams: used only for bodies
+/// without a `Content-Length` (gRPC, chunked), whose size is not known up front.
+pub struct Counted {
+    inner: Body,
+    sink: Sink,
+}
+
+impl Counted {
+    pub fn response(inner: Body, series: Arc<Series>) -> Self {
+        Self {
+            inner,
+            sink: Sink::Series(series, Direction::Response),
+        }
+    }
+
+    pub fn request(inner: Body, pending: Arc<Pending>) -> Self {
+        Self {
+            inner,
+            sink: Sink::Pending(pending),
+        }
+    }
+}
+
+impl http_body::Body for Counted {
+    type Data = bytes::Bytes;
+    type Error = super::body::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        let frame = std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_frame(cx));
+        if let Some(Ok(f)) = &frame
+            && let Some(d) = f.data_ref()
+        {
+            let n = d.len() as u64;
+            match &self.sink {
+                Sink::Series(s, dir) => s.add_bytes(*dir, n),
+                Sink::Pending(p) => p.add(n),
+            }
+        }
+        std::task::Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Counts `req`'s body as it streams when its size is unknown; attach the result to the series
+/// once recorded.
+pub fn count_request(req: &mut http::Request<Body>) -> Option<Arc<Pending>> {
+    if !streams(req.headers(), req.body()) {
+        return None;
+    }
+    let p = Arc::new(Pending::default());
+    let body = std::mem::replace(req.body_mut(), super::body::empty());
+    *req.body_mut() = super::body::boxed(Counted::request(body, p.clone()));
+    Some(p)
+}
+
+/// Attaches a counted request body to `series`, and counts `resp`'s body into it as it streams
+/// when its size is unknown.
+pub fn count_response(
+    resp: http::Response<Body>,
+    series: Arc<Series>,
+    pending: Option<Arc<Pending>>,
+) -> http::Response<Body> {
+    if let Some(p) = pending {
+        p.attach(&series);
+    }
+    if streams(resp.headers(), resp.body()) {
+        resp.map(|b| super::body::boxed(Counted::response(b, series)))
+    } else {
+        resp
+    }
+}
+
+/// Whether a gRPC response's status is still to come, in trailers (not in its headers, and the
+/// body not over).
+pub fn status_in_trailers(grpc: bool, resp: &http::Response<Body>) -> bool {
+    use http_body::Body as _;
+    grpc && !resp.headers().contains_key("grpc-status") && !resp.body().is_end_stream()
+}
+
+/// A gRPC response whose status arrives in its trailers: the request is recorded when they do
+/// (or when the body ends or is dropped without them), with that status and the bytes streamed.
+pub fn record_at_trailers(
+    stats: &Arc<L7Stats>,
+    labels: RequestLabels<&str>,
+    started: std::time::Instant,
+    request_bytes: u64,
+    resp: http::Response<Body>,
+    pending: Option<Arc<Pending>>,
+) -> http::Response<Body> {
+    let declared = super::content_length(resp.headers());
+    let deferred = Deferred {
+        stats: stats.clone(),
+        labels: labels.owned(),
+        started,
+        request_bytes,
+        response_bytes: declared,
+        count_body: declared == 0,
+        pending,
+    };
+    resp.map(|inner| {
+        super::body::boxed(Trailed {
+            inner,
+            deferred: Some(deferred),
+        })
+    })
+}
+
+struct Deferred {
+    stats: Arc<L7Stats>,
+    labels: RequestLabels,
+    started: std::time::Instant,
+    request_bytes: u64,
+    response_bytes: u64,
+    count_body: bool,
+    pending: Option<Arc<Pending>>,
+}
+
+impl Deferred {
+    fn finish(self, grpc_status: &str) {
+        let l = &self.labels;
+        let series = self.stats.record(
+            RequestLabels {
+                reporter: l.reporter,
+                source_workload: &l.source_workload,
+                source_namespace: &l.source_namespace,
+                source_principal: &l.source_principal,
+                destination_service: &l.destination_service,
+                destination_workload: &l.destination_workload,
+                destination_namespace: &l.destination_namespace,
+                response_code: l.response_code,
+                grpc_status,
+                response_flags: l.response_flags,
+                connection_security: l.connection_security,
+            },
+            self.started.elapsed(),
+            self.request_bytes,
+            self.response_bytes,
+        );
+        if let Some(p) = self.pending {
+            p.attach(&series);
+        }
+    }
+}
+
+struct Trailed {
+    inner: Body,
+    deferred: Option<Deferred>,
+}
+
+impl http_body::Body for Trailed {
+    type Data = bytes::Bytes;
+    type Error = super::body::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        let frame = std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(d) = f.data_ref()
+                    && let Some(def) = self.deferred.as_mut()
+                    && def.count_body
+                {
+                    def.response_bytes += d.len() as u64;
+                } else if let Some(t) = f.trailers_ref()
+                    && let Some(def) = self.deferred.take()
+                {
+                    let status = t
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string();
+                    def.finish(&status);
+                }
+            }
+            None | Some(Err(_)) => {
+                if let Some(def) = self.deferred.take() {
+                    def.finish("");
+                }
+            }
+        }
+        std::task::Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Trailed {
+    fn drop(&mut self) {
+        // The client went away before the trailers: recorded without a status.
+        if let Some(def) = self.deferred.take() {
+            def.finish("");
+        }
+    }
+}
+
+/// Whether a message's body size is unknown up front (no `Content-Length`, not empty), so it is
+/// counted as it streams.
+pub fn streams(headers: &http::HeaderMap, body: &Body) -> bool {
+    use http_body::Body as _;
+    !headers.contains_key(http::header::CONTENT_LENGTH) && !body.is_end_stream()
 }
 
 #[cfg(test)]
@@ -187,6 +478,38 @@ mod tests {
             response_flags: "-",
             connection_security: "mutual_tls",
         }
+    }
+
+    #[tokio::test]
+    async fn streamed_bodies_count_into_their_series() {
+        use http_body_util::{BodyExt, StreamBody};
+        let chunks = |n: usize| {
+            let frames: Vec<Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>> = (0
+                ..n)
+                .map(|_| Ok(http_body::Frame::data(bytes::Bytes::from_static(b"12345"))))
+                .collect();
+            super::super::body::boxed(StreamBody::new(tokio_stream::iter(frames)))
+        };
+        let s = L7Stats::new(10);
+        let mut req = http::Request::new(chunks(3));
+        let pending = count_request(&mut req).expect("no Content-Length: counted");
+        // Two chunks stream before the response decides the labels, one after.
+        let mut body = req.into_body();
+        body.frame().await.unwrap().unwrap();
+        body.frame().await.unwrap().unwrap();
+        let series = s.record(labels("a"), Duration::from_millis(1), 0, 0);
+        let resp = count_response(http::Response::new(chunks(4)), series, Some(pending));
+        body.frame().await.unwrap().unwrap();
+        resp.into_body().collect().await.unwrap();
+        let f = &s.snapshot()[0].1;
+        assert_eq!((f.request_bytes, f.response_bytes), (15, 20));
+        // A declared length is taken as recorded; the body is not wrapped.
+        let mut req = http::Request::new(super::super::body::full("abc"));
+        req.headers_mut().insert(
+            http::header::CONTENT_LENGTH,
+            http::HeaderValue::from_static("3"),
+        );
+        assert!(count_request(&mut req).is_none());
     }
 
     #[test]
