@@ -113,6 +113,19 @@ impl EnrollHooks for IdentityHooks {
         }
     }
 
+    /// A pod enrolled before the controller knew it gets its identity once it does.
+    fn refreshed(&self, pod: &Pod) {
+        if let Some(w) = self
+            .placement
+            .current()
+            .pod(&pod.name.namespace, &pod.name.name)
+            && !self.identities.owns(&w.identity, &w.namespace, &w.name)
+        {
+            self.identities
+                .add_owner(w.identity.clone(), &w.namespace, &w.name);
+        }
+    }
+
     fn flags(&self, pod: &PodName) -> u32 {
         match self
             .placement

@@ -129,6 +129,8 @@ pub trait EnrollHooks: Send + Sync {
     fn flags(&self, _pod: &PodName) -> u32 {
         0
     }
+    /// The configuration changed while `pod` stays enrolled (e.g. its identity became known).
+    fn refreshed(&self, _pod: &Pod) {}
 }
 
 pub struct Enrollment {
@@ -310,6 +312,7 @@ impl Enrollment {
             self.redirector
                 .enroll(pod.netns_cookie, pod.id, hooks.flags(&pod.name))
                 .map_err(EnrollError::Kernel)?;
+            hooks.refreshed(pod);
         }
         Ok(())
     }

@@ -150,10 +150,7 @@ impl Follow {
     }
 
     fn wanted(&self, pod: &PodName) -> bool {
-        self.config
-            .borrow()
-            .enrolled
-            .contains(&(pod.namespace.clone(), pod.name.clone()))
+        self.config.borrow().wants(&pod.namespace, &pod.name)
     }
 
     fn persist(&self) {
@@ -189,9 +186,7 @@ impl Follow {
         }
         let sandboxes = self.sandboxes.lock().expect("sandboxes lock").clone();
         for (pod, sandbox) in &sandboxes {
-            let wanted = config
-                .enrolled
-                .contains(&(pod.namespace.clone(), pod.name.clone()));
+            let wanted = config.wants(&pod.namespace, &pod.name);
             let enrolled = self.pods.is_enrolled(&pod.namespace, &pod.name);
             let result = if wanted && !enrolled {
                 info!(%pod, version = config.version, "joining the mesh");

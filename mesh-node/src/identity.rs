@@ -234,6 +234,15 @@ impl Identities {
         });
     }
 
+    /// Whether pod `namespace/pod` is known to carry `id`.
+    pub fn owns(&self, id: &SpiffeId, namespace: &str, pod: &str) -> bool {
+        self.owners
+            .read()
+            .expect("owners lock")
+            .get(id)
+            .is_some_and(|s| s.contains(&(namespace.to_string(), pod.to_string())))
+    }
+
     /// The pod left: once no pod of this node carries `id`, its certificate is dropped.
     pub fn remove_owner(&self, id: &SpiffeId, namespace: &str, pod: &str) {
         let mut owners = self.owners.write().expect("owners lock");

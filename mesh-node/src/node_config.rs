@@ -52,6 +52,9 @@ pub struct NodeConfig {
     pub placement: Placement,
     /// Pods of this node the mesh should redirect.
     pub enrolled: BTreeSet<(String, String)>,
+    /// Namespaces in the mesh: a registered pod of one that the configuration does not list yet
+    /// is redirected (fail closed) until it does.
+    pub mesh_namespaces: BTreeSet<String>,
     pub services: Vec<pb::Service>,
     pub policies: Vec<Policy>,
     /// Authorization for this node's pods, compiled.
@@ -91,6 +94,16 @@ fn kind_name(kind: i32) -> &'static str {
 }
 
 impl NodeConfig {
+    /// Whether pod `namespace/name` of this node is redirected: the configuration enrolls it, or
+    /// it does not know the pod yet and its namespace is in the mesh (a pod just created, before
+    /// the controller has seen it: redirected, so it fails closed, never bypasses).
+    pub fn wants(&self, namespace: &str, name: &str) -> bool {
+        self.enrolled
+            .contains(&(namespace.to_string(), name.to_string()))
+            || (self.placement.pod(namespace, name).is_none()
+                && self.mesh_namespaces.contains(namespace))
+    }
+
     pub fn convert(
         node: &str,
         trust_domain: &str,
@@ -105,6 +118,7 @@ impl NodeConfig {
         let mut services = Vec::new();
         let mut policies = Vec::new();
         let mut authz_specs: Vec<(String, String, AuthorizationPolicySpec)> = Vec::new();
+        let mut mesh_namespaces: BTreeSet<String> = BTreeSet::new();
         let mut telemetry_specs: Vec<(String, mesh_api::crd::TelemetrySpec)> = Vec::new();
         let mut l7_specs = crate::l7::services::Specs::default();
         for ((kind, name), r) in resources {
@@ -153,6 +167,9 @@ impl NodeConfig {
                     });
                 }
                 Some(pb::resource::Body::Service(s)) => services.push(s.clone()),
+                Some(pb::resource::Body::Namespace(n)) => {
+                    mesh_namespaces.insert(n.name.clone());
+                }
                 Some(pb::resource::Body::Policy(p)) => {
                     let spec: serde_json::Value = serde_json::from_str(&p.spec_json)
                         .map_err(|e| bad(format!("spec is not JSON: {e}")))?;
@@ -233,6 +250,7 @@ impl NodeConfig {
             authz: std::sync::Arc::new(authz),
             placement: Placement::try_from(file)?,
             enrolled,
+            mesh_namespaces,
             services,
             policies,
         })

@@ -476,3 +476,76 @@ async fn a_node_restarted_during_a_controller_outage_serves_its_saved_config_and
     }
     assert_eq!(peer_seen(&pair).await, via_mesh);
 }
+
+/// A pod the controller has not seen yet (just created, not ready, not in its config) but whose
+/// sandbox is registered in a mesh namespace is redirected at once: its connections fail closed
+/// until its identity arrives, then go through the mesh. They never bypass it.
+#[tokio::test]
+async fn a_pod_of_a_mesh_namespace_is_redirected_before_the_controller_knows_it() {
+    let cluster = ClusterBuilder::new()
+        .nodes(2)
+        .pods_per_node(2)
+        .config_stream()
+        .start()
+        .await
+        .unwrap();
+    let newcomer = cluster.pod(0, 1).clone();
+    let server = cluster.pod(1, 0).clone();
+    let _s = server.serve(PORT, false).await.unwrap();
+    cluster.enroll(&server).await.unwrap();
+    // The controller does not know the newcomer yet.
+    let name = newcomer.name.clone();
+    cluster
+        .update_placement(|pl| {
+            pl["pods"]
+                .as_array_mut()
+                .unwrap()
+                .retain(|p| p["name"] != name.as_str());
+        })
+        .await
+        .unwrap();
+    // Its sandbox is registered (the CNI hook's call) before the controller catches up.
+    cluster.enroll(&newcomer).await.unwrap();
+    let node0 = &cluster.nodes[0];
+    let (_, pods) = node0.admin("GET", "/v1/pods", None).await.unwrap();
+    assert!(
+        pods.to_string().contains(&newcomer.name),
+        "redirected already: {pods}"
+    );
+    let r = newcomer
+        .testpod(&[
+            "--connect-timeout-ms",
+            "1000",
+            "client",
+            "--to",
+            &server.addr(false, PORT).to_string(),
+            "--conns",
+            "3",
+        ])
+        .await
+        .unwrap();
+    assert_eq!(r["ok"], 0, "fails closed, does not bypass: {r}");
+    let c = node0.counters().await.unwrap();
+    assert!(
+        mesh_tests::n(&c, &["proxy", "refused_route"]) >= 3,
+        "refused by the proxy for want of an identity: {c}"
+    );
+
+    // The controller sees the pod: same sandbox, now with an identity, through the mesh.
+    let placement = mesh_tests::ctrl::placement(&cluster);
+    cluster
+        .update_placement(|pl| *pl = placement)
+        .await
+        .unwrap();
+    let r = newcomer
+        .client(server.addr(false, PORT), 3, 1024)
+        .await
+        .unwrap();
+    assert_eq!(r["ok"], 3, "{r}\n{}", node0.log_tail(20));
+    assert!(
+        r["hellos"]
+            .to_string()
+            .contains(&cluster.nodes[1].ipv4.to_string()),
+        "through node 1's proxy: {r}"
+    );
+}

@@ -51,6 +51,16 @@ impl Computed {
             );
             namespaces_on.entry(name.to_string()).or_default();
         }
+        for (_, name) in objects.namespaces.keys() {
+            if in_mesh(objects, name) {
+                add(
+                    &mut shared,
+                    pb::Kind::Namespace,
+                    name.clone(),
+                    pb::resource::Body::Namespace(pb::Namespace { name: name.clone() }),
+                );
+            }
+        }
         for w in placement.workloads() {
             namespaces_on
                 .entry(w.node.clone())
