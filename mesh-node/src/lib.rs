@@ -6,6 +6,7 @@ pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod authz;
+pub mod cni;
 pub mod config;
 pub mod drain;
 pub mod ebpf;

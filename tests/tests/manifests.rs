@@ -280,6 +280,50 @@ fn the_manifests_render_parse_and_match_the_binaries() {
             "{path} is served by the metrics listener"
         );
     }
+    // The API server's own rule: Bidirectional mount propagation only in privileged containers.
+    for ctr in spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+    {
+        let privileged = ctr
+            .security_context
+            .as_ref()
+            .and_then(|s| s.privileged)
+            .unwrap_or(false);
+        for m in ctr.volume_mounts.iter().flatten() {
+            assert!(
+                privileged || m.mount_propagation.as_deref() != Some("Bidirectional"),
+                "{}: Bidirectional propagation of {} needs a privileged container",
+                ctr.name,
+                m.mount_path
+            );
+        }
+    }
+    // The CNI installer: the node image's mesh-cni, with the CNI directories mounted.
+    let init = &spec.init_containers.as_ref().expect("the CNI installer")[0];
+    assert_eq!(init.image, c.image);
+    let cmd = init.command.as_ref().unwrap();
+    assert_eq!(cmd[..2], ["/usr/local/bin/mesh-cni", "install"]);
+    let dockerfile = std::fs::read_to_string(repo().join("mesh-node/Dockerfile")).unwrap();
+    assert!(dockerfile.contains("COPY --from=build /out/mesh-cni /usr/local/bin/mesh-cni"));
+    let init_mounts: Vec<&str> = init
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| m.mount_path.as_str())
+        .collect();
+    assert_eq!(init_mounts, [cmd[2].as_str(), cmd[3].as_str()]);
+    assert_eq!(
+        cmd[4],
+        flag(&a, "--admin-addr"),
+        "the plugin asks the admin port"
+    );
+    assert_eq!(
+        cmd[5],
+        flag(&a, "--state-dir"),
+        "and reads the state directory"
+    );
     let tmpl = ds
         .spec
         .as_ref()
