@@ -55,6 +55,8 @@ fn main() -> anyhow::Result<()> {
                 return run_bin("mesh-demo", rest);
             }
             build(true)?;
+            // The demo's clients: curl for the denied request.
+            toolchain::install(toolchain::DEMO_PACKAGES)?;
             run_bin("mesh-demo", rest)
         }
         "-h" | "--help" | "help" => {

@@ -61,6 +61,9 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
 /// `chromium` renders the node's live page in the tests (headless, with a screenshot).
 pub const TEST_PACKAGES: &[&str] = &["prometheus", "curl", "nghttp2-client", "chromium"];
 
+/// What the demo runs in its pods besides the project's own binaries.
+pub const DEMO_PACKAGES: &[&str] = &["curl"];
+
 /// `kubectl kustomize` renders the manifests in the tests. Any kubectl on the PATH will do;
 /// without one, Debian's.
 pub fn install_kubectl() -> anyhow::Result<()> {
