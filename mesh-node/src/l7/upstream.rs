@@ -22,7 +22,7 @@ use mesh_api::identity::SpiffeId;
 use tracing::debug;
 
 use super::{
-    FORWARDED_HEADER, TARGET_HEADER, UPSTREAM_PROTOCOL_HEADER, UpstreamProtocol,
+    TARGET_HEADER, UPSTREAM_PROTOCOL_HEADER, UpstreamProtocol,
     body::{Body, BoxError, RecvBody, boxed, send_body},
     respond::ProxyError,
     upgrade,
@@ -381,12 +381,12 @@ pub async fn via_tunnel(
     parts.version = http::Version::HTTP_2;
     parts.headers.remove(header::HOST);
     let h = &mut parts.headers;
-    h.insert(TARGET_HEADER, addr_value(t.target));
-    h.insert(
-        UPSTREAM_PROTOCOL_HEADER,
-        HeaderValue::from_static(proto.as_str()),
-    );
-    h.insert(FORWARDED_HEADER, t.forwarded.clone());
+    // Names as constants: inserting by `&str` copies a custom name on every request.
+    static TARGET: http::HeaderName = http::HeaderName::from_static(TARGET_HEADER);
+    static UPSTREAM: http::HeaderName = http::HeaderName::from_static(UPSTREAM_PROTOCOL_HEADER);
+    h.insert(&TARGET, addr_value(t.target));
+    h.insert(&UPSTREAM, HeaderValue::from_static(proto.as_str()));
+    h.insert(header::FORWARDED, t.forwarded.clone());
     let send = tunnels
         .sender(t.src, t.node, t.dst)
         .await
