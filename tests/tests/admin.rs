@@ -40,6 +40,11 @@ async fn the_log_level_changes_at_run_time_without_a_restart() {
         .await
         .unwrap();
     assert_eq!(r["ok"], 1, "{r}");
+    // The relay logs "closed" after the client has its answer: give the proxy a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while debug_records() == 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     assert!(debug_records() > 0, "{}", node.log_tail(10));
     assert_eq!(node.pid(), pid, "same process");
 
