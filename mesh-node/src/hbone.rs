@@ -25,7 +25,7 @@ use http::{Method, Request, Response, StatusCode};
 use mesh_api::{identity::SpiffeId, placement::PlacementWatch};
 use serde::Serialize;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncReadExt, AsyncWriteExt, BufReader},
     net::{TcpListener, TcpStream},
 };
 use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
@@ -51,6 +51,9 @@ const IDLE: Duration = Duration::from_secs(60);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bytes read from a TCP socket per relay step.
 const RELAY_BUF: usize = 64 * 1024;
+/// rustls reads at most 4 KiB per call: without a buffer under it, a 16 KiB record costs four
+/// `recvfrom`s. One read fills this buffer and rustls takes its slices from memory.
+const TLS_READ_BUF: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
@@ -227,6 +230,7 @@ impl Tunnels {
             .map_err(|_| TunnelError::Timeout)?
             .map_err(|e| TunnelError::Connect(key.node, e))?;
         let _ = tcp.set_nodelay(true);
+        let tcp = BufReader::with_capacity(TLS_READ_BUF, tcp);
         let sni = rustls::pki_types::ServerName::try_from(key.dst.server_name())
             .expect("identity names are DNS names");
         let tls = match tokio::time::timeout(
@@ -388,6 +392,7 @@ impl Inbound {
         let handshake = async {
             // Read the ClientHello first: the certificate to present depends on the SNI, and may
             // have to be fetched (first use) before the handshake can go on.
+            let tcp = BufReader::with_capacity(TLS_READ_BUF, tcp);
             let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
                 .await
                 .map_err(|e| ("protocol", e.to_string()))?;
@@ -456,7 +461,11 @@ impl Inbound {
                 Err(e) => return debug!(%peer, error = %e, "tunnel connection ended"),
             };
             let (this, client_id, served) = (self.clone(), client_id.clone(), served.clone());
-            tokio::spawn(async move { this.stream(req, respond, peer, &client_id, &served).await });
+            // Boxed: the stream's future is large (it holds the whole L7 exchange) and a task
+            // copies its future in at spawn and out at completion.
+            tokio::spawn(Box::pin(async move {
+                this.stream(req, respond, peer, &client_id, &served).await
+            }));
         }
     }
 
@@ -478,7 +487,7 @@ impl Inbound {
         };
         if req.method() != Method::CONNECT {
             match &self.l7 {
-                Some(l7) if req.headers().contains_key(crate::l7::TARGET_HEADER) => {
+                Some(l7) if req.headers().contains_key(&crate::l7::TARGET_HEADER) => {
                     return self
                         .request(l7, req, respond, peer, client_id, served)
                         .await;
@@ -499,7 +508,7 @@ impl Inbound {
         };
         let forwarded = req
             .headers()
-            .get("forwarded")
+            .get(&http::header::FORWARDED)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_string();
@@ -664,13 +673,13 @@ impl Inbound {
         let (mut parts, recv) = req.into_parts();
         let h = &mut parts.headers;
         let target = h
-            .remove(l7::TARGET_HEADER)
+            .remove(&l7::TARGET_HEADER)
             .and_then(|t| t.to_str().ok()?.parse::<SocketAddr>().ok());
         let proto = h
-            .remove(l7::UPSTREAM_PROTOCOL_HEADER)
+            .remove(&l7::UPSTREAM_PROTOCOL_HEADER)
             .and_then(|p| l7::UpstreamProtocol::parse(p.to_str().ok()?))
             .unwrap_or(l7::UpstreamProtocol::H1);
-        let forwarded = h.remove(l7::FORWARDED_HEADER);
+        let forwarded = h.remove(&l7::FORWARDED_HEADER);
         let forwarded = forwarded
             .as_ref()
             .and_then(|v| v.to_str().ok())

@@ -246,7 +246,7 @@ impl L7Inbound {
 
 pub fn grpc_status(resp: &Response<Body>) -> &str {
     resp.headers()
-        .get("grpc-status")
+        .get(&super::GRPC_STATUS_HEADER)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
 }
@@ -254,7 +254,7 @@ pub fn grpc_status(resp: &Response<Body>) -> &str {
 pub fn flag(resp: &Response<Body>) -> &'static str {
     match resp
         .headers()
-        .get(super::respond::FLAG_HEADER)
+        .get(&super::respond::FLAG_HEADER)
         .and_then(|v| v.to_str().ok())
     {
         Some("NR") => "NR",

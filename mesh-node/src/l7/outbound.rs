@@ -491,7 +491,7 @@ impl L7Outbound {
         let (mut parts, body) = req.into_parts();
         // An upgraded connection's bytes are neither replayed nor mirrored.
         let keep = (retry.is_some() || decided.mirror.is_some())
-            && !parts.headers.contains_key(upgrade::UPGRADE_HEADER);
+            && !parts.headers.contains_key(&upgrade::UPGRADE_HEADER);
         let (mut body, replay) = if keep {
             let (rec, replay) = Recording::new(body);
             (Some(boxed(rec)), Some(replay))

@@ -9,7 +9,7 @@ use super::{
 };
 
 /// The header naming what the proxy did, on responses it made itself.
-pub const FLAG_HEADER: &str = "x-nodemesh-flag";
+pub static FLAG_HEADER: http::HeaderName = http::HeaderName::from_static("x-nodemesh-flag");
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -97,7 +97,10 @@ pub fn error_response(e: &ProxyError, grpc: bool) -> Response<Body> {
             http::header::CONTENT_TYPE,
             HeaderValue::from_static("application/grpc"),
         );
-        h.insert("grpc-status", HeaderValue::from(e.grpc_status()));
+        h.insert(
+            &super::GRPC_STATUS_HEADER,
+            HeaderValue::from(e.grpc_status()),
+        );
         if let Ok(v) = HeaderValue::from_str(&percent_encode(&reason)) {
             h.insert("grpc-message", v);
         }
@@ -112,7 +115,7 @@ pub fn error_response(e: &ProxyError, grpc: bool) -> Response<Body> {
         r
     };
     resp.headers_mut()
-        .insert(FLAG_HEADER, HeaderValue::from_static(e.flag()));
+        .insert(&FLAG_HEADER, HeaderValue::from_static(e.flag()));
     resp
 }
 
@@ -172,6 +175,6 @@ mod tests {
         assert_eq!(r.headers()["grpc-message"], "rate limited");
         let r = error_response(&ProxyError::RateLimited, false);
         assert_eq!(r.status(), 429);
-        assert_eq!(r.headers()[FLAG_HEADER], "RL");
+        assert_eq!(r.headers()[&FLAG_HEADER], "RL");
     }
 }

@@ -326,7 +326,7 @@ pub fn count_response(
 /// body not over).
 pub fn status_in_trailers(grpc: bool, resp: &http::Response<Body>) -> bool {
     use http_body::Body as _;
-    grpc && !resp.headers().contains_key("grpc-status") && !resp.body().is_end_stream()
+    grpc && !resp.headers().contains_key(&super::GRPC_STATUS_HEADER) && !resp.body().is_end_stream()
 }
 
 /// A gRPC response whose status arrives in its trailers: the request is recorded when they do
@@ -419,7 +419,7 @@ impl http_body::Body for Trailed {
                     && let Some(def) = self.deferred.take()
                 {
                     let status = t
-                        .get("grpc-status")
+                        .get(&super::GRPC_STATUS_HEADER)
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or_default()
                         .to_string();

@@ -22,9 +22,9 @@ use tracing::debug;
 use super::body::{Body, boxed, empty};
 
 /// On a request between proxies: the protocol the app asked to switch to.
-pub const UPGRADE_HEADER: &str = "x-nodemesh-upgrade";
+pub static UPGRADE_HEADER: http::HeaderName = http::HeaderName::from_static("x-nodemesh-upgrade");
 /// On the answer: the pod switched to this protocol; the body is its side of the connection.
-pub const UPGRADED_HEADER: &str = "x-nodemesh-upgraded";
+pub static UPGRADED_HEADER: http::HeaderName = http::HeaderName::from_static("x-nodemesh-upgraded");
 
 /// Bytes buffered between a socket and a body before the reader waits.
 const PIPE_DEPTH: usize = 16;
@@ -99,12 +99,12 @@ async fn bridge(io: Upgraded, from_peer: Body, to_peer: mpsc::Sender<Bytes>) {
 /// Source side: when the app asks to upgrade, its request body becomes the app's bytes (after the
 /// `101`) and the request carries [`UPGRADE_HEADER`]. Returns what [`finish_source`] needs.
 pub fn prepare_source(req: &mut Request<Body>) -> Option<(OnUpgrade, mpsc::Sender<Bytes>)> {
-    req.headers_mut().remove(UPGRADE_HEADER);
+    req.headers_mut().remove(&UPGRADE_HEADER);
     let proto = requested(req.version(), req.headers())?;
     let on = hyper::upgrade::on(&mut *req);
     let (tx, body) = pipe();
     *req.body_mut() = body;
-    req.headers_mut().insert(UPGRADE_HEADER, proto);
+    req.headers_mut().insert(&UPGRADE_HEADER, proto);
     Some((on, tx))
 }
 
@@ -114,11 +114,11 @@ pub fn finish_source(
     resp: Response<Body>,
     (on, tx): (OnUpgrade, mpsc::Sender<Bytes>),
 ) -> Response<Body> {
-    let Some(proto) = resp.headers().get(UPGRADED_HEADER).cloned() else {
+    let Some(proto) = resp.headers().get(&UPGRADED_HEADER).cloned() else {
         return resp;
     };
     let (mut parts, body) = resp.into_parts();
-    parts.headers.remove(UPGRADED_HEADER);
+    parts.headers.remove(&UPGRADED_HEADER);
     parts.status = StatusCode::SWITCHING_PROTOCOLS;
     parts
         .headers
@@ -136,7 +136,7 @@ pub fn finish_source(
 /// Destination side: turns a marked request back into an HTTP/1.1 `Upgrade` request with an
 /// empty body; returns the body that carries the app's bytes.
 pub fn prepare_destination(req: &mut Request<Body>) -> Option<Body> {
-    let proto = req.headers_mut().remove(UPGRADE_HEADER)?;
+    let proto = req.headers_mut().remove(&UPGRADE_HEADER)?;
     let body = std::mem::replace(req.body_mut(), empty());
     let h = req.headers_mut();
     h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -162,7 +162,7 @@ pub fn finish_destination<K: Send + 'static>(
         .cloned()
         .unwrap_or_else(|| HeaderValue::from_static("unknown"));
     parts.status = StatusCode::OK;
-    parts.headers.insert(UPGRADED_HEADER, proto);
+    parts.headers.insert(&UPGRADED_HEADER, proto);
     let (tx, body) = pipe();
     tokio::spawn(async move {
         let _keep = keep;

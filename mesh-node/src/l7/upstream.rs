@@ -12,7 +12,7 @@ use std::{
 
 use bytes::Bytes;
 use http::{
-    HeaderMap, HeaderValue, Request, Response, Uri, header,
+    HeaderMap, HeaderName, HeaderValue, Request, Response, Uri, header,
     uri::{Authority, PathAndQuery, Scheme},
 };
 use http_body::{Body as _, Frame};
@@ -38,23 +38,28 @@ const MAX_IDLE_H1: usize = 64;
 /// Removes hop-by-hop headers (RFC 9110 7.6.1): they describe one connection, not the message,
 /// and HTTP/2 forbids them.
 pub fn strip_hop_headers(h: &mut HeaderMap) {
-    let listed: Vec<String> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|s| s.trim().to_ascii_lowercase())
-        .filter(|s| !s.is_empty())
-        .collect();
-    for name in listed {
-        h.remove(name.as_str());
+    // Runs on every request and response: names are constants (no parsing), and the list of
+    // names `Connection` declares is only built when there is one.
+    static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+    static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+    if h.contains_key(header::CONNECTION) {
+        let listed: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|s| HeaderName::from_bytes(s.trim().as_bytes()).ok())
+            .collect();
+        for name in listed {
+            h.remove(name);
+        }
+        h.remove(header::CONNECTION);
     }
     for name in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "transfer-encoding",
-        "upgrade",
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
     ] {
         h.remove(name);
     }
@@ -165,10 +170,10 @@ impl PodClient {
         {
             return self.upgrade(addr, req, from_app).await;
         }
-        req.headers_mut().remove(upgrade::UPGRADE_HEADER);
+        req.headers_mut().remove(&upgrade::UPGRADE_HEADER);
         let mut resp = self.forward(addr, proto, req).await?;
-        resp.headers_mut().remove(super::respond::FLAG_HEADER);
-        resp.headers_mut().remove(upgrade::UPGRADED_HEADER);
+        resp.headers_mut().remove(&super::respond::FLAG_HEADER);
+        resp.headers_mut().remove(&upgrade::UPGRADED_HEADER);
         Ok(resp)
     }
 
@@ -197,8 +202,8 @@ impl PodClient {
         *req.version_mut() = http::Version::HTTP_11;
         let mut send = self.h1_connect(addr).await?;
         let mut resp = send.send_request(req).await.map_err(upstream_error)?;
-        resp.headers_mut().remove(super::respond::FLAG_HEADER);
-        resp.headers_mut().remove(upgrade::UPGRADED_HEADER);
+        resp.headers_mut().remove(&super::respond::FLAG_HEADER);
+        resp.headers_mut().remove(&upgrade::UPGRADED_HEADER);
         Ok(upgrade::finish_destination(resp, from_app, send))
     }
 
@@ -381,11 +386,11 @@ pub async fn via_tunnel(
     parts.version = http::Version::HTTP_2;
     parts.headers.remove(header::HOST);
     let h = &mut parts.headers;
-    // Names as constants: inserting by `&str` copies a custom name on every request.
-    static TARGET: http::HeaderName = http::HeaderName::from_static(TARGET_HEADER);
-    static UPSTREAM: http::HeaderName = http::HeaderName::from_static(UPSTREAM_PROTOCOL_HEADER);
-    h.insert(&TARGET, addr_value(t.target));
-    h.insert(&UPSTREAM, HeaderValue::from_static(proto.as_str()));
+    h.insert(&TARGET_HEADER, addr_value(t.target));
+    h.insert(
+        &UPSTREAM_PROTOCOL_HEADER,
+        HeaderValue::from_static(proto.as_str()),
+    );
     h.insert(header::FORWARDED, t.forwarded.clone());
     let send = tunnels
         .sender(t.src, t.node, t.dst)
@@ -428,4 +433,64 @@ pub async fn respond_h2(
         send_body(body, &mut send).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_stripped_and_the_rest_kept() {
+        // (headers in, names left)
+        let cases: &[(&[(&str, &str)], &[&str])] = &[
+            (&[("x-a", "1"), ("host", "h")], &["host", "x-a"]),
+            (
+                &[
+                    ("connection", "keep-alive, X-Custom"),
+                    ("keep-alive", "timeout=5"),
+                    ("x-custom", "1"),
+                    ("x-kept", "1"),
+                ],
+                &["x-kept"],
+            ),
+            (
+                &[
+                    ("connection", "close"),
+                    ("connection", "x-second"),
+                    ("x-second", "1"),
+                ],
+                &[],
+            ),
+            (
+                &[
+                    ("transfer-encoding", "chunked"),
+                    ("upgrade", "websocket"),
+                    ("proxy-connection", "keep-alive"),
+                ],
+                &[],
+            ),
+            (&[("te", "trailers")], &["te"]),
+            (&[("te", "gzip")], &[]),
+            // A name `Connection` lists that is not a valid header name is ignored.
+            (&[("connection", "bad name"), ("x-a", "1")], &["x-a"]),
+        ];
+        for (input, left) in cases {
+            let mut h = headers(input);
+            strip_hop_headers(&mut h);
+            let mut names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+            names.sort_unstable();
+            assert_eq!(&names, left, "{input:?}");
+        }
+    }
 }
