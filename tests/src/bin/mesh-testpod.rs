@@ -644,7 +644,11 @@ async fn rr(
             let mut resp = vec![0u8; size];
             let mut lat = Vec::new();
             let interval = (pace > 0).then(|| Duration::from_secs_f64(1.0 / pace as f64));
-            let mut next = Instant::now();
+            // Connections start a fraction of the interval apart, so that together they send at
+            // an even rate: started together they would send bursts of `conns` requests that
+            // queue behind each other (what a fixed-rate load means is evenly spaced requests).
+            let mut next = Instant::now()
+                + interval.map_or(Duration::ZERO, |i| i * id as u32 / conns.max(1) as u32);
             while Instant::now() < deadline {
                 if let Some(i) = interval {
                     tokio::time::sleep_until(next.into()).await;
