@@ -18,7 +18,8 @@ const USAGE: &str = "usage: cargo xtask <command>
   build-ebpf            build the eBPF object (target/ebpf/bpfel-unknown-none/release/mesh-ebpf)
   build [--release]     build-ebpf, then the whole workspace (mesh-node embeds the object)
   test                  fmt, clippy -D warnings, unit tests, end-to-end tests on the real kernel (root)
-  bench [--json FILE]   direct vs redirected pod-to-pod figures, with ratios
+  bench [--json FILE] [--rounds N] [--scenario S]...
+                        every path pod to pod, figures with ratios to direct
   crds                  regenerate manifests/crds/ from the Rust types (a test fails on drift)
   demo [--keep]         run the local demo mesh end to end
   demo down             remove everything a kept demo left running";

@@ -33,6 +33,10 @@ struct Args {
     /// Run only these scenarios (repeatable; default all). Ratios need `direct`.
     #[arg(long = "scenario")]
     scenarios: Vec<String>,
+    /// Run every chosen scenario this many times, interleaved, and report each figure's median:
+    /// on a shared 2-core VM one run can be off by 20%, and drift then hits every scenario alike.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
 }
 
 type Figures = BTreeMap<&'static str, f64>;
@@ -445,8 +449,89 @@ fn report(results: &BTreeMap<&'static str, Figures>) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let secs = args.seconds;
     let want = |s: &str| args.scenarios.is_empty() || args.scenarios.iter().any(|w| w == s);
+    let mut rounds = Vec::new();
+    for r in 0..args.rounds.max(1) {
+        if args.rounds > 1 {
+            eprintln!("=== round {} of {}", r + 1, args.rounds);
+        }
+        rounds.push(round(args.seconds, &want).await?);
+    }
+    let mut results = medians(&rounds);
+    if want("ctrl") {
+        eprintln!(
+            "==> ctrl: {} pods, {} Services, {} nodes subscribed to an in-process controller",
+            mesh_tests::ctrl_bench::PODS,
+            mesh_tests::ctrl_bench::SERVICES,
+            mesh_tests::ctrl_bench::NODES
+        );
+        let dir = std::env::temp_dir().join(format!("mesh-bench-ctrl-{}", std::process::id()));
+        let figures = mesh_tests::ctrl_bench::run(&dir).await;
+        let _ = std::fs::remove_dir_all(&dir);
+        results.insert("ctrl", figures?.into_iter().collect());
+    }
+    if args.rounds > 1 {
+        println!("medians of {} rounds", args.rounds);
+    }
+    report(&results);
+    if let (Some(l7), Some(l4)) = (results.get("mesh_l7"), results.get("mesh_l4")) {
+        println!(
+            "\nmesh_l7 vs mesh_l4: rps {:.2}x (target >= 0.80), CPU/req {:.2}x",
+            l7["rps"] / l4["rps"],
+            l7["proxy_cpu_us_per_req"] / l4["proxy_cpu_us_per_req"]
+        );
+    }
+    if let Some(ctrl) = results.get("ctrl") {
+        println!(
+            "\nctrl: snapshot computation {:.0} ms (target < 1000), one pod change to all {} nodes {:.0} ms (target < 100), controller memory {:.0} MiB, {} resources",
+            ctrl["snapshot_ms"],
+            ctrl["nodes"],
+            ctrl["fanout_ms"],
+            ctrl["rss_kb"] / 1024.0,
+            ctrl["resources"]
+        );
+    }
+    if let Some(path) = args.json {
+        let out = json!({"rounds": args.rounds.max(1), "scenarios": results});
+        std::fs::write(&path, serde_json::to_string_pretty(&out)? + "\n")?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// Each figure's median over the rounds that measured it (the upper middle of an even count).
+fn medians(rounds: &[BTreeMap<&'static str, Figures>]) -> BTreeMap<&'static str, Figures> {
+    let mut all: BTreeMap<&'static str, BTreeMap<&'static str, Vec<f64>>> = BTreeMap::new();
+    for r in rounds {
+        for (scenario, figures) in r {
+            for (figure, v) in figures {
+                all.entry(scenario)
+                    .or_default()
+                    .entry(figure)
+                    .or_default()
+                    .push(*v);
+            }
+        }
+    }
+    all.into_iter()
+        .map(|(scenario, figures)| {
+            let figures = figures
+                .into_iter()
+                .map(|(figure, mut vs)| {
+                    vs.sort_by(f64::total_cmp);
+                    (figure, vs[vs.len() / 2])
+                })
+                .collect();
+            (scenario, figures)
+        })
+        .collect()
+}
+
+/// One run of every chosen scenario (except `ctrl`).
+async fn round(
+    secs: u64,
+    want: &dyn Fn(&str) -> bool,
+) -> anyhow::Result<BTreeMap<&'static str, Figures>> {
     let mut results: BTreeMap<&'static str, Figures> = BTreeMap::new();
 
     if want("direct") || want("redirect") {
@@ -516,40 +601,5 @@ async fn main() -> anyhow::Result<()> {
         );
         results.insert("mesh_l7", mesh_l7(secs).await?);
     }
-    if want("ctrl") {
-        eprintln!(
-            "==> ctrl: {} pods, {} Services, {} nodes subscribed to an in-process controller",
-            mesh_tests::ctrl_bench::PODS,
-            mesh_tests::ctrl_bench::SERVICES,
-            mesh_tests::ctrl_bench::NODES
-        );
-        let dir = std::env::temp_dir().join(format!("mesh-bench-ctrl-{}", std::process::id()));
-        let figures = mesh_tests::ctrl_bench::run(&dir).await;
-        let _ = std::fs::remove_dir_all(&dir);
-        results.insert("ctrl", figures?.into_iter().collect());
-    }
-    report(&results);
-    if let (Some(l7), Some(l4)) = (results.get("mesh_l7"), results.get("mesh_l4")) {
-        println!(
-            "\nmesh_l7 vs mesh_l4: rps {:.2}x (target >= 0.80), CPU/req {:.2}x",
-            l7["rps"] / l4["rps"],
-            l7["proxy_cpu_us_per_req"] / l4["proxy_cpu_us_per_req"]
-        );
-    }
-    if let Some(ctrl) = results.get("ctrl") {
-        println!(
-            "\nctrl: snapshot computation {:.0} ms (target < 1000), one pod change to all {} nodes {:.0} ms (target < 100), controller memory {:.0} MiB, {} resources",
-            ctrl["snapshot_ms"],
-            ctrl["nodes"],
-            ctrl["fanout_ms"],
-            ctrl["rss_kb"] / 1024.0,
-            ctrl["resources"]
-        );
-    }
-    if let Some(path) = args.json {
-        let out = json!({"scenarios": results});
-        std::fs::write(&path, serde_json::to_string_pretty(&out)? + "\n")?;
-        eprintln!("wrote {}", path.display());
-    }
-    Ok(())
+    Ok(results)
 }
