@@ -453,7 +453,8 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_are_stripped_and_the_rest_kept() {
         // (headers in, names left)
-        let cases: &[(&[(&str, &str)], &[&str])] = &[
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str]);
+        let cases: &[Case] = &[
             (&[("x-a", "1"), ("host", "h")], &["host", "x-a"]),
             (
                 &[
