@@ -511,7 +511,7 @@ impl Inbound {
         };
         let forwarded = req
             .headers()
-            .get(&http::header::FORWARDED)
+            .get(http::header::FORWARDED)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_string();
@@ -682,7 +682,7 @@ impl Inbound {
             .remove(&l7::UPSTREAM_PROTOCOL_HEADER)
             .and_then(|p| l7::UpstreamProtocol::parse(p.to_str().ok()?))
             .unwrap_or(l7::UpstreamProtocol::H1);
-        let forwarded = h.remove(&l7::FORWARDED_HEADER);
+        let forwarded = h.remove(http::header::FORWARDED);
         let forwarded = forwarded
             .as_ref()
             .and_then(|v| v.to_str().ok())

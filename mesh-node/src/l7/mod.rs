@@ -25,15 +25,15 @@ pub mod upstream;
 use http::HeaderName;
 use serde::Serialize;
 
+// Header names are `HeaderName` statics: a lookup by `&str` parses and validates the name each
+// time, and these are looked up on every request.
+
 /// Between node proxies, an L7 request is an ordinary HTTP/2 request on the tunnel connection
 /// (not a CONNECT stream), with the destination pod in this header.
-// (Statics of type `HeaderName`: a lookup by `&str` parses and validates the name every time.)
 pub static TARGET_HEADER: HeaderName = HeaderName::from_static("x-nodemesh-target");
 /// How the destination pod speaks: `h1` or `h2`.
 pub static UPSTREAM_PROTOCOL_HEADER: HeaderName =
     HeaderName::from_static("x-nodemesh-upstream-protocol");
-/// The original client address, as `Forwarded` carries it for CONNECT.
-pub static FORWARDED_HEADER: HeaderName = http::header::FORWARDED;
 /// gRPC's status, in trailers or (for an answer without a body) in the head.
 pub static GRPC_STATUS_HEADER: HeaderName = HeaderName::from_static("grpc-status");
 
