@@ -33,6 +33,31 @@ pub mod maps {
     pub const COUNTERS: &str = "MESH_COUNTERS";
     /// `PerCpuHashMap<u32 pod id, PodInbound>`: new inbound connections per pod, by kind.
     pub const POD_INBOUND: &str = "MESH_POD_IN";
+    /// `SockHash<SockKey>` with the sk_msg program: pods' ends of their connections with the node
+    /// proxy (added by sock_ops). Each send on one is judged: handed over, or TCP.
+    pub const SOCKS_TX: &str = "MESH_SOCKS_TX";
+    /// `SockHash<SockKey>` without programs: the proxy's ends of those connections (added by the
+    /// proxy), the only sockets bytes are handed to. Their own sends stay plain TCP.
+    pub const SOCKS_RX: &str = "MESH_SOCKS_RX";
+    /// `LruHashMap<SockKey, u32>`: a proxy end's slot in [`READ_SLOTS`].
+    pub const READERS: &str = "MESH_READERS";
+    /// `Array<ReadSlot>`, memory-mapped by the proxy: how much it has read from each of its ends.
+    pub const READ_SLOTS: &str = "MESH_READ_SLOTS";
+    /// `LruHashMap<SockKey, SendState>`: per pod end, what it has sent and how.
+    pub const SENDERS: &str = "MESH_SENDERS";
+}
+
+/// Slots in [`maps::READ_SLOTS`]: connections between pods and the proxy that can be accelerated
+/// at once; more stay on plain TCP.
+pub const READ_SLOT_COUNT: u32 = 16_384;
+
+/// Load-time constants (aya `Global`s, set with `override_global`): where the `struct tcp_sock`
+/// field the programs read sits on this kernel, found in its BTF (what CO-RE does for C
+/// programs). A read-only global is a known constant to the verifier, so the read has a fixed
+/// offset it can check.
+pub mod globals {
+    /// `write_seq`: end of what the socket has queued to TCP.
+    pub const WRITE_SEQ: &str = "MESH_OFF_WRITE_SEQ";
 }
 
 /// Names of the programs in the object.
@@ -43,6 +68,7 @@ pub mod programs {
     pub const GETPEERNAME6: &str = "mesh_peername6";
     pub const SOCK_OPS: &str = "mesh_sock_ops";
     pub const INGRESS: &str = "mesh_ingress";
+    pub const SK_MSG: &str = "mesh_sk_msg";
 }
 
 pub const AF_INET: u16 = 2;
@@ -52,6 +78,9 @@ pub const AF_INET6: u16 = 10;
 pub const CONFIG_F_IPV4: u32 = 1;
 /// `Config::flags`: redirect IPv6 connections (a proxy IPv6 address is set).
 pub const CONFIG_F_IPV6: u32 = 2;
+/// `Config::flags`: socket acceleration is on: sock_ops adds pods' ends of connections with the
+/// node proxy to [`maps::SOCKS`], where the sk_msg program hands their bytes to the peer socket.
+pub const CONFIG_F_ACCEL: u32 = 4;
 
 /// Where enrolled pods' connections go. Written once by mesh-node at start.
 #[repr(C)]
@@ -143,7 +172,66 @@ impl ConnKey {
     }
 }
 
-/// Which program a counter belongs to.
+/// One end of a TCP connection as the socket itself sees it: [`maps::SOCKS`]'s key. The peer's
+/// key is the same with local and remote swapped. IPv4 (also IPv4-mapped IPv6) uses the first
+/// four bytes of each address and `AF_INET`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    /// Host byte order.
+    pub local_port: u16,
+    /// Host byte order.
+    pub remote_port: u16,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u32,
+}
+
+impl SockKey {
+    /// The key of the socket at the other end.
+    pub const fn peer(&self) -> Self {
+        Self {
+            local_addr: self.remote_addr,
+            remote_addr: self.local_addr,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+            family: self.family,
+        }
+    }
+}
+
+/// What the proxy has read from one of its ends (a slot of [`maps::READ_SLOTS`]). The proxy
+/// writes it through its memory mapping after every read, without a system call; the sk_msg
+/// program of the pod sending to that end reads it. 64 bytes: one cache line per slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReadSlot {
+    /// Bytes the proxy has read from the socket since it accepted or opened it.
+    pub read: u64,
+    /// Bytes the pod may have sent and the proxy not yet read before sends go through TCP.
+    pub limit: u32,
+    pub _reserved: u32,
+    /// The socket the slot is for; a slot found under another key is stale.
+    pub key: SockKey,
+    pub _pad: [u32; 2],
+}
+
+/// A pod end's sends, in bytes of its stream (a value of [`maps::SENDERS`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SendState {
+    /// Everything sent so far, either way.
+    pub total: u64,
+    /// Where the last byte that went through TCP ends: until the proxy has read this far, a
+    /// byte handed over could overtake a TCP byte.
+    pub tcp_end: u64,
+    /// `write_seq` as of the last send judged: its growth is what went through TCP since.
+    pub last_seq: u32,
+    pub _reserved: u32,
+}
+
+/// Which program a counter belongs to./// Which program a counter belongs to.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Program {
@@ -153,15 +241,18 @@ pub enum Program {
     GetPeerName = 3,
     /// cgroup_skb ingress: new inbound connections (SYNs) to enrolled pods.
     Ingress = 4,
+    /// sk_msg: each send on a socket of [`maps::SOCKS_TX`].
+    SkMsg = 5,
 }
 
 impl Program {
-    pub const ALL: [Program; 5] = [
+    pub const ALL: [Program; 6] = [
         Program::Connect4,
         Program::Connect6,
         Program::SockOps,
         Program::GetPeerName,
         Program::Ingress,
+        Program::SkMsg,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -171,6 +262,7 @@ impl Program {
             Program::SockOps => "sock_ops",
             Program::GetPeerName => "getpeername",
             Program::Ingress => "ingress",
+            Program::SkMsg => "sk_msg",
         }
     }
 }
@@ -207,10 +299,23 @@ pub enum Outcome {
     FromProxy = 11,
     /// ingress: a new plaintext connection from outside the mesh, accepted (PERMISSIVE).
     Plaintext = 12,
+    /// sock_ops: a pod's end of a connection with the node proxy added to the socket map.
+    /// sk_msg: a send handed straight to the peer socket, past TCP/IP.
+    Accelerated = 13,
+    /// sock_ops: the socket map refused the socket (full): it stays on plain TCP.
+    AccelFailed = 14,
+    /// sk_msg: the peer is not a proxy end in the map (not accepted yet, closed, or a pod): TCP.
+    NoPeer = 15,
+    /// sk_msg: the proxy has not read everything this socket sent through TCP: TCP again, so
+    /// bytes never overtake each other.
+    Unread = 16,
+    /// sk_msg: the proxy has as much unread from this socket as it allows: TCP, whose flow
+    /// control makes the pod wait.
+    PeerFull = 17,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 13] = [
+    pub const ALL: [Outcome; 18] = [
         Outcome::Seen,
         Outcome::Redirected,
         Outcome::SkipNotTcp,
@@ -224,6 +329,11 @@ impl Outcome {
         Outcome::Closed,
         Outcome::FromProxy,
         Outcome::Plaintext,
+        Outcome::Accelerated,
+        Outcome::AccelFailed,
+        Outcome::NoPeer,
+        Outcome::Unread,
+        Outcome::PeerFull,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -241,17 +351,27 @@ impl Outcome {
             Outcome::Closed => "closed",
             Outcome::FromProxy => "from_proxy",
             Outcome::Plaintext => "plaintext",
+            Outcome::Accelerated => "accelerated",
+            Outcome::AccelFailed => "accel_failed",
+            Outcome::NoPeer => "no_peer",
+            Outcome::Unread => "unread",
+            Outcome::PeerFull => "peer_full",
         }
     }
 }
 
-pub const OUTCOMES: u32 = Outcome::ALL.len() as u32;
+/// Counter slots per program, and programs, with room to spare: the counter map is pinned and
+/// outlives a proxy, so its size must not change when a later build adds an outcome.
+pub const OUTCOME_SLOTS: u32 = 32;
+pub const PROGRAM_SLOTS: u32 = 16;
 /// Entries in the counter array.
-pub const COUNTERS: u32 = Program::ALL.len() as u32 * OUTCOMES;
+pub const COUNTERS: u32 = PROGRAM_SLOTS * OUTCOME_SLOTS;
+const _: () = assert!(Outcome::ALL.len() as u32 <= OUTCOME_SLOTS);
+const _: () = assert!(Program::ALL.len() as u32 <= PROGRAM_SLOTS);
 
 #[inline(always)]
 pub const fn counter_index(program: Program, outcome: Outcome) -> u32 {
-    program as u32 * OUTCOMES + outcome as u32
+    program as u32 * OUTCOME_SLOTS + outcome as u32
 }
 
 // No padding anywhere: every size is the sum of its fields.
@@ -260,13 +380,16 @@ const _: () = assert!(core::mem::size_of::<PodEntry>() == 8);
 const _: () = assert!(core::mem::size_of::<PodInbound>() == 16);
 const _: () = assert!(core::mem::size_of::<OrigDst>() == 16 + 2 + 2 + 4 + 8);
 const _: () = assert!(core::mem::size_of::<ConnKey>() == 16 + 2 + 2);
+const _: () = assert!(core::mem::size_of::<SockKey>() == 16 + 16 + 2 + 2 + 4);
+const _: () = assert!(core::mem::size_of::<ReadSlot>() == 64);
+const _: () = assert!(core::mem::size_of::<SendState>() == 8 + 8 + 4 + 4);
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn counter_indices_are_dense_and_unique() {
+    fn counter_indices_are_unique_and_in_range() {
         let mut seen = [false; COUNTERS as usize];
         for p in Program::ALL {
             for o in Outcome::ALL {
@@ -275,7 +398,21 @@ mod tests {
                 seen[i] = true;
             }
         }
-        assert!(seen.iter().all(|s| *s));
+    }
+
+    #[test]
+    fn a_peer_key_swaps_the_ends() {
+        let k = SockKey {
+            local_addr: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            remote_addr: [10, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            local_port: 40000,
+            remote_port: 15001,
+            family: AF_INET as u32,
+        };
+        let p = k.peer();
+        assert_eq!((p.local_addr[3], p.local_port), (2, 15001));
+        assert_eq!((p.remote_addr[3], p.remote_port), (1, 40000));
+        assert_eq!(p.peer(), k);
     }
 
     #[test]

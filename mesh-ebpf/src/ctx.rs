@@ -1,7 +1,10 @@
 //! Context-field access: the only `unsafe` in this crate besides map reads.
 //!
 //! SAFETY (whole module): the context pointers come from the kernel and are valid for the whole
-//! program run; the verifier checks every access below against the program type. Each field is read
+//! program run; the verifier checks every access below against the program type. `tcp_sock`
+//! pointers come from `bpf_skc_to_tcp_sock`; the verifier checks each read through one against
+//! the kernel's BTF for that type and turns it into a fault-tolerant load. Map value pointers are
+//! valid for the program run (the verifier checks their bounds). Each field is read
 //! or written with one volatile 4-byte access because LLVM may otherwise merge neighbouring accesses
 //! into an 8-byte one, which the verifier rejects as `invalid bpf_context access`.
 use core::{
@@ -10,9 +13,13 @@ use core::{
 };
 
 use aya_ebpf::{
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    programs::{SkBuffContext, SockAddrContext, SockOpsContext},
+    Global,
+    bindings::{BPF_F_INGRESS, sk_action::SK_PASS},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_skc_to_tcp_sock},
+    maps::{Array, LruHashMap, SockHash},
+    programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext},
 };
+use mesh_abi::{AF_INET, AF_INET6, ReadSlot, SendState, SockKey};
 
 #[inline(always)]
 pub fn sock_type(sa: &SockAddrContext) -> u32 {
@@ -109,6 +116,211 @@ pub fn ops_local_ip6(ops: &SockOpsContext) -> [u8; 16] {
         i += 1;
     }
     out
+}
+
+#[inline(always)]
+pub fn ops_family(ops: &SockOpsContext) -> u32 {
+    unsafe { read_volatile(addr_of!((*ops.ops).family)) }
+}
+
+#[inline(always)]
+pub fn ops_remote_ip4(ops: &SockOpsContext) -> [u8; 4] {
+    unsafe { read_volatile(addr_of!((*ops.ops).remote_ip4)) }.to_ne_bytes()
+}
+
+#[inline(always)]
+pub fn ops_remote_ip6(ops: &SockOpsContext) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let w = unsafe { read_volatile(addr_of!((*ops.ops).remote_ip6[i])) }.to_ne_bytes();
+        out[i * 4] = w[0];
+        out[i * 4 + 1] = w[1];
+        out[i * 4 + 2] = w[2];
+        out[i * 4 + 3] = w[3];
+        i += 1;
+    }
+    out
+}
+
+#[inline(always)]
+pub fn ops_local_port(ops: &SockOpsContext) -> u16 {
+    unsafe { read_volatile(addr_of!((*ops.ops).local_port)) as u16 }
+}
+
+#[inline(always)]
+pub fn ops_remote_port(ops: &SockOpsContext) -> u16 {
+    remote_port(unsafe { read_volatile(addr_of!((*ops.ops).remote_port)) })
+}
+
+/// `remote_port` of sock_ops and sk_msg holds the big-endian port, shifted into the upper half on
+/// little-endian kernels (and unshifted on some older ones): a value above 0xffff is shifted.
+#[inline(always)]
+fn remote_port(v: u32) -> u16 {
+    let be = if v > 0xffff {
+        (v >> 16) as u16
+    } else {
+        v as u16
+    };
+    u16::from_be(be)
+}
+
+/// The socket's own key in the socket map, from sock_ops.
+#[inline(always)]
+pub fn ops_sock_key(ops: &SockOpsContext) -> SockKey {
+    let (family, local, remote) = if ops_family(ops) == AF_INET as u32 {
+        (
+            AF_INET,
+            widen(ops_local_ip4(ops)),
+            widen(ops_remote_ip4(ops)),
+        )
+    } else {
+        normalize(ops_local_ip6(ops), ops_remote_ip6(ops))
+    };
+    SockKey {
+        local_addr: local,
+        remote_addr: remote,
+        local_port: ops_local_port(ops),
+        remote_port: ops_remote_port(ops),
+        family: family as u32,
+    }
+}
+
+/// The key of this sk_msg's socket.
+#[inline(always)]
+pub fn msg_sock_key(msg: &SkMsgContext) -> SockKey {
+    let m = msg.msg;
+    let (family, local, remote) =
+        if unsafe { read_volatile(addr_of!((*m).family)) } == AF_INET as u32 {
+            (
+                AF_INET,
+                widen(unsafe { read_volatile(addr_of!((*m).local_ip4)) }.to_ne_bytes()),
+                widen(unsafe { read_volatile(addr_of!((*m).remote_ip4)) }.to_ne_bytes()),
+            )
+        } else {
+            let mut l = [0u8; 16];
+            let mut r = [0u8; 16];
+            let mut i = 0;
+            while i < 4 {
+                let lw = unsafe { read_volatile(addr_of!((*m).local_ip6[i])) }.to_ne_bytes();
+                let rw = unsafe { read_volatile(addr_of!((*m).remote_ip6[i])) }.to_ne_bytes();
+                let mut j = 0;
+                while j < 4 {
+                    l[i * 4 + j] = lw[j];
+                    r[i * 4 + j] = rw[j];
+                    j += 1;
+                }
+                i += 1;
+            }
+            normalize(l, r)
+        };
+    SockKey {
+        local_addr: local,
+        remote_addr: remote,
+        local_port: unsafe { read_volatile(addr_of!((*m).local_port)) } as u16,
+        remote_port: remote_port(unsafe { read_volatile(addr_of!((*m).remote_port)) }),
+        family: family as u32,
+    }
+}
+
+/// IPv6 addresses of a socket; an IPv4 connection on a dual-stack socket is keyed as IPv4, as its
+/// peer (an IPv4 socket) keys it.
+#[inline(always)]
+fn normalize(local: [u8; 16], remote: [u8; 16]) -> (u16, [u8; 16], [u8; 16]) {
+    match (v4_mapped(&local), v4_mapped(&remote)) {
+        (Some(l), Some(r)) => (AF_INET, widen(l), widen(r)),
+        _ => (AF_INET6, local, remote),
+    }
+}
+
+#[inline(always)]
+pub fn widen(a: [u8; 4]) -> [u8; 16] {
+    let mut w = [0u8; 16];
+    w[0] = a[0];
+    w[1] = a[1];
+    w[2] = a[2];
+    w[3] = a[3];
+    w
+}
+
+#[inline(always)]
+pub fn v4_mapped(a: &[u8; 16]) -> Option<[u8; 4]> {
+    let prefix = a[0] | a[1] | a[2] | a[3] | a[4] | a[5] | a[6] | a[7] | a[8] | a[9];
+    if prefix == 0 && a[10] == 0xff && a[11] == 0xff {
+        Some([a[12], a[13], a[14], a[15]])
+    } else {
+        None
+    }
+}
+
+/// Where `struct tcp_sock`'s `write_seq` sits on this kernel, set by the loader from the
+/// kernel's BTF (`mesh_abi::globals::WRITE_SEQ`). A read-only global is a constant to the
+/// verifier, so the read below has a fixed offset it checks against the BTF type.
+#[unsafe(no_mangle)]
+static MESH_OFF_WRITE_SEQ: Global<u32> = Global::new(0);
+
+/// `write_seq` of the socket an sk_msg program runs for: the end of what it has queued to TCP.
+#[inline(always)]
+pub fn msg_write_seq(msg: &SkMsgContext) -> Option<u32> {
+    let sk = unsafe { read_volatile(addr_of!((*msg.msg).__bindgen_anon_3.sk)) };
+    write_seq(sk as *mut c_void)
+}
+
+#[inline(always)]
+fn write_seq(sk: *mut c_void) -> Option<u32> {
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk) } as *const u8;
+    if tp.is_null() {
+        return None;
+    }
+    Some(unsafe { read_volatile(tp.add(MESH_OFF_WRITE_SEQ.load() as usize) as *const u32) })
+}
+
+#[inline(always)]
+pub fn ops_snd_una(ops: &SockOpsContext) -> u32 {
+    unsafe { read_volatile(addr_of!((*ops.ops).snd_una)) }
+}
+
+/// Sequence space the peer has acknowledged (at establishment: the SYN, plus data that went with
+/// it).
+#[inline(always)]
+pub fn ops_bytes_acked(ops: &SockOpsContext) -> u64 {
+    unsafe { read_volatile(addr_of!((*ops.ops).bytes_acked)) }
+}
+
+/// A slot of the proxy's read counters, as the proxy last wrote it.
+#[inline(always)]
+pub fn read_slot(slots: &Array<ReadSlot>, index: u32) -> Option<(u64, u32, SockKey)> {
+    let s = slots.get_ptr(index)?;
+    Some(unsafe {
+        (
+            read_volatile(addr_of!((*s).read)),
+            read_volatile(addr_of!((*s).limit)),
+            read_volatile(addr_of!((*s).key)),
+        )
+    })
+}
+
+/// A pod end's send state, for update in place. Its one writer is the sk_msg program of that
+/// socket, whose sends the socket lock serializes.
+#[inline(always)]
+pub fn send_state(
+    senders: &LruHashMap<SockKey, SendState>,
+    key: &SockKey,
+) -> Option<&'static mut SendState> {
+    senders.get_ptr_mut(key).map(|p| unsafe { &mut *p })
+}
+
+/// Hands the message to the peer's receive queue (`BPF_F_INGRESS`: as if it had arrived).
+/// `false` when the peer is not in `socks` (any more): the message then goes through TCP.
+#[inline(always)]
+pub fn hand_over(msg: &SkMsgContext, socks: &SockHash<SockKey>, mut key: SockKey) -> bool {
+    socks.redirect_msg(msg, &mut key, BPF_F_INGRESS as u64) == SK_PASS as i64
+}
+
+/// Bytes in this send (the sk_msg's size).
+#[inline(always)]
+pub fn msg_size(msg: &SkMsgContext) -> u32 {
+    unsafe { read_volatile(addr_of!((*msg.msg).size)) }
 }
 
 #[inline(always)]

@@ -1,19 +1,24 @@
 //! The programs and their maps. Symbols are exported by name (`#[no_mangle]` via the aya macros),
 //! so living in a module changes nothing for the loader.
 use crate::ctx;
+use crate::ctx::{v4_mapped, widen};
 use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_TCP_CLOSE,
+        BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, sk_action::SK_PASS,
     },
-    macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
-    programs::{SkBuffContext, SockAddrContext, SockOpsContext},
+    macros::{cgroup_skb, cgroup_sock_addr, map, sk_msg, sock_ops},
+    maps::{
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash, lpm_trie::Key,
+    },
+    programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
 use mesh_abi::{
-    AF_INET, AF_INET6, CONFIG_F_IPV4, CONFIG_F_IPV6, COUNTERS as N_COUNTERS, Config, ConnKey,
-    OrigDst, Outcome, POD_F_STRICT, PodEntry, PodInbound, Program, counter_index,
+    AF_INET, AF_INET6, CONFIG_F_ACCEL, CONFIG_F_IPV4, CONFIG_F_IPV6, COUNTERS as N_COUNTERS,
+    Config, ConnKey, OrigDst, Outcome, POD_F_STRICT, PodEntry, PodInbound, Program,
+    READ_SLOT_COUNT, ReadSlot, SendState, SockKey, counter_index,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -39,6 +44,29 @@ static EXCLUDED_V6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(1_024, 0);
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(N_COUNTERS, 0);
 #[map(name = "MESH_POD_IN")]
 static POD_INBOUND: PerCpuHashMap<u32, PodInbound> = PerCpuHashMap::pinned(16_384, 0);
+// Socket acceleration. These maps are not pinned: they belong to one proxy instance. A pod
+// connection keeps the programs and maps of the instance it was established under; after that
+// instance is gone its sends find no reader and go through TCP.
+
+/// Pods' ends of their connections with the proxy; the sk_msg program runs on their sends.
+/// Sockets leave the socket maps by themselves when they close; one that finds a map full stays
+/// on plain TCP.
+#[map(name = "MESH_SOCKS_TX")]
+static SOCKS_TX: SockHash<SockKey> = SockHash::with_max_entries(CONN_ENTRIES, 0);
+/// The proxy's ends: where bytes are handed over to. No program, so the proxy's own sends stay
+/// plain TCP.
+#[map(name = "MESH_SOCKS_RX")]
+static SOCKS_RX: SockHash<SockKey> = SockHash::with_max_entries(CONN_ENTRIES, 0);
+/// A proxy end's slot in READ_SLOTS. LRU: the proxy never deletes; a slot found under another
+/// key is stale and ignored.
+#[map(name = "MESH_READERS")]
+static READERS: LruHashMap<SockKey, u32> = LruHashMap::with_max_entries(CONN_ENTRIES, 0);
+/// How much the proxy has read from each of its ends, written through its memory mapping.
+#[map(name = "MESH_READ_SLOTS")]
+static READ_SLOTS: Array<ReadSlot> = Array::with_max_entries(READ_SLOT_COUNT, BPF_F_MMAPABLE);
+/// Per pod end, what it has sent and how (set up by sock_ops).
+#[map(name = "MESH_SENDERS")]
+static SENDERS: LruHashMap<SockKey, SendState> = LruHashMap::with_max_entries(CONN_ENTRIES, 0);
 
 #[inline(always)]
 fn count(program: Program, outcome: Outcome) {
@@ -169,10 +197,137 @@ fn redirect(sa: &SockAddrContext, dest: Dest, port: u16) -> Outcome {
 pub fn mesh_sock_ops(ops: SockOpsContext) -> u32 {
     match ops.op() {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => established(&ops),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => accepted(&ops),
         BPF_SOCK_OPS_STATE_CB if ops.arg(1) == BPF_TCP_CLOSE => closed(&ops),
         _ => {}
     }
     1
+}
+
+/// Adds a pod's end of a connection with the node proxy to the sending socket map (the proxy
+/// adds its own end to the receiving one), with its send state. Nothing was sent through the map
+/// yet: this runs as the handshake completes.
+#[inline(always)]
+fn accelerate(ops: &SockOpsContext, cfg: &Config) {
+    if cfg.flags & CONFIG_F_ACCEL == 0 {
+        return;
+    }
+    // More than the SYN acknowledged: data went with it (TCP Fast Open, which the proxy never
+    // accepts) and the stream would not start at snd_una. Leave such a socket on TCP.
+    if crate::ctx::ops_bytes_acked(ops) > 1 {
+        count(Program::SockOps, Outcome::AccelFailed);
+        return;
+    }
+    let mut key = crate::ctx::ops_sock_key(ops);
+    let state = SendState {
+        total: 0,
+        tcp_end: 0,
+        // The stream starts right after the acknowledged SYN; anything queued beyond it went
+        // through TCP, and the first send counts it.
+        last_seq: crate::ctx::ops_snd_una(ops),
+        _reserved: 0,
+    };
+    if SENDERS.insert(&key, &state, 0).is_err() {
+        count(Program::SockOps, Outcome::AccelFailed);
+        return;
+    }
+    // SAFETY of the cast: the helper only reads the context through it.
+    let ops_ptr = unsafe { &mut *ops.ops };
+    match SOCKS_TX.update(&mut key, ops_ptr, BPF_ANY as u64) {
+        Ok(()) => {
+            // Ask for state changes so the send state goes when the socket closes.
+            let _ = ops.set_cb_flags((ops.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+            count(Program::SockOps, Outcome::Accelerated)
+        }
+        Err(_) => count(Program::SockOps, Outcome::AccelFailed),
+    }
+}
+
+/// A pod accepted a connection. From the node proxy's address it is mesh traffic the proxy
+/// delivers: the pod's end joins the socket map.
+#[inline(always)]
+fn accepted(ops: &SockOpsContext) {
+    let Some(cfg) = CONFIG.get(0) else {
+        return;
+    };
+    let from_proxy = if crate::ctx::ops_family(ops) == AF_INET as u32 {
+        cfg.flags & CONFIG_F_IPV4 != 0 && crate::ctx::ops_remote_ip4(ops) == cfg.proxy_ip4
+    } else {
+        let remote = crate::ctx::ops_remote_ip6(ops);
+        match v4_mapped(&remote) {
+            Some(v4) => cfg.flags & CONFIG_F_IPV4 != 0 && v4 == cfg.proxy_ip4,
+            None => cfg.flags & CONFIG_F_IPV6 != 0 && remote == cfg.proxy_ip6,
+        }
+    };
+    if from_proxy {
+        accelerate(ops, cfg);
+    }
+}
+
+/// Every send of a pod on a connection with the node proxy. When it is safe, the bytes go
+/// straight into the proxy's socket, skipping TCP/IP and the veth between pod and node. They go
+/// through TCP instead when
+/// - the proxy has not read everything this socket sent through TCP (the first bytes of a
+///   connection, sent before the proxy accepted it, or bytes of an earlier fallback): handing
+///   over now would let these bytes overtake those, because a reader takes handed-over bytes
+///   before TCP's;
+/// - the proxy has as much unread from this socket as it allows: TCP's flow control then makes
+///   the pod wait for the proxy, as it would without us (handed-over bytes have no limit of
+///   their own: a pod could otherwise fill the kernel's memory).
+///
+/// Positions are bytes of the pod's stream: what the pod sent (TCP bytes measured by the growth
+/// of its `write_seq`, handed-over ones counted here) against what the proxy has read (from its
+/// memory-mapped slot). Stale figures can only send bytes through TCP.
+///
+/// Bytes are only ever handed to the proxy, never to pods: on this kernel generation a reader
+/// using `splice()` does not see handed-over bytes at all, and a pod may read any way it likes.
+#[sk_msg]
+pub fn mesh_sk_msg(msg: SkMsgContext) -> u32 {
+    let outcome = judge(&msg);
+    count(Program::SkMsg, outcome);
+    SK_PASS
+}
+
+#[inline(always)]
+fn judge(msg: &SkMsgContext) -> Outcome {
+    let own = crate::ctx::msg_sock_key(msg);
+    let Some(st) = crate::ctx::send_state(&SENDERS, &own) else {
+        return Outcome::NoPeer;
+    };
+    let Some(write_seq) = crate::ctx::msg_write_seq(msg) else {
+        return Outcome::NoPeer;
+    };
+    // The socket is locked while this runs, so write_seq is stable; what it grew by since the
+    // last send judged went through TCP.
+    let tcp = write_seq.wrapping_sub(st.last_seq);
+    st.last_seq = write_seq;
+    if tcp != 0 {
+        st.total += tcp as u64;
+        st.tcp_end = st.total;
+    }
+    let peer = own.peer();
+    let Some(slot) = (unsafe { READERS.get(&peer) }).copied() else {
+        return Outcome::NoPeer;
+    };
+    let Some((read, limit, key)) = crate::ctx::read_slot(&READ_SLOTS, slot) else {
+        return Outcome::NoPeer;
+    };
+    if key != peer {
+        return Outcome::NoPeer;
+    }
+    if read < st.tcp_end {
+        return Outcome::Unread;
+    }
+    let size = crate::ctx::msg_size(msg) as u64;
+    if st.total + size - read > limit as u64 {
+        return Outcome::PeerFull;
+    }
+    if crate::ctx::hand_over(msg, &SOCKS_RX, peer) {
+        st.total += size;
+        Outcome::Accelerated
+    } else {
+        Outcome::NoPeer
+    }
 }
 
 /// The client's port is known now: index the record by the address the proxy will see as peer.
@@ -194,12 +349,19 @@ fn established(ops: &SockOpsContext) {
     // Ask for state changes so both records go when the client socket closes.
     let _ = ops.set_cb_flags((ops.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     count(Program::SockOps, Outcome::Redirected);
+    if let Some(cfg) = CONFIG.get(0) {
+        accelerate(ops, cfg);
+    }
 }
 
 #[inline(always)]
 fn closed(ops: &SockOpsContext) {
+    let _ = SENDERS.remove(&crate::ctx::ops_sock_key(ops));
     let cookie = ctx::ops_socket_cookie(ops);
-    let _ = ORIG_BY_COOKIE.remove(cookie);
+    if ORIG_BY_COOKIE.remove(cookie).is_err() {
+        // A pod's accepted socket (asked for state changes only for its send state).
+        return;
+    }
     // Called before the kernel releases the port, so the key is still the one we stored.
     let _ = ORIG_BY_CONN.remove(client_key(ops));
     count(Program::SockOps, Outcome::Closed);
@@ -316,16 +478,6 @@ fn count_pod(pod_id: u32, denied: bool) {
 }
 
 #[inline(always)]
-fn widen(a: [u8; 4]) -> [u8; 16] {
-    let mut w = [0u8; 16];
-    w[0] = a[0];
-    w[1] = a[1];
-    w[2] = a[2];
-    w[3] = a[3];
-    w
-}
-
-#[inline(always)]
 fn mapped(a: [u8; 4]) -> [u8; 16] {
     let mut m = [0u8; 16];
     m[10] = 0xff;
@@ -335,16 +487,6 @@ fn mapped(a: [u8; 4]) -> [u8; 16] {
     m[14] = a[2];
     m[15] = a[3];
     m
-}
-
-#[inline(always)]
-fn v4_mapped(a: &[u8; 16]) -> Option<[u8; 4]> {
-    let prefix = a[0] | a[1] | a[2] | a[3] | a[4] | a[5] | a[6] | a[7] | a[8] | a[9];
-    if prefix == 0 && a[10] == 0xff && a[11] == 0xff {
-        Some([a[12], a[13], a[14], a[15]])
-    } else {
-        None
-    }
 }
 
 #[inline(always)]

@@ -203,6 +203,7 @@ impl Admin {
             .collect();
         let mut body = json!({
             "ebpf": c.to_json(),
+            "accel": self.redirector.accel().stats(),
             "enrolled_pods": pods.len(),
             "proxy": &*self.stats,
             "inbound": inbound,

@@ -268,6 +268,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
             .map_or(config.outbound_port, SocketAddr::port),
         exclude_ports: config.exclude_ports.clone(),
         exclude_cidrs: config.exclude_cidrs.clone(),
+        accelerate: config.socket_acceleration,
     };
     let redirector = Arc::new(Redirector::load(&object, &spec)?);
     drop(not_attached);
@@ -323,6 +324,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
     let source = ProxySource {
         v4: config.proxy_ipv4,
         v6: config.proxy_ipv6,
+        accel: redirector.accel(),
     };
     let tunnels = mesh
         .as_ref()
@@ -348,7 +350,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
             Arc::new(L7Inbound {
                 config: rx.clone(),
                 runtime: Arc::default(),
-                pods: PodClient::new(source, config.connect_timeout),
+                pods: PodClient::new(source.clone(), config.connect_timeout),
                 enrollment: pods.clone(),
                 stats: l7_stats.clone(),
                 counters: Default::default(),
@@ -389,7 +391,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
             tunnels: tunnels.clone().expect("made with the mesh"),
             config: m.config.as_ref().map(|(rx, _)| rx.clone()),
         }),
-        source,
+        source: source.clone(),
         enforcer: enforcer.clone(),
         l7: l7_path,
         access_log: access_log.clone(),

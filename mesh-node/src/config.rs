@@ -39,6 +39,14 @@ pub enum OnExit {
     Detach,
 }
 
+/// A feature switch as a flag value (`--socket-acceleration off`, `MESH_SOCKET_ACCELERATION=off`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Switch {
+    On,
+    Off,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EbpfLogLevel {
@@ -108,6 +116,10 @@ pub struct RunArgs {
     /// Level of the kernel programs' own logs (forwarded to this process's log).
     #[arg(long, env = "MESH_EBPF_LOG_LEVEL", value_enum, default_value_t = EbpfLogLevel::Warn)]
     pub ebpf_log_level: EbpfLogLevel,
+    /// Bytes between pods and this proxy skip TCP/IP (a socket map and an sk_msg program); the
+    /// stream and TCP's flow control are kept. Left off, with a warning, on kernels that cannot.
+    #[arg(long, env = "MESH_SOCKET_ACCELERATION", value_enum, default_value_t = Switch::On)]
+    pub socket_acceleration: Switch,
     /// How long open connections may finish after SIGTERM before they are cut.
     #[arg(long, env = "MESH_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
     pub drain_timeout: Duration,
@@ -203,6 +215,7 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub ebpf_object: Option<PathBuf>,
     pub ebpf_log_level: EbpfLogLevel,
+    pub socket_acceleration: bool,
     #[serde(with = "humantime_serde_shim")]
     pub drain_timeout: Duration,
     #[serde(with = "humantime_serde_shim")]
@@ -417,6 +430,7 @@ impl RunArgs {
             state_dir,
             ebpf_object: self.ebpf_object,
             ebpf_log_level: self.ebpf_log_level,
+            socket_acceleration: self.socket_acceleration == Switch::On,
             drain_timeout: self.drain_timeout,
             connect_timeout: self.connect_timeout,
             protocol_detect_timeout: self.protocol_detect_timeout,

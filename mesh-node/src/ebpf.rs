@@ -14,19 +14,25 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, SockHash, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps, links::FdLink,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SkMsg, SockOps,
+        links::FdLink,
     },
 };
 use ipnet::IpNet;
 use mesh_abi::{
-    AF_INET, AF_INET6, CONFIG_F_IPV4, CONFIG_F_IPV6, COUNTERS, Config, ConnKey, OrigDst, Outcome,
-    PodEntry, PodInbound, Program, counter_index, maps, programs,
+    AF_INET, AF_INET6, CONFIG_F_ACCEL, CONFIG_F_IPV4, CONFIG_F_IPV6, Config, ConnKey, OrigDst,
+    Outcome, PodEntry, PodInbound, Program, SockKey, counter_index, maps, programs,
 };
 use serde::Serialize;
+use tracing::{info, warn};
 
-use crate::orig_dst::{OrigDstSource, PodId, Redirected};
+use crate::{
+    accel::Accel,
+    btf::Btf,
+    orig_dst::{OrigDstSource, PodId, Redirected},
+};
 
 /// Failures while loading, attaching or talking to the kernel programs.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +96,8 @@ pub enum EbpfError {
     Log(#[source] aya_log::Error),
     #[error("cannot watch the eBPF log ring buffer")]
     LogFd(#[source] io::Error),
+    #[error("cannot duplicate or map a map's file descriptor")]
+    MapFd(#[source] io::Error),
 }
 
 /// What the programs need to know about this node.
@@ -103,7 +111,13 @@ pub struct RedirectSpec {
     pub proxy_port: u16,
     pub exclude_ports: Vec<u16>,
     pub exclude_cidrs: Vec<IpNet>,
+    /// Socket acceleration (see `accel`): wanted. It is left off, with a warning, when this
+    /// kernel cannot do it.
+    pub accelerate: bool,
 }
+
+/// The kernel's type information, where the sk_msg program's field offsets come from.
+const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 /// The attached programs and the maps mesh-node reads and writes.
 pub struct Redirector {
@@ -111,6 +125,7 @@ pub struct Redirector {
     orig_by_conn: HashMap<MapData, ConnKey, OrigDst>,
     counters: PerCpuArray<MapData, u64>,
     pod_inbound: PerCpuHashMap<MapData, u32, PodInbound>,
+    accel: Accel,
     /// Holds the program fds; the links themselves are pinned.
     _ebpf: Ebpf,
 }
@@ -167,14 +182,45 @@ impl Redirector {
                 source,
             })?;
         }
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&maps_dir)
-            .override_global("AYA_LOG_LEVEL", &spec.log_level, false)
-            .load(object)
-            .map_err(EbpfError::Load)?;
+        let offsets = if spec.accelerate {
+            match Btf::from_file(Path::new(VMLINUX_BTF))
+                .and_then(|btf| crate::accel::tcp_sock_offsets(&btf))
+            {
+                Ok(o) => Some(o),
+                Err(e) => {
+                    warn!(error = %e, "socket acceleration off: this kernel's struct tcp_sock cannot be read");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(&maps_dir).override_global(
+            "AYA_LOG_LEVEL",
+            &spec.log_level,
+            false,
+        );
+        for (name, offset) in offsets.iter().flatten() {
+            loader.override_global(name, offset, true);
+        }
+        let mut ebpf = loader.load(object).map_err(EbpfError::Load)?;
         spawn_log_reader(&mut ebpf)?;
 
-        write_config(&mut ebpf, spec)?;
+        let accelerate = match offsets {
+            Some(_) => match attach_accel(&mut ebpf) {
+                Ok(()) => {
+                    info!("socket acceleration on: pod <-> proxy bytes skip TCP/IP");
+                    true
+                }
+                Err(e) => {
+                    warn!(error = %format_chain(&e), "socket acceleration off: the kernel refused the sk_msg program");
+                    false
+                }
+            },
+            None => false,
+        };
+        write_config(&mut ebpf, spec, accelerate)?;
         write_exclusions(&mut ebpf, spec)?;
 
         let cgroup = fs::File::open(&spec.cgroup).map_err(|source| EbpfError::Cgroup {
@@ -232,13 +278,24 @@ impl Redirector {
             .map_err(map_err(maps::COUNTERS))?;
         let pod_inbound = PerCpuHashMap::try_from(take(&mut ebpf, maps::POD_INBOUND)?)
             .map_err(map_err(maps::POD_INBOUND))?;
+        let accel = if accelerate {
+            accel_maps(&mut ebpf)?
+        } else {
+            Accel::off()
+        };
         Ok(Self {
             enrolled: Mutex::new(enrolled),
             orig_by_conn,
             counters,
             pod_inbound,
+            accel,
             _ebpf: ebpf,
         })
+    }
+
+    /// The proxy's handle for adding its ends of pod connections to the socket map.
+    pub fn accel(&self) -> Accel {
+        self.accel.clone()
     }
 
     /// Redirect the sockets of the network namespace with this cookie.
@@ -291,7 +348,6 @@ impl Redirector {
             }
             out.0.push((program.name(), per));
         }
-        debug_assert_eq!(out.0.len() * Outcome::ALL.len(), COUNTERS as usize);
         Ok(out)
     }
 
@@ -380,9 +436,70 @@ fn pin_replacing(link: FdLink, links_dir: &Path, name: &'static str) -> Result<(
     Ok(())
 }
 
-fn write_config(ebpf: &mut Ebpf, spec: &RedirectSpec) -> Result<(), EbpfError> {
+/// Loads the sk_msg program and attaches it to the pods' socket map. The attachment belongs to
+/// the map, which lives as long as the sock_ops program adding sockets to it (pinned), so pod
+/// connections keep their programs while a proxy restarts; they then find no reader and use TCP.
+fn attach_accel(ebpf: &mut Ebpf) -> Result<(), EbpfError> {
+    let name = programs::SK_MSG;
+    // The map stays in the object until every program is loaded: they refer to it by fd.
+    let fd = {
+        let map = ebpf.map(maps::SOCKS_TX).ok_or(EbpfError::Missing {
+            kind: "map",
+            name: maps::SOCKS_TX,
+        })?;
+        let socks: SockHash<&MapData, SockKey> =
+            SockHash::try_from(map).map_err(map_err(maps::SOCKS_TX))?;
+        socks.fd().try_clone().map_err(EbpfError::MapFd)?
+    };
+    let prog: &mut SkMsg = program(ebpf, name)?;
+    prog.load().map_err(prog_err(name))?;
+    let id = prog.attach(&fd).map_err(prog_err(name))?;
+    // Dropping the link would detach it; it lives as long as the map instead.
+    std::mem::forget(prog.take_link(id).map_err(prog_err(name))?);
+    Ok(())
+}
+
+/// The proxy's side of acceleration, from the maps of the loaded object.
+fn accel_maps(ebpf: &mut Ebpf) -> Result<Accel, EbpfError> {
+    let take = |ebpf: &mut Ebpf, name: &'static str| {
+        ebpf.take_map(name)
+            .ok_or(EbpfError::Missing { kind: "map", name })
+    };
+    let socks_rx =
+        SockHash::try_from(take(ebpf, maps::SOCKS_RX)?).map_err(map_err(maps::SOCKS_RX))?;
+    let readers = HashMap::try_from(take(ebpf, maps::READERS)?).map_err(map_err(maps::READERS))?;
+    let aya::maps::Map::Array(read_slots) = take(ebpf, maps::READ_SLOTS)? else {
+        return Err(EbpfError::Missing {
+            kind: "array map",
+            name: maps::READ_SLOTS,
+        });
+    };
+    Accel::new(crate::accel::Maps {
+        socks_rx,
+        readers,
+        read_slots,
+    })
+    .map_err(EbpfError::MapFd)
+}
+
+/// An error with its sources, for a one-line log (the verifier's reason is in a source).
+fn format_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        next = s.source();
+    }
+    out
+}
+
+fn write_config(ebpf: &mut Ebpf, spec: &RedirectSpec, accel: bool) -> Result<(), EbpfError> {
     let name = maps::CONFIG;
     let mut flags = 0;
+    if accel {
+        flags |= CONFIG_F_ACCEL;
+    }
     if spec.proxy_ipv4.is_some() {
         flags |= CONFIG_F_IPV4;
     }

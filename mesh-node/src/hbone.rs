@@ -32,11 +32,12 @@ use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
+    accel::PodStream,
     drain::Watch,
     enforce::{Admitted, Conn, Enforcer, forwarded_for},
     enroll::Enrollment,
     identity::Identities,
-    outbound::{ProxySource, connect_from},
+    outbound::ProxySource,
     tls,
 };
 
@@ -559,20 +560,18 @@ impl Inbound {
                 }
             }
         };
-        let upstream = match tokio::time::timeout(
-            self.connect_timeout,
-            connect_from(self.source.for_dst(target), target),
-        )
-        .await
-        {
-            Ok(Ok(s)) => s,
-            _ => {
-                self.stats.inbound_upstream_failed.fetch_add(1, Relaxed);
-                let _ = answer(StatusCode::SERVICE_UNAVAILABLE);
-                return;
-            }
-        };
-        let _ = upstream.set_nodelay(true);
+        let upstream =
+            match tokio::time::timeout(self.connect_timeout, self.source.connect_local(target))
+                .await
+            {
+                Ok(Ok(s)) => s,
+                _ => {
+                    self.stats.inbound_upstream_failed.fetch_add(1, Relaxed);
+                    let _ = answer(StatusCode::SERVICE_UNAVAILABLE);
+                    return;
+                }
+            };
+        let _ = upstream.get_ref().set_nodelay(true);
         let Ok(send) = answer(StatusCode::OK) else {
             return;
         };
@@ -722,9 +721,9 @@ impl Inbound {
 /// Copies between a TCP connection and a tunnel stream, both ways, until both are done (half
 /// closes are passed on). Bytes go straight between the socket and h2's buffers, within h2's flow
 /// control: no intermediate task or copy.
-pub async fn relay(tcp: TcpStream, tunnel: Tunnel) -> (u64, u64) {
+pub async fn relay(tcp: PodStream, tunnel: Tunnel) -> (u64, u64) {
     let Tunnel { mut send, mut recv } = tunnel;
-    let (rd, mut wr) = tcp.into_split();
+    let (mut rd, mut wr) = tcp.into_split();
     let up = async move {
         let mut total = 0u64;
         let mut size = READ_MIN;

@@ -2,10 +2,12 @@
 //!
 //! Data flows one way: kernel redirect (`ebpf`) -> accept (`outbound`) -> original destination and
 //! source pod (`orig_dst`, `enroll`) -> upstream.
+pub mod accel;
 pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod authz;
+pub mod btf;
 pub mod cni;
 pub mod config;
 pub mod drain;

@@ -12,7 +12,15 @@ use serde_json::Value;
 fn describe() {
     describe_counter!(
         "mesh_redirect_events_total",
-        "Kernel program events, by program (connect4, connect6, sock_ops, getpeername, ingress) and outcome"
+        "Kernel program events, by program (connect4, connect6, sock_ops, getpeername, ingress, sk_msg) and outcome"
+    );
+    describe_gauge!(
+        "mesh_socket_acceleration_enabled",
+        "1 when pods' bytes to this proxy may skip TCP/IP (socket acceleration is on and the kernel took it)"
+    );
+    describe_counter!(
+        "mesh_socket_acceleration_sockets_total",
+        "The proxy's ends of pod connections, by result: added to acceleration, or left on TCP"
     );
     describe_gauge!(
         "mesh_enrolled_pods",
@@ -198,6 +206,12 @@ fn record(s: &Value) {
         }
     }
     gauge!("mesh_enrolled_pods").set(n(&s["enrolled_pods"]) as f64);
+    let a = &s["accel"];
+    gauge!("mesh_socket_acceleration_enabled").set(if a["enabled"] == true { 1.0 } else { 0.0 });
+    counter!("mesh_socket_acceleration_sockets_total", "result" => "registered")
+        .absolute(n(&a["registered"]));
+    counter!("mesh_socket_acceleration_sockets_total", "result" => "failed")
+        .absolute(n(&a["register_failed"]));
     for e in s["inbound"].as_array().into_iter().flatten() {
         let pod = e["pod"].as_str().unwrap_or("").to_string();
         counter!("mesh_inbound_plaintext_connections_total", "pod" => pod.clone())
@@ -410,7 +424,8 @@ mod tests {
     #[test]
     fn renders_the_counters_snapshot() {
         let snapshot = json!({
-            "ebpf": {"connect4": {"seen": 7, "redirected": 5}},
+            "ebpf": {"connect4": {"seen": 7, "redirected": 5}, "sk_msg": {"accelerated": 40, "unread": 2}},
+            "accel": {"enabled": true, "registered": 6, "register_failed": 1},
             "enrolled_pods": 2,
             "inbound": [{"pod": "shop/web-1", "plaintext": 3, "denied": 1}],
             "proxy": {"accepted": 5, "relayed": 4, "delivered_local": 1, "tunneled": 1, "refused_no_endpoints": 2, "bytes_from_client": 100, "active": 1},
@@ -431,6 +446,15 @@ mod tests {
             "{text}"
         );
         assert_eq!(get("mesh_enrolled_pods"), Some(2.0));
+        assert_eq!(
+            get(r#"mesh_redirect_events_total{program="sk_msg",outcome="accelerated"}"#),
+            Some(40.0)
+        );
+        assert_eq!(get("mesh_socket_acceleration_enabled"), Some(1.0));
+        assert_eq!(
+            get(r#"mesh_socket_acceleration_sockets_total{result="failed"}"#),
+            Some(1.0)
+        );
         let series = r#"reporter="source",source_workload="client",source_namespace="shop",source_principal="",destination_service="shop/web",destination_workload="web-1",destination_namespace="shop",response_code="200",grpc_status="",response_flags="-",connection_security="mutual_tls""#;
         assert_eq!(
             get(&format!("mesh_requests_total{{{series}}}")),

@@ -24,6 +24,7 @@ use mesh_api::{
 };
 
 use crate::{
+    accel::{Accel, PodStream},
     access_log::{AccessLog, Entry as AccessEntry, Peer as AccessPeer},
     drain::Watch,
     enforce::{Conn, Enforcer},
@@ -134,12 +135,14 @@ pub struct L7Path {
     pub declared_wait: Duration,
 }
 
-/// The proxy's own addresses. Deliveries to local pods come from them, which is how the kernel's
-/// ingress program tells mesh traffic from plaintext that bypassed the mesh.
-#[derive(Clone, Copy, Debug, Default)]
+/// The proxy's side of its connections with local pods. Deliveries come from the proxy's own
+/// addresses, which is how the kernel's ingress program tells mesh traffic from plaintext that
+/// bypassed the mesh; and the proxy's end of each joins socket acceleration.
+#[derive(Clone, Debug, Default)]
 pub struct ProxySource {
     pub v4: Option<std::net::Ipv4Addr>,
     pub v6: Option<std::net::Ipv6Addr>,
+    pub accel: Accel,
 }
 
 impl ProxySource {
@@ -149,10 +152,16 @@ impl ProxySource {
             SocketAddr::V6(_) => self.v6.map(IpAddr::V6),
         }
     }
+
+    /// Connects to a pod of this node, from the proxy's address of `dst`'s family.
+    pub async fn connect_local(&self, dst: SocketAddr) -> io::Result<PodStream> {
+        let s = connect_from(self.for_dst(dst), dst).await?;
+        Ok(self.accel.register(s))
+    }
 }
 
 /// Connects to `dst`, from `from` when given.
-pub async fn connect_from(from: Option<IpAddr>, dst: SocketAddr) -> std::io::Result<TcpStream> {
+async fn connect_from(from: Option<IpAddr>, dst: SocketAddr) -> std::io::Result<TcpStream> {
     let Some(ip) = from else {
         return TcpStream::connect(dst).await;
     };
@@ -198,6 +207,8 @@ impl Outbound {
             warn!(%peer, "refused: connection was not redirected by the mesh (no original destination)");
             return reset(client);
         };
+        // A connection from a pod of this node: its bytes may skip TCP/IP from here on.
+        let client = self.source.accel.register(client);
         let Some(pod) = self.pods.resolve(pod, netns_cookie) else {
             self.stats.refused_unknown_pod.fetch_add(1, Relaxed);
             warn!(%peer, %orig_dst, %pod, "refused: the connecting pod is not enrolled any more");
@@ -277,7 +288,7 @@ impl Outbound {
         });
         match decision {
             Route::Direct => {
-                let r = self.relay(client, orig_dst, None).instrument(span).await;
+                let r = self.relay(client, orig_dst, false).instrument(span).await;
                 let (decision, bytes) = match r {
                     Ok(b) => ("allowed", b),
                     Err(why) => (why, (0, 0)),
@@ -318,8 +329,7 @@ impl Outbound {
                     }
                 };
                 self.stats.delivered_local.fetch_add(1, Relaxed);
-                let from = self.source.for_dst(orig_dst);
-                let relay = self.relay(client, orig_dst, from).instrument(span);
+                let relay = self.relay(client, orig_dst, true).instrument(span);
                 let (decision, bytes) = match hbone::until_revoked(relay, admitted).await {
                     Some(Ok(b)) => ("allowed", b),
                     Some(Err(why)) => (why, (0, 0)),
@@ -347,7 +357,7 @@ impl Outbound {
                     Ok(up) => {
                         self.stats.tunneled.fetch_add(1, Relaxed);
                         info!(parent: &span, via = %node, src.identity = %src, dst.identity = %dst, "tunneling");
-                        let _ = client.set_nodelay(true);
+                        let _ = client.get_ref().set_nodelay(true);
                         let (up, down) = hbone::relay(client, up).instrument(span).await;
                         self.stats.bytes_from_client.fetch_add(up, Relaxed);
                         self.stats.bytes_to_client.fetch_add(down, Relaxed);
@@ -424,11 +434,11 @@ impl Outbound {
     /// Serves the connection as HTTP if it is; gives it back when it is not (opaque TCP).
     async fn http(
         &self,
-        client: TcpStream,
+        client: PodStream,
         mut conn: l7::outbound::Conn,
         declared: Option<l7::Protocol>,
         tracked: &Tracked,
-    ) -> Option<TcpStream> {
+    ) -> Option<PodStream> {
         let l7 = self.l7.as_ref().expect("checked by l7_conn");
         // A declared HTTP port waits for the client's first bytes; an undeclared one only briefly,
         // so server-first protocols are not held up long.
@@ -437,7 +447,7 @@ impl Outbound {
         } else {
             l7.detect_timeout
         };
-        conn.detected = match l7::detect::detect(&client, wait).await {
+        conn.detected = match l7::detect::detect(client.get_ref(), wait).await {
             l7::detect::Detected::Opaque => {
                 self.stats.opaque.fetch_add(1, Relaxed);
                 return Some(client);
@@ -487,32 +497,38 @@ impl Outbound {
         Vip::Empty(target.service.clone())
     }
 
-    /// Relays to `dst`; the bytes each way, or why not.
+    /// Relays to `dst` (a pod of this node when `local`); the bytes each way, or why not.
     async fn relay(
         &self,
-        mut client: TcpStream,
+        mut client: PodStream,
         dst: SocketAddr,
-        from: Option<IpAddr>,
+        local: bool,
     ) -> Result<(u64, u64), &'static str> {
         let started = Instant::now();
-        let mut upstream =
-            match tokio::time::timeout(self.connect_timeout, connect_from(from, dst)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    self.stats.upstream_connect_failed.fetch_add(1, Relaxed);
-                    info!(error = %e, "upstream connect failed");
-                    reset(client);
-                    return Err("upstream connect failed");
-                }
-                Err(_) => {
-                    self.stats.upstream_connect_failed.fetch_add(1, Relaxed);
-                    info!(timeout = ?self.connect_timeout, "upstream connect timed out");
-                    reset(client);
-                    return Err("upstream connect timed out");
-                }
-            };
-        let _ = client.set_nodelay(true);
-        let _ = upstream.set_nodelay(true);
+        let connect = async {
+            if local {
+                self.source.connect_local(dst).await
+            } else {
+                TcpStream::connect(dst).await.map(PodStream::plain)
+            }
+        };
+        let mut upstream = match tokio::time::timeout(self.connect_timeout, connect).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                self.stats.upstream_connect_failed.fetch_add(1, Relaxed);
+                info!(error = %e, "upstream connect failed");
+                reset(client);
+                return Err("upstream connect failed");
+            }
+            Err(_) => {
+                self.stats.upstream_connect_failed.fetch_add(1, Relaxed);
+                info!(timeout = ?self.connect_timeout, "upstream connect timed out");
+                reset(client);
+                return Err("upstream connect timed out");
+            }
+        };
+        let _ = client.get_ref().set_nodelay(true);
+        let _ = upstream.get_ref().set_nodelay(true);
         self.stats.relayed.fetch_add(1, Relaxed);
         self.stats.active.fetch_add(1, Relaxed);
         info!("relaying");
@@ -589,7 +605,8 @@ impl Outbound {
 }
 
 /// Closes with RST so the client fails at once rather than seeing a clean, empty stream.
-fn reset(stream: TcpStream) {
-    let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+fn reset(stream: impl Into<PodStream>) {
+    let stream = stream.into();
+    let _ = SockRef::from(stream.get_ref()).set_linger(Some(Duration::ZERO));
     drop(stream);
 }

@@ -50,21 +50,25 @@ pub fn mount_bpffs(path: &Path) -> io::Result<()> {
 /// The network-namespace cookie of a socket's namespace (`SO_NETNS_COOKIE`, Linux 5.14+): the same
 /// value `bpf_get_netns_cookie` returns in the kernel programs.
 fn socket_netns_cookie(sock: &impl AsRawFd) -> io::Result<u64> {
-    let mut cookie: u64 = 0;
+    sockopt_u64(sock, libc::SO_NETNS_COOKIE)
+}
+
+fn sockopt_u64(sock: &impl AsRawFd, option: libc::c_int) -> io::Result<u64> {
+    let mut value: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     let rc = unsafe {
         libc::getsockopt(
             sock.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
+            option,
+            (&mut value as *mut u64).cast(),
             &mut len,
         )
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(cookie)
+    Ok(value)
 }
 
 /// Cookie of the network namespace this process runs in.
@@ -132,6 +136,108 @@ pub fn async_logger(
         tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
     }
     .map_err(|e| e.into_parts().1)
+}
+
+/// The values of a BPF array map created with `BPF_F_MMAPABLE`, mapped into this process and
+/// shared with the kernel programs that read them.
+///
+/// Sound because: the mapping lives until `Drop`, `T` has the map's value layout (callers assert
+/// its size and alignment) and is built from atomics only, so shared access from both sides is
+/// data-race free; the length is checked against what was mapped.
+pub struct MappedArray<T> {
+    ptr: std::ptr::NonNull<T>,
+    len: usize,
+    bytes: usize,
+}
+
+// SAFETY: see the type's comment; `T` is made of atomics.
+unsafe impl<T: Sync> Send for MappedArray<T> {}
+unsafe impl<T: Sync> Sync for MappedArray<T> {}
+
+impl<T: Sync> MappedArray<T> {
+    /// Maps the first `len` values of the array behind `fd`.
+    pub fn new(fd: std::os::fd::BorrowedFd<'_>, len: usize) -> io::Result<Self> {
+        use std::os::fd::AsRawFd as _;
+        let page = 4096;
+        let bytes = (len * std::mem::size_of::<T>()).div_ceil(page) * page;
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(ptr.cast::<T>())
+            .ok_or_else(|| io::Error::other("mmap returned null"))?;
+        Ok(Self { ptr, len, bytes })
+    }
+
+    pub fn get(&self, i: usize) -> Option<&T> {
+        (i < self.len).then(|| unsafe { &*self.ptr.as_ptr().add(i) })
+    }
+}
+
+impl<T> Drop for MappedArray<T> {
+    fn drop(&mut self) {
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
+    }
+}
+
+/// A file mapped read-only: large files read once (the kernel's BTF) stay out of the heap, and
+/// their pages go back to the page cache on `Drop`.
+///
+/// Sound because: the mapping is private and read-only, lives until `Drop`, and the slice never
+/// outlives `self`. A file truncated while mapped would fault on access; the files mapped here
+/// (sysfs BTF) never change while the system runs.
+pub struct MappedFile {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: see the type's comment; the mapping is read-only.
+unsafe impl Send for MappedFile {}
+unsafe impl Sync for MappedFile {}
+
+impl MappedFile {
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let file = File::open(path)?;
+        let len = file.metadata()?.len() as usize;
+        if len == 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "empty file"));
+        }
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(ptr.cast::<u8>())
+            .ok_or_else(|| io::Error::other("mmap returned null"))?;
+        Ok(Self { ptr, len })
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for MappedFile {
+    fn drop(&mut self) {
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
 }
 
 #[cfg(test)]

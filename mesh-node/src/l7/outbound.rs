@@ -11,7 +11,7 @@ use http::{HeaderValue, Request, Response, header};
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_api::{gateway::HTTPRouteFilter, identity::SpiffeId};
-use tokio::{net::TcpStream, sync::watch};
+use tokio::sync::watch;
 use tracing::{debug, info};
 
 use super::{
@@ -30,6 +30,7 @@ use super::{
     upstream::{self, TunnelTarget},
 };
 use crate::{
+    accel::PodStream,
     access_log::{self, AccessLog},
     hbone::Tunnels,
     node_config::NodeConfig,
@@ -105,7 +106,7 @@ fn chance(percent: f64) -> bool {
 
 impl L7Outbound {
     /// Serves the app's connection until it closes.
-    pub async fn serve(self: Arc<Self>, client: TcpStream, conn: Arc<Conn>) {
+    pub async fn serve(self: Arc<Self>, client: PodStream, conn: Arc<Conn>) {
         // Circuit breaking on connections: the Service's `maxConnections` counts app connections
         // to it through this node.
         let _slot = match &conn.target {
@@ -119,14 +120,15 @@ impl L7Outbound {
                             .connections_over_limit
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         info!(service = %svc.name, "connection refused: circuit breaker maxConnections");
-                        let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+                        let _ = socket2::SockRef::from(client.get_ref())
+                            .set_linger(Some(Duration::ZERO));
                         return;
                     }
                 }
             }
             Target::Pod(..) => None,
         };
-        let _ = client.set_nodelay(true);
+        let _ = client.get_ref().set_nodelay(true);
         let io = TokioIo::new(client);
         let idle = match &conn.target {
             Target::Service(svc, _) => svc.policy.idle_timeout,

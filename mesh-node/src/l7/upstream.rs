@@ -27,10 +27,7 @@ use super::{
     respond::ProxyError,
     upgrade,
 };
-use crate::{
-    hbone::Tunnels,
-    outbound::{ProxySource, connect_from},
-};
+use crate::{accel::PodStream, hbone::Tunnels, outbound::ProxySource};
 
 /// HTTP/1.1 connections kept idle per pod.
 const MAX_IDLE_H1: usize = 64;
@@ -142,18 +139,12 @@ impl PodClient {
         })
     }
 
-    async fn connect(
-        &self,
-        addr: SocketAddr,
-    ) -> Result<TokioIo<tokio::net::TcpStream>, ProxyError> {
-        let tcp = tokio::time::timeout(
-            self.connect_timeout,
-            connect_from(self.source.for_dst(addr), addr),
-        )
-        .await
-        .map_err(|_| ProxyError::Connect(format!("{addr}: timed out")))?
-        .map_err(|e| ProxyError::Connect(format!("{addr}: {e}")))?;
-        let _ = tcp.set_nodelay(true);
+    async fn connect(&self, addr: SocketAddr) -> Result<TokioIo<PodStream>, ProxyError> {
+        let tcp = tokio::time::timeout(self.connect_timeout, self.source.connect_local(addr))
+            .await
+            .map_err(|_| ProxyError::Connect(format!("{addr}: timed out")))?
+            .map_err(|e| ProxyError::Connect(format!("{addr}: {e}")))?;
+        let _ = tcp.get_ref().set_nodelay(true);
         Ok(TokioIo::new(tcp))
     }
 
