@@ -5,7 +5,7 @@ pub mod cluster;
 pub mod ctrl;
 pub mod ctrl_bench;
 pub mod http;
-mod sys;
+pub mod sys;
 
 pub use cluster::{
     Cluster, ClusterBuilder, Node, Pair, Pod, PodProcess, cleanup_stale, connect_in, find_bin,

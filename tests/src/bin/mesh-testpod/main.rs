@@ -15,6 +15,8 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
+mod stream;
+
 mod pb {
     tonic::include_proto!("testpod.v1");
 }
@@ -158,6 +160,45 @@ enum Cmd {
         #[arg(long, default_value_t = 1 << 30)]
         bytes: u64,
     },
+    /// Receive a pattern stream on each connection (after waiting --read-after-ms), check it byte
+    /// for byte, and answer with the report when the sender is done.
+    PatternSink {
+        #[arg(long, required = true)]
+        listen: Vec<SocketAddr>,
+        #[arg(long, default_value_t = 0)]
+        read_after_ms: u64,
+    },
+    /// Send a pattern stream to a pattern-sink: --bytes in --bursts bursts --gap-ms apart (the
+    /// first right after connecting), in writes of --chunk; report what was written, when a
+    /// write first waited longer than --stall-ms, and the sink's check.
+    PatternSend {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1 << 20)]
+        bytes: u64,
+        #[arg(long, default_value_t = 16 * 1024)]
+        chunk: usize,
+        #[arg(long, default_value_t = 1)]
+        bursts: u64,
+        #[arg(long, default_value_t = 50)]
+        gap_ms: u64,
+        #[arg(long, default_value_t = 300)]
+        stall_ms: u64,
+    },
+    /// Send a pattern stream of --bytes on each connection, then close it.
+    PatternSource {
+        #[arg(long, required = true)]
+        listen: Vec<SocketAddr>,
+        #[arg(long, default_value_t = 1 << 20)]
+        bytes: u64,
+    },
+    /// Read a pattern stream to its end (with splice(2) given --splice) and check it.
+    PatternRecv {
+        #[arg(long)]
+        from: SocketAddr,
+        #[arg(long)]
+        splice: bool,
+    },
 }
 
 #[tokio::main]
@@ -192,6 +233,36 @@ async fn main() -> anyhow::Result<()> {
             pace,
         } => rr(to, Duration::from_millis(duration_ms), conns, size, pace).await,
         Cmd::Bulk { to, bytes } => bulk(to, bytes).await,
+        Cmd::PatternSink {
+            listen,
+            read_after_ms,
+        } => {
+            let wait = Duration::from_millis(read_after_ms);
+            accept_all(listen, move |s, _| stream::sink_conn(s, wait)).await
+        }
+        Cmd::PatternSend {
+            to,
+            bytes,
+            chunk,
+            bursts,
+            gap_ms,
+            stall_ms,
+        } => {
+            let plan = stream::Plan {
+                bytes,
+                chunk,
+                bursts,
+                gap: Duration::from_millis(gap_ms),
+                stall: Duration::from_millis(stall_ms),
+            };
+            stream::send(to, plan).await
+        }
+        Cmd::PatternSource { listen, bytes } => {
+            accept_all(listen, move |s, _| stream::source_conn(s, bytes)).await
+        }
+        Cmd::PatternRecv { from, splice } => {
+            stream::recv(from, splice, *CONNECT_TIMEOUT.get().expect("set at start")).await
+        }
         Cmd::Ws { to, path, send } => ws(to, path, send).await,
         Cmd::Otlp { listen } => otlp::serve(listen).await,
         Cmd::Grpc { listen, name } => grpc_serve(listen, name).await,
