@@ -881,3 +881,20 @@ async fn websocket_upgrades_and_idle_connections() {
         assert_eq!(r["connections"], 1, "kept while in use ({h2:?}): {r}");
     }
 }
+
+#[tokio::test]
+async fn pod_connections_are_reused_across_requests_and_streams() {
+    let shop = shop([None, None, None]).await;
+    // 1,000 requests, one at a time on each of 2 app connections: each crosses the tunnel as
+    // its own HTTP/2 stream, and the destination's proxy must send them all over the same few
+    // pooled HTTP/1.1 connections to the pod (one per request in flight), not open one each.
+    let r = shop.get_at("10.96.0.22:80", "/", 1000, 2, &[]).await;
+    assert_eq!(n(&r, &["statuses", "200"]), 1000, "{r}");
+    let c = shop.cluster.nodes[1].counters().await.unwrap();
+    let opened = n(&c, &["accel", "registered"]) + n(&c, &["accel", "register_failed"]);
+    assert!(
+        (1..=4).contains(&opened),
+        "{opened} connections to the pod for 1,000 requests: {}",
+        c["accel"]
+    );
+}
