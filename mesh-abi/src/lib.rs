@@ -52,12 +52,16 @@ pub mod maps {
 pub const READ_SLOT_COUNT: u32 = 16_384;
 
 /// Load-time constants (aya `Global`s, set with `override_global`): where the `struct tcp_sock`
-/// field the programs read sits on this kernel, found in its BTF (what CO-RE does for C
-/// programs). A read-only global is a known constant to the verifier, so the read has a fixed
-/// offset it can check.
+/// fields the programs read sit on this kernel, and the value of an enumerator, found in its BTF
+/// (what CO-RE does for C programs). A read-only global is a known constant to the verifier, so
+/// each read has a fixed offset it can check.
 pub mod globals {
-    /// `write_seq`: end of what the socket has queued to TCP.
+    /// Offset of `write_seq`: end of what the socket has queued to TCP.
     pub const WRITE_SEQ: &str = "MESH_OFF_WRITE_SEQ";
+    /// Offset of `sk_flags` (an `unsigned long` of `SOCK_*` bits).
+    pub const SK_FLAGS: &str = "MESH_OFF_SK_FLAGS";
+    /// `SOCK_ZEROCOPY`: the `sk_flags` bit `SO_ZEROCOPY` sets.
+    pub const ZEROCOPY_BIT: &str = "MESH_SOCK_ZEROCOPY";
 }
 
 /// Names of the programs in the object.
@@ -312,10 +316,15 @@ pub enum Outcome {
     /// sk_msg: the proxy has as much unread from this socket as it allows: TCP, whose flow
     /// control makes the pod wait.
     PeerFull = 17,
+    /// sock_ops: the socket has `SO_ZEROCOPY` on: it stays out of the socket map (whose kernel
+    /// path numbers zerocopy completions per chunk, not per send). sk_msg: it was turned on
+    /// later: TCP, which at least sends the completions the app waits for before it reuses its
+    /// buffers (handed-over bytes would never get one).
+    ZeroCopy = 18,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 18] = [
+    pub const ALL: [Outcome; 19] = [
         Outcome::Seen,
         Outcome::Redirected,
         Outcome::SkipNotTcp,
@@ -334,6 +343,7 @@ impl Outcome {
         Outcome::NoPeer,
         Outcome::Unread,
         Outcome::PeerFull,
+        Outcome::ZeroCopy,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -356,6 +366,7 @@ impl Outcome {
             Outcome::NoPeer => "no_peer",
             Outcome::Unread => "unread",
             Outcome::PeerFull => "peer_full",
+            Outcome::ZeroCopy => "zerocopy",
         }
     }
 }

@@ -253,26 +253,55 @@ pub fn v4_mapped(a: &[u8; 16]) -> Option<[u8; 4]> {
     }
 }
 
-/// Where `struct tcp_sock`'s `write_seq` sits on this kernel, set by the loader from the
-/// kernel's BTF (`mesh_abi::globals::WRITE_SEQ`). A read-only global is a constant to the
-/// verifier, so the read below has a fixed offset it checks against the BTF type.
+/// This kernel's layout, set by the loader from its BTF (names in `mesh_abi::globals`): where
+/// `struct tcp_sock`'s `write_seq` and `sk_flags` are, and `SOCK_ZEROCOPY`. Read-only globals are
+/// constants to the verifier, so each read below has a fixed offset it checks against the BTF
+/// type.
 #[unsafe(no_mangle)]
 static MESH_OFF_WRITE_SEQ: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static MESH_OFF_SK_FLAGS: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static MESH_SOCK_ZEROCOPY: Global<u32> = Global::new(0);
 
-/// `write_seq` of the socket an sk_msg program runs for: the end of what it has queued to TCP.
+/// What an sk_msg program needs of its own socket.
+pub struct Sender {
+    /// End of what it has queued to TCP.
+    pub write_seq: u32,
+    /// `SO_ZEROCOPY` is on.
+    pub zerocopy: bool,
+}
+
+/// The socket an sk_msg program runs for.
 #[inline(always)]
-pub fn msg_write_seq(msg: &SkMsgContext) -> Option<u32> {
+pub fn msg_sender(msg: &SkMsgContext) -> Option<Sender> {
     let sk = unsafe { read_volatile(addr_of!((*msg.msg).__bindgen_anon_3.sk)) };
-    write_seq(sk as *mut c_void)
+    sender(sk as *mut c_void)
+}
+
+/// The socket of a sock_ops callback (a full socket at establishment).
+#[inline(always)]
+pub fn ops_sender(ops: &SockOpsContext) -> Option<Sender> {
+    let sk = unsafe { read_volatile(addr_of!((*ops.ops).__bindgen_anon_2.sk)) };
+    if sk.is_null() {
+        return None;
+    }
+    sender(sk as *mut c_void)
 }
 
 #[inline(always)]
-fn write_seq(sk: *mut c_void) -> Option<u32> {
+fn sender(sk: *mut c_void) -> Option<Sender> {
     let tp = unsafe { bpf_skc_to_tcp_sock(sk) } as *const u8;
     if tp.is_null() {
         return None;
     }
-    Some(unsafe { read_volatile(tp.add(MESH_OFF_WRITE_SEQ.load() as usize) as *const u32) })
+    let write_seq =
+        unsafe { read_volatile(tp.add(MESH_OFF_WRITE_SEQ.load() as usize) as *const u32) };
+    let flags = unsafe { read_volatile(tp.add(MESH_OFF_SK_FLAGS.load() as usize) as *const u64) };
+    Some(Sender {
+        write_seq,
+        zerocopy: flags >> (MESH_SOCK_ZEROCOPY.load() & 63) & 1 != 0,
+    })
 }
 
 #[inline(always)]

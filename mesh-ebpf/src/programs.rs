@@ -218,6 +218,20 @@ fn accelerate(ops: &SockOpsContext, cfg: &Config) {
         count(Program::SockOps, Outcome::AccelFailed);
         return;
     }
+    // A socket in a socket map numbers zerocopy completions per internal chunk, not per send
+    // of the app's: an app using MSG_ZEROCOPY must stay off it altogether. (A client sets
+    // SO_ZEROCOPY before connecting; an accepted socket has its listener's.)
+    match crate::ctx::ops_sender(ops) {
+        Some(s) if !s.zerocopy => {}
+        Some(_) => {
+            count(Program::SockOps, Outcome::ZeroCopy);
+            return;
+        }
+        None => {
+            count(Program::SockOps, Outcome::AccelFailed);
+            return;
+        }
+    }
     let mut key = crate::ctx::ops_sock_key(ops);
     let state = SendState {
         total: 0,
@@ -273,7 +287,9 @@ fn accepted(ops: &SockOpsContext) {
 ///   before TCP's;
 /// - the proxy has as much unread from this socket as it allows: TCP's flow control then makes
 ///   the pod wait for the proxy, as it would without us (handed-over bytes have no limit of
-///   their own: a pod could otherwise fill the kernel's memory).
+///   their own: a pod could otherwise fill the kernel's memory);
+/// - the socket has `SO_ZEROCOPY` on: the app waits for a completion notification for each
+///   zerocopy send, and handed-over bytes never get one.
 ///
 /// Positions are bytes of the pod's stream: what the pod sent (TCP bytes measured by the growth
 /// of its `write_seq`, handed-over ones counted here) against what the proxy has read (from its
@@ -294,16 +310,22 @@ fn judge(msg: &SkMsgContext) -> Outcome {
     let Some(st) = crate::ctx::send_state(&SENDERS, &own) else {
         return Outcome::NoPeer;
     };
-    let Some(write_seq) = crate::ctx::msg_write_seq(msg) else {
+    let Some(me) = crate::ctx::msg_sender(msg) else {
         return Outcome::NoPeer;
     };
     // The socket is locked while this runs, so write_seq is stable; what it grew by since the
     // last send judged went through TCP.
-    let tcp = write_seq.wrapping_sub(st.last_seq);
-    st.last_seq = write_seq;
+    let tcp = me.write_seq.wrapping_sub(st.last_seq);
+    st.last_seq = me.write_seq;
     if tcp != 0 {
         st.total += tcp as u64;
         st.tcp_end = st.total;
+    }
+    // SO_ZEROCOPY turned on after the socket joined: the app waits for a completion for every
+    // zerocopy send before it reuses the buffer, and only TCP sends them (numbered per chunk
+    // here, not per send: see the README).
+    if me.zerocopy {
+        return Outcome::ZeroCopy;
     }
     let peer = own.peer();
     let Some(slot) = (unsafe { READERS.get(&peer) }).copied() else {

@@ -26,6 +26,8 @@ pub enum BtfError {
     Bitfield(String),
     #[error("{0} is not a struct or union, so it has no members")]
     NotComposite(String),
+    #[error("BTF has no enum with a value {0}")]
+    NoEnumValue(String),
 }
 
 /// Where a field sits in its outermost struct.
@@ -157,6 +159,34 @@ impl Btf {
             offset,
             size: self.size_of(ty),
         })
+    }
+
+    /// The value of enumerator `name` (`SOCK_ZEROCOPY` of `enum sock_flags`, say), in whichever
+    /// enum of the kernel declares it.
+    pub fn enum_value(&self, name: &str) -> Result<i64, BtfError> {
+        for id in 1..=self.types.len() as u32 {
+            let (_, info, _) = self.header(id);
+            let (k, n) = (kind(info), vlen(info) as usize);
+            let base = self.types[id as usize - 1] as usize + 12;
+            let stride = match k {
+                KIND_ENUM => 8,
+                KIND_ENUM64 => 12,
+                _ => continue,
+            };
+            for i in 0..n {
+                let e = base + i * stride;
+                if self.name(self.u32(e)) != Some(name) {
+                    continue;
+                }
+                let lo = self.u32(e + 4);
+                return Ok(if k == KIND_ENUM {
+                    i64::from(lo as i32)
+                } else {
+                    (u64::from(self.u32(e + 8)) << 32 | u64::from(lo)) as i64
+                });
+            }
+        }
+        Err(BtfError::NoEnumValue(name.to_string()))
     }
 
     fn find_struct(&self, name: &str) -> Option<u32> {
@@ -319,6 +349,14 @@ mod tests {
             let n = self.s(name);
             self.words(&[n, KIND_INT << 24, size, size * 8]);
         }
+        fn enumeration(&mut self, name: &str, values: &[(&str, i32)]) {
+            let n = self.s(name);
+            self.words(&[n, (KIND_ENUM << 24) | values.len() as u32, 4]);
+            for (v, x) in values {
+                let vn = self.s(v);
+                self.words(&[vn, *x as u32]);
+            }
+        }
         fn typedef(&mut self, name: &str, target: u32) {
             let n = self.s(name);
             self.words(&[n, KIND_TYPEDEF << 24, target]);
@@ -421,6 +459,23 @@ mod tests {
     }
 
     #[test]
+    fn enumerators_by_name() {
+        let mut b = Builder::new();
+        b.int("u32", 4);
+        b.enumeration(
+            "sock_flags",
+            &[("SOCK_DEAD", 0), ("SOCK_ZEROCOPY", 18), ("NEG", -1)],
+        );
+        let btf = Btf::parse(b.build()).unwrap();
+        assert_eq!(btf.enum_value("SOCK_ZEROCOPY").unwrap(), 18);
+        assert_eq!(btf.enum_value("NEG").unwrap(), -1);
+        assert!(matches!(
+            btf.enum_value("SOCK_NOPE"),
+            Err(BtfError::NoEnumValue(_))
+        ));
+    }
+
+    #[test]
     fn missing_names_say_where_they_were_looked_for() {
         let btf = sample();
         let e = btf.field("tcp_sock", &["sk", "sk_sndbuf"]).unwrap_err();
@@ -463,8 +518,17 @@ mod tests {
             .find_struct("tcp_sock")
             .map(|id| btf.size_of(id))
             .unwrap();
-        let offsets = crate::accel::tcp_sock_offsets(&btf).unwrap();
-        assert!(offsets.iter().all(|(_, off)| off + 4 <= size));
+        let constants = crate::accel::kernel_constants(&btf).unwrap();
+        for (global, value) in &constants {
+            if *global == mesh_abi::globals::ZEROCOPY_BIT {
+                assert!(*value < 64, "{global} = {value}");
+            } else {
+                assert!(
+                    value + 8 <= size,
+                    "{global} = {value} in a {size}-byte struct"
+                );
+            }
+        }
         // Nested and anonymous members resolve on a real kernel too.
         let rcvbuf = btf
             .field("tcp_sock", &["inet_conn", "icsk_inet", "sk", "sk_rcvbuf"])

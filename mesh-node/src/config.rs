@@ -116,9 +116,11 @@ pub struct RunArgs {
     /// Level of the kernel programs' own logs (forwarded to this process's log).
     #[arg(long, env = "MESH_EBPF_LOG_LEVEL", value_enum, default_value_t = EbpfLogLevel::Warn)]
     pub ebpf_log_level: EbpfLogLevel,
-    /// Bytes between pods and this proxy skip TCP/IP (a socket map and an sk_msg program); the
-    /// stream and TCP's flow control are kept. Left off, with a warning, on kernels that cannot.
-    #[arg(long, env = "MESH_SOCKET_ACCELERATION", value_enum, default_value_t = Switch::On)]
+    /// Bytes pods send to this proxy skip TCP/IP (a socket map and an sk_msg program), in order
+    /// and held back by TCP's flow control when the proxy falls behind. Off by default: on this
+    /// kernel generation only that direction can be made safe, which saves a few percent of CPU
+    /// (see the README); left off, with a warning, on kernels that cannot do it.
+    #[arg(long, env = "MESH_SOCKET_ACCELERATION", value_enum, default_value_t = Switch::Off)]
     pub socket_acceleration: Switch,
     /// How long open connections may finish after SIGTERM before they are cut.
     #[arg(long, env = "MESH_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]

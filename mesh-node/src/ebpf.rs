@@ -184,7 +184,7 @@ impl Redirector {
         }
         let offsets = if spec.accelerate {
             match Btf::from_file(Path::new(VMLINUX_BTF))
-                .and_then(|btf| crate::accel::tcp_sock_offsets(&btf))
+                .and_then(|btf| crate::accel::kernel_constants(&btf))
             {
                 Ok(o) => Some(o),
                 Err(e) => {

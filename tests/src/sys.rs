@@ -5,7 +5,10 @@
 //! async-signal-safe calls are allowed; they make exactly two raw syscalls (`setns`, `write`) on
 //! file descriptors opened before the fork and owned by the closure, and allocate nothing.
 //! `setns` on a plain thread changes only that short-lived thread. `splice_read` owns the pipe
-//! it creates (closed on return) and passes the kernel only descriptors and a length.
+//! it creates (closed on return) and passes the kernel only descriptors and a length. The
+//! zerocopy calls pass a borrowed buffer for the call's duration (the kernel pins its pages, and
+//! the test keeps the buffer alive and unchanged until every completion is in), and read the
+//! error queue into a local control buffer whose headers are walked with libc's CMSG macros.
 use std::{
     fs::{File, OpenOptions},
     io,
@@ -105,4 +108,76 @@ pub fn splice_read(sock: &std::net::TcpStream, mut each: impl FnMut(&[u8])) -> i
             total += got as u64;
         }
     }
+}
+
+/// Turns `SO_ZEROCOPY` on: `MSG_ZEROCOPY` sends then take effect.
+pub fn enable_zerocopy(sock: &impl AsRawFd) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ZEROCOPY,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sends `buf` with `MSG_ZEROCOPY`: the kernel then owes the app a completion notification on
+/// the socket's error queue before the buffer may be reused.
+pub fn send_zerocopy(sock: &std::net::TcpStream, buf: &[u8]) -> io::Result<usize> {
+    let n = unsafe {
+        libc::send(
+            sock.as_raw_fd(),
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_ZEROCOPY,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// `linux/errqueue.h` (not in the libc crate).
+const SO_EE_ORIGIN_ZEROCOPY: u8 = 5;
+
+/// Reads one notification from the socket's error queue without waiting: for a zerocopy
+/// completion, the range of send calls it completes (`ee_info..=ee_data`). `Ok(None)` when the
+/// queue is empty or holds something else.
+pub fn zerocopy_completion(sock: &std::net::TcpStream) -> io::Result<Option<(u32, u32)>> {
+    let mut control = [0u64; 16];
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    let n = unsafe {
+        libc::recvmsg(
+            sock.as_raw_fd(),
+            &mut msg,
+            libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return match e.kind() {
+            io::ErrorKind::WouldBlock => Ok(None),
+            _ => Err(e),
+        };
+    }
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    while !cmsg.is_null() {
+        let err = unsafe { libc::CMSG_DATA(cmsg) } as *const libc::sock_extended_err;
+        let err = unsafe { std::ptr::read_unaligned(err) };
+        if err.ee_origin == SO_EE_ORIGIN_ZEROCOPY {
+            return Ok(Some((err.ee_info, err.ee_data)));
+        }
+        cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
+    }
+    Ok(None)
 }

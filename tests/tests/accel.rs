@@ -1,12 +1,15 @@
-//! Socket acceleration, end to end on the real kernel: what pods send to their node proxy skips
-//! TCP/IP, arrives whole and in order across the switches between TCP and the shortcut, waits
-//! for a slow reader instead of piling up in the kernel, and is never handed to pods (which may
-//! read with `splice`). Needs root.
+//! Socket acceleration (`--socket-acceleration on`), end to end on the real kernel: what pods
+//! send to their node proxy skips TCP/IP, arrives whole and in order across the switches between
+//! TCP and the shortcut, waits for a slow reader instead of piling up in the kernel, is never
+//! handed to pods (which may read with `splice`), and leaves zerocopy senders their completion
+//! notifications. Off by default. Needs root.
 use mesh_tests::{Cluster, ClusterBuilder, Pod, n};
 use serde_json::Value;
 
 const PORT: u16 = 8090;
 const MIB: u64 = 1 << 20;
+
+const ON: &[&str] = &["--socket-acceleration", "on"];
 
 /// Two nodes with mTLS between them; on node 0 the client and a same-node server, on node 1 a
 /// server; all enrolled.
@@ -54,7 +57,7 @@ async fn send(client: &Pod, to: std::net::SocketAddr, args: &[&str]) -> Value {
 
 #[tokio::test]
 async fn pod_sends_skip_tcp_and_arrive_in_order_to_the_same_and_another_node() {
-    let (cluster, client, local, remote) = mesh(&[]).await;
+    let (cluster, client, local, remote) = mesh(ON).await;
     let _sinks = [
         local.server(&["pattern-sink"], PORT).await.unwrap(),
         remote.server(&["pattern-sink"], PORT).await.unwrap(),
@@ -103,7 +106,7 @@ async fn pod_sends_skip_tcp_and_arrive_in_order_to_the_same_and_another_node() {
 
 #[tokio::test]
 async fn a_pod_writing_faster_than_the_proxy_reads_waits_instead_of_filling_the_kernel() {
-    let (cluster, client, local, remote) = mesh(&[]).await;
+    let (cluster, client, local, remote) = mesh(ON).await;
     // Sinks that read nothing for two seconds: the proxy cannot pass the bytes on, so it stops
     // reading from the client. Handed-over bytes have no limit of their own in the kernel; the
     // program's must hold the client back, as TCP's flow control would.
@@ -156,7 +159,7 @@ async fn a_pod_writing_faster_than_the_proxy_reads_waits_instead_of_filling_the_
 
 #[tokio::test]
 async fn bytes_to_pods_stay_on_tcp_so_readers_using_splice_get_all_of_them() {
-    let (cluster, client, local, remote) = mesh(&[]).await;
+    let (cluster, client, local, remote) = mesh(ON).await;
     let _sources = [
         local
             .server(&["pattern-source", "--bytes", &(8 * MIB).to_string()], PORT)
@@ -187,8 +190,35 @@ async fn bytes_to_pods_stay_on_tcp_so_readers_using_splice_get_all_of_them() {
 }
 
 #[tokio::test]
-async fn with_acceleration_off_every_byte_goes_through_tcp() {
-    let (cluster, client, _local, remote) = mesh(&["--socket-acceleration", "off"]).await;
+async fn pods_sending_with_msg_zerocopy_stay_on_tcp_and_get_their_completions() {
+    let (cluster, client, _local, remote) = mesh(ON).await;
+    let _sink = remote.server(&["serve", "--sink"], PORT).await.unwrap();
+    let to = remote.addr(false, PORT).to_string();
+    let ops = |c: &Value| n(&c["ebpf"]["sock_ops"], &["zerocopy"]);
+    // SO_ZEROCOPY before connecting, as apps do: the socket never joins the socket map, whose
+    // kernel path numbers completions per chunk (2 for one 64 KiB send here), not per send.
+    let before = cluster.nodes[0].counters().await.unwrap();
+    let r = client
+        .testpod(&["zerocopy-send", "--to", &to, "--count", "50"])
+        .await
+        .unwrap();
+    assert_eq!(n(&r, &["completed"]), 50, "{r}");
+    let after = cluster.nodes[0].counters().await.unwrap();
+    assert_eq!(ops(&after) - ops(&before), 1, "{}", after["ebpf"]);
+    // Turned on after connecting: every send goes through TCP, so completions arrive (handed-over
+    // bytes would never get one, and the app would wait for its buffers forever), numbered per
+    // chunk (documented).
+    let r = client
+        .testpod(&["zerocopy-send", "--to", &to, "--count", "50", "--late"])
+        .await
+        .unwrap();
+    assert!(n(&r, &["completed"]) >= 50, "{r}");
+    assert!(n(&sk_msg(&cluster, 0).await, &["zerocopy"]) >= 50);
+}
+
+#[tokio::test]
+async fn by_default_every_byte_goes_through_tcp() {
+    let (cluster, client, _local, remote) = mesh(&[]).await;
     let _sink = remote.server(&["pattern-sink"], PORT).await.unwrap();
     send(
         &client,

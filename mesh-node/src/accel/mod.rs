@@ -50,17 +50,38 @@ use crate::{
 /// itself keeps in flight on a fast local link.
 pub const HANDOVER_LIMIT: u32 = 1 << 20;
 
-/// `struct tcp_sock`'s `write_seq`, the one kernel field the programs read, as the loader finds
-/// it in the kernel's BTF: the global that carries its offset.
-pub fn tcp_sock_offsets(btf: &Btf) -> Result<Vec<(&'static str, u32)>, BtfError> {
-    let field = btf.field("tcp_sock", &["write_seq"])?;
-    if field.size != 4 {
-        return Err(BtfError::NoMember {
-            ty: "tcp_sock".into(),
-            member: format!("write_seq of 4 bytes (it has {})", field.size),
-        });
-    }
-    Ok(vec![(globals::WRITE_SEQ, field.offset)])
+/// What the sk_msg program needs to know about this kernel, from its BTF: where `struct
+/// tcp_sock`'s `write_seq` and `sk_flags` (`__sk_common.skc_flags`) are, and which `sk_flags` bit says `SO_ZEROCOPY`.
+/// Each value goes to the load-time global named beside it.
+pub fn kernel_constants(btf: &Btf) -> Result<Vec<(&'static str, u32)>, BtfError> {
+    let sized = |path: &[&str], size: u32| {
+        let field = btf.field("tcp_sock", path)?;
+        if field.size != size {
+            return Err(BtfError::NoMember {
+                ty: "tcp_sock".into(),
+                member: format!("{} of {size} bytes (it has {})", path.join("."), field.size),
+            });
+        }
+        Ok(field.offset)
+    };
+    let zerocopy = btf.enum_value("SOCK_ZEROCOPY")?;
+    let bit = u32::try_from(zerocopy)
+        .ok()
+        .filter(|b| *b < 64)
+        .ok_or_else(|| {
+            BtfError::NoEnumValue(format!("SOCK_ZEROCOPY below 64 (it is {zerocopy})"))
+        })?;
+    Ok(vec![
+        (globals::WRITE_SEQ, sized(&["write_seq"], 4)?),
+        (
+            globals::SK_FLAGS,
+            sized(
+                &["inet_conn", "icsk_inet", "sk", "__sk_common", "skc_flags"],
+                8,
+            )?,
+        ),
+        (globals::ZEROCOPY_BIT, bit),
+    ])
 }
 
 /// Counted on the proxy's side; the kernel counts the pods' ends (`sock_ops`) and every send

@@ -5,6 +5,8 @@
 //! - `direct`: the client pod is not enrolled; no proxy.
 //! - `redirect`: the client pod is enrolled, no identities: eBPF redirect + node proxy, plain TCP.
 //! - `mesh_l4`: client and server enrolled with identities: two node proxies, HBONE over mTLS.
+//! - `mesh_l4_accel`: `mesh_l4` with `--socket-acceleration on` (what pods send to their proxy
+//!   skips TCP/IP).
 //! - `mesh_l7`: the HTTP path: a Service by cluster IP, an HTTPRoute and an AuthorizationPolicy
 //!   evaluated per request; HTTP figures only (`rps`, `p50_us`, `p99_us`, CPU and memory).
 //! - `haproxy_mtls`: what an operator might run instead: haproxy on each node, mTLS between them.
@@ -384,10 +386,17 @@ async fn haproxy_pair(
 }
 
 fn report(results: &BTreeMap<&'static str, Figures>) {
-    let names: Vec<&str> = ["direct", "redirect", "mesh_l4", "mesh_l7", "haproxy_mtls"]
-        .into_iter()
-        .filter(|n| results.contains_key(n))
-        .collect();
+    let names: Vec<&str> = [
+        "direct",
+        "redirect",
+        "mesh_l4",
+        "mesh_l4_accel",
+        "mesh_l7",
+        "haproxy_mtls",
+    ]
+    .into_iter()
+    .filter(|n| results.contains_key(n))
+    .collect();
     println!(
         "\n{:<22} {}",
         "figure",
@@ -474,6 +483,14 @@ async fn main() -> anyhow::Result<()> {
         println!("medians of {} rounds", args.rounds);
     }
     report(&results);
+    if let (Some(a), Some(l4)) = (results.get("mesh_l4_accel"), results.get("mesh_l4")) {
+        println!(
+            "\nmesh_l4_accel vs mesh_l4: rps {:.2}x, CPU/req {:.2}x, paced p99 {:.2}x",
+            a["rps"] / l4["rps"],
+            a["proxy_cpu_us_per_req"] / l4["proxy_cpu_us_per_req"],
+            a["paced_p99_us"] / l4["paced_p99_us"]
+        );
+    }
     if let (Some(l7), Some(l4)) = (results.get("mesh_l7"), results.get("mesh_l4")) {
         println!(
             "\nmesh_l7 vs mesh_l4: rps {:.2}x (target >= 0.80), CPU/req {:.2}x",
@@ -594,6 +611,28 @@ async fn round(
                 measure(&outsider, targets, secs, &pids).await?,
             );
         }
+    }
+    if want("mesh_l4_accel") {
+        let cluster = ClusterBuilder::new()
+            .nodes(2)
+            .pods_per_node(1)
+            .with_controller()
+            .node_args(&["--socket-acceleration", "on"])
+            .start()
+            .await?;
+        let (client, server) = (cluster.pod(0, 0).clone(), cluster.pod(1, 0).clone());
+        let _servers = servers(&server).await?;
+        cluster.enroll(&client).await?;
+        cluster.enroll(&server).await?;
+        eprintln!("==> mesh_l4_accel: mesh_l4 with socket acceleration on");
+        let pids = [
+            cluster.nodes[0].pid().context("node 0")?,
+            cluster.nodes[1].pid().context("node 1")?,
+        ];
+        results.insert(
+            "mesh_l4_accel",
+            measure(&client, Targets::pod(&server), secs, &pids).await?,
+        );
     }
     if want("mesh_l7") {
         eprintln!(

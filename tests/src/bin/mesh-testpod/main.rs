@@ -192,6 +192,18 @@ enum Cmd {
         #[arg(long, default_value_t = 1 << 20)]
         bytes: u64,
     },
+    /// Send --count writes of --size bytes with MSG_ZEROCOPY and count the kernel's completion
+    /// notifications (SO_ZEROCOPY set before connecting; after, with --late).
+    ZerocopySend {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 50)]
+        count: u32,
+        #[arg(long, default_value_t = 65536)]
+        size: usize,
+        #[arg(long)]
+        late: bool,
+    },
     /// Read a pattern stream to its end (with splice(2) given --splice) and check it.
     PatternRecv {
         #[arg(long)]
@@ -260,6 +272,12 @@ async fn main() -> anyhow::Result<()> {
         Cmd::PatternSource { listen, bytes } => {
             accept_all(listen, move |s, _| stream::source_conn(s, bytes)).await
         }
+        Cmd::ZerocopySend {
+            to,
+            count,
+            size,
+            late,
+        } => stream::zerocopy(to, count, size, late).await,
         Cmd::PatternRecv { from, splice } => {
             stream::recv(from, splice, *CONNECT_TIMEOUT.get().expect("set at start")).await
         }

@@ -160,3 +160,42 @@ pub async fn recv(from: SocketAddr, splice: bool, connect_timeout: Duration) -> 
     println!("{report}");
     Ok(())
 }
+
+/// Sends `count` writes of `size` bytes with `MSG_ZEROCOPY` to a sink, then waits up to three
+/// seconds for the kernel's completion notifications (an app owes its buffers to the kernel until
+/// they arrive). `SO_ZEROCOPY` goes on before connecting, as client apps do, or after with `late`.
+pub async fn zerocopy(to: SocketAddr, count: u32, size: usize, late: bool) -> anyhow::Result<()> {
+    let report = tokio::task::spawn_blocking(move || -> anyhow::Result<Value> {
+        let sock = socket2::Socket::new(
+            socket2::Domain::for_address(to),
+            socket2::Type::STREAM,
+            None,
+        )?;
+        if !late {
+            mesh_tests::sys::enable_zerocopy(&sock)?;
+        }
+        sock.connect(&to.into()).context("connect")?;
+        let s: std::net::TcpStream = sock.into();
+        if late {
+            mesh_tests::sys::enable_zerocopy(&s)?;
+        }
+        // Kept alive and unchanged until the completions are in.
+        let buf = vec![0x5au8; size];
+        let mut sent = 0usize;
+        for _ in 0..count {
+            sent += mesh_tests::sys::send_zerocopy(&s, &buf)?;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let (mut completed, deadline) = (0u32, Instant::now() + Duration::from_secs(3));
+        while completed < count && Instant::now() < deadline {
+            match mesh_tests::sys::zerocopy_completion(&s)? {
+                Some((_, last)) => completed = completed.max(last + 1),
+                None => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        Ok(json!({"calls": count, "bytes": sent, "completed": completed}))
+    })
+    .await??;
+    println!("{report}");
+    Ok(())
+}
