@@ -39,10 +39,17 @@ pub fn user_ip4(sa: &SockAddrContext) -> [u8; 4] {
 
 #[inline(always)]
 pub fn user_ip6(sa: &SockAddrContext) -> [u8; 16] {
+    ip6(|i| unsafe { read_volatile(addr_of!((*sa.sock_addr).user_ip6[i])) })
+}
+
+/// An IPv6 address from its four 32-bit context words (each in network order in memory). Each
+/// word is its own 4-byte read: the verifier checks context accesses one by one.
+#[inline(always)]
+fn ip6(word: impl Fn(usize) -> u32) -> [u8; 16] {
     let mut out = [0u8; 16];
     let mut i = 0;
     while i < 4 {
-        let w = unsafe { read_volatile(addr_of!((*sa.sock_addr).user_ip6[i])) }.to_ne_bytes();
+        let w = word(i).to_ne_bytes();
         out[i * 4] = w[0];
         out[i * 4 + 1] = w[1];
         out[i * 4 + 2] = w[2];
@@ -105,17 +112,7 @@ pub fn ops_local_ip4(ops: &SockOpsContext) -> [u8; 4] {
 
 #[inline(always)]
 pub fn ops_local_ip6(ops: &SockOpsContext) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    let mut i = 0;
-    while i < 4 {
-        let w = unsafe { read_volatile(addr_of!((*ops.ops).local_ip6[i])) }.to_ne_bytes();
-        out[i * 4] = w[0];
-        out[i * 4 + 1] = w[1];
-        out[i * 4 + 2] = w[2];
-        out[i * 4 + 3] = w[3];
-        i += 1;
-    }
-    out
+    ip6(|i| unsafe { read_volatile(addr_of!((*ops.ops).local_ip6[i])) })
 }
 
 #[inline(always)]
@@ -130,17 +127,7 @@ pub fn ops_remote_ip4(ops: &SockOpsContext) -> [u8; 4] {
 
 #[inline(always)]
 pub fn ops_remote_ip6(ops: &SockOpsContext) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    let mut i = 0;
-    while i < 4 {
-        let w = unsafe { read_volatile(addr_of!((*ops.ops).remote_ip6[i])) }.to_ne_bytes();
-        out[i * 4] = w[0];
-        out[i * 4 + 1] = w[1];
-        out[i * 4 + 2] = w[2];
-        out[i * 4 + 3] = w[3];
-        i += 1;
-    }
-    out
+    ip6(|i| unsafe { read_volatile(addr_of!((*ops.ops).remote_ip6[i])) })
 }
 
 #[inline(always)]
@@ -198,21 +185,10 @@ pub fn msg_sock_key(msg: &SkMsgContext) -> SockKey {
                 widen(unsafe { read_volatile(addr_of!((*m).remote_ip4)) }.to_ne_bytes()),
             )
         } else {
-            let mut l = [0u8; 16];
-            let mut r = [0u8; 16];
-            let mut i = 0;
-            while i < 4 {
-                let lw = unsafe { read_volatile(addr_of!((*m).local_ip6[i])) }.to_ne_bytes();
-                let rw = unsafe { read_volatile(addr_of!((*m).remote_ip6[i])) }.to_ne_bytes();
-                let mut j = 0;
-                while j < 4 {
-                    l[i * 4 + j] = lw[j];
-                    r[i * 4 + j] = rw[j];
-                    j += 1;
-                }
-                i += 1;
-            }
-            normalize(l, r)
+            normalize(
+                ip6(|i| unsafe { read_volatile(addr_of!((*m).local_ip6[i])) }),
+                ip6(|i| unsafe { read_volatile(addr_of!((*m).remote_ip6[i])) }),
+            )
         };
     SockKey {
         local_addr: local,

@@ -138,6 +138,20 @@ pub fn async_logger(
     .map_err(|e| e.into_parts().1)
 }
 
+/// Maps `len` bytes of `fd` from its start.
+fn map(
+    len: usize,
+    prot: libc::c_int,
+    flags: libc::c_int,
+    fd: std::os::fd::RawFd,
+) -> io::Result<std::ptr::NonNull<libc::c_void>> {
+    let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, fd, 0) };
+    if ptr == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    std::ptr::NonNull::new(ptr).ok_or_else(|| io::Error::other("mmap returned null"))
+}
+
 /// The values of a BPF array map created with `BPF_F_MMAPABLE`, mapped into this process and
 /// shared with the kernel programs that read them.
 ///
@@ -160,21 +174,8 @@ impl<T: Sync> MappedArray<T> {
         use std::os::fd::AsRawFd as _;
         let page = 4096;
         let bytes = (len * std::mem::size_of::<T>()).div_ceil(page) * page;
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let ptr = std::ptr::NonNull::new(ptr.cast::<T>())
-            .ok_or_else(|| io::Error::other("mmap returned null"))?;
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        let ptr = map(bytes, prot, libc::MAP_SHARED, fd.as_raw_fd())?.cast::<T>();
         Ok(Self { ptr, len, bytes })
     }
 
@@ -211,21 +212,7 @@ impl MappedFile {
         if len == 0 {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "empty file"));
         }
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let ptr = std::ptr::NonNull::new(ptr.cast::<u8>())
-            .ok_or_else(|| io::Error::other("mmap returned null"))?;
+        let ptr = map(len, libc::PROT_READ, libc::MAP_PRIVATE, file.as_raw_fd())?.cast::<u8>();
         Ok(Self { ptr, len })
     }
 

@@ -3,7 +3,7 @@
 //! TCP and the shortcut, waits for a slow reader instead of piling up in the kernel, is never
 //! handed to pods (which may read with `splice`), and leaves zerocopy senders their completion
 //! notifications. Off by default. Needs root.
-use mesh_tests::{Cluster, ClusterBuilder, Pod, n};
+use mesh_tests::{Cluster, ClusterBuilder, Pod, PodProcess, n};
 use serde_json::Value;
 
 const PORT: u16 = 8090;
@@ -55,41 +55,54 @@ async fn send(client: &Pod, to: std::net::SocketAddr, args: &[&str]) -> Value {
     r
 }
 
+/// The same server on both server pods.
+async fn on_both(local: &Pod, remote: &Pod, mode: &[&str]) -> [PodProcess; 2] {
+    [
+        local.server(mode, PORT).await.unwrap(),
+        remote.server(mode, PORT).await.unwrap(),
+    ]
+}
+
 #[tokio::test]
 async fn pod_sends_skip_tcp_and_arrive_in_order_to_the_same_and_another_node() {
     let (cluster, client, local, remote) = mesh(ON).await;
-    let _sinks = [
-        local.server(&["pattern-sink"], PORT).await.unwrap(),
-        remote.server(&["pattern-sink"], PORT).await.unwrap(),
-    ];
+    // Sinks that wait a second before reading: the proxy cannot pass the first bytes on, stops
+    // reading, and the pod's sends fall back to TCP; in the pauses between later bursts the
+    // proxy catches up and they take the shortcut again. Every byte is checked at the sink.
+    let _sinks = on_both(
+        &local,
+        &remote,
+        &["pattern-sink", "--read-after-ms", "1000"],
+    )
+    .await;
     for (dst, v6) in [(&local, false), (&remote, false), (&remote, true)] {
         let before = sk_msg(&cluster, 0).await;
-        // Bursts longer than what the proxy may hold unread: within each, sends switch from the
-        // shortcut to TCP; after each pause, once the proxy has read everything, back again.
         let r = send(
             &client,
             dst.addr(v6, PORT),
             &[
                 "--bytes",
-                &(24 * MIB).to_string(),
+                &(32 * MIB).to_string(),
                 "--bursts",
-                "8",
+                "16",
                 "--gap-ms",
                 "100",
             ],
         )
         .await;
         let after = sk_msg(&cluster, 0).await;
-        let (handed, tcp) = (
-            delta(&after, &before, "accelerated"),
-            delta(&after, &before, "unread") + delta(&after, &before, "peer_full"),
-        );
+        let handed = delta(&after, &before, "accelerated");
+        let tcp: u64 = ["unread", "peer_full", "no_peer"]
+            .iter()
+            .map(|o| delta(&after, &before, o))
+            .sum();
         assert!(
             handed > 0,
             "no send took the shortcut to {}: {after}",
             dst.name
         );
         assert!(tcp > 0, "no send went through TCP to {}: {after}", dst.name);
+        assert!(delta(&after, &before, "peer_full") > 0, "{after}");
         eprintln!(
             "to {} (v6 {v6}): {handed} sends handed over, {tcp} through TCP: {r}",
             dst.name
@@ -110,16 +123,12 @@ async fn a_pod_writing_faster_than_the_proxy_reads_waits_instead_of_filling_the_
     // Sinks that read nothing for two seconds: the proxy cannot pass the bytes on, so it stops
     // reading from the client. Handed-over bytes have no limit of their own in the kernel; the
     // program's must hold the client back, as TCP's flow control would.
-    let _sinks = [
-        local
-            .server(&["pattern-sink", "--read-after-ms", "2000"], PORT)
-            .await
-            .unwrap(),
-        remote
-            .server(&["pattern-sink", "--read-after-ms", "2000"], PORT)
-            .await
-            .unwrap(),
-    ];
+    let _sinks = on_both(
+        &local,
+        &remote,
+        &["pattern-sink", "--read-after-ms", "2000"],
+    )
+    .await;
     for dst in [&local, &remote] {
         let before = sk_msg(&cluster, 0).await;
         let r = send(
@@ -160,16 +169,8 @@ async fn a_pod_writing_faster_than_the_proxy_reads_waits_instead_of_filling_the_
 #[tokio::test]
 async fn bytes_to_pods_stay_on_tcp_so_readers_using_splice_get_all_of_them() {
     let (cluster, client, local, remote) = mesh(ON).await;
-    let _sources = [
-        local
-            .server(&["pattern-source", "--bytes", &(8 * MIB).to_string()], PORT)
-            .await
-            .unwrap(),
-        remote
-            .server(&["pattern-source", "--bytes", &(8 * MIB).to_string()], PORT)
-            .await
-            .unwrap(),
-    ];
+    let bytes = (8 * MIB).to_string();
+    let _sources = on_both(&local, &remote, &["pattern-source", "--bytes", &bytes]).await;
     // The client reads what the proxy writes to it; the local server reads what the proxy
     // delivers (its requests are small here). On this kernel generation a splice reader would
     // see nothing handed over to it: the proxy must never hand bytes to a pod.

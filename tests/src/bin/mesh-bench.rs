@@ -232,16 +232,13 @@ async fn measure(client: &Pod, t: Targets, secs: u64, procs: &[u32]) -> anyhow::
 /// The L7 path: the client calls a Service by cluster IP; an HTTPRoute picks the backend and an
 /// AuthorizationPolicy is evaluated per request on the server's node.
 async fn mesh_l7(secs: u64) -> anyhow::Result<Figures> {
-    let cluster = ClusterBuilder::new()
-        .nodes(2)
-        .pods_per_node(1)
-        .config_stream()
-        .start()
-        .await?;
-    let (client, server) = (cluster.pod(0, 0).clone(), cluster.pod(1, 0).clone());
-    let _servers = servers(&server).await?;
-    cluster.enroll(&client).await?;
-    cluster.enroll(&server).await?;
+    let (cluster, client, server, _servers) = enrolled_pair(
+        ClusterBuilder::new()
+            .nodes(2)
+            .pods_per_node(1)
+            .config_stream(),
+    )
+    .await?;
     cluster
         .label_pods(&[&server], json!({"app": "web"}))
         .await?;
@@ -279,10 +276,7 @@ spec:
             )),
         )
         .await?;
-    let pids = [
-        cluster.nodes[0].pid().context("node 0")?,
-        cluster.nodes[1].pid().context("node 1")?,
-    ];
+    let pids = proxy_pids(&cluster)?;
     let mut f = Figures::new();
     let vip: SocketAddr = "10.96.0.80:80".parse()?;
     measure_http(&client, vip, secs, &pids, &mut f).await?;
@@ -293,6 +287,26 @@ spec:
         "the L7 path did not carry the requests: {c}"
     );
     Ok(f)
+}
+
+/// A cluster from `builder` with the client on node 0 and the servers on node 1, both enrolled.
+async fn enrolled_pair(
+    builder: ClusterBuilder,
+) -> anyhow::Result<(Cluster, Pod, Pod, Vec<PodProcess>)> {
+    let cluster = builder.start().await?;
+    let (client, server) = (cluster.pod(0, 0).clone(), cluster.pod(1, 0).clone());
+    let processes = servers(&server).await?;
+    cluster.enroll(&client).await?;
+    cluster.enroll(&server).await?;
+    Ok((cluster, client, server, processes))
+}
+
+/// The two node proxies' process ids (their CPU and memory are the scenario's).
+fn proxy_pids(cluster: &Cluster) -> anyhow::Result<[u32; 2]> {
+    Ok([
+        cluster.nodes[0].pid().context("node 0")?,
+        cluster.nodes[1].pid().context("node 1")?,
+    ])
 }
 
 async fn servers(p: &Pod) -> anyhow::Result<Vec<PodProcess>> {
@@ -593,10 +607,7 @@ async fn round(
         cluster.enroll(&server).await?;
         if want("mesh_l4") {
             eprintln!("==> mesh_l4: both pods enrolled; two node proxies, HBONE over mTLS");
-            let pids = [
-                cluster.nodes[0].pid().context("node 0")?,
-                cluster.nodes[1].pid().context("node 1")?,
-            ];
+            let pids = proxy_pids(&cluster)?;
             results.insert(
                 "mesh_l4",
                 measure(&client, Targets::pod(&server), secs, &pids).await?,
@@ -613,22 +624,14 @@ async fn round(
         }
     }
     if want("mesh_l4_accel") {
-        let cluster = ClusterBuilder::new()
+        let builder = ClusterBuilder::new()
             .nodes(2)
             .pods_per_node(1)
             .with_controller()
-            .node_args(&["--socket-acceleration", "on"])
-            .start()
-            .await?;
-        let (client, server) = (cluster.pod(0, 0).clone(), cluster.pod(1, 0).clone());
-        let _servers = servers(&server).await?;
-        cluster.enroll(&client).await?;
-        cluster.enroll(&server).await?;
+            .node_args(&["--socket-acceleration", "on"]);
+        let (cluster, client, server, _servers) = enrolled_pair(builder).await?;
         eprintln!("==> mesh_l4_accel: mesh_l4 with socket acceleration on");
-        let pids = [
-            cluster.nodes[0].pid().context("node 0")?,
-            cluster.nodes[1].pid().context("node 1")?,
-        ];
+        let pids = proxy_pids(&cluster)?;
         results.insert(
             "mesh_l4_accel",
             measure(&client, Targets::pod(&server), secs, &pids).await?,
