@@ -225,6 +225,11 @@ impl Admin {
         }
         if let Some(l7) = &self.l7 {
             body["l7"] = json!(&l7.counters);
+            body["l7"]["pod_connections"] = l7
+                .pods
+                .opened
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .into();
             body["requests"] = json!(
                 l7.stats
                     .snapshot()

@@ -136,6 +136,10 @@ fn describe() {
         "Request retries sent by this node (within the retry budget)"
     );
     describe_counter!(
+        "mesh_http_pod_connections_total",
+        "Connections this node's proxy opened to its pods for HTTP requests (pooled: far fewer than requests)"
+    );
+    describe_counter!(
         "mesh_http_connections_over_limit_total",
         "App connections to a Service refused by its circuit breaker's maxConnections"
     );
@@ -357,6 +361,7 @@ fn requests(s: &Value) {
         counter!("mesh_http_requests_denied_total").absolute(n(&l7["denied"]));
         counter!("mesh_http_requests_rate_limited_total").absolute(n(&l7["rate_limited"]));
         counter!("mesh_http_retries_total").absolute(n(&l7["retries"]));
+        counter!("mesh_http_pod_connections_total").absolute(n(&l7["pod_connections"]));
         counter!("mesh_http_connections_over_limit_total")
             .absolute(n(&l7["connections_over_limit"]));
     }

@@ -891,10 +891,10 @@ async fn pod_connections_are_reused_across_requests_and_streams() {
     let r = shop.get_at("10.96.0.22:80", "/", 1000, 2, &[]).await;
     assert_eq!(n(&r, &["statuses", "200"]), 1000, "{r}");
     let c = shop.cluster.nodes[1].counters().await.unwrap();
-    let opened = n(&c, &["accel", "registered"]) + n(&c, &["accel", "register_failed"]);
+    let opened = n(&c, &["l7", "pod_connections"]);
     assert!(
         (1..=4).contains(&opened),
         "{opened} connections to the pod for 1,000 requests: {}",
-        c["accel"]
+        c["l7"]
     );
 }

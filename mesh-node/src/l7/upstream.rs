@@ -125,6 +125,8 @@ fn addr_value(addr: SocketAddr) -> HeaderValue {
 pub struct PodClient {
     pub source: ProxySource,
     pub connect_timeout: Duration,
+    /// Connections opened to pods (HTTP/1.1 and HTTP/2): with pooling, far fewer than requests.
+    pub opened: std::sync::atomic::AtomicU64,
     h1: Mutex<HashMap<SocketAddr, Vec<http1::SendRequest<Body>>>>,
     h2: Mutex<HashMap<SocketAddr, http2::SendRequest<Body>>>,
 }
@@ -134,6 +136,7 @@ impl PodClient {
         Arc::new(Self {
             source,
             connect_timeout,
+            opened: Default::default(),
             h1: Mutex::default(),
             h2: Mutex::default(),
         })
@@ -144,6 +147,8 @@ impl PodClient {
             .await
             .map_err(|_| ProxyError::Connect(format!("{addr}: timed out")))?
             .map_err(|e| ProxyError::Connect(format!("{addr}: {e}")))?;
+        self.opened
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let _ = tcp.get_ref().set_nodelay(true);
         Ok(TokioIo::new(tcp))
     }
