@@ -83,7 +83,7 @@ pub const CONFIG_F_IPV4: u32 = 1;
 /// `Config::flags`: redirect IPv6 connections (a proxy IPv6 address is set).
 pub const CONFIG_F_IPV6: u32 = 2;
 /// `Config::flags`: socket acceleration is on: sock_ops adds pods' ends of connections with the
-/// node proxy to [`maps::SOCKS`], where the sk_msg program hands their bytes to the peer socket.
+/// node proxy to [`maps::SOCKS_TX`], whose sk_msg program hands their sends to the proxy's socket.
 pub const CONFIG_F_ACCEL: u32 = 4;
 
 /// Where enrolled pods' connections go. Written once by mesh-node at start.
@@ -176,7 +176,8 @@ impl ConnKey {
     }
 }
 
-/// One end of a TCP connection as the socket itself sees it: [`maps::SOCKS`]'s key. The peer's
+/// One end of a TCP connection as the socket itself sees it: the key of [`maps::SOCKS_TX`],
+/// [`maps::SOCKS_RX`], [`maps::READERS`] and [`maps::SENDERS`]. The peer's
 /// key is the same with local and remote swapped. IPv4 (also IPv4-mapped IPv6) uses the first
 /// four bytes of each address and `AF_INET`.
 #[repr(C)]
@@ -235,7 +236,7 @@ pub struct SendState {
     pub _reserved: u32,
 }
 
-/// Which program a counter belongs to./// Which program a counter belongs to.
+/// Which program a counter belongs to.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Program {

@@ -5,7 +5,11 @@
 //!   and remember the original destination and the pod under the socket's cookie;
 //! - `sock_ops` moves that record, once the client port is known, to a map keyed by the client's
 //!   address and port: exactly the peer address the proxy sees on `accept`;
-//! - `getpeername4`/`getpeername6` show the client its original peer.
+//! - `getpeername4`/`getpeername6` show the client its original peer;
+//! - `ingress` (cgroup_skb) judges new inbound connections to pods (STRICT / PERMISSIVE);
+//! - with socket acceleration on, `sock_ops` also adds pods' ends of their connections with the
+//!   proxy to a socket map, whose `sk_msg` program hands their sends straight to the proxy's
+//!   socket when that keeps the stream in order and bounded.
 //!
 //! Enrollment is a map keyed by the network-namespace cookie, so one attachment serves every pod of
 //! the node, and a pod's identity comes from the socket that connected, not from its IP.

@@ -214,7 +214,7 @@ impl Redirector {
                     true
                 }
                 Err(e) => {
-                    warn!(error = %format_chain(&e), "socket acceleration off: the kernel refused the sk_msg program");
+                    warn!(error = %mesh_api::placement::error_chain(&e), "socket acceleration off: the kernel refused the sk_msg program");
                     false
                 }
             },
@@ -480,18 +480,6 @@ fn accel_maps(ebpf: &mut Ebpf) -> Result<Accel, EbpfError> {
         read_slots,
     })
     .map_err(EbpfError::MapFd)
-}
-
-/// An error with its sources, for a one-line log (the verifier's reason is in a source).
-fn format_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(s) = next {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        next = s.source();
-    }
-    out
 }
 
 fn write_config(ebpf: &mut Ebpf, spec: &RedirectSpec, accel: bool) -> Result<(), EbpfError> {

@@ -207,8 +207,6 @@ impl Outbound {
             warn!(%peer, "refused: connection was not redirected by the mesh (no original destination)");
             return reset(client);
         };
-        // A connection from a pod of this node: its bytes may skip TCP/IP from here on.
-        let client = self.source.accel.register(client);
         let Some(pod) = self.pods.resolve(pod, netns_cookie) else {
             self.stats.refused_unknown_pod.fetch_add(1, Relaxed);
             warn!(%peer, %orig_dst, %pod, "refused: the connecting pod is not enrolled any more");
@@ -226,6 +224,9 @@ impl Outbound {
             warn!(%peer, %orig_dst, "refused: no configuration from the controller yet");
             return reset(client);
         }
+        // A connection this proxy serves, from a pod of this node: its bytes may skip TCP/IP
+        // from here on (before the first read, which detection below may be).
+        let client = self.source.accel.register(client);
         let placement = self.mesh.as_ref().map(|m| m.placement.current());
         let requested = orig_dst;
         let tracked = self.live.track({

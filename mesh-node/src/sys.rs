@@ -50,25 +50,21 @@ pub fn mount_bpffs(path: &Path) -> io::Result<()> {
 /// The network-namespace cookie of a socket's namespace (`SO_NETNS_COOKIE`, Linux 5.14+): the same
 /// value `bpf_get_netns_cookie` returns in the kernel programs.
 fn socket_netns_cookie(sock: &impl AsRawFd) -> io::Result<u64> {
-    sockopt_u64(sock, libc::SO_NETNS_COOKIE)
-}
-
-fn sockopt_u64(sock: &impl AsRawFd, option: libc::c_int) -> io::Result<u64> {
-    let mut value: u64 = 0;
+    let mut cookie: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     let rc = unsafe {
         libc::getsockopt(
             sock.as_raw_fd(),
             libc::SOL_SOCKET,
-            option,
-            (&mut value as *mut u64).cast(),
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
             &mut len,
         )
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(value)
+    Ok(cookie)
 }
 
 /// Cookie of the network namespace this process runs in.
@@ -172,8 +168,8 @@ impl<T: Sync> MappedArray<T> {
     /// Maps the first `len` values of the array behind `fd`.
     pub fn new(fd: std::os::fd::BorrowedFd<'_>, len: usize) -> io::Result<Self> {
         use std::os::fd::AsRawFd as _;
-        let page = 4096;
-        let bytes = (len * std::mem::size_of::<T>()).div_ceil(page) * page;
+        // The kernel rounds the mapping to whole pages (of whatever size this machine has).
+        let bytes = len * std::mem::size_of::<T>();
         let prot = libc::PROT_READ | libc::PROT_WRITE;
         let ptr = map(bytes, prot, libc::MAP_SHARED, fd.as_raw_fd())?.cast::<T>();
         Ok(Self { ptr, len, bytes })
