@@ -106,6 +106,13 @@ pub async fn send_body(mut body: Body, send: &mut h2::SendStream<Bytes>) -> Resu
                 continue;
             }
         };
+        // A body that knows it is complete (a declared length read to the end) ends the stream
+        // with its last data frame: no empty frame after it for both proxies to handle.
+        let last = body.is_end_stream();
+        if last && data.is_empty() {
+            send.send_data(data, true)?;
+            return Ok(());
+        }
         while !data.is_empty() {
             send.reserve_capacity(data.len());
             let mut cap = send.capacity();
@@ -116,7 +123,10 @@ pub async fn send_body(mut body: Body, send: &mut h2::SendStream<Bytes>) -> Resu
                 };
             }
             let part = data.split_to(cap.min(data.len()));
-            send.send_data(part, false)?;
+            send.send_data(part, last && data.is_empty())?;
+        }
+        if last {
+            return Ok(());
         }
     }
 }
@@ -239,5 +249,133 @@ mod tests {
             replay.body().is_some(),
             "an empty body is whole from the start"
         );
+    }
+
+    /// What a stream carried, as (frame type, flags) per frame on stream 1, read from the bytes
+    /// one side wrote (HTTP/2 frame headers: 24-bit length, type, flags, stream id).
+    fn frames_on_stream_1(mut wire: &[u8]) -> Vec<(u8, u8)> {
+        let mut frames = Vec::new();
+        while wire.len() >= 9 {
+            let len = u32::from_be_bytes([0, wire[0], wire[1], wire[2]]) as usize;
+            let stream = u32::from_be_bytes([wire[5], wire[6], wire[7], wire[8]]) & 0x7fff_ffff;
+            if stream == 1 {
+                frames.push((wire[3], wire[4]));
+            }
+            wire = &wire[(9 + len).min(wire.len())..];
+        }
+        frames
+    }
+
+    /// The server's half of an in-memory connection, with everything it writes kept.
+    struct Tee {
+        io: tokio::io::DuplexStream,
+        seen: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl tokio::io::AsyncRead for Tee {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_read(cx, buf)
+        }
+    }
+
+    impl tokio::io::AsyncWrite for Tee {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, buf))?;
+            self.seen.lock().unwrap().extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    /// Sends `body` as a response with [`send_body`]; returns the body the client read and the
+    /// server's frames on the stream.
+    async fn respond_with(body: Body) -> (Bytes, Vec<(u8, u8)>) {
+        let (client_io, server_io) = tokio::io::duplex(1 << 16);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let tee = Tee {
+            io: server_io,
+            seen: seen.clone(),
+        };
+        let server = tokio::spawn(async move {
+            let mut conn = h2::server::handshake(tee).await.unwrap();
+            let (_req, mut respond) = conn.accept().await.unwrap().unwrap();
+            let mut send = respond
+                .send_response(http::Response::new(()), false)
+                .unwrap();
+            let sent = send_body(body, &mut send);
+            // The connection makes progress only while it is polled.
+            tokio::select! {
+                r = sent => r.unwrap(),
+                _ = conn.accept() => panic!("the connection ended first"),
+            }
+            while conn.accept().await.is_some() {}
+        });
+        let (mut client, conn) = h2::client::handshake(client_io).await.unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::get("http://pod/").body(()).unwrap();
+        let (resp, _) = client.send_request(req, true).unwrap();
+        let got = RecvBody::new(resp.await.unwrap().into_body())
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
+        drop(client);
+        server.await.unwrap();
+        let wire = seen.lock().unwrap().clone();
+        (got, frames_on_stream_1(&wire))
+    }
+
+    #[tokio::test]
+    async fn a_body_that_knows_its_end_ends_the_stream_with_its_last_data_frame() {
+        const DATA: u8 = 0;
+        const HEADERS: u8 = 1;
+        const END_STREAM: u8 = 1;
+        let data_frames = |frames: &[(u8, u8)]| -> Vec<u8> {
+            frames
+                .iter()
+                .filter(|(t, _)| *t == DATA)
+                .map(|(_, f)| f & END_STREAM)
+                .collect()
+        };
+        // (body, data frames' END_STREAM flags): one frame that ends the stream when the body
+        // knows it is done after its data; an empty closing frame only when it cannot know.
+        let (got, frames) = respond_with(full("hello")).await;
+        assert_eq!(got, "hello");
+        assert_eq!(frames.first().map(|f| f.0), Some(HEADERS));
+        assert_eq!(data_frames(&frames), [END_STREAM], "{frames:?}");
+
+        let (got, frames) = respond_with(empty()).await;
+        assert_eq!(got, "");
+        assert_eq!(data_frames(&frames), [END_STREAM], "{frames:?}");
+
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+        tx.send(Ok(Frame::data(Bytes::from_static(b"chunk"))))
+            .await
+            .unwrap();
+        drop(tx);
+        let streaming = boxed(http_body_util::StreamBody::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ));
+        let (got, frames) = respond_with(streaming).await;
+        assert_eq!(got, "chunk");
+        assert_eq!(data_frames(&frames), [0, END_STREAM], "{frames:?}");
     }
 }
