@@ -77,36 +77,48 @@ pub struct Verdict {
 /// Decisions by policy and action, for `mesh_authz_policy_decisions_total`: bounded by the
 /// number of policies in the configuration.
 #[derive(Debug, Default)]
-pub struct DecisionCounts(std::sync::Mutex<BTreeMap<DecisionKey, u64>>);
+pub struct DecisionCounts(std::sync::Mutex<BTreeMap<(&'static str, &'static str), PolicyCounts>>);
 
-/// (policy, action, layer).
-type DecisionKey = (Arc<str>, &'static str, &'static str);
+/// Counts by policy name for one (action, layer): looked up by `&str`, so counting a request
+/// allocates nothing once its policy has been seen.
+type PolicyCounts = BTreeMap<Arc<str>, u64>;
 
 impl DecisionCounts {
     /// Counts `v` for `layer` (`tcp` connections or `http` requests): the deciding policy (or
     /// `none` when no ALLOW policy applies, `default` when ALLOW policies apply and none allows),
     /// and each AUDIT rule that matched.
     pub fn record(&self, layer: &'static str, v: &Verdict) {
-        let none: Arc<str> = Arc::from("none");
         let (policy, action) = match &v.decision {
-            Decision::Allow(Some(r)) => (r.policy.clone(), "allow"),
-            Decision::Allow(None) => (none, "allow"),
-            Decision::Denied(r) => (r.policy.clone(), "deny"),
-            Decision::NotAllowed { .. } => (Arc::from("default"), "deny"),
+            Decision::Allow(Some(r)) => (&*r.policy, "allow"),
+            Decision::Allow(None) => ("none", "allow"),
+            Decision::Denied(r) => (&*r.policy, "deny"),
+            Decision::NotAllowed { .. } => ("default", "deny"),
         };
         let mut m = self.0.lock().expect("decisions lock");
-        *m.entry((policy, action, layer)).or_default() += 1;
+        let mut bump = |action, policy: &str| {
+            let by = m.entry((action, layer)).or_default();
+            match by.get_mut(policy) {
+                Some(n) => *n += 1,
+                None => {
+                    by.insert(Arc::from(policy), 1);
+                }
+            }
+        };
+        bump(action, policy);
         for a in &v.audited {
-            *m.entry((a.policy.clone(), "audit", layer)).or_default() += 1;
+            bump("audit", &a.policy);
         }
     }
 
     pub fn snapshot(&self) -> Vec<serde_json::Value> {
-        self.0
-            .lock()
-            .expect("decisions lock")
+        let m = self.0.lock().expect("decisions lock");
+        let mut rows: Vec<_> = m
             .iter()
-            .map(|((policy, action, layer), n)| {
+            .flat_map(|((action, layer), by)| by.iter().map(move |(p, n)| (p, *action, *layer, n)))
+            .collect();
+        rows.sort();
+        rows.into_iter()
+            .map(|(policy, action, layer, n)| {
                 serde_json::json!({"policy": &**policy, "action": action, "layer": layer, "count": n})
             })
             .collect()
@@ -406,6 +418,65 @@ fn operation_matches(o: &To, f: &Facts<'_>, deny: bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decisions_are_counted_by_policy_action_and_layer() {
+        let rule = |p: &str| RuleRef {
+            policy: Arc::from(p),
+            rule: 0,
+        };
+        let verdict = |decision, audited| Verdict { decision, audited };
+        let counts = DecisionCounts::default();
+        for (layer, v) in [
+            (
+                "http",
+                verdict(Decision::Allow(Some(rule("ns/web"))), vec![]),
+            ),
+            (
+                "http",
+                verdict(
+                    Decision::Allow(Some(rule("ns/web"))),
+                    vec![rule("ns/audit")],
+                ),
+            ),
+            (
+                "tcp",
+                verdict(Decision::Allow(Some(rule("ns/web"))), vec![]),
+            ),
+            ("http", verdict(Decision::Allow(None), vec![])),
+            ("http", verdict(Decision::Denied(rule("ns/deny")), vec![])),
+            (
+                "http",
+                verdict(Decision::NotAllowed { policies: vec![] }, vec![]),
+            ),
+        ] {
+            counts.record(layer, &v);
+        }
+        let rows: Vec<_> = counts
+            .snapshot()
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} {} {} {}",
+                    r["policy"].as_str().unwrap(),
+                    r["action"].as_str().unwrap(),
+                    r["layer"].as_str().unwrap(),
+                    r["count"]
+                )
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                "default deny http 1",
+                "none allow http 1",
+                "ns/audit audit http 1",
+                "ns/deny deny http 1",
+                "ns/web allow http 2",
+                "ns/web allow tcp 1",
+            ]
+        );
+    }
 
     fn policies(yaml: &str) -> Policies {
         let docs: Vec<(String, String, AuthorizationPolicySpec)> = serde_yaml_docs(yaml);
