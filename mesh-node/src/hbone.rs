@@ -212,6 +212,16 @@ impl Tunnels {
         if let Some(send) = self.pooled(key, cert.not_after) {
             return Ok(send);
         }
+        // Boxed: the dial's future is large and every request's future would carry it.
+        Box::pin(self.dial(key, cert)).await
+    }
+
+    /// A new connection for `key` (one dial at a time per key), pooled.
+    async fn dial(
+        &self,
+        key: &PoolKey,
+        cert: Arc<crate::identity::WorkloadCert>,
+    ) -> Result<h2::client::SendRequest<Bytes>, TunnelError> {
         let lock = self
             .dialing
             .lock()

@@ -260,6 +260,11 @@ impl Identities {
         if let Some(c) = self.cached(id) {
             return Ok(c);
         }
+        // Boxed: the fetch's future is large, and callers on every request's path hold this one.
+        Box::pin(self.first_fetch(id)).await
+    }
+
+    async fn first_fetch(&self, id: &SpiffeId) -> Result<Arc<WorkloadCert>, IdentityError> {
         // One fetch per identity at a time: a burst of first connections makes one CSR.
         let lock = self
             .fetching

@@ -679,10 +679,9 @@ impl L7Outbound {
                 identity: conn.identity.clone(),
                 ip: conn.peer.ip(),
             };
-            let resp = self
-                .inbound
-                .handle(req, &caller, (ns, name), target, proto)
-                .await;
+            // Boxed: the destination side's future would otherwise make every request's future
+            // (to other nodes too) larger at each level it is moved through.
+            let resp = Box::pin(self.inbound.handle(req, &caller, (ns, name), target, proto)).await;
             return Ok((resp, pod.to_string()));
         }
         let src = conn

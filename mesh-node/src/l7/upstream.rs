@@ -180,7 +180,9 @@ impl PodClient {
         if proto == UpstreamProtocol::H1
             && let Some(from_app) = upgrade::prepare_destination(&mut req)
         {
-            return self.upgrade(addr, req, from_app).await;
+            // Boxed, like every cold path here: an async fn's future holds its largest await, and
+            // each request's future is built and moved through every level of the call.
+            return Box::pin(self.upgrade(addr, req, from_app)).await;
         }
         req.headers_mut().remove(&upgrade::UPGRADE_HEADER);
         let mut resp = self.forward(addr, proto, req).await?;
@@ -233,7 +235,7 @@ impl PodClient {
                 *req.uri_mut() = absolute(uri, auth)?;
                 req.headers_mut().remove(header::HOST);
                 *req.version_mut() = http::Version::HTTP_2;
-                let mut send = self.h2_sender(addr).await?;
+                let mut send = Box::pin(self.h2_sender(addr)).await?;
                 let resp = send.send_request(req).await.map_err(upstream_error)?;
                 Ok(resp.map(boxed))
             }
@@ -276,7 +278,7 @@ impl PodClient {
                 return Ok(s);
             }
         }
-        self.h1_connect(addr).await
+        Box::pin(self.h1_connect(addr)).await
     }
 
     async fn h1_connect(&self, addr: SocketAddr) -> Result<http1::SendRequest<Body>, ProxyError> {
