@@ -475,15 +475,26 @@ impl Inbound {
                 Err(e) => return debug!(%peer, error = %e, "tunnel connection ended"),
             };
             let (this, client_id, served) = (self.clone(), client_id.clone(), served.clone());
-            // Boxed: the stream's future is large (it holds the whole L7 exchange) and a task
-            // copies its future in at spawn and out at completion.
-            tokio::spawn(Box::pin(async move {
-                this.stream(req, respond, peer, &client_id, &served).await
-            }));
+            // An HTTP request (L7) and a CONNECT stream are separate tasks: each future is only
+            // as large as its own path. Boxed: a task copies its future in at spawn.
+            if req.method() != Method::CONNECT
+                && req.headers().contains_key(&crate::l7::TARGET_HEADER)
+                && self.l7.is_some()
+            {
+                tokio::spawn(Box::pin(async move {
+                    let l7 = this.l7.as_ref().expect("checked before spawning");
+                    this.request(l7, req, respond, peer, &client_id, &served)
+                        .await
+                }));
+            } else {
+                tokio::spawn(Box::pin(async move {
+                    this.stream(req, respond, peer, &client_id, &served).await
+                }));
+            }
         }
     }
 
-    /// One CONNECT stream.
+    /// One CONNECT stream (or a request this node does not serve: refused).
     async fn stream(
         &self,
         req: Request<RecvStream>,
@@ -500,17 +511,9 @@ impl Inbound {
             respond.send_response(resp, s != StatusCode::OK)
         };
         if req.method() != Method::CONNECT {
-            match &self.l7 {
-                Some(l7) if req.headers().contains_key(&crate::l7::TARGET_HEADER) => {
-                    return self
-                        .request(l7, req, respond, peer, client_id, served)
-                        .await;
-                }
-                _ => {
-                    let _ = answer(StatusCode::METHOD_NOT_ALLOWED);
-                    return;
-                }
-            }
+            // HTTP requests this node serves were dispatched before; anything else is refused.
+            let _ = answer(StatusCode::METHOD_NOT_ALLOWED);
+            return;
         }
         let Some(target) = req
             .uri()
