@@ -20,6 +20,8 @@ const PACKAGES: &[&str] = &[
     "iproute2",
     // The end-to-end tests capture node-to-node traffic to prove it is encrypted.
     "tcpdump",
+    // The node proxy's allocator (jemalloc) is built from C source.
+    "make",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
