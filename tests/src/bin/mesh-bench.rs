@@ -505,12 +505,17 @@ async fn main() -> anyhow::Result<()> {
             a["paced_p99_us"] / l4["paced_p99_us"]
         );
     }
+    let l7_by_round = by_round(&rounds, ("mesh_l7", "mesh_l4"), "rps");
     if let (Some(l7), Some(l4)) = (results.get("mesh_l7"), results.get("mesh_l4")) {
         println!(
             "\nmesh_l7 vs mesh_l4: rps {:.2}x (target >= 0.80), CPU/req {:.2}x",
             l7["rps"] / l4["rps"],
             l7["proxy_cpu_us_per_req"] / l4["proxy_cpu_us_per_req"]
         );
+        if l7_by_round.len() > 1 {
+            let shown: Vec<String> = l7_by_round.iter().map(|r| format!("{r:.2}")).collect();
+            println!("  rps ratio in each round: {}", shown.join(", "));
+        }
     }
     if let Some(ctrl) = results.get("ctrl") {
         println!(
@@ -523,11 +528,28 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     if let Some(path) = args.json {
-        let out = json!({"rounds": args.rounds.max(1), "scenarios": results});
+        let out = json!({
+            "rounds": args.rounds.max(1),
+            "scenarios": results,
+            "mesh_l7_vs_mesh_l4_rps_by_round": l7_by_round,
+        });
         std::fs::write(&path, serde_json::to_string_pretty(&out)? + "\n")?;
         eprintln!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// `figure` of scenario `a` over scenario `b` in each round that measured both: rounds run the
+/// scenarios back to back, so a round's ratio is free of the drift between rounds.
+fn by_round(
+    rounds: &[BTreeMap<&'static str, Figures>],
+    (a, b): (&str, &str),
+    figure: &str,
+) -> Vec<f64> {
+    rounds
+        .iter()
+        .filter_map(|r| Some(r.get(a)?.get(figure)? / r.get(b)?.get(figure)?))
+        .collect()
 }
 
 /// Each figure's median over the rounds that measured it (the upper middle of an even count).
