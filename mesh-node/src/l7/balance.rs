@@ -149,11 +149,16 @@ impl Balancer {
         if map.len() > keys.len() {
             map.retain(|k, _| keys.contains(k));
         }
+        // Runs on every request: a known endpoint is looked up by `&str`; only a new one copies
+        // its key.
         keys.iter()
-            .map(|k| {
-                map.entry(k.clone())
-                    .or_insert_with(|| Arc::new(Endpoint::new(k.clone(), now)))
-                    .clone()
+            .map(|k| match map.get(k.as_str()) {
+                Some(e) => e.clone(),
+                None => {
+                    let e = Arc::new(Endpoint::new(k.clone(), now));
+                    map.insert(k.clone(), e.clone());
+                    e
+                }
             })
             .collect()
     }
@@ -289,6 +294,22 @@ pub fn rendezvous(key: &[u8], endpoints: &[&str]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endpoint_state_lasts_while_the_endpoint_is_listed() {
+        let b = Balancer::default();
+        let t0 = Instant::now();
+        let keys = |ks: &[&str]| ks.iter().map(|k| k.to_string()).collect::<Vec<_>>();
+        let first = b.endpoints(&keys(&["ns/a", "ns/b"]), t0);
+        let again = b.endpoints(&keys(&["ns/b", "ns/a"]), t0);
+        assert!(Arc::ptr_eq(&first[0], &again[1]) && Arc::ptr_eq(&first[1], &again[0]));
+        assert_eq!(again[0].key, "ns/b");
+        // Dropped from the list: a later return starts afresh.
+        b.endpoints(&keys(&["ns/b"]), t0);
+        let back = b.endpoints(&keys(&["ns/a", "ns/b"]), t0);
+        assert!(!Arc::ptr_eq(&first[0], &back[0]));
+        assert!(Arc::ptr_eq(&first[1], &back[1]));
+    }
 
     #[test]
     fn p2c_takes_the_cheaper_of_two_distinct() {
