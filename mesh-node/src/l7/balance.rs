@@ -210,10 +210,7 @@ impl Balancer {
             }
             (Lb::RoundRobin, _) => self.rr.fetch_add(1, Relaxed) % usable.len(),
             // P2C, and hashing without the header.
-            _ => {
-                let costs: Vec<f64> = usable.iter().map(|e| e.cost(now)).collect();
-                p2c(&costs, draw(), draw())
-            }
+            _ => p2c(usable.len(), draw(), draw(), |i| usable[i].cost(now)),
         };
         Some(usable[i].clone())
     }
@@ -264,9 +261,10 @@ pub fn may_eject(n: usize, ejected: usize, max_percent: u32) -> bool {
     ejected < allowed
 }
 
-/// The cheaper of two random choices (distinct when there are two or more).
-pub fn p2c(costs: &[f64], a: u64, b: u64) -> usize {
-    let n = costs.len();
+/// The cheaper of two random choices (distinct when there are two or more) among `n`. Only the
+/// two drawn costs are computed: each takes a lock, and a request must not take as many locks as
+/// the Service has endpoints.
+pub fn p2c(n: usize, a: u64, b: u64, cost: impl Fn(usize) -> f64) -> usize {
     if n == 1 {
         return 0;
     }
@@ -275,7 +273,7 @@ pub fn p2c(costs: &[f64], a: u64, b: u64) -> usize {
     if j >= i {
         j += 1;
     }
-    if costs[j] < costs[i] { j } else { i }
+    if cost(j) < cost(i) { j } else { i }
 }
 
 /// Rendezvous hashing: the endpoint with the highest hash of (key, endpoint).
@@ -323,7 +321,11 @@ mod tests {
             (&[3.0, 2.0, 1.0], 2, 0, 2),
         ];
         for (costs, a, b, want) in cases {
-            assert_eq!(p2c(costs, *a, *b), *want, "{costs:?} {a} {b}");
+            assert_eq!(
+                p2c(costs.len(), *a, *b, |i| costs[i]),
+                *want,
+                "{costs:?} {a} {b}"
+            );
         }
     }
 
