@@ -584,7 +584,6 @@ impl Inbound {
                     return;
                 }
             };
-        let _ = upstream.get_ref().set_nodelay(true);
         let Ok(send) = answer(StatusCode::OK) else {
             return;
         };

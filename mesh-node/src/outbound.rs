@@ -153,9 +153,11 @@ impl ProxySource {
         }
     }
 
-    /// Connects to a pod of this node, from the proxy's address of `dst`'s family.
+    /// Connects to a pod of this node, from the proxy's address of `dst`'s family (no Nagle: the
+    /// proxy writes what it has).
     pub async fn connect_local(&self, dst: SocketAddr) -> io::Result<PodStream> {
         let s = connect_from(self.for_dst(dst), dst).await?;
+        let _ = s.set_nodelay(true);
         Ok(self.accel.register(s))
     }
 }
@@ -510,7 +512,9 @@ impl Outbound {
             if local {
                 self.source.connect_local(dst).await
             } else {
-                TcpStream::connect(dst).await.map(PodStream::plain)
+                let s = TcpStream::connect(dst).await?;
+                let _ = s.set_nodelay(true);
+                Ok(PodStream::plain(s))
             }
         };
         let mut upstream = match tokio::time::timeout(self.connect_timeout, connect).await {
@@ -529,7 +533,6 @@ impl Outbound {
             }
         };
         let _ = client.get_ref().set_nodelay(true);
-        let _ = upstream.get_ref().set_nodelay(true);
         self.stats.relayed.fetch_add(1, Relaxed);
         self.stats.active.fetch_add(1, Relaxed);
         info!("relaying");

@@ -165,7 +165,6 @@ impl PodClient {
             .map_err(|e| ProxyError::Connect(format!("{addr}: {e}")))?;
         self.opened
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let _ = tcp.get_ref().set_nodelay(true);
         Ok(TokioIo::new(tcp))
     }
 

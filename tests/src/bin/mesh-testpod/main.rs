@@ -807,6 +807,12 @@ struct GetReport {
     last_body: String,
 }
 
+impl GetReport {
+    fn error(&mut self, e: impl std::fmt::Display) {
+        *self.errors.entry(e.to_string()).or_default() += 1;
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn get(
     to: SocketAddr,
@@ -853,12 +859,7 @@ async fn get(
                             sender = Some(s)
                         }
                         Err(e) => {
-                            *report
-                                .lock()
-                                .unwrap()
-                                .errors
-                                .entry(e.to_string())
-                                .or_default() += 1;
+                            report.lock().unwrap().error(e);
                             continue;
                         }
                     }
@@ -912,12 +913,7 @@ async fn get(
                         }
                     }
                     Err(e) => {
-                        *report
-                            .lock()
-                            .unwrap()
-                            .errors
-                            .entry(e.to_string())
-                            .or_default() += 1;
+                        report.lock().unwrap().error(e);
                         sender = None;
                     }
                 }
