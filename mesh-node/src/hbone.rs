@@ -33,6 +33,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
     accel::PodStream,
+    coalesce::Coalesce,
     drain::Watch,
     enforce::{Admitted, Conn, Enforcer, forwarded_for},
     enroll::Enrollment,
@@ -267,7 +268,7 @@ impl Tunnels {
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONN_WINDOW)
             .max_frame_size(MAX_FRAME)
-            .handshake::<_, Bytes>(tls)
+            .handshake::<_, Bytes>(Coalesce::new(tls))
             .await
             .map_err(|e| TunnelError::Http(key.node, e))?;
         let closed = Arc::new(AtomicBool::new(false));
@@ -461,7 +462,7 @@ impl Inbound {
             .initial_connection_window_size(CONN_WINDOW)
             .max_frame_size(MAX_FRAME)
             .max_concurrent_streams(1000)
-            .handshake::<_, Bytes>(tls)
+            .handshake::<_, Bytes>(Coalesce::new(tls))
             .await
         {
             Ok(c) => c,

@@ -9,6 +9,7 @@ pub mod app;
 pub mod authz;
 pub mod btf;
 pub mod cni;
+pub mod coalesce;
 pub mod config;
 pub mod drain;
 pub mod ebpf;
