@@ -18,6 +18,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Bytes kept at most: more, and what is kept is written out first.
 const MAX_KEPT: usize = 256 * 1024;
+/// Capacity kept after a batch: more is freed.
+const KEEP_CAPACITY: usize = 64 * 1024;
 /// A write this large is bulk: it goes straight through (after what is kept), with no copy.
 const PASS_THROUGH: usize = 16 * 1024;
 
@@ -54,6 +56,10 @@ impl<T: AsyncWrite + Unpin> Coalesce<T> {
             }
         };
         self.kept.drain(..done);
+        if self.kept.is_empty() && self.kept.capacity() > KEEP_CAPACITY {
+            // A burst's buffer is not held by a connection that has gone quiet.
+            self.kept = Vec::new();
+        }
         r
     }
 
@@ -214,6 +220,9 @@ mod tests {
             c.inner.writes, 3,
             "the cap was reached: what was kept went out"
         );
+        // The burst's buffer was freed once written out: only the last write is held.
+        assert_eq!(c.kept.len(), small.len());
+        assert!(c.kept.capacity() <= KEEP_CAPACITY, "{}", c.kept.capacity());
     }
 
     #[tokio::test]
