@@ -94,8 +94,15 @@ fn ticks(pids: &[u32]) -> anyhow::Result<u64> {
     pids.iter().map(|p| cpu_ticks(*p)).sum()
 }
 
-/// wrk's "Requests/sec" and total requests; latency percentiles from `--latency`.
+/// wrk's "Requests/sec" and total requests; latency percentiles from `--latency`. Fails when any
+/// answer was not a success: a path that answers 403 or 503 quickly must not look fast.
 fn parse_wrk(out: &str) -> anyhow::Result<(f64, f64, f64, f64)> {
+    if let Some(n) = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:"))
+    {
+        anyhow::bail!("wrk got {} answers that were not 2xx:\n{out}", n.trim());
+    }
     let rps = out
         .lines()
         .find_map(|l| l.strip_prefix("Requests/sec:"))
@@ -666,4 +673,33 @@ async fn round(
         results.insert("mesh_l7", mesh_l7(secs).await?);
     }
     Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_wrk;
+
+    const OK: &str = "Running 4s test @ http://10.96.0.80:80/
+  2 threads and 50 connections
+  Latency Distribution
+     50%    1.96ms
+     75%    2.50ms
+     90%    3.10ms
+     99%    3.91ms
+  96755 requests in 4.00s, 10.15MB read
+Requests/sec:  24188.90
+Transfer/sec:      2.54MB
+";
+
+    #[test]
+    fn wrk_figures_and_failed_answers() {
+        let (rps, total, p50, p99) = parse_wrk(OK).unwrap();
+        assert_eq!((rps, total, p50, p99), (24188.9, 96755.0, 1960.0, 3910.0));
+        let denied = OK.replace(
+            "Requests/sec:",
+            "  Non-2xx or 3xx responses: 96755\nRequests/sec:",
+        );
+        let e = parse_wrk(&denied).unwrap_err().to_string();
+        assert!(e.contains("96755 answers that were not 2xx"), "{e}");
+    }
 }
