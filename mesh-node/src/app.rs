@@ -367,6 +367,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
                 node: config.node_name.clone(),
                 config: inbound.config.clone(),
                 tunnels: tunnels.clone(),
+                carried: crate::l7::carried::Carried::new(tunnels.clone()),
                 inbound: inbound.clone(),
                 stats: l7_stats.clone(),
                 access_log: access_log.clone(),

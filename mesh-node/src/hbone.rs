@@ -14,7 +14,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed},
     },
     time::{Duration, Instant, SystemTime},
 };
@@ -84,10 +84,14 @@ pub struct Stats {
     pub outbound_connections: AtomicU64,
     /// CONNECT streams opened on them.
     pub outbound_streams: AtomicU64,
+    /// Of those, streams that carry HTTP/1.1 requests (kept and reused: far fewer than requests).
+    pub outbound_carried_streams: AtomicU64,
     /// Outbound handshakes refused because of the peer's certificate (unknown CA, expired, wrong ID).
     pub outbound_tls_refused: AtomicU64,
     pub inbound_connections: AtomicU64,
     pub inbound_streams: AtomicU64,
+    /// Of those, streams that carry HTTP/1.1 requests.
+    pub inbound_carried_streams: AtomicU64,
     /// Inbound handshakes refused, by reason.
     pub inbound_tls_refused: Mutex<HashMap<&'static str, u64>>,
     /// CONNECTs to something that is not an enrolled pod of this node with the identity served.
@@ -104,11 +108,72 @@ struct PoolKey {
 
 struct Pooled {
     send: h2::client::SendRequest<Bytes>,
-    /// Set when the connection's driver ends.
-    closed: Arc<AtomicBool>,
+    state: Arc<ConnState>,
+}
+
+/// What a pooled tunnel connection and the streams kept open on it (`l7::carried`) share.
+#[derive(Debug)]
+pub struct ConnState {
+    /// Set when the connection's driver ends or a newer certificate replaces it: no new work
+    /// starts on it.
+    retired: AtomicBool,
     /// The source certificate this connection was made with: a newer one replaces the connection.
     cert_not_after: SystemTime,
-    last_used: Instant,
+    /// Milliseconds since [`epoch`], at the last use: kept streams count as use.
+    last_used: AtomicU64,
+    /// Streams kept idle on it (`l7::carried`), bounded so that idle streams never hold the
+    /// slots new streams need (the peer allows [`MAX_STREAMS`] at a time).
+    kept: AtomicUsize,
+}
+
+/// Concurrent streams a tunnel connection allows.
+const MAX_STREAMS: u32 = 1000;
+/// Idle streams kept on one tunnel connection.
+const MAX_KEPT: usize = MAX_STREAMS as usize / 4;
+
+/// The start of the process's clock for [`ConnState::last_used`].
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+impl ConnState {
+    fn new(cert_not_after: SystemTime) -> Self {
+        let s = Self {
+            retired: AtomicBool::new(false),
+            cert_not_after,
+            last_used: AtomicU64::new(0),
+            kept: AtomicUsize::new(0),
+        };
+        s.touch();
+        s
+    }
+
+    /// Counts one more idle stream kept on the connection, if there is room.
+    pub fn try_keep(&self) -> bool {
+        self.kept
+            .fetch_update(Relaxed, Relaxed, |n| (n < MAX_KEPT).then_some(n + 1))
+            .is_ok()
+    }
+
+    /// An idle stream left the connection's keep (taken for a request, or closed).
+    pub fn unkeep(&self) {
+        self.kept.fetch_sub(1, Relaxed);
+    }
+
+    fn touch(&self) {
+        self.last_used
+            .store(epoch().elapsed().as_millis() as u64, Relaxed);
+    }
+
+    fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_used.load(Relaxed));
+        epoch().elapsed().saturating_sub(last)
+    }
+
+    fn retire(&self) {
+        self.retired.store(true, Relaxed);
+    }
 }
 
 /// One CONNECT stream: the two halves of an HTTP/2 stream carrying one TCP connection.
@@ -138,10 +203,13 @@ impl Tunnels {
             loop {
                 tokio::time::sleep(IDLE / 4).await;
                 let Some(t) = weak.upgrade() else { return };
-                t.pool
-                    .lock()
-                    .expect("pool lock")
-                    .retain(|_, p| p.last_used.elapsed() < IDLE && !p.closed.load(Relaxed));
+                t.pool.lock().expect("pool lock").retain(|_, p| {
+                    let keep = p.state.idle_for() < IDLE && !p.state.retired.load(Relaxed);
+                    if !keep {
+                        p.state.retire();
+                    }
+                    keep
+                });
             }
         });
         this
@@ -157,19 +225,50 @@ impl Tunnels {
         target: SocketAddr,
         original_src: SocketAddr,
     ) -> Result<Tunnel, TunnelError> {
-        let key = PoolKey {
-            src: src.clone(),
-            node,
-            dst: dst.clone(),
-        };
-        let send = self.connection(&key).await?;
-        let mut send = send.ready().await.map_err(|e| TunnelError::Http(node, e))?;
         let req = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
             .header("forwarded", format!("for=\"{original_src}\""))
             .body(())
             .expect("static request parts");
+        Ok(self.connect_stream(src, node, dst, req).await?.0)
+    }
+
+    /// Opens a stream to `target` that carries HTTP/1.1 requests for the destination's L7 side
+    /// (see `l7::carried`), and the state of the connection it is on: kept streams check it
+    /// with [`Self::still_current`] before each use.
+    pub async fn open_carried(
+        &self,
+        src: &SpiffeId,
+        node: SocketAddr,
+        dst: &SpiffeId,
+        target: SocketAddr,
+    ) -> Result<(Tunnel, Arc<ConnState>), TunnelError> {
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(target.to_string())
+            .header(&crate::l7::CARRIED_HEADER, "http/1.1")
+            .body(())
+            .expect("static request parts");
+        let opened = self.connect_stream(src, node, dst, req).await?;
+        self.stats.outbound_carried_streams.fetch_add(1, Relaxed);
+        Ok(opened)
+    }
+
+    async fn connect_stream(
+        &self,
+        src: &SpiffeId,
+        node: SocketAddr,
+        dst: &SpiffeId,
+        req: Request<()>,
+    ) -> Result<(Tunnel, Arc<ConnState>), TunnelError> {
+        let key = PoolKey {
+            src: src.clone(),
+            node,
+            dst: dst.clone(),
+        };
+        let (send, state) = self.connection(&key).await?;
+        let mut send = send.ready().await.map_err(|e| TunnelError::Http(node, e))?;
         let (resp, stream) = send
             .send_request(req, false)
             .map_err(|e| TunnelError::Http(node, e))?;
@@ -181,10 +280,26 @@ impl Tunnels {
             return Err(TunnelError::Status(resp.status()));
         }
         self.stats.outbound_streams.fetch_add(1, Relaxed);
-        Ok(Tunnel {
+        let tunnel = Tunnel {
             send: stream,
             recv: resp.into_body(),
-        })
+        };
+        Ok((tunnel, state))
+    }
+
+    /// Whether a stream kept open on the connection with `state` may take new work: the
+    /// connection is not retired and `src`'s certificate is the one it was made with. Counts as
+    /// a use of the connection (it is not idle).
+    pub fn still_current(&self, src: &SpiffeId, state: &ConnState) -> bool {
+        let current = !state.retired.load(Relaxed)
+            && self
+                .identities
+                .cached(src)
+                .is_some_and(|c| c.not_after == state.cert_not_after);
+        if current {
+            state.touch();
+        }
+        current
     }
 
     /// The pooled HTTP/2 connection for (source identity, node, destination identity), for
@@ -200,7 +315,7 @@ impl Tunnels {
             node,
             dst: dst.clone(),
         };
-        let send = self.connection(&key).await?;
+        let (send, _) = self.connection(&key).await?;
         self.stats.outbound_streams.fetch_add(1, Relaxed);
         Ok(send)
     }
@@ -208,7 +323,7 @@ impl Tunnels {
     async fn connection(
         &self,
         key: &PoolKey,
-    ) -> Result<h2::client::SendRequest<Bytes>, TunnelError> {
+    ) -> Result<(h2::client::SendRequest<Bytes>, Arc<ConnState>), TunnelError> {
         let cert = self.identities.get(&key.src).await?;
         if let Some(send) = self.pooled(key, cert.not_after) {
             return Ok(send);
@@ -222,7 +337,7 @@ impl Tunnels {
         &self,
         key: &PoolKey,
         cert: Arc<crate::identity::WorkloadCert>,
-    ) -> Result<h2::client::SendRequest<Bytes>, TunnelError> {
+    ) -> Result<(h2::client::SendRequest<Bytes>, Arc<ConnState>), TunnelError> {
         let lock = self
             .dialing
             .lock()
@@ -271,13 +386,13 @@ impl Tunnels {
             .handshake::<_, Bytes>(Coalesce::new(tls))
             .await
             .map_err(|e| TunnelError::Http(key.node, e))?;
-        let closed = Arc::new(AtomicBool::new(false));
-        let (node, done) = (key.node, closed.clone());
+        let state = Arc::new(ConnState::new(cert.not_after));
+        let (node, done) = (key.node, state.clone());
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 debug!(%node, error = %e, "tunnel connection ended");
             }
-            done.store(true, Relaxed);
+            done.retire();
         });
         self.stats.outbound_connections.fetch_add(1, Relaxed);
         info!(src = %key.src, dst = %key.dst, %node, "tunnel connection established");
@@ -285,29 +400,28 @@ impl Tunnels {
             key.clone(),
             Pooled {
                 send: send.clone(),
-                closed,
-                cert_not_after: cert.not_after,
-                last_used: Instant::now(),
+                state: state.clone(),
             },
         );
-        Ok(send)
+        Ok((send, state))
     }
 
     fn pooled(
         &self,
         key: &PoolKey,
         cert_not_after: SystemTime,
-    ) -> Option<h2::client::SendRequest<Bytes>> {
+    ) -> Option<(h2::client::SendRequest<Bytes>, Arc<ConnState>)> {
         let mut pool = self.pool.lock().expect("pool lock");
         let p = pool.get_mut(key)?;
-        if p.closed.load(Relaxed) || p.cert_not_after != cert_not_after {
+        if p.state.retired.load(Relaxed) || p.state.cert_not_after != cert_not_after {
             // Closed, or made with a certificate since rotated: streams on it finish, new ones
             // go to a new connection.
+            p.state.retire();
             pool.remove(key);
             return None;
         }
-        p.last_used = Instant::now();
-        Some(p.send.clone())
+        p.state.touch();
+        Some((p.send.clone(), p.state.clone()))
     }
 }
 
@@ -389,6 +503,21 @@ impl Inbound {
         warn!(%peer, reason, error = %detail, "tunnel handshake refused");
     }
 
+    /// The enrolled pod of this node at `target` with identity `served`: the only pods a stream
+    /// that proved `served` may reach.
+    fn local<'p>(
+        &self,
+        placement: &'p mesh_api::placement::Placement,
+        target: SocketAddr,
+        served: &SpiffeId,
+    ) -> Option<&'p mesh_api::placement::Workload> {
+        placement.by_ip(target.ip()).filter(|w| {
+            w.node == self.node
+                && &w.identity == served
+                && self.pods.is_enrolled(&w.namespace, &w.name)
+        })
+    }
+
     /// Whether `id` belongs to an enrolled pod of this node: only those certificates are served.
     fn serves(&self, id: &SpiffeId) -> bool {
         let placement = self.placement.current();
@@ -461,7 +590,7 @@ impl Inbound {
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONN_WINDOW)
             .max_frame_size(MAX_FRAME)
-            .max_concurrent_streams(1000)
+            .max_concurrent_streams(MAX_STREAMS)
             .handshake::<_, Bytes>(Coalesce::new(tls))
             .await
         {
@@ -478,13 +607,20 @@ impl Inbound {
             let (this, client_id, served) = (self.clone(), client_id.clone(), served.clone());
             // An HTTP request (L7) and a CONNECT stream are separate tasks: each future is only
             // as large as its own path. Boxed: a task copies its future in at spawn.
-            if req.method() != Method::CONNECT
-                && req.headers().contains_key(&crate::l7::TARGET_HEADER)
-                && self.l7.is_some()
-            {
+            let connect = req.method() == Method::CONNECT;
+            let l7 = |marker| {
+                self.l7
+                    .clone()
+                    .filter(|_| req.headers().contains_key(marker))
+            };
+            if let Some(l7) = l7(&crate::l7::TARGET_HEADER).filter(|_| !connect) {
                 tokio::spawn(Box::pin(async move {
-                    let l7 = this.l7.as_ref().expect("checked before spawning");
-                    this.request(l7, req, respond, peer, &client_id, &served)
+                    this.request(&l7, req, respond, peer, &client_id, &served)
+                        .await
+                }));
+            } else if let Some(l7) = l7(&crate::l7::CARRIED_HEADER).filter(|_| connect) {
+                tokio::spawn(Box::pin(async move {
+                    this.carried(l7, req, respond, peer, &client_id, &served)
                         .await
                 }));
             } else {
@@ -532,11 +668,7 @@ impl Inbound {
             .to_string();
         // Deliver only to an enrolled pod of this node that carries the identity we just proved.
         let placement = self.placement.current();
-        let local = placement.by_ip(target.ip()).filter(|w| {
-            w.node == self.node
-                && &w.identity == served
-                && self.pods.is_enrolled(&w.namespace, &w.name)
-        });
+        let local = self.local(&placement, target, served);
         let Some(local) = local else {
             self.stats.inbound_refused_not_local.fetch_add(1, Relaxed);
             warn!(%peer, %target, client = %client_id, served = %served, "refused tunnel: not an enrolled pod of this node with that identity");
@@ -673,6 +805,64 @@ impl Inbound {
 }
 
 impl Inbound {
+    /// A CONNECT stream that carries HTTP/1.1 requests (`l7::carried`): the same delivery checks
+    /// as any CONNECT, then the requests are served one by one.
+    async fn carried(
+        &self,
+        l7: Arc<crate::l7::inbound::L7Inbound>,
+        req: Request<RecvStream>,
+        mut respond: h2::server::SendResponse<Bytes>,
+        peer: SocketAddr,
+        client_id: &SpiffeId,
+        served: &SpiffeId,
+    ) {
+        let target = req
+            .uri()
+            .authority()
+            .and_then(|a| a.as_str().parse::<SocketAddr>().ok());
+        let placement = self.placement.current();
+        let local = target.and_then(|t| Some((t, self.local(&placement, t, served)?)));
+        let Some((target, w)) = local else {
+            self.stats.inbound_refused_not_local.fetch_add(1, Relaxed);
+            warn!(%peer, ?target, client = %client_id, served = %served, "refused carried stream: not an enrolled pod of this node with that identity");
+            let resp = Response::builder()
+                .status(StatusCode::FORBIDDEN)
+                .body(())
+                .expect("static response");
+            let _ = respond.send_response(resp, true);
+            return;
+        };
+        let stream = crate::l7::carried::Stream {
+            identity: client_id.clone(),
+            peer,
+            namespace: w.namespace.clone(),
+            name: w.name.clone(),
+            target,
+        };
+        drop(placement);
+        let ok = Response::builder()
+            .status(StatusCode::OK)
+            .body(())
+            .expect("static response");
+        let Ok(send) = respond.send_response(ok, false) else {
+            return;
+        };
+        self.stats.inbound_streams.fetch_add(1, Relaxed);
+        self.stats.inbound_carried_streams.fetch_add(1, Relaxed);
+        let mut tunnel = Tunnel {
+            send,
+            recv: req.into_body(),
+        };
+        let gate = crate::l7::carried::ToPod {
+            l7: &l7,
+            stream: &stream,
+        };
+        let dial = || l7.pods.dial(target);
+        if let Err(e) = crate::l7::relay::serve(&mut tunnel, &gate, dial).await {
+            debug!(%peer, %target, error = %mesh_api::placement::error_chain(&e), "carried stream ended");
+        }
+    }
+
     /// An HTTP request from another node's proxy, for a pod of this node (L7): the same delivery
     /// checks as CONNECT, then authorization and rate limits per request.
     async fn request(
@@ -702,13 +892,7 @@ impl Inbound {
         let grpc = l7::is_grpc(&parts.headers);
         let req = Request::from_parts(parts, body::boxed(body::RecvBody::new(recv)));
         let placement = self.placement.current();
-        let local = target.and_then(|t| {
-            placement.by_ip(t.ip()).filter(|w| {
-                w.node == self.node
-                    && &w.identity == served
-                    && self.pods.is_enrolled(&w.namespace, &w.name)
-            })
-        });
+        let local = target.and_then(|t| self.local(&placement, t, served));
         let resp = match (target, local) {
             (Some(target), Some(w)) => {
                 self.stats.inbound_streams.fetch_add(1, Relaxed);

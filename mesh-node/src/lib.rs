@@ -35,3 +35,4 @@ pub mod subscribe;
 mod sys;
 pub mod tls;
 pub mod trace;
+pub mod tunnel_io;

@@ -885,16 +885,33 @@ async fn websocket_upgrades_and_idle_connections() {
 #[tokio::test]
 async fn pod_connections_are_reused_across_requests_and_streams() {
     let shop = shop([None, None, None]).await;
-    // 1,000 requests, one at a time on each of 2 app connections: each crosses the tunnel as
-    // its own HTTP/2 stream, and the destination's proxy must send them all over the same few
-    // pooled HTTP/1.1 connections to the pod (one per request in flight), not open one each.
+    // 1,000 requests, one at a time on each of 2 app connections, to an HTTP/1.1 pod: they
+    // cross the tunnel on a few kept CONNECT streams (one per request in flight), and the
+    // destination's proxy sends them over the same few connections to the pod, not one each.
     let r = shop.get_at("10.96.0.22:80", "/", 1000, 2, &[]).await;
     assert_eq!(n(&r, &["statuses", "200"]), 1000, "{r}");
-    let c = shop.cluster.nodes[1].counters().await.unwrap();
-    let opened = n(&c, &["l7", "pod_connections"]);
+    let (src, dst) = (
+        shop.cluster.nodes[0].counters().await.unwrap(),
+        shop.cluster.nodes[1].counters().await.unwrap(),
+    );
+    let opened = n(&dst, &["l7", "pod_connections"]);
     assert!(
         (1..=4).contains(&opened),
         "{opened} connections to the pod for 1,000 requests: {}",
-        c["l7"]
+        dst["l7"]
     );
+    let carried = n(&src, &["tunnel", "outbound_carried_streams"]);
+    assert!(
+        (1..=4).contains(&carried),
+        "{carried} carried streams for 1,000 requests: {}",
+        src["tunnel"]
+    );
+    assert_eq!(
+        n(&dst, &["tunnel", "inbound_carried_streams"]),
+        carried,
+        "{}",
+        dst["tunnel"]
+    );
+    // Each request is still authorized and counted at the destination.
+    assert!(n(&dst, &["l7", "requests"]) >= 1000, "{}", dst["l7"]);
 }

@@ -31,6 +31,7 @@ use crate::{
     authz::{Facts, Http},
     enroll::Enrollment,
     node_config::NodeConfig,
+    trace::HopSpan,
 };
 
 /// The HTTP path's own figures (`/v1/counters` -> `l7`), both sides.
@@ -51,6 +52,59 @@ pub struct Caller {
     /// Proven by mTLS (or by the socket, same node).
     pub identity: Option<SpiffeId>,
     pub ip: IpAddr,
+}
+
+/// A request at the destination between its head and its end: what its metrics, span and access
+/// log line need ([`L7Inbound::admit_request`], then [`L7Inbound::finish_request`]).
+pub struct Ticket<'a> {
+    pub started: Instant,
+    span: Option<HopSpan>,
+    seen: Option<access_log::Seen>,
+    /// Why it was refused, for the access log.
+    decision: Option<String>,
+    caller: Caller,
+    /// The caller's workload (namespace, name), when its identity is proven.
+    source: Option<(String, String)>,
+    dst: (&'a str, &'a str),
+    target: SocketAddr,
+}
+
+impl Ticket<'_> {
+    fn source_names(&self) -> (&str, &str) {
+        self.source
+            .as_ref()
+            .map_or(("", ""), |(ns, n)| (ns.as_str(), n.as_str()))
+    }
+
+    fn security(&self) -> &'static str {
+        if self.caller.identity.is_some() {
+            "mutual_tls"
+        } else {
+            "plaintext"
+        }
+    }
+
+    fn labels<'s>(
+        &'s self,
+        code: u16,
+        grpc_status: &'s str,
+        resp_flag: &'static str,
+    ) -> RequestLabels<&'s str> {
+        let (source_namespace, source_workload) = self.source_names();
+        RequestLabels {
+            reporter: "destination",
+            source_workload,
+            source_namespace,
+            source_principal: self.caller.identity.as_ref().map_or("", SpiffeId::as_str),
+            destination_service: "",
+            destination_workload: self.dst.1,
+            destination_namespace: self.dst.0,
+            response_code: code,
+            grpc_status,
+            response_flags: resp_flag,
+            connection_security: self.security(),
+        }
+    }
 }
 
 pub struct L7Inbound {
@@ -76,106 +130,34 @@ impl L7Inbound {
         target: SocketAddr,
         proto: UpstreamProtocol,
     ) -> Response<Body> {
-        let started = Instant::now();
-        let span = super::outbound::start_span(&self.tracing, crate::trace::Hop::Inbound, &mut req);
-        self.counters.requests.fetch_add(1, Relaxed);
         let grpc = is_grpc(req.headers());
         let request_bytes = super::content_length(req.headers());
+        let (mut ticket, admitted) = self.admit_request(&mut req, caller.clone(), dst, target);
         let counting = super::stats::count_request(&mut req);
-        let cfg = self.config.borrow().clone();
-        let log = self.access_log.wants(dst.0);
-        let seen = log.then(|| access_log::Seen::of(&req));
-        let result = self.admit(&cfg, &req, caller, dst, target);
-        let mut decision = None;
-        let resp = match result {
+        let resp = match admitted {
             Ok(()) => match self.pods.send(target, proto, req).await {
                 Ok(r) => r,
                 Err(e) => error_response(&e, grpc),
             },
-            Err(e) => {
-                let resp = error_response(&e, grpc);
-                decision = log.then(|| e.to_string());
-                resp
-            }
+            Err(e) => error_response(&e, grpc),
         };
-        let source = caller
-            .identity
-            .as_ref()
-            .and_then(|_| cfg.placement.by_ip(caller.ip));
         let (code, resp_flag) = (resp.status().as_u16(), flag(&resp));
-        let labels = |grpc_status| RequestLabels::<&str> {
-            reporter: "destination",
-            source_workload: source.map_or("", |w| w.name.as_str()),
-            source_namespace: source.map_or("", |w| w.namespace.as_str()),
-            source_principal: caller.identity.as_ref().map_or("", SpiffeId::as_str),
-            destination_service: "",
-            destination_workload: dst.1,
-            destination_namespace: dst.0,
-            response_code: code,
-            grpc_status,
-            response_flags: resp_flag,
-            connection_security: if caller.identity.is_some() {
-                "mutual_tls"
-            } else {
-                "plaintext"
-            },
-        };
         let status_now = grpc_status(&resp).to_string();
-        let series = (!super::stats::status_in_trailers(grpc, &resp)).then(|| {
-            self.stats.record(
-                labels(&status_now),
-                started.elapsed(),
-                request_bytes,
-                super::content_length(resp.headers()),
-            )
-        });
-        if let Some(mut span) = span {
-            if let Some(id) = &caller.identity {
-                span.set("mesh.source.principal", id.to_string());
-            }
-            span.set("mesh.destination.workload", format!("{}/{}", dst.0, dst.1));
-            span.end(resp.status().as_u16(), flag(&resp));
-        }
-        if let Some(seen) = &seen {
-            let flag = flag(&resp);
-            self.access_log.write(&access_log::Entry {
-                reporter: "destination",
-                kind: "http",
-                source: access_log::Peer {
-                    workload: source.map_or("", |w| w.name.as_str()),
-                    namespace: source.map_or("", |w| w.namespace.as_str()),
-                    principal: caller.identity.as_ref().map_or("", SpiffeId::as_str),
-                    address: caller.ip.to_string(),
-                },
-                destination: access_log::Peer {
-                    workload: dst.1,
-                    namespace: dst.0,
-                    principal: "",
-                    address: target.to_string(),
-                },
-                service: "",
-                http: Some(seen.http(resp.status().as_u16(), grpc_status(&resp), "")),
-                decision: decision
-                    .as_deref()
-                    .unwrap_or_else(|| access_log::decision(flag)),
-                flags: flag,
-                security: if caller.identity.is_some() {
-                    "mutual_tls"
-                } else {
-                    "plaintext"
-                },
-                bytes_received: request_bytes,
-                bytes_sent: super::content_length(resp.headers()),
-                duration_ms: access_log::millis(started.elapsed()),
-            });
-        }
+        let response_bytes = super::content_length(resp.headers());
+        let in_trailers = super::stats::status_in_trailers(grpc, &resp);
+        let series = self.finish_request(
+            &mut ticket,
+            (code, &status_now, resp_flag),
+            (request_bytes, response_bytes),
+            !in_trailers,
+        );
         match series {
             Some(series) => super::stats::count_response(resp, series, counting),
             // A gRPC status in trailers: recorded when they arrive.
             None => super::stats::record_at_trailers(
                 &self.stats,
-                labels(""),
-                started,
+                ticket.labels(code, "", resp_flag),
+                ticket.started,
                 request_bytes,
                 resp,
                 counting,
@@ -183,10 +165,110 @@ impl L7Inbound {
         }
     }
 
-    fn admit(
+    /// A request's head arrived: starts its span (the head then carries the trace context on),
+    /// counts it and decides whether it may reach the pod. The ticket records its end.
+    pub fn admit_request<'a, B>(
+        &self,
+        req: &mut Request<B>,
+        caller: Caller,
+        dst: (&'a str, &'a str),
+        target: SocketAddr,
+    ) -> (Ticket<'a>, Result<(), ProxyError>) {
+        let started = Instant::now();
+        let span = super::outbound::start_span(&self.tracing, crate::trace::Hop::Inbound, req);
+        self.counters.requests.fetch_add(1, Relaxed);
+        let cfg = self.config.borrow().clone();
+        let seen = self
+            .access_log
+            .wants(dst.0)
+            .then(|| access_log::Seen::of(req));
+        let admitted = self.admit(&cfg, req, &caller, dst, target);
+        let decision = match (&admitted, &seen) {
+            (Err(e), Some(_)) => Some(e.to_string()),
+            _ => None,
+        };
+        let source = caller
+            .identity
+            .as_ref()
+            .and_then(|_| cfg.placement.by_ip(caller.ip))
+            .map(|w| (w.namespace.clone(), w.name.clone()));
+        let ticket = Ticket {
+            started,
+            span,
+            seen,
+            decision,
+            caller,
+            source,
+            dst,
+            target,
+        };
+        (ticket, admitted)
+    }
+
+    /// Records a request's end: its series (unless `series` is false: a status still to come in
+    /// trailers is recorded when they arrive), its span and its access log line. The answer:
+    /// status, gRPC status, flag; the bytes: the request's and the response's.
+    pub fn finish_request(
+        &self,
+        t: &mut Ticket<'_>,
+        (code, grpc_status, resp_flag): (u16, &str, &'static str),
+        (request_bytes, response_bytes): (u64, u64),
+        series: bool,
+    ) -> Option<Arc<super::stats::Series>> {
+        let recorded = series.then(|| {
+            self.stats.record(
+                t.labels(code, grpc_status, resp_flag),
+                t.started.elapsed(),
+                request_bytes,
+                response_bytes,
+            )
+        });
+        let (caller, (ns, name)) = (&t.caller, t.dst);
+        let principal = caller.identity.as_ref().map_or("", SpiffeId::as_str);
+        if let Some(mut span) = t.span.take() {
+            if let Some(id) = &caller.identity {
+                span.set("mesh.source.principal", id.to_string());
+            }
+            span.set("mesh.destination.workload", format!("{ns}/{name}"));
+            span.end(code, resp_flag);
+        }
+        if let Some(seen) = &t.seen {
+            let (src_ns, src_name) = t.source_names();
+            self.access_log.write(&access_log::Entry {
+                reporter: "destination",
+                kind: "http",
+                source: access_log::Peer {
+                    workload: src_name,
+                    namespace: src_ns,
+                    principal,
+                    address: caller.ip.to_string(),
+                },
+                destination: access_log::Peer {
+                    workload: name,
+                    namespace: ns,
+                    principal: "",
+                    address: t.target.to_string(),
+                },
+                service: "",
+                http: Some(seen.http(code, grpc_status, "")),
+                decision: t
+                    .decision
+                    .as_deref()
+                    .unwrap_or_else(|| access_log::decision(resp_flag)),
+                flags: resp_flag,
+                security: t.security(),
+                bytes_received: request_bytes,
+                bytes_sent: response_bytes,
+                duration_ms: access_log::millis(t.started.elapsed()),
+            });
+        }
+        recorded
+    }
+
+    fn admit<B>(
         &self,
         cfg: &NodeConfig,
-        req: &Request<Body>,
+        req: &Request<B>,
         caller: &Caller,
         (ns, name): (&str, &str),
         target: SocketAddr,

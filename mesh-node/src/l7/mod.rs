@@ -10,12 +10,15 @@
 //! response in one place (`respond`).
 pub mod balance;
 pub mod body;
+pub mod carried;
 pub mod detect;
 pub mod filters;
+pub mod h1frame;
 pub mod idle;
 pub mod inbound;
 pub mod outbound;
 pub mod policy;
+pub mod relay;
 pub mod respond;
 pub mod services;
 pub mod stats;
@@ -34,6 +37,9 @@ pub static TARGET_HEADER: HeaderName = HeaderName::from_static("x-nodemesh-targe
 /// How the destination pod speaks: `h1` or `h2`.
 pub static UPSTREAM_PROTOCOL_HEADER: HeaderName =
     HeaderName::from_static("x-nodemesh-upstream-protocol");
+/// On a CONNECT stream between node proxies: it carries HTTP/1.1 requests for the destination's
+/// L7 side, one after another (see `carried`).
+pub static CARRIED_HEADER: HeaderName = HeaderName::from_static("x-nodemesh-carried");
 /// gRPC's status, in trailers or (for an answer without a body) in the head.
 pub static GRPC_STATUS_HEADER: HeaderName = HeaderName::from_static("grpc-status");
 

@@ -77,6 +77,8 @@ pub struct L7Outbound {
     pub node: String,
     pub config: watch::Receiver<Arc<NodeConfig>>,
     pub tunnels: Arc<Tunnels>,
+    /// HTTP/1.1 requests to other nodes, on kept streams.
+    pub carried: Arc<super::carried::Carried>,
     pub inbound: Arc<L7Inbound>,
     pub stats: Arc<L7Stats>,
     pub access_log: Arc<AccessLog>,
@@ -692,25 +694,28 @@ impl L7Outbound {
             .placement
             .tunnel_addr(&w.node, ip)
             .ok_or_else(|| ProxyError::Connect(format!("node {} has no tunnel address", w.node)))?;
-        let resp = upstream::via_tunnel(
-            &self.tunnels,
-            TunnelTarget {
-                src,
-                node,
-                dst: &w.identity,
-                target,
-                forwarded: &conn.forwarded,
-            },
-            proto,
-            req,
-        )
-        .await?;
+        let t = TunnelTarget {
+            src,
+            node,
+            dst: &w.identity,
+            target,
+            forwarded: &conn.forwarded,
+        };
+        // An upgrade needs a stream of its own; HTTP/2 pods get their requests as HTTP/2 streams
+        // (trailers, multiplexing end to end).
+        let resp = if proto == UpstreamProtocol::H1
+            && !req.headers().contains_key(&upgrade::UPGRADE_HEADER)
+        {
+            self.carried.send(t, req).await?
+        } else {
+            upstream::via_tunnel(&self.tunnels, t, proto, req).await?
+        };
         Ok((resp, pod.to_string()))
     }
 }
 
 /// This hop's span, when tracing is on (the request then carries it as the parent).
-pub fn start_span(tracing: &Tracing, hop: Hop, req: &mut Request<Body>) -> Option<HopSpan> {
+pub fn start_span<B>(tracing: &Tracing, hop: Hop, req: &mut Request<B>) -> Option<HopSpan> {
     if !tracing.enabled() {
         return None;
     }

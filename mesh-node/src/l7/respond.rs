@@ -87,6 +87,30 @@ impl ProxyError {
     }
 }
 
+/// [`error_response`]'s answer to a plain HTTP request, written as HTTP/1.1 for a carried
+/// stream (`relay`). `close`: the stream ends after it.
+pub fn error_h1(e: &ProxyError, close: bool) -> bytes::Bytes {
+    use std::fmt::Write;
+    let body = format!("{e}\n");
+    let status = e.status();
+    let mut out = String::with_capacity(160 + body.len());
+    let _ = write!(
+        out,
+        "HTTP/1.1 {} {}\r\ncontent-type: text/plain\r\n{}: {}\r\ncontent-length: {}\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        FLAG_HEADER.as_str(),
+        e.flag(),
+        body.len()
+    );
+    if close {
+        out.push_str("connection: close\r\n");
+    }
+    out.push_str("\r\n");
+    out.push_str(&body);
+    out.into()
+}
+
 pub fn error_response(e: &ProxyError, grpc: bool) -> Response<Body> {
     let reason = e.to_string();
     let mut resp = if grpc {
@@ -176,5 +200,36 @@ mod tests {
         let r = error_response(&ProxyError::RateLimited, false);
         assert_eq!(r.status(), 429);
         assert_eq!(r.headers()[&FLAG_HEADER], "RL");
+    }
+
+    /// The HTTP/1.1 form says what `error_response` says: status, flag, reason, exact length.
+    #[test]
+    fn http1_answers_match_the_response() {
+        for (e, close) in [
+            (ProxyError::Denied("rule deny-all".into()), false),
+            (ProxyError::Connect("10.0.0.1:80: refused".into()), true),
+        ] {
+            let bytes = error_h1(&e, close);
+            let mut hs = [httparse::EMPTY_HEADER; 8];
+            let mut r = httparse::Response::new(&mut hs);
+            let httparse::Status::Complete(n) = r.parse(&bytes).unwrap() else {
+                panic!("partial head");
+            };
+            assert_eq!(r.code, Some(e.status().as_u16()));
+            let field = |name: &str| {
+                r.headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case(name))
+                    .map(|h| std::str::from_utf8(h.value).unwrap())
+            };
+            assert_eq!(field(FLAG_HEADER.as_str()), Some(e.flag()));
+            assert_eq!(field("connection"), close.then_some("close"));
+            let body = &bytes[n..];
+            assert_eq!(
+                field("content-length"),
+                Some(body.len().to_string().as_str())
+            );
+            assert_eq!(body, format!("{e}\n").as_bytes());
+        }
     }
 }

@@ -127,6 +127,27 @@ fn origin_form(uri: &Uri) -> Result<Uri, ProxyError> {
     Uri::from_parts(parts).map_err(|e| ProxyError::BadRequest(format!("request target: {e}")))
 }
 
+/// Makes `req` an HTTP/1.1 request for `auth`: origin-form target, `Host` (kept if the app sent
+/// one).
+fn set_http1(req: &mut Request<Body>, auth: &Authority) -> Result<(), ProxyError> {
+    *req.uri_mut() = origin_form(req.uri())?;
+    if !req.headers().contains_key(header::HOST)
+        && let Ok(v) = HeaderValue::from_str(auth.as_str())
+    {
+        req.headers_mut().insert(header::HOST, v);
+    }
+    *req.version_mut() = http::Version::HTTP_11;
+    Ok(())
+}
+
+/// Readies `req` to be sent as HTTP/1.1 to the pod at `target`: hop-by-hop headers off, then
+/// [`set_http1`].
+pub fn to_http1(req: &mut Request<Body>, target: SocketAddr) -> Result<(), ProxyError> {
+    let auth = authority_of(req, target)?;
+    strip_hop_headers(req.headers_mut());
+    set_http1(req, &auth)
+}
+
 /// An address as a header value, formatted without a heap string.
 fn addr_value(addr: SocketAddr) -> HeaderValue {
     use std::io::Write;
@@ -159,13 +180,7 @@ impl PodClient {
     }
 
     async fn connect(&self, addr: SocketAddr) -> Result<TokioIo<PodStream>, ProxyError> {
-        let tcp = tokio::time::timeout(self.connect_timeout, self.source.connect_local(addr))
-            .await
-            .map_err(|_| ProxyError::Connect(format!("{addr}: timed out")))?
-            .map_err(|e| ProxyError::Connect(format!("{addr}: {e}")))?;
-        self.opened
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(TokioIo::new(tcp))
+        Ok(TokioIo::new(self.dial(addr).await?))
     }
 
     /// Sends `req` to the pod at `addr`. Our own response flag is taken off the pod's answer: only
@@ -239,24 +254,11 @@ impl PodClient {
                 Ok(resp.map(boxed))
             }
             UpstreamProtocol::H1 => {
-                *req.uri_mut() = origin_form(req.uri())?;
-                if !req.headers().contains_key(header::HOST)
-                    && let Ok(v) = HeaderValue::from_str(auth.as_str())
-                {
-                    req.headers_mut().insert(header::HOST, v);
-                }
-                *req.version_mut() = http::Version::HTTP_11;
+                set_http1(&mut req, &auth)?;
                 let mut send = self.h1_sender(addr).await?;
                 let resp = send.send_request(req).await.map_err(upstream_error)?;
                 let pool = Arc::downgrade(self);
-                Ok(resp.map(|b| {
-                    boxed(ReturnToPool {
-                        inner: b,
-                        sender: Some(send),
-                        pool,
-                        addr,
-                    })
-                }))
+                Ok(resp.map(|b| boxed(ReturnToPool::new(b, send, pool, addr))))
             }
         }
     }
@@ -321,6 +323,21 @@ impl PodClient {
         Ok(send)
     }
 
+    /// A new connection to the pod at `addr` (within the connect timeout), counted.
+    pub async fn dial(&self, addr: SocketAddr) -> Result<PodStream, ProxyError> {
+        let tcp = tokio::time::timeout(self.connect_timeout, self.source.connect_local(addr))
+            .await
+            .map_err(|_| ProxyError::Connect(format!("{addr}: timed out")))?
+            .map_err(|e| ProxyError::Connect(format!("{addr}: {e}")))?;
+        self.opened
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(tcp)
+    }
+}
+
+impl GiveBack for PodClient {
+    type Key = SocketAddr;
+
     fn give_back(&self, addr: SocketAddr, s: http1::SendRequest<Body>) {
         let mut pool = self.h1.lock().expect("pool lock");
         let idle = pool.entry(addr).or_default();
@@ -330,19 +347,42 @@ impl PodClient {
     }
 }
 
-fn upstream_error(e: hyper::Error) -> ProxyError {
+pub fn upstream_error(e: hyper::Error) -> ProxyError {
     ProxyError::Reset(e.to_string())
 }
 
-/// An HTTP/1.1 response body that puts its connection back in the pool once read to the end.
-struct ReturnToPool {
-    inner: hyper::body::Incoming,
-    sender: Option<http1::SendRequest<Body>>,
-    pool: Weak<PodClient>,
-    addr: SocketAddr,
+/// A pool of HTTP/1.1 connections, keyed by where they go.
+pub trait GiveBack: Send + Sync + 'static {
+    type Key: Send + Sync + Unpin + 'static;
+    /// Takes back a connection whose last response was read to its end.
+    fn give_back(&self, key: Self::Key, s: http1::SendRequest<Body>);
 }
 
-impl http_body::Body for ReturnToPool {
+/// An HTTP/1.1 response body that puts its connection back in the pool once read to the end.
+pub struct ReturnToPool<P: GiveBack> {
+    inner: hyper::body::Incoming,
+    sender: Option<http1::SendRequest<Body>>,
+    pool: Weak<P>,
+    key: Option<P::Key>,
+}
+
+impl<P: GiveBack> ReturnToPool<P> {
+    pub fn new(
+        inner: hyper::body::Incoming,
+        s: http1::SendRequest<Body>,
+        pool: Weak<P>,
+        key: P::Key,
+    ) -> Self {
+        Self {
+            inner,
+            sender: Some(s),
+            pool,
+            key: Some(key),
+        }
+    }
+}
+
+impl<P: GiveBack> http_body::Body for ReturnToPool<P> {
     type Data = Bytes;
     type Error = hyper::Error;
 
@@ -352,9 +392,10 @@ impl http_body::Body for ReturnToPool {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
         if (frame.is_none() || self.inner.is_end_stream())
-            && let (Some(s), Some(pool)) = (self.sender.take(), self.pool.upgrade())
+            && let (Some(s), Some(key), Some(pool)) =
+                (self.sender.take(), self.key.take(), self.pool.upgrade())
         {
-            pool.give_back(self.addr, s);
+            pool.give_back(key, s);
         }
         Poll::Ready(frame)
     }

@@ -1,0 +1,229 @@
+//! HTTP/1.1 requests between node proxies, carried inside CONNECT streams that stay open.
+//!
+//! A request to an HTTP/2 pod (or an upgrade) crosses as an HTTP/2 stream of its own
+//! (`upstream::via_tunnel`). For a small request, opening, HPACK-coding and closing that stream,
+//! and a task per request on the destination, cost more than the request. So requests to an
+//! HTTP/1.1 pod ride a CONNECT stream marked with [`super::CARRIED_HEADER`] instead, kept and reused
+//! like a pooled HTTP/1.1 connection, one request at a time. The destination relays them to the
+//! pod (`relay`) with the same per-request authorization, limits and records as any L7 request.
+//! The caller's identity is the one the tunnel's mTLS proved; its address is in each request's
+//! `Forwarded`.
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use http::{HeaderValue, Request, Response, header};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use mesh_api::identity::SpiffeId;
+use tracing::debug;
+
+use super::{
+    body::{Body, boxed},
+    inbound::{Caller, L7Inbound, Ticket},
+    relay::Gate,
+    respond::ProxyError,
+    upstream::{GiveBack, ReturnToPool, TunnelTarget, to_http1, upstream_error},
+};
+use crate::{
+    enforce::forwarded_for,
+    hbone::{ConnState, Tunnels},
+    tunnel_io::TunnelIo,
+};
+
+/// Idle streams kept per destination pod (and source identity).
+const MAX_KEPT: usize = 64;
+/// A kept stream unused this long is closed: it holds a stream slot on the tunnel connection and
+/// a pod connection on the destination.
+const KEPT_IDLE: Duration = Duration::from_secs(30);
+
+/// Where a kept stream goes: one destination pod, through one tunnel connection's key.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub struct Key {
+    src: SpiffeId,
+    node: SocketAddr,
+    dst: SpiffeId,
+    target: SocketAddr,
+}
+
+/// An idle stream with HTTP/1.1 running on it.
+struct Kept {
+    send: http1::SendRequest<Body>,
+    /// The tunnel connection it is on: a retired connection takes no new requests.
+    conn: Arc<ConnState>,
+    since: Instant,
+}
+
+/// The source side: kept streams, and the requests sent on them.
+pub struct Carried {
+    tunnels: Arc<Tunnels>,
+    idle: Mutex<HashMap<Key, Vec<Kept>>>,
+}
+
+impl Carried {
+    pub fn new(tunnels: Arc<Tunnels>) -> Arc<Self> {
+        let this = Arc::new(Self {
+            tunnels,
+            idle: Mutex::default(),
+        });
+        let weak = Arc::downgrade(&this);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(KEPT_IDLE / 3).await;
+                let Some(c) = weak.upgrade() else { return };
+                c.idle.lock().expect("pool lock").retain(|_, kept| {
+                    kept.retain(|k| {
+                        let keep = k.since.elapsed() < KEPT_IDLE && !k.send.is_closed();
+                        if !keep {
+                            k.conn.unkeep();
+                        }
+                        keep
+                    });
+                    !kept.is_empty()
+                });
+            }
+        });
+        this
+    }
+
+    /// Sends `req` to the pod `t` names on a kept stream (a new one when none is free).
+    pub async fn send(
+        self: &Arc<Self>,
+        t: TunnelTarget<'_>,
+        mut req: Request<Body>,
+    ) -> Result<Response<Body>, ProxyError> {
+        to_http1(&mut req, t.target)?;
+        // Streams are shared by the app's connections: the client's address goes per request.
+        req.headers_mut()
+            .insert(header::FORWARDED, t.forwarded.clone());
+        let key = Key {
+            src: t.src.clone(),
+            node: t.node,
+            dst: t.dst.clone(),
+            target: t.target,
+        };
+        loop {
+            let (mut kept, fresh) = match self.take(&key).await {
+                Some(k) => (k, false),
+                None => (Box::pin(self.open(&key)).await?, true),
+            };
+            match kept.send.try_send_request(req).await {
+                Ok(resp) => {
+                    let (pool, back) = (Arc::downgrade(self), (key, kept.conn));
+                    return Ok(resp.map(|b| boxed(ReturnToPool::new(b, kept.send, pool, back))));
+                }
+                Err(mut e) => match e.take_message() {
+                    // A kept stream that ended before it took the request (nothing was sent,
+                    // the destination closed it): the next one takes it.
+                    Some(r) if !fresh => req = r,
+                    _ => return Err(upstream_error(e.into_error())),
+                },
+            }
+        }
+    }
+
+    /// A kept stream for `key` that can take a request now.
+    async fn take(&self, key: &Key) -> Option<Kept> {
+        loop {
+            let mut kept = self
+                .idle
+                .lock()
+                .expect("pool lock")
+                .get_mut(key)
+                .and_then(Vec::pop)?;
+            kept.conn.unkeep();
+            if kept.send.is_closed() || !self.tunnels.still_current(&key.src, &kept.conn) {
+                continue;
+            }
+            if kept.send.ready().await.is_ok() {
+                return Some(kept);
+            }
+        }
+    }
+
+    async fn open(&self, key: &Key) -> Result<Kept, ProxyError> {
+        let (tunnel, conn) = self
+            .tunnels
+            .open_carried(&key.src, key.node, &key.dst, key.target)
+            .await
+            .map_err(|e| ProxyError::Connect(mesh_api::placement::error_chain(&e)))?;
+        let (send, http) = http1::handshake(TokioIo::new(TunnelIo::new(tunnel)))
+            .await
+            .map_err(|e| ProxyError::Connect(e.to_string()))?;
+        let target = key.target;
+        tokio::spawn(async move {
+            if let Err(e) = http.await {
+                debug!(%target, error = %e, "carried stream ended");
+            }
+        });
+        Ok(Kept {
+            send,
+            conn,
+            since: Instant::now(),
+        })
+    }
+}
+
+impl GiveBack for Carried {
+    type Key = (Key, Arc<ConnState>);
+
+    fn give_back(&self, (key, conn): Self::Key, send: http1::SendRequest<Body>) {
+        let mut idle = self.idle.lock().expect("pool lock");
+        let list = idle.entry(key).or_default();
+        // Bounded per pod, and per tunnel connection: idle streams must not hold the slots new
+        // streams need.
+        if list.len() < MAX_KEPT && conn.try_keep() {
+            list.push(Kept {
+                send,
+                conn,
+                since: Instant::now(),
+            });
+        }
+    }
+}
+
+/// A carried stream as the destination knows it: its requests go to one pod of this node.
+pub struct Stream {
+    /// The caller's identity, proven by the tunnel's mTLS.
+    pub identity: SpiffeId,
+    /// The source node's proxy.
+    pub peer: SocketAddr,
+    /// The pod of this node the stream is for, and its address.
+    pub namespace: String,
+    pub name: String,
+    pub target: SocketAddr,
+}
+
+/// The destination's L7 side for the requests of one carried stream.
+pub struct ToPod<'s> {
+    pub l7: &'s L7Inbound,
+    pub stream: &'s Stream,
+}
+
+impl<'s> Gate for ToPod<'s> {
+    type Ticket = Ticket<'s>;
+
+    fn admit(
+        &self,
+        req: &mut Request<()>,
+        forwarded: Option<&HeaderValue>,
+    ) -> (Ticket<'s>, Result<(), ProxyError>) {
+        let s = self.stream;
+        let caller = Caller {
+            identity: Some(s.identity.clone()),
+            ip: forwarded
+                .and_then(|v| forwarded_for(v.to_str().ok()?))
+                .unwrap_or(s.peer.ip()),
+        };
+        let dst = (s.namespace.as_str(), s.name.as_str());
+        self.l7.admit_request(req, caller, dst, s.target)
+    }
+
+    fn finish(&self, mut t: Ticket<'s>, code: u16, flag: &'static str, bytes: (u64, u64)) {
+        self.l7
+            .finish_request(&mut t, (code, "", flag), bytes, true);
+    }
+}
