@@ -4,7 +4,8 @@
 //! is declared by the Service port or detected (`detect`), hyper serves it (`outbound`); each
 //! request is routed (`crate::routes`), filtered (`filters`), shaped by the backend Service's
 //! traffic policy (`policy`), balanced across endpoints (`balance`), then sent either to another
-//! node's proxy as its own HTTP/2 stream on the pooled mTLS connection, or, for a pod of this
+//! node's proxy (on a kept CONNECT stream for an HTTP/1.1 pod, `carried`, relayed there by
+//! `relay`; else as its own HTTP/2 stream on the pooled mTLS connection), or, for a pod of this
 //! node, straight to the inbound side (`inbound`), which authorizes it with the caller's proven
 //! identity, rate-limits it and forwards it to the pod (`upstream`). Every failure becomes a
 //! response in one place (`respond`).

@@ -87,18 +87,33 @@ pub trait Gate: Sync {
     fn finish(&self, t: Self::Ticket, code: u16, flag: &'static str, bytes: (u64, u64));
 }
 
-/// Serves the requests on `carrier` until the source ends the stream. `dial` opens a
-/// connection to the pod, when the stream has none that is open.
-pub async fn serve<C, G, P, D, F>(carrier: &mut C, gate: &G, mut dial: D) -> Result<(), RelayError>
+/// Opens a connection to the pod: any `FnMut() -> impl Future<Output = Result<Io, _>>`.
+pub trait Dial: Send {
+    type Io: AsyncRead + AsyncWrite + Unpin + Send;
+    fn dial(&mut self) -> impl Future<Output = Result<Self::Io, ProxyError>> + Send;
+}
+
+impl<D, F, P> Dial for D
 where
-    C: Carrier,
-    G: Gate,
-    P: AsyncRead + AsyncWrite + Unpin + Send,
     D: FnMut() -> F + Send,
     F: Future<Output = Result<P, ProxyError>> + Send,
+    P: AsyncRead + AsyncWrite + Unpin + Send,
 {
+    type Io = P;
+    fn dial(&mut self) -> impl Future<Output = Result<P, ProxyError>> + Send {
+        self()
+    }
+}
+
+/// Serves the requests on `carrier` until the source ends the stream. `dial` opens a
+/// connection to the pod, when the stream has none that is open.
+pub async fn serve<C: Carrier, G: Gate, D: Dial>(
+    carrier: &mut C,
+    gate: &G,
+    mut dial: D,
+) -> Result<(), RelayError> {
     let mut from_src = BytesMut::new();
-    let mut pod: Option<Pod<P>> = None;
+    let mut pod: Option<Pod<D::Io>> = None;
     let r = loop {
         let head = match read_request(carrier, &mut from_src).await {
             Ok(Some(head)) => head,
@@ -139,21 +154,14 @@ struct RequestHead {
 }
 
 /// One request, from its head to the end of its answer.
-async fn one<C, G, P, D, F>(
+async fn one<C: Carrier, G: Gate, D: Dial>(
     carrier: &mut C,
     gate: &G,
     dial: &mut D,
-    pod: &mut Option<Pod<P>>,
+    pod: &mut Option<Pod<D::Io>>,
     from_src: &mut BytesMut,
     head: RequestHead,
-) -> Result<Next, RelayError>
-where
-    C: Carrier,
-    G: Gate,
-    P: AsyncRead + AsyncWrite + Unpin + Send,
-    D: FnMut() -> F + Send,
-    F: Future<Output = Result<P, ProxyError>> + Send,
-{
+) -> Result<Next, RelayError> {
     let RequestHead {
         mut req,
         forwarded,
@@ -171,7 +179,7 @@ where
     let fresh = reused.is_none();
     let mut p = match reused {
         Some(p) => p,
-        None => match dial().await {
+        None => match dial.dial().await {
             Ok(io) => Pod {
                 io,
                 buf: BytesMut::with_capacity(READ_SIZE),
@@ -191,7 +199,7 @@ where
     if sent.is_err() && !fresh && whole {
         // The pod closed the pooled connection as the request went out (nothing came back):
         // the whole request is still here, so it goes once more on a new connection.
-        match dial().await {
+        match dial.dial().await {
             Ok(io) => {
                 p = Pod {
                     io,
