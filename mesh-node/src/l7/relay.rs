@@ -207,7 +207,11 @@ async fn one<C: Carrier, G: Gate, D: Dial>(
                 };
                 sent = send_request(&mut p, &out, carrier, from_src, &mut rest).await;
             }
-            Err(e) => return refuse(carrier, gate, from_src, (body, close), e, ticket).await,
+            // The body was read with the head: there is nothing left of it to skip.
+            Err(e) => {
+                let kind = (BodyKind::None, close);
+                return refuse(carrier, gate, from_src, kind, e, ticket).await;
+            }
         }
     }
     match &sent {
@@ -227,10 +231,12 @@ async fn one<C: Carrier, G: Gate, D: Dial>(
         Err(e) => {
             // Nothing of the answer went out: ours says what failed. The connection is dropped;
             // a request whose body was not read to its end takes the stream with it.
-            let answer = error_h1(&ProxyError::Reset(e.to_string()), close || !rest.done());
+            let failed = ProxyError::Reset(e.to_string());
+            let answer = error_h1(&failed, close || !rest.done());
             let n = answer.len() as u64;
             carrier.send(answer).await?;
-            gate.finish(ticket, 502, "UR", (request_bytes, n));
+            let code = failed.status().as_u16();
+            gate.finish(ticket, code, failed.flag(), (request_bytes, n));
             if !rest.done() {
                 return Ok(Next::End);
             }
