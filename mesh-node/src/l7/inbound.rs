@@ -63,17 +63,20 @@ pub struct Ticket<'a> {
     /// Why it was refused, for the access log.
     decision: Option<String>,
     caller: Caller,
-    /// The caller's workload (namespace, name), when its identity is proven.
-    source: Option<(String, String)>,
+    /// The config the request was admitted under: it names the caller's workload.
+    cfg: Arc<NodeConfig>,
     dst: (&'a str, &'a str),
     target: SocketAddr,
 }
 
 impl Ticket<'_> {
+    /// The caller's workload (namespace, name), when its identity is proven.
     fn source_names(&self) -> (&str, &str) {
-        self.source
+        self.caller
+            .identity
             .as_ref()
-            .map_or(("", ""), |(ns, n)| (ns.as_str(), n.as_str()))
+            .and_then(|_| self.cfg.placement.by_ip(self.caller.ip))
+            .map_or(("", ""), |w| (w.namespace.as_str(), w.name.as_str()))
     }
 
     fn security(&self) -> &'static str {
@@ -187,18 +190,13 @@ impl L7Inbound {
             (Err(e), Some(_)) => Some(e.to_string()),
             _ => None,
         };
-        let source = caller
-            .identity
-            .as_ref()
-            .and_then(|_| cfg.placement.by_ip(caller.ip))
-            .map(|w| (w.namespace.clone(), w.name.clone()));
         let ticket = Ticket {
             started,
             span,
             seen,
             decision,
             caller,
-            source,
+            cfg,
             dst,
             target,
         };
