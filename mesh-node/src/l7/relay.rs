@@ -752,40 +752,55 @@ mod tests {
     }
 
     /// A pod: for each request it reads (head, then a `content-length` body), it writes the next
-    /// answer; after the last one it closes. What it read is kept.
+    /// answer (a byte at a time when `trickle`); after the last one it closes. What it read is
+    /// kept.
     fn pod(answers: Vec<&'static [u8]>) -> (DuplexStream, Arc<Mutex<Vec<u8>>>) {
-        let (ours, mut theirs) = tokio::io::duplex(1 << 16);
+        let (ours, theirs) = tokio::io::duplex(1 << 16);
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let log = seen.clone();
-        tokio::spawn(async move {
-            let mut buf = BytesMut::new();
-            for answer in answers {
-                loop {
-                    let mut hs = [httparse::EMPTY_HEADER; 32];
-                    let mut r = httparse::Request::new(&mut hs);
-                    if let Ok(httparse::Status::Complete(n)) = r.parse(&buf) {
-                        let len = r
-                            .headers
-                            .iter()
-                            .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                            .map_or(0, |h| {
-                                std::str::from_utf8(h.value).unwrap().parse().unwrap()
-                            });
-                        if buf.len() >= n + len {
-                            log.lock()
-                                .unwrap()
-                                .extend_from_slice(&buf.split_to(n + len));
-                            break;
-                        }
-                    }
-                    if theirs.read_buf(&mut buf).await.unwrap() == 0 {
-                        return;
+        tokio::spawn(script(theirs, answers, false, seen.clone()));
+        (ours, seen)
+    }
+
+    async fn script<S: AsyncRead + AsyncWrite + Unpin>(
+        mut theirs: S,
+        answers: Vec<&'static [u8]>,
+        trickle: bool,
+        log: Arc<Mutex<Vec<u8>>>,
+    ) {
+        let mut buf = BytesMut::new();
+        for answer in answers {
+            loop {
+                let mut hs = [httparse::EMPTY_HEADER; 32];
+                let mut r = httparse::Request::new(&mut hs);
+                if let Ok(httparse::Status::Complete(n)) = r.parse(&buf) {
+                    let len = r
+                        .headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                        .map_or(0, |h| {
+                            std::str::from_utf8(h.value).unwrap().parse().unwrap()
+                        });
+                    if buf.len() >= n + len {
+                        log.lock()
+                            .unwrap()
+                            .extend_from_slice(&buf.split_to(n + len));
+                        break;
                     }
                 }
+                if theirs.read_buf(&mut buf).await.unwrap() == 0 {
+                    return;
+                }
+            }
+            if trickle {
+                for b in answer {
+                    theirs.write_all(&[*b]).await.unwrap();
+                    theirs.flush().await.unwrap();
+                    tokio::task::yield_now().await;
+                }
+            } else {
                 theirs.write_all(answer).await.unwrap();
             }
-        });
-        (ours, seen)
+        }
     }
 
     /// Runs the relay over `frames` (the source's bytes, each a DATA frame) with `pods` to dial
@@ -817,51 +832,75 @@ mod tests {
         (out, chan.ended, r, dials)
     }
 
-    #[tokio::test]
-    async fn requests_are_relayed_in_order_with_bodies_split_anywhere() {
-        let (p, seen) = pod(vec![
-            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-nodemesh-flag: UF\r\nkeep-alive: 5\r\n\r\nhi",
-            b"HTTP/1.1 201 Created\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
-        ]);
-        let book = Book::default();
-        let (out, ended, r, dials) = run(
-            &[
-                b"GET /a HTTP/1.1\r\nhost: shop\r\nforwarded: for=\"10.1.0.5:4000\"\r\n",
-                b"x-nodemesh-target: 1.2.3.4:80\r\nconnection: keep-alive\r\n\r\nPOST /b HTTP/1.1\r\nhost: shop\r\ncontent-length: 5\r\n\r\nhe",
-                b"llo",
-            ],
-            vec![p],
-            &book,
-        )
-        .await;
-        r.unwrap();
-        assert_eq!(
-            ended, None,
-            "the source ended the stream: nothing more to say"
-        );
-        assert_eq!(dials, 1, "both requests share the pod connection");
+    const TWO_ANSWERS: [&[u8]; 2] = [
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-nodemesh-flag: UF\r\nkeep-alive: 5\r\n\r\nhi",
+        b"HTTP/1.1 201 Created\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    ];
+
+    /// Two requests from the source, with its `Forwarded`, one of our fields and a hop-by-hop
+    /// one on the first, and a body on the second.
+    const TWO_REQUESTS: &[u8] =
+        b"GET /a HTTP/1.1\r\nhost: shop\r\nforwarded: for=\"10.1.0.5:4000\"\r\n\
+        x-nodemesh-target: 1.2.3.4:80\r\nconnection: keep-alive\r\n\r\n\
+        POST /b HTTP/1.1\r\nhost: shop\r\ncontent-length: 5\r\n\r\nhello";
+
+    /// What the source, the pod and the gate see of [`TWO_REQUESTS`] answered by
+    /// [`TWO_ANSWERS`].
+    fn check_two(out: &str, seen: &Mutex<Vec<u8>>, book: &Book, at: &str) {
         // The pod's own flag and hop-by-hop fields do not pass; the bodies arrive whole.
         assert_eq!(
             out,
             "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi\
-             HTTP/1.1 201 Created\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+             HTTP/1.1 201 Created\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            "{at}"
         );
         // Our fields and hop-by-hop ones stay on this side of the pod.
         assert_eq!(
             String::from_utf8(seen.lock().unwrap().clone()).unwrap(),
             "GET /a HTTP/1.1\r\nhost: shop\r\n\r\n\
-             POST /b HTTP/1.1\r\nhost: shop\r\ncontent-length: 5\r\n\r\nhello"
+             POST /b HTTP/1.1\r\nhost: shop\r\ncontent-length: 5\r\n\r\nhello",
+            "{at}"
         );
         assert_eq!(
             *book.ends.lock().unwrap(),
             [
                 ("/a".into(), 200, "-", (0, 2)),
                 ("/b".into(), 201, "-", (5, 13))
-            ]
+            ],
+            "{at}"
         );
         let fwd = book.forwarded.lock().unwrap();
-        assert_eq!(fwd[0].as_ref().unwrap(), "for=\"10.1.0.5:4000\"");
-        assert_eq!(fwd[1], None);
+        assert_eq!(fwd[0].as_ref().unwrap(), "for=\"10.1.0.5:4000\"", "{at}");
+        assert_eq!(fwd[1], None, "{at}");
+    }
+
+    #[tokio::test]
+    async fn requests_are_relayed_in_order_with_the_stream_split_anywhere() {
+        for i in 1..TWO_REQUESTS.len() {
+            let (p, seen) = pod(TWO_ANSWERS.to_vec());
+            let book = Book::default();
+            let (a, b) = TWO_REQUESTS.split_at(i);
+            let (out, ended, r, dials) = run(&[a, b], vec![p], &book).await;
+            let at = format!("source bytes split at {i}");
+            r.unwrap();
+            assert_eq!(
+                ended, None,
+                "{at}: the source ended the stream, nothing to add"
+            );
+            assert_eq!(dials, 1, "{at}: both requests share the pod connection");
+            check_two(&out, &seen, &book, &at);
+        }
+    }
+
+    #[tokio::test]
+    async fn answers_that_arrive_a_byte_at_a_time_are_relayed_whole() {
+        let (ours, theirs) = tokio::io::duplex(1 << 16);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        tokio::spawn(script(theirs, TWO_ANSWERS.to_vec(), true, seen.clone()));
+        let book = Book::default();
+        let (out, _, r, _) = run(&[TWO_REQUESTS], vec![ours], &book).await;
+        r.unwrap();
+        check_two(&out, &seen, &book, "pod trickling");
     }
 
     #[tokio::test]
@@ -893,9 +932,21 @@ mod tests {
 
     #[tokio::test]
     async fn a_pod_connection_closed_while_idle_is_replaced() {
-        // The first pod connection closes after one answer (its keep-alive timeout).
-        let (first, _) = pod(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"]);
-        let (second, _) = pod(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\n2"]);
+        // Real TCP: a write to a connection the peer closed still succeeds there, so only the
+        // check before reuse keeps the request from a dead connection. The first connection
+        // closes after one answer (its keep-alive timeout).
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let answers: [&'static [u8]; 2] = [
+                b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+                b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\n2",
+            ];
+            for answer in answers {
+                let (tcp, _) = listener.accept().await.unwrap();
+                script(tcp, vec![answer], false, Arc::default()).await;
+            }
+        });
         let book = Book::default();
         let (tx, rx) = unbounded_channel();
         let mut chan = Chan {
@@ -903,12 +954,14 @@ mod tests {
             out: Vec::new(),
             ended: None,
         };
-        let mut pods = vec![first, second].into_iter();
         let mut dials = 0;
         let dial = || {
             dials += 1;
-            let p = pods.next();
-            async move { p.ok_or_else(|| ProxyError::Connect("pod refused".into())) }
+            async move {
+                tokio::net::TcpStream::connect(addr)
+                    .await
+                    .map_err(|e| ProxyError::Connect(e.to_string()))
+            }
         };
         let source = async {
             tx.send(Bytes::from_static(b"GET /1 HTTP/1.1\r\n\r\n"))
@@ -921,9 +974,9 @@ mod tests {
         };
         let (r, ()) = tokio::join!(serve(&mut chan, &book, dial), source);
         r.unwrap();
-        assert_eq!(dials, 2);
         let codes: Vec<_> = book.ends.lock().unwrap().iter().map(|e| e.1).collect();
         assert_eq!(codes, [200, 200]);
+        assert_eq!(dials, 2);
         assert!(String::from_utf8(chan.out).unwrap().ends_with("\r\n\r\n2"));
     }
 
