@@ -816,21 +816,27 @@ impl Inbound {
         client_id: &SpiffeId,
         served: &SpiffeId,
     ) {
-        let target = req
-            .uri()
-            .authority()
-            .and_then(|a| a.as_str().parse::<SocketAddr>().ok());
-        let placement = self.placement.current();
-        let local = target.and_then(|t| Some((t, self.local(&placement, t, served)?)));
-        let Some((target, w)) = local else {
-            self.stats.inbound_refused_not_local.fetch_add(1, Relaxed);
-            warn!(%peer, ?target, client = %client_id, served = %served, "refused carried stream: not an enrolled pod of this node with that identity");
+        let mut refuse = |s: StatusCode| {
             let resp = Response::builder()
-                .status(StatusCode::FORBIDDEN)
+                .status(s)
                 .body(())
                 .expect("static response");
             let _ = respond.send_response(resp, true);
-            return;
+        };
+        // The same answers as any CONNECT's: 400 for a target that is not an address, 403 for
+        // one that is not an enrolled pod of this node with the identity proven.
+        let Some(target) = req
+            .uri()
+            .authority()
+            .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+        else {
+            return refuse(StatusCode::BAD_REQUEST);
+        };
+        let placement = self.placement.current();
+        let Some(w) = self.local(&placement, target, served) else {
+            self.stats.inbound_refused_not_local.fetch_add(1, Relaxed);
+            warn!(%peer, %target, client = %client_id, served = %served, "refused carried stream: not an enrolled pod of this node with that identity");
+            return refuse(StatusCode::FORBIDDEN);
         };
         let stream = crate::l7::carried::Stream {
             identity: client_id.clone(),
