@@ -640,13 +640,7 @@ impl Inbound {
         client_id: &SpiffeId,
         served: &SpiffeId,
     ) {
-        let mut answer = |s: StatusCode| {
-            let resp = Response::builder()
-                .status(s)
-                .body(())
-                .expect("static response");
-            respond.send_response(resp, s != StatusCode::OK)
-        };
+        let mut answer = |s: StatusCode| answer_connect(&mut respond, s);
         if req.method() != Method::CONNECT {
             // HTTP requests this node serves were dispatched before; anything else is refused.
             let _ = answer(StatusCode::METHOD_NOT_ALLOWED);
@@ -817,11 +811,7 @@ impl Inbound {
         served: &SpiffeId,
     ) {
         let mut refuse = |s: StatusCode| {
-            let resp = Response::builder()
-                .status(s)
-                .body(())
-                .expect("static response");
-            let _ = respond.send_response(resp, true);
+            let _ = answer_connect(&mut respond, s);
         };
         // The same answers as any CONNECT's: 400 for a target that is not an address, 403 for
         // one that is not an enrolled pod of this node with the identity proven.
@@ -846,11 +836,7 @@ impl Inbound {
             target,
         };
         drop(placement);
-        let ok = Response::builder()
-            .status(StatusCode::OK)
-            .body(())
-            .expect("static response");
-        let Ok(send) = respond.send_response(ok, false) else {
+        let Ok(send) = answer_connect(&mut respond, StatusCode::OK) else {
             return;
         };
         self.stats.inbound_streams.fetch_add(1, Relaxed);
@@ -919,6 +905,19 @@ impl Inbound {
             debug!(%peer, error = %e, "response to the tunnel ended");
         }
     }
+}
+
+/// Answers a CONNECT with `s` alone: `200` keeps the stream open for the bytes that follow, any
+/// other status ends it.
+fn answer_connect(
+    respond: &mut h2::server::SendResponse<Bytes>,
+    s: StatusCode,
+) -> Result<h2::SendStream<Bytes>, h2::Error> {
+    let resp = Response::builder()
+        .status(s)
+        .body(())
+        .expect("static response");
+    respond.send_response(resp, s != StatusCode::OK)
 }
 
 /// Copies between a TCP connection and a tunnel stream, both ways, until both are done (half
