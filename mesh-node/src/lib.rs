@@ -35,4 +35,3 @@ pub mod subscribe;
 mod sys;
 pub mod tls;
 pub mod trace;
-pub mod tunnel_io;

@@ -96,7 +96,7 @@ pub async fn send_body(mut body: Body, send: &mut h2::SendStream<Bytes>) -> Resu
             }
             Some(Ok(f)) => f,
         };
-        let mut data = match frame.into_data() {
+        let data = match frame.into_data() {
             Ok(d) => d,
             Err(frame) => {
                 if let Ok(t) = frame.into_trailers() {
@@ -113,22 +113,47 @@ pub async fn send_body(mut body: Body, send: &mut h2::SendStream<Bytes>) -> Resu
             send.send_data(data, true)?;
             return Ok(());
         }
-        while !data.is_empty() {
-            send.reserve_capacity(data.len());
-            let mut cap = send.capacity();
-            while cap == 0 {
-                cap = match poll_fn(|cx| send.poll_capacity(cx)).await {
-                    Some(c) => c?,
-                    None => return Err("stream closed by the peer".into()),
-                };
-            }
-            let part = data.split_to(cap.min(data.len()));
-            send.send_data(part, last && data.is_empty())?;
-        }
+        send_data(send, data, last).await?;
         if last {
             return Ok(());
         }
     }
+}
+
+/// Why data could not be sent on an HTTP/2 stream.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error(transparent)]
+    Stream(#[from] h2::Error),
+    #[error("stream closed by the peer")]
+    Closed,
+}
+
+/// Sends `data` on `send` as the peer's window allows, ending the stream with its last part if
+/// `end`.
+pub async fn send_data(
+    send: &mut h2::SendStream<Bytes>,
+    mut data: Bytes,
+    end: bool,
+) -> Result<(), SendError> {
+    if data.is_empty() {
+        if end {
+            send.send_data(data, true)?;
+        }
+        return Ok(());
+    }
+    while !data.is_empty() {
+        send.reserve_capacity(data.len());
+        let mut cap = send.capacity();
+        while cap == 0 {
+            cap = poll_fn(|cx| send.poll_capacity(cx))
+                .await
+                .ok_or(SendError::Closed)??;
+        }
+        let part = data.split_to(cap.min(data.len()));
+        send.send_data(part, end && data.is_empty())?;
+    }
+    Ok(())
 }
 
 /// What a recording body has seen so far.

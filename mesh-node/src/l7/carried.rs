@@ -11,27 +11,24 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, Weak},
     time::{Duration, Instant},
 };
 
 use http::{HeaderValue, Request, Response, header};
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
 use mesh_api::identity::SpiffeId;
-use tracing::debug;
 
 use super::{
-    body::{Body, boxed},
+    body::Body,
+    exchange::{Failed, Reuse, close, exchange, idle_ok},
     inbound::{Caller, L7Inbound, Ticket},
     relay::Gate,
     respond::ProxyError,
-    upstream::{GiveBack, ReturnToPool, TunnelTarget, to_http1, upstream_error},
+    upstream::{TunnelTarget, to_http1},
 };
 use crate::{
     enforce::forwarded_for,
-    hbone::{ConnState, Tunnels},
-    tunnel_io::TunnelIo,
+    hbone::{ConnState, Tunnel, Tunnels},
 };
 
 /// Idle streams kept per destination pod (and source identity).
@@ -49,9 +46,9 @@ pub struct Key {
     target: SocketAddr,
 }
 
-/// An idle stream with HTTP/1.1 running on it.
+/// An idle stream, in step: its last answer was read to the end.
 struct Kept {
-    send: http1::SendRequest<Body>,
+    tunnel: Tunnel,
     /// The tunnel connection it is on: a retired connection takes no new requests.
     conn: Arc<ConnState>,
     since: Instant,
@@ -74,16 +71,19 @@ impl Carried {
             loop {
                 tokio::time::sleep(KEPT_IDLE / 3).await;
                 let Some(c) = weak.upgrade() else { return };
+                let mut gone = Vec::new();
                 c.idle.lock().expect("pool lock").retain(|_, kept| {
-                    kept.retain(|k| {
-                        let keep = k.since.elapsed() < KEPT_IDLE && !k.send.is_closed();
-                        if !keep {
+                    for mut k in std::mem::take(kept) {
+                        if k.since.elapsed() < KEPT_IDLE && idle_ok(&mut k.tunnel) {
+                            kept.push(k);
+                        } else {
                             k.conn.unkeep();
+                            gone.push(k.tunnel);
                         }
-                        keep
-                    });
+                    }
                     !kept.is_empty()
                 });
+                gone.into_iter().for_each(close);
             }
         });
         this
@@ -106,27 +106,29 @@ impl Carried {
             target: t.target,
         };
         loop {
-            let (mut kept, fresh) = match self.take(&key).await {
+            let (kept, fresh) = match self.take(&key) {
                 Some(k) => (k, false),
                 None => (Box::pin(self.open(&key)).await?, true),
             };
-            match kept.send.try_send_request(req).await {
-                Ok(resp) => {
-                    let (pool, back) = (Arc::downgrade(self), (key, kept.conn));
-                    return Ok(resp.map(|b| boxed(ReturnToPool::new(b, kept.send, pool, back))));
+            let back = Back {
+                pool: Arc::downgrade(self),
+                key: key.clone(),
+                conn: kept.conn,
+            };
+            match exchange(kept.tunnel, req, back).await {
+                Ok(resp) => return Ok(resp),
+                // A kept stream that ended before it took the request: the next one takes it.
+                Err(Failed::NotSent(r, _)) if !fresh => req = *r,
+                Err(Failed::NotSent(..)) => {
+                    return Err(ProxyError::Connect("carried stream closed at once".into()));
                 }
-                Err(mut e) => match e.take_message() {
-                    // A kept stream that ended before it took the request (nothing was sent,
-                    // the destination closed it): the next one takes it.
-                    Some(r) if !fresh => req = r,
-                    _ => return Err(upstream_error(e.into_error())),
-                },
+                Err(Failed::Sent(e)) => return Err(e),
             }
         }
     }
 
     /// A kept stream for `key` that can take a request now.
-    async fn take(&self, key: &Key) -> Option<Kept> {
+    fn take(&self, key: &Key) -> Option<Kept> {
         loop {
             let mut kept = self
                 .idle
@@ -135,12 +137,10 @@ impl Carried {
                 .get_mut(key)
                 .and_then(Vec::pop)?;
             kept.conn.unkeep();
-            if kept.send.is_closed() || !self.tunnels.still_current(&key.src, &kept.conn) {
-                continue;
-            }
-            if kept.send.ready().await.is_ok() {
+            if idle_ok(&mut kept.tunnel) && self.tunnels.still_current(&key.src, &kept.conn) {
                 return Some(kept);
             }
+            close(kept.tunnel);
         }
     }
 
@@ -150,37 +150,43 @@ impl Carried {
             .open_carried(&key.src, key.node, &key.dst, key.target)
             .await
             .map_err(|e| ProxyError::Connect(mesh_api::placement::error_chain(&e)))?;
-        let (send, http) = http1::handshake(TokioIo::new(TunnelIo::new(tunnel)))
-            .await
-            .map_err(|e| ProxyError::Connect(e.to_string()))?;
-        let target = key.target;
-        tokio::spawn(async move {
-            if let Err(e) = http.await {
-                debug!(%target, error = %e, "carried stream ended");
-            }
-        });
         Ok(Kept {
-            send,
+            tunnel,
             conn,
             since: Instant::now(),
         })
     }
-}
 
-impl GiveBack for Carried {
-    type Key = (Key, Arc<ConnState>);
-
-    fn give_back(&self, (key, conn): Self::Key, send: http1::SendRequest<Body>) {
+    fn give_back(&self, key: Key, conn: Arc<ConnState>, tunnel: Tunnel) {
         let mut idle = self.idle.lock().expect("pool lock");
         let list = idle.entry(key).or_default();
         // Bounded per pod, and per tunnel connection: idle streams must not hold the slots new
         // streams need.
         if list.len() < MAX_KEPT && conn.try_keep() {
             list.push(Kept {
-                send,
+                tunnel,
                 conn,
                 since: Instant::now(),
             });
+        } else {
+            drop(idle);
+            close(tunnel);
+        }
+    }
+}
+
+/// Where a stream goes back to once its answer was read.
+struct Back {
+    pool: Weak<Carried>,
+    key: Key,
+    conn: Arc<ConnState>,
+}
+
+impl Reuse for Back {
+    fn reuse(self, t: Tunnel) {
+        match self.pool.upgrade() {
+            Some(p) => p.give_back(self.key, self.conn, t),
+            None => close(t),
         }
     }
 }

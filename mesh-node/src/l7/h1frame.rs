@@ -1,7 +1,9 @@
 //! Where an HTTP/1.1 message's body ends (RFC 9112 section 6), from its head as `httparse` gives
-//! it, for the destination's lean path: it forwards bytes and must find each message's end
-//! without decoding the body. Ambiguous framing is refused, not guessed: a proxy that reads a
+//! it, for the lean paths between node proxies: the destination forwards bytes and must find
+//! each message's end without decoding the body; the source decodes chunked answers. Ambiguous framing is refused, not guessed: a proxy that reads a
 //! message's length differently from the next hop is how requests get smuggled.
+use bytes::{Buf, Bytes};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use thiserror::Error;
 
 /// How a message's body is delimited.
@@ -30,6 +32,8 @@ pub enum FrameError {
     BadChunkEnd,
     #[error("chunk size line or trailers longer than {0} bytes")]
     LineTooLong(usize),
+    #[error("trailers {0:?}")]
+    BadTrailers(String),
 }
 
 /// Longest chunk-size line or trailer line accepted.
@@ -95,12 +99,26 @@ pub fn response_body(
     }
 }
 
-/// Finds the end of a chunked body as its bytes arrive, without copying them.
+/// Finds the end of a chunked body as its bytes arrive, without copying them ([`Chunked::scan`]),
+/// or decodes it into its data and trailers ([`Chunked::decode`]).
 #[derive(Debug, Default, Clone)]
 pub struct Chunked {
     state: State,
     /// The current size or trailer line, when it spans reads (at most [`MAX_LINE`]).
     line: Vec<u8>,
+    /// Trailer lines, when decoding: `Some` keeps them.
+    trailers: Option<Vec<u8>>,
+}
+
+/// The next piece of a chunked body being decoded.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    /// Chunk data, split off the front of the input without copying.
+    Data(Bytes),
+    /// The input holds nothing more of the body: more is needed.
+    More,
+    /// The body ended, with these trailers (empty when it had none).
+    End(HeaderMap),
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -118,13 +136,56 @@ enum State {
 }
 
 impl Chunked {
+    /// A decoder: like the scanner, and it keeps the trailers.
+    pub fn decoder() -> Self {
+        Self {
+            trailers: Some(Vec::new()),
+            ..Self::default()
+        }
+    }
+
     /// Scans `buf`, the body's next bytes: how many of them belong to the body, and whether the
     /// body ended there. Bytes after the end are the next message's.
     pub fn scan(&mut self, buf: &[u8]) -> Result<(usize, bool), FrameError> {
+        let n = self.advance(buf, false)?;
+        Ok((n, self.state == State::Done))
+    }
+
+    /// Decodes from the front of `buf`, taking what it uses: the next chunk data, `More` once
+    /// `buf` is used up, or the end. Bytes after the end are left in `buf`.
+    pub fn decode(&mut self, buf: &mut Bytes) -> Result<Decoded, FrameError> {
+        loop {
+            match self.state {
+                State::Done => {
+                    let lines = self.trailers.take().unwrap_or_default();
+                    return Ok(Decoded::End(parse_trailers(&lines)?));
+                }
+                State::Data(n) if !buf.is_empty() => {
+                    let take = n.min(buf.len() as u64);
+                    self.state = if n == take {
+                        State::DataCr
+                    } else {
+                        State::Data(n - take)
+                    };
+                    return Ok(Decoded::Data(buf.split_to(take as usize)));
+                }
+                _ if buf.is_empty() => return Ok(Decoded::More),
+                _ => {
+                    let n = self.advance(buf, true)?;
+                    buf.advance(n);
+                }
+            }
+        }
+    }
+
+    /// Runs the framing over `buf`; how many bytes it used. With `stop_at_data` it stops where
+    /// chunk data starts (`decode` splits the data off itself).
+    fn advance(&mut self, buf: &[u8], stop_at_data: bool) -> Result<usize, FrameError> {
         let mut i = 0;
         while i < buf.len() {
             match self.state {
                 State::Done => break,
+                State::Data(_) if stop_at_data => break,
                 State::Data(n) => {
                     let take = n.min((buf.len() - i) as u64);
                     i += take as usize;
@@ -173,12 +234,46 @@ impl Chunked {
                         },
                         // An empty line ends the trailers.
                         _ if line == b"\r\n" || line == b"\n" => State::Done,
-                        other => other,
+                        other => {
+                            if let Some(t) = &mut self.trailers {
+                                if t.len() + line.len() > MAX_TRAILERS {
+                                    return Err(FrameError::LineTooLong(MAX_TRAILERS));
+                                }
+                                t.extend_from_slice(&line);
+                            }
+                            other
+                        }
                     };
                 }
             }
         }
-        Ok((i, self.state == State::Done))
+        Ok(i)
+    }
+}
+
+/// Most trailer bytes a decoder keeps.
+const MAX_TRAILERS: usize = 4 * MAX_LINE;
+
+/// Trailer lines (each ending in a line feed) as fields.
+fn parse_trailers(lines: &[u8]) -> Result<HeaderMap, FrameError> {
+    let mut map = HeaderMap::new();
+    if lines.is_empty() {
+        return Ok(map);
+    }
+    // `parse_headers` wants the empty line that ends them.
+    let block = [lines, b"\r\n"].concat();
+    let mut fields = [httparse::EMPTY_HEADER; 64];
+    let bad = || FrameError::BadTrailers(String::from_utf8_lossy(lines).into_owned());
+    match httparse::parse_headers(&block, &mut fields) {
+        Ok(httparse::Status::Complete((_, fields))) => {
+            for f in fields {
+                let name = HeaderName::from_bytes(f.name.as_bytes()).map_err(|_| bad())?;
+                let value = HeaderValue::from_bytes(f.value).map_err(|_| bad())?;
+                map.append(name, value);
+            }
+            Ok(map)
+        }
+        _ => Err(bad()),
     }
 }
 
@@ -303,5 +398,50 @@ mod tests {
         );
         // An empty body: just the last chunk.
         assert_eq!(Chunked::default().scan(b"0\r\n\r\n"), Ok((5, true)));
+    }
+
+    /// Decodes `input` fed in the given pieces: the data, the trailers, and what followed the end.
+    fn decode_all(pieces: &[&[u8]]) -> Result<(Vec<u8>, HeaderMap, Vec<u8>), FrameError> {
+        let mut d = Chunked::decoder();
+        let mut data = Vec::new();
+        for (k, piece) in pieces.iter().enumerate() {
+            let mut buf = Bytes::copy_from_slice(piece);
+            loop {
+                match d.decode(&mut buf)? {
+                    Decoded::Data(b) => data.extend_from_slice(&b),
+                    Decoded::More => break,
+                    Decoded::End(t) => {
+                        let mut rest = buf.to_vec();
+                        pieces[k + 1..]
+                            .iter()
+                            .for_each(|p| rest.extend_from_slice(p));
+                        return Ok((data, t, rest));
+                    }
+                }
+            }
+        }
+        Err(FrameError::BadChunkEnd)
+    }
+
+    #[test]
+    fn chunked_is_decoded_in_any_split() {
+        let body = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\ngrpc-status: 0\r\nx-b: 2\r\n\r\n";
+        let all = [&body[..], b"NEXT"].concat();
+        for cut in 0..all.len() {
+            for cut2 in cut..all.len() {
+                let pieces = [&all[..cut], &all[cut..cut2], &all[cut2..]];
+                let (data, t, rest) = decode_all(&pieces).unwrap();
+                assert_eq!(data, b"hello world", "cuts {cut} {cut2}");
+                assert_eq!(t.get("grpc-status").unwrap(), "0");
+                assert_eq!(t.get("x-b").unwrap(), "2");
+                assert_eq!(rest, b"NEXT", "cuts {cut} {cut2}");
+            }
+        }
+        // No trailers; and the scanner's errors are the decoder's.
+        let (data, t, rest) = decode_all(&[b"0\r\n\r\n"]).unwrap();
+        assert!(data.is_empty() && t.is_empty() && rest.is_empty());
+        for bad in [&b"zz\r\n"[..], b"3\r\nabcX", b"0\r\nno colon\r\n\r\n"] {
+            assert!(decode_all(&[bad]).is_err(), "{bad:?}");
+        }
     }
 }

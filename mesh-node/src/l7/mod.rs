@@ -13,6 +13,7 @@ pub mod balance;
 pub mod body;
 pub mod carried;
 pub mod detect;
+pub mod exchange;
 pub mod filters;
 pub mod h1frame;
 pub mod idle;

@@ -20,10 +20,11 @@ use std::{
 };
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::{
+    body::{SendError, send_data},
     h1frame::{self, BodyKind, Chunked, FrameError},
     outbound::{MAX_HEADER_BYTES, MAX_HEADERS},
     respond::{FLAG_HEADER, ProxyError, error_h1},
@@ -33,8 +34,8 @@ use crate::hbone::Tunnel;
 
 /// Longest head and most header fields accepted: the source enforced the app's limits, these
 /// only bound memory.
-const MAX_HEAD: usize = MAX_HEADER_BYTES * 2;
-const MAX_FIELDS: usize = MAX_HEADERS * 2;
+pub(super) const MAX_HEAD: usize = MAX_HEADER_BYTES * 2;
+pub(super) const MAX_FIELDS: usize = MAX_HEADERS * 2;
 /// How much is read from the pod at a time.
 const READ_SIZE: usize = 16 * 1024;
 
@@ -189,7 +190,7 @@ async fn one<C: Carrier, G: Gate, D: Dial>(
     };
     // The head and what the stream already holds of the body go in one write.
     let mut out = BytesMut::with_capacity(512 + from_src.len());
-    write_request_head(&mut out, &req);
+    write_request_head(&mut out, req.method(), req.uri(), req.headers());
     let mut rest = Rest::of(body);
     let mut request_bytes = rest.take(from_src, &mut out)?;
     let whole = rest.done();
@@ -399,14 +400,14 @@ async fn read_request<C: Carrier>(
     }
 }
 
-/// Fields that are about one hop (RFC 9110 section 7.6.1) or ours: not passed on.
+/// Fields that are about one hop (RFC 9110 section 7.6.1) or ours: not passed on. `Trailer` is
+/// not one: it names the trailer fields to come, and hyper sends only the ones it names.
 fn hop_field(name: &str) -> bool {
     [
         "connection",
         "keep-alive",
         "proxy-connection",
         "te",
-        "trailer",
         "upgrade",
     ]
     .iter()
@@ -415,7 +416,7 @@ fn hop_field(name: &str) -> bool {
 }
 
 /// Whether a `Connection` field says `close`.
-fn says_close(value: &[u8]) -> bool {
+pub(super) fn says_close(value: &[u8]) -> bool {
     value
         .split(|b| *b == b',')
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
@@ -442,7 +443,11 @@ fn parse_request(buf: &[u8]) -> Result<Option<(usize, RequestHead)>, RelayError>
         if f.name.eq_ignore_ascii_case("connection") {
             close |= says_close(f.value);
         }
-        if hop_field(f.name) {
+        // `TE: trailers` says the caller takes trailers: the pod may send them (as
+        // `strip_hop_headers` keeps it on the other paths).
+        let te_trailers =
+            f.name.eq_ignore_ascii_case("te") && f.value.eq_ignore_ascii_case(b"trailers");
+        if hop_field(f.name) && !te_trailers {
             continue;
         }
         let value = HeaderValue::from_bytes(f.value).map_err(|e| bad(&e))?;
@@ -467,22 +472,26 @@ fn parse_request(buf: &[u8]) -> Result<Option<(usize, RequestHead)>, RelayError>
     )))
 }
 
-fn write_request_head(out: &mut BytesMut, req: &Request<()>) {
-    out.extend_from_slice(req.method().as_str().as_bytes());
+/// An HTTP/1.1 request head, origin-form, with `headers` as they are.
+pub(super) fn write_request_head(
+    out: &mut BytesMut,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+) {
+    out.extend_from_slice(method.as_str().as_bytes());
     out.extend_from_slice(b" ");
-    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let target = uri.path_and_query().map_or("/", |p| p.as_str());
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    write_fields(
-        out,
-        req.headers()
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_bytes())),
-    );
+    write_fields(out, headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())));
     out.extend_from_slice(b"\r\n");
 }
 
-fn write_fields<'a>(out: &mut BytesMut, fields: impl Iterator<Item = (&'a str, &'a [u8])>) {
+pub(super) fn write_fields<'a>(
+    out: &mut BytesMut,
+    fields: impl Iterator<Item = (&'a str, &'a [u8])>,
+) {
     for (name, value) in fields {
         out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(b": ");
@@ -652,22 +661,13 @@ impl Carrier for Tunnel {
         }
     }
 
-    async fn send(&mut self, mut data: Bytes) -> Result<(), RelayError> {
-        while !data.is_empty() {
-            self.send.reserve_capacity(data.len());
-            let mut cap = self.send.capacity();
-            while cap == 0 {
-                cap = match poll_fn(|cx| self.send.poll_capacity(cx)).await {
-                    Some(c) => c.map_err(RelayError::Stream)?,
-                    None => return Err(RelayError::Cancelled),
-                };
-            }
-            let part = data.split_to(cap.min(data.len()));
-            self.send
-                .send_data(part, false)
-                .map_err(RelayError::Stream)?;
-        }
-        Ok(())
+    async fn send(&mut self, data: Bytes) -> Result<(), RelayError> {
+        send_data(&mut self.send, data, false)
+            .await
+            .map_err(|e| match e {
+                SendError::Stream(e) => RelayError::Stream(e),
+                SendError::Closed => RelayError::Cancelled,
+            })
     }
 
     fn finish(&mut self) {

@@ -258,7 +258,14 @@ impl PodClient {
                 let mut send = self.h1_sender(addr).await?;
                 let resp = send.send_request(req).await.map_err(upstream_error)?;
                 let pool = Arc::downgrade(self);
-                Ok(resp.map(|b| boxed(ReturnToPool::new(b, send, pool, addr))))
+                Ok(resp.map(|b| {
+                    boxed(ReturnToPool {
+                        inner: b,
+                        sender: Some(send),
+                        pool,
+                        addr,
+                    })
+                }))
             }
         }
     }
@@ -335,9 +342,8 @@ impl PodClient {
     }
 }
 
-impl GiveBack for PodClient {
-    type Key = SocketAddr;
-
+impl PodClient {
+    /// Takes back a connection whose last response was read to its end.
     fn give_back(&self, addr: SocketAddr, s: http1::SendRequest<Body>) {
         let mut pool = self.h1.lock().expect("pool lock");
         let idle = pool.entry(addr).or_default();
@@ -351,38 +357,15 @@ pub fn upstream_error(e: hyper::Error) -> ProxyError {
     ProxyError::Reset(e.to_string())
 }
 
-/// A pool of HTTP/1.1 connections, keyed by where they go.
-pub trait GiveBack: Send + Sync + 'static {
-    type Key: Send + Sync + Unpin + 'static;
-    /// Takes back a connection whose last response was read to its end.
-    fn give_back(&self, key: Self::Key, s: http1::SendRequest<Body>);
-}
-
 /// An HTTP/1.1 response body that puts its connection back in the pool once read to the end.
-pub struct ReturnToPool<P: GiveBack> {
+struct ReturnToPool {
     inner: hyper::body::Incoming,
     sender: Option<http1::SendRequest<Body>>,
-    pool: Weak<P>,
-    key: Option<P::Key>,
+    pool: Weak<PodClient>,
+    addr: SocketAddr,
 }
 
-impl<P: GiveBack> ReturnToPool<P> {
-    pub fn new(
-        inner: hyper::body::Incoming,
-        s: http1::SendRequest<Body>,
-        pool: Weak<P>,
-        key: P::Key,
-    ) -> Self {
-        Self {
-            inner,
-            sender: Some(s),
-            pool,
-            key: Some(key),
-        }
-    }
-}
-
-impl<P: GiveBack> http_body::Body for ReturnToPool<P> {
+impl http_body::Body for ReturnToPool {
     type Data = Bytes;
     type Error = hyper::Error;
 
@@ -392,10 +375,9 @@ impl<P: GiveBack> http_body::Body for ReturnToPool<P> {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
         if (frame.is_none() || self.inner.is_end_stream())
-            && let (Some(s), Some(key), Some(pool)) =
-                (self.sender.take(), self.key.take(), self.pool.upgrade())
+            && let (Some(s), Some(pool)) = (self.sender.take(), self.pool.upgrade())
         {
-            pool.give_back(key, s);
+            pool.give_back(self.addr, s);
         }
         Poll::Ready(frame)
     }
