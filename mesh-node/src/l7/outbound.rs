@@ -3,7 +3,9 @@
 use std::{
     convert::Infallible,
     net::SocketAddr,
+    pin::Pin,
     sync::Arc,
+    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
@@ -100,6 +102,41 @@ struct Decided {
     response_headers: Vec<mesh_api::gateway::HeaderModifier>,
     request_timeout: Option<Duration>,
     per_try_timeout: Option<Duration>,
+}
+
+pin_project_lite::pin_project! {
+    /// `fut`, or `Timeout` once its limit has passed. The future is held once: a `match` with a
+    /// `timeout(t, fut).await` arm and a `fut.await` arm (or an `async fn` around `select!`)
+    /// holds it two or three times, and these futures are kilobytes, copied at every level a
+    /// request's future is built (route's future was 27 KB).
+    struct Within<F> {
+        #[pin]
+        fut: F,
+        #[pin]
+        expiry: Option<tokio::time::Sleep>,
+    }
+}
+
+fn within<F>(limit: Option<Duration>, fut: F) -> Within<F> {
+    Within {
+        fut,
+        expiry: limit.map(tokio::time::sleep),
+    }
+}
+
+impl<T, F: Future<Output = Result<T, ProxyError>>> Future for Within<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        if let Poll::Ready(r) = this.fut.poll(cx) {
+            return Poll::Ready(r);
+        }
+        match this.expiry.as_pin_mut() {
+            Some(s) => s.poll(cx).map(|()| Err(ProxyError::Timeout)),
+            None => Poll::Pending,
+        }
+    }
 }
 
 fn chance(percent: f64) -> bool {
@@ -438,7 +475,7 @@ impl L7Outbound {
         let request_timeout = decided.request_timeout.or(policy.request_timeout);
         // Circuit breaking: a request slot, else a bounded place in the queue for one. Waiting in
         // the queue counts against the request timeout.
-        let work = async {
+        within(request_timeout, async {
             let _slot = match b.state.request_slot(policy.breaker.max_requests) {
                 Some(s) => s,
                 None => {
@@ -454,13 +491,8 @@ impl L7Outbound {
                 }
             };
             self.tries(cfg, req, b, decided, conn).await
-        };
-        match request_timeout {
-            Some(t) => tokio::time::timeout(t, work)
-                .await
-                .unwrap_or(Err(ProxyError::Timeout)),
-            None => work.await,
-        }
+        })
+        .await
     }
 
     async fn tries(
@@ -537,13 +569,12 @@ impl L7Outbound {
             };
             let in_flight = ep.start();
             let t0 = Instant::now();
-            let sent = self.send_to(cfg, &ep.key, b.target_port, b.proto, req, conn);
-            let result = match per_try {
-                Some(t) => tokio::time::timeout(t, sent)
-                    .await
-                    .unwrap_or(Err(ProxyError::Timeout)),
-                None => sent.await,
-            };
+            // Built where it is awaited: a future bound to a local first is held twice.
+            let result = within(
+                per_try,
+                self.send_to(cfg, &ep.key, b.target_port, b.proto, req, conn),
+            )
+            .await;
             drop(in_flight);
             let outcome = match &result {
                 // The destination's proxy answers its own upstream failures; its flag says which
