@@ -111,7 +111,8 @@ pub struct Identities {
     /// For long-lived streams (config): no per-request deadline.
     streams: Channel,
 
-    certs: RwLock<HashMap<SpiffeId, Arc<WorkloadCert>>>,
+    /// foldhash, not SipHash: looked up on every request to another node.
+    certs: RwLock<hashbrown::HashMap<SpiffeId, Arc<WorkloadCert>>>,
     /// Pods of this node carrying each identity: who to name when asking for a certificate.
     owners: RwLock<HashMap<SpiffeId, BTreeSet<(String, String)>>>,
     roots: RwLock<Arc<RootCertStore>>,

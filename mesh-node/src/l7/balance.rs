@@ -11,7 +11,6 @@
 //!
 //! Endpoint state lives as long as the endpoint stays in its Service, across config versions.
 use std::{
-    collections::HashMap,
     hash::{DefaultHasher, Hash, Hasher},
     sync::{
         Arc, Mutex,
@@ -19,6 +18,9 @@ use std::{
     },
     time::{Duration, Instant},
 };
+
+// foldhash, not SipHash: looked up on every request, keyed by our own config.
+use hashbrown::HashMap;
 
 use serde::Serialize;
 

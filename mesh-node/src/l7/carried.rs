@@ -9,11 +9,13 @@
 //! The caller's identity is the one the tunnel's mTLS proved; its address is in each request's
 //! `Forwarded`.
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     sync::{Arc, Mutex, Weak},
     time::{Duration, Instant},
 };
+
+// foldhash, not SipHash: looked up on every request, keyed by our own config.
+use hashbrown::HashMap;
 
 use http::{HeaderValue, Request, Response, header};
 use mesh_api::identity::SpiffeId;

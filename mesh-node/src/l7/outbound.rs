@@ -536,13 +536,15 @@ impl L7Outbound {
         };
         let mut tried: Vec<String> = Vec::new();
         let mut attempt = 0u32;
+        // When this try starts: the first one starts now (a clock read is not free on a VM).
+        let mut start = now;
         loop {
             let Some(ep) = b.state.balancer.pick(
                 &eps,
                 &policy.lb,
                 hash_key.as_deref(),
                 &tried,
-                Instant::now(),
+                start,
                 rand::random,
             ) else {
                 return Err(ProxyError::NoEndpoints(b.service.name.clone()));
@@ -568,7 +570,6 @@ impl L7Outbound {
                 )
             };
             let in_flight = ep.start();
-            let t0 = Instant::now();
             // Built where it is awaited: a future bound to a local first is held twice.
             let result = within(
                 per_try,
@@ -593,7 +594,7 @@ impl L7Outbound {
             };
             let now = Instant::now();
             if matches!(outcome, Outcome::Response(..)) {
-                ep.observe(now - t0, now);
+                ep.observe(now - start, now);
             }
             // Answers the proxies made themselves (denied, rate limited) say nothing about the
             // endpoint's health.
@@ -633,6 +634,7 @@ impl L7Outbound {
             tried.push(ep.key.clone());
             debug!(service = %b.service.name, endpoint = %ep.key, ?outcome, attempt, "retrying");
             tokio::time::sleep(backoff(r.base, r.max, attempt - 1, rand::random())).await;
+            start = Instant::now();
         }
     }
 

@@ -3,7 +3,6 @@
 //! outlives versions (`Runtime`: endpoint health and latency, breaker counters, retry budgets,
 //! rate limiters).
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     sync::{
         Arc, Mutex,
@@ -11,6 +10,9 @@ use std::{
     },
     time::Instant,
 };
+
+// foldhash, not SipHash: looked up on every request, keyed by our own config.
+use hashbrown::HashMap;
 
 use mesh_api::{
     config::v1 as pb,
