@@ -210,7 +210,7 @@ async fn write_body(
             continue;
         }
         let mut size = BytesMut::with_capacity(20 + data.len().min(COPY_CHUNK));
-        let _ = write!(Hex(&mut size), "{:x}\r\n", data.len());
+        let _ = write!(Out(&mut size), "{:x}\r\n", data.len());
         if data.len() <= COPY_CHUNK {
             size.extend_from_slice(&data);
             size.extend_from_slice(b"\r\n");
@@ -241,9 +241,9 @@ async fn write_body(
 }
 
 /// `fmt::Write` into a `BytesMut`.
-struct Hex<'a>(&'a mut BytesMut);
+struct Out<'a>(&'a mut BytesMut);
 
-impl std::fmt::Write for Hex<'_> {
+impl std::fmt::Write for Out<'_> {
     fn write_str(&mut self, s: &str) -> std::fmt::Result {
         self.0.extend_from_slice(s.as_bytes());
         Ok(())
