@@ -268,6 +268,38 @@ spec:
     assert_eq!(c.status, 200, "{c:?}");
     assert!(c.headers.contains_key("x-pod"), "{c:?}");
 
+    // Header limits: 100 fields and 64 KiB of head from an app; past them, 431 from the proxy
+    // (curl adds Host, User-Agent and Accept to the fields given here).
+    let fields = |n: usize| -> Vec<String> {
+        (0..n)
+            .flat_map(|i| ["-H".to_string(), format!("x-f{i}: v")])
+            .collect()
+    };
+    let echo = format!("http://{WEB}/echo");
+    for (extra, status) in [(fields(97), 200), (fields(98), 431)] {
+        let mut args: Vec<&str> = extra.iter().map(String::as_str).collect();
+        args.push(&echo);
+        let c = shop.client.curl(&args).await.unwrap();
+        assert_eq!(c.status, status, "{} fields: {c:?}", extra.len() / 2 + 3);
+    }
+    let big = format!("x-big: {}", "b".repeat(70_000));
+    let c = shop
+        .client
+        .curl(&["--http1.1", "-H", &big, &echo])
+        .await
+        .unwrap();
+    assert_eq!(c.status, 431, "{:?}", c.headers);
+    // HTTP/2: h2 refuses a header block this far over the limit (the stream, or the connection
+    // with COMPRESSION_ERROR) rather than decode it; either way it never reaches a pod.
+    match shop
+        .client
+        .curl(&["--http2-prior-knowledge", "-H", &big, &echo])
+        .await
+    {
+        Ok(c) => assert_eq!(c.status, 431, "{:?}", c.headers),
+        Err(e) => assert!(e.to_string().contains("got no response"), "{e:#}"),
+    }
+
     // h2load: HTTP/2 multiplexed through the mesh, every request answered.
     let out = shop
         .client

@@ -42,6 +42,9 @@ use crate::{
 
 /// Largest request head accepted from an app (HTTP/1.1 buffer; HTTP/2 header list).
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Most header fields in a request from an app: hyper's own HTTP/1.1 limit, which is why it is not
+/// set on the server (set, hyper fills a vector of that many slots before every parse; the
+/// end-to-end header limits test holds both to this number).
 pub const MAX_HEADERS: usize = 100;
 
 /// How long an app's HTTP/1.1 connection may wait for its next request when its Service's
@@ -183,8 +186,10 @@ impl L7Outbound {
                 });
                 // hyper's header read timer runs from the end of one response to the end of the
                 // next request's head: on a keep-alive connection it is the idle timeout.
+                // The buffer's limit alone let a 70 KB head through (it is checked only while a
+                // head is incomplete); the head's own limit is what answers 431.
                 http1::Builder::new()
-                    .max_headers(MAX_HEADERS)
+                    .max_header_size(MAX_HEADER_BYTES)
                     .max_buf_size(MAX_HEADER_BYTES)
                     .timer(TokioTimer::new())
                     .header_read_timeout(idle.unwrap_or(HTTP1_IDLE_TIMEOUT))
