@@ -317,15 +317,9 @@ fn parse_head(
     buf: &Bytes,
     head_request: bool,
 ) -> Result<Option<(usize, Option<Parsed>)>, ProxyError> {
-    // Left uninitialized: 200 fields are 6 KB to fill before every parse.
     let mut fields = [const { MaybeUninit::uninit() }; MAX_FIELDS];
-    let mut r = httparse::Response::new(&mut []);
-    let n = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
-        &mut r,
-        buf,
-        &mut fields,
-    ) {
-        Ok(httparse::Status::Complete(n)) => n,
+    let (n, r) = match h1frame::parse_response(buf, &mut fields) {
+        Ok(httparse::Status::Complete(parsed)) => parsed,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => return Err(reset(format!("answer head: {e}"))),
     };

@@ -2,6 +2,8 @@
 //! it, for the lean paths between node proxies: the destination forwards bytes and must find
 //! each message's end without decoding the body; the source decodes chunked answers. Ambiguous framing is refused, not guessed: a proxy that reads a
 //! message's length differently from the next hop is how requests get smuggled.
+use std::mem::MaybeUninit;
+
 use bytes::{Buf, Bytes};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use thiserror::Error;
@@ -275,6 +277,23 @@ fn parse_trailers(lines: &[u8]) -> Result<HeaderMap, FrameError> {
         }
         _ => Err(bad()),
     }
+}
+
+/// A response head at the front of `buf`: its length and fields, or `Partial`. The field slots
+/// stay uninitialized: filling a few hundred before every parse is kilobytes of writes.
+pub fn parse_response<'h, 'b>(
+    buf: &'b [u8],
+    fields: &'h mut [MaybeUninit<httparse::Header<'b>>],
+) -> Result<httparse::Status<(usize, httparse::Response<'h, 'b>)>, httparse::Error> {
+    let mut r = httparse::Response::new(&mut []);
+    Ok(
+        match httparse::ParserConfig::default()
+            .parse_response_with_uninit_headers(&mut r, buf, fields)?
+        {
+            httparse::Status::Complete(n) => httparse::Status::Complete((n, r)),
+            httparse::Status::Partial => httparse::Status::Partial,
+        },
+    )
 }
 
 #[cfg(test)]

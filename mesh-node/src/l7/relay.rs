@@ -557,13 +557,8 @@ type ParsedResponse = (usize, u16, BodyKind, BytesMut, bool);
 
 fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<ParsedResponse>, RelayError> {
     let mut fields = [const { MaybeUninit::uninit() }; MAX_FIELDS];
-    let mut r = httparse::Response::new(&mut []);
-    let n = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
-        &mut r,
-        buf,
-        &mut fields,
-    ) {
-        Ok(httparse::Status::Complete(n)) => n,
+    let (n, r) = match h1frame::parse_response(buf, &mut fields) {
+        Ok(httparse::Status::Complete(parsed)) => parsed,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => return Err(RelayError::ResponseHead(e.to_string())),
     };

@@ -689,16 +689,10 @@ async fn round(
         cluster.enroll(&server).await?;
         if want("mesh_l4") {
             eprintln!("==> mesh_l4: both pods enrolled; two node proxies, HBONE over mTLS");
-            let pids = proxy_pids(&cluster)?;
+            let (pids, apps) = (proxy_pids(&cluster)?, app_cgroups(&cluster));
             results.insert(
                 "mesh_l4",
-                measure(
-                    &client,
-                    Targets::pod(&server),
-                    secs,
-                    (&pids, &app_cgroups(&cluster)),
-                )
-                .await?,
+                measure(&client, Targets::pod(&server), secs, (&pids, &apps)).await?,
             );
         }
         if want("haproxy_mtls") {
@@ -719,16 +713,10 @@ async fn round(
             .node_args(&["--socket-acceleration", "on"]);
         let (cluster, client, server, _servers) = enrolled_pair(builder).await?;
         eprintln!("==> mesh_l4_accel: mesh_l4 with socket acceleration on");
-        let pids = proxy_pids(&cluster)?;
+        let (pids, apps) = (proxy_pids(&cluster)?, app_cgroups(&cluster));
         results.insert(
             "mesh_l4_accel",
-            measure(
-                &client,
-                Targets::pod(&server),
-                secs,
-                (&pids, &app_cgroups(&cluster)),
-            )
-            .await?,
+            measure(&client, Targets::pod(&server), secs, (&pids, &apps)).await?,
         );
     }
     Ok(results)
