@@ -268,20 +268,28 @@ spec:
     assert_eq!(c.status, 200, "{c:?}");
     assert!(c.headers.contains_key("x-pod"), "{c:?}");
 
-    // Header limits: 100 fields and 64 KiB of head from an app; past them, 431 from the proxy
-    // (curl adds Host, User-Agent and Accept to the fields given here).
+    // Header limits: 100 fields and 64 KiB of head from an app; past them, 431 from the source
+    // proxy itself (curl adds Host, User-Agent and Accept to the fields given here). The pods'
+    // server has the same field limit, so what proves the proxy answered is that no node's L7
+    // side saw the request.
+    let served =
+        || async { shop.l7_counter(0, "requests").await + shop.l7_counter(1, "requests").await };
     let fields = |n: usize| -> Vec<String> {
         (0..n)
             .flat_map(|i| ["-H".to_string(), format!("x-f{i}: v")])
             .collect()
     };
     let echo = format!("http://{WEB}/echo");
-    for (extra, status) in [(fields(97), 200), (fields(98), 431)] {
+    for (extra, status, counted) in [(fields(97), 200, 1), (fields(98), 431, 0)] {
+        let before = served().await;
         let mut args: Vec<&str> = extra.iter().map(String::as_str).collect();
         args.push(&echo);
         let c = shop.client.curl(&args).await.unwrap();
-        assert_eq!(c.status, status, "{} fields: {c:?}", extra.len() / 2 + 3);
+        let n = extra.len() / 2 + 3;
+        assert_eq!(c.status, status, "{n} fields: {c:?}");
+        assert_eq!(served().await - before, counted, "{n} fields");
     }
+    let before = served().await;
     let big = format!("x-big: {}", "b".repeat(70_000));
     let c = shop
         .client
@@ -290,7 +298,7 @@ spec:
         .unwrap();
     assert_eq!(c.status, 431, "{:?}", c.headers);
     // HTTP/2: h2 refuses a header block this far over the limit (the stream, or the connection
-    // with COMPRESSION_ERROR) rather than decode it; either way it never reaches a pod.
+    // with COMPRESSION_ERROR) rather than decode it.
     match shop
         .client
         .curl(&["--http2-prior-knowledge", "-H", &big, &echo])
@@ -299,6 +307,11 @@ spec:
         Ok(c) => assert_eq!(c.status, 431, "{:?}", c.headers),
         Err(e) => assert!(e.to_string().contains("got no response"), "{e:#}"),
     }
+    assert_eq!(
+        served().await,
+        before,
+        "an oversized head reached a pod's node"
+    );
 
     // h2load: HTTP/2 multiplexed through the mesh, every request answered.
     let out = shop
