@@ -117,6 +117,10 @@ enum Cmd {
         /// Wait this long before each request after a connection's first (idle connections).
         #[arg(long, default_value_t = 0)]
         pause_ms: u64,
+        /// Wait this long after connecting before the first request (a pool's connection opened
+        /// ahead of use, a slow client).
+        #[arg(long, default_value_t = 0)]
+        connect_wait_ms: u64,
     },
     /// WebSocket client: sends each message, reads each echo (`NAME: message` from an `http`
     /// server's `/ws`); reports the replies as JSON.
@@ -299,9 +303,13 @@ async fn main() -> anyhow::Result<()> {
             h2,
             method,
             pause_ms,
+            connect_wait_ms,
         } => {
-            let pause = Duration::from_millis(pause_ms);
-            get(to, path, count, conns, header, h2, method, pause).await
+            let waits = (
+                Duration::from_millis(pause_ms),
+                Duration::from_millis(connect_wait_ms),
+            );
+            get(to, path, count, conns, header, h2, method, waits).await
         }
     }
 }
@@ -822,7 +830,8 @@ async fn get(
     headers: Vec<String>,
     h2: bool,
     method: String,
-    pause: Duration,
+    // Before each request after a connection's first; after connecting, before its first.
+    (pause, connect_wait): (Duration, Duration),
 ) -> anyhow::Result<()> {
     use http_body_util::{BodyExt, Empty};
     let report = Arc::new(Mutex::new(GetReport::default()));
@@ -856,7 +865,8 @@ async fn get(
                     match Sender::connect(to, h2).await {
                         Ok(s) => {
                             report.lock().unwrap().connections += 1;
-                            sender = Some(s)
+                            sender = Some(s);
+                            tokio::time::sleep(connect_wait).await;
                         }
                         Err(e) => {
                             report.lock().unwrap().error(e);
@@ -901,16 +911,23 @@ async fn get(
                             .and_then(|v| v.to_str().ok())
                             .unwrap_or("")
                             .to_string();
-                        let body = resp.into_body().collect().await.map(|b| b.to_bytes());
+                        // An answer counts once its body has arrived whole; a body cut short
+                        // is an error (and the connection is not used again).
+                        let body = match resp.into_body().collect().await {
+                            Ok(b) => b.to_bytes(),
+                            Err(e) => {
+                                report.lock().unwrap().error(format!("{status} body: {e}"));
+                                sender = None;
+                                continue;
+                            }
+                        };
                         let mut r = report.lock().unwrap();
                         *r.statuses.entry(status).or_default() += 1;
                         *r.pods.entry(pod).or_default() += 1;
                         if !flag.is_empty() {
                             *r.flags.entry(flag).or_default() += 1;
                         }
-                        if let Ok(b) = body {
-                            r.last_body = String::from_utf8_lossy(&b).into();
-                        }
+                        r.last_body = String::from_utf8_lossy(&body).into();
                     }
                     Err(e) => {
                         report.lock().unwrap().error(e);
