@@ -173,6 +173,7 @@ impl Admin {
         let node = crate::explain::Node {
             name: &self.config.node_name,
             exclude_ports: &self.config.exclude_ports,
+            opaque_ports: &self.config.opaque_ports,
             exclude_cidrs: &self.config.exclude_cidrs,
             proxy_addrs: &proxy_addrs,
             enrolled: &enrolled,

@@ -374,6 +374,8 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
                 tracing: tracing.clone(),
             }),
             detect_timeout: config.protocol_detect_timeout,
+            opaque_ports: config.opaque_ports.clone(),
+            seen: Default::default(),
             declared_wait: Duration::from_secs(10),
         });
     let proxy = Arc::new(Outbound {

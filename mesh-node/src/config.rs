@@ -129,10 +129,21 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_CONNECT_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5s")]
     pub connect_timeout: Duration,
     /// How long to look at a new connection's first bytes for HTTP on ports whose Service does
-    /// not declare a protocol. Server-first protocols wait this long before being relayed as TCP;
-    /// declare them `tcp` (appProtocol or port name) to skip detection.
+    /// not declare a protocol, until HTTP has been seen on that port (then a client may take as
+    /// long as on a declared port). Server-first protocols wait this long before being relayed
+    /// as TCP: declare them `tcp` (appProtocol or port name) or list them in `--opaque-ports`.
     #[arg(long, env = "MESH_PROTOCOL_DETECT_TIMEOUT", value_parser = humantime::parse_duration, default_value = "100ms")]
     pub protocol_detect_timeout: Duration,
+    /// Ports relayed as opaque TCP at once, without detection, unless a Service declares their
+    /// protocol (comma-separated; `""` for none). The default lists well-known server-first
+    /// protocols: SMTP, MySQL, Galera, PostgreSQL, Redis, Elasticsearch, memcached.
+    #[arg(
+        long,
+        env = "MESH_OPAQUE_PORTS",
+        value_delimiter = ',',
+        default_value = "25,587,3306,4444,5432,6379,9300,11211"
+    )]
+    pub opaque_ports: Vec<String>,
     /// Distinct values each request-metric label may take before further values are reported as
     /// `overflow`.
     #[arg(long, env = "MESH_METRICS_LABEL_BUDGET", default_value_t = 200)]
@@ -224,6 +235,7 @@ pub struct Config {
     pub connect_timeout: Duration,
     #[serde(with = "humantime_serde_shim")]
     pub protocol_detect_timeout: Duration,
+    pub opaque_ports: Vec<u16>,
     pub metrics_label_budget: usize,
     /// Access log sample percent without a Telemetry.
     pub access_log: f64,
@@ -336,6 +348,19 @@ impl RunArgs {
                 "longer than 10s would hold up server-first protocols",
             ));
         }
+        let opaque_ports = self
+            .opaque_ports
+            .iter()
+            .map(|p| p.trim())
+            .filter(|p| !p.is_empty())
+            .map(|p| match p.parse::<u16>() {
+                Ok(n) if n > 0 => Ok(n),
+                _ => Err(err(
+                    "--opaque-ports",
+                    format!("{p:?} is not a valid destination port"),
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         if !(0.0..=100.0).contains(&self.access_log) {
             return Err(err("--access-log", "a percentage, 0 to 100"));
         }
@@ -436,6 +461,7 @@ impl RunArgs {
             drain_timeout: self.drain_timeout,
             connect_timeout: self.connect_timeout,
             protocol_detect_timeout: self.protocol_detect_timeout,
+            opaque_ports,
             metrics_label_budget: self.metrics_label_budget,
             access_log: self.access_log,
             otlp_endpoint: self.otlp_endpoint,
@@ -483,6 +509,9 @@ mod tests {
         assert_eq!(c.pin_dir, PathBuf::from("/sys/fs/bpf/mesh/n1"));
         assert_eq!(c.state_dir, PathBuf::from("/run/mesh-node/n1"));
         assert_eq!(c.on_exit, OnExit::Keep);
+        assert!(c.opaque_ports.contains(&3306), "{:?}", c.opaque_ports);
+        let none = parse(&["--proxy-ipv4", "10.1.0.1", "--opaque-ports", ""]).unwrap();
+        assert!(none.opaque_ports.is_empty(), "{:?}", none.opaque_ports);
     }
 
     #[test]
@@ -506,6 +535,21 @@ mod tests {
                 &["--proxy-ipv4", "10.0.0.1", "--exclude-ports", "22,0"],
                 "--exclude-ports",
                 "port 0",
+            ),
+            (
+                &["--proxy-ipv4", "10.0.0.1", "--opaque-ports", "6379,x"],
+                "--opaque-ports",
+                "\"x\"",
+            ),
+            (
+                &[
+                    "--proxy-ipv4",
+                    "10.0.0.1",
+                    "--protocol-detect-timeout",
+                    "11s",
+                ],
+                "--protocol-detect-timeout",
+                "longer than 10s",
             ),
             (
                 &["--proxy-ipv4", "10.0.0.1", "--connect-timeout", "0s"],

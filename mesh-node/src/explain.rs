@@ -34,6 +34,8 @@ pub struct Query {
 pub struct Node<'a> {
     pub name: &'a str,
     pub exclude_ports: &'a [u16],
+    /// Undeclared ports relayed as TCP without detection.
+    pub opaque_ports: &'a [u16],
     pub exclude_cidrs: &'a [IpNet],
     pub proxy_addrs: &'a [SocketAddr],
     /// Whether a pod is enrolled in this node's kernel maps.
@@ -117,12 +119,19 @@ pub fn explain(q: &Query, cfg: &NodeConfig, node: &Node<'_>) -> Value {
     // The destination: a Service port, a mesh pod, or outside the mesh.
     let (services, port): (Vec<&Service>, u16) = match cfg.l7.vip(q.dst) {
         Some((svc, port)) => {
+            let declared = svc.port(*port).and_then(|p| p.protocol);
+            let opaque = declared.is_none() && node.opaque_ports.contains(port);
             out["destination"] = json!({
                 "service": svc.name,
                 "port": port,
-                "protocol": svc.port(*port).and_then(|p| p.protocol).map_or("detect", protocol_name),
+                "protocol": if opaque {
+                    "tcp (--opaque-ports)"
+                } else {
+                    declared.map_or("detect", protocol_name)
+                },
             });
-            (route_backends(q, svc, *port, &mut out, cfg), *port)
+            let tcp = opaque || declared == Some(Protocol::Tcp);
+            (route_backends(q, svc, *port, tcp, &mut out, cfg), *port)
         }
         None => match placement.by_ip(q.dst.ip()) {
             Some(w) => {
@@ -183,16 +192,17 @@ fn protocol_name(p: Protocol) -> &'static str {
     }
 }
 
-/// The route an HTTP request to the Service port takes, and the Services it leads to.
+/// The route an HTTP request to the Service port takes (none when the port is relayed as `tcp`),
+/// and the Services it leads to.
 fn route_backends<'a>(
     q: &Query,
     svc: &'a Service,
     port: u16,
+    tcp: bool,
     out: &mut Value,
     cfg: &'a NodeConfig,
 ) -> Vec<&'a Service> {
-    let declared = svc.port(port).and_then(|p| p.protocol);
-    let Some(table) = svc.table(port).filter(|_| declared != Some(Protocol::Tcp)) else {
+    let Some(table) = svc.table(port).filter(|_| !tcp) else {
         out["route"] =
             json!({"why": "no HTTPRoute or GRPCRoute for this port: the Service's own endpoints"});
         return vec![svc];
@@ -314,6 +324,7 @@ mod tests {
         let node = Node {
             name: "n0",
             exclude_ports: &[22],
+            opaque_ports: &[],
             exclude_cidrs: &cidrs,
             proxy_addrs: &proxy,
             enrolled: &enrolled,

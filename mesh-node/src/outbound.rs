@@ -131,6 +131,10 @@ pub struct Outbound {
 pub struct L7Path {
     pub proxy: Arc<l7::outbound::L7Outbound>,
     pub detect_timeout: Duration,
+    /// Undeclared ports relayed as TCP without detection (server-first protocols).
+    pub opaque_ports: Vec<u16>,
+    /// Undeclared ports where HTTP was seen: their clients get `declared_wait`.
+    pub seen: l7::detect::Seen,
     /// For ports declared HTTP: how long a client may stay silent before it is treated as TCP.
     pub declared_wait: Duration,
 }
@@ -412,7 +416,11 @@ impl Outbound {
                 (l7::outbound::Target::Pod(key, dst.port()), declared)
             }
         };
-        if declared == Some(l7::Protocol::Tcp) {
+        let opaque = match declared {
+            Some(p) => p == l7::Protocol::Tcp,
+            None => l7.opaque_ports.contains(&dst.port()),
+        };
+        if opaque {
             return None;
         }
         let identity = placement?
@@ -445,13 +453,21 @@ impl Outbound {
         let l7 = self.l7.as_ref().expect("checked by l7_conn");
         // A declared HTTP port waits for the client's first bytes; an undeclared one only briefly,
         // so server-first protocols are not held up long.
+        let dest = match &conn.target {
+            l7::outbound::Target::Service(s, port) => (format!("svc/{}", s.name), *port),
+            l7::outbound::Target::Pod(pod, port) => (format!("pod/{pod}"), *port),
+        };
         let wait = if declared.is_some() {
             l7.declared_wait
         } else {
-            l7.detect_timeout
+            l7.seen.wait(&dest, l7.detect_timeout, l7.declared_wait)
         };
-        conn.detected = match l7::detect::detect(client.get_ref(), wait).await {
-            l7::detect::Detected::Opaque => {
+        let detected = l7::detect::detect(client.get_ref(), wait).await;
+        if declared.is_none() {
+            l7.seen.record(dest, detected);
+        }
+        conn.detected = match detected {
+            l7::detect::Detected::Opaque | l7::detect::Detected::Closed => {
                 self.stats.opaque.fetch_add(1, Relaxed);
                 return Some(client);
             }

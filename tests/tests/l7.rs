@@ -649,8 +649,9 @@ async fn timeouts_retries_and_outlier_ejection() {
     assert_eq!(count(&r, "flags", "UO"), 2, "{r}");
 }
 
-/// Connections that are not HTTP still go through as opaque TCP on a port without a declared
-/// protocol (the echo server speaks first: detection gives up after its timeout).
+/// Connections that are not HTTP still go through as opaque TCP: at once on a well-known
+/// server-first port (Redis's 6379 is in the default `--opaque-ports`), and after the detection
+/// timeout on an undeclared port (the echo server speaks first).
 #[tokio::test]
 async fn opaque_tcp_still_works_beside_http() {
     let shop = shop([None, None, None]).await;
@@ -663,16 +664,47 @@ async fn opaque_tcp_still_works_beside_http() {
         ),
     )
     .await;
-    let echo = shop.cluster.pod(1, 0).serve(9000, false).await.unwrap();
-    let to: SocketAddr = shop.cluster.pod(1, 0).addr(false, 9000);
+    let server = shop.cluster.pod(1, 0);
+    let (_redis, _echo) = (
+        server.serve(6379, false).await.unwrap(),
+        server.serve(9000, false).await.unwrap(),
+    );
+    let to: SocketAddr = server.addr(false, 6379);
     let r = shop.client.client(to, 200, 4096).await.unwrap();
     assert_eq!(r["ok"], 200, "{r}");
-    drop(echo);
     let c = shop.cluster.nodes[0].counters().await.unwrap();
-    assert!(n(&c, &["proxy", "opaque"]) >= 200, "{c}");
+    assert_eq!(n(&c, &["proxy", "opaque"]), 0, "no detection on 6379: {c}");
+    // /debug/explain says so for a Service port that does not declare its protocol.
+    shop.apply(
+        "cache.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: cache, namespace: {ns}}}\nspec:\n  clusterIP: 10.96.0.30\n  selector: {{version: v1}}\n  ports: [{{name: cache, port: 6379}}]\n"
+        ),
+    )
+    .await;
+    let (_, e) = shop.cluster.nodes[0]
+        .admin(
+            "GET",
+            &format!(
+                "/debug/explain?src={}&dst=10.96.0.30:6379",
+                shop.client.ipv4
+            ),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(e["destination"]["protocol"], "tcp (--opaque-ports)", "{e}");
+    let r = shop
+        .client
+        .client(server.addr(false, 9000), 20, 64)
+        .await
+        .unwrap();
+    assert_eq!(r["ok"], 20, "{r}");
+    let c = shop.cluster.nodes[0].counters().await.unwrap();
+    assert_eq!(n(&c, &["proxy", "opaque"]), 20, "detected as not HTTP: {c}");
     // One line per TCP connection on each side (sampled per side), with bytes both ways.
     let lines = access_log(&shop.cluster, 0, "source");
-    assert!((60..=140).contains(&lines.len()), "{} lines", lines.len());
+    assert!((60..=160).contains(&lines.len()), "{} lines", lines.len());
     let l = &lines[0];
     assert_eq!(l["kind"], "tcp", "{l}");
     assert_eq!(l["decision"], "allowed", "{l}");
@@ -681,14 +713,48 @@ async fn opaque_tcp_still_works_beside_http() {
         l["destination"]["principal"]
             .as_str()
             .unwrap()
-            .ends_with(&format!("/sa/{}", shop.cluster.pod(1, 0).name)),
+            .ends_with(&format!("/sa/{}", server.name)),
         "{l}"
     );
     assert!(l["bytes_received"].as_u64().unwrap() >= 4096, "{l}");
     let dst = access_log(&shop.cluster, 1, "destination");
-    assert!((60..=140).contains(&dst.len()), "{} lines", dst.len());
+    assert!((60..=160).contains(&dst.len()), "{} lines", dst.len());
     assert_eq!(dst[0]["source"]["workload"], shop.client.name, "{}", dst[0]);
     assert!(dst[0]["bytes_sent"].as_u64().unwrap() >= 4096, "{}", dst[0]);
+}
+
+/// A client that opens its connection and sends its first request only later (a pool's
+/// connection opened ahead of use, a client slowed down) on an undeclared port is still served as
+/// HTTP once HTTP was seen on that port. Taken for TCP (as it was before: the detection timeout
+/// is 100 ms), it would lose per-request policy: the DENY rule on a path refuses the whole
+/// connection (fail closed) instead of answering that one request 403.
+#[tokio::test]
+async fn a_client_slow_to_send_its_first_request_is_still_served_as_http() {
+    let shop = shop([None, None, None]).await;
+    let server = shop.cluster.pod(1, 0);
+    // No Service declares this port's protocol: it is detected.
+    let _http = server.serve_http(8090).await.unwrap();
+    shop.apply(
+        "authz.yaml",
+        &format!(
+            "apiVersion: nodemesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: no-forbidden, namespace: {ns}}}\nspec:\n  action: DENY\n  rules:\n  - {{to: [{{ports: [8090], paths: [/forbidden]}}]}}\n",
+            ns = server.namespace
+        ),
+    )
+    .await;
+    let to = server.addr(false, 8090).to_string();
+    let first = shop.get_at(&to, "/", 1, 1, &[]).await;
+    assert_eq!(n(&first, &["statuses", "200"]), 1, "{first}");
+    let before = shop.l7_counter(1, "requests").await;
+    let wait = ["--connect-wait-ms", "1500"];
+    let ok = shop.get_at(&to, "/", 3, 1, &wait).await;
+    assert_eq!(n(&ok, &["statuses", "200"]), 3, "{ok}");
+    let denied = shop.get_at(&to, "/forbidden", 1, 1, &wait).await;
+    assert_eq!(n(&denied, &["statuses", "403"]), 1, "{denied}");
+    assert!(denied["errors"].as_object().unwrap().is_empty(), "{denied}");
+    assert_eq!(shop.l7_counter(1, "requests").await - before, 4);
+    let c = shop.cluster.nodes[0].counters().await.unwrap();
+    assert_eq!(n(&c, &["proxy", "opaque"]), 0, "{c}");
 }
 
 /// gRPC through the mesh with tonic on both ends: GRPCRoute by method, statuses from the server

@@ -1,7 +1,13 @@
 //! Protocol detection on ports whose protocol is not declared: the HTTP/2 connection preface or an
 //! HTTP/1.x request line means HTTP; anything else, or silence until the detection timeout (a
 //! server-first protocol), means opaque TCP. Bytes are peeked, never consumed.
-use std::time::Duration;
+//!
+//! The timeout is short so server-first protocols are not held up, which would take a client
+//! that is slow to send its first request (a pool's connection opened ahead of use, a loaded
+//! machine) for TCP: no routing, no per-request policy, and a DENY rule on paths refusing the
+//! whole connection. So a port where HTTP was seen is remembered ([`Seen`]): its later clients
+//! may take as long as on a declared port.
+use std::{collections::HashSet, sync::Mutex, time::Duration};
 
 use tokio::net::TcpStream;
 
@@ -9,7 +15,10 @@ use tokio::net::TcpStream;
 pub enum Detected {
     Http1,
     Http2,
+    /// Other bytes, or none before the timeout.
     Opaque,
+    /// The client closed (or failed) before sending anything: nothing was learned.
+    Closed,
 }
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -46,7 +55,7 @@ pub async fn detect(stream: &TcpStream, timeout: Duration) -> Detected {
     let peek = async {
         loop {
             match stream.peek(&mut buf).await {
-                Ok(0) | Err(_) => return Detected::Opaque,
+                Ok(0) | Err(_) => return Detected::Closed,
                 Ok(n) => {
                     if let Some(d) = classify(&buf[..n]) {
                         return d;
@@ -62,9 +71,76 @@ pub async fn detect(stream: &TcpStream, timeout: Duration) -> Detected {
         .unwrap_or(Detected::Opaque)
 }
 
+/// Remembered destination ports at most; when full, all are forgotten (each then costs one more
+/// short detection).
+const MAX_SEEN: usize = 4096;
+
+/// Undeclared destination ports (a Service's, or a pod's: `key` and port) where HTTP was seen.
+#[derive(Debug, Default)]
+pub struct Seen {
+    http: Mutex<HashSet<(String, u16)>>,
+}
+
+impl Seen {
+    /// How long a new connection to `dest` may stay silent before it is taken for TCP.
+    pub fn wait(&self, dest: &(String, u16), short: Duration, long: Duration) -> Duration {
+        if self.http.lock().expect("seen lock").contains(dest) {
+            long
+        } else {
+            short
+        }
+    }
+
+    /// Records what detection found on `dest`: HTTP is remembered; other bytes or a silent
+    /// client (the port now serves another protocol) forget it.
+    pub fn record(&self, dest: (String, u16), d: Detected) {
+        let mut http = self.http.lock().expect("seen lock");
+        match d {
+            Detected::Closed => return,
+            Detected::Opaque => {
+                http.remove(&dest);
+                return;
+            }
+            Detected::Http1 | Detected::Http2 => {}
+        }
+        if http.len() >= MAX_SEEN && !http.contains(&dest) {
+            http.clear();
+        }
+        http.insert(dest);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_port_seen_speaking_http_waits_longer_until_it_does_not() {
+        let seen = Seen::default();
+        let (short, long) = (Duration::from_millis(100), Duration::from_secs(10));
+        let web = ("pod/ns/web".to_string(), 8080);
+        let db = ("pod/ns/db".to_string(), 8080);
+        assert_eq!(seen.wait(&web, short, long), short, "not seen yet");
+        seen.record(web.clone(), Detected::Http1);
+        assert_eq!(seen.wait(&web, short, long), long);
+        assert_eq!(seen.wait(&db, short, long), short, "per destination");
+        seen.record(web.clone(), Detected::Http2);
+        assert_eq!(seen.wait(&web, short, long), long);
+        seen.record(web.clone(), Detected::Closed);
+        assert_eq!(
+            seen.wait(&web, short, long),
+            long,
+            "a client that left says nothing"
+        );
+        seen.record(web.clone(), Detected::Opaque);
+        assert_eq!(seen.wait(&web, short, long), short, "forgotten");
+        for port in 1..=MAX_SEEN as u16 {
+            seen.record(("svc/x".into(), port), Detected::Http1);
+        }
+        seen.record(db.clone(), Detected::Http1);
+        assert_eq!(seen.http.lock().unwrap().len(), 1, "bounded");
+        assert_eq!(seen.wait(&db, short, long), long);
+    }
 
     #[test]
     fn table() {
