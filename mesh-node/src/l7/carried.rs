@@ -10,7 +10,7 @@
 //! `Forwarded`.
 use std::{
     net::SocketAddr,
-    sync::{Arc, Mutex, Weak},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -56,10 +56,17 @@ struct Kept {
     since: Instant,
 }
 
+/// The idle streams for one key. A request in flight holds its slot too, so its stream goes back
+/// without a lookup of the key (a hash of two identities, under the lock every request takes).
+#[derive(Default)]
+struct Slot {
+    kept: Mutex<Vec<Kept>>,
+}
+
 /// The source side: kept streams, and the requests sent on them.
 pub struct Carried {
     tunnels: Arc<Tunnels>,
-    idle: Mutex<HashMap<Key, Vec<Kept>>>,
+    idle: Mutex<HashMap<Key, Arc<Slot>>>,
 }
 
 impl Carried {
@@ -74,8 +81,9 @@ impl Carried {
                 tokio::time::sleep(KEPT_IDLE / 3).await;
                 let Some(c) = weak.upgrade() else { return };
                 let mut gone = Vec::new();
-                c.idle.lock().expect("pool lock").retain(|_, kept| {
-                    for mut k in std::mem::take(kept) {
+                c.idle.lock().expect("pool lock").retain(|_, slot| {
+                    let mut kept = slot.kept.lock().expect("slot lock");
+                    for mut k in std::mem::take(&mut *kept) {
                         if k.since.elapsed() < KEPT_IDLE && idle_ok(&mut k.tunnel) {
                             kept.push(k);
                         } else {
@@ -83,7 +91,9 @@ impl Carried {
                             gone.push(k.tunnel);
                         }
                     }
-                    !kept.is_empty()
+                    // Slots are handed out only from here, under this lock: one nobody else
+                    // holds cannot get a stream back later.
+                    !kept.is_empty() || Arc::strong_count(slot) > 1
                 });
                 gone.into_iter().for_each(close);
             }
@@ -107,14 +117,14 @@ impl Carried {
             dst: t.dst.clone(),
             target: t.target,
         };
+        let slot = self.slot(key);
         loop {
-            let (kept, fresh) = match self.take(&key) {
+            let (kept, fresh) = match self.take(&slot, t.src) {
                 Some(k) => (k, false),
-                None => (Box::pin(self.open(&key)).await?, true),
+                None => (Box::pin(self.open(&t)).await?, true),
             };
             let back = Back {
-                pool: Arc::downgrade(self),
-                key: key.clone(),
+                slot: slot.clone(),
                 conn: kept.conn,
             };
             match exchange(kept.tunnel, req, back).await {
@@ -129,27 +139,32 @@ impl Carried {
         }
     }
 
-    /// A kept stream for `key` that can take a request now.
-    fn take(&self, key: &Key) -> Option<Kept> {
+    /// The slot of `key`'s kept streams.
+    fn slot(&self, key: Key) -> Arc<Slot> {
+        self.idle
+            .lock()
+            .expect("pool lock")
+            .entry(key)
+            .or_default()
+            .clone()
+    }
+
+    /// A kept stream of `slot` that can take a request now.
+    fn take(&self, slot: &Slot, src: &SpiffeId) -> Option<Kept> {
         loop {
-            let mut kept = self
-                .idle
-                .lock()
-                .expect("pool lock")
-                .get_mut(key)
-                .and_then(Vec::pop)?;
+            let mut kept = slot.kept.lock().expect("slot lock").pop()?;
             kept.conn.unkeep();
-            if idle_ok(&mut kept.tunnel) && self.tunnels.still_current(&key.src, &kept.conn) {
+            if idle_ok(&mut kept.tunnel) && self.tunnels.still_current(src, &kept.conn) {
                 return Some(kept);
             }
             close(kept.tunnel);
         }
     }
 
-    async fn open(&self, key: &Key) -> Result<Kept, ProxyError> {
+    async fn open(&self, t: &TunnelTarget<'_>) -> Result<Kept, ProxyError> {
         let (tunnel, conn) = self
             .tunnels
-            .open_carried(&key.src, key.node, &key.dst, key.target)
+            .open_carried(t.src, t.node, t.dst, t.target)
             .await
             .map_err(|e| ProxyError::Connect(mesh_api::placement::error_chain(&e)))?;
         Ok(Kept {
@@ -158,37 +173,28 @@ impl Carried {
             since: Instant::now(),
         })
     }
-
-    fn give_back(&self, key: Key, conn: Arc<ConnState>, tunnel: Tunnel) {
-        let mut idle = self.idle.lock().expect("pool lock");
-        let list = idle.entry(key).or_default();
-        // Bounded per pod, and per tunnel connection: idle streams must not hold the slots new
-        // streams need.
-        if list.len() < MAX_KEPT && conn.try_keep() {
-            list.push(Kept {
-                tunnel,
-                conn,
-                since: Instant::now(),
-            });
-        } else {
-            drop(idle);
-            close(tunnel);
-        }
-    }
 }
 
 /// Where a stream goes back to once its answer was read.
 struct Back {
-    pool: Weak<Carried>,
-    key: Key,
+    slot: Arc<Slot>,
     conn: Arc<ConnState>,
 }
 
 impl Reuse for Back {
-    fn reuse(self, t: Tunnel) {
-        match self.pool.upgrade() {
-            Some(p) => p.give_back(self.key, self.conn, t),
-            None => close(t),
+    fn reuse(self, tunnel: Tunnel) {
+        let mut kept = self.slot.kept.lock().expect("slot lock");
+        // Bounded per pod, and per tunnel connection: idle streams must not hold the slots new
+        // streams need.
+        if kept.len() < MAX_KEPT && self.conn.try_keep() {
+            kept.push(Kept {
+                tunnel,
+                conn: self.conn,
+                since: Instant::now(),
+            });
+        } else {
+            drop(kept);
+            close(tunnel);
         }
     }
 }
