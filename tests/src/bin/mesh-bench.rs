@@ -8,7 +8,9 @@
 //! - `mesh_l4_accel`: `mesh_l4` with `--socket-acceleration on` (what pods send to their proxy
 //!   skips TCP/IP).
 //! - `mesh_l7`: the HTTP path: a Service by cluster IP, an HTTPRoute and an AuthorizationPolicy
-//!   evaluated per request; HTTP figures only (`rps`, `p50_us`, `p99_us`, CPU and memory).
+//!   evaluated per request; HTTP figures only (`rps`, `p50_us`, `p99_us`, CPU and memory), and
+//!   `rps_vs_l4_same_cluster`: its requests/s over the L4 path's between the same pods (a Service
+//!   declared `tcp`), from alternating wrk runs.
 //! - `haproxy_mtls`: what an operator might run instead: haproxy on each node, mTLS between them.
 //! - `ctrl`: the controller at scale (`snapshot_ms`, `fanout_ms`, `rss_kb`; see
 //!   `mesh_tests::ctrl_bench`).
@@ -47,6 +49,11 @@ type Figures = BTreeMap<&'static str, f64>;
 const ECHO: u16 = 8080;
 const HTTP: u16 = 8081;
 const SINK: u16 = 8082;
+/// A second HTTP server in the `mesh_l7` server pod, behind a Service declared `tcp`: the L4 path
+/// between the same pods and proxies.
+const HTTP_TCP: u16 = 8083;
+/// `mesh_l7`'s alternating wrk runs: L7, L4, L7, L4, ...
+const PAIRS: usize = 3;
 
 /// Where a scenario's client sends each workload.
 #[derive(Clone, Copy)]
@@ -301,6 +308,14 @@ spec:
   selector: {{app: web}}
   ports: [{{name: http, port: 80, targetPort: {HTTP}}}]
 ---
+apiVersion: v1
+kind: Service
+metadata: {{name: web-tcp, namespace: {ns}}}
+spec:
+  clusterIP: 10.96.0.81
+  selector: {{app: web}}
+  ports: [{{name: web, port: 80, targetPort: {HTTP_TCP}, appProtocol: tcp}}]
+---
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {{name: web, namespace: {ns}}}
@@ -316,21 +331,42 @@ metadata: {{name: web, namespace: {ns}}}
 spec:
   selector: {{matchLabels: {{app: web}}}}
   action: ALLOW
-  rules: [{{from: [{{principals: ["{principal}"]}}], to: [{{methods: [GET]}}]}}]
+  rules:
+  - {{from: [{{principals: ["{principal}"]}}], to: [{{ports: [{HTTP}], methods: [GET]}}]}}
+  - {{from: [{{principals: ["{principal}"]}}], to: [{{ports: [{HTTP_TCP}]}}]}}
 "#
             )),
         )
         .await?;
-    let pids = proxy_pids(&cluster)?;
+    let _l4_server = server.serve_http(HTTP_TCP).await?;
+    let (pids, apps) = (proxy_pids(&cluster)?, app_cgroups(&cluster));
     let mut f = Figures::new();
-    let vip: SocketAddr = "10.96.0.80:80".parse()?;
-    measure_http(&client, vip, secs, (&pids, &app_cgroups(&cluster)), &mut f).await?;
+    let (l7, l4): (SocketAddr, SocketAddr) = ("10.96.0.80:80".parse()?, "10.96.0.81:80".parse()?);
+    measure_http(&client, l7, secs, (&pids, &apps), &mut f).await?;
     rss(&pids, &mut f)?;
-    let c = cluster.nodes[1].counters().await?;
-    anyhow::ensure!(
-        c["l7"]["requests"].as_u64().unwrap_or(0) > 0,
-        "the L7 path did not carry the requests: {c}"
-    );
+    let l7_requests = || async {
+        let c = cluster.nodes[1].counters().await?;
+        anyhow::Ok(c["l7"]["requests"].as_u64().unwrap_or(0))
+    };
+    let carried = l7_requests().await?;
+    anyhow::ensure!(carried > 0, "the L7 path did not carry the requests");
+    // The same cluster, pods and proxies, both paths in turn, each run seconds from the other's:
+    // this VM's speed drifts by more than the difference between the paths within a minute, so
+    // this ratio is steadier than one of two scenarios each in their own cluster.
+    let (mut on_l7, mut on_l4) = (0.0, 0.0);
+    for _ in 0..PAIRS {
+        let mut run = Figures::new();
+        measure_http(&client, l7, secs, (&pids, &apps), &mut run).await?;
+        on_l7 += run["rps"];
+        let before = l7_requests().await?;
+        measure_http(&client, l4, secs, (&pids, &apps), &mut run).await?;
+        on_l4 += run["rps"];
+        anyhow::ensure!(
+            l7_requests().await? == before,
+            "the Service declared tcp went through the L7 path"
+        );
+    }
+    f.insert("rps_vs_l4_same_cluster", on_l7 / on_l4);
     Ok(f)
 }
 
@@ -469,9 +505,12 @@ fn report(results: &BTreeMap<&'static str, Figures>) {
         let row: String = names
             .iter()
             .map(|n| {
-                results[n]
-                    .get(fig)
-                    .map_or(format!("{:>14}", "-"), |v| format!("{v:>14.1}"))
+                match results[n].get(fig) {
+                    None => format!("{:>14}", "-"),
+                    // Ratios need their second decimal: 0.77 is not 0.8.
+                    Some(v) if fig.contains("_vs_") => format!("{v:>14.2}"),
+                    Some(v) => format!("{v:>14.1}"),
+                }
             })
             .collect();
         println!("{fig:<22} {row}");
@@ -562,6 +601,18 @@ async fn main() -> anyhow::Result<()> {
             let shown: Vec<String> = l7_by_round.iter().map(|r| format!("{r:.2}")).collect();
             println!("  rps ratio in each round: {}", shown.join(", "));
         }
+    }
+    if let Some(l7) = results.get("mesh_l7") {
+        let each: Vec<String> = rounds
+            .iter()
+            .filter_map(|r| r.get("mesh_l7")?.get("rps_vs_l4_same_cluster"))
+            .map(|v| format!("{v:.2}"))
+            .collect();
+        println!(
+            "mesh_l7 vs the L4 path in the same cluster ({PAIRS} alternating pairs of wrk runs): rps {:.2}x (target >= 0.80); each round: {}",
+            l7["rps_vs_l4_same_cluster"],
+            each.join(", ")
+        );
     }
     if let Some(ctrl) = results.get("ctrl") {
         println!(
