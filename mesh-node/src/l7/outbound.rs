@@ -191,6 +191,10 @@ impl L7Outbound {
                 http1::Builder::new()
                     .max_header_size(MAX_HEADER_BYTES)
                     .max_buf_size(MAX_HEADER_BYTES)
+                    // One buffer per write: a small answer's head and body are copied together
+                    // instead of queued as separate slices (proxies' CPU per app CPU on mesh_l7
+                    // 222.2% -> 216.9% over 6 pairs); a large body costs a copy into it.
+                    .writev(false)
                     .timer(TokioTimer::new())
                     .header_read_timeout(idle.unwrap_or(HTTP1_IDLE_TIMEOUT))
                     .serve_connection(io, svc)
