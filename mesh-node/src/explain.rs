@@ -120,17 +120,16 @@ pub fn explain(q: &Query, cfg: &NodeConfig, node: &Node<'_>) -> Value {
     let (services, port): (Vec<&Service>, u16) = match cfg.l7.vip(q.dst) {
         Some((svc, port)) => {
             let declared = svc.port(*port).and_then(|p| p.protocol);
-            let opaque = declared.is_none() && node.opaque_ports.contains(port);
+            let tcp = crate::l7::detect::relayed_as_tcp(declared, *port, node.opaque_ports);
             out["destination"] = json!({
                 "service": svc.name,
                 "port": port,
-                "protocol": if opaque {
-                    "tcp (--opaque-ports)"
-                } else {
-                    declared.map_or("detect", protocol_name)
+                "protocol": match declared {
+                    Some(p) => protocol_name(p),
+                    None if tcp => "tcp (--opaque-ports)",
+                    None => "detect",
                 },
             });
-            let tcp = opaque || declared == Some(Protocol::Tcp);
             (route_backends(q, svc, *port, tcp, &mut out, cfg), *port)
         }
         None => match placement.by_ip(q.dst.ip()) {

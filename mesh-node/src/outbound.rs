@@ -416,11 +416,7 @@ impl Outbound {
                 (l7::outbound::Target::Pod(key, dst.port()), declared)
             }
         };
-        let opaque = match declared {
-            Some(p) => p == l7::Protocol::Tcp,
-            None => l7.opaque_ports.contains(&dst.port()),
-        };
-        if opaque {
+        if l7::detect::relayed_as_tcp(declared, dst.port(), &l7.opaque_ports) {
             return None;
         }
         let identity = placement?
@@ -452,19 +448,18 @@ impl Outbound {
     ) -> Option<PodStream> {
         let l7 = self.l7.as_ref().expect("checked by l7_conn");
         // A declared HTTP port waits for the client's first bytes; an undeclared one only briefly,
-        // so server-first protocols are not held up long.
-        let dest = match &conn.target {
+        // so server-first protocols are not held up long, unless HTTP was seen on it before.
+        let dest = declared.is_none().then(|| match &conn.target {
             l7::outbound::Target::Service(s, port) => (format!("svc/{}", s.name), *port),
             l7::outbound::Target::Pod(pod, port) => (format!("pod/{pod}"), *port),
-        };
-        let wait = if declared.is_some() {
-            l7.declared_wait
-        } else {
-            l7.seen.wait(&dest, l7.detect_timeout, l7.declared_wait)
+        });
+        let wait = match &dest {
+            None => l7.declared_wait,
+            Some(d) => l7.seen.wait(d, l7.detect_timeout, l7.declared_wait),
         };
         let detected = l7::detect::detect(client.get_ref(), wait).await;
-        if declared.is_none() {
-            l7.seen.record(dest, detected);
+        if let Some(d) = dest {
+            l7.seen.record(d, detected);
         }
         conn.detected = match detected {
             l7::detect::Detected::Opaque | l7::detect::Detected::Closed => {

@@ -57,9 +57,16 @@ async fn every_dashboard_panel_returns_data_from_a_real_prometheus() {
     let _h = server.serve_http(HTTP_PORT).await.unwrap();
     cluster.enroll(&client).await.unwrap();
     cluster.enroll(&server).await.unwrap();
+    // The HTTP port is declared (a Service selecting the server): a test client slowed down by a
+    // loaded machine must not be taken for TCP by detection, whose DENY rule on a path would then
+    // refuse its whole connection.
+    cluster
+        .label_pods(&[&server], serde_json::json!({"app": "server"}))
+        .await
+        .unwrap();
     // Something to count on every panel: allowed and denied connections, plaintext from outside.
     let deny = format!(
-        "apiVersion: nodemesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: deny-outsider, namespace: {ns}}}\nspec:\n  action: DENY\n  rules:\n  - {{from: [{{principals: ['spiffe://cluster.local/ns/{ns}/sa/nobody']}}]}}\n  - {{to: [{{ports: [{HTTP_PORT}], paths: [/forbidden]}}]}}\n",
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: server, namespace: {ns}}}\nspec:\n  clusterIP: 10.96.0.90\n  selector: {{app: server}}\n  ports: [{{name: http, port: 80, targetPort: {HTTP_PORT}}}]\n---\napiVersion: nodemesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: deny-outsider, namespace: {ns}}}\nspec:\n  action: DENY\n  rules:\n  - {{from: [{{principals: ['spiffe://cluster.local/ns/{ns}/sa/nobody']}}]}}\n  - {{to: [{{ports: [{HTTP_PORT}], paths: [/forbidden]}}]}}\n",
         ns = server.namespace
     );
     cluster

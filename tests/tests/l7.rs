@@ -743,8 +743,16 @@ async fn a_client_slow_to_send_its_first_request_is_still_served_as_http() {
     )
     .await;
     let to = server.addr(false, 8090).to_string();
-    let first = shop.get_at(&to, "/", 1, 1, &[]).await;
-    assert_eq!(n(&first, &["statuses", "200"]), 1, "{first}");
+    // A quick first client shows the port speaks HTTP. Retried: on a loaded machine even it can
+    // miss the 100 ms, which is the case this test is about, not one it can fix.
+    let mut taught = Value::Null;
+    for _ in 0..5 {
+        taught = shop.get_at(&to, "/", 1, 1, &[]).await;
+        if taught["statuses"]["200"] == 1 {
+            break;
+        }
+    }
+    assert_eq!(n(&taught, &["statuses", "200"]), 1, "{taught}");
     let before = shop.l7_counter(1, "requests").await;
     let wait = ["--connect-wait-ms", "1500"];
     let ok = shop.get_at(&to, "/", 3, 1, &wait).await;

@@ -11,6 +11,8 @@ use std::{collections::HashSet, sync::Mutex, time::Duration};
 
 use tokio::net::TcpStream;
 
+use super::Protocol;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Detected {
     Http1,
@@ -71,6 +73,15 @@ pub async fn detect(stream: &TcpStream, timeout: Duration) -> Detected {
         .unwrap_or(Detected::Opaque)
 }
 
+/// Whether a connection to `port` is relayed as opaque TCP at once, with no detection: its
+/// protocol is declared `tcp`, or undeclared and the port is one of `opaque_ports`.
+pub fn relayed_as_tcp(declared: Option<Protocol>, port: u16, opaque_ports: &[u16]) -> bool {
+    match declared {
+        Some(p) => p == Protocol::Tcp,
+        None => opaque_ports.contains(&port),
+    }
+}
+
 /// Remembered destination ports at most; when full, all are forgotten (each then costs one more
 /// short detection).
 const MAX_SEEN: usize = 4096;
@@ -113,6 +124,23 @@ impl Seen {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn declared_protocols_win_over_the_opaque_ports() {
+        let ports = [6379];
+        for (declared, port, want) in [
+            (Some(Protocol::Tcp), 80, true),
+            (Some(Protocol::Http1), 6379, false),
+            (None, 6379, true),
+            (None, 80, false),
+        ] {
+            assert_eq!(
+                relayed_as_tcp(declared, port, &ports),
+                want,
+                "{declared:?} {port}"
+            );
+        }
+    }
 
     #[test]
     fn a_port_seen_speaking_http_waits_longer_until_it_does_not() {
