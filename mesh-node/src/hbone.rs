@@ -848,6 +848,7 @@ impl Inbound {
         let gate = crate::l7::carried::ToPod {
             l7: &l7,
             stream: &stream,
+            recent: Default::default(),
         };
         let dial = || l7.pods.dial(target);
         if let Err(e) = crate::l7::relay::serve(&mut tunnel, &gate, dial).await {

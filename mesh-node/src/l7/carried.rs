@@ -215,6 +215,8 @@ pub struct Stream {
 pub struct ToPod<'s> {
     pub l7: &'s L7Inbound,
     pub stream: &'s Stream,
+    /// The stream's requests come from one caller to one pod: nearly all share one series.
+    pub recent: super::stats::Recent<super::inbound::SeriesKey>,
 }
 
 impl<'s> Gate for ToPod<'s> {
@@ -238,6 +240,6 @@ impl<'s> Gate for ToPod<'s> {
 
     fn finish(&self, mut t: Ticket<'s>, code: u16, flag: &'static str, bytes: (u64, u64)) {
         self.l7
-            .finish_request(&mut t, (code, "", flag), bytes, true);
+            .finish_request(&mut t, (code, "", flag), bytes, true, Some(&self.recent));
     }
 }

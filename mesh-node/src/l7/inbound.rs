@@ -23,7 +23,7 @@ use super::{
     is_grpc,
     respond::{ProxyError, error_response},
     services::Runtime,
-    stats::{L7Stats, RequestLabels},
+    stats::{L7Stats, Recent, RequestLabels},
     upstream::PodClient,
 };
 use crate::{
@@ -110,6 +110,39 @@ impl Ticket<'_> {
     }
 }
 
+/// A carried stream's key for its recent series ([`Recent`]): what a request's labels depend on
+/// besides the stream's caller identity and destination pod, and its gRPC status (none).
+#[derive(Debug)]
+pub struct SeriesKey {
+    /// The config that named the caller's workload. Weak: a stream must not keep an old config
+    /// alive; and while this is held the allocation stays, so its address cannot come back as
+    /// another config's.
+    cfg: std::sync::Weak<NodeConfig>,
+    ip: IpAddr,
+    code: u16,
+    flag: &'static str,
+}
+
+impl SeriesKey {
+    fn of(t: &Ticket<'_>, code: u16, flag: &'static str) -> Self {
+        Self {
+            cfg: Arc::downgrade(&t.cfg),
+            ip: t.caller.ip,
+            code,
+            flag,
+        }
+    }
+
+    /// Compares addresses, not text: no write to the shared config's counts, no string compare.
+    /// Flags are static names (two addresses for one name would only miss).
+    fn is(&self, t: &Ticket<'_>, code: u16, flag: &'static str) -> bool {
+        self.code == code
+            && std::ptr::eq(self.flag, flag)
+            && self.ip == t.caller.ip
+            && std::ptr::eq(self.cfg.as_ptr(), Arc::as_ptr(&t.cfg))
+    }
+}
+
 pub struct L7Inbound {
     pub config: watch::Receiver<Arc<NodeConfig>>,
     pub runtime: Arc<Runtime>,
@@ -153,6 +186,7 @@ impl L7Inbound {
             (code, &status_now, resp_flag),
             (request_bytes, response_bytes),
             !in_trailers,
+            None,
         );
         match series {
             Some(series) => super::stats::count_response(resp, series, counting),
@@ -205,21 +239,39 @@ impl L7Inbound {
 
     /// Records a request's end: its series (unless `series` is false: a status still to come in
     /// trailers is recorded when they arrive), its span and its access log line. The answer:
-    /// status, gRPC status, flag; the bytes: the request's and the response's.
+    /// status, gRPC status, flag; the bytes: the request's and the response's; `recent`: the
+    /// connection's recent series, if it keeps them.
     pub fn finish_request(
         &self,
         t: &mut Ticket<'_>,
         (code, grpc_status, resp_flag): (u16, &str, &'static str),
         (request_bytes, response_bytes): (u64, u64),
         series: bool,
+        recent: Option<&Recent<SeriesKey>>,
     ) -> Option<Arc<super::stats::Series>> {
         let recorded = series.then(|| {
-            self.stats.record(
-                t.labels(code, grpc_status, resp_flag),
-                t.started.elapsed(),
-                request_bytes,
-                response_bytes,
-            )
+            let took = t.started.elapsed();
+            let bytes = (request_bytes, response_bytes);
+            match recent {
+                Some(r) if grpc_status.is_empty() => self.stats.record_recent(
+                    r,
+                    |k| k.is(t, code, resp_flag),
+                    || {
+                        (
+                            SeriesKey::of(t, code, resp_flag),
+                            t.labels(code, "", resp_flag),
+                        )
+                    },
+                    took,
+                    bytes,
+                ),
+                _ => self.stats.record(
+                    t.labels(code, grpc_status, resp_flag),
+                    took,
+                    request_bytes,
+                    response_bytes,
+                ),
+            }
         });
         let (caller, (ns, name)) = (&t.caller, t.dst);
         let principal = caller.identity.as_ref().map_or("", SpiffeId::as_str);

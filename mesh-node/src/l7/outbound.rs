@@ -27,7 +27,7 @@ use super::{
     policy::{Abort, Outcome, ServicePolicy, backoff},
     respond::{ProxyError, error_response},
     services::{Service, ServiceState, acquire},
-    stats::{self, L7Stats, RequestLabels},
+    stats::{self, L7Stats, Recent, RequestLabels},
     upgrade,
     upstream::{self, TunnelTarget},
 };
@@ -88,6 +88,39 @@ pub struct L7Outbound {
     pub stats: Arc<L7Stats>,
     pub access_log: Arc<AccessLog>,
     pub tracing: Arc<Tracing>,
+}
+
+/// An app connection's key for its recent series ([`Recent`]): the labels that vary by request
+/// (the source's are the connection's): two strings compared where the shared map compared nine.
+#[derive(Debug)]
+pub struct SeriesKey {
+    service: String,
+    pod: String,
+    code: u16,
+    grpc_status: String,
+    flag: &'static str,
+}
+
+type KeyOf<'a> = (&'a str, &'a str, u16, &'a str, &'static str);
+
+impl SeriesKey {
+    fn of((service, pod, code, grpc_status, flag): KeyOf<'_>) -> Self {
+        Self {
+            service: service.into(),
+            pod: pod.into(),
+            code,
+            grpc_status: grpc_status.into(),
+            flag,
+        }
+    }
+
+    fn is(&self, (service, pod, code, grpc_status, flag): KeyOf<'_>) -> bool {
+        self.code == code
+            && self.flag == flag
+            && self.service == service
+            && self.pod == pod
+            && self.grpc_status == grpc_status
+    }
 }
 
 /// A chosen backend: its Service (with policy and state) and the pod port requests go to.
@@ -178,11 +211,12 @@ impl L7Outbound {
         };
         let this = self.clone();
         let c = conn.clone();
+        let recent = Arc::new(Recent::default());
         let result = match conn.detected {
             UpstreamProtocol::H1 => {
                 let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let (this, c) = (this.clone(), c.clone());
-                    async move { Ok::<_, Infallible>(this.request(req.map(boxed), &c).await) }
+                    let (this, c, r) = (this.clone(), c.clone(), recent.clone());
+                    async move { Ok::<_, Infallible>(this.request(req.map(boxed), &c, &r).await) }
                 });
                 // hyper's header read timer runs from the end of one response to the end of the
                 // next request's head: on a keep-alive connection it is the idle timeout.
@@ -205,10 +239,10 @@ impl L7Outbound {
                 let activity = idle.map(|_| Arc::new(Activity::default()));
                 let a = activity.clone();
                 let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let (this, c, a) = (this.clone(), c.clone(), a.clone());
+                    let (this, c, a, r) = (this.clone(), c.clone(), a.clone(), recent.clone());
                     async move {
                         let busy = a.as_ref().map(|a| a.start());
-                        let resp = this.request(req.map(boxed), &c).await;
+                        let resp = this.request(req.map(boxed), &c, &r).await;
                         Ok::<_, Infallible>(match busy {
                             Some(b) => resp.map(|body| boxed(b.until_end_of(body))),
                             None => resp,
@@ -243,7 +277,12 @@ impl L7Outbound {
         }
     }
 
-    async fn request(&self, mut req: Request<Body>, conn: &Conn) -> Response<Body> {
+    async fn request(
+        &self,
+        mut req: Request<Body>,
+        conn: &Conn,
+        recent: &Recent<SeriesKey>,
+    ) -> Response<Body> {
         let started = Instant::now();
         let upgrade = upgrade::prepare_source(&mut req);
         let grpc = is_grpc(req.headers());
@@ -284,11 +323,19 @@ impl L7Outbound {
         // (Empty for every non-gRPC answer: no allocation.)
         let status_now = inbound::grpc_status(&resp).to_string();
         let series = (!stats::status_in_trailers(grpc, &resp)).then(|| {
-            self.stats.record(
-                labels(&status_now),
+            let key = (
+                service.as_str(),
+                dst_pod.as_str(),
+                code,
+                status_now.as_str(),
+                flag,
+            );
+            self.stats.record_recent(
+                recent,
+                |k| k.is(key),
+                || (SeriesKey::of(key), labels(&status_now)),
                 started.elapsed(),
-                request_bytes,
-                response_bytes,
+                (request_bytes, response_bytes),
             )
         });
         if let Some(mut span) = span.take() {
