@@ -133,11 +133,11 @@ impl SeriesKey {
         }
     }
 
-    /// Compares addresses, not text: no write to the shared config's counts, no string compare.
-    /// Flags are static names (two addresses for one name would only miss).
+    /// No label text compared (the flag is a short static name) and no write to the shared
+    /// config's counts: the config is compared by address.
     fn is(&self, t: &Ticket<'_>, code: u16, flag: &'static str) -> bool {
         self.code == code
-            && std::ptr::eq(self.flag, flag)
+            && self.flag == flag
             && self.ip == t.caller.ip
             && std::ptr::eq(self.cfg.as_ptr(), Arc::as_ptr(&t.cfg))
     }
@@ -400,5 +400,51 @@ pub fn flag(resp: &Response<Body>) -> &'static str {
         Some("UR") => "UR",
         Some("DPE") => "DPE",
         _ => "-",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ticket(cfg: &Arc<NodeConfig>, ip: &str) -> Ticket<'static> {
+        Ticket {
+            started: Instant::now(),
+            span: None,
+            seen: None,
+            decision: None,
+            caller: Caller {
+                identity: None,
+                ip: ip.parse().unwrap(),
+            },
+            cfg: cfg.clone(),
+            dst: ("ns", "web"),
+            target: "10.0.1.5:8080".parse().unwrap(),
+        }
+    }
+
+    /// A carried stream's key matches only what gives the same labels: the same config (by
+    /// identity, not content: the next one may name the caller otherwise), caller address,
+    /// status and flag.
+    #[test]
+    fn a_series_key_matches_only_the_same_config_caller_and_answer() {
+        let (cfg, next) = (
+            Arc::new(NodeConfig::default()),
+            Arc::new(NodeConfig::default()),
+        );
+        let t = ticket(&cfg, "10.0.0.7");
+        let key = SeriesKey::of(&t, 200, "-");
+        for (case, other, code, flag, want) in [
+            ("same", ticket(&cfg, "10.0.0.7"), 200, "-", true),
+            ("status", ticket(&cfg, "10.0.0.7"), 503, "-", false),
+            ("flag", ticket(&cfg, "10.0.0.7"), 200, "RL", false),
+            ("caller", ticket(&cfg, "10.0.0.8"), 200, "-", false),
+            ("config", ticket(&next, "10.0.0.7"), 200, "-", false),
+        ] {
+            assert_eq!(key.is(&other, code, flag), want, "{case}");
+        }
+        // The key does not keep the config alive.
+        drop(t);
+        assert_eq!(Arc::strong_count(&cfg), 1);
     }
 }
