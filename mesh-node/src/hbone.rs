@@ -161,6 +161,12 @@ impl ConnState {
         self.kept.fetch_sub(1, Relaxed);
     }
 
+    /// Whether the connection's driver ended or a newer certificate replaced it (one load: cheap
+    /// enough for every request on a held stream, see `l7::carried::Held`).
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Relaxed)
+    }
+
     fn touch(&self) {
         self.last_used
             .store(epoch().elapsed().as_millis() as u64, Relaxed);

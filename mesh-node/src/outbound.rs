@@ -433,6 +433,7 @@ impl Outbound {
                 detected: l7::UpstreamProtocol::H1,
                 declared,
                 forwarded: l7::upstream::forwarded(peer),
+                held: Default::default(),
             },
             declared,
         ))

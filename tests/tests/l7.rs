@@ -1044,4 +1044,15 @@ async fn pod_connections_are_reused_across_requests_and_streams() {
     );
     // Each request is still authorized and counted at the destination.
     assert!(n(&dst, &["l7", "requests"]) >= 1000, "{}", dst["l7"]);
+    // An app connection holds its stream between requests and gives it back when it closes: new
+    // app connections ride the same streams.
+    let r = shop.get_at("10.96.0.22:80", "/", 200, 2, &[]).await;
+    assert_eq!(n(&r, &["statuses", "200"]), 200, "{r}");
+    let src = shop.cluster.nodes[0].counters().await.unwrap();
+    assert_eq!(
+        n(&src, &["tunnel", "outbound_carried_streams"]),
+        carried,
+        "{}",
+        src["tunnel"]
+    );
 }

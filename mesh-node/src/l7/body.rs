@@ -131,6 +131,15 @@ pub enum SendError {
 
 /// Sends `data` on `send` as the peer's window allows, ending the stream with its last part if
 /// `end`.
+/// Sends a message's head (with what of its body came with it) without waiting for the peer's
+/// window: h2 queues it and asks for the capacity itself. One lock of the tunnel connection
+/// instead of three. Only for the first write of each message: a head is bounded, and the next
+/// message's waits for this one's answer, so what queues is bounded too; bodies go through
+/// [`send_data`], which waits for the window.
+pub fn send_head(send: &mut h2::SendStream<Bytes>, data: Bytes) -> Result<(), SendError> {
+    Ok(send.send_data(data, false)?)
+}
+
 pub async fn send_data(
     send: &mut h2::SendStream<Bytes>,
     mut data: Bytes,

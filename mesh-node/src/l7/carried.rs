@@ -8,6 +8,11 @@
 //! pod (`relay`) with the same per-request authorization, limits and records as any L7 request.
 //! The caller's identity is the one the tunnel's mTLS proved; its address is in each request's
 //! `Forwarded`.
+//!
+//! An app connection holds the stream it used last ([`Held`]) for its next request, as the L4 path
+//! holds one stream per connection: taking a stream from the shared pool and giving it back wrote
+//! the pool's locks, counts and clock from both cores on every request. Held streams count as
+//! kept (bounded per tunnel connection) and go back to the pool when the app connection ends.
 use std::{
     net::SocketAddr,
     sync::{Arc, Mutex},
@@ -38,6 +43,10 @@ const MAX_KEPT: usize = 64;
 /// A kept stream unused this long is closed: it holds a stream slot on the tunnel connection and
 /// a pod connection on the destination.
 const KEPT_IDLE: Duration = Duration::from_secs(30);
+/// How often a held stream's tunnel connection is checked for a rotated certificate (and marked
+/// used): certificates are replaced well before they expire, so this delay is harmless, and the
+/// check reads a shared map and writes the connection's last use.
+const HELD_RECHECK: Duration = Duration::from_secs(1);
 
 /// Where a kept stream goes: one destination pod, through one tunnel connection's key.
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
@@ -56,11 +65,62 @@ struct Kept {
     since: Instant,
 }
 
+impl Key {
+    /// Whether `t` goes where this key does. Identities compare by pointer first: an app
+    /// connection's requests name the same ones.
+    fn is(&self, t: &TunnelTarget<'_>) -> bool {
+        self.node == t.node && self.target == t.target && self.dst == *t.dst && self.src == *t.src
+    }
+}
+
 /// The idle streams for one key. A request in flight holds its slot too, so its stream goes back
 /// without a lookup of the key (a hash of two identities, under the lock every request takes).
 #[derive(Default)]
 struct Slot {
     kept: Mutex<Vec<Kept>>,
+}
+
+impl Slot {
+    /// Takes back a stream already counted as kept on its connection; closes it when the slot is
+    /// full.
+    fn give_back(&self, k: Kept) {
+        let mut kept = self.kept.lock().expect("slot lock");
+        if kept.len() < MAX_KEPT {
+            kept.push(k);
+        } else {
+            drop(kept);
+            k.conn.unkeep();
+            close(k.tunnel);
+        }
+    }
+}
+
+/// The stream an app connection used last, for its next request (see the module's comment).
+#[derive(Default)]
+pub struct Held(Mutex<Option<HeldStream>>);
+
+struct HeldStream {
+    key: Key,
+    /// Counted as kept on its connection; `since` is when the connection was last checked.
+    kept: Kept,
+    slot: Arc<Slot>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.get_mut().expect("held lock").take() {
+            h.slot.give_back(Kept {
+                since: Instant::now(),
+                ..h.kept
+            });
+        }
+    }
+}
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Held")
+    }
 }
 
 /// The source side: kept streams, and the requests sent on them.
@@ -101,23 +161,44 @@ impl Carried {
         this
     }
 
-    /// Sends `req` to the pod `t` names on a kept stream (a new one when none is free).
+    /// Sends `req` to the pod `t` names on the app connection's held stream, else on a kept one
+    /// (a new one when none is free). `held` is the app connection's, when it has one.
     pub async fn send(
         self: &Arc<Self>,
         t: TunnelTarget<'_>,
         mut req: Request<Body>,
+        held: Option<&Arc<Held>>,
     ) -> Result<Response<Body>, ProxyError> {
         to_http1(&mut req, t.target)?;
         // Streams are shared by the app's connections: the client's address goes per request.
         req.headers_mut()
             .insert(header::FORWARDED, t.forwarded.clone());
+        if let Some(h) = held
+            && let Some(s) = self.take_held(h, &t)
+        {
+            let back = Back {
+                slot: s.slot,
+                conn: s.kept.conn,
+                counted: true,
+                held: Some((h.clone(), s.key, s.kept.since)),
+            };
+            match exchange(s.kept.tunnel, req, back).await {
+                Ok(resp) => return Ok(resp),
+                // It ended while held: the pool's streams (or a new one) take the request.
+                Err(Failed::NotSent(r, back)) => {
+                    back.conn.unkeep();
+                    req = *r;
+                }
+                Err(Failed::Sent(e)) => return Err(e),
+            }
+        }
         let key = Key {
             src: t.src.clone(),
             node: t.node,
             dst: t.dst.clone(),
             target: t.target,
         };
-        let slot = self.slot(key);
+        let slot = self.slot(key.clone());
         loop {
             let (kept, fresh) = match self.take(&slot, t.src) {
                 Some(k) => (k, false),
@@ -126,6 +207,8 @@ impl Carried {
             let back = Back {
                 slot: slot.clone(),
                 conn: kept.conn,
+                counted: false,
+                held: held.map(|h| (h.clone(), key.clone(), Instant::now())),
             };
             match exchange(kept.tunnel, req, back).await {
                 Ok(resp) => return Ok(resp),
@@ -161,6 +244,31 @@ impl Carried {
         }
     }
 
+    /// The held stream, when it goes where `t` does and can take a request now.
+    fn take_held(&self, h: &Held, t: &TunnelTarget<'_>) -> Option<HeldStream> {
+        let mut held = {
+            let mut g = h.0.lock().expect("held lock");
+            if !g.as_ref()?.key.is(t) {
+                // Left held: the answer to this request decides which stream the connection keeps.
+                return None;
+            }
+            g.take()?
+        };
+        let now = Instant::now();
+        let current = !held.kept.conn.is_retired()
+            && (now.duration_since(held.kept.since) < HELD_RECHECK
+                || self.tunnels.still_current(t.src, &held.kept.conn));
+        if current && idle_ok(&mut held.kept.tunnel) {
+            if now.duration_since(held.kept.since) >= HELD_RECHECK {
+                held.kept.since = now;
+            }
+            return Some(held);
+        }
+        held.kept.conn.unkeep();
+        close(held.kept.tunnel);
+        None
+    }
+
     async fn open(&self, t: &TunnelTarget<'_>) -> Result<Kept, ProxyError> {
         let (tunnel, conn) = self
             .tunnels
@@ -179,10 +287,41 @@ impl Carried {
 struct Back {
     slot: Arc<Slot>,
     conn: Arc<ConnState>,
+    /// Already counted as kept on `conn` (it was held; only with `held`).
+    counted: bool,
+    /// The app connection's holder, the stream's key, and when its connection was last checked.
+    held: Option<(Arc<Held>, Key, Instant)>,
 }
 
 impl Reuse for Back {
     fn reuse(self, tunnel: Tunnel) {
+        if let Some((held, key, since)) = self.held {
+            // Bounded per tunnel connection like the pool's: held streams are idle between
+            // requests.
+            if self.counted || self.conn.try_keep() {
+                let k = Kept {
+                    tunnel,
+                    conn: self.conn,
+                    since,
+                };
+                let before = held.0.lock().expect("held lock").replace(HeldStream {
+                    key,
+                    kept: k,
+                    slot: self.slot,
+                });
+                // The connection went elsewhere since (or two of its requests were in flight):
+                // the stream it held before goes to the pool.
+                if let Some(b) = before {
+                    b.slot.give_back(Kept {
+                        since: Instant::now(),
+                        ..b.kept
+                    });
+                }
+                return;
+            }
+            close(tunnel);
+            return;
+        }
         let mut kept = self.slot.kept.lock().expect("slot lock");
         // Bounded per pod, and per tunnel connection: idle streams must not hold the slots new
         // streams need.

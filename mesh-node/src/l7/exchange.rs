@@ -23,7 +23,7 @@ use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::BodyExt;
 
 use super::{
-    body::{Body, BoxError, SendError, boxed, send_data},
+    body::{Body, BoxError, SendError, boxed, send_data, send_head},
     h1frame::{self, BodyKind, Chunked, Decoded, FrameError},
     relay::{MAX_FIELDS, MAX_HEAD, says_close, write_fields, write_request_head},
     respond::ProxyError,
@@ -49,9 +49,11 @@ pub enum Failed<R> {
 /// Whether an idle stream can take a request: the destination has not ended or reset it, and
 /// sent nothing nobody asked for.
 pub fn idle_ok(t: &mut Tunnel) -> bool {
-    // A waker that does nothing: this only asks, the next real poll registers its own.
+    // A waker that does nothing: this only asks, the next real poll registers its own. The
+    // receiving half alone answers (a reset fails it too): each poll takes the tunnel
+    // connection's lock, which its other streams and its driver take as well.
     let mut cx = Context::from_waker(Waker::noop());
-    t.send.poll_reset(&mut cx).is_pending() && t.recv.poll_data(&mut cx).is_pending()
+    t.recv.poll_data(&mut cx).is_pending()
 }
 
 /// Ends our side of a stream that will not be used again.
@@ -74,7 +76,7 @@ pub async fn exchange<R: Reuse>(
     };
     let mut out = BytesMut::with_capacity(512);
     write_request_head(&mut out, &parts.method, &parts.uri, &parts.headers);
-    if send_data(&mut t.send, out.freeze(), false).await.is_err() {
+    if send_head(&mut t.send, out.freeze()).is_err() {
         return Err(Failed::NotSent(
             Box::new(Request::from_parts(parts, body)),
             reuse,
@@ -891,10 +893,11 @@ mod tests {
         dst.send.send_data(Bytes::new(), true).unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert!(!idle_ok(&mut src));
-        // Reset: the request comes back untouched, to go on another stream.
-        let (src, mut dst, _client) = pair().await;
+        // Reset: seen before use, and the request comes back untouched, to go on another stream.
+        let (mut src, mut dst, _client) = pair().await;
         dst.send.send_reset(h2::Reason::CANCEL);
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!idle_ok(&mut src));
         match exchange(
             src,
             request(Method::POST, "/x", full("body")),

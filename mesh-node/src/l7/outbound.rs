@@ -75,6 +75,8 @@ pub struct Conn {
     pub declared: Option<Protocol>,
     /// `Forwarded: for="<peer>"` for requests crossing to other nodes.
     pub forwarded: HeaderValue,
+    /// The carried stream this connection used last, for its next request.
+    pub held: Arc<super::carried::Held>,
 }
 
 #[derive(Clone)]
@@ -121,6 +123,13 @@ impl SeriesKey {
             && self.pod == pod
             && self.grpc_status == grpc_status
     }
+}
+
+/// What an app connection's requests share.
+struct Session {
+    l7: Arc<L7Outbound>,
+    conn: Arc<Conn>,
+    recent: Recent<SeriesKey>,
 }
 
 /// A chosen backend: its Service (with policy and state) and the pod port requests go to.
@@ -209,14 +218,20 @@ impl L7Outbound {
             Target::Service(svc, _) => svc.policy.idle_timeout,
             Target::Pod(..) => None,
         };
-        let this = self.clone();
-        let c = conn.clone();
-        let recent = Arc::new(Recent::default());
+        // One handle per connection, cloned per request: the proxy's own `Arc` is shared by every
+        // connection, and its count written from both cores on each request.
+        let session = Arc::new(Session {
+            l7: self.clone(),
+            conn: conn.clone(),
+            recent: Recent::default(),
+        });
         let result = match conn.detected {
             UpstreamProtocol::H1 => {
                 let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let (this, c, r) = (this.clone(), c.clone(), recent.clone());
-                    async move { Ok::<_, Infallible>(this.request(req.map(boxed), &c, &r).await) }
+                    let s = session.clone();
+                    async move {
+                        Ok::<_, Infallible>(s.l7.request(req.map(boxed), &s.conn, &s.recent).await)
+                    }
                 });
                 // hyper's header read timer runs from the end of one response to the end of the
                 // next request's head: on a keep-alive connection it is the idle timeout.
@@ -239,10 +254,10 @@ impl L7Outbound {
                 let activity = idle.map(|_| Arc::new(Activity::default()));
                 let a = activity.clone();
                 let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let (this, c, a, r) = (this.clone(), c.clone(), a.clone(), recent.clone());
+                    let (s, a) = (session.clone(), a.clone());
                     async move {
                         let busy = a.as_ref().map(|a| a.start());
-                        let resp = this.request(req.map(boxed), &c, &r).await;
+                        let resp = s.l7.request(req.map(boxed), &s.conn, &s.recent).await;
                         Ok::<_, Infallible>(match busy {
                             Some(b) => resp.map(|body| boxed(b.until_end_of(body))),
                             None => resp,
@@ -729,7 +744,11 @@ impl L7Outbound {
         *req.uri_mut() = parts.uri.clone();
         *req.headers_mut() = parts.headers.clone();
         let cfg = self.config.borrow().clone();
-        let conn = conn.clone();
+        // Its own held stream: the mirror's backend is another Service's.
+        let conn = Conn {
+            held: Default::default(),
+            ..conn.clone()
+        };
         let this = self.clone();
         tokio::spawn(async move {
             let r = this
@@ -795,7 +814,7 @@ impl L7Outbound {
         let resp = if proto == UpstreamProtocol::H1
             && !req.headers().contains_key(&upgrade::UPGRADE_HEADER)
         {
-            self.carried.send(t, req).await?
+            self.carried.send(t, req, Some(&conn.held)).await?
         } else {
             upstream::via_tunnel(&self.tunnels, t, proto, req).await?
         };

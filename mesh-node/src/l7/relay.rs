@@ -25,7 +25,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::{
-    body::{SendError, send_data},
+    body::{SendError, send_data, send_head},
     h1frame::{self, BodyKind, Chunked, FrameError},
     outbound::{MAX_HEADER_BYTES, MAX_HEADERS},
     respond::{FLAG_HEADER, ProxyError, error_h1},
@@ -67,6 +67,9 @@ pub trait Carrier: Send {
     /// The source's next bytes; `None` once it ended the stream.
     fn recv(&mut self) -> impl Future<Output = Result<Option<Bytes>, RelayError>> + Send;
     fn send(&mut self, data: Bytes) -> impl Future<Output = Result<(), RelayError>> + Send;
+    /// Sends an answer's first bytes (its head, bounded by what one read of the pod gives)
+    /// without waiting for the source's window.
+    fn send_head(&mut self, data: Bytes) -> Result<(), RelayError>;
     /// No more answers: ends the stream.
     fn finish(&mut self);
     /// Ends the stream as failed: an answer may have been cut.
@@ -612,6 +615,7 @@ where
     let mut scan = Chunked::default();
     let mut total = 0u64;
     let mut done = matches!(kind, BodyKind::None | BodyKind::Length(0));
+    let mut first = true;
     loop {
         if !done && !p.buf.is_empty() {
             let k = match kind {
@@ -637,7 +641,13 @@ where
             }
         }
         if !head.is_empty() {
-            carrier.send(std::mem::take(&mut head).freeze()).await?;
+            let data = std::mem::take(&mut head).freeze();
+            if first {
+                first = false;
+                carrier.send_head(data)?;
+            } else {
+                carrier.send(data).await?;
+            }
         }
         if done {
             return Ok((total, false));
@@ -648,6 +658,13 @@ where
             }
             return Err(RelayError::PodCut);
         }
+    }
+}
+
+fn relay_send_error(e: SendError) -> RelayError {
+    match e {
+        SendError::Stream(e) => RelayError::Stream(e),
+        SendError::Closed => RelayError::Cancelled,
     }
 }
 
@@ -668,10 +685,11 @@ impl Carrier for Tunnel {
     async fn send(&mut self, data: Bytes) -> Result<(), RelayError> {
         send_data(&mut self.send, data, false)
             .await
-            .map_err(|e| match e {
-                SendError::Stream(e) => RelayError::Stream(e),
-                SendError::Closed => RelayError::Cancelled,
-            })
+            .map_err(relay_send_error)
+    }
+
+    fn send_head(&mut self, data: Bytes) -> Result<(), RelayError> {
+        send_head(&mut self.send, data).map_err(relay_send_error)
     }
 
     fn finish(&mut self) {
@@ -710,6 +728,10 @@ mod tests {
             Ok(self.rx.recv().await)
         }
         async fn send(&mut self, data: Bytes) -> Result<(), RelayError> {
+            self.out.extend_from_slice(&data);
+            Ok(())
+        }
+        fn send_head(&mut self, data: Bytes) -> Result<(), RelayError> {
             self.out.extend_from_slice(&data);
             Ok(())
         }

@@ -358,9 +358,11 @@ spec:
         let mut run = Figures::new();
         measure_http(&client, l7, secs, (&pids, &apps), &mut run).await?;
         on_l7 += run["rps"];
+        eprintln!("  same cluster, L7: {}", brief(&run));
         let before = l7_requests().await?;
         measure_http(&client, l4, secs, (&pids, &apps), &mut run).await?;
         on_l4 += run["rps"];
+        eprintln!("  same cluster, L4: {}", brief(&run));
         anyhow::ensure!(
             l7_requests().await? == before,
             "the Service declared tcp went through the L7 path"
@@ -368,6 +370,17 @@ spec:
     }
     f.insert("rps_vs_l4_same_cluster", on_l7 / on_l4);
     Ok(f)
+}
+
+/// One wrk run's throughput and what the proxies spent on it, for the log: a round whose ratio
+/// is off shows whether the path or the VM changed.
+fn brief(f: &Figures) -> String {
+    format!(
+        "{:.0} requests/s, proxies {:.1} us/request, {:.0}% of the pods' CPU",
+        f["rps"],
+        f.get("proxy_cpu_us_per_req").copied().unwrap_or(f64::NAN),
+        f.get("proxy_cpu_pct_of_app").copied().unwrap_or(f64::NAN),
+    )
 }
 
 /// A cluster from `builder` with the client on node 0 and the servers on node 1, both enrolled.
