@@ -93,35 +93,67 @@ pub struct L7Outbound {
 }
 
 /// An app connection's key for its recent series ([`Recent`]): the labels that vary by request
-/// (the source's are the connection's): two strings compared where the shared map compared nine.
+/// (the source's are the connection's). Their bytes are kept in the key itself: a request's
+/// lookup then reads only the connection's list, where strings of their own were each a cache
+/// line of their own, cold by the time the connection's next request came.
 #[derive(Debug)]
 pub struct SeriesKey {
-    service: String,
-    pod: String,
     code: u16,
-    grpc_status: String,
     flag: &'static str,
+    /// Lengths of the backend Service, the pod and the gRPC status, back to back in `labels`.
+    lens: [usize; 3],
+    labels: Labels,
 }
+
+/// Label bytes in place when they fit (nearly always: names of 253 bytes at most).
+#[derive(Debug)]
+enum Labels {
+    Inline([u8; INLINE_LABELS]),
+    Heap(Box<[u8]>),
+}
+
+const INLINE_LABELS: usize = 96;
 
 type KeyOf<'a> = (&'a str, &'a str, u16, &'a str, &'static str);
 
 impl SeriesKey {
     fn of((service, pod, code, grpc_status, flag): KeyOf<'_>) -> Self {
+        let parts = [service, pod, grpc_status];
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let labels = if total <= INLINE_LABELS {
+            let mut buf = [0u8; INLINE_LABELS];
+            let mut at = 0;
+            for p in parts {
+                buf[at..at + p.len()].copy_from_slice(p.as_bytes());
+                at += p.len();
+            }
+            Labels::Inline(buf)
+        } else {
+            Labels::Heap(parts.concat().into_bytes().into_boxed_slice())
+        };
         Self {
-            service: service.into(),
-            pod: pod.into(),
             code,
-            grpc_status: grpc_status.into(),
             flag,
+            lens: parts.map(str::len),
+            labels,
         }
     }
 
     fn is(&self, (service, pod, code, grpc_status, flag): KeyOf<'_>) -> bool {
-        self.code == code
-            && self.flag == flag
-            && self.service == service
-            && self.pod == pod
-            && self.grpc_status == grpc_status
+        let parts = [service, pod, grpc_status];
+        if self.code != code || self.flag != flag || self.lens != parts.map(str::len) {
+            return false;
+        }
+        let bytes = match &self.labels {
+            Labels::Inline(b) => &b[..],
+            Labels::Heap(b) => &b[..],
+        };
+        let mut at = 0;
+        parts.iter().all(|p| {
+            let same = &bytes[at..at + p.len()] == p.as_bytes();
+            at += p.len();
+            same
+        })
     }
 }
 
@@ -133,8 +165,9 @@ struct Session {
 }
 
 /// A chosen backend: its Service (with policy and state) and the pod port requests go to.
-struct Backend {
-    service: Arc<Service>,
+struct Backend<'c> {
+    /// The config's (borrowed: its count is written by every connection's requests).
+    service: &'c Service,
     state: Arc<ServiceState>,
     target_port: u16,
     proto: UpstreamProtocol,
@@ -229,9 +262,7 @@ impl L7Outbound {
             UpstreamProtocol::H1 => {
                 let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                     let s = session.clone();
-                    async move {
-                        Ok::<_, Infallible>(s.l7.request(req.map(boxed), &s.conn, &s.recent).await)
-                    }
+                    async move { Ok::<_, Infallible>(s.l7.request(req.map(boxed), &s).await) }
                 });
                 // hyper's header read timer runs from the end of one response to the end of the
                 // next request's head: on a keep-alive connection it is the idle timeout.
@@ -257,7 +288,7 @@ impl L7Outbound {
                     let (s, a) = (session.clone(), a.clone());
                     async move {
                         let busy = a.as_ref().map(|a| a.start());
-                        let resp = s.l7.request(req.map(boxed), &s.conn, &s.recent).await;
+                        let resp = s.l7.request(req.map(boxed), &s).await;
                         Ok::<_, Infallible>(match busy {
                             Some(b) => resp.map(|body| boxed(b.until_end_of(body))),
                             None => resp,
@@ -292,12 +323,8 @@ impl L7Outbound {
         }
     }
 
-    async fn request(
-        &self,
-        mut req: Request<Body>,
-        conn: &Conn,
-        recent: &Recent<SeriesKey>,
-    ) -> Response<Body> {
+    async fn request(&self, mut req: Request<Body>, session: &Session) -> Response<Body> {
+        let (conn, recent) = (&*session.conn, &session.recent);
         let started = Instant::now();
         let upgrade = upgrade::prepare_source(&mut req);
         let grpc = is_grpc(req.headers());
@@ -388,7 +415,7 @@ impl L7Outbound {
                     http: Some(seen.http(
                         resp.status().as_u16(),
                         inbound::grpc_status(&resp),
-                        route.as_deref().unwrap_or(""),
+                        route.unwrap_or(""),
                     )),
                     decision: access_log::decision(flag),
                     flags: flag,
@@ -413,15 +440,15 @@ impl L7Outbound {
     }
 
     /// Routes and sends; the error carries the Service name for metrics.
-    async fn route(
+    async fn route<'c>(
         &self,
         cfg: &NodeConfig,
         mut req: Request<Body>,
-        conn: &Conn,
-        route: &mut Option<Arc<str>>,
+        conn: &'c Conn,
+        route: &mut Option<&'c str>,
     ) -> Result<(Response<Body>, String, String), (ProxyError, String)> {
         let (service, port) = match &conn.target {
-            Target::Service(s, p) => (s.clone(), *p),
+            Target::Service(s, p) => (s, *p),
             Target::Pod(pod, port) => {
                 // Straight to the pod: no route, no policy; still per-request authorization and
                 // metrics at its node.
@@ -446,7 +473,7 @@ impl L7Outbound {
                 }) else {
                     return Err(fail(ProxyError::NoRoute));
                 };
-                *route = Some(rule.route.clone());
+                *route = Some(&rule.route);
                 let route_ns = rule.route.split_once('/').map_or("", |(ns, _)| ns);
                 if let Some(resp) =
                     apply_filters(&mut req, &rule.filters, prefix, route_ns, &mut decided)
@@ -484,22 +511,20 @@ impl L7Outbound {
         Ok((resp, backend_name, pod))
     }
 
-    fn backend(
+    fn backend<'c>(
         &self,
-        cfg: &NodeConfig,
+        cfg: &'c NodeConfig,
         name: &str,
         port: u16,
         conn: &Conn,
-    ) -> Result<Backend, ProxyError> {
+    ) -> Result<Backend<'c>, ProxyError> {
         let service = cfg
             .l7
             .service(name)
-            .cloned()
             .ok_or_else(|| ProxyError::NoEndpoints(format!("{name}: unknown Service")))?;
         let p = service
             .port(port)
             .or_else(|| service.ports.first())
-            .cloned()
             .ok_or_else(|| ProxyError::NoEndpoints(format!("{name}: no port {port}")))?;
         let proto = match p.protocol.or(conn.declared) {
             Some(p) => p.upstream(),
@@ -522,7 +547,7 @@ impl L7Outbound {
         &self,
         cfg: &NodeConfig,
         req: Request<Body>,
-        b: &Backend,
+        b: &Backend<'_>,
         decided: &mut Decided,
         conn: &Conn,
     ) -> Result<(Response<Body>, String), ProxyError> {
@@ -570,7 +595,7 @@ impl L7Outbound {
         &self,
         cfg: &NodeConfig,
         req: Request<Body>,
-        b: &Backend,
+        b: &Backend<'_>,
         decided: &Decided,
         conn: &Conn,
     ) -> Result<(Response<Body>, String), ProxyError> {
@@ -750,11 +775,10 @@ impl L7Outbound {
             ..conn.clone()
         };
         let this = self.clone();
+        let (port, proto, name) = (b.target_port, b.proto, b.service.name.clone());
         tokio::spawn(async move {
-            let r = this
-                .send_to(&cfg, &ep.key, b.target_port, b.proto, req, &conn)
-                .await;
-            debug!(service = %b.service.name, ok = r.is_ok(), "mirrored");
+            let r = this.send_to(&cfg, &ep.key, port, proto, req, &conn).await;
+            debug!(service = %name, ok = r.is_ok(), "mirrored");
         });
     }
 
@@ -901,5 +925,40 @@ fn set_host(req: &mut Request<Body>, host: &str) {
     }
     if let Ok(v) = HeaderValue::from_str(host) {
         req.headers_mut().insert(header::HOST, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_series_key_matches_only_the_same_labels() {
+        let long = "x".repeat(INLINE_LABELS);
+        let keys: &[KeyOf<'_>] = &[
+            ("shop/web", "shop/web-1", 200, "", "-"),
+            ("shop/web", "shop/web-1", 503, "", "-"),
+            ("shop/web", "shop/web-1", 200, "", "UF"),
+            ("shop/web", "shop/web-2", 200, "", "-"),
+            ("shop/api", "shop/web-1", 200, "", "-"),
+            ("shop/web", "shop/web-1", 200, "14", "-"),
+            // The same bytes split differently between the labels.
+            ("shop/web", "shop/web-12", 200, "", "-"),
+            ("shop/web", "shop/web-1", 200, "2", "-"),
+            // Too long to keep in place.
+            ("shop/web", &long, 200, "", "-"),
+            ("shop/web", &long[1..], 200, "", "-"),
+        ];
+        for (i, a) in keys.iter().enumerate() {
+            let key = SeriesKey::of(*a);
+            assert!(
+                matches!(key.labels, Labels::Inline(_))
+                    == (a.0.len() + a.1.len() + a.3.len() <= INLINE_LABELS),
+                "{a:?}"
+            );
+            for (j, b) in keys.iter().enumerate() {
+                assert_eq!(key.is(*b), i == j, "{a:?} against {b:?}");
+            }
+        }
     }
 }
