@@ -14,7 +14,7 @@ use std::{
     hash::{DefaultHasher, Hash, Hasher},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU32, AtomicUsize, Ordering::Relaxed},
+        atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed},
     },
     time::{Duration, Instant},
 };
@@ -36,7 +36,6 @@ struct Health {
     ewma_ns: f64,
     stamp: Instant,
     failures: u32,
-    ejected_until: Option<Instant>,
     /// Ejections in a row (reset by a success after coming back).
     ejections: u32,
 }
@@ -47,6 +46,11 @@ pub struct Endpoint {
     pub key: String,
     health: Mutex<Health>,
     inflight: AtomicU32,
+    /// When its ejection ends, in nanoseconds after `born`; 0: not ejected. Outside `health`:
+    /// every pick asks it of each candidate, and a load leaves the line shared between cores
+    /// where taking the lock wrote it.
+    ejected_until: AtomicU64,
+    born: Instant,
 }
 
 /// What `/debug` and metrics show of an endpoint.
@@ -76,11 +80,17 @@ impl Endpoint {
                 ewma_ns: DEFAULT_RTT_NS,
                 stamp: now,
                 failures: 0,
-                ejected_until: None,
                 ejections: 0,
             }),
             inflight: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
+            born: now,
         }
+    }
+
+    /// `t` as nanoseconds after `born`, at least 1 (0 means not ejected).
+    fn since_born(&self, t: Instant) -> u64 {
+        (t.saturating_duration_since(self.born).as_nanos() as u64).max(1)
     }
 
     pub fn start(self: &Arc<Self>) -> InFlight {
@@ -110,11 +120,8 @@ impl Endpoint {
     }
 
     pub fn is_ejected(&self, now: Instant) -> bool {
-        self.health
-            .lock()
-            .expect("health lock")
-            .ejected_until
-            .is_some_and(|t| t > now)
+        let until = self.ejected_until.load(Relaxed);
+        until != 0 && until > self.since_born(now)
     }
 
     pub fn view(&self, now: Instant) -> EndpointView {
@@ -124,7 +131,7 @@ impl Endpoint {
             ewma_ms: decayed(h.ewma_ns, h.stamp, now) / 1e6,
             inflight: self.inflight.load(Relaxed),
             consecutive_failures: h.failures,
-            ejected: h.ejected_until.is_some_and(|t| t > now),
+            ejected: self.is_ejected(now),
         }
     }
 }
@@ -186,8 +193,12 @@ impl Balancer {
         hash_key: Option<&[u8]>,
         tried: &[String],
         now: Instant,
-        mut draw: impl FnMut() -> u64,
+        draw: impl FnMut() -> u64,
     ) -> Option<Arc<Endpoint>> {
+        if tried.is_empty() && !eps.iter().any(|e| e.is_ejected(now)) {
+            // Nothing to avoid (nearly every request): no lists to build.
+            return self.choose(eps.len(), |i| &eps[i], lb, hash_key, now, draw);
+        }
         let usable: Vec<&Arc<Endpoint>> = {
             let fresh: Vec<_> = eps.iter().filter(|e| !tried.contains(&e.key)).collect();
             let pool = if fresh.is_empty() {
@@ -202,19 +213,32 @@ impl Balancer {
                 .collect();
             if healthy.is_empty() { pool } else { healthy }
         };
-        if usable.is_empty() {
+        self.choose(usable.len(), |i| usable[i], lb, hash_key, now, draw)
+    }
+
+    /// One of `n` candidates (`at` gives each) by the policy.
+    fn choose<'e>(
+        &self,
+        n: usize,
+        at: impl Fn(usize) -> &'e Arc<Endpoint>,
+        lb: &Lb,
+        hash_key: Option<&[u8]>,
+        now: Instant,
+        mut draw: impl FnMut() -> u64,
+    ) -> Option<Arc<Endpoint>> {
+        if n == 0 {
             return None;
         }
         let i = match (lb, hash_key) {
             (Lb::Hash(_), Some(key)) => {
-                let keys: Vec<&str> = usable.iter().map(|e| e.key.as_str()).collect();
+                let keys: Vec<&str> = (0..n).map(|i| at(i).key.as_str()).collect();
                 rendezvous(key, &keys)
             }
-            (Lb::RoundRobin, _) => self.rr.fetch_add(1, Relaxed) % usable.len(),
+            (Lb::RoundRobin, _) => self.rr.fetch_add(1, Relaxed) % n,
             // P2C, and hashing without the header.
-            _ => p2c(usable.len(), draw(), draw(), |i| usable[i].cost(now)),
+            _ => p2c(n, draw(), draw(), |i| at(i).cost(now)),
         };
-        Some(usable[i].clone())
+        Some(at(i).clone())
     }
 
     /// Records how a try on `ep` ended; ejects it after too many failures in a row.
@@ -229,15 +253,17 @@ impl Balancer {
         let mut h = ep.health.lock().expect("health lock");
         if !failed {
             h.failures = 0;
-            if h.ejected_until.is_none_or(|t| t <= now) {
-                h.ejected_until = None;
+            if !ep.is_ejected(now) {
+                if ep.ejected_until.load(Relaxed) != 0 {
+                    ep.ejected_until.store(0, Relaxed);
+                }
                 h.ejections = 0;
             }
             return false;
         }
         h.failures += 1;
         let Some(o) = outlier else { return false };
-        if h.failures < o.consecutive_failures || h.ejected_until.is_some_and(|t| t > now) {
+        if h.failures < o.consecutive_failures || ep.is_ejected(now) {
             return false;
         }
         drop(h);
@@ -251,7 +277,8 @@ impl Balancer {
         let mut h = ep.health.lock().expect("health lock");
         h.ejections += 1;
         h.failures = 0;
-        h.ejected_until = Some(now + ejection_time(o, h.ejections));
+        ep.ejected_until
+            .store(ep.since_born(now + ejection_time(o, h.ejections)), Relaxed);
         self.ejections.fetch_add(1, Relaxed);
         true
     }
