@@ -129,8 +129,6 @@ pub enum SendError {
     Closed,
 }
 
-/// Sends `data` on `send` as the peer's window allows, ending the stream with its last part if
-/// `end`.
 /// Sends a message's head (with what of its body came with it) without waiting for the peer's
 /// window: h2 queues it and asks for the capacity itself. One lock of the tunnel connection
 /// instead of three. Only for the first write of each message: a head is bounded, and the next
@@ -140,6 +138,8 @@ pub fn send_head(send: &mut h2::SendStream<Bytes>, data: Bytes) -> Result<(), Se
     Ok(send.send_data(data, false)?)
 }
 
+/// Sends `data` on `send` as the peer's window allows, ending the stream with its last part if
+/// `end`.
 pub async fn send_data(
     send: &mut h2::SendStream<Bytes>,
     mut data: Bytes,
