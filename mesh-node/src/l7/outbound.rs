@@ -167,7 +167,7 @@ struct Session {
 /// A chosen backend: its Service (with policy and state) and the pod port requests go to.
 struct Backend<'c> {
     /// The config's (borrowed: its count is written by every connection's requests).
-    service: &'c Service,
+    service: &'c Arc<Service>,
     state: Arc<ServiceState>,
     target_port: u16,
     proto: UpstreamProtocol,
@@ -601,7 +601,7 @@ impl L7Outbound {
     ) -> Result<(Response<Body>, String), ProxyError> {
         let policy = &b.service.policy;
         let now = Instant::now();
-        let eps = b.state.balancer.endpoints(&b.service.endpoints, now);
+        let eps = b.state.endpoints(b.service, now);
         if eps.is_empty() {
             return Err(ProxyError::NoEndpoints(b.service.name.clone()));
         }

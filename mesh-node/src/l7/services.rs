@@ -5,7 +5,7 @@
 use std::{
     net::SocketAddr,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, Weak,
         atomic::{AtomicU32, Ordering::Relaxed},
     },
     time::Instant,
@@ -22,7 +22,7 @@ use mesh_api::{
 
 use super::{
     Protocol,
-    balance::Balancer,
+    balance::{Balancer, Endpoint},
     policy::{Gcra, PolicyError, RateLimit, RetryBudget, ServicePolicy},
 };
 use crate::routes::{RouteError, Table};
@@ -262,7 +262,13 @@ pub struct ServiceState {
     released: tokio::sync::Notify,
     /// GCRA state per source identity (`""`: the whole destination).
     limiters: Mutex<HashMap<String, Gcra>>,
+    /// The endpoints' states for the config's Service they were listed from (held `Weak`, so no
+    /// old config stays alive and its address cannot be reused).
+    endpoints: Mutex<Option<(Weak<Service>, Endpoints)>>,
 }
+
+/// A Service's endpoint states, in its order.
+pub type Endpoints = Arc<[Arc<Endpoint>]>;
 
 /// Sources tracked per rate-limited destination before the oldest state is dropped.
 const MAX_LIMITER_KEYS: usize = 10_000;
@@ -277,7 +283,22 @@ impl ServiceState {
             connections: AtomicU32::new(0),
             released: tokio::sync::Notify::new(),
             limiters: Mutex::default(),
+            endpoints: Mutex::default(),
         }
+    }
+
+    /// The states of `svc`'s endpoints, listed again only when the config's Service changed:
+    /// per request one count instead of a lookup and a count per endpoint.
+    pub fn endpoints(&self, svc: &Arc<Service>, now: Instant) -> Endpoints {
+        let mut listed = self.endpoints.lock().expect("endpoints lock");
+        if let Some((of, eps)) = listed.as_ref()
+            && std::ptr::eq(of.as_ptr(), Arc::as_ptr(svc))
+        {
+            return eps.clone();
+        }
+        let eps: Endpoints = self.balancer.endpoints(&svc.endpoints, now).into();
+        *listed = Some((Arc::downgrade(svc), eps.clone()));
+        eps
     }
 
     /// GCRA for `key`: `Ok` to proceed.
@@ -410,5 +431,41 @@ impl Runtime {
             .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(endpoints: &[&str]) -> Arc<Service> {
+        Arc::new(Service {
+            name: "shop/web".into(),
+            ports: Vec::new(),
+            endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
+            tables: HashMap::new(),
+            policy: Arc::default(),
+        })
+    }
+
+    #[test]
+    fn endpoints_are_listed_again_only_for_another_config_s_service() {
+        let (state, now) = (ServiceState::new(Instant::now()), Instant::now());
+        let v1 = service(&["shop/a", "shop/b"]);
+        let first = state.endpoints(&v1, now);
+        assert!(Arc::ptr_eq(&first, &state.endpoints(&v1, now)));
+        // The next config's Service, with one endpoint gone: a new list, the kept endpoint's
+        // state carried over, the gone one's dropped.
+        let v2 = service(&["shop/b"]);
+        let second = state.endpoints(&v2, now);
+        assert!(!Arc::ptr_eq(&first, &second));
+        assert_eq!(second.len(), 1);
+        assert!(Arc::ptr_eq(&first[1], &second[0]));
+        // Same content, another config's Service: listed again, same states.
+        drop(v1);
+        let v3 = service(&["shop/b"]);
+        let third = state.endpoints(&v3, now);
+        assert!(!Arc::ptr_eq(&second, &third));
+        assert!(Arc::ptr_eq(&second[0], &third[0]));
     }
 }
