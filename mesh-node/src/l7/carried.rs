@@ -255,11 +255,11 @@ impl Carried {
             g.take()?
         };
         let now = Instant::now();
+        let recheck = now.duration_since(held.kept.since) >= HELD_RECHECK;
         let current = !held.kept.conn.is_retired()
-            && (now.duration_since(held.kept.since) < HELD_RECHECK
-                || self.tunnels.still_current(t.src, &held.kept.conn));
+            && (!recheck || self.tunnels.still_current(t.src, &held.kept.conn));
         if current && idle_ok(&mut held.kept.tunnel) {
-            if now.duration_since(held.kept.since) >= HELD_RECHECK {
+            if recheck {
                 held.kept.since = now;
             }
             return Some(held);

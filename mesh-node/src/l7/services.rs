@@ -461,6 +461,11 @@ mod tests {
         assert!(!Arc::ptr_eq(&first, &second));
         assert_eq!(second.len(), 1);
         assert!(Arc::ptr_eq(&first[1], &second[0]));
+        assert_eq!(
+            Arc::strong_count(&first[0]),
+            1,
+            "only the old list holds shop/a"
+        );
         // Same content, another config's Service: listed again, same states.
         drop(v1);
         let v3 = service(&["shop/b"]);
