@@ -11,7 +11,7 @@ use std::{
 
 use http::{HeaderValue, Request, Response, header};
 use hyper::server::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_api::{gateway::HTTPRouteFilter, identity::SpiffeId};
 use tokio::sync::watch;
 use tracing::{debug, info};
@@ -275,7 +275,7 @@ impl L7Outbound {
                     // instead of queued as separate slices (proxies' CPU per app CPU on mesh_l7
                     // 222.2% -> 216.9% over 6 pairs); a large body costs a copy into it.
                     .writev(false)
-                    .timer(TokioTimer::new())
+                    .timer(super::idle::HeadTimer::default())
                     .header_read_timeout(idle.unwrap_or(HTTP1_IDLE_TIMEOUT))
                     .serve_connection(io, svc)
                     .with_upgrades()
