@@ -240,7 +240,8 @@ impl L7Inbound {
     /// Records a request's end: its series (unless `series` is false: a status still to come in
     /// trailers is recorded when they arrive), its span and its access log line. The answer:
     /// status, gRPC status, flag; the bytes: the request's and the response's; `recent`: the
-    /// connection's recent series, if it keeps them.
+    /// connection's recent series, if it keeps them. Returns the series recorded into when it is
+    /// not one of `recent`'s (whose callers count every byte before they finish).
     pub fn finish_request(
         &self,
         t: &mut Ticket<'_>,
@@ -264,13 +265,14 @@ impl L7Inbound {
                     },
                     took,
                     bytes,
+                    false,
                 ),
-                _ => self.stats.record(
+                _ => Some(self.stats.record(
                     t.labels(code, grpc_status, resp_flag),
                     took,
                     request_bytes,
                     response_bytes,
-                ),
+                )),
             }
         });
         let (caller, (ns, name)) = (&t.caller, t.dst);
@@ -312,7 +314,7 @@ impl L7Inbound {
                 duration_ms: access_log::millis(t.started.elapsed()),
             });
         }
-        recorded
+        recorded.flatten()
     }
 
     fn admit<B>(
@@ -351,11 +353,13 @@ impl L7Inbound {
             warn!(?src, dst = %format!("{ns}/{name}"), method = %req.method(), path = %req.uri().path(), %reason, "request denied");
             return Err(ProxyError::Denied(reason));
         }
-        let now = Instant::now();
+        let mut now = None;
         for svc in cfg.l7.rate_limited(ns, name, target.port()) {
             let Some(limit) = &svc.policy.rate_limit else {
                 continue;
             };
+            // Read only for rate-limited pods: a clock read is not free on a VM.
+            let now = *now.get_or_insert_with(Instant::now);
             let pod = format!("{ns}/{name}");
             let key = if limit.per_source {
                 let who = caller

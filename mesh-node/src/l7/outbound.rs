@@ -353,7 +353,7 @@ impl L7Outbound {
             source_workload: conn.pod.1.as_str(),
             source_namespace: conn.pod.0.as_str(),
             source_principal: conn.identity.as_ref().map_or("", SpiffeId::as_str),
-            destination_service: service.as_str(),
+            destination_service: service,
             destination_workload: dst_name,
             destination_namespace: dst_ns,
             response_code: code,
@@ -364,20 +364,16 @@ impl L7Outbound {
         // A gRPC status in trailers: recorded when they arrive.
         // (Empty for every non-gRPC answer: no allocation.)
         let status_now = inbound::grpc_status(&resp).to_string();
+        let keep = counting.is_some() || stats::streams(resp.headers(), resp.body());
         let series = (!stats::status_in_trailers(grpc, &resp)).then(|| {
-            let key = (
-                service.as_str(),
-                dst_pod.as_str(),
-                code,
-                status_now.as_str(),
-                flag,
-            );
+            let key = (service, dst_pod.as_str(), code, status_now.as_str(), flag);
             self.stats.record_recent(
                 recent,
                 |k| k.is(key),
                 || (SeriesKey::of(key), labels(&status_now)),
                 started.elapsed(),
                 (request_bytes, response_bytes),
+                keep,
             )
         });
         if let Some(mut span) = span.take() {
@@ -385,7 +381,7 @@ impl L7Outbound {
                 "mesh.source.workload",
                 format!("{}/{}", conn.pod.0, conn.pod.1),
             );
-            span.set("mesh.destination.service", service.clone());
+            span.set("mesh.destination.service", service.to_string());
             span.set("mesh.destination.workload", dst_pod.clone());
             if let Some(r) = &route {
                 span.set("mesh.route", r.to_string());
@@ -411,7 +407,7 @@ impl L7Outbound {
                         principal: "",
                         address: conn.dst.to_string(),
                     },
-                    service: &service,
+                    service,
                     http: Some(seen.http(
                         resp.status().as_u16(),
                         inbound::grpc_status(&resp),
@@ -427,7 +423,8 @@ impl L7Outbound {
             }
         }
         match series {
-            Some(series) => stats::count_response(resp, series, counting),
+            Some(Some(series)) => stats::count_response(resp, series, counting),
+            Some(None) => resp,
             None => stats::record_at_trailers(
                 &self.stats,
                 labels(""),
@@ -439,14 +436,15 @@ impl L7Outbound {
         }
     }
 
-    /// Routes and sends; the error carries the Service name for metrics.
+    /// Routes and sends; the answer carries the backend Service's name and the pod's, the error
+    /// the Service's (for metrics). Names are borrowed from the config: no copy per request.
     async fn route<'c>(
         &self,
-        cfg: &NodeConfig,
+        cfg: &'c NodeConfig,
         mut req: Request<Body>,
         conn: &'c Conn,
         route: &mut Option<&'c str>,
-    ) -> Result<(Response<Body>, String, String), (ProxyError, String)> {
+    ) -> Result<(Response<Body>, &'c str, String), (ProxyError, &'c str)> {
         let (service, port) = match &conn.target {
             Target::Service(s, p) => (s, *p),
             Target::Pod(pod, port) => {
@@ -455,15 +453,15 @@ impl L7Outbound {
                 let (resp, _) = self
                     .send_to(cfg, pod, *port, conn.detected, req, conn)
                     .await
-                    .map_err(|e| (e, String::new()))?;
-                return Ok((resp, String::new(), pod.clone()));
+                    .map_err(|e| (e, ""))?;
+                return Ok((resp, "", pod.clone()));
             }
         };
-        let name = service.name.clone();
-        let fail = |e| (e, name.clone());
+        let name = service.name.as_str();
+        let fail = |e| (e, name);
         let mut decided = Decided::default();
         let (backend_name, backend_port) = match service.table(port) {
-            None => (service.name.clone(), port),
+            None => (name, port),
             Some(table) => {
                 let Some((rule, prefix)) = table.select(&routes::Request {
                     method: req.method().as_str(),
@@ -494,16 +492,16 @@ impl L7Outbound {
                         rule.route
                     ))));
                 };
-                (b.service.clone(), if b.port == 0 { port } else { b.port })
+                (b.service.as_str(), if b.port == 0 { port } else { b.port })
             }
         };
         let backend = self
-            .backend(cfg, &backend_name, backend_port, conn)
+            .backend(cfg, backend_name, backend_port, conn)
             .map_err(fail)?;
         let (resp, pod) = self
             .send(cfg, req, &backend, &mut decided, conn)
             .await
-            .map_err(|e| (e, backend_name.clone()))?;
+            .map_err(|e| (e, backend_name))?;
         let mut resp = resp;
         for m in &decided.response_headers {
             filters::modify_headers(resp.headers_mut(), m);

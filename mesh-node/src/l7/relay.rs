@@ -575,8 +575,13 @@ fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<ParsedRespons
     let mut close = r.version == Some(0);
     let mut head = BytesMut::with_capacity(n + 16);
     head.extend_from_slice(b"HTTP/1.1 ");
-    head.extend_from_slice(code.to_string().as_bytes());
-    head.extend_from_slice(b" ");
+    // httparse takes three digits only: written without a heap string.
+    head.extend_from_slice(&[
+        b'0' + (code / 100) as u8,
+        b'0' + (code / 10 % 10) as u8,
+        b'0' + (code % 10) as u8,
+        b' ',
+    ]);
     head.extend_from_slice(r.reason.unwrap_or_default().as_bytes());
     head.extend_from_slice(b"\r\n");
     let ours = |name: &str| {

@@ -145,7 +145,8 @@ impl L7Stats {
     /// this request's, else the map's, kept under the key `new` makes. A request with a known key
     /// (nearly every one) compares no label and skips the shared map, whose lock both cores
     /// write. Comparing labels was most of a request's metrics cost at the destination (`perf`:
-    /// about 0.3 us of 9 us, in `memcmp`).
+    /// about 0.3 us of 9 us, in `memcmp`). The series is handed back only when `keep` (a body
+    /// still to count into it): its count is shared by every connection's requests.
     pub fn record_recent<'l, K>(
         &self,
         recent: &Recent<K>,
@@ -153,23 +154,24 @@ impl L7Stats {
         new: impl FnOnce() -> (K, RequestLabels<&'l str>),
         took: Duration,
         (request_bytes, response_bytes): (u64, u64),
-    ) -> Arc<Series> {
+        keep: bool,
+    ) -> Option<Arc<Series>> {
         let mut r = recent.0.lock().expect("recent series lock");
-        let series = match r.iter().find(|(k, _)| is(k)) {
-            Some((_, s)) => s.clone(),
+        let at = match r.iter().position(|(k, _)| is(k)) {
+            Some(at) => at,
             None => {
                 let (key, labels) = new();
                 let s = self.series_of(&labels);
                 if r.len() == RECENT {
                     r.remove(0);
                 }
-                r.push((key, s.clone()));
-                s
+                r.push((key, s));
+                r.len() - 1
             }
         };
-        drop(r);
+        let series = &r[at].1;
         series.add(took, request_bytes, response_bytes);
-        series
+        keep.then(|| series.clone())
     }
 
     fn series_of(&self, labels: &RequestLabels<&str>) -> Arc<Series> {
@@ -612,7 +614,7 @@ mod tests {
             direct.record(l(), Duration::from_millis(3), 10, 1);
             let took = Duration::from_millis(3);
             let is = |k: &(&str, u16)| *k == (w, code);
-            via.record_recent(&recent, is, || ((w, code), l()), took, (10, 1));
+            via.record_recent(&recent, is, || ((w, code), l()), took, (10, 1), false);
         }
         let figures = |s: &L7Stats| -> Vec<(String, u16, u64, u64)> {
             s.snapshot()
