@@ -259,6 +259,34 @@ spec:
     assert_eq!(seen["headers"]["host"], "10.96.0.20", "{c:?}");
     assert!(seen["pod"].as_str().unwrap().starts_with("v1"), "{c:?}");
 
+    // A request body without a length (chunked): the source's metrics count it as it streams.
+    let sent = |c: &Value| -> u64 {
+        c["requests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["labels"]["reporter"] == "source")
+            .map(|s| s["figures"]["request_bytes"].as_u64().unwrap())
+            .sum()
+    };
+    let before = sent(&shop.cluster.nodes[0].counters().await.unwrap());
+    let body = "x".repeat(5000);
+    let c = shop
+        .client
+        .curl(&[
+            "-H",
+            "transfer-encoding: chunked",
+            "--data-binary",
+            &body,
+            &format!("http://{WEB}/echo/streamed"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(c.status, 200, "{c:?}");
+    assert_eq!(c.json()["body_bytes"], 5000, "{c:?}");
+    let after = sent(&shop.cluster.nodes[0].counters().await.unwrap());
+    assert!(after >= before + 5000, "request bytes {before} -> {after}");
+
     // curl speaking HTTP/2 with prior knowledge: detected and served as HTTP/2, answered by a pod.
     let c = shop
         .client
