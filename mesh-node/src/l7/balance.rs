@@ -63,10 +63,11 @@ pub struct EndpointView {
     pub ejected: bool,
 }
 
-/// Counts a request in flight on an endpoint while it lives.
-pub struct InFlight(Arc<Endpoint>);
+/// Counts a request in flight on an endpoint while it lives (borrowed: the endpoint's own count
+/// is shared by every connection).
+pub struct InFlight<'e>(&'e Endpoint);
 
-impl Drop for InFlight {
+impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.inflight.fetch_sub(1, Relaxed);
     }
@@ -93,9 +94,9 @@ impl Endpoint {
         (t.saturating_duration_since(self.born).as_nanos() as u64).max(1)
     }
 
-    pub fn start(self: &Arc<Self>) -> InFlight {
+    pub fn start(&self) -> InFlight<'_> {
         self.inflight.fetch_add(1, Relaxed);
-        InFlight(self.clone())
+        InFlight(self)
     }
 
     fn cost(&self, now: Instant) -> f64 {
@@ -186,15 +187,15 @@ impl Balancer {
 
     /// Chooses among `eps` (not empty), avoiding `tried` and ejected endpoints where possible.
     /// `draw` gives random numbers.
-    pub fn pick(
+    pub fn pick<'e>(
         &self,
-        eps: &[Arc<Endpoint>],
+        eps: &'e [Arc<Endpoint>],
         lb: &Lb,
         hash_key: Option<&[u8]>,
         tried: &[String],
         now: Instant,
         draw: impl FnMut() -> u64,
-    ) -> Option<Arc<Endpoint>> {
+    ) -> Option<&'e Arc<Endpoint>> {
         if tried.is_empty() && !eps.iter().any(|e| e.is_ejected(now)) {
             // Nothing to avoid (nearly every request): no lists to build.
             return self.choose(eps.len(), |i| &eps[i], lb, hash_key, now, draw);
@@ -225,7 +226,7 @@ impl Balancer {
         hash_key: Option<&[u8]>,
         now: Instant,
         mut draw: impl FnMut() -> u64,
-    ) -> Option<Arc<Endpoint>> {
+    ) -> Option<&'e Arc<Endpoint>> {
         if n == 0 {
             return None;
         }
@@ -238,7 +239,7 @@ impl Balancer {
             // P2C, and hashing without the header.
             _ => p2c(n, draw(), draw(), |i| at(i).cost(now)),
         };
-        Some(at(i).clone())
+        Some(at(i))
     }
 
     /// Records how a try on `ep` ended; ejects it after too many failures in a row.

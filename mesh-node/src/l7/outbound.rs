@@ -698,7 +698,7 @@ impl L7Outbound {
             if !proxy_answer
                 && b.state.balancer.record(
                     &eps,
-                    &ep,
+                    ep,
                     outcome.is_failure(),
                     policy.outlier.as_ref(),
                     now,
@@ -750,16 +750,15 @@ impl L7Outbound {
         let (Some(body), Ok(b)) = (replay.body(), self.backend(cfg, service, port, conn)) else {
             return;
         };
-        let Some(ep) = b.state.balancer.pick(
-            &b.state
-                .balancer
-                .endpoints(&b.service.endpoints, Instant::now()),
-            &b.service.policy.lb,
-            None,
-            &[],
-            Instant::now(),
-            rand::random,
-        ) else {
+        let now = Instant::now();
+        let eps = b.state.endpoints(b.service, now);
+        // Owned: the mirror's task outlives this request.
+        let Some(ep) = b
+            .state
+            .balancer
+            .pick(&eps, &b.service.policy.lb, None, &[], now, rand::random)
+            .cloned()
+        else {
             return;
         };
         let mut req = Request::new(body);

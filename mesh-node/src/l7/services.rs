@@ -318,9 +318,9 @@ impl ServiceState {
 
 /// A request counted against its Service's `maxRequests` while it is in flight; releasing it
 /// wakes one queued request.
-pub struct RequestSlot(Arc<ServiceState>);
+pub struct RequestSlot<'s>(&'s ServiceState);
 
-impl Drop for RequestSlot {
+impl Drop for RequestSlot<'_> {
     fn drop(&mut self) {
         self.0.requests.fetch_sub(1, Relaxed);
         self.0.released.notify_one();
@@ -328,17 +328,17 @@ impl Drop for RequestSlot {
 }
 
 impl ServiceState {
-    pub fn request_slot(self: &Arc<Self>, max: Option<u32>) -> Option<RequestSlot> {
+    pub fn request_slot(&self, max: Option<u32>) -> Option<RequestSlot<'_>> {
         let n = self.requests.fetch_add(1, Relaxed);
         if max.is_some_and(|m| n >= m) {
             self.requests.fetch_sub(1, Relaxed);
             return None;
         }
-        Some(RequestSlot(self.clone()))
+        Some(RequestSlot(self))
     }
 
     /// Waits until a request slot frees up (no polling: woken by the slot's release).
-    pub async fn wait_request_slot(self: &Arc<Self>, max: Option<u32>) -> RequestSlot {
+    pub async fn wait_request_slot(&self, max: Option<u32>) -> RequestSlot<'_> {
         loop {
             let released = self.released.notified();
             tokio::pin!(released);
