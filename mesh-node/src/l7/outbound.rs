@@ -26,7 +26,7 @@ use super::{
     is_grpc,
     policy::{Abort, Outcome, ServicePolicy, backoff},
     respond::{ProxyError, error_response},
-    services::{Service, ServiceState, acquire},
+    services::{Endpoints, Service, ServiceState, acquire},
     stats::{self, L7Stats, Recent, RequestLabels},
     upgrade,
     upstream::{self, TunnelTarget},
@@ -168,7 +168,9 @@ struct Session {
 struct Backend<'c> {
     /// The config's (borrowed: its count is written by every connection's requests).
     service: &'c Arc<Service>,
-    state: Arc<ServiceState>,
+    /// Its state and endpoint list, borrowed from it likewise.
+    state: &'c Arc<ServiceState>,
+    endpoints: &'c Endpoints,
     target_port: u16,
     proto: UpstreamProtocol,
 }
@@ -528,8 +530,10 @@ impl L7Outbound {
             Some(p) => p.upstream(),
             None => conn.detected,
         };
+        let live = self.runtime().live(service);
         Ok(Backend {
-            state: self.runtime().service(&service.name),
+            state: &live.state,
+            endpoints: &live.endpoints,
             service,
             target_port: p.target_port,
             proto,
@@ -599,7 +603,7 @@ impl L7Outbound {
     ) -> Result<(Response<Body>, String), ProxyError> {
         let policy = &b.service.policy;
         let now = Instant::now();
-        let eps = b.state.endpoints(b.service, now);
+        let eps = b.endpoints;
         if eps.is_empty() {
             return Err(ProxyError::NoEndpoints(b.service.name.clone()));
         }
@@ -634,7 +638,7 @@ impl L7Outbound {
         let mut start = now;
         loop {
             let Some(ep) = b.state.balancer.pick(
-                &eps,
+                eps,
                 &policy.lb,
                 hash_key.as_deref(),
                 &tried,
@@ -697,7 +701,7 @@ impl L7Outbound {
                 .is_ok_and(|(r, _)| matches!(inbound::flag(r), "RBAC" | "RL"));
             if !proxy_answer
                 && b.state.balancer.record(
-                    &eps,
+                    eps,
                     ep,
                     outcome.is_failure(),
                     policy.outlier.as_ref(),
@@ -751,12 +755,18 @@ impl L7Outbound {
             return;
         };
         let now = Instant::now();
-        let eps = b.state.endpoints(b.service, now);
         // Owned: the mirror's task outlives this request.
         let Some(ep) = b
             .state
             .balancer
-            .pick(&eps, &b.service.policy.lb, None, &[], now, rand::random)
+            .pick(
+                b.endpoints,
+                &b.service.policy.lb,
+                None,
+                &[],
+                now,
+                rand::random,
+            )
             .cloned()
         else {
             return;

@@ -5,7 +5,7 @@
 use std::{
     net::SocketAddr,
     sync::{
-        Arc, Mutex, Weak,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicU32, Ordering::Relaxed},
     },
     time::Instant,
@@ -57,6 +57,17 @@ pub struct Service {
     /// Route table per Service port (routes without a port apply to every port).
     tables: HashMap<u16, Table>,
     pub policy: Arc<ServicePolicy>,
+    /// Its runtime state and endpoint list, found once per config ([`Runtime::live`]).
+    live: OnceLock<Live>,
+}
+
+/// What a config's Service's requests share at runtime: borrowed per request, so a request
+/// takes no lock and writes no count shared by every connection to find them.
+#[derive(Debug)]
+pub struct Live {
+    pub state: Arc<ServiceState>,
+    /// The endpoints' states, in the Service's order.
+    pub endpoints: Endpoints,
 }
 
 impl Service {
@@ -182,6 +193,7 @@ impl Catalog {
                 ports: ports.clone(),
                 tables,
                 name: name.clone(),
+                live: OnceLock::new(),
             });
             for ip in &s.cluster_ips {
                 if let Ok(ip) = ip.parse() {
@@ -262,9 +274,6 @@ pub struct ServiceState {
     released: tokio::sync::Notify,
     /// GCRA state per source identity (`""`: the whole destination).
     limiters: Mutex<HashMap<String, Gcra>>,
-    /// The endpoints' states for the config's Service they were listed from (held `Weak`, so no
-    /// old config stays alive and its address cannot be reused).
-    endpoints: Mutex<Option<(Weak<Service>, Endpoints)>>,
 }
 
 /// A Service's endpoint states, in its order.
@@ -283,22 +292,7 @@ impl ServiceState {
             connections: AtomicU32::new(0),
             released: tokio::sync::Notify::new(),
             limiters: Mutex::default(),
-            endpoints: Mutex::default(),
         }
-    }
-
-    /// The states of `svc`'s endpoints, listed again only when the config's Service changed:
-    /// per request one count instead of a lookup and a count per endpoint.
-    pub fn endpoints(&self, svc: &Arc<Service>, now: Instant) -> Endpoints {
-        let mut listed = self.endpoints.lock().expect("endpoints lock");
-        if let Some((of, eps)) = listed.as_ref()
-            && std::ptr::eq(of.as_ptr(), Arc::as_ptr(svc))
-        {
-            return eps.clone();
-        }
-        let eps: Endpoints = self.balancer.endpoints(&svc.endpoints, now).into();
-        *listed = Some((Arc::downgrade(svc), eps.clone()));
-        eps
     }
 
     /// GCRA for `key`: `Ok` to proceed.
@@ -419,6 +413,20 @@ impl Runtime {
             .clone()
     }
 
+    /// `svc`'s state and endpoint states, looked up and listed on its config's first request
+    /// to it. A new config's Service is listed again: endpoints that stayed keep their states
+    /// (the balancer's), gone ones are dropped with the last list holding them.
+    pub fn live<'s>(&self, svc: &'s Service) -> &'s Live {
+        svc.live.get_or_init(|| {
+            let state = self.service(&svc.name);
+            let endpoints = state
+                .balancer
+                .endpoints(&svc.endpoints, Instant::now())
+                .into();
+            Live { state, endpoints }
+        })
+    }
+
     /// Endpoint health by Service, for `/debug`.
     pub fn views(&self) -> Vec<(String, Vec<super::balance::EndpointView>)> {
         let now = Instant::now();
@@ -445,31 +453,36 @@ mod tests {
             endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
             tables: HashMap::new(),
             policy: Arc::default(),
+            live: OnceLock::new(),
         })
     }
 
     #[test]
     fn endpoints_are_listed_again_only_for_another_config_s_service() {
-        let (state, now) = (ServiceState::new(Instant::now()), Instant::now());
+        let runtime = Runtime::default();
         let v1 = service(&["shop/a", "shop/b"]);
-        let first = state.endpoints(&v1, now);
-        assert!(Arc::ptr_eq(&first, &state.endpoints(&v1, now)));
-        // The next config's Service, with one endpoint gone: a new list, the kept endpoint's
-        // state carried over, the gone one's dropped.
+        let first = runtime.live(&v1).endpoints.clone();
+        assert!(Arc::ptr_eq(&first, &runtime.live(&v1).endpoints));
+        // The next config's Service, with one endpoint gone: a new list, the same Service state,
+        // the kept endpoint's state carried over, the gone one's dropped.
         let v2 = service(&["shop/b"]);
-        let second = state.endpoints(&v2, now);
+        let second = runtime.live(&v2).endpoints.clone();
+        assert!(Arc::ptr_eq(
+            &runtime.live(&v1).state,
+            &runtime.live(&v2).state
+        ));
         assert!(!Arc::ptr_eq(&first, &second));
         assert_eq!(second.len(), 1);
         assert!(Arc::ptr_eq(&first[1], &second[0]));
+        drop(v1);
         assert_eq!(
             Arc::strong_count(&first[0]),
             1,
-            "only the old list holds shop/a"
+            "only the old list's copy here holds shop/a"
         );
         // Same content, another config's Service: listed again, same states.
-        drop(v1);
         let v3 = service(&["shop/b"]);
-        let third = state.endpoints(&v3, now);
+        let third = runtime.live(&v3).endpoints.clone();
         assert!(!Arc::ptr_eq(&second, &third));
         assert!(Arc::ptr_eq(&second[0], &third[0]));
     }
