@@ -62,6 +62,10 @@ pub mod globals {
     pub const SK_FLAGS: &str = "MESH_OFF_SK_FLAGS";
     /// `SOCK_ZEROCOPY`: the `sk_flags` bit `SO_ZEROCOPY` sets.
     pub const ZEROCOPY_BIT: &str = "MESH_SOCK_ZEROCOPY";
+    /// Offset of `__sk_common.skc_net` (a `struct net *`) in `struct tcp_sock`.
+    pub const SKC_NET: &str = "MESH_OFF_SKC_NET";
+    /// Offset of `net_cookie` in `struct net`.
+    pub const NET_COOKIE: &str = "MESH_OFF_NET_COOKIE";
 }
 
 /// Names of the programs in the object.
@@ -72,6 +76,8 @@ pub mod programs {
     pub const GETPEERNAME6: &str = "mesh_peername6";
     pub const SOCK_OPS: &str = "mesh_sock_ops";
     pub const INGRESS: &str = "mesh_ingress";
+    /// `INGRESS` for kernels whose cgroup_skb programs cannot call `bpf_get_netns_cookie`.
+    pub const INGRESS_BTF: &str = "mesh_ingress_btf";
     pub const SK_MSG: &str = "mesh_sk_msg";
 }
 

@@ -333,6 +333,34 @@ pub fn skb_netns_cookie(skb: &SkBuffContext) -> u64 {
     unsafe { bpf_get_netns_cookie(skb.skb.skb as *mut c_void) }
 }
 
+/// Where `struct tcp_sock` keeps its `struct net *` (`__sk_common.skc_net`) and where `struct
+/// net` keeps `net_cookie`, set by the loader from the kernel's BTF for `mesh_ingress_btf`.
+#[unsafe(no_mangle)]
+static MESH_OFF_SKC_NET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static MESH_OFF_NET_COOKIE: Global<u32> = Global::new(0);
+
+/// The network-namespace cookie of the socket receiving `skb`, read through BTF (what
+/// `bpf_get_netns_cookie` returns where cgroup_skb may call it). `None` when the socket is not a
+/// full TCP socket.
+#[inline(always)]
+pub fn skb_sock_netns_cookie(skb: &SkBuffContext) -> Option<u64> {
+    let sk = unsafe { read_volatile(addr_of!((*skb.skb.skb).__bindgen_anon_2.sk)) };
+    if sk.is_null() {
+        return None;
+    }
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut c_void) } as *const u8;
+    if tp.is_null() {
+        return None;
+    }
+    let net =
+        unsafe { read_volatile(tp.add(MESH_OFF_SKC_NET.load() as usize) as *const *const u8) };
+    if net.is_null() {
+        return None;
+    }
+    Some(unsafe { read_volatile(net.add(MESH_OFF_NET_COOKIE.load() as usize) as *const u64) })
+}
+
 #[inline(always)]
 pub fn skb_ifindex(skb: &SkBuffContext) -> u32 {
     unsafe { read_volatile(addr_of!((*skb.skb.skb).ifindex)) }

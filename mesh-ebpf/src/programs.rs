@@ -442,19 +442,43 @@ pub fn mesh_peername6(sa: SockAddrContext) -> i32 {
 /// New inbound connections to enrolled pods. Mesh traffic reaches a pod only from its node proxy
 /// (which connects from the proxy address); anything else is plaintext from outside the mesh:
 /// dropped for STRICT pods, counted for PERMISSIVE ones. Only SYNs are judged, so established
-/// connections cost one map lookup per packet. Loopback inside the pod is always allowed.
+/// connections cost a header read per packet. Loopback inside the pod is always allowed.
+///
+/// The pod is the receiving socket's network namespace. Where cgroup_skb programs may call
+/// `bpf_get_netns_cookie` the helper gives it; elsewhere (6.1, 6.12, ...) the loader picks
+/// `mesh_ingress_btf` instead, which reads the same cookie from the socket. The loader probes
+/// which one this kernel takes; both judge with `ingress`.
 #[cgroup_skb(ingress)]
 pub fn mesh_ingress(skb: SkBuffContext) -> i32 {
-    let netns = ctx::skb_netns_cookie(&skb);
+    ingress(&skb, |skb| Some(ctx::skb_netns_cookie(skb)))
+}
+
+/// `mesh_ingress` for kernels whose cgroup_skb programs lack `bpf_get_netns_cookie`: the cookie
+/// is read from the receiving socket (`sk->__sk_common.skc_net->net_cookie`, offsets from the
+/// kernel's BTF), which is what the helper returns.
+#[cgroup_skb(ingress)]
+pub fn mesh_ingress_btf(skb: SkBuffContext) -> i32 {
+    ingress(&skb, ctx::skb_sock_netns_cookie)
+}
+
+#[inline(always)]
+fn ingress(skb: &SkBuffContext, netns: impl Fn(&SkBuffContext) -> Option<u64>) -> i32 {
+    let Some(syn) = ctx::tcp_syn_source(skb) else {
+        return 1;
+    };
+    // A TCP SYN always reaches a full listening socket, so this only fails if the kernel
+    // changed under us: fail closed, counted, rather than let a STRICT pod's SYN through.
+    let Some(netns) = netns(skb) else {
+        count(Program::Ingress, Outcome::Seen);
+        count(Program::Ingress, Outcome::NoRecord);
+        return 0;
+    };
     // SAFETY: copied out at once.
     let Some(pod) = (unsafe { ENROLLED.get(&netns) }).copied() else {
         return 1;
     };
-    let Some(syn) = ctx::tcp_syn_source(&skb) else {
-        return 1;
-    };
     count(Program::Ingress, Outcome::Seen);
-    let outcome = if ctx::skb_ifindex(&skb) == LOOPBACK_IFINDEX {
+    let outcome = if ctx::skb_ifindex(skb) == LOOPBACK_IFINDEX {
         Outcome::SkipLoopback
     } else if from_proxy(&syn) {
         Outcome::FromProxy

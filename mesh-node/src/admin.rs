@@ -209,6 +209,7 @@ impl Admin {
             "proxy": &*self.stats,
             "inbound": inbound,
             "process": crate::metrics::process(),
+            "kernel": self.redirector.kernel(),
         });
         if let Some(m) = &self.mesh {
             body["identity"] = json!({

@@ -240,6 +240,16 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
     let not_listening = ready.register("listeners");
 
     probe::check(&config.cgroup, &config.bpffs)?;
+    match crate::sys::raise_nofile_limit() {
+        Ok((before, after)) => info!(
+            before,
+            after, "open files limit (soft) raised to the hard limit"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open files limit"),
+    }
+    let kernel = probe::kernel(config.socket_acceleration, config.inbound_program);
+    kernel.log();
+    kernel.require()?;
     let object = ebpf::object_bytes(config.ebpf_object.as_deref())?;
 
     // Listen before attaching: a redirected connection must always find the proxy.
@@ -256,6 +266,28 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         Vec::new()
     };
     let inbound_addrs = addrs(&inbound_listeners);
+    let admin_listener = admin::bind(config.admin_addr)
+        .await
+        .map_err(|source| AppError::Bind {
+            what: "admin endpoint",
+            addr: config.admin_addr,
+            source,
+        })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| AppError::Bind {
+            what: "admin endpoint",
+            addr: config.admin_addr,
+            source,
+        })?;
+    let metrics_listener = match config.metrics_addr {
+        Some(addr) => Some(admin::bind(addr).await.map_err(|source| AppError::Bind {
+            what: "metrics endpoint",
+            addr,
+            source,
+        })?),
+        None => None,
+    };
 
     let spec = RedirectSpec {
         cgroup: config.cgroup.clone(),
@@ -270,7 +302,8 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         exclude_cidrs: config.exclude_cidrs.clone(),
         accelerate: config.socket_acceleration,
     };
-    let redirector = Arc::new(Redirector::load(&object, &spec)?);
+    // Every listener is bound above: from here on, only the kernel can refuse the start.
+    let redirector = Arc::new(Redirector::load(&object, &spec, &kernel)?);
     drop(not_attached);
     info!(cgroup = %config.cgroup.display(), pin_dir = %config.pin_dir.display(), "redirect programs attached");
 
@@ -427,20 +460,6 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
     }
     drop(not_listening);
 
-    let admin_listener = admin::bind(config.admin_addr)
-        .await
-        .map_err(|source| AppError::Bind {
-            what: "admin endpoint",
-            addr: config.admin_addr,
-            source,
-        })?;
-    let admin_addr = admin_listener
-        .local_addr()
-        .map_err(|source| AppError::Bind {
-            what: "admin endpoint",
-            addr: config.admin_addr,
-            source,
-        })?;
     let admin = Arc::new(Admin {
         config: config.clone(),
         ready,
@@ -453,12 +472,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         l7: l7_inbound,
         live,
     });
-    if let Some(addr) = config.metrics_addr {
-        let l = admin::bind(addr).await.map_err(|source| AppError::Bind {
-            what: "metrics endpoint",
-            addr,
-            source,
-        })?;
+    if let Some(l) = metrics_listener {
         tokio::spawn(admin.clone().serve(l, drain.watch(), true));
     }
     tokio::spawn(admin.serve(admin_listener, drain.watch(), false));

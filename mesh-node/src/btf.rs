@@ -84,12 +84,17 @@ pub struct Btf {
 }
 
 impl Btf {
+    /// Maps the file where the kernel allows it (6.18 does); where it does not (6.1 and 6.12
+    /// answer ENODEV), reads it.
     pub fn from_file(path: &Path) -> Result<Self, BtfError> {
-        let data = crate::sys::MappedFile::open(path).map_err(|source| BtfError::Read {
+        let read_err = |source| BtfError::Read {
             path: path.display().to_string(),
             source,
-        })?;
-        Self::from_data(Data::Mapped(data))
+        };
+        match crate::sys::MappedFile::open(path) {
+            Ok(data) => Self::from_data(Data::Mapped(data)),
+            Err(_) => Self::parse(std::fs::read(path).map_err(read_err)?),
+        }
     }
 
     pub fn parse(data: Vec<u8>) -> Result<Self, BtfError> {

@@ -39,6 +39,16 @@ pub enum OnExit {
     Detach,
 }
 
+/// Which inbound (STRICT/PERMISSIVE) program to run. `auto` takes the helper where this kernel's
+/// cgroup_skb programs may call `bpf_get_netns_cookie`, else the BTF one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InboundProgram {
+    Auto,
+    Helper,
+    Btf,
+}
+
 /// A feature switch as a flag value (`--socket-acceleration off`, `MESH_SOCKET_ACCELERATION=off`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -165,9 +175,14 @@ pub struct RunArgs {
     /// keep its sampling decision).
     #[arg(long, env = "MESH_TRACE_SAMPLE_PERCENT", default_value_t = 1.0)]
     pub trace_sample_percent: f64,
-    /// What to leave behind on exit.
+    /// What to leave behind on exit. A start that fails leaves the kernel as it found it, except
+    /// that `detach` then also detaches.
     #[arg(long, env = "MESH_ON_EXIT", value_enum, default_value_t = OnExit::Keep)]
     pub on_exit: OnExit,
+    /// Which inbound program finds the receiving pod (`auto`: probed; the others insist, and
+    /// the start fails if this kernel cannot run the one named).
+    #[arg(long, env = "MESH_INBOUND_PROGRAM", value_enum, default_value_t = InboundProgram::Auto)]
+    pub inbound_program: InboundProgram,
     /// Proxy worker threads (0: one per CPU).
     #[arg(long, env = "MESH_WORKER_THREADS", default_value_t = 0)]
     pub worker_threads: usize,
@@ -243,6 +258,7 @@ pub struct Config {
     pub trace_sample_percent: f64,
     pub kubepods_cgroup_root: Option<PathBuf>,
     pub on_exit: OnExit,
+    pub inbound_program: InboundProgram,
     pub worker_threads: usize,
     pub mesh: Option<MeshConfig>,
 }
@@ -468,6 +484,7 @@ impl RunArgs {
             kubepods_cgroup_root: self.kubepods_cgroup_root,
             trace_sample_percent: self.trace_sample_percent,
             on_exit: self.on_exit,
+            inbound_program: self.inbound_program,
             worker_threads: self.worker_threads,
             mesh,
         })

@@ -30,8 +30,8 @@ use tracing::{info, warn};
 
 use crate::{
     accel::Accel,
-    btf::Btf,
     orig_dst::{OrigDstSource, PodId, Redirected},
+    probe::{IngressMethod, Kernel},
 };
 
 /// Failures while loading, attaching or talking to the kernel programs.
@@ -92,6 +92,8 @@ pub enum EbpfError {
         #[source]
         source: aya::programs::links::LinkError,
     },
+    #[error("this kernel offers the inbound program no way to find the pod (`mesh-node probe`)")]
+    NoInbound,
     #[error("cannot start the eBPF log reader")]
     Log(#[source] aya_log::Error),
     #[error("cannot watch the eBPF log ring buffer")]
@@ -116,9 +118,6 @@ pub struct RedirectSpec {
     pub accelerate: bool,
 }
 
-/// The kernel's type information, where the sk_msg program's field offsets come from.
-const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
-
 /// The attached programs and the maps mesh-node reads and writes.
 pub struct Redirector {
     enrolled: Mutex<HashMap<MapData, u64, PodEntry>>,
@@ -126,6 +125,7 @@ pub struct Redirector {
     counters: PerCpuArray<MapData, u64>,
     pod_inbound: PerCpuHashMap<MapData, u32, PodInbound>,
     accel: Accel,
+    kernel: Kernel,
     /// Holds the program fds; the links themselves are pinned.
     _ebpf: Ebpf,
 }
@@ -173,7 +173,13 @@ fn prog_err(name: &'static str) -> impl Fn(aya::programs::ProgramError) -> EbpfE
 impl Redirector {
     /// Loads `object`, writes the node config, attaches every program to `spec.cgroup`.
     /// Must run inside a tokio runtime (the kernel log reader is a task).
-    pub fn load(object: &[u8], spec: &RedirectSpec) -> Result<Self, EbpfError> {
+    ///
+    /// Every program is loaded (verified) before any is attached, and every attachment is made
+    /// before any is pinned: a kernel that refuses one program, or an attachment that fails,
+    /// leaves the node's redirection exactly as it was (nothing attached on a first start, the
+    /// running generation's links on an upgrade). Pinned maps may have been created; they hold
+    /// data only and the next start reuses them.
+    pub fn load(object: &[u8], spec: &RedirectSpec, kernel: &Kernel) -> Result<Self, EbpfError> {
         let maps_dir = spec.pin_dir.join("maps");
         let links_dir = spec.pin_dir.join("links");
         for d in [&maps_dir, &links_dir] {
@@ -182,32 +188,32 @@ impl Redirector {
                 source,
             })?;
         }
-        let offsets = if spec.accelerate {
-            match Btf::from_file(Path::new(VMLINUX_BTF))
-                .and_then(|btf| crate::accel::kernel_constants(&btf))
-            {
-                Ok(o) => Some(o),
-                Err(e) => {
-                    warn!(error = %e, "socket acceleration off: this kernel's struct tcp_sock cannot be read");
-                    None
-                }
-            }
-        } else {
-            None
+        let ingress = match kernel.ingress {
+            Some(IngressMethod::Helper) => programs::INGRESS,
+            Some(IngressMethod::Btf) => programs::INGRESS_BTF,
+            None => return Err(EbpfError::NoInbound),
         };
+        let accel_constants = kernel.accel_constants.as_ref().filter(|_| spec.accelerate);
+        if spec.accelerate && accel_constants.is_none() {
+            warn!("socket acceleration off: this kernel cannot do it (`mesh-node probe` says why)");
+        }
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(&maps_dir).override_global(
             "AYA_LOG_LEVEL",
             &spec.log_level,
             false,
         );
-        for (name, offset) in offsets.iter().flatten() {
-            loader.override_global(name, offset, true);
+        for (name, value) in accel_constants
+            .into_iter()
+            .flatten()
+            .chain(&kernel.ingress_constants)
+        {
+            loader.override_global(name, value, true);
         }
         let mut ebpf = loader.load(object).map_err(EbpfError::Load)?;
         spawn_log_reader(&mut ebpf)?;
 
-        let accelerate = match offsets {
+        let accelerate = match accel_constants {
             Some(_) => match attach_accel(&mut ebpf) {
                 Ok(()) => {
                     info!("socket acceleration on: pod <-> proxy bytes skip TCP/IP");
@@ -227,44 +233,49 @@ impl Redirector {
             path: spec.cgroup.clone(),
             source,
         })?;
-        for name in [
+        const SOCK_ADDR: [&str; 4] = [
             programs::CONNECT4,
             programs::CONNECT6,
             programs::GETPEERNAME4,
             programs::GETPEERNAME6,
-        ] {
+        ];
+        for name in SOCK_ADDR {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load().map_err(prog_err(name))?;
+        }
+        let prog: &mut SockOps = program(&mut ebpf, programs::SOCK_OPS)?;
+        prog.load().map_err(prog_err(programs::SOCK_OPS))?;
+        let prog: &mut CgroupSkb = program(&mut ebpf, ingress)?;
+        prog.load().map_err(prog_err(ingress))?;
+
+        // Attached but not yet pinned: dropping these (on an error below) detaches them.
+        let mut links: Vec<(&'static str, FdLink)> = Vec::new();
+        let link_err = |name| move |source| EbpfError::Link { name, source };
+        for name in SOCK_ADDR {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             let id = prog.attach(&cgroup, LINK_MODE).map_err(prog_err(name))?;
             let link = prog.take_link(id).map_err(prog_err(name))?;
-            pin_replacing(
-                FdLink::try_from(link).map_err(|source| EbpfError::Link { name, source })?,
-                &links_dir,
-                name,
-            )?;
+            links.push((name, FdLink::try_from(link).map_err(link_err(name))?));
         }
         let name = programs::SOCK_OPS;
         let prog: &mut SockOps = program(&mut ebpf, name)?;
-        prog.load().map_err(prog_err(name))?;
         let id = prog.attach(&cgroup, LINK_MODE).map_err(prog_err(name))?;
         let link = prog.take_link(id).map_err(prog_err(name))?;
-        pin_replacing(
-            FdLink::try_from(link).map_err(|source| EbpfError::Link { name, source })?,
-            &links_dir,
-            name,
-        )?;
-        let name = programs::INGRESS;
-        let prog: &mut CgroupSkb = program(&mut ebpf, name)?;
-        prog.load().map_err(prog_err(name))?;
+        links.push((name, FdLink::try_from(link).map_err(link_err(name))?));
+        let prog: &mut CgroupSkb = program(&mut ebpf, ingress)?;
         let id = prog
             .attach(&cgroup, CgroupSkbAttachType::Ingress, LINK_MODE)
-            .map_err(prog_err(name))?;
-        let link = prog.take_link(id).map_err(prog_err(name))?;
-        pin_replacing(
-            FdLink::try_from(link).map_err(|source| EbpfError::Link { name, source })?,
-            &links_dir,
-            name,
-        )?;
+            .map_err(prog_err(ingress))?;
+        let link = prog.take_link(id).map_err(prog_err(ingress))?;
+        // Pinned under the one inbound name, whichever program this kernel runs, so a later
+        // generation replaces it whatever its kernel chose.
+        links.push((
+            programs::INGRESS,
+            FdLink::try_from(link).map_err(link_err(ingress))?,
+        ));
+        for (name, link) in links {
+            pin_replacing(link, &links_dir, name)?;
+        }
 
         let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name)
@@ -289,8 +300,14 @@ impl Redirector {
             counters,
             pod_inbound,
             accel,
+            kernel: kernel.clone(),
             _ebpf: ebpf,
         })
+    }
+
+    /// What the start-up probe found in this kernel.
+    pub fn kernel(&self) -> &Kernel {
+        &self.kernel
     }
 
     /// The proxy's handle for adding its ends of pod connections to the socket map.

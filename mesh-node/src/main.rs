@@ -30,6 +30,13 @@ enum Cmd {
         #[arg(long, env = "MESH_STATE_DIR")]
         state_dir: Option<PathBuf>,
     },
+    /// Probe this kernel for every feature the programs use and print the table (what
+    /// `mesh-node run` checks at start). Exits non-zero when a required feature is missing.
+    Probe {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -37,6 +44,18 @@ fn main() -> ExitCode {
     mesh_node::logging::init(cli.log_json);
     let result = match cli.cmd {
         Cmd::Run(args) => run(*args),
+        Cmd::Probe { json } => {
+            let kernel = mesh_node::probe::kernel(true, mesh_node::config::InboundProgram::Auto);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&kernel).expect("serializable")
+                );
+            } else {
+                print!("{}", kernel.table());
+            }
+            kernel.require().map_err(anyhow::Error::from)
+        }
         Cmd::Detach {
             node_name,
             bpffs,
@@ -70,8 +89,20 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         rt.worker_threads(config.worker_threads);
     }
     let rt = rt.enable_all().build()?;
+    let on_exit = config.on_exit;
+    let cleanup = config.clone();
     rt.block_on(async {
-        let bound = app::build(config).await?;
+        let bound = match app::build(config).await {
+            Ok(b) => b,
+            Err(e) => {
+                // A start that fails leaves the kernel as it found it (see `Redirector::load`),
+                // except that `--on-exit detach` means "no redirection once this process is gone".
+                if on_exit == mesh_node::config::OnExit::Detach {
+                    app::detach(&cleanup);
+                }
+                return Err(e.into());
+            }
+        };
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM"),

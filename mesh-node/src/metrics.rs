@@ -15,6 +15,14 @@ fn describe() {
         "Kernel program events, by program (connect4, connect6, sock_ops, getpeername, ingress, sk_msg) and outcome"
     );
     describe_gauge!(
+        "mesh_kernel_feature",
+        "1 when the start-up probe found the kernel feature (program type, map type, helper, BTF layout), by feature and need (required, optional); `mesh-node probe` says what each is for"
+    );
+    describe_gauge!(
+        "mesh_kernel_inbound_method",
+        "1 for how the inbound program finds the receiving pod on this kernel: helper (bpf_get_netns_cookie in cgroup_skb) or btf (read from the socket)"
+    );
+    describe_gauge!(
         "mesh_socket_acceleration_enabled",
         "1 when pods' bytes to this proxy may skip TCP/IP (socket acceleration is on and the kernel took it)"
     );
@@ -210,6 +218,16 @@ fn record(s: &Value) {
         }
     }
     gauge!("mesh_enrolled_pods").set(n(&s["enrolled_pods"]) as f64);
+    let k = &s["kernel"];
+    for f in k["features"].as_array().into_iter().flatten() {
+        let name = f["name"].as_str().unwrap_or("").to_string();
+        let need = f["need"].as_str().unwrap_or("").to_string();
+        gauge!("mesh_kernel_feature", "feature" => name, "need" => need)
+            .set(if f["available"] == true { 1.0 } else { 0.0 });
+    }
+    if let Some(method) = k["ingress"].as_str() {
+        gauge!("mesh_kernel_inbound_method", "method" => method.to_string()).set(1.0);
+    }
     let a = &s["accel"];
     gauge!("mesh_socket_acceleration_enabled").set(if a["enabled"] == true { 1.0 } else { 0.0 });
     counter!("mesh_socket_acceleration_sockets_total", "result" => "registered")

@@ -1,6 +1,11 @@
 //! Inbound STRICT vs PERMISSIVE: plaintext from outside the mesh to an enrolled pod is dropped in
 //! the kernel (STRICT) or accepted and counted as plaintext (PERMISSIVE); mesh traffic, which
 //! reaches pods only from their node proxy, always passes.
+//!
+//! The inbound program comes in two forms (the helper where cgroup_skb may call
+//! `bpf_get_netns_cookie`, the socket's cookie through BTF elsewhere): the same test runs each
+//! that this kernel can load, and `cargo xtask test-kernels` runs it on 6.1 and 6.12, where only
+//! the BTF form loads.
 use mesh_tests::{ClusterBuilder, n};
 use serde_json::{Value, json};
 
@@ -17,13 +22,27 @@ fn inbound_of<'a>(counters: &'a Value, pod: &str) -> &'a Value {
 
 #[tokio::test]
 async fn strict_drops_plaintext_from_outside_the_mesh_and_permissive_counts_it() {
+    strict_and_permissive(&[], None).await;
+}
+
+#[tokio::test]
+async fn the_btf_inbound_program_judges_the_same_as_the_helper() {
+    strict_and_permissive(&["--inbound-program", "btf"], Some("btf")).await;
+}
+
+async fn strict_and_permissive(node_args: &[&str], method: Option<&str>) {
     let cluster = ClusterBuilder::new()
         .nodes(2)
         .pods_per_node(2)
+        .node_args(node_args)
         .with_controller()
         .start()
         .await
         .unwrap();
+    if let Some(method) = method {
+        let c = cluster.nodes[1].counters().await.unwrap();
+        assert_eq!(c["kernel"]["ingress"], method, "{}", c["kernel"]);
+    }
     let (mesh_client, outsider) = (cluster.pod(0, 0).clone(), cluster.pod(0, 1).clone());
     let (strict, permissive) = (cluster.pod(1, 0).clone(), cluster.pod(1, 1).clone());
     let _a = strict.serve(PORT, false).await.unwrap();
