@@ -840,6 +840,11 @@ impl Node {
             .collect()
     }
 
+    /// The extra mesh-node arguments of this node's next start (replacing the builder's).
+    pub fn set_args(&mut self, args: &[&str]) {
+        self.args = args.iter().map(|a| a.to_string()).collect();
+    }
+
     /// A command run in this node's network namespace (e.g. tcpdump), outside the pods' cgroup.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> anyhow::Result<Command> {
         let mut cmd = Command::new(program);

@@ -12,6 +12,17 @@ pub use cluster::{
     listen_in, teardown,
 };
 
+/// How much slower than this machine the tests run: `MESH_TEST_TIME_SCALE` (the kernel matrix sets
+/// it, because QEMU's software emulation is several times slower). Waits that a test relies on
+/// to fill buffers are multiplied by it; timeouts are not shortened.
+pub fn time_scale() -> u64 {
+    std::env::var("MESH_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|s| *s >= 1)
+        .unwrap_or(1)
+}
+
 /// The number at `path` in a JSON report or counters snapshot; panics, showing the JSON, when
 /// there is none (a test must not read a missing figure as zero).
 pub fn n(v: &serde_json::Value, path: &[&str]) -> u64 {

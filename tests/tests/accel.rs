@@ -123,10 +123,13 @@ async fn a_pod_writing_faster_than_the_proxy_reads_waits_instead_of_filling_the_
     // Sinks that read nothing for two seconds: the proxy cannot pass the bytes on, so it stops
     // reading from the client. Handed-over bytes have no limit of their own in the kernel; the
     // program's must hold the client back, as TCP's flow control would.
+    // The pause must outlast filling the buffers on the way, at the writer's speed (slower under
+    // emulation).
+    let pause = (2000 * mesh_tests::time_scale()).to_string();
     let _sinks = on_both(
         &local,
         &remote,
-        &["pattern-sink", "--read-after-ms", "2000"],
+        &["pattern-sink", "--read-after-ms", &pause],
     )
     .await;
     for dst in [&local, &remote] {

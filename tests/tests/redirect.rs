@@ -488,3 +488,115 @@ async fn sigterm_drains_open_connections_then_cuts_them_at_the_deadline() {
         .unwrap();
     assert_eq!(last["fields"]["outcome"], "Graceful", "{last}");
 }
+
+/// Program ids attached to `cgroup` (bpftool), sorted: what redirects that cgroup's pods now.
+fn attached(cgroup: &std::path::Path) -> Vec<u64> {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(cgroup)
+        .output()
+        .expect("bpftool (cargo xtask setup installs it)");
+    assert!(out.status.success(), "bpftool: {out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Array(vec![]));
+    let mut ids: Vec<u64> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["id"].as_u64())
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// A start that fails changes nothing in the kernel: nothing attached after a failed first
+/// start, the running generation's programs untouched after a failed restart (enrolled pods stay
+/// failed closed, as with no proxy at all); with `--on-exit detach`, a failed start detaches, as
+/// any exit of such a proxy does.
+#[tokio::test]
+async fn a_start_that_fails_leaves_the_kernel_as_it_found_it() {
+    require_root();
+    let mut cluster = ClusterBuilder::new()
+        .nodes(1)
+        .pods_per_node(2)
+        .without_node_proxies()
+        .start()
+        .await
+        .unwrap();
+    let cgroup = cluster.nodes[0].pods_cgroup.clone();
+    let pin_dir = std::path::Path::new("/sys/fs/bpf/mesh").join(&cluster.nodes[0].name);
+    // Something else holds the admin address (without SO_REUSEPORT): mesh-node cannot bind it.
+    let squat = |cluster: &Cluster| {
+        let mut cmd = cluster.nodes[0]
+            .command(mesh_tests::find_bin("mesh-testpod").unwrap())
+            .unwrap();
+        cmd.args(["serve", "--listen", "127.0.0.1:15000"]);
+        cmd.spawn().unwrap()
+    };
+    let squatter = squat(&cluster);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let e = cluster.start_node(0).await.unwrap_err();
+    assert!(format!("{e:#}").contains("admin endpoint"), "{e:#}");
+    assert_eq!(
+        attached(&cgroup),
+        Vec::<u64>::new(),
+        "a failed first start attached programs"
+    );
+    assert!(
+        !pin_dir.join("links").exists()
+            || std::fs::read_dir(pin_dir.join("links"))
+                .unwrap()
+                .next()
+                .is_none(),
+        "a failed first start pinned links"
+    );
+    drop(squatter);
+
+    // A working generation, with a pod enrolled; it exits keeping its programs (fail closed).
+    cluster.start_node(0).await.unwrap();
+    let (client, server) = (cluster.pod(0, 0).clone(), cluster.pod(0, 1).clone());
+    let _srv = server.serve(PORT, false).await.unwrap();
+    cluster.enroll(&client).await.unwrap();
+    cluster.enroll(&server).await.unwrap();
+    let dst = server.addr(false, PORT);
+    assert_eq!(n(&client.client(dst, 1, 64).await.unwrap(), &["ok"]), 1);
+    let running = attached(&cgroup);
+    assert_eq!(
+        running.len(),
+        6,
+        "connect4/6, getpeername4/6, sock_ops, ingress: {running:?}"
+    );
+    assert!(cluster.stop_node(0).await.unwrap().success());
+    assert_eq!(attached(&cgroup), running);
+
+    // A restart that fails leaves exactly those programs: the pod stays failed closed.
+    let squatter = squat(&cluster);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    cluster.start_node(0).await.unwrap_err();
+    assert_eq!(
+        attached(&cgroup),
+        running,
+        "a failed restart changed the attached programs"
+    );
+    assert_eq!(
+        n(&client.client(dst, 1, 64).await.unwrap(), &["ok"]),
+        0,
+        "an enrolled pod bypassed the mesh after a failed restart"
+    );
+
+    // With --on-exit detach, a failed start detaches: pods talk directly.
+    cluster.nodes[0].set_args(&["--on-exit", "detach"]);
+    cluster.start_node(0).await.unwrap_err();
+    drop(squatter);
+    assert_eq!(
+        attached(&cgroup),
+        Vec::<u64>::new(),
+        "--on-exit detach left programs"
+    );
+    assert!(!pin_dir.exists(), "--on-exit detach left pins");
+    assert_delivered(
+        &client.client(dst, 1, 64).await.unwrap(),
+        1,
+        dst,
+        &client.ipv4.to_string(),
+    );
+}

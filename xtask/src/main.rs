@@ -1,7 +1,8 @@
-//! Project tasks: `cargo xtask <setup|build-ebpf|build|test|bench|crds|demo>`.
+//! Project tasks: `cargo xtask <setup|build-ebpf|build|test|test-kernels|bench|crds|demo>`.
 //!
 //! Every task that needs the eBPF toolchain runs `setup` first; setup is idempotent and fast when
 //! everything is already there.
+mod kernels;
 mod toolchain;
 
 use std::{
@@ -17,7 +18,11 @@ const USAGE: &str = "usage: cargo xtask <command>
   setup                 install what this machine lacks (Debian packages, bpf-linker) - idempotent
   build-ebpf            build the eBPF object (target/ebpf/bpfel-unknown-none/release/mesh-ebpf)
   build [--release]     build-ebpf, then the whole workspace (mesh-node embeds the object)
-  test                  fmt, clippy -D warnings, unit tests, end-to-end tests on the real kernel (root)
+  test                  fmt, clippy -D warnings, unit tests, end-to-end tests on the real kernel (root),
+                        then test-kernels
+  test-kernels [LABEL]...
+                        boot Debian's 6.1 and 6.12 LTS kernels in QEMU and run mesh-node's probe
+                        and the kernel-facing end-to-end tests there (release builds)
   bench [--json FILE] [--rounds N] [--scenario S]...
                         every path pod to pod, figures with ratios to direct
   crds                  regenerate manifests/crds/ from the Rust types (a test fails on drift)
@@ -36,6 +41,10 @@ fn main() -> anyhow::Result<()> {
         "build-ebpf" => build_ebpf().map(|p| println!("eBPF object: {}", p.display())),
         "build" => build(rest.iter().any(|a| a == "--release")),
         "test" => test(),
+        "test-kernels" => {
+            require_root("cargo xtask test-kernels")?;
+            kernels::test_kernels(rest)
+        }
         "bench" => {
             build(true)?;
             toolchain::install(toolchain::BENCH_PACKAGES)?;
@@ -93,6 +102,11 @@ fn cargo(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The eBPF object built in this run, if one was.
+fn ebpf_object() -> Option<&'static PathBuf> {
+    EBPF_OBJECT.get()
+}
+
 fn build_ebpf() -> anyhow::Result<PathBuf> {
     let tools = toolchain::setup()?;
     let object = toolchain::build_ebpf(&tools)?;
@@ -144,6 +158,9 @@ fn test() -> anyhow::Result<()> {
     step("build", || cargo(&["build", "--workspace", "--bins"]))?;
     step("cargo test (unit and end-to-end)", || {
         cargo(&["test", "--workspace"])
+    })?;
+    step("kernel matrix (6.1 and 6.12 LTS in QEMU)", || {
+        kernels::test_kernels(&[])
     })
 }
 

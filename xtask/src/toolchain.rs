@@ -33,14 +33,18 @@ pub struct Tools {
     pub bpf_linker_dir: PathBuf,
 }
 
-/// Where bpf-linker is cached: outside the work tree, so fresh clones on this machine reuse it.
-fn cache_dir() -> PathBuf {
+/// The project's cache on this machine: outside the work tree, so fresh clones reuse it.
+pub fn cache_root() -> PathBuf {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
         .unwrap_or_else(|| PathBuf::from("/var/cache"));
     base.join("mesh")
-        .join(format!("bpf-linker-{BPF_LINKER_VERSION}-llvm22"))
+}
+
+/// Where bpf-linker is cached.
+fn cache_dir() -> PathBuf {
+    cache_root().join(format!("bpf-linker-{BPF_LINKER_VERSION}-llvm22"))
 }
 
 fn installed(pkg: &str) -> bool {
