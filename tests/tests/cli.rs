@@ -115,3 +115,57 @@ fn an_unreadable_ebpf_object_is_named() {
         "{stderr}"
     );
 }
+
+/// An inbound program this kernel cannot run, asked for by name, stops the start with one line
+/// naming the missing feature, before anything is pinned or attached. The kernel matrix runs this
+/// where the helper form cannot load (6.1, 6.12); where both forms load (6.18), the probe must say
+/// so, and `inbound_mode` runs each.
+#[test]
+fn an_inbound_program_the_kernel_cannot_run_is_refused_by_name() {
+    let bin = mesh_tests::find_bin("mesh-node").unwrap();
+    let out = Command::new(bin)
+        .args(["probe", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let probe: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let available = |name: &str| {
+        probe["features"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {probe}"))["available"]
+            == true
+    };
+    let forms = [
+        ("helper", available("helper_get_netns_cookie_cgroup_skb")),
+        (
+            "btf",
+            available("helper_skc_to_tcp_sock_cgroup_skb") && available("btf_sock_netns"),
+        ),
+    ];
+    assert!(forms.iter().any(|(_, ok)| *ok), "{probe}");
+    for (form, _) in forms.iter().filter(|(_, ok)| !ok) {
+        let node = format!("cli-inbound-{}", std::process::id());
+        let (code, stderr) = mesh_node(&[
+            "run",
+            "--node-name",
+            &node,
+            "--cgroup",
+            "/sys/fs/cgroup/unified",
+            "--proxy-ipv4",
+            "10.0.0.1",
+            "--inbound-program",
+            form,
+        ]);
+        assert_ne!(code, 0, "{stderr}");
+        assert!(stderr.contains("lacks inbound_pod_lookup"), "{stderr}");
+        assert!(
+            !std::path::Path::new("/sys/fs/bpf/mesh")
+                .join(&node)
+                .exists(),
+            "a refused start pinned state"
+        );
+    }
+}
