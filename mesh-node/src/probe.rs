@@ -477,7 +477,10 @@ mod tests {
         }
     }
 
-    fn kernel_with(features: &[(&'static str, Need, bool)]) -> Kernel {
+    /// A feature's name, need and availability.
+    type Row = (&'static str, Need, bool);
+
+    fn kernel_with(features: &[Row]) -> Kernel {
         Kernel {
             release: "6.1.0-test".into(),
             features: features
@@ -498,7 +501,7 @@ mod tests {
 
     #[test]
     fn only_a_missing_required_feature_stops_the_start_and_it_is_named() {
-        let cases: &[(&[(&str, Need, bool)], Option<&str>)] = &[
+        let cases: &[(&[Row], Option<&str>)] = &[
             (
                 &[("a", Need::Required, true), ("b", Need::Optional, false)],
                 None,
