@@ -1,5 +1,11 @@
-//! Admin endpoint: health, readiness, counters, config, and the enrollment API the tests and the
-//! local demo drive (the controller takes over enrollment later).
+//! Admin endpoint: health, readiness, counters, config, and the enrollment API the CNI plugin, the
+//! tests and the local demo drive.
+//!
+//! Who may change what: the TCP admin listener (loopback of the host network, which every
+//! hostNetwork pod and node process reaches) serves reads only. Everything that changes the
+//! node (enrollment, which decides whose identity a network namespace speaks with; the log level)
+//! is served only on a Unix socket in the state directory (`admin.sock`, mode 0600), and only to
+//! callers whose `SO_PEERCRED` uid is 0: the split istio-cni and ztunnel use.
 //!
 //! | method | path                          | |
 //! |--------|-------------------------------|---|
@@ -15,10 +21,10 @@
 //! | GET    | /v1/l7                        | HTTP path: endpoint health per Service (latency, in flight, ejections) |
 //! | GET    | /v1/mesh-config               | the configuration from the controller: version, stream state, contents |
 //! | GET    | /v1/log-level                 | the log filter in force |
-//! | PUT    | /v1/log-level                 | replace it (body: `RUST_LOG` syntax), no restart |
+//! | PUT    | /v1/log-level                 | replace it (body: `RUST_LOG` syntax), no restart (Unix socket only) |
 //! | GET    | /v1/pods                      | enrolled pods |
-//! | PUT    | /v1/pods/{namespace}/{name}   | enroll: `{"netns": PATH, "service_account": NAME}`; with a configuration stream: register the pod's sandbox, enrolled while the configuration has it in the mesh |
-//! | DELETE | /v1/pods/{namespace}/{name}   | unenroll (and forget the sandbox) |
+//! | PUT    | /v1/pods/{namespace}/{name}   | enroll: `{"netns": PATH, "service_account": NAME}`; with a configuration stream: register the pod's sandbox, enrolled while the configuration has it in the mesh (Unix socket only) |
+//! | DELETE | /v1/pods/{namespace}/{name}   | unenroll (and forget the sandbox) (Unix socket only) |
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
@@ -26,7 +32,10 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
-use tokio::net::TcpListener;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, UnixListener},
+};
 use tracing::warn;
 
 use crate::{
@@ -54,9 +63,30 @@ pub struct Admin {
     pub l7: Option<Arc<crate::l7::inbound::L7Inbound>>,
     /// Connections being carried now.
     pub live: Arc<crate::live::Connections>,
+    /// Change requests refused: over TCP, or on the socket from a caller that is not root.
+    pub changes_refused: std::sync::atomic::AtomicU64,
 }
 
 type Resp = Response<Full<Bytes>>;
+
+/// What a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exposure {
+    /// `/metrics`, `/healthz` and `/ready` (the metrics port).
+    Metrics,
+    /// Every read (the TCP admin listener).
+    Read,
+    /// Reads and changes (the root-only Unix socket).
+    Change,
+}
+
+/// The file name of the admin socket in the state directory.
+pub const SOCKET: &str = "admin.sock";
+
+/// Requests that change the node: served only with [`Exposure::Change`].
+fn changes(method: &Method) -> bool {
+    !matches!(*method, Method::GET | Method::HEAD)
+}
 
 /// The node's live page: top workloads, denials, redirect counters, open connections.
 const LIVE_PAGE: &str = include_str!("ui/index.html");
@@ -92,7 +122,7 @@ fn enroll_error(e: EnrollError) -> Resp {
     let status = match &e {
         EnrollError::Invalid { .. } | EnrollError::ProxyNamespace { .. } => StatusCode::BAD_REQUEST,
         EnrollError::Netns { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-        EnrollError::Conflict { .. } => StatusCode::CONFLICT,
+        EnrollError::Conflict { .. } | EnrollError::Repoint { .. } => StatusCode::CONFLICT,
         EnrollError::NotFound(_) => StatusCode::NOT_FOUND,
         EnrollError::Kernel(_) | EnrollError::State { .. } => StatusCode::INTERNAL_SERVER_ERROR,
     };
@@ -108,8 +138,8 @@ fn enroll_error(e: EnrollError) -> Resp {
 }
 
 impl Admin {
-    /// Serves every endpoint, or with `read_only` only `/metrics`, `/healthz` and `/ready`.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, watch: Watch, read_only: bool) {
+    /// Serves a TCP listener: [`Exposure::Metrics`] or [`Exposure::Read`].
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, watch: Watch, exposure: Exposure) {
         loop {
             let (stream, _) = tokio::select! {
                 a = listener.accept() => match a {
@@ -118,26 +148,79 @@ impl Admin {
                 },
                 _ = watch.stopped() => return,
             };
-            let this = self.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req| {
-                    let this = this.clone();
-                    async move {
-                        let open = matches!(req.uri().path(), "/metrics" | "/healthz" | "/ready");
-                        if read_only && !open {
-                            return Ok::<_, Infallible>(error(
-                                StatusCode::NOT_FOUND,
-                                "this listener serves /metrics, /healthz and /ready only",
-                            ));
-                        }
-                        Ok::<_, Infallible>(this.route(req).await)
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
+            tokio::spawn(self.clone().connection(stream, exposure));
         }
+    }
+
+    /// Serves the Unix socket: everything, to root callers only (`SO_PEERCRED`). The socket's
+    /// mode already keeps others out; the check holds even if someone loosens it.
+    pub async fn serve_unix(self: Arc<Self>, listener: UnixListener, watch: Watch) {
+        loop {
+            let stream = tokio::select! {
+                a = listener.accept() => match a {
+                    Ok((s, _)) => s,
+                    Err(e) => { warn!(error = %e, "admin socket accept failed"); continue; }
+                },
+                _ = watch.stopped() => return,
+            };
+            match stream.peer_cred() {
+                Ok(c) if c.uid() == 0 => {
+                    tokio::spawn(self.clone().connection(stream, Exposure::Change));
+                }
+                other => {
+                    self.changes_refused
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    warn!(caller = ?other.map(|c| (c.uid(), c.pid())), "admin socket: caller is not root; closed");
+                }
+            }
+        }
+    }
+
+    async fn connection<Io>(self: Arc<Self>, io: Io, exposure: Exposure)
+    where
+        Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let svc = service_fn(move |req| {
+            let this = self.clone();
+            async move {
+                let open = matches!(req.uri().path(), "/metrics" | "/healthz" | "/ready");
+                Ok::<_, Infallible>(match exposure {
+                    Exposure::Metrics if !open => error(
+                        StatusCode::NOT_FOUND,
+                        "this listener serves /metrics, /healthz and /ready only",
+                    ),
+                    Exposure::Metrics | Exposure::Read if changes(req.method()) => {
+                        this.changes_refused
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        error(
+                            StatusCode::METHOD_NOT_ALLOWED,
+                            format!(
+                                "changes are served only on the root-only socket {}",
+                                this.config.state_dir.join(SOCKET).display()
+                            ),
+                        )
+                    }
+                    _ => this.route(req).await,
+                })
+            }
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(io), svc)
+            .await;
+    }
+
+    /// Binds the admin socket at `<state_dir>/admin.sock`, replacing a stale one, mode 0600.
+    pub fn bind_unix(state_dir: &std::path::Path) -> std::io::Result<UnixListener> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(state_dir)?;
+        let path = state_dir.join(SOCKET);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let listener = UnixListener::bind(&path)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        Ok(listener)
     }
 
     /// `/debug/explain?src=POD_OR_IP&dst=IP:PORT[&method=GET&path=/]`.
@@ -210,6 +293,10 @@ impl Admin {
             "inbound": inbound,
             "process": crate::metrics::process(),
             "kernel": self.redirector.kernel(),
+            "admin": {
+                "changes_refused": self.changes_refused.load(std::sync::atomic::Ordering::Relaxed),
+                "repoints_refused": self.pods.repoints_refused(),
+            },
         });
         if let Some(m) = &self.mesh {
             body["identity"] = json!({

@@ -12,7 +12,7 @@ use tokio::{net::TcpListener, sync::watch};
 use tracing::info;
 
 use crate::{
-    admin::{self, Admin},
+    admin::{self, Admin, Exposure},
     config::{Config, MeshConfig, OnExit},
     drain::{Drain, DrainOutcome},
     ebpf::{self, EbpfError, RedirectSpec, Redirector},
@@ -39,6 +39,12 @@ pub enum AppError {
     Bind {
         what: &'static str,
         addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot bind the admin socket {path}")]
+    Socket {
+        path: std::path::PathBuf,
         #[source]
         source: std::io::Error,
     },
@@ -280,6 +286,10 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
             addr: config.admin_addr,
             source,
         })?;
+    let admin_socket = Admin::bind_unix(&config.state_dir).map_err(|source| AppError::Socket {
+        path: config.state_dir.join(admin::SOCKET),
+        source,
+    })?;
     let metrics_listener = match config.metrics_addr {
         Some(addr) => Some(admin::bind(addr).await.map_err(|source| AppError::Bind {
             what: "metrics endpoint",
@@ -390,6 +400,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
                 access_log: access_log.clone(),
                 tracing: tracing.clone(),
                 decisions: decisions.clone(),
+                escaped_slashes: config.path_escaped_slashes,
             })
         });
     let l7_path = l7_inbound
@@ -471,11 +482,13 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         enforcer,
         l7: l7_inbound,
         live,
+        changes_refused: Default::default(),
     });
     if let Some(l) = metrics_listener {
-        tokio::spawn(admin.clone().serve(l, drain.watch(), true));
+        tokio::spawn(admin.clone().serve(l, drain.watch(), Exposure::Metrics));
     }
-    tokio::spawn(admin.serve(admin_listener, drain.watch(), false));
+    tokio::spawn(admin.clone().serve_unix(admin_socket, drain.watch()));
+    tokio::spawn(admin.serve(admin_listener, drain.watch(), Exposure::Read));
     info!(outbound = ?outbound_addrs, inbound = ?inbound_addrs, admin = %admin_addr, "node proxy serving");
 
     Ok(Bound {

@@ -131,6 +131,9 @@ pub struct Http<'a> {
     /// Without the query string.
     pub path: &'a str,
     pub headers: &'a http::HeaderMap,
+    /// The request's authority (HTTP/2 `:authority`, or an absolute-form target): what `host`
+    /// rules see when there is no `Host` header, so HTTP/1.1 and HTTP/2 are judged alike.
+    pub authority: Option<&'a str>,
 }
 
 /// What the destination's node proxy knows about one connection or request.
@@ -400,12 +403,20 @@ fn operation_matches(o: &To, f: &Facts<'_>, deny: bool) -> bool {
             PathMatch::Prefix(pre) => h.path.starts_with(pre.as_str()),
         });
     let headers = o.headers.iter().all(|m| {
-        let values: Vec<&str> = h
+        // Every value counts, also one with bytes that are not visible ASCII (lossily decoded):
+        // dropping it would let such a value past a DENY that the app still reads.
+        let mut values: Vec<std::borrow::Cow<'_, str>> = h
             .headers
             .get_all(&m.name)
             .iter()
-            .filter_map(|v| v.to_str().ok())
+            .map(|v| String::from_utf8_lossy(v.as_bytes()))
             .collect();
+        if values.is_empty()
+            && m.name == http::header::HOST
+            && let Some(a) = h.authority
+        {
+            values.push(a.into());
+        }
         match (&m.value, &m.regex) {
             (Some(v), _) => values.iter().any(|x| x == v),
             (None, Some(r)) => values.iter().any(|x| r.is_match(x)),
@@ -693,6 +704,7 @@ mod tests {
                     method,
                     path,
                     headers: &headers,
+                    authority: None,
                 }),
             };
             let v = p.evaluate(&facts);
@@ -702,6 +714,60 @@ mod tests {
                 c.want
             };
             assert_eq!(v.decision.reason(), want, "case {:?}", c.name);
+        }
+    }
+
+    /// A DENY on a header must see a value with bytes that are not visible ASCII, and a `host`
+    /// rule must see an HTTP/2 request's `:authority`; an ALLOW must not be won that way.
+    #[test]
+    fn header_rules_see_every_value_and_host_rules_see_the_authority() {
+        let p = policies(
+            r#"shop/deny: {"action": "DENY", "rules": [{"to": [{"headers": [{"name": "x-debug"}]}]}, {"to": [{"headers": [{"name": "x-user", "regex": ".*admin.*"}]}]}, {"to": [{"headers": [{"name": "host", "value": "admin.shop"}]}]}]}"#,
+        );
+        let labels = BTreeMap::new();
+        let decide = |pairs: &[(&str, &[u8])], authority: Option<&str>| {
+            let mut headers = http::HeaderMap::new();
+            for (k, v) in pairs {
+                headers.append(
+                    http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    http::HeaderValue::from_bytes(v).unwrap(),
+                );
+            }
+            p.evaluate(&Facts {
+                source: None,
+                source_ip: "10.1.0.1".parse().unwrap(),
+                namespace: "shop",
+                labels: &labels,
+                port: 80,
+                http: Some(Http {
+                    method: "GET",
+                    path: "/",
+                    headers: &headers,
+                    authority,
+                }),
+            })
+            .decision
+            .allowed()
+        };
+        /// Header fields, the authority, whether the request is allowed.
+        type Case<'a> = (&'a [(&'a str, &'a [u8])], Option<&'a str>, bool);
+        let cases: &[Case] = &[
+            (&[], None, true),
+            (&[("x-debug", b"1")], None, false),
+            (&[("x-debug", b"\xff")], None, false),
+            (&[("x-user", b"admin\xff")], None, false),
+            (&[("x-user", b"\xe9admin")], None, false),
+            (&[("x-user", b"bob")], None, true),
+            (&[("host", b"admin.shop")], None, false),
+            (&[], Some("admin.shop"), false),
+            (&[], Some("www.shop"), true),
+        ];
+        for (pairs, authority, allowed) in cases {
+            assert_eq!(
+                decide(pairs, *authority),
+                *allowed,
+                "{pairs:?} {authority:?}"
+            );
         }
     }
 
@@ -721,6 +787,7 @@ mod tests {
                 method: "POST",
                 path: "/cart",
                 headers: &headers,
+                authority: None,
             }),
         });
         assert!(v.decision.allowed());

@@ -1,6 +1,7 @@
 //! `mesh-cni`, a chained CNI plugin: the admission half of fail-closed enrollment.
 //!
-//! On `ADD` it registers the new pod's sandbox with this node's proxy (`PUT /v1/pods/NS/NAME`),
+//! On `ADD` it registers the new pod's sandbox with this node's proxy (`PUT /v1/pods/NS/NAME` on
+//! the proxy's root-only admin socket, `<stateDir>/admin.sock`: the kubelet runs plugins as root),
 //! which redirects it at once if its namespace is in the mesh. If the proxy cannot be reached, the
 //! plugin decides from the configuration the proxy last saved: a pod of a namespace outside the
 //! mesh starts anyway; any other pod is refused with CNI error 11 ("try again later"), so the
@@ -9,7 +10,7 @@
 use std::{
     collections::BTreeMap,
     io::{Read, Write},
-    net::{SocketAddr, TcpStream},
+    os::unix::net::UnixStream,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -29,12 +30,12 @@ pub const TRY_AGAIN: u32 = 11;
 pub struct PluginConf {
     #[serde(default = "version")]
     pub cni_version: String,
-    /// The node proxy's admin address.
-    #[serde(default = "admin")]
-    pub admin: SocketAddr,
-    /// Where the node proxy keeps its state (the saved configuration).
+    /// Where the node proxy keeps its state: the saved configuration and its admin socket.
     #[serde(default = "state_dir")]
     pub state_dir: PathBuf,
+    /// The node proxy's admin socket, if not `<stateDir>/admin.sock`.
+    #[serde(default)]
+    pub admin_socket: Option<PathBuf>,
     /// Namespaces never held back (the cluster's own, the mesh's).
     #[serde(default = "excluded")]
     pub exclude_namespaces: Vec<String>,
@@ -44,9 +45,6 @@ pub struct PluginConf {
 
 fn version() -> String {
     "1.0.0".into()
-}
-fn admin() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 15000))
 }
 fn state_dir() -> PathBuf {
     PathBuf::from("/var/lib/mesh-node")
@@ -107,14 +105,23 @@ pub fn decide(registered: Result<(), String>, excluded: bool, saved: Option<bool
     }
 }
 
-/// One HTTP/1.1 request to the node proxy's admin port; the status code.
-fn admin_request(addr: SocketAddr, method: &str, path: &str, body: &str) -> Result<u16, String> {
+impl PluginConf {
+    fn socket(&self) -> PathBuf {
+        self.admin_socket
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join(crate::admin::SOCKET))
+    }
+}
+
+/// One HTTP/1.1 request on the node proxy's admin socket; the status code.
+fn admin_request(socket: &Path, method: &str, path: &str, body: &str) -> Result<u16, String> {
     let timeout = Duration::from_secs(3);
-    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("{addr}: {e}"))?;
+    let addr = socket.display();
+    let mut s = UnixStream::connect(socket).map_err(|e| format!("{addr}: {e}"))?;
     let _ = s.set_read_timeout(Some(timeout));
     let _ = s.set_write_timeout(Some(timeout));
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nhost: mesh-node\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
@@ -157,7 +164,12 @@ pub fn run(env: &Env, stdin: &str) -> Result<Value, (u32, String)> {
         "CHECK" => Ok(passthrough()),
         "DEL" => {
             if let Some((ns, name)) = pod_of(&env.args) {
-                let _ = admin_request(conf.admin, "DELETE", &format!("/v1/pods/{ns}/{name}"), "");
+                let _ = admin_request(
+                    &conf.socket(),
+                    "DELETE",
+                    &format!("/v1/pods/{ns}/{name}"),
+                    "",
+                );
             }
             Ok(passthrough())
         }
@@ -170,7 +182,13 @@ pub fn run(env: &Env, stdin: &str) -> Result<Value, (u32, String)> {
                 Ok(())
             } else {
                 let body = json!({"netns": env.netns}).to_string();
-                admin_request(conf.admin, "PUT", &format!("/v1/pods/{ns}/{name}"), &body).map(drop)
+                admin_request(
+                    &conf.socket(),
+                    "PUT",
+                    &format!("/v1/pods/{ns}/{name}"),
+                    &body,
+                )
+                .map(drop)
             };
             let saved = saved_in_mesh(&conf.state_dir, &ns);
             match decide(registered, excluded, saved) {
@@ -263,7 +281,7 @@ mod tests {
         )
         .unwrap();
         std::fs::write(conf.path().join("99-other.conflist"), r#"{"plugins": []}"#).unwrap();
-        let entry = json!({"type": "mesh-cni", "admin": "127.0.0.1:15000"});
+        let entry = json!({"type": "mesh-cni", "stateDir": "/var/lib/mesh-node"});
         for _ in 0..2 {
             let list = install(conf.path(), bin.path(), &exe, entry.clone()).unwrap();
             assert!(list.ends_with("10-calico.conflist"));

@@ -2,6 +2,7 @@
 //!
 //! Parsing (clap) and validation are separate so that every rule lives in [`RunArgs::validate`]
 //! and reports the flag it concerns.
+use crate::l7::sanitize::EscapedSlashes;
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
@@ -179,6 +180,10 @@ pub struct RunArgs {
     /// that `detach` then also detaches.
     #[arg(long, env = "MESH_ON_EXIT", value_enum, default_value_t = OnExit::Keep)]
     pub on_exit: OnExit,
+    /// What an encoded `/` or `\` (`%2F`, `%5C`) in a request path becomes: `reject` (400),
+    /// `keep` (forwarded as it is; rules see `%2F`), `decode` (to `/`). Set it alike on every node.
+    #[arg(long, env = "MESH_PATH_ESCAPED_SLASHES", value_enum, default_value_t = EscapedSlashes::Reject)]
+    pub path_escaped_slashes: EscapedSlashes,
     /// Which inbound program finds the receiving pod (`auto`: probed; the others insist, and
     /// the start fails if this kernel cannot run the one named).
     #[arg(long, env = "MESH_INBOUND_PROGRAM", value_enum, default_value_t = InboundProgram::Auto)]
@@ -259,6 +264,7 @@ pub struct Config {
     pub kubepods_cgroup_root: Option<PathBuf>,
     pub on_exit: OnExit,
     pub inbound_program: InboundProgram,
+    pub path_escaped_slashes: EscapedSlashes,
     pub worker_threads: usize,
     pub mesh: Option<MeshConfig>,
 }
@@ -485,6 +491,7 @@ impl RunArgs {
             trace_sample_percent: self.trace_sample_percent,
             on_exit: self.on_exit,
             inbound_program: self.inbound_program,
+            path_escaped_slashes: self.path_escaped_slashes,
             worker_threads: self.worker_threads,
             mesh,
         })

@@ -147,6 +147,37 @@ impl Enforcer {
     }
 }
 
+/// A tunnel stream claimed (`Forwarded: for=`) a source address that is not a workload carrying
+/// the identity its peer proved.
+#[derive(Debug, thiserror::Error)]
+#[error("claimed source {claimed:?} is not a workload of {proven}")]
+pub struct SpoofedSource {
+    pub claimed: String,
+    pub proven: String,
+}
+
+/// Where a tunnel stream comes from, for `ipBlocks`, metrics and logs: the address its
+/// `Forwarded: for=` names, accepted only when that address is a workload carrying the identity
+/// the peer just proved (an authenticated peer must not pick its source address); without the
+/// header, the peer's own address.
+pub fn claimed_source(
+    placement: &mesh_api::placement::Placement,
+    forwarded: Option<&str>,
+    proven: &SpiffeId,
+    peer: IpAddr,
+) -> Result<IpAddr, SpoofedSource> {
+    let Some(header) = forwarded.filter(|h| !h.is_empty()) else {
+        return Ok(peer);
+    };
+    match forwarded_for(header) {
+        Some(ip) if placement.by_ip(ip).is_some_and(|w| &w.identity == proven) => Ok(ip),
+        _ => Err(SpoofedSource {
+            claimed: header.to_string(),
+            proven: proven.to_string(),
+        }),
+    }
+}
+
 /// The client address in a `Forwarded: for="ip:port"` header (HBONE), if any.
 pub fn forwarded_for(header: &str) -> Option<IpAddr> {
     let v = header

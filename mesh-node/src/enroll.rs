@@ -7,7 +7,10 @@ use std::{
     collections::{BTreeMap, HashMap},
     fs, io,
     path::{Path, PathBuf},
-    sync::{Arc, RwLock},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
 };
 
 use serde::{Deserialize, Serialize};
@@ -84,6 +87,10 @@ pub enum EnrollError {
     ProxyNamespace { path: PathBuf },
     #[error("network namespace {path} is already enrolled as {other}")]
     Conflict { path: PathBuf, other: PodName },
+    #[error(
+        "pod {pod} is enrolled with network namespace {current}, which still exists: a pod's registration cannot move to another namespace while its sandbox lives"
+    )]
+    Repoint { pod: PodName, current: PathBuf },
     #[error("pod {0} is not enrolled")]
     NotFound(PodName),
     #[error("updating the kernel enrollment map failed")]
@@ -135,6 +142,8 @@ pub trait EnrollHooks: Send + Sync {
 
 pub struct Enrollment {
     hooks: Option<Arc<dyn EnrollHooks>>,
+    /// Registrations refused because they would move a live pod to another namespace.
+    repoints_refused: AtomicU64,
     state: RwLock<State>,
     file: PathBuf,
     redirector: Arc<Redirector>,
@@ -213,6 +222,7 @@ impl Enrollment {
             }
         }
         let this = Self {
+            repoints_refused: AtomicU64::new(0),
             hooks,
             state: RwLock::new(state),
             file,
@@ -247,6 +257,9 @@ impl Enrollment {
             });
         }
         let previous = state.by_name(&name).cloned();
+        if let Some(p) = &previous {
+            self.check_move(&name, (&p.netns, p.netns_cookie), (&req.netns, cookie))?;
+        }
         let id = match &previous {
             Some(p) => p.id,
             None => {
@@ -281,6 +294,34 @@ impl Enrollment {
         }
         tracing::info!(pod = %pod.name, id = %pod.id, netns_cookie = cookie, "pod enrolled");
         Ok(pod)
+    }
+
+    /// Moving a pod's registration moves its identity: only a new sandbox may take it over, that
+    /// is when the namespace it was registered with is gone (or its path now names another
+    /// namespace). Anything else is refused and counted: whoever asks cannot borrow a live pod's
+    /// identity for their own namespace.
+    pub fn check_move(
+        &self,
+        pod: &PodName,
+        (current, current_cookie): (&Path, u64),
+        (asked, asked_cookie): (&Path, u64),
+    ) -> Result<(), EnrollError> {
+        if current_cookie == asked_cookie
+            || sys::netns_cookie_of(current).ok() != Some(current_cookie)
+        {
+            return Ok(());
+        }
+        self.repoints_refused.fetch_add(1, Relaxed);
+        tracing::warn!(%pod, current = %current.display(), asked = %asked.display(), "refused to move a live pod's registration to another network namespace");
+        Err(EnrollError::Repoint {
+            pod: pod.clone(),
+            current: current.to_path_buf(),
+        })
+    }
+
+    /// Registrations refused because they would have moved a live pod's identity.
+    pub fn repoints_refused(&self) -> u64 {
+        self.repoints_refused.load(Relaxed)
     }
 
     /// Stops redirecting `name`'s new connections.

@@ -304,6 +304,7 @@ fn endpoint(
             method: &q.method,
             path: q.path.split('?').next().unwrap_or("/"),
             headers: &headers,
+            authority: None,
         }),
     });
     let reason = verdict.decision.reason();

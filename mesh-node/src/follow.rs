@@ -25,6 +25,10 @@ use crate::{
 pub struct Sandbox {
     pub netns: PathBuf,
     pub service_account: String,
+    /// The namespace's cookie when it was registered (0 in state files from before it was kept:
+    /// such a sandbox counts as gone once its path no longer opens).
+    #[serde(default)]
+    pub netns_cookie: u64,
 }
 
 pub struct Follow {
@@ -70,6 +74,7 @@ impl Follow {
             sandboxes.entry(p.name.clone()).or_insert(Sandbox {
                 netns: p.netns.clone(),
                 service_account: p.service_account.clone(),
+                netns_cookie: p.netns_cookie,
             });
         }
         Arc::new(Self {
@@ -82,9 +87,23 @@ impl Follow {
 
     /// Records the sandbox of `pod` and enrolls it if the configuration says so.
     pub fn register(&self, pod: PodName, req: EnrollRequest) -> Result<Registered, EnrollError> {
+        let cookie =
+            crate::sys::netns_cookie_of(&req.netns).map_err(|source| EnrollError::Netns {
+                path: req.netns.clone(),
+                source,
+            })?;
+        if let Some(old) = self.sandbox(&pod) {
+            let old_cookie = match old.netns_cookie {
+                0 => crate::sys::netns_cookie_of(&old.netns).unwrap_or(0),
+                c => c,
+            };
+            self.pods
+                .check_move(&pod, (&old.netns, old_cookie), (&req.netns, cookie))?;
+        }
         let sandbox = Sandbox {
             netns: req.netns,
             service_account: req.service_account,
+            netns_cookie: cookie,
         };
         let wanted = self.wanted(&pod);
         if wanted {
@@ -96,12 +115,6 @@ impl Follow {
                     service_account: sandbox.service_account.clone(),
                 },
             )?;
-        } else {
-            // Validate now what enrolling later would need.
-            crate::sys::netns_cookie_of(&sandbox.netns).map_err(|source| EnrollError::Netns {
-                path: sandbox.netns.clone(),
-                source,
-            })?;
         }
         self.sandboxes
             .lock()

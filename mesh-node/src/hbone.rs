@@ -35,7 +35,7 @@ use crate::{
     accel::PodStream,
     coalesce::Coalesce,
     drain::Watch,
-    enforce::{Admitted, Conn, Enforcer, forwarded_for},
+    enforce::{Admitted, Conn, Enforcer, claimed_source, forwarded_for},
     enroll::Enrollment,
     identity::Identities,
     outbound::ProxySource,
@@ -96,6 +96,9 @@ pub struct Stats {
     pub inbound_tls_refused: Mutex<HashMap<&'static str, u64>>,
     /// CONNECTs to something that is not an enrolled pod of this node with the identity served.
     pub inbound_refused_not_local: AtomicU64,
+    /// Streams and requests whose `Forwarded: for=` names an address that is not a workload of
+    /// the identity the peer proved.
+    pub inbound_refused_spoofed_source: AtomicU64,
     pub inbound_upstream_failed: AtomicU64,
 }
 
@@ -675,12 +678,23 @@ impl Inbound {
             let _ = answer(StatusCode::FORBIDDEN);
             return;
         };
+        let source_ip = match claimed_source(&placement, Some(&forwarded), client_id, peer.ip()) {
+            Ok(ip) => ip,
+            Err(e) => {
+                self.stats
+                    .inbound_refused_spoofed_source
+                    .fetch_add(1, Relaxed);
+                warn!(%peer, %target, error = %e, "refused tunnel: spoofed source address");
+                let _ = answer(StatusCode::FORBIDDEN);
+                return;
+            }
+        };
         let admitted = match &self.enforcer {
             None => None,
             Some(e) => {
                 let conn = Conn {
                     source: Some(client_id.clone()),
-                    source_ip: forwarded_for(&forwarded).unwrap_or(peer.ip()),
+                    source_ip,
                     namespace: local.namespace.clone(),
                     pod: local.name.clone(),
                     port: target.port(),
@@ -855,6 +869,7 @@ impl Inbound {
             l7: &l7,
             stream: &stream,
             recent: Default::default(),
+            spoofed: &self.stats.inbound_refused_spoofed_source,
         };
         let dial = || l7.pods.dial(target);
         if let Err(e) = crate::l7::relay::serve(&mut tunnel, &gate, dial).await {
@@ -895,12 +910,23 @@ impl Inbound {
         let resp = match (target, local) {
             (Some(target), Some(w)) => {
                 self.stats.inbound_streams.fetch_add(1, Relaxed);
-                let caller = l7::inbound::Caller {
-                    identity: Some(client_id.clone()),
-                    ip: forwarded_for(forwarded).unwrap_or(peer.ip()),
-                };
-                l7.handle(req, &caller, (&w.namespace, &w.name), target, proto)
-                    .await
+                match claimed_source(&placement, Some(forwarded), client_id, peer.ip()) {
+                    Ok(ip) => {
+                        let caller = l7::inbound::Caller {
+                            identity: Some(client_id.clone()),
+                            ip,
+                        };
+                        l7.handle(req, &caller, (&w.namespace, &w.name), target, proto)
+                            .await
+                    }
+                    Err(e) => {
+                        self.stats
+                            .inbound_refused_spoofed_source
+                            .fetch_add(1, Relaxed);
+                        warn!(%peer, %target, error = %e, "refused request: spoofed source address");
+                        l7::respond::error_response(&ProxyError::Denied(e.to_string()), grpc)
+                    }
+                }
             }
             _ => {
                 self.stats.inbound_refused_not_local.fetch_add(1, Relaxed);

@@ -285,6 +285,8 @@ fn record(s: &Value) {
         }
         counter!("mesh_tunnel_inbound_refused_total", "reason" => "not_local")
             .absolute(n(&t["inbound_refused_not_local"]));
+        counter!("mesh_tunnel_inbound_refused_total", "reason" => "spoofed_source")
+            .absolute(n(&t["inbound_refused_spoofed_source"]));
         counter!("mesh_tunnel_inbound_refused_total", "reason" => "upstream")
             .absolute(n(&t["inbound_upstream_failed"]));
     }

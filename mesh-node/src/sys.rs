@@ -174,7 +174,12 @@ unsafe impl<T: Sync> Sync for MappedArray<T> {}
 
 impl<T: Sync> MappedArray<T> {
     /// Maps the first `len` values of the array behind `fd`.
-    pub fn new(fd: std::os::fd::BorrowedFd<'_>, len: usize) -> io::Result<Self> {
+    ///
+    /// # Safety
+    /// `fd` must be a BPF array map created with `BPF_F_MMAPABLE`, with at least `len` entries
+    /// whose value size and alignment are `T`'s; `T` must be valid for any bit pattern and made
+    /// of atomics only (the kernel programs write the same memory concurrently).
+    pub unsafe fn new(fd: std::os::fd::BorrowedFd<'_>, len: usize) -> io::Result<Self> {
         use std::os::fd::AsRawFd as _;
         // The kernel rounds the mapping to whole pages (of whatever size this machine has).
         let bytes = len * std::mem::size_of::<T>();

@@ -788,8 +788,32 @@ impl Node {
         path: &str,
         body: Option<&str>,
     ) -> anyhow::Result<(u16, Value)> {
+        if matches!(method, "GET" | "HEAD") {
+            let addr = SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT));
+            http::request(&netns_path(&self.netns), addr, method, path, body).await
+        } else {
+            // Changes go to the root-only Unix socket, as the CNI plugin's do.
+            http::request_unix(&self.admin_socket(), method, path, body).await
+        }
+    }
+
+    /// The same request on the TCP admin listener whatever the method: what any process in the
+    /// node's network namespace can send.
+    pub async fn admin_tcp(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> anyhow::Result<(u16, Value)> {
         let addr = SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT));
         http::request(&netns_path(&self.netns), addr, method, path, body).await
+    }
+
+    /// mesh-node's root-only admin socket (in its default state directory).
+    pub fn admin_socket(&self) -> PathBuf {
+        PathBuf::from("/run/mesh-node")
+            .join(&self.name)
+            .join("admin.sock")
     }
 
     pub async fn counters(&self) -> anyhow::Result<Value> {

@@ -1,5 +1,6 @@
 //! The node proxy's admin port as an operator uses it on a live node.
 use mesh_tests::ClusterBuilder;
+use serde_json::{Value, json};
 
 #[tokio::test]
 async fn the_log_level_changes_at_run_time_without_a_restart() {
@@ -158,4 +159,144 @@ async fn the_live_page_renders_in_headless_chromium() {
     let keep = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/live-page.png");
     let _ = std::fs::copy(&shot, &keep);
     eprintln!("live page screenshot: {}", keep.display());
+}
+
+/// Any process that reaches the node's loopback (a hostNetwork pod, a node daemon) could re-enroll
+/// a pod under its own network namespace and speak with that pod's identity, or silence the log.
+/// Changes are refused over TCP and counted; reads still work there.
+#[tokio::test]
+async fn changes_over_the_tcp_admin_listener_are_refused_and_counted() {
+    let cluster = ClusterBuilder::new()
+        .nodes(1)
+        .pods_per_node(2)
+        .start()
+        .await
+        .unwrap();
+    let (victim, attacker) = (cluster.pod(0, 0).clone(), cluster.pod(0, 1).clone());
+    cluster.enroll(&victim).await.unwrap();
+    let node = &cluster.nodes[0];
+    let steal = json!({"netns": format!("/run/netns/{}", attacker.netns)}).to_string();
+    let victim_path = format!("/v1/pods/{}/{}", victim.namespace, victim.name);
+    for (method, path, body) in [
+        ("PUT", victim_path.as_str(), Some(steal.as_str())),
+        ("DELETE", victim_path.as_str(), None),
+        ("PUT", "/v1/log-level", Some("off")),
+        ("POST", "/v1/log-level", Some("off")),
+    ] {
+        let (status, v) = node.admin_tcp(method, path, body).await.unwrap();
+        assert_eq!(status, 405, "{method} {path} over TCP: {v}");
+        assert!(v["error"].as_str().unwrap().contains("admin.sock"), "{v}");
+    }
+    let (status, pods) = node.admin_tcp("GET", "/v1/pods", None).await.unwrap();
+    assert_eq!(status, 200);
+    let enrolled: Vec<&Value> = pods.as_array().unwrap().iter().collect();
+    assert_eq!(enrolled.len(), 1, "{pods}");
+    assert_eq!(
+        enrolled[0]["netns"],
+        format!("/run/netns/{}", victim.netns),
+        "{pods}"
+    );
+    let (_, v) = node.admin("GET", "/v1/log-level", None).await.unwrap();
+    assert_eq!(v["filter"], "info", "{v}");
+    let c = node.counters().await.unwrap();
+    assert_eq!(c["admin"]["changes_refused"], 4, "{}", c["admin"]);
+}
+
+/// The socket is root-only by its mode; even if an operator loosens the mode, a caller that is not
+/// root (`SO_PEERCRED`) is closed on and counted.
+#[tokio::test]
+async fn the_admin_socket_serves_root_only() {
+    use std::os::unix::{fs::PermissionsExt, process::CommandExt};
+    let cluster = ClusterBuilder::new()
+        .nodes(1)
+        .pods_per_node(1)
+        .start()
+        .await
+        .unwrap();
+    let node = &cluster.nodes[0];
+    let socket = node.admin_socket();
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{}", socket.display());
+    let as_nobody = || {
+        std::process::Command::new("curl")
+            .args(["-sSv", "--max-time", "5", "--unix-socket"])
+            .arg(&socket)
+            .args([
+                "-X",
+                "PUT",
+                "--data",
+                "off",
+                "http://mesh-node/v1/log-level",
+            ])
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .expect("curl (cargo xtask test installs it)")
+    };
+    let connected =
+        |out: &std::process::Output| String::from_utf8_lossy(&out.stderr).contains("Connected to");
+    let out = as_nobody();
+    assert!(!out.status.success(), "{out:?}");
+    assert!(!connected(&out), "nobody reached a 0600 socket: {out:?}");
+    // Loosened: the kernel lets the connection in, and mesh-node closes it unanswered.
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = as_nobody();
+    assert!(!out.status.success(), "nobody was answered: {out:?}");
+    assert!(connected(&out), "{out:?}");
+    let (_, v) = node.admin("GET", "/v1/log-level", None).await.unwrap();
+    assert_eq!(v["filter"], "info", "{v}");
+    let c = node.counters().await.unwrap();
+    assert_eq!(c["admin"]["changes_refused"], 1, "{}", c["admin"]);
+    // Root still changes it.
+    let (status, v) = node
+        .admin("PUT", "/v1/log-level", Some("warn"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{v}");
+}
+
+/// A pod's registration moves its identity: a second registration of a live pod with another
+/// network namespace is refused and counted; a new sandbox (the old namespace gone) takes over.
+#[tokio::test]
+async fn a_live_pods_registration_cannot_be_moved_to_another_namespace() {
+    let cluster = ClusterBuilder::new()
+        .nodes(1)
+        .pods_per_node(2)
+        .start()
+        .await
+        .unwrap();
+    let (victim, attacker) = (cluster.pod(0, 0).clone(), cluster.pod(0, 1).clone());
+    cluster.enroll(&victim).await.unwrap();
+    let node = &cluster.nodes[0];
+    let path = format!("/v1/pods/{}/{}", victim.namespace, victim.name);
+    let steal = json!({"netns": format!("/run/netns/{}", attacker.netns), "service_account": victim.service_account}).to_string();
+    let (status, v) = node.admin("PUT", &path, Some(&steal)).await.unwrap();
+    assert_eq!(status, 409, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("still exists"), "{v}");
+    let (_, pods) = node.admin("GET", "/v1/pods", None).await.unwrap();
+    assert_eq!(
+        pods[0]["netns"],
+        format!("/run/netns/{}", victim.netns),
+        "{pods}"
+    );
+    let c = node.counters().await.unwrap();
+    assert_eq!(c["admin"]["repoints_refused"], 1, "{}", c["admin"]);
+
+    // A restarted pod: its old sandbox's namespace is gone, the new one registers.
+    let old = format!("{}-old", cluster.nodes[0].name);
+    let ip = |args: &[&str]| {
+        let s = std::process::Command::new("ip")
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(s.success(), "ip {args:?}");
+    };
+    ip(&["netns", "add", &old]);
+    let moved = "/v1/pods/default/restarted";
+    let first = json!({"netns": format!("/run/netns/{old}")}).to_string();
+    let (status, v) = node.admin("PUT", moved, Some(&first)).await.unwrap();
+    assert_eq!(status, 200, "{v}");
+    ip(&["netns", "del", &old]);
+    let (status, v) = node.admin("PUT", moved, Some(&steal)).await.unwrap();
+    assert_eq!(status, 200, "a new sandbox could not take over: {v}");
 }

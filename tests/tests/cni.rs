@@ -16,7 +16,6 @@ async fn cni_add(node: &Node, pod: &Pod, namespace: &str) -> (bool, Value) {
         "cniVersion": "1.0.0",
         "name": "k8s-pod-network",
         "type": "mesh-cni",
-        "admin": format!("127.0.0.1:{}", mesh_tests::cluster::ADMIN_PORT),
         "stateDir": format!("/run/mesh-node/{}", node.name),
         "prevResult": {"cniVersion": "1.0.0", "interfaces": [{"name": "eth0"}]},
     });

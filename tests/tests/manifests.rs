@@ -316,14 +316,10 @@ fn the_manifests_render_parse_and_match_the_binaries() {
     assert_eq!(init_mounts, [cmd[2].as_str(), cmd[3].as_str()]);
     assert_eq!(
         cmd[4],
-        flag(&a, "--admin-addr"),
-        "the plugin asks the admin port"
-    );
-    assert_eq!(
-        cmd[5],
         flag(&a, "--state-dir"),
-        "and reads the state directory"
+        "the plugin asks the proxy's admin socket in its state directory, and reads its saved config"
     );
+    assert_eq!(cmd.len(), 5, "{cmd:?}");
     let tmpl = ds
         .spec
         .as_ref()

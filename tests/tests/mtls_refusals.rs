@@ -327,3 +327,116 @@ fn tempfile_dir() -> std::path::PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// Opens a tunnel connection to node 1 as the holder of `chain`, asks for `sni`, and sends one
+/// CONNECT for `target` claiming the source `forwarded`: the answer's status (0: no answer).
+async fn connect_claiming(
+    cluster: &mesh_tests::Cluster,
+    (chain, key): (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
+    sni: &str,
+    target: std::net::SocketAddr,
+    forwarded: &str,
+) -> u16 {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer))
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let node1 = std::net::SocketAddr::new(cluster.nodes[1].ipv4.into(), 15008);
+    let tcp = connect_in(&cluster.nodes[0].netns, node1).await.unwrap();
+    let name = ServerName::try_from(sni.to_string()).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .method(hyper::Method::CONNECT)
+        .uri(target.to_string())
+        .header("forwarded", forwarded)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    match tokio::time::timeout(Duration::from_secs(5), send.send_request(req)).await {
+        Ok(Ok(resp)) => resp.status().as_u16(),
+        _ => 0,
+    }
+}
+
+/// `Forwarded: for=` from an authenticated peer decides `ipBlocks`: a peer holding one
+/// workload's identity must not claim another workload's address. Refused and counted; the same
+/// claim with the identity that owns the address passes.
+#[tokio::test]
+async fn a_peer_cannot_claim_another_workloads_source_address() {
+    let cluster = ClusterBuilder::new()
+        .nodes(2)
+        .pods_per_node(2)
+        .config_stream()
+        .start()
+        .await
+        .unwrap();
+    let (mallory, allowed) = (cluster.pod(0, 0).clone(), cluster.pod(0, 1).clone());
+    let server = cluster.pod(1, 0).clone();
+    let _s = server.serve(PORT, false).await.unwrap();
+    for p in [&mallory, &allowed, &server] {
+        cluster.enroll(p).await.unwrap();
+    }
+    let policy = format!(
+        "apiVersion: nodemesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: allow-one-address, namespace: {ns}}}\nspec:\n  action: ALLOW\n  rules:\n  - from: [{{ipBlocks: ['{ip}/32']}}]\n",
+        ns = server.namespace,
+        ip = allowed.ipv4
+    );
+    cluster
+        .change_config("authz.yaml", Some(&policy))
+        .await
+        .unwrap();
+    let dst = server.addr(false, PORT);
+    assert_eq!(n(&allowed.client(dst, 1, 64).await.unwrap(), &["ok"]), 1);
+    assert_eq!(n(&mallory.client(dst, 1, 64).await.unwrap(), &["ok"]), 0);
+
+    let id = |p: &mesh_tests::Pod| {
+        format!(
+            "spiffe://cluster.local/ns/{}/sa/{}",
+            p.namespace, p.service_account
+        )
+    };
+    let sni = format!("{}.{}.id.mesh", server.service_account, server.namespace);
+    let claim = format!("for=\"{}:40000\"", allowed.ipv4);
+    let ca = mesh_ca(&cluster);
+    // Control: the address's own identity, through this raw client, is let in.
+    let status = connect_claiming(
+        &cluster,
+        leaf(&ca, &id(&allowed), -60, 3600),
+        &sni,
+        dst,
+        &claim,
+    )
+    .await;
+    assert_eq!(status, 200, "the owner of the address was refused");
+    // Mallory's (valid) identity claiming that address.
+    let status = connect_claiming(
+        &cluster,
+        leaf(&ca, &id(&mallory), -60, 3600),
+        &sni,
+        dst,
+        &claim,
+    )
+    .await;
+    assert_eq!(status, 403, "a peer borrowed another workload's address");
+    let c1 = cluster.nodes[1].counters().await.unwrap();
+    assert_eq!(
+        n(&c1, &["tunnel", "inbound_refused_spoofed_source"]),
+        1,
+        "{}",
+        c1["tunnel"]
+    );
+}

@@ -65,7 +65,8 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
 
 /// The tests need a real Prometheus (the dashboards are checked against it).
 /// `chromium` renders the node's live page in the tests (headless, with a screenshot).
-pub const TEST_PACKAGES: &[&str] = &["prometheus", "curl", "nghttp2-client", "chromium"];
+/// `nginx` is the real path-decoding server behind the path-policy tests.
+pub const TEST_PACKAGES: &[&str] = &["prometheus", "curl", "nghttp2-client", "chromium", "nginx"];
 
 /// What the demo runs in its pods besides the project's own binaries.
 pub const DEMO_PACKAGES: &[&str] = &["curl"];

@@ -211,7 +211,10 @@ impl Accel {
     }
 
     pub fn new(maps: Maps) -> std::io::Result<Self> {
-        let slots = MappedArray::new(maps.read_slots.fd().as_fd(), READ_SLOT_COUNT as usize)?;
+        // SAFETY: MESH_READ_SLOTS is an array map created BPF_F_MMAPABLE with READ_SLOT_COUNT
+        // entries of `ReadSlot`, whose layout `Slot` matches (asserted above) with atomics only.
+        let slots =
+            unsafe { MappedArray::new(maps.read_slots.fd().as_fd(), READ_SLOT_COUNT as usize) }?;
         Ok(Self(Some(Arc::new(Inner {
             maps: Mutex::new(Joins {
                 socks_rx: maps.socks_rx,

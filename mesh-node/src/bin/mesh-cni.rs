@@ -2,16 +2,22 @@
 //! proxy cannot redirect them (see `mesh_node::cni`).
 use std::{io::Read, process::ExitCode};
 
-/// `mesh-cni install CONF_DIR BIN_DIR [ADMIN [STATE_DIR]]`: what the DaemonSet's init container
-/// runs on each node. (Runtimes call a plugin without arguments: those runs are CNI calls.)
+/// `mesh-cni install CONF_DIR BIN_DIR [STATE_DIR]`: what the DaemonSet's init container runs on
+/// each node. The plugin reaches the proxy on `STATE_DIR/admin.sock`. (Runtimes call a plugin
+/// without arguments: those runs are CNI calls.)
 fn install(args: &[String]) -> ExitCode {
     let [conf_dir, bin_dir, rest @ ..] = args else {
-        eprintln!("usage: mesh-cni install CONF_DIR BIN_DIR [ADMIN [STATE_DIR]]");
+        eprintln!("usage: mesh-cni install CONF_DIR BIN_DIR [STATE_DIR]");
         return ExitCode::FAILURE;
     };
-    let admin = rest.first().map_or("127.0.0.1:15000", String::as_str);
-    let state_dir = rest.get(1).map_or("/var/lib/mesh-node", String::as_str);
-    let entry = serde_json::json!({"type": "mesh-cni", "admin": admin, "stateDir": state_dir});
+    if rest.len() > 1 {
+        eprintln!(
+            "usage: mesh-cni install CONF_DIR BIN_DIR [STATE_DIR] (the admin address is gone: the proxy takes changes on STATE_DIR/admin.sock only)"
+        );
+        return ExitCode::FAILURE;
+    }
+    let state_dir = rest.first().map_or("/var/lib/mesh-node", String::as_str);
+    let entry = serde_json::json!({"type": "mesh-cni", "stateDir": state_dir});
     let exe = match std::env::current_exe() {
         Ok(e) => e,
         Err(e) => {

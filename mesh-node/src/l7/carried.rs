@@ -34,7 +34,7 @@ use super::{
     upstream::{TunnelTarget, to_http1},
 };
 use crate::{
-    enforce::forwarded_for,
+    enforce::claimed_source,
     hbone::{ConnState, Tunnel, Tunnels},
 };
 
@@ -356,6 +356,8 @@ pub struct ToPod<'s> {
     pub stream: &'s Stream,
     /// The stream's requests come from one caller to one pod: nearly all share one series.
     pub recent: super::stats::Recent<super::inbound::SeriesKey>,
+    /// Where requests with a spoofed `Forwarded` are counted.
+    pub spoofed: &'s std::sync::atomic::AtomicU64,
 }
 
 impl<'s> Gate for ToPod<'s> {
@@ -367,14 +369,27 @@ impl<'s> Gate for ToPod<'s> {
         forwarded: Option<&HeaderValue>,
     ) -> (Ticket<'s>, Result<(), ProxyError>) {
         let s = self.stream;
+        let claimed = claimed_source(
+            &self.l7.config.borrow().placement,
+            forwarded.map(|v| v.to_str().unwrap_or("?")),
+            &s.identity,
+            s.peer.ip(),
+        );
         let caller = Caller {
             identity: Some(s.identity.clone()),
-            ip: forwarded
-                .and_then(|v| forwarded_for(v.to_str().ok()?))
-                .unwrap_or(s.peer.ip()),
+            ip: *claimed.as_ref().unwrap_or(&s.peer.ip()),
         };
         let dst = (s.namespace.as_str(), s.name.as_str());
-        self.l7.admit_request(req, caller, dst, s.target)
+        let (ticket, admitted) = self.l7.admit_request(req, caller, dst, s.target);
+        match claimed {
+            Ok(_) => (ticket, admitted),
+            Err(e) => {
+                self.spoofed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(peer = %s.peer, error = %e, "refused request: spoofed source address");
+                (ticket, Err(ProxyError::Denied(e.to_string())))
+            }
+        }
     }
 
     fn finish(&self, mut t: Ticket<'s>, code: u16, flag: &'static str, bytes: (u64, u64)) {

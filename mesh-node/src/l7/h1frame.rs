@@ -36,6 +36,8 @@ pub enum FrameError {
     LineTooLong(usize),
     #[error("trailers {0:?}")]
     BadTrailers(String),
+    #[error("a chunk size or trailer line ends in a bare line feed, not CRLF")]
+    BareLineFeed,
 }
 
 /// Longest chunk-size line or trailer line accepted.
@@ -110,6 +112,8 @@ pub struct Chunked {
     line: Vec<u8>,
     /// Trailer lines, when decoding: `Some` keeps them.
     trailers: Option<Vec<u8>>,
+    /// Trailer bytes seen, kept or not: they are limited either way.
+    trailer_bytes: usize,
 }
 
 /// The next piece of a chunked body being decoded.
@@ -224,6 +228,11 @@ impl Chunked {
                         break;
                     }
                     let line = std::mem::take(&mut self.line);
+                    // Strict CRLF: a peer that reads a bare LF as a line end would frame this
+                    // body differently from one that does not (request smuggling).
+                    if !line.ends_with(b"\r\n") {
+                        return Err(FrameError::BareLineFeed);
+                    }
                     self.state = match self.state {
                         State::Size => match httparse::parse_chunk_size(&line) {
                             Ok(httparse::Status::Complete((_, 0))) => State::Trailer,
@@ -235,12 +244,16 @@ impl Chunked {
                             }
                         },
                         // An empty line ends the trailers.
-                        _ if line == b"\r\n" || line == b"\n" => State::Done,
+                        _ if line == b"\r\n" => State::Done,
                         other => {
+                            // Each trailer line is one well-formed field, and they are limited,
+                            // whether they are kept (decoding) or passed on (scanning).
+                            self.trailer_bytes += line.len();
+                            if self.trailer_bytes > MAX_TRAILERS {
+                                return Err(FrameError::LineTooLong(MAX_TRAILERS));
+                            }
+                            check_trailer_line(&line)?;
                             if let Some(t) = &mut self.trailers {
-                                if t.len() + line.len() > MAX_TRAILERS {
-                                    return Err(FrameError::LineTooLong(MAX_TRAILERS));
-                                }
                                 t.extend_from_slice(&line);
                             }
                             other
@@ -253,8 +266,20 @@ impl Chunked {
     }
 }
 
-/// Most trailer bytes a decoder keeps.
+/// Most trailer bytes a body may carry.
 const MAX_TRAILERS: usize = 4 * MAX_LINE;
+
+/// One trailer line (with its CRLF) must be exactly one field as a head would hold it.
+fn check_trailer_line(line: &[u8]) -> Result<(), FrameError> {
+    let block = [line, b"\r\n"].concat();
+    let mut fields = [httparse::EMPTY_HEADER; 1];
+    match httparse::parse_headers(&block, &mut fields) {
+        Ok(httparse::Status::Complete((n, [_]))) if n == block.len() => Ok(()),
+        _ => Err(FrameError::BadTrailers(
+            String::from_utf8_lossy(line).into_owned(),
+        )),
+    }
+}
 
 /// Trailer lines (each ending in a line feed) as fields.
 fn parse_trailers(lines: &[u8]) -> Result<HeaderMap, FrameError> {
@@ -406,7 +431,20 @@ mod tests {
 
     #[test]
     fn chunked_errors() {
-        let cases: &[&[u8]] = &[b"zz\r\n", b"3\r\nabcX", b"3\r\nabc\rX"];
+        let cases: &[&[u8]] = &[
+            b"zz\r\n",
+            b"3\r\nabcX",
+            b"3\r\nabc\rX",
+            // Bare line feeds, in a size line, after the last chunk, in and after trailers.
+            b"3\nabc\r\n",
+            b"0\n\r\n",
+            b"0\r\n\n",
+            b"0\r\nx: 1\n\r\n",
+            // Trailer lines that are not one field.
+            b"0\r\nno colon\r\n\r\n",
+            b"0\r\n folded: x\r\n\r\n",
+            b"0\r\nbad name: x\r\n\r\n",
+        ];
         for bad in cases {
             assert!(Chunked::default().scan(bad).is_err(), "{bad:?}");
         }

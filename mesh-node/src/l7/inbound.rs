@@ -153,6 +153,8 @@ pub struct L7Inbound {
     pub access_log: Arc<AccessLog>,
     pub tracing: Arc<crate::trace::Tracing>,
     pub decisions: Arc<crate::authz::DecisionCounts>,
+    /// What an encoded `/` in a request path becomes (the mesh's setting).
+    pub escaped_slashes: super::sanitize::EscapedSlashes,
 }
 
 impl L7Inbound {
@@ -219,7 +221,10 @@ impl L7Inbound {
             .access_log
             .wants(dst.0)
             .then(|| access_log::Seen::of(req));
-        let admitted = self.admit(&cfg, req, &caller, dst, target);
+        // The source normalized the path already; a peer that did not is judged on the path the
+        // pod will see all the same.
+        let admitted = super::sanitize::request(req, self.escaped_slashes)
+            .and_then(|()| self.admit(&cfg, req, &caller, dst, target));
         let decision = match (&admitted, &seen) {
             (Err(e), Some(_)) => Some(e.to_string()),
             _ => None,
@@ -340,6 +345,7 @@ impl L7Inbound {
                 method: req.method().as_str(),
                 path: req.uri().path(),
                 headers: req.headers(),
+                authority: req.uri().authority().map(|a| a.as_str()),
             }),
         });
         self.decisions.record("http", &verdict);

@@ -22,6 +22,7 @@ pub mod outbound;
 pub mod policy;
 pub mod relay;
 pub mod respond;
+pub mod sanitize;
 pub mod services;
 pub mod stats;
 pub mod upgrade;

@@ -447,6 +447,8 @@ impl L7Outbound {
         conn: &'c Conn,
         route: &mut Option<&'c str>,
     ) -> Result<(Response<Body>, &'c str, String), (ProxyError, &'c str)> {
+        // Routing, policy and the pod judge one path: the normalized one.
+        super::sanitize::request(&mut req, self.inbound.escaped_slashes).map_err(|e| (e, ""))?;
         let (service, port) = match &conn.target {
             Target::Service(s, p) => (s, *p),
             Target::Pod(pod, port) => {
