@@ -328,10 +328,13 @@ pub enum Outcome {
     /// later: TCP, which at least sends the completions the app waits for before it reuses its
     /// buffers (handed-over bytes would never get one).
     ZeroCopy = 18,
+    /// ingress: IPv6 extension headers that could not be walked to the upper layer, for a STRICT
+    /// pod: dropped, since it may open a connection.
+    Unparsed = 19,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 19] = [
+    pub const ALL: [Outcome; 20] = [
         Outcome::Seen,
         Outcome::Redirected,
         Outcome::SkipNotTcp,
@@ -351,6 +354,7 @@ impl Outcome {
         Outcome::Unread,
         Outcome::PeerFull,
         Outcome::ZeroCopy,
+        Outcome::Unparsed,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -374,6 +378,7 @@ impl Outcome {
             Outcome::Unread => "unread",
             Outcome::PeerFull => "peer_full",
             Outcome::ZeroCopy => "zerocopy",
+            Outcome::Unparsed => "unparsed",
         }
     }
 }

@@ -378,28 +378,80 @@ const IPPROTO_TCP: u8 = 6;
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_ACK: u8 = 0x10;
 
-/// For a TCP SYN (a new connection), its source address. cgroup_skb data starts at the network
-/// header. IPv6 extension headers are not walked: such SYNs are judged as non-TCP and pass,
-/// which is what the stack itself would see for a host-local policy.
+/// What an inbound packet is, as far as the ingress program cares.
+pub enum Inbound {
+    /// A TCP SYN (a new connection), from this address.
+    Syn(Source),
+    /// Anything else its headers show: not TCP, or not a SYN.
+    Other,
+    /// IPv6 extension headers that cannot be walked to the upper layer within the bound (or one
+    /// that hides it, like ESP): whether it opens a connection is unknown.
+    Unparsed,
+}
+
+/// IPv6 extension headers walked before giving up.
+const MAX_EXT_HEADERS: usize = 8;
+const NH_HOP_BY_HOP: u8 = 0;
+const NH_ROUTING: u8 = 43;
+const NH_FRAGMENT: u8 = 44;
+const NH_AUTH: u8 = 51;
+const NH_DEST_OPTS: u8 = 60;
+/// Upper layers other than TCP that carry no connection of ours: UDP, ICMPv6, No Next Header.
+const NH_UDP: u8 = 17;
+const NH_ICMPV6: u8 = 58;
+const NH_NONE: u8 = 59;
+
+/// Classifies an inbound packet; cgroup_skb data starts at the network header. IPv6 extension
+/// headers (Hop-by-Hop, Routing, Fragment, Authentication, Destination Options) are walked, so a
+/// SYN behind them is judged like any other.
 #[inline(always)]
-pub fn tcp_syn_source(skb: &SkBuffContext) -> Option<Source> {
+pub fn inbound(skb: &SkBuffContext) -> Inbound {
     let proto = u16::from_be(skb.skb.protocol() as u16);
     let (src, l4) = if proto == ETH_P_IP {
-        let vihl: u8 = skb.load(0).ok()?;
-        if skb.load::<u8>(9).ok()? != IPPROTO_TCP {
-            return None;
+        let (Ok(vihl), Ok(p), Ok(src)) = (
+            skb.load::<u8>(0),
+            skb.load::<u8>(9),
+            skb.load::<[u8; 4]>(12),
+        ) else {
+            return Inbound::Other;
+        };
+        if p != IPPROTO_TCP {
+            return Inbound::Other;
         }
-        let src: [u8; 4] = skb.load(12).ok()?;
         (Source::V4(src), ((vihl & 0x0f) as usize) * 4)
     } else if proto == ETH_P_IPV6 {
-        if skb.load::<u8>(6).ok()? != IPPROTO_TCP {
-            return None;
+        let (Ok(mut nh), Ok(src)) = (skb.load::<u8>(6), skb.load::<[u8; 16]>(8)) else {
+            return Inbound::Unparsed;
+        };
+        let mut off = 40usize;
+        let mut i = 0;
+        while i < MAX_EXT_HEADERS && nh != IPPROTO_TCP {
+            let (Ok(next), Ok(len)) = (skb.load::<u8>(off), skb.load::<u8>(off + 1)) else {
+                return Inbound::Unparsed;
+            };
+            off += match nh {
+                NH_HOP_BY_HOP | NH_ROUTING | NH_DEST_OPTS => (len as usize + 1) * 8,
+                NH_FRAGMENT => 8,
+                NH_AUTH => (len as usize + 2) * 4,
+                NH_UDP | NH_ICMPV6 | NH_NONE => return Inbound::Other,
+                _ => return Inbound::Unparsed,
+            };
+            nh = next;
+            i += 1;
         }
-        let src: [u8; 16] = skb.load(8).ok()?;
-        (Source::V6(src), 40)
+        if nh != IPPROTO_TCP {
+            return match nh {
+                NH_UDP | NH_ICMPV6 | NH_NONE => Inbound::Other,
+                _ => Inbound::Unparsed,
+            };
+        }
+        (Source::V6(src), off)
     } else {
-        return None;
+        return Inbound::Other;
     };
-    let flags: u8 = skb.load(l4 + 13).ok()?;
-    (flags & TCP_FLAG_SYN != 0 && flags & TCP_FLAG_ACK == 0).then_some(src)
+    match skb.load::<u8>(l4 + 13) {
+        Ok(flags) if flags & TCP_FLAG_SYN != 0 && flags & TCP_FLAG_ACK == 0 => Inbound::Syn(src),
+        Ok(_) => Inbound::Other,
+        Err(_) => Inbound::Unparsed,
+    }
 }

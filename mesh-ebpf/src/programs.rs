@@ -463,12 +463,18 @@ pub fn mesh_ingress_btf(skb: SkBuffContext) -> i32 {
 
 #[inline(always)]
 fn ingress(skb: &SkBuffContext, netns: impl Fn(&SkBuffContext) -> Option<u64>) -> i32 {
-    let Some(syn) = ctx::tcp_syn_source(skb) else {
-        return 1;
+    let syn = match ctx::inbound(skb) {
+        ctx::Inbound::Syn(s) => Some(s),
+        ctx::Inbound::Other => return 1,
+        ctx::Inbound::Unparsed => None,
     };
-    // A TCP SYN always reaches a full listening socket, so this only fails if the kernel
-    // changed under us: fail closed, counted, rather than let a STRICT pod's SYN through.
     let Some(netns) = netns(skb) else {
+        // The BTF form finds no TCP socket: an unparsed packet then is not TCP, not ours to
+        // judge. A TCP SYN always reaches a full listening socket, so for one this only fails if
+        // the kernel changed under us: fail closed, counted.
+        if syn.is_none() {
+            return 1;
+        }
         count(Program::Ingress, Outcome::Seen);
         count(Program::Ingress, Outcome::NoRecord);
         return 0;
@@ -477,21 +483,26 @@ fn ingress(skb: &SkBuffContext, netns: impl Fn(&SkBuffContext) -> Option<u64>) -
     let Some(pod) = (unsafe { ENROLLED.get(&netns) }).copied() else {
         return 1;
     };
-    count(Program::Ingress, Outcome::Seen);
+    let strict = pod.flags & POD_F_STRICT != 0;
     let outcome = if ctx::skb_ifindex(skb) == LOOPBACK_IFINDEX {
         Outcome::SkipLoopback
-    } else if from_proxy(&syn) {
-        Outcome::FromProxy
-    } else if pod.flags & POD_F_STRICT != 0 {
-        Outcome::Denied
     } else {
-        Outcome::Plaintext
+        match &syn {
+            // Whatever it is, a STRICT pod does not take what cannot be judged.
+            None if strict => Outcome::Unparsed,
+            None => return 1,
+            Some(s) if from_proxy(s) => Outcome::FromProxy,
+            Some(_) if strict => Outcome::Denied,
+            Some(_) => Outcome::Plaintext,
+        }
     };
+    count(Program::Ingress, Outcome::Seen);
     count(Program::Ingress, outcome);
-    if outcome == Outcome::Denied || outcome == Outcome::Plaintext {
-        count_pod(pod.pod_id, outcome == Outcome::Denied);
+    let dropped = matches!(outcome, Outcome::Denied | Outcome::Unparsed);
+    if dropped || outcome == Outcome::Plaintext {
+        count_pod(pod.pod_id, dropped);
     }
-    if outcome == Outcome::Denied { 0 } else { 1 }
+    if dropped { 0 } else { 1 }
 }
 
 /// `lo` has index 1 in every network namespace.

@@ -61,6 +61,39 @@ pub fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> io::Result<T> + Send)
 }
 
 /// Sends `sig` to `pid`.
+/// An IPv6 extension header a client socket puts in front of everything it sends (its SYN too).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Ipv6Ext {
+    /// Hop-by-Hop Options (`IPV6_HOPOPTS`).
+    Hopopts,
+    /// Destination Options (`IPV6_DSTOPTS`).
+    Dstopts,
+}
+
+/// Sets `ext` on an IPv6 socket: an 8-byte header holding one PadN option (needs CAP_NET_RAW).
+pub fn set_ipv6_ext(fd: std::os::fd::BorrowedFd<'_>, ext: Ipv6Ext) -> io::Result<()> {
+    // Next header and length (the kernel fills the first; 0 means 8 bytes), then PadN of 4.
+    let header: [u8; 8] = [0, 0, 1, 4, 0, 0, 0, 0];
+    let opt = match ext {
+        Ipv6Ext::Hopopts => libc::IPV6_HOPOPTS,
+        Ipv6Ext::Dstopts => libc::IPV6_DSTOPTS,
+    };
+    // SAFETY: the buffer is valid for its length during the call; the fd is open (borrowed).
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            opt,
+            header.as_ptr().cast(),
+            header.len() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 pub fn kill(pid: u32, sig: i32) -> io::Result<()> {
     if unsafe { libc::kill(pid as libc::pid_t, sig) } != 0 {
         return Err(io::Error::last_os_error());

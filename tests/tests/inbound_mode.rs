@@ -58,23 +58,19 @@ async fn strict_and_permissive(node_args: &[&str], method: Option<&str>) {
         })
         .await
         .unwrap();
-    let outside = |dst: std::net::SocketAddr| {
+    let outside_with = |dst: std::net::SocketAddr, ext: Option<&'static str>| {
         let outsider = outsider.clone();
         async move {
-            let args = [
-                "--connect-timeout-ms",
-                "1500",
-                "client",
-                "--to",
-                &dst.to_string(),
-                "--conns",
-                "2",
-                "--bytes",
-                "64",
-            ];
+            let dst = dst.to_string();
+            let mut args = vec!["--connect-timeout-ms", "1500"];
+            if let Some(ext) = ext {
+                args.extend(["--ipv6-ext", ext]);
+            }
+            args.extend(["client", "--to", &dst, "--conns", "2", "--bytes", "64"]);
             outsider.testpod(&args).await.unwrap()
         }
     };
+    let outside = |dst| outside_with(dst, None);
 
     for v6 in [false, true] {
         // Mesh traffic reaches both.
@@ -91,21 +87,33 @@ async fn strict_and_permissive(node_args: &[&str], method: Option<&str>) {
         let r = outside(permissive.addr(v6, PORT)).await;
         assert_eq!(n(&r, &["ok"]), 2, "PERMISSIVE pod refused plaintext: {r}");
     }
+    // A SYN behind IPv6 extension headers is judged like any other.
+    for ext in ["dstopts", "hopopts"] {
+        let r = outside_with(strict.addr(true, PORT), Some(ext)).await;
+        assert_eq!(
+            n(&r, &["ok"]),
+            0,
+            "plaintext behind {ext} reached a STRICT pod: {r}"
+        );
+        let r = outside_with(permissive.addr(true, PORT), Some(ext)).await;
+        assert_eq!(n(&r, &["ok"]), 2, "{ext}: {r}");
+    }
     let c1 = cluster.nodes[1].counters().await.unwrap();
-    // Two plaintext connections per family reached the PERMISSIVE pod and are labelled so.
+    // Two plaintext connections per family, and two per extension header, reached the
+    // PERMISSIVE pod and are labelled so.
     assert_eq!(
         n(
             inbound_of(&c1, &format!("default/{}", permissive.name)),
             &["plaintext"]
         ),
-        4,
+        8,
         "{c1}"
     );
     assert!(
         n(
             inbound_of(&c1, &format!("default/{}", strict.name)),
             &["denied"]
-        ) >= 4,
+        ) >= 8,
         "{c1}"
     );
     assert!(n(&c1, &["ebpf", "ingress", "from_proxy"]) >= 8, "{c1}");

@@ -26,11 +26,15 @@ struct Cli {
     /// How long a connect may take before it counts as failed.
     #[arg(long, global = true, default_value_t = 5000)]
     connect_timeout_ms: u64,
+    /// Put this IPv6 extension header in front of what IPv6 connections send (their SYN too).
+    #[arg(long, global = true, value_enum)]
+    ipv6_ext: Option<mesh_tests::sys::Ipv6Ext>,
     #[command(subcommand)]
     cmd: Cmd,
 }
 
 static CONNECT_TIMEOUT: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+static IPV6_EXT: std::sync::OnceLock<Option<mesh_tests::sys::Ipv6Ext>> = std::sync::OnceLock::new();
 
 #[derive(Subcommand)]
 enum Cmd {
@@ -221,6 +225,7 @@ enum Cmd {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     CONNECT_TIMEOUT.get_or_init(|| Duration::from_millis(cli.connect_timeout_ms));
+    IPV6_EXT.get_or_init(|| cli.ipv6_ext);
     match cli.cmd {
         Cmd::Serve { listen, sink } => serve(listen, sink).await,
         Cmd::Http {
@@ -538,7 +543,17 @@ fn pattern(conn: usize, len: usize) -> Vec<u8> {
 /// Connects and reads the server's greeting.
 async fn open(to: SocketAddr) -> anyhow::Result<(BufReader<TcpStream>, String)> {
     let timeout = *CONNECT_TIMEOUT.get().expect("set in main");
-    let s = tokio::time::timeout(timeout, TcpStream::connect(to))
+    let connect = async {
+        match (to, IPV6_EXT.get().copied().flatten()) {
+            (SocketAddr::V6(_), Some(ext)) => {
+                let sock = tokio::net::TcpSocket::new_v6()?;
+                mesh_tests::sys::set_ipv6_ext(std::os::fd::AsFd::as_fd(&sock), ext)?;
+                sock.connect(to).await
+            }
+            _ => TcpStream::connect(to).await,
+        }
+    };
+    let s = tokio::time::timeout(timeout, connect)
         .await
         .context("connect timed out")?
         .context("connect")?;
