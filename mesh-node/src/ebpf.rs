@@ -177,8 +177,8 @@ impl Redirector {
     /// Every program is loaded (verified) before any is attached, and every attachment is made
     /// before any is pinned: a kernel that refuses one program, or an attachment that fails,
     /// leaves the node's redirection exactly as it was (nothing attached on a first start, the
-    /// running generation's links on an upgrade). Pinned maps may have been created; they hold
-    /// data only and the next start reuses them.
+    /// running generation's links on an upgrade). The shared config maps are written only once
+    /// every program is verified; pinned maps may have been created, which the next start reuses.
     pub fn load(object: &[u8], spec: &RedirectSpec, kernel: &Kernel) -> Result<Self, EbpfError> {
         let maps_dir = spec.pin_dir.join("maps");
         let links_dir = spec.pin_dir.join("links");
@@ -226,9 +226,6 @@ impl Redirector {
             },
             None => false,
         };
-        write_config(&mut ebpf, spec, accelerate)?;
-        write_exclusions(&mut ebpf, spec)?;
-
         let cgroup = fs::File::open(&spec.cgroup).map_err(|source| EbpfError::Cgroup {
             path: spec.cgroup.clone(),
             source,
@@ -247,6 +244,10 @@ impl Redirector {
         prog.load().map_err(prog_err(programs::SOCK_OPS))?;
         let prog: &mut CgroupSkb = program(&mut ebpf, ingress)?;
         prog.load().map_err(prog_err(ingress))?;
+        // The config and exclusion maps are pinned and shared with a running generation: they
+        // change only once this kernel has taken every program.
+        write_config(&mut ebpf, spec, accelerate)?;
+        write_exclusions(&mut ebpf, spec)?;
 
         // Attached but not yet pinned: dropping these (on an error below) detaches them.
         let mut links: Vec<(&'static str, FdLink)> = Vec::new();

@@ -84,14 +84,13 @@ impl ServerCertVerifier for AnyServer {
     }
 }
 
-/// Presents `chain` to node 1's tunnel port as if it were node 0's proxy, asking for `sni`.
-/// Returns whether the server let the connection live long enough to answer a request.
-async fn present(
+/// A TLS 1.3 connection (ALPN h2) from node 0 to node 1's tunnel port, presenting `chain` and
+/// asking for `sni`, as node 0's proxy would.
+async fn tls_to_node1(
     cluster: &mesh_tests::Cluster,
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
+    (chain, key): (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
     sni: &str,
-) -> bool {
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -104,12 +103,22 @@ async fn present(
     let node1 = std::net::SocketAddr::new(cluster.nodes[1].ipv4.into(), 15008);
     let tcp = connect_in(&cluster.nodes[0].netns, node1).await.unwrap();
     let name = ServerName::try_from(sni.to_string()).unwrap();
-    // In TLS 1.3 the client finishes first; a refused client certificate shows as an alert on
-    // the next read.
-    let Ok(mut tls) = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
         .connect(name, tcp)
         .await
-    else {
+}
+
+/// Presents `chain` to node 1's tunnel port as if it were node 0's proxy, asking for `sni`.
+/// Returns whether the server let the connection live long enough to answer a request.
+async fn present(
+    cluster: &mesh_tests::Cluster,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    sni: &str,
+) -> bool {
+    // In TLS 1.3 the client finishes first; a refused client certificate shows as an alert on
+    // the next read.
+    let Ok(mut tls) = tls_to_node1(cluster, (chain, key), sni).await else {
         return false;
     };
     let _ = tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
@@ -337,22 +346,7 @@ async fn connect_claiming(
     target: std::net::SocketAddr,
     forwarded: &str,
 ) -> u16 {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyServer))
-        .with_client_auth_cert(chain, key)
-        .unwrap();
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let node1 = std::net::SocketAddr::new(cluster.nodes[1].ipv4.into(), 15008);
-    let tcp = connect_in(&cluster.nodes[0].netns, node1).await.unwrap();
-    let name = ServerName::try_from(sni.to_string()).unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(name, tcp)
-        .await
-        .unwrap();
+    let tls = tls_to_node1(cluster, (chain, key), sni).await.unwrap();
     let (mut send, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
         hyper_util::rt::TokioIo::new(tls),

@@ -359,7 +359,17 @@ spec:
         measure_http(&client, l7, secs, (&pids, &apps), &mut run).await?;
         on_l7 += run["rps"];
         eprintln!("  same cluster, L7: {}", brief(&run));
-        let before = l7_requests().await?;
+        // Requests still in flight when the L7 run's client stopped are counted as they arrive:
+        // wait until the count stands still, or one of them looks like L4 traffic on L7.
+        let mut before = l7_requests().await?;
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            let now = l7_requests().await?;
+            if now == before {
+                break;
+            }
+            before = now;
+        }
         measure_http(&client, l4, secs, (&pids, &apps), &mut run).await?;
         on_l4 += run["rps"];
         eprintln!("  same cluster, L4: {}", brief(&run));
