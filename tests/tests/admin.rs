@@ -1,5 +1,5 @@
 //! The node proxy's admin port as an operator uses it on a live node.
-use mesh_tests::ClusterBuilder;
+use mesh_tests::{Cluster, ClusterBuilder, Pod};
 use serde_json::{Value, json};
 
 #[tokio::test]
@@ -161,11 +161,8 @@ async fn the_live_page_renders_in_headless_chromium() {
     eprintln!("live page screenshot: {}", keep.display());
 }
 
-/// Any process that reaches the node's loopback (a hostNetwork pod, a node daemon) could re-enroll
-/// a pod under its own network namespace and speak with that pod's identity, or silence the log.
-/// Changes are refused over TCP and counted; reads still work there.
-#[tokio::test]
-async fn changes_over_the_tcp_admin_listener_are_refused_and_counted() {
+/// One node with two pods: `victim` enrolled, `attacker` not.
+async fn victim_and_attacker() -> (Cluster, Pod, Pod) {
     let cluster = ClusterBuilder::new()
         .nodes(1)
         .pods_per_node(2)
@@ -174,6 +171,15 @@ async fn changes_over_the_tcp_admin_listener_are_refused_and_counted() {
         .unwrap();
     let (victim, attacker) = (cluster.pod(0, 0).clone(), cluster.pod(0, 1).clone());
     cluster.enroll(&victim).await.unwrap();
+    (cluster, victim, attacker)
+}
+
+/// Any process that reaches the node's loopback (a hostNetwork pod, a node daemon) could re-enroll
+/// a pod under its own network namespace and speak with that pod's identity, or silence the log.
+/// Changes are refused over TCP and counted; reads still work there.
+#[tokio::test]
+async fn changes_over_the_tcp_admin_listener_are_refused_and_counted() {
+    let (cluster, victim, attacker) = victim_and_attacker().await;
     let node = &cluster.nodes[0];
     let steal = json!({"netns": format!("/run/netns/{}", attacker.netns)}).to_string();
     let victim_path = format!("/v1/pods/{}/{}", victim.namespace, victim.name);
@@ -259,14 +265,7 @@ async fn the_admin_socket_serves_root_only() {
 /// network namespace is refused and counted; a new sandbox (the old namespace gone) takes over.
 #[tokio::test]
 async fn a_live_pods_registration_cannot_be_moved_to_another_namespace() {
-    let cluster = ClusterBuilder::new()
-        .nodes(1)
-        .pods_per_node(2)
-        .start()
-        .await
-        .unwrap();
-    let (victim, attacker) = (cluster.pod(0, 0).clone(), cluster.pod(0, 1).clone());
-    cluster.enroll(&victim).await.unwrap();
+    let (cluster, victim, attacker) = victim_and_attacker().await;
     let node = &cluster.nodes[0];
     let path = format!("/v1/pods/{}/{}", victim.namespace, victim.name);
     let steal = json!({"netns": format!("/run/netns/{}", attacker.netns), "service_account": victim.service_account}).to_string();
