@@ -69,10 +69,12 @@ async fn pod_sends_skip_tcp_and_arrive_in_order_to_the_same_and_another_node() {
     // Sinks that wait a second before reading: the proxy cannot pass the first bytes on, stops
     // reading, and the pod's sends fall back to TCP; in the pauses between later bursts the
     // proxy catches up and they take the shortcut again. Every byte is checked at the sink.
+    // Under emulation the writer is slower: the pause scales so the proxy's limit is still hit.
+    let pause = (1000 * mesh_tests::time_scale()).to_string();
     let _sinks = on_both(
         &local,
         &remote,
-        &["pattern-sink", "--read-after-ms", "1000"],
+        &["pattern-sink", "--read-after-ms", &pause],
     )
     .await;
     for (dst, v6) in [(&local, false), (&remote, false), (&remote, true)] {
