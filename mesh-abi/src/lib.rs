@@ -31,6 +31,14 @@ pub mod maps {
     pub const EXCLUDED_V6: &str = "MESH_EXCL_V6";
     /// `PerCpuArray<u64>` indexed by [`crate::counter_index`].
     pub const COUNTERS: &str = "MESH_COUNTERS";
+    /// `LruHashMap<SockKey, u8>`: the node proxy's connections to its pods that are being opened,
+    /// keyed as the proxy's socket sees itself. The proxy adds one after binding and before
+    /// connecting, and removes it once connected: the only SYNs the ingress program takes as
+    /// mesh traffic. (Binding the proxy's address proves nothing: any host process can.)
+    pub const DELIVERIES: &str = "MESH_DELIVERIES";
+    /// `HashMap<PodPort, u32 POD_F_* flags>`: a pod's inbound mode on one port where it differs
+    /// from the pod's own (a PeerAuthentication's `portLevelMtls`), e.g. a PERMISSIVE probe port.
+    pub const PORT_MODES: &str = "MESH_PORT_MODES";
     /// `PerCpuHashMap<u32 pod id, PodInbound>`: new inbound connections per pod, by kind.
     pub const POD_INBOUND: &str = "MESH_POD_IN";
     /// `SockHash<SockKey>` with the sk_msg program: pods' ends of their connections with the node
@@ -119,6 +127,17 @@ pub struct PodEntry {
     pub pod_id: u32,
     /// `POD_F_*` bits.
     pub flags: u32,
+}
+
+/// Key of [`maps::PORT_MODES`]: one port of one pod.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PodPort {
+    /// [`PodEntry::pod_id`].
+    pub pod_id: u32,
+    /// The pod's listening port, host byte order.
+    pub port: u16,
+    pub _reserved: u16,
 }
 
 /// New inbound TCP connections of one pod that did not come through the node proxy.
@@ -331,10 +350,14 @@ pub enum Outcome {
     /// ingress: IPv6 extension headers that could not be walked to the upper layer, for a STRICT
     /// pod: dropped, since it may open a connection.
     Unparsed = 19,
+    /// ingress: a SYN from the node proxy's address that the node proxy did not open (a host
+    /// process bound to that address, kubelet, SNATed traffic): judged as plaintext from outside
+    /// the mesh, and counted here as well.
+    Undelivered = 20,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 20] = [
+    pub const ALL: [Outcome; 21] = [
         Outcome::Seen,
         Outcome::Redirected,
         Outcome::SkipNotTcp,
@@ -355,6 +378,7 @@ impl Outcome {
         Outcome::PeerFull,
         Outcome::ZeroCopy,
         Outcome::Unparsed,
+        Outcome::Undelivered,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -379,6 +403,7 @@ impl Outcome {
             Outcome::PeerFull => "peer_full",
             Outcome::ZeroCopy => "zerocopy",
             Outcome::Unparsed => "unparsed",
+            Outcome::Undelivered => "undelivered",
         }
     }
 }
@@ -401,6 +426,7 @@ pub const fn counter_index(program: Program, outcome: Outcome) -> u32 {
 const _: () = assert!(core::mem::size_of::<Config>() == 4 + 16 + 2 + 2 + 4);
 const _: () = assert!(core::mem::size_of::<PodEntry>() == 8);
 const _: () = assert!(core::mem::size_of::<PodInbound>() == 16);
+const _: () = assert!(core::mem::size_of::<PodPort>() == 8);
 const _: () = assert!(core::mem::size_of::<OrigDst>() == 16 + 2 + 2 + 4 + 8);
 const _: () = assert!(core::mem::size_of::<ConnKey>() == 16 + 2 + 2);
 const _: () = assert!(core::mem::size_of::<SockKey>() == 16 + 16 + 2 + 2 + 4);

@@ -135,6 +135,19 @@ pub struct PeerAuthenticationSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<WorkloadSelector>,
     pub mode: PeerAuthenticationMode,
+    /// Ports of the selected workloads with a mode of their own, as Istio's `portLevelMtls`: the
+    /// documented way for kubelet's probes (plaintext from the node) to reach a STRICT pod is a
+    /// PERMISSIVE probe port, which then takes plaintext from anything on the node.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub port_level_mtls: BTreeMap<u16, PortMtls>,
+}
+
+/// The mode of one port in a PeerAuthentication's `portLevelMtls`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PortMtls {
+    pub mode: PeerAuthenticationMode,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

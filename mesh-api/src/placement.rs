@@ -47,6 +47,17 @@ pub struct PeerAuthEntry {
     #[serde(default)]
     pub pod: Option<String>,
     pub mode: InboundMode,
+    /// Ports whose mode differs (a PeerAuthentication's `portLevelMtls`), e.g. a PERMISSIVE port
+    /// for kubelet's probes on a STRICT pod.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ports: BTreeMap<u16, InboundMode>,
+}
+
+/// A pod's inbound modes: its own, and per port where one differs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InboundModes {
+    pub mode: InboundMode,
+    pub ports: BTreeMap<u16, InboundMode>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -138,7 +149,7 @@ pub struct Placement {
     nodes: BTreeMap<String, Vec<IpAddr>>,
     pods: BTreeMap<(String, String), Workload>,
     by_ip: HashMap<IpAddr, (String, String)>,
-    modes: HashMap<(String, Option<String>), InboundMode>,
+    modes: HashMap<(String, Option<String>), InboundModes>,
 }
 
 impl Placement {
@@ -186,12 +197,22 @@ impl Placement {
 
     /// The pod's inbound mode: its own setting, else its namespace's, else PERMISSIVE.
     pub fn inbound_mode(&self, namespace: &str, pod: &str) -> InboundMode {
+        self.modes_of(namespace, pod)
+            .map(|m| m.mode)
+            .unwrap_or_default()
+    }
+
+    /// The pod's inbound modes, port exceptions included, from the same setting as
+    /// [`Self::inbound_mode`].
+    pub fn inbound_modes(&self, namespace: &str, pod: &str) -> InboundModes {
+        self.modes_of(namespace, pod).cloned().unwrap_or_default()
+    }
+
+    fn modes_of(&self, namespace: &str, pod: &str) -> Option<&InboundModes> {
         let ns = namespace.to_string();
         self.modes
             .get(&(ns.clone(), Some(pod.to_string())))
             .or_else(|| self.modes.get(&(ns, None)))
-            .copied()
-            .unwrap_or_default()
     }
 }
 
@@ -257,8 +278,18 @@ impl TryFrom<PlacementFile> for Placement {
         }
         let mut modes = HashMap::new();
         for (index, e) in file.peer_authentication.into_iter().enumerate() {
+            if e.ports.contains_key(&0) {
+                return Err(PlacementError::PeerAuth {
+                    index,
+                    reason: "port 0 cannot have a mode".into(),
+                });
+            }
             let key = (e.namespace.clone(), e.pod.clone());
-            if modes.insert(key, e.mode).is_some() {
+            let m = InboundModes {
+                mode: e.mode,
+                ports: e.ports,
+            };
+            if modes.insert(key, m).is_some() {
                 let what = format!(
                     "{}{}",
                     e.namespace,

@@ -150,6 +150,11 @@ async fn nodes_get_node_scoped_versions_and_resume_with_deltas() {
         2,
         "STRICT from PeerAuthentication"
     );
+    assert_eq!(
+        workload(&full, "shop/web-1").port_modes,
+        [(8081, 1)].into(),
+        "the probe port is PERMISSIVE (portLevelMtls)"
+    );
     let svc = full
         .upserts
         .iter()

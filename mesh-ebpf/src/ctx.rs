@@ -366,12 +366,6 @@ pub fn skb_ifindex(skb: &SkBuffContext) -> u32 {
     unsafe { read_volatile(addr_of!((*skb.skb.skb).ifindex)) }
 }
 
-/// Source address of an inbound packet.
-pub enum Source {
-    V4([u8; 4]),
-    V6([u8; 16]),
-}
-
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_TCP: u8 = 6;
@@ -380,8 +374,9 @@ const TCP_FLAG_ACK: u8 = 0x10;
 
 /// What an inbound packet is, as far as the ingress program cares.
 pub enum Inbound {
-    /// A TCP SYN (a new connection), from this address.
-    Syn(Source),
+    /// A TCP SYN (a new connection): the key of the connecting socket, as that socket sees itself
+    /// (local = the SYN's source, remote = the pod).
+    Syn(SockKey),
     /// Anything else its headers show: not TCP, or not a SYN.
     Other,
     /// IPv6 extension headers that cannot be walked to the upper layer within the bound (or one
@@ -407,20 +402,32 @@ const NH_NONE: u8 = 59;
 #[inline(always)]
 pub fn inbound(skb: &SkBuffContext) -> Inbound {
     let proto = u16::from_be(skb.skb.protocol() as u16);
-    let (src, l4) = if proto == ETH_P_IP {
-        let (Ok(vihl), Ok(p), Ok(src)) = (
+    let (mut key, l4) = if proto == ETH_P_IP {
+        let (Ok(vihl), Ok(p), Ok(src), Ok(dst)) = (
             skb.load::<u8>(0),
             skb.load::<u8>(9),
             skb.load::<[u8; 4]>(12),
+            skb.load::<[u8; 4]>(16),
         ) else {
             return Inbound::Other;
         };
         if p != IPPROTO_TCP {
             return Inbound::Other;
         }
-        (Source::V4(src), ((vihl & 0x0f) as usize) * 4)
+        let key = SockKey {
+            local_addr: widen(src),
+            remote_addr: widen(dst),
+            local_port: 0,
+            remote_port: 0,
+            family: AF_INET as u32,
+        };
+        (key, ((vihl & 0x0f) as usize) * 4)
     } else if proto == ETH_P_IPV6 {
-        let (Ok(mut nh), Ok(src)) = (skb.load::<u8>(6), skb.load::<[u8; 16]>(8)) else {
+        let (Ok(mut nh), Ok(src), Ok(dst)) = (
+            skb.load::<u8>(6),
+            skb.load::<[u8; 16]>(8),
+            skb.load::<[u8; 16]>(24),
+        ) else {
             return Inbound::Unparsed;
         };
         let mut off = 40usize;
@@ -445,13 +452,24 @@ pub fn inbound(skb: &SkBuffContext) -> Inbound {
                 _ => Inbound::Unparsed,
             };
         }
-        (Source::V6(src), off)
+        let key = SockKey {
+            local_addr: src,
+            remote_addr: dst,
+            local_port: 0,
+            remote_port: 0,
+            family: AF_INET6 as u32,
+        };
+        (key, off)
     } else {
         return Inbound::Other;
     };
-    match skb.load::<u8>(l4 + 13) {
-        Ok(flags) if flags & TCP_FLAG_SYN != 0 && flags & TCP_FLAG_ACK == 0 => Inbound::Syn(src),
-        Ok(_) => Inbound::Other,
-        Err(_) => Inbound::Unparsed,
+    match (skb.load::<u8>(l4 + 13), skb.load::<[u8; 4]>(l4)) {
+        (Ok(flags), Ok(ports)) if flags & TCP_FLAG_SYN != 0 && flags & TCP_FLAG_ACK == 0 => {
+            key.local_port = u16::from_be_bytes([ports[0], ports[1]]);
+            key.remote_port = u16::from_be_bytes([ports[2], ports[3]]);
+            Inbound::Syn(key)
+        }
+        (Ok(_), _) => Inbound::Other,
+        _ => Inbound::Unparsed,
     }
 }

@@ -17,7 +17,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use mesh_abi::{
     AF_INET, AF_INET6, CONFIG_F_ACCEL, CONFIG_F_IPV4, CONFIG_F_IPV6, COUNTERS as N_COUNTERS,
-    Config, ConnKey, OrigDst, Outcome, POD_F_STRICT, PodEntry, PodInbound, Program,
+    Config, ConnKey, OrigDst, Outcome, POD_F_STRICT, PodEntry, PodInbound, PodPort, Program,
     READ_SLOT_COUNT, ReadSlot, SendState, SockKey, counter_index,
 };
 
@@ -42,6 +42,10 @@ static EXCLUDED_V4: LpmTrie<[u8; 4], u8> = LpmTrie::pinned(1_024, 0);
 static EXCLUDED_V6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(1_024, 0);
 #[map(name = "MESH_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(N_COUNTERS, 0);
+#[map(name = "MESH_DELIVERIES")]
+static DELIVERIES: LruHashMap<SockKey, u8> = LruHashMap::pinned(CONN_ENTRIES, 0);
+#[map(name = "MESH_PORT_MODES")]
+static PORT_MODES: HashMap<PodPort, u32> = HashMap::pinned(16_384, 0);
 #[map(name = "MESH_POD_IN")]
 static POD_INBOUND: PerCpuHashMap<u32, PodInbound> = PerCpuHashMap::pinned(16_384, 0);
 // Socket acceleration. These maps are not pinned: they belong to one proxy instance. A pod
@@ -439,10 +443,12 @@ pub fn mesh_peername6(sa: SockAddrContext) -> i32 {
     1
 }
 
-/// New inbound connections to enrolled pods. Mesh traffic reaches a pod only from its node proxy
-/// (which connects from the proxy address); anything else is plaintext from outside the mesh:
-/// dropped for STRICT pods, counted for PERMISSIVE ones. Only SYNs are judged, so established
-/// connections cost a header read per packet. Loopback inside the pod is always allowed.
+/// New inbound connections to enrolled pods. Mesh traffic reaches a pod only from its node proxy,
+/// which records each connection it opens to a pod in `DELIVERIES` before connecting; any other
+/// SYN is plaintext from outside the mesh (even one from the proxy's address, which any host
+/// process can bind): dropped for STRICT pods, counted for PERMISSIVE ones. A port of the pod may
+/// have its own mode (`PORT_MODES`). Only SYNs are judged, so established connections cost a
+/// header read per packet. Loopback inside the pod is always allowed.
 ///
 /// The pod is the receiving socket's network namespace. Where cgroup_skb programs may call
 /// `bpf_get_netns_cookie` the helper gives it; elsewhere (6.1, 6.12, ...) the loader picks
@@ -483,17 +489,24 @@ fn ingress(skb: &SkBuffContext, netns: impl Fn(&SkBuffContext) -> Option<u64>) -
     let Some(pod) = (unsafe { ENROLLED.get(&netns) }).copied() else {
         return 1;
     };
-    let strict = pod.flags & POD_F_STRICT != 0;
     let outcome = if ctx::skb_ifindex(skb) == LOOPBACK_IFINDEX {
         Outcome::SkipLoopback
     } else {
         match &syn {
             // Whatever it is, a STRICT pod does not take what cannot be judged.
-            None if strict => Outcome::Unparsed,
+            None if pod.flags & POD_F_STRICT != 0 => Outcome::Unparsed,
             None => return 1,
-            Some(s) if from_proxy(s) => Outcome::FromProxy,
-            Some(_) if strict => Outcome::Denied,
-            Some(_) => Outcome::Plaintext,
+            Some(s) if DELIVERIES.get_ptr(s).is_some() => Outcome::FromProxy,
+            Some(s) => {
+                if from_proxy_addr(s) {
+                    count(Program::Ingress, Outcome::Undelivered);
+                }
+                if strict_on(&pod, s.remote_port) {
+                    Outcome::Denied
+                } else {
+                    Outcome::Plaintext
+                }
+            }
         }
     };
     count(Program::Ingress, Outcome::Seen);
@@ -508,15 +521,32 @@ fn ingress(skb: &SkBuffContext, netns: impl Fn(&SkBuffContext) -> Option<u64>) -
 /// `lo` has index 1 in every network namespace.
 const LOOPBACK_IFINDEX: u32 = 1;
 
+/// Whether a SYN comes from the proxy's address (only counted: the address proves nothing).
 #[inline(always)]
-fn from_proxy(src: &ctx::Source) -> bool {
+fn from_proxy_addr(syn: &SockKey) -> bool {
     let Some(cfg) = CONFIG.get(0) else {
         return false;
     };
-    match src {
-        ctx::Source::V4(a) => cfg.flags & CONFIG_F_IPV4 != 0 && *a == cfg.proxy_ip4,
-        ctx::Source::V6(a) => cfg.flags & CONFIG_F_IPV6 != 0 && *a == cfg.proxy_ip6,
+    if syn.family == AF_INET as u32 {
+        cfg.flags & CONFIG_F_IPV4 != 0 && syn.local_addr == widen(cfg.proxy_ip4)
+    } else {
+        cfg.flags & CONFIG_F_IPV6 != 0 && syn.local_addr == cfg.proxy_ip6
     }
+}
+
+/// The pod's mode on one of its ports: the port's own where one is set, else the pod's.
+#[inline(always)]
+fn strict_on(pod: &PodEntry, port: u16) -> bool {
+    let key = PodPort {
+        pod_id: pod.pod_id,
+        port,
+        _reserved: 0,
+    };
+    // SAFETY: copied out at once.
+    let flags = unsafe { PORT_MODES.get(&key) }
+        .copied()
+        .unwrap_or(pod.flags);
+    flags & POD_F_STRICT != 0
 }
 
 #[inline(always)]

@@ -17,7 +17,7 @@ use crate::{
     drain::{Drain, DrainOutcome},
     ebpf::{self, EbpfError, RedirectSpec, Redirector},
     enforce::Enforcer,
-    enroll::{self, EnrollError, EnrollHooks, Enrollment, Pod, PodName},
+    enroll::{self, EnrollError, EnrollHooks, Enrollment, Pod, PodFlags, PodName},
     follow::Follow,
     hbone::{self, Inbound, Tunnels},
     identity::{CaConfig, Identities, IdentityError},
@@ -132,14 +132,18 @@ impl EnrollHooks for IdentityHooks {
         }
     }
 
-    fn flags(&self, pod: &PodName) -> u32 {
-        match self
-            .placement
-            .current()
-            .inbound_mode(&pod.namespace, &pod.name)
-        {
+    fn flags(&self, pod: &PodName) -> PodFlags {
+        let flag = |m: InboundMode| match m {
             InboundMode::Strict => mesh_abi::POD_F_STRICT,
             InboundMode::Permissive => 0,
+        };
+        let modes = self
+            .placement
+            .current()
+            .inbound_modes(&pod.namespace, &pod.name);
+        PodFlags {
+            flags: flag(modes.mode),
+            ports: modes.ports.iter().map(|(p, m)| (*p, flag(*m))).collect(),
         }
     }
 }
@@ -368,6 +372,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         v4: config.proxy_ipv4,
         v6: config.proxy_ipv6,
         accel: redirector.accel(),
+        deliveries: redirector.deliveries(),
     };
     let tunnels = mesh
         .as_ref()

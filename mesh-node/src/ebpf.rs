@@ -9,7 +9,7 @@ use std::{
     fs, io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{Arc, Mutex},
 };
 
 use aya::{
@@ -23,13 +23,14 @@ use aya::{
 use ipnet::IpNet;
 use mesh_abi::{
     AF_INET, AF_INET6, CONFIG_F_ACCEL, CONFIG_F_IPV4, CONFIG_F_IPV6, Config, ConnKey, OrigDst,
-    Outcome, PodEntry, PodInbound, Program, SockKey, counter_index, maps, programs,
+    Outcome, PodEntry, PodInbound, PodPort, Program, SockKey, counter_index, maps, programs,
 };
 use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::{
     accel::Accel,
+    enroll::PodFlags,
     orig_dst::{OrigDstSource, PodId, Redirected},
     probe::{IngressMethod, Kernel},
 };
@@ -124,6 +125,8 @@ pub struct Redirector {
     orig_by_conn: HashMap<MapData, ConnKey, OrigDst>,
     counters: PerCpuArray<MapData, u64>,
     pod_inbound: PerCpuHashMap<MapData, u32, PodInbound>,
+    port_modes: Mutex<HashMap<MapData, PodPort, u32>>,
+    deliveries: Deliveries,
     accel: Accel,
     kernel: Kernel,
     /// Holds the program fds; the links themselves are pinned.
@@ -290,6 +293,10 @@ impl Redirector {
             .map_err(map_err(maps::COUNTERS))?;
         let pod_inbound = PerCpuHashMap::try_from(take(&mut ebpf, maps::POD_INBOUND)?)
             .map_err(map_err(maps::POD_INBOUND))?;
+        let port_modes = HashMap::try_from(take(&mut ebpf, maps::PORT_MODES)?)
+            .map_err(map_err(maps::PORT_MODES))?;
+        let deliveries = HashMap::try_from(take(&mut ebpf, maps::DELIVERIES)?)
+            .map_err(map_err(maps::DELIVERIES))?;
         let accel = if accelerate {
             accel_maps(&mut ebpf)?
         } else {
@@ -300,6 +307,8 @@ impl Redirector {
             orig_by_conn,
             counters,
             pod_inbound,
+            port_modes: Mutex::new(port_modes),
+            deliveries: Deliveries(Some(Arc::new(Mutex::new(deliveries)))),
             accel,
             kernel: kernel.clone(),
             _ebpf: ebpf,
@@ -316,12 +325,45 @@ impl Redirector {
         self.accel.clone()
     }
 
+    /// The proxy's handle for recording the connections it opens to its pods.
+    pub fn deliveries(&self) -> Deliveries {
+        self.deliveries.clone()
+    }
+
+    /// Sets a pod's flags per port, replacing what was set (none: forgets them).
+    pub fn set_port_flags(&self, pod: PodId, modes: &[(u16, u32)]) -> Result<(), EbpfError> {
+        let mut map = self.port_modes.lock().expect("port modes map lock");
+        let stale: Vec<PodPort> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.pod_id == pod.0 && !modes.iter().any(|(p, _)| *p == k.port))
+            .collect();
+        for (port, flags) in modes {
+            let key = PodPort {
+                pod_id: pod.0,
+                port: *port,
+                _reserved: 0,
+            };
+            map.insert(key, flags, 0)
+                .map_err(map_err(maps::PORT_MODES))?;
+        }
+        for k in stale {
+            match map.remove(&k) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(maps::PORT_MODES)(e)),
+            }
+        }
+        Ok(())
+    }
+
     /// Redirect the sockets of the network namespace with this cookie.
-    /// Also updates `flags` (`POD_F_*`) of a pod already enrolled.
-    pub fn enroll(&self, netns_cookie: u64, pod: PodId, flags: u32) -> Result<(), EbpfError> {
+    /// Also updates the flags of a pod already enrolled. A port's flags are set before the pod's
+    /// own, so a pod turning STRICT never drops its PERMISSIVE ports' connections meanwhile.
+    pub fn enroll(&self, netns_cookie: u64, pod: PodId, flags: &PodFlags) -> Result<(), EbpfError> {
+        self.set_port_flags(pod, &flags.ports)?;
         let entry = PodEntry {
             pod_id: pod.0,
-            flags,
+            flags: flags.flags,
         };
         self.enrolled
             .lock()
@@ -407,6 +449,67 @@ impl OrigDstSource for Redirector {
             pod: PodId(r.pod_id),
             netns_cookie: r.netns_cookie,
         })
+    }
+}
+
+/// The record of the connections the proxy is opening to its pods (`MESH_DELIVERIES`): the
+/// ingress program admits a SYN to a pod as mesh traffic only if it finds it there. Without
+/// eBPF (tests of the proxy alone) it records nothing.
+#[derive(Clone, Default)]
+pub struct Deliveries(Option<Arc<Mutex<HashMap<MapData, SockKey, u8>>>>);
+
+impl std::fmt::Debug for Deliveries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Deliveries"
+        } else {
+            "Deliveries(off)"
+        })
+    }
+}
+
+impl Deliveries {
+    /// Records the connection from `local` (bound, not yet connected) to `pod`.
+    pub fn open(&self, local: SocketAddr, pod: SocketAddr) -> Result<(), EbpfError> {
+        let Some(map) = &self.0 else { return Ok(()) };
+        map.lock()
+            .expect("deliveries map lock")
+            .insert(sock_key(local, pod), 1, 0)
+            .map_err(map_err(maps::DELIVERIES))
+    }
+
+    /// Forgets it once the handshake is over, whatever its result.
+    pub fn done(&self, local: SocketAddr, pod: SocketAddr) {
+        if let Some(map) = &self.0 {
+            let _ = map
+                .lock()
+                .expect("deliveries map lock")
+                .remove(&sock_key(local, pod));
+        }
+    }
+}
+
+/// The key of a socket from `local` to `remote` as the ingress program reads it off a SYN.
+fn sock_key(local: SocketAddr, remote: SocketAddr) -> SockKey {
+    let (la, lf) = addr16(local.ip());
+    let (ra, _) = addr16(remote.ip());
+    SockKey {
+        local_addr: la,
+        remote_addr: ra,
+        local_port: local.port(),
+        remote_port: remote.port(),
+        family: lf,
+    }
+}
+
+fn addr16(ip: IpAddr) -> ([u8; 16], u32) {
+    match ip {
+        IpAddr::V4(a) => {
+            let mut out = [0u8; 16];
+            out[..4].copy_from_slice(&a.octets());
+            (out, AF_INET as u32)
+        }
+        IpAddr::V6(a) => (a.octets(), AF_INET6 as u32),
     }
 }
 

@@ -128,13 +128,20 @@ impl State {
     }
 }
 
+/// A pod's kernel flags (`mesh_abi::POD_F_*`): its own, and per port where they differ.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodFlags {
+    pub flags: u32,
+    pub ports: Vec<(u16, u32)>,
+}
+
 /// Told about every enrollment change (e.g. to fetch the pod's certificate ahead of use).
 pub trait EnrollHooks: Send + Sync {
     fn enrolled(&self, pod: &Pod);
     fn unenrolled(&self, pod: &Pod);
-    /// Kernel flags (`mesh_abi::POD_F_*`) the pod should carry, e.g. inbound STRICT.
-    fn flags(&self, _pod: &PodName) -> u32 {
-        0
+    /// Kernel flags the pod should carry, e.g. inbound STRICT.
+    fn flags(&self, _pod: &PodName) -> PodFlags {
+        PodFlags::default()
     }
     /// The configuration changed while `pod` stays enrolled (e.g. its identity became known).
     fn refreshed(&self, _pod: &Pod) {}
@@ -268,12 +275,13 @@ impl Enrollment {
                 id
             }
         };
+        let flags = self
+            .hooks
+            .as_ref()
+            .map(|h| h.flags(&name))
+            .unwrap_or_default();
         self.redirector
-            .enroll(
-                cookie,
-                id,
-                self.hooks.as_ref().map_or(0, |h| h.flags(&name)),
-            )
+            .enroll(cookie, id, &flags)
             .map_err(EnrollError::Kernel)?;
         if let Some(p) = previous.filter(|p| p.netns_cookie != cookie) {
             self.redirector
@@ -334,6 +342,9 @@ impl Enrollment {
         self.redirector
             .unenroll(pod.netns_cookie)
             .map_err(EnrollError::Kernel)?;
+        self.redirector
+            .set_port_flags(pod.id, &[])
+            .map_err(EnrollError::Kernel)?;
         state.remove(&pod);
         self.persist(&state)?;
         if let Some(h) = &self.hooks {
@@ -351,7 +362,7 @@ impl Enrollment {
         let state = self.state.read().expect("state lock");
         for pod in state.pods.values() {
             self.redirector
-                .enroll(pod.netns_cookie, pod.id, hooks.flags(&pod.name))
+                .enroll(pod.netns_cookie, pod.id, &hooks.flags(&pod.name))
                 .map_err(EnrollError::Kernel)?;
             hooks.refreshed(pod);
         }

@@ -145,14 +145,26 @@ impl NodeConfig {
                         enrolled.insert((w.namespace.clone(), w.name.clone()));
                     }
                     if w.node == node {
-                        let mode = match pb::InboundMode::try_from(w.inbound_mode) {
+                        let mode = |m: i32| match pb::InboundMode::try_from(m) {
                             Ok(pb::InboundMode::Strict) => InboundMode::Strict,
                             _ => InboundMode::Permissive,
                         };
+                        let ports = w
+                            .port_modes
+                            .iter()
+                            .map(|(port, m)| {
+                                u16::try_from(*port)
+                                    .ok()
+                                    .filter(|p| *p != 0)
+                                    .map(|p| (p, mode(*m)))
+                                    .ok_or_else(|| bad(format!("{port} is not a TCP port")))
+                            })
+                            .collect::<Result<_, _>>()?;
                         file.peer_authentication.push(PeerAuthEntry {
                             namespace: w.namespace.clone(),
                             pod: Some(w.name.clone()),
-                            mode,
+                            mode: mode(w.inbound_mode),
+                            ports,
                         });
                     }
                     file.pods.push(PodEntry {

@@ -27,6 +27,7 @@ use crate::{
     accel::{Accel, PodStream},
     access_log::{AccessLog, Entry as AccessEntry, Peer as AccessPeer},
     drain::Watch,
+    ebpf::Deliveries,
     enforce::{Conn, Enforcer},
     enroll::Enrollment,
     hbone::{self, Tunnels},
@@ -147,6 +148,9 @@ pub struct ProxySource {
     pub v4: Option<std::net::Ipv4Addr>,
     pub v6: Option<std::net::Ipv6Addr>,
     pub accel: Accel,
+    /// Where each connection to a pod is recorded while it opens: the pod's ingress program
+    /// admits only those as mesh traffic.
+    pub deliveries: Deliveries,
 }
 
 impl ProxySource {
@@ -159,25 +163,29 @@ impl ProxySource {
 
     /// Connects to a pod of this node, from the proxy's address of `dst`'s family (no Nagle: the
     /// proxy writes what it has).
+    ///
+    /// The connection is recorded in the kernel between bind (which fixes its source port) and
+    /// connect, and forgotten once the handshake is over: the pod's ingress program admits its
+    /// SYN (and retransmissions of it) as mesh traffic and nothing else from this address.
     pub async fn connect_local(&self, dst: SocketAddr) -> io::Result<PodStream> {
-        let s = connect_from(self.for_dst(dst), dst).await?;
+        let sock = if dst.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        let from = self.for_dst(dst).unwrap_or(match dst {
+            SocketAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            SocketAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+        });
+        sock.bind(SocketAddr::new(from, 0))?;
+        let local = sock.local_addr()?;
+        self.deliveries.open(local, dst).map_err(io::Error::other)?;
+        let connected = sock.connect(dst).await;
+        self.deliveries.done(local, dst);
+        let s = connected?;
         let _ = s.set_nodelay(true);
         Ok(self.accel.register(s))
     }
-}
-
-/// Connects to `dst`, from `from` when given.
-async fn connect_from(from: Option<IpAddr>, dst: SocketAddr) -> std::io::Result<TcpStream> {
-    let Some(ip) = from else {
-        return TcpStream::connect(dst).await;
-    };
-    let sock = if dst.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    sock.bind(SocketAddr::new(ip, 0))?;
-    sock.connect(dst).await
 }
 
 impl Outbound {

@@ -1195,6 +1195,31 @@ pub async fn connect_in(netns: &str, addr: SocketAddr) -> anyhow::Result<tokio::
     Ok(tokio::net::TcpStream::from_std(std)?)
 }
 
+/// [`connect_in`] from a chosen local address (port 0: any), as a process of that namespace that
+/// binds an address before connecting would.
+pub async fn connect_in_from(
+    netns: &str,
+    from: std::net::IpAddr,
+    addr: SocketAddr,
+) -> anyhow::Result<tokio::net::TcpStream> {
+    let path = netns_path(netns);
+    let std = tokio::task::spawn_blocking(move || {
+        sys::in_netns(&path, || {
+            let sock = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::STREAM,
+                None,
+            )?;
+            sock.bind(&SocketAddr::new(from, 0).into())?;
+            sock.connect_timeout(&addr.into(), Duration::from_millis(1500))?;
+            Ok::<_, std::io::Error>(std::net::TcpStream::from(sock))
+        })
+    })
+    .await??;
+    std.set_nonblocking(true)?;
+    Ok(tokio::net::TcpStream::from_std(std)?)
+}
+
 /// A listener bound inside the network namespace `netns`.
 pub fn listen_in(netns: &str, addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     let std = sys::in_netns(&netns_path(netns), || std::net::TcpListener::bind(addr))?;

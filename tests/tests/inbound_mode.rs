@@ -6,7 +6,7 @@
 //! `bpf_get_netns_cookie`, the socket's cookie through BTF elsewhere): the same test runs each
 //! that this kernel can load, and `cargo xtask test-kernels` runs it on 6.1 and 6.12, where only
 //! the BTF form loads.
-use mesh_tests::{ClusterBuilder, n};
+use mesh_tests::{ClusterBuilder, connect_in_from, n};
 use serde_json::{Value, json};
 
 const PORT: u16 = 8080;
@@ -87,6 +87,29 @@ async fn strict_and_permissive(node_args: &[&str], method: Option<&str>) {
         let r = outside(permissive.addr(v6, PORT)).await;
         assert_eq!(n(&r, &["ok"]), 2, "PERMISSIVE pod refused plaintext: {r}");
     }
+    // A process of the node's own network namespace that binds the proxy's address is not the
+    // proxy: only connections the proxy recorded as it opened them count as mesh traffic.
+    let node1 = &cluster.nodes[1];
+    let mut impostor_ok = 0;
+    for v6 in [false, true] {
+        let from = if v6 {
+            node1.ipv6.into()
+        } else {
+            node1.ipv4.into()
+        };
+        let r = connect_in_from(&node1.netns, from, strict.addr(v6, PORT)).await;
+        assert!(
+            r.is_err(),
+            "a host process bound to the proxy's address reached a STRICT pod in plaintext"
+        );
+        if connect_in_from(&node1.netns, from, permissive.addr(v6, PORT))
+            .await
+            .is_ok()
+        {
+            impostor_ok += 1;
+        }
+    }
+    assert_eq!(impostor_ok, 2, "PERMISSIVE takes plaintext from the node");
     // A SYN behind IPv6 extension headers is judged like any other.
     for ext in ["dstopts", "hopopts"] {
         let r = outside_with(strict.addr(true, PORT), Some(ext)).await;
@@ -99,14 +122,14 @@ async fn strict_and_permissive(node_args: &[&str], method: Option<&str>) {
         assert_eq!(n(&r, &["ok"]), 2, "{ext}: {r}");
     }
     let c1 = cluster.nodes[1].counters().await.unwrap();
-    // Two plaintext connections per family, and two per extension header, reached the
-    // PERMISSIVE pod and are labelled so.
+    // Two plaintext connections per family, two per extension header and the two from the node
+    // reached the PERMISSIVE pod and are labelled so.
     assert_eq!(
         n(
             inbound_of(&c1, &format!("default/{}", permissive.name)),
             &["plaintext"]
         ),
-        8,
+        10,
         "{c1}"
     );
     assert!(
@@ -117,6 +140,8 @@ async fn strict_and_permissive(node_args: &[&str], method: Option<&str>) {
         "{c1}"
     );
     assert!(n(&c1, &["ebpf", "ingress", "from_proxy"]) >= 8, "{c1}");
+    // Counted as what they are: from the proxy's address, not opened by the proxy.
+    assert!(n(&c1, &["ebpf", "ingress", "undelivered"]) >= 4, "{c1}");
 
     // Switching the namespace to STRICT takes effect without re-enrolling anyone.
     cluster
@@ -132,4 +157,74 @@ async fn strict_and_permissive(node_args: &[&str], method: Option<&str>) {
         .await
         .unwrap();
     assert_eq!(n(&r, &["ok"]), 1, "{r}");
+}
+
+/// Kubelet probes come from the node's network namespace in plaintext. Under STRICT they pass
+/// only on ports declared PERMISSIVE (a PeerAuthentication's `portLevelMtls`), never because of
+/// the address they come from; every other port of the pod stays STRICT.
+#[tokio::test]
+async fn probes_reach_a_strict_pod_only_on_its_permissive_ports() {
+    const PROBE: u16 = 8081;
+    let cluster = ClusterBuilder::new()
+        .nodes(1)
+        .pods_per_node(2)
+        .with_controller()
+        .start()
+        .await
+        .unwrap();
+    let (client, server) = (cluster.pod(0, 0).clone(), cluster.pod(0, 1).clone());
+    let _app = server.serve(PORT, false).await.unwrap();
+    let _probe = server.serve(PROBE, false).await.unwrap();
+    for p in [&client, &server] {
+        cluster.enroll(p).await.unwrap();
+    }
+    let name = server.name.clone();
+    cluster
+        .update_placement(|p| {
+            p["peer_authentication"] = json!([{"namespace": "default", "pod": name,
+                "mode": "STRICT", "ports": {PROBE.to_string(): "PERMISSIVE"}}]);
+        })
+        .await
+        .unwrap();
+    let node = &cluster.nodes[0];
+    let from_node = |port: u16, v6: bool| {
+        let (netns, dst) = (node.netns.clone(), server.addr(v6, port));
+        let from = if v6 {
+            node.ipv6.into()
+        } else {
+            node.ipv4.into()
+        };
+        async move { connect_in_from(&netns, from, dst).await.is_ok() }
+    };
+    for v6 in [false, true] {
+        assert!(
+            from_node(PROBE, v6).await,
+            "the probe port refused the node"
+        );
+        assert!(
+            !from_node(PORT, v6).await,
+            "a STRICT port took plaintext from the node"
+        );
+        for port in [PORT, PROBE] {
+            let r = client.client(server.addr(v6, port), 1, 64).await.unwrap();
+            assert_eq!(n(&r, &["ok"]), 1, "mesh traffic to {port}: {r}");
+        }
+    }
+    // The exception goes with the setting: without it the probe port is STRICT too.
+    let name = server.name.clone();
+    cluster
+        .update_placement(|p| {
+            p["peer_authentication"] =
+                json!([{"namespace": "default", "pod": name, "mode": "STRICT"}]);
+        })
+        .await
+        .unwrap();
+    assert!(
+        !from_node(PROBE, false).await,
+        "a port exception outlived its setting"
+    );
+    let c = node.counters().await.unwrap();
+    let me = inbound_of(&c, &format!("default/{}", server.name));
+    assert_eq!(n(me, &["plaintext"]), 2, "{c}");
+    assert!(n(me, &["denied"]) >= 3, "{c}");
 }

@@ -5,7 +5,7 @@
 //! (authorization and peer authentication for namespaces with pods on that node). So one
 //! computation builds the shared part and a per-namespace index, and a node's snapshot is their
 //! union: computing 100 nodes costs little more than computing one.
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kube::ResourceExt;
@@ -82,6 +82,7 @@ impl Computed {
                     labels: w.labels.clone().into_iter().collect(),
                     enrolled,
                     inbound_mode: inbound_mode(objects, w) as i32,
+                    port_modes: port_modes(objects, w),
                     uid: w.uid.clone(),
                 }),
             );
@@ -254,14 +255,34 @@ pub fn selects(selector: &Option<WorkloadSelector>, w: &Workload) -> bool {
 
 /// A PeerAuthentication with a selector beats the namespace-wide one; PERMISSIVE by default.
 pub fn inbound_mode(objects: &Objects, w: &Workload) -> pb::InboundMode {
-    let applicable = objects
+    pb_mode(peer_authentication(objects, w).map(|p| p.spec.mode))
+}
+
+/// The ports of `w` whose mode differs, from the same PeerAuthentication as [`inbound_mode`].
+pub fn port_modes(objects: &Objects, w: &Workload) -> HashMap<u32, i32> {
+    peer_authentication(objects, w)
+        .map(|p| {
+            p.spec
+                .port_level_mtls
+                .iter()
+                .map(|(port, m)| (u32::from(*port), pb_mode(Some(m.mode)) as i32))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn peer_authentication<'a>(objects: &'a Objects, w: &Workload) -> Option<&'a PeerAuthentication> {
+    objects
         .peer_authentications
         .range((w.namespace.clone(), String::new())..)
         .take_while(|((ns, _), _)| *ns == w.namespace)
         .map(|(_, p)| p)
-        .filter(|p: &&PeerAuthentication| selects(&p.spec.selector, w));
-    let best = applicable.max_by_key(|p| p.spec.selector.is_some());
-    match best.map(|p| p.spec.mode) {
+        .filter(|p: &&PeerAuthentication| selects(&p.spec.selector, w))
+        .max_by_key(|p| p.spec.selector.is_some())
+}
+
+fn pb_mode(mode: Option<PeerAuthenticationMode>) -> pb::InboundMode {
+    match mode {
         Some(PeerAuthenticationMode::Strict) => pb::InboundMode::Strict,
         _ => pb::InboundMode::Permissive,
     }
