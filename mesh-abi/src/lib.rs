@@ -36,6 +36,10 @@ pub mod maps {
     /// connecting, and removes it once connected: the only SYNs the ingress program takes as
     /// mesh traffic. (Binding the proxy's address proves nothing: any host process can.)
     pub const DELIVERIES: &str = "MESH_DELIVERIES";
+    /// `LruHashMap<u64 socket cookie, u8>`: sockets the node proxy made inside a pod's network
+    /// namespace to reach a destination outside the mesh as the pod (its address, its egress
+    /// rules). connect leaves them alone; everything else from an enrolled pod is redirected.
+    pub const EGRESS_SOCKS: &str = "MESH_EGRESS";
     /// `HashMap<PodPort, u32 POD_F_* flags>`: a pod's inbound mode on one port where it differs
     /// from the pod's own (a PeerAuthentication's `portLevelMtls`), e.g. a PERMISSIVE probe port.
     pub const PORT_MODES: &str = "MESH_PORT_MODES";
@@ -354,10 +358,13 @@ pub enum Outcome {
     /// process bound to that address, kubelet, SNATed traffic): judged as plaintext from outside
     /// the mesh, and counted here as well.
     Undelivered = 20,
+    /// connect: a socket the node proxy made in the pod's network namespace for traffic leaving
+    /// the mesh: it connects where it asked.
+    SkipEgress = 21,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 21] = [
+    pub const ALL: [Outcome; 22] = [
         Outcome::Seen,
         Outcome::Redirected,
         Outcome::SkipNotTcp,
@@ -379,6 +386,7 @@ impl Outcome {
         Outcome::ZeroCopy,
         Outcome::Unparsed,
         Outcome::Undelivered,
+        Outcome::SkipEgress,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -404,6 +412,7 @@ impl Outcome {
             Outcome::ZeroCopy => "zerocopy",
             Outcome::Unparsed => "unparsed",
             Outcome::Undelivered => "undelivered",
+            Outcome::SkipEgress => "skip_egress",
         }
     }
 }

@@ -44,6 +44,8 @@ static EXCLUDED_V6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(1_024, 0);
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(N_COUNTERS, 0);
 #[map(name = "MESH_DELIVERIES")]
 static DELIVERIES: LruHashMap<SockKey, u8> = LruHashMap::pinned(CONN_ENTRIES, 0);
+#[map(name = "MESH_EGRESS")]
+static EGRESS_SOCKS: LruHashMap<u64, u8> = LruHashMap::pinned(CONN_ENTRIES, 0);
 #[map(name = "MESH_PORT_MODES")]
 static PORT_MODES: HashMap<PodPort, u32> = HashMap::pinned(16_384, 0);
 #[map(name = "MESH_POD_IN")]
@@ -137,6 +139,11 @@ fn redirect(sa: &SockAddrContext, dest: Dest, port: u16) -> Outcome {
     let Some(pod) = (unsafe { ENROLLED.get(&netns) }).copied() else {
         return Outcome::SkipNotEnrolled;
     };
+    let cookie = ctx::socket_cookie(sa);
+    // The proxy's own socket in the pod's namespace, for traffic leaving the mesh as the pod.
+    if EGRESS_SOCKS.get_ptr(cookie).is_some() {
+        return Outcome::SkipEgress;
+    }
     let Some(cfg) = CONFIG.get(0) else {
         return Outcome::Denied;
     };
@@ -182,10 +189,7 @@ fn redirect(sa: &SockAddrContext, dest: Dest, port: u16) -> Outcome {
         pod_id: pod.pod_id,
         netns_cookie: netns,
     };
-    if ORIG_BY_COOKIE
-        .insert(ctx::socket_cookie(sa), record, 0)
-        .is_err()
-    {
+    if ORIG_BY_COOKIE.insert(cookie, record, 0).is_err() {
         return Outcome::Denied;
     }
     match dest {

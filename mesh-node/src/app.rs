@@ -373,6 +373,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         v6: config.proxy_ipv6,
         accel: redirector.accel(),
         deliveries: redirector.deliveries(),
+        egress: redirector.egress(),
     };
     let tunnels = mesh
         .as_ref()

@@ -127,6 +127,7 @@ pub struct Redirector {
     pod_inbound: PerCpuHashMap<MapData, u32, PodInbound>,
     port_modes: Mutex<HashMap<MapData, PodPort, u32>>,
     deliveries: Deliveries,
+    egress: EgressSockets,
     accel: Accel,
     kernel: Kernel,
     /// Holds the program fds; the links themselves are pinned.
@@ -297,6 +298,8 @@ impl Redirector {
             .map_err(map_err(maps::PORT_MODES))?;
         let deliveries = HashMap::try_from(take(&mut ebpf, maps::DELIVERIES)?)
             .map_err(map_err(maps::DELIVERIES))?;
+        let egress = HashMap::try_from(take(&mut ebpf, maps::EGRESS_SOCKS)?)
+            .map_err(map_err(maps::EGRESS_SOCKS))?;
         let accel = if accelerate {
             accel_maps(&mut ebpf)?
         } else {
@@ -309,6 +312,7 @@ impl Redirector {
             pod_inbound,
             port_modes: Mutex::new(port_modes),
             deliveries: Deliveries(Some(Arc::new(Mutex::new(deliveries)))),
+            egress: EgressSockets(Some(Arc::new(Mutex::new(egress)))),
             accel,
             kernel: kernel.clone(),
             _ebpf: ebpf,
@@ -328,6 +332,11 @@ impl Redirector {
     /// The proxy's handle for recording the connections it opens to its pods.
     pub fn deliveries(&self) -> Deliveries {
         self.deliveries.clone()
+    }
+
+    /// The proxy's handle for marking the sockets it makes in pods' namespaces.
+    pub fn egress(&self) -> EgressSockets {
+        self.egress.clone()
     }
 
     /// Sets a pod's flags per port, replacing what was set (none: forgets them).
@@ -485,6 +494,40 @@ impl Deliveries {
                 .lock()
                 .expect("deliveries map lock")
                 .remove(&sock_key(local, pod));
+        }
+    }
+}
+
+/// The sockets the proxy makes inside pods' network namespaces for traffic leaving the mesh
+/// (`MESH_EGRESS`): marked while they connect, so the connect program lets them go where they
+/// asked instead of back to the proxy. Without eBPF nothing is redirected, and nothing marked.
+#[derive(Clone, Default)]
+pub struct EgressSockets(Option<Arc<Mutex<HashMap<MapData, u64, u8>>>>);
+
+impl std::fmt::Debug for EgressSockets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "EgressSockets"
+        } else {
+            "EgressSockets(off)"
+        })
+    }
+}
+
+impl EgressSockets {
+    /// Marks the socket with this cookie (`SO_COOKIE`) before it connects.
+    pub fn mark(&self, cookie: u64) -> Result<(), EbpfError> {
+        let Some(map) = &self.0 else { return Ok(()) };
+        map.lock()
+            .expect("egress map lock")
+            .insert(cookie, 1, 0)
+            .map_err(map_err(maps::EGRESS_SOCKS))
+    }
+
+    /// Forgets it once connect has run (the program only looks at connect).
+    pub fn unmark(&self, cookie: u64) {
+        if let Some(map) = &self.0 {
+            let _ = map.lock().expect("egress map lock").remove(&cookie);
         }
     }
 }

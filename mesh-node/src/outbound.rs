@@ -27,15 +27,16 @@ use crate::{
     accel::{Accel, PodStream},
     access_log::{AccessLog, Entry as AccessEntry, Peer as AccessPeer},
     drain::Watch,
-    ebpf::Deliveries,
+    ebpf::{Deliveries, EgressSockets},
     enforce::{Conn, Enforcer},
-    enroll::Enrollment,
+    enroll::{Enrollment, Pod},
     hbone::{self, Tunnels},
     l7,
     live::{Connections, Live, Tracked},
     node_config::NodeConfig,
     orig_dst::{OrigDstSource, Redirected},
     route::{Route, route},
+    sys,
 };
 
 /// Proxy-side connection figures (the kernel's own counters live in the eBPF maps).
@@ -88,6 +89,15 @@ enum Vip {
     Endpoint(SocketAddr, String),
     /// A Service without ready endpoints (its name).
     Empty(String),
+}
+
+/// How a relayed connection reaches its destination.
+#[derive(Clone, Copy)]
+enum Dial<'a> {
+    /// A pod of this node, from the proxy's address (mesh delivery).
+    Local,
+    /// Outside the mesh, as the pod: from a socket of its network namespace.
+    AsPod(&'a Pod),
 }
 
 /// Binds the outbound listener on `addr`. `SO_REUSEPORT` lets a new proxy bind beside a draining
@@ -151,6 +161,8 @@ pub struct ProxySource {
     /// Where each connection to a pod is recorded while it opens: the pod's ingress program
     /// admits only those as mesh traffic.
     pub deliveries: Deliveries,
+    /// Where the sockets made in pods' namespaces for traffic leaving the mesh are marked.
+    pub egress: EgressSockets,
 }
 
 impl ProxySource {
@@ -185,6 +197,32 @@ impl ProxySource {
         let s = connected?;
         let _ = s.set_nodelay(true);
         Ok(self.accel.register(s))
+    }
+
+    /// Connects to `dst` outside the mesh as `pod` would without the mesh: from a socket of the
+    /// pod's network namespace, so the connection has the pod's address and meets the pod's
+    /// routes, egress policy and firewalls, not the node's. The socket is checked to really be in
+    /// the namespace the pod was enrolled with (the path could name another by now).
+    pub async fn connect_as(&self, pod: &Pod, dst: SocketAddr) -> io::Result<TcpStream> {
+        let netns = std::fs::File::open(&pod.netns)?;
+        let sock = sys::socket_in(&netns, socket2::Domain::for_address(dst))?;
+        if sys::socket_netns_cookie(&sock)? != pod.netns_cookie {
+            return Err(io::Error::other(
+                "the pod's network namespace is not the one it was enrolled with",
+            ));
+        }
+        if dst.is_ipv6() {
+            sock.set_only_v6(true)?;
+        }
+        sock.set_nonblocking(true)?;
+        let cookie = sys::socket_cookie(&sock)?;
+        self.egress.mark(cookie).map_err(io::Error::other)?;
+        let sock = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(sock));
+        let connected = sock.connect(dst).await;
+        self.egress.unmark(cookie);
+        let s = connected?;
+        let _ = s.set_nodelay(true);
+        Ok(s)
     }
 }
 
@@ -303,7 +341,10 @@ impl Outbound {
         });
         match decision {
             Route::Direct => {
-                let r = self.relay(client, orig_dst, false).instrument(span).await;
+                let r = self
+                    .relay(client, orig_dst, Dial::AsPod(&pod))
+                    .instrument(span)
+                    .await;
                 let (decision, bytes) = match r {
                     Ok(b) => ("allowed", b),
                     Err(why) => (why, (0, 0)),
@@ -344,7 +385,7 @@ impl Outbound {
                     }
                 };
                 self.stats.delivered_local.fetch_add(1, Relaxed);
-                let relay = self.relay(client, orig_dst, true).instrument(span);
+                let relay = self.relay(client, orig_dst, Dial::Local).instrument(span);
                 let (decision, bytes) = match hbone::until_revoked(relay, admitted).await {
                     Some(Ok(b)) => ("allowed", b),
                     Some(Err(why)) => (why, (0, 0)),
@@ -525,16 +566,13 @@ impl Outbound {
         &self,
         mut client: PodStream,
         dst: SocketAddr,
-        local: bool,
+        dial: Dial<'_>,
     ) -> Result<(u64, u64), &'static str> {
         let started = Instant::now();
         let connect = async {
-            if local {
-                self.source.connect_local(dst).await
-            } else {
-                let s = TcpStream::connect(dst).await?;
-                let _ = s.set_nodelay(true);
-                Ok(PodStream::plain(s))
+            match dial {
+                Dial::Local => self.source.connect_local(dst).await,
+                Dial::AsPod(pod) => Ok(PodStream::plain(self.source.connect_as(pod, dst).await?)),
             }
         };
         let mut upstream = match tokio::time::timeout(self.connect_timeout, connect).await {

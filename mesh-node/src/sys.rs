@@ -1,8 +1,10 @@
 //! Thin, safe wrappers over the few raw syscalls mesh-node needs. The only `unsafe` in the crate.
 //!
 //! SAFETY (whole module): every call passes pointers to live, correctly sized locals or to
-//! NUL-terminated `CString`s that outlive the call, and checks the return value. `setns` only ever
-//! runs on a short-lived thread created for it, so no other code observes the changed namespace.
+//! NUL-terminated `CString`s that outlive the call, and checks the return value. `setns` runs
+//! either on a short-lived thread created for it, or (`socket_in`) on the calling thread around
+//! one `socket()` call with no other code in between, undone before returning; if it cannot be
+//! undone the process aborts rather than let the thread serve anything from the wrong namespace.
 use std::{
     ffi::CString,
     fs::File,
@@ -49,22 +51,51 @@ pub fn mount_bpffs(path: &Path) -> io::Result<()> {
 
 /// The network-namespace cookie of a socket's namespace (`SO_NETNS_COOKIE`, Linux 5.14+): the same
 /// value `bpf_get_netns_cookie` returns in the kernel programs.
-fn socket_netns_cookie(sock: &impl AsRawFd) -> io::Result<u64> {
-    let mut cookie: u64 = 0;
+pub fn socket_netns_cookie(sock: &impl AsRawFd) -> io::Result<u64> {
+    getsockopt_u64(sock, libc::SO_NETNS_COOKIE)
+}
+
+/// The socket's cookie (`SO_COOKIE`): what `bpf_get_socket_cookie` returns for it.
+pub fn socket_cookie(sock: &impl AsRawFd) -> io::Result<u64> {
+    getsockopt_u64(sock, libc::SO_COOKIE)
+}
+
+fn getsockopt_u64(sock: &impl AsRawFd, opt: libc::c_int) -> io::Result<u64> {
+    let mut value: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     let rc = unsafe {
         libc::getsockopt(
             sock.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
+            opt,
+            (&mut value as *mut u64).cast(),
             &mut len,
         )
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(cookie)
+    Ok(value)
+}
+
+/// A TCP socket of the network namespace `netns` (an open `/proc/PID/ns/net` or similar): it
+/// routes, and takes its address, as a socket of a process there would. Made on the calling
+/// thread, which enters the namespace for the one `socket()` call and comes back.
+pub fn socket_in(netns: &File, domain: socket2::Domain) -> io::Result<socket2::Socket> {
+    let home = File::open("/proc/thread-self/ns/net")?;
+    if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP));
+    if unsafe { libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        // This thread runs other tasks next: they must never run in a pod's namespace.
+        eprintln!(
+            "fatal: cannot return to the proxy's network namespace: {}",
+            io::Error::last_os_error()
+        );
+        std::process::abort();
+    }
+    sock
 }
 
 /// Cookie of the network namespace this process runs in.

@@ -45,6 +45,7 @@ pub struct ClusterBuilder {
     cert_ttl: Duration,
     ctrl_args: Vec<String>,
     config_stream: bool,
+    proxy_under_pods: bool,
 }
 
 impl Default for ClusterBuilder {
@@ -60,6 +61,7 @@ impl Default for ClusterBuilder {
             cert_ttl: Duration::from_secs(24 * 3600),
             ctrl_args: Vec::new(),
             config_stream: false,
+            proxy_under_pods: false,
         }
     }
 }
@@ -257,6 +259,12 @@ impl ClusterBuilder {
         self.cert_ttl = ttl;
         self
     }
+    /// Run each node's mesh-node inside the cgroup its programs attach to, as the DaemonSet does
+    /// (it attaches at the cgroup root): its own sockets then meet the programs too.
+    pub fn proxy_under_pods(mut self) -> Self {
+        self.proxy_under_pods = true;
+        self
+    }
     /// Build the network but leave mesh-node stopped (for fail-closed tests).
     pub fn without_node_proxies(mut self) -> Self {
         self.start_nodes = false;
@@ -289,7 +297,12 @@ impl ClusterBuilder {
             keep: false,
         };
         // From here on, a failure tears down what was made (Drop).
-        cluster.build_network(self.nodes, self.pods_per_node, &self.node_args)?;
+        cluster.build_network(
+            self.nodes,
+            self.pods_per_node,
+            &self.node_args,
+            self.proxy_under_pods,
+        )?;
         let filter = self
             .log_filter
             .or_else(|| std::env::var("MESH_TEST_LOG").ok())
@@ -362,6 +375,7 @@ impl Cluster {
         nodes: usize,
         pods: usize,
         node_args: &[String],
+        proxy_under_pods: bool,
     ) -> anyhow::Result<()> {
         let fab = self.fabric.clone();
         ip(&["netns", "add", &fab])?;
@@ -405,7 +419,11 @@ impl Cluster {
             sysctl(&netns, "net.ipv6.conf.all.forwarding", "1")?;
             let node_cg = cg_root.join(format!("n{i}"));
             let pods_cgroup = node_cg.join("pods");
-            let proxy_cgroup = node_cg.join("proxy");
+            let proxy_cgroup = if proxy_under_pods {
+                pods_cgroup.join("proxy")
+            } else {
+                node_cg.join("proxy")
+            };
             std::fs::create_dir_all(&pods_cgroup)
                 .with_context(|| format!("creating {}", pods_cgroup.display()))?;
             std::fs::create_dir_all(&proxy_cgroup)?;

@@ -77,13 +77,15 @@ async fn enrolled_pod_reaches_same_node_and_other_node_over_ipv4_and_ipv6() {
     let _s2 = remote.serve(PORT, false).await.unwrap();
     cluster.enroll(&client).await.unwrap();
 
-    // The proxy connects from the node, so servers see the node's address on their path, never
-    // the client pod's: proof the connection went through the proxy.
+    // Without a mesh identity nothing is a mesh destination: the proxy relays each connection
+    // from a socket in the client pod's network namespace, so servers see the client pod's own
+    // address, as they would without the mesh. The proxy's log shows it relayed them.
+    let (v4, v6) = (client.ipv4.to_string(), client.ipv6.to_string());
     let cases = [
-        (local.addr(false, PORT), "10.100.2.1"),
-        (local.addr(true, PORT), "fd00:100:2::1"),
-        (remote.addr(false, PORT), "10.250.0.1"),
-        (remote.addr(true, PORT), "fd00:250::1"),
+        (local.addr(false, PORT), v4.as_str()),
+        (local.addr(true, PORT), v6.as_str()),
+        (remote.addr(false, PORT), v4.as_str()),
+        (remote.addr(true, PORT), v6.as_str()),
     ];
     for (dst, via) in cases {
         let report = client.client(dst, 5, 4096).await.unwrap();
@@ -129,7 +131,9 @@ async fn pods_not_enrolled_connect_directly_and_unenrolling_stops_redirection() 
 
     cluster.enroll(&client).await.unwrap();
     let report = client.client(dst, 3, 1024).await.unwrap();
-    assert_delivered(&report, 3, dst, "10.250.0.1");
+    // Relayed, from the pod's own address (no mesh identity: the server is not in the mesh).
+    assert_delivered(&report, 3, dst, &direct);
+    assert_eq!(relays(&cluster, 0, &client, dst), 3);
 
     cluster.unenroll(&client).await.unwrap();
     let report = client.client(dst, 3, 1024).await.unwrap();
@@ -228,7 +232,7 @@ async fn enrolled_pods_fail_closed_while_the_proxy_is_down_and_recover_on_restar
         &client.client(dst, 2, 512).await.unwrap(),
         2,
         dst,
-        "10.250.0.1",
+        &client.ipv4.to_string(),
     );
 
     for crash in [false, true] {
@@ -262,7 +266,7 @@ async fn enrolled_pods_fail_closed_while_the_proxy_is_down_and_recover_on_restar
             &client.client(dst, 2, 512).await.unwrap(),
             2,
             dst,
-            "10.250.0.1",
+            &client.ipv4.to_string(),
         );
         assert_eq!(relays(&cluster, 0, &client, dst), before + 2);
     }
@@ -308,7 +312,7 @@ async fn loopback_excluded_ports_and_excluded_cidrs_are_left_alone() {
         &client.client(dst, 2, 256).await.unwrap(),
         2,
         dst,
-        "10.250.0.1",
+        &client.ipv4.to_string(),
     );
 
     let c = cluster.nodes[0].counters().await.unwrap();
@@ -402,8 +406,9 @@ async fn on_exit_detach_removes_redirection() {
         &client.client(dst, 1, 64).await.unwrap(),
         1,
         dst,
-        "10.250.0.1",
+        &client.ipv4.to_string(),
     );
+    assert_eq!(relays(&cluster, 0, &client, dst), 1, "not relayed");
     let pin_dir = std::path::Path::new("/sys/fs/bpf/mesh").join(&cluster.nodes[0].name);
     assert!(pin_dir.join("links").exists());
 
