@@ -209,18 +209,9 @@ impl Admin {
             .await;
     }
 
-    /// Binds the admin socket at `<state_dir>/admin.sock`, replacing a stale one, mode 0600.
-    pub fn bind_unix(state_dir: &std::path::Path) -> std::io::Result<UnixListener> {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::create_dir_all(state_dir)?;
-        let path = state_dir.join(SOCKET);
-        match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-        let listener = UnixListener::bind(&path)?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-        Ok(listener)
+    /// Binds the admin socket for `<state_dir>/admin.sock` (see [`bind_root_socket`]).
+    pub fn bind_unix(state_dir: &std::path::Path) -> std::io::Result<PendingSocket> {
+        bind_root_socket(state_dir, SOCKET)
     }
 
     /// `/debug/explain?src=POD_OR_IP&dst=IP:PORT[&method=GET&path=/]`.
@@ -536,6 +527,54 @@ impl Admin {
 /// Binds the admin listener.
 /// `SO_REUSEPORT`, like the proxy listeners: during a surge upgrade the new proxy binds its admin
 /// and metrics ports beside the draining one.
+/// A root-only Unix socket bound under a temporary name beside its real one. [`Self::publish`]
+/// renames it into place once the start succeeded, so a start that fails never takes the name
+/// from the generation still running; dropped unpublished, it removes itself.
+pub struct PendingSocket {
+    listener: Option<UnixListener>,
+    tmp: std::path::PathBuf,
+    path: std::path::PathBuf,
+}
+
+impl PendingSocket {
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// Moves the socket to its real name, replacing whatever was there.
+    pub fn publish(mut self) -> std::io::Result<UnixListener> {
+        std::fs::rename(&self.tmp, &self.path)?;
+        Ok(self.listener.take().expect("published once"))
+    }
+}
+
+impl Drop for PendingSocket {
+    fn drop(&mut self) {
+        if self.listener.is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Binds `<state_dir>/<name>` as a [`PendingSocket`], mode 0600.
+pub fn bind_root_socket(state_dir: &std::path::Path, name: &str) -> std::io::Result<PendingSocket> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(state_dir)?;
+    let path = state_dir.join(name);
+    let tmp = state_dir.join(format!(".{name}.{}", std::process::id()));
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let listener = UnixListener::bind(&tmp)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    Ok(PendingSocket {
+        listener: Some(listener),
+        tmp,
+        path,
+    })
+}
+
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     crate::outbound::bind(addr)
 }

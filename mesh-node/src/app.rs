@@ -9,6 +9,7 @@ use std::{
 
 use mesh_api::placement::{HBONE_PORT, InboundMode, Placement, PlacementError, PlacementWatch};
 use tokio::{net::TcpListener, sync::watch};
+use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::{
@@ -19,6 +20,7 @@ use crate::{
     enforce::Enforcer,
     enroll::{self, EnrollError, EnrollHooks, Enrollment, Pod, PodFlags, PodName},
     follow::Follow,
+    handover::{self, Role, Taken},
     hbone::{self, Inbound, Tunnels},
     identity::{CaConfig, Identities, IdentityError},
     l7::{inbound::L7Inbound, outbound::L7Outbound, stats::L7Stats, upstream::PodClient},
@@ -69,6 +71,7 @@ pub struct Bound {
     pub pods: Arc<Enrollment>,
     config: Config,
     drain: Drain,
+    handed_over: CancellationToken,
 }
 
 /// The configuration serving, and the state of the stream it comes from.
@@ -218,7 +221,9 @@ fn subscribe_config(
 /// Binds one listener per proxy address on `port` (0: the first bind picks it, the others follow).
 fn bind_all(
     config: &Config,
+    taken: &mut Option<Taken>,
     mut port: u16,
+    role: Role,
     what: &'static str,
 ) -> Result<Vec<TcpListener>, AppError> {
     let ips = config
@@ -229,12 +234,31 @@ fn bind_all(
     let mut listeners = Vec::new();
     for ip in ips {
         let addr = SocketAddr::new(ip, port);
-        let bind_err = |source| AppError::Bind { what, addr, source };
-        let l = outbound::bind(addr).map_err(bind_err)?;
-        port = l.local_addr().map_err(bind_err)?.port();
+        let l = listen(taken, role, addr, what)?;
+        port = l
+            .local_addr()
+            .map_err(|source| AppError::Bind { what, addr, source })?
+            .port();
         listeners.push(l);
     }
     Ok(listeners)
+}
+
+/// The running generation's listener for `role` at `addr` if it handed one over, else a new one.
+fn listen(
+    taken: &mut Option<Taken>,
+    role: Role,
+    addr: SocketAddr,
+    what: &'static str,
+) -> Result<TcpListener, AppError> {
+    let bind_err = |source| AppError::Bind { what, addr, source };
+    match taken.as_mut().and_then(|t| t.take(role, addr)) {
+        Some(l) => {
+            l.set_nonblocking(true).map_err(bind_err)?;
+            TcpListener::from_std(l).map_err(bind_err)
+        }
+        None => outbound::bind(addr).map_err(bind_err),
+    }
 }
 
 fn addrs(listeners: &[TcpListener]) -> Vec<SocketAddr> {
@@ -262,8 +286,19 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
     kernel.require()?;
     let object = ebpf::object_bytes(config.ebpf_object.as_deref())?;
 
+    // A generation already running hands its listeners over: no connect is refused meanwhile.
+    let mut taken = handover::take_over(&config.state_dir).map_err(|source| AppError::Socket {
+        path: config.state_dir.join(handover::SOCKET),
+        source,
+    })?;
     // Listen before attaching: a redirected connection must always find the proxy.
-    let listeners = bind_all(&config, config.outbound_port, "outbound listener")?;
+    let listeners = bind_all(
+        &config,
+        &mut taken,
+        config.outbound_port,
+        Role::Outbound,
+        "outbound listener",
+    )?;
     let outbound_addrs = addrs(&listeners);
     let mesh = config
         .mesh
@@ -271,18 +306,18 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         .map(|m| start_mesh(&config, m, &ready))
         .transpose()?;
     let inbound_listeners = if mesh.is_some() {
-        bind_all(&config, HBONE_PORT, "tunnel listener")?
+        bind_all(
+            &config,
+            &mut taken,
+            HBONE_PORT,
+            Role::Tunnel,
+            "tunnel listener",
+        )?
     } else {
         Vec::new()
     };
     let inbound_addrs = addrs(&inbound_listeners);
-    let admin_listener = admin::bind(config.admin_addr)
-        .await
-        .map_err(|source| AppError::Bind {
-            what: "admin endpoint",
-            addr: config.admin_addr,
-            source,
-        })?;
+    let admin_listener = listen(&mut taken, Role::Admin, config.admin_addr, "admin endpoint")?;
     let admin_addr = admin_listener
         .local_addr()
         .map_err(|source| AppError::Bind {
@@ -290,18 +325,17 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
             addr: config.admin_addr,
             source,
         })?;
-    let admin_socket = Admin::bind_unix(&config.state_dir).map_err(|source| AppError::Socket {
-        path: config.state_dir.join(admin::SOCKET),
-        source,
-    })?;
-    let metrics_listener = match config.metrics_addr {
-        Some(addr) => Some(admin::bind(addr).await.map_err(|source| AppError::Bind {
-            what: "metrics endpoint",
-            addr,
-            source,
-        })?),
-        None => None,
+    let socket_err = |name: &str| {
+        let path = config.state_dir.join(name);
+        move |source| AppError::Socket { path, source }
     };
+    let admin_socket = Admin::bind_unix(&config.state_dir).map_err(socket_err(admin::SOCKET))?;
+    let handover_socket =
+        handover::bind(&config.state_dir).map_err(socket_err(handover::SOCKET))?;
+    let metrics_listener = config
+        .metrics_addr
+        .map(|addr| listen(&mut taken, Role::Metrics, addr, "metrics endpoint"))
+        .transpose()?;
 
     let spec = RedirectSpec {
         cgroup: config.cgroup.clone(),
@@ -450,6 +484,26 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         access_log: access_log.clone(),
         live: live.clone(),
     });
+    // This generation's own descriptors of its listeners, for the next generation to take over.
+    let offered = listeners
+        .iter()
+        .map(|l| handover::entry(Role::Outbound, l))
+        .chain(
+            inbound_listeners
+                .iter()
+                .map(|l| handover::entry(Role::Tunnel, l)),
+        )
+        .chain(std::iter::once(handover::entry(
+            Role::Admin,
+            &admin_listener,
+        )))
+        .chain(
+            metrics_listener
+                .iter()
+                .map(|l| handover::entry(Role::Metrics, l)),
+        )
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(socket_err(handover::SOCKET))?;
     for l in listeners {
         tokio::spawn(proxy.clone().serve(l, drain.watch()));
     }
@@ -493,8 +547,28 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
     if let Some(l) = metrics_listener {
         tokio::spawn(admin.clone().serve(l, drain.watch(), Exposure::Metrics));
     }
-    tokio::spawn(admin.clone().serve_unix(admin_socket, drain.watch()));
-    tokio::spawn(admin.serve(admin_listener, drain.watch(), Exposure::Read));
+    tokio::spawn(
+        admin
+            .clone()
+            .serve(admin_listener, drain.watch(), Exposure::Read),
+    );
+    // Everything is up: take the sockets' names over and let the previous generation drain.
+    let admin_socket = admin_socket.publish().map_err(socket_err(admin::SOCKET))?;
+    tokio::spawn(admin.serve_unix(admin_socket, drain.watch()));
+    let handover_socket = handover_socket
+        .publish()
+        .map_err(socket_err(handover::SOCKET))?;
+    let handed_over = CancellationToken::new();
+    tokio::spawn({
+        let handed_over = handed_over.clone();
+        async move {
+            handover::offer(handover_socket, offered).await;
+            handed_over.cancel();
+        }
+    });
+    if let Some(t) = taken {
+        t.serving();
+    }
     info!(outbound = ?outbound_addrs, inbound = ?inbound_addrs, admin = %admin_addr, "node proxy serving");
 
     Ok(Bound {
@@ -505,17 +579,26 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         pods,
         config,
         drain,
+        handed_over,
     })
 }
 
 impl Bound {
-    /// Stops accepting, drains open connections until the deadline, then applies `--on-exit`.
+    /// Resolves once the next generation took this one's listeners over and serves: time to
+    /// [`Self::shutdown`].
+    pub async fn handed_over(&self) {
+        self.handed_over.cancelled().await
+    }
+
+    /// Stops accepting, drains open connections until the deadline, then applies `--on-exit`
+    /// (unless the next generation took over: the programs and pods are its now).
     pub async fn shutdown(self) -> DrainOutcome {
         let Bound {
             config,
             drain,
             redirector,
             pods,
+            handed_over,
             ..
         } = self;
         info!(active = drain.active(), deadline = ?config.drain_timeout, "draining");
@@ -523,7 +606,9 @@ impl Bound {
         info!(?outcome, "drained");
         drop(pods);
         drop(redirector);
-        if config.on_exit == OnExit::Detach {
+        if handed_over.is_cancelled() {
+            info!("the next generation serves: programs and enrollments stay with it");
+        } else if config.on_exit == OnExit::Detach {
             detach(&config);
         } else {
             info!(

@@ -17,6 +17,7 @@ pub mod enforce;
 pub mod enroll;
 pub mod explain;
 pub mod follow;
+pub(crate) mod handover;
 pub mod hbone;
 pub mod identity;
 pub mod kubepods;

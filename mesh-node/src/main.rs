@@ -107,6 +107,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM"),
             _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+            _ = bound.handed_over() => tracing::info!("handed over to the next generation"),
         }
         bound.shutdown().await;
         anyhow::Ok(())

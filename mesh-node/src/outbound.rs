@@ -100,15 +100,14 @@ enum Dial<'a> {
     AsPod(&'a Pod),
 }
 
-/// Binds the outbound listener on `addr`. `SO_REUSEPORT` lets a new proxy bind beside a draining
-/// one during an upgrade.
+/// Binds a listener on `addr`. Not `SO_REUSEPORT`: nothing else may bind beside the proxy (a
+/// new generation takes its listeners over by descriptor, see `handover`).
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     if addr.is_ipv6() {
         sock.set_only_v6(true)?;
     }
     sock.set_reuse_address(true)?;
-    sock.set_reuse_port(true)?;
     sock.set_nonblocking(true)?;
     sock.bind(&addr.into())?;
     sock.listen(4096)?;

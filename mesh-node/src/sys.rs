@@ -10,7 +10,10 @@ use std::{
     fs::File,
     io,
     mem::MaybeUninit,
-    os::{fd::AsRawFd, unix::ffi::OsStrExt},
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+        unix::ffi::OsStrExt,
+    },
     path::Path,
 };
 
@@ -267,6 +270,98 @@ impl Drop for MappedFile {
     }
 }
 
+/// Most descriptors one hand-over message carries (SCM_RIGHTS allows 253).
+pub const MAX_FDS: usize = 64;
+
+/// Sends `data` with the descriptors `fds` attached (`SCM_RIGHTS`): the receiver gets its own
+/// descriptors of the same open files.
+pub fn send_with_fds(sock: &impl AsRawFd, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    if fds.len() > MAX_FDS || data.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "bad hand-over message",
+        ));
+    }
+    let fd_bytes = std::mem::size_of_val(fds) as u32;
+    // u64 words: control messages must be aligned like `cmsghdr`.
+    let space = unsafe { libc::CMSG_SPACE(fd_bytes) } as usize;
+    let mut control = vec![0u64; space.div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !fds.is_empty() {
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes) as _;
+            std::ptr::copy_nonoverlapping(
+                fds.as_ptr().cast::<u8>(),
+                libc::CMSG_DATA(cmsg),
+                fd_bytes as usize,
+            );
+        }
+    }
+    let sent = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if sent as usize != data.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "hand-over message sent in part",
+        ));
+    }
+    Ok(())
+}
+
+/// Receives one message and the descriptors attached to it (close-on-exec). A message whose
+/// descriptors did not all fit is an error, and those that did are closed.
+pub fn recv_with_fds(sock: &impl AsRawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let space = unsafe { libc::CMSG_SPACE((MAX_FDS * std::mem::size_of::<RawFd>()) as u32) };
+    let mut control = vec![0u64; (space as usize).div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut fds = Vec::new();
+    // SAFETY: the kernel filled `control` up to msg_controllen; the CMSG_* macros walk it within
+    // those bounds, and each descriptor received is ours to own exactly once.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(cmsg);
+                let len = (*cmsg).cmsg_len as usize - (data as usize - cmsg as usize);
+                for i in 0..len / std::mem::size_of::<RawFd>() {
+                    let fd = std::ptr::read_unaligned(data.cast::<RawFd>().add(i));
+                    fds.push(OwnedFd::from_raw_fd(fd));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(io::Error::other("hand-over descriptors truncated"));
+    }
+    Ok((n as usize, fds))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -279,6 +374,29 @@ mod tests {
             netns_cookie_of(Path::new("/proc/self/ns/net")).unwrap(),
             own
         );
+    }
+
+    #[test]
+    fn descriptors_pass_with_their_message() {
+        use std::io::{Read, Write};
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        send_with_fds(&a, b"hello", &[listener.as_raw_fd()]).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, fds) = recv_with_fds(&b, &mut buf).unwrap();
+        assert_eq!((&buf[..n], fds.len()), (&b"hello"[..], 1));
+        // The same listening socket: a connect to it is accepted through the received copy.
+        let got = std::net::TcpListener::from(fds.into_iter().next().unwrap());
+        assert_eq!(got.local_addr().unwrap(), addr);
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        let (mut s, _) = got.accept().unwrap();
+        c.write_all(b"x").unwrap();
+        let mut one = [0u8; 1];
+        s.read_exact(&mut one).unwrap();
+        // Too many descriptors, or none with no message, are refused before sending.
+        assert!(send_with_fds(&a, b"", &[]).is_err());
+        assert!(send_with_fds(&a, b"x", &[0; MAX_FDS + 1]).is_err());
     }
 
     #[test]

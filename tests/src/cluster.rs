@@ -575,7 +575,31 @@ impl Cluster {
 
     /// Starts (or restarts) node `i`'s mesh-node and waits until it is ready.
     pub async fn start_node(&mut self, i: usize) -> anyhow::Result<()> {
+        let child = self.spawn_node(i)?;
         let node = &mut self.nodes[i];
+        node.process = Some(child);
+        node.wait_ready(Duration::from_secs(20)).await
+    }
+
+    /// Starts a new generation of node `i`'s mesh-node beside the running one, as an upgrade
+    /// does: it takes the listeners over, and the old one drains and exits by itself. Returns
+    /// the old generation's exit status once the new one is ready.
+    pub async fn upgrade_node(&mut self, i: usize) -> anyhow::Result<std::process::ExitStatus> {
+        let mut old = self.nodes[i]
+            .process
+            .take()
+            .context("node proxy not running")?;
+        let child = self.spawn_node(i)?;
+        self.nodes[i].process = Some(child);
+        let status = tokio::time::timeout(Duration::from_secs(20), old.wait())
+            .await
+            .context("the old generation did not exit after the hand-over")??;
+        self.nodes[i].wait_ready(Duration::from_secs(20)).await?;
+        Ok(status)
+    }
+
+    fn spawn_node(&self, i: usize) -> anyhow::Result<Child> {
+        let node = &self.nodes[i];
         let mut cmd = Command::new(find_bin("mesh-node")?);
         cmd.arg("--log-json")
             .arg("run")
@@ -589,8 +613,7 @@ impl Cluster {
             .args(["--drain-timeout", "2s"])
             .args(&node.args)
             .env("RUST_LOG", &node.log_filter);
-        node.process = Some(spawn_in(cmd, &node.log, &node.netns, &node.proxy_cgroup)?);
-        node.wait_ready(Duration::from_secs(20)).await
+        spawn_in(cmd, &node.log, &node.netns, &node.proxy_cgroup)
     }
 
     /// SIGTERM node `i`'s mesh-node and wait for it to exit (drain included).
