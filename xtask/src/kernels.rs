@@ -54,8 +54,17 @@ const KERNELS: &[Kernel] = &[
 
 /// The end-to-end test targets that exercise the kernel: redirection and fail-closed
 /// (`redirect`), STRICT/PERMISSIVE (`inbound_mode`), mTLS between nodes (`mtls`), socket
-/// acceleration (`accel`), and start-up failures (`cli`).
-pub const TESTS: &[&str] = &["redirect", "inbound_mode", "mtls", "accel", "cli"];
+/// acceleration (`accel`), start-up failures (`cli`), passthrough from the pod's namespace
+/// (`egress`) and listener hand-over (`upgrade`).
+pub const TESTS: &[&str] = &[
+    "redirect",
+    "inbound_mode",
+    "mtls",
+    "accel",
+    "cli",
+    "egress",
+    "upgrade",
+];
 
 /// Modules the guest loads (with their dependencies); built-in ones are skipped.
 const MODULES: &[&str] = &[
@@ -65,6 +74,8 @@ const MODULES: &[&str] = &[
     "overlay",
     "veth",
     "bridge",
+    // The egress test's node firewall rule.
+    "nf_tables",
 ];
 
 /// What the matrix needs from Debian besides the toolchain.
