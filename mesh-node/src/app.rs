@@ -529,7 +529,6 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
             "no controller configured: connections are relayed as plain TCP, without identities"
         );
     }
-    drop(not_listening);
 
     let admin = Arc::new(Admin {
         config: config.clone(),
@@ -566,6 +565,8 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
             handed_over.cancel();
         }
     });
+    // Ready only now: callers of the admin socket (the CNI plugin) find it in place.
+    drop(not_listening);
     if let Some(t) = taken {
         t.serving();
     }
