@@ -74,7 +74,9 @@ const MODULES: &[&str] = &[
     "overlay",
     "veth",
     "bridge",
-    // The egress test's node firewall rule.
+    // The egress test's node firewall rule. nf_tables needs libcrc32c, which needs a crc32c
+    // implementation loaded first (a soft dependency: modules.dep does not list it).
+    "crc32c_generic",
     "nf_tables",
 ];
 
