@@ -6,7 +6,8 @@ use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     bindings::{
         BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, sk_action::SK_PASS,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE, sk_action::SK_PASS,
     },
     macros::{cgroup_skb, cgroup_sock_addr, map, sk_msg, sock_ops},
     maps::{
@@ -204,6 +205,7 @@ fn redirect(sa: &SockAddrContext, dest: Dest, port: u16) -> Outcome {
 #[sock_ops]
 pub fn mesh_sock_ops(ops: SockOpsContext) -> u32 {
     match ops.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => connecting(&ops),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => established(&ops),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => accepted(&ops),
         BPF_SOCK_OPS_STATE_CB if ops.arg(1) == BPF_TCP_CLOSE => closed(&ops),
@@ -359,6 +361,18 @@ fn judge(msg: &SkMsgContext) -> Outcome {
         Outcome::Accelerated
     } else {
         Outcome::NoPeer
+    }
+}
+
+/// A redirected socket sends its SYN: ask for its state changes from now on, so its record goes
+/// when it closes even if it never connects (refused while the proxy restarts, or closed by the
+/// pod in the middle of the handshake). Otherwise a pod could fill the node's shared record map
+/// with the records of connections that never were, and push out other pods' records.
+#[inline(always)]
+fn connecting(ops: &SockOpsContext) {
+    let cookie = ctx::ops_socket_cookie(ops);
+    if ORIG_BY_COOKIE.get_ptr(&cookie).is_some() {
+        let _ = ops.set_cb_flags((ops.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     }
 }
 

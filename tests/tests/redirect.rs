@@ -605,3 +605,73 @@ async fn a_start_that_fails_leaves_the_kernel_as_it_found_it() {
         &client.ipv4.to_string(),
     );
 }
+
+/// Entries of a pinned map of node 0 (bpftool).
+fn map_entries(cluster: &Cluster, map: &str) -> usize {
+    let pin = std::path::Path::new("/sys/fs/bpf/mesh")
+        .join(&cluster.nodes[0].name)
+        .join("maps")
+        .join(map);
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(&pin)
+        .output()
+        .expect("bpftool (cargo xtask setup installs it)");
+    assert!(
+        out.status.success(),
+        "bpftool map dump {}: {out:?}",
+        pin.display()
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Array(vec![]));
+    v.as_array().map_or(0, Vec::len)
+}
+
+/// The record map is shared by every pod of the node. Connections that never complete (refused
+/// while the proxy is away, or abandoned mid-handshake) must leave no record behind, or one pod
+/// could fill the map and push out other pods' records.
+#[tokio::test]
+async fn connects_that_never_complete_leave_no_records_behind() {
+    require_root();
+    let mut cluster = ClusterBuilder::new()
+        .nodes(1)
+        .pods_per_node(2)
+        .start()
+        .await
+        .unwrap();
+    let (client, server) = (cluster.pod(0, 0).clone(), cluster.pod(0, 1).clone());
+    let _s = server.serve(PORT, false).await.unwrap();
+    cluster.enroll(&client).await.unwrap();
+    assert_eq!(
+        n(
+            &client
+                .client(server.addr(false, PORT), 1, 64)
+                .await
+                .unwrap(),
+            &["ok"]
+        ),
+        1
+    );
+    assert!(cluster.stop_node(0).await.unwrap().success());
+    let before = map_entries(&cluster, "MESH_ORIG_CK");
+    let r = client
+        .testpod(&[
+            "--connect-timeout-ms",
+            "500",
+            "client",
+            "--to",
+            &server.addr(false, PORT).to_string(),
+            "--conns",
+            "300",
+            "--bytes",
+            "1",
+        ])
+        .await
+        .unwrap();
+    assert_eq!(n(&r, &["ok"]), 0, "bypassed the mesh: {r}");
+    let after = map_entries(&cluster, "MESH_ORIG_CK");
+    assert!(
+        after <= before + 5,
+        "300 refused connects left {} records behind",
+        after - before
+    );
+}
