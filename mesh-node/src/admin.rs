@@ -43,6 +43,7 @@ use crate::{
     drain::Watch,
     ebpf::Redirector,
     enroll::{EnrollError, EnrollRequest, Enrollment, PodName},
+    limits::{HEAD_TIMEOUT, Limit, MAX_ADMIN_HEAD},
     outbound::Stats,
     ready::Ready,
 };
@@ -65,6 +66,10 @@ pub struct Admin {
     pub live: Arc<crate::live::Connections>,
     /// Change requests refused: over TCP, or on the socket from a caller that is not root.
     pub changes_refused: std::sync::atomic::AtomicU64,
+    /// Times each of the proxy's limits was hit (see `limits`).
+    pub limit_hits: Arc<crate::limits::Hits>,
+    /// Tunnel handshakes in progress (with the mesh).
+    pub handshakes: Option<Arc<crate::limits::Handshakes>>,
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -139,7 +144,11 @@ fn enroll_error(e: EnrollError) -> Resp {
 
 impl Admin {
     /// Serves a TCP listener: [`Exposure::Metrics`] or [`Exposure::Read`].
+    /// At most `--max-admin-connections` at once; more are closed at accept and counted.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, watch: Watch, exposure: Exposure) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(
+            self.config.limits.max_admin_connections,
+        ));
         loop {
             let (stream, _) = tokio::select! {
                 a = listener.accept() => match a {
@@ -148,7 +157,15 @@ impl Admin {
                 },
                 _ = watch.stopped() => return,
             };
-            tokio::spawn(self.clone().connection(stream, exposure));
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                self.limit_hits.hit(Limit::AdminConnections);
+                continue;
+            };
+            let this = self.clone();
+            tokio::spawn(async move {
+                this.connection(stream, exposure).await;
+                drop(slot);
+            });
         }
     }
 
@@ -204,7 +221,12 @@ impl Admin {
                 })
             }
         });
+        // A head must arrive in time and fit: a slow or huge head holds a connection slot for
+        // HEAD_TIMEOUT at most, and never more than MAX_ADMIN_HEAD of memory.
         let _ = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(HEAD_TIMEOUT)
+            .max_buf_size(MAX_ADMIN_HEAD)
             .serve_connection(TokioIo::new(io), svc)
             .await;
     }
@@ -287,6 +309,10 @@ impl Admin {
             "admin": {
                 "changes_refused": self.changes_refused.load(std::sync::atomic::Ordering::Relaxed),
                 "repoints_refused": self.pods.repoints_refused(),
+            },
+            "limits": {
+                "hits": self.limit_hits.snapshot(),
+                "tunnel_handshakes_in_progress": self.handshakes.as_ref().map_or(0, |h| h.in_progress()),
             },
         });
         if let Some(m) = &self.mesh {

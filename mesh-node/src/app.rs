@@ -401,6 +401,22 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
     }
     let stats = Arc::new(Stats::default());
     let drain = Drain::new();
+    let limit_hits = Arc::new(crate::limits::Hits::default());
+    let per_pod = Arc::new(crate::limits::PerPod::new(
+        config.limits.max_connections_per_pod,
+    ));
+    tokio::spawn({
+        let per_pod = per_pod.clone();
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                per_pod.prune();
+            }
+        }
+    });
+    let handshakes = mesh
+        .as_ref()
+        .map(|_| crate::limits::Handshakes::new(config.limits.max_tunnel_handshakes));
 
     let source = ProxySource {
         v4: config.proxy_ipv4,
@@ -483,6 +499,8 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         l7: l7_path,
         access_log: access_log.clone(),
         live: live.clone(),
+        per_pod,
+        limit_hits: limit_hits.clone(),
     });
     // This generation's own descriptors of its listeners, for the next generation to take over.
     let offered = listeners
@@ -520,6 +538,8 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
             l7: l7_inbound.clone(),
             access_log: access_log.clone(),
             live: live.clone(),
+            handshakes: handshakes.clone().expect("made with the mesh"),
+            limit_hits: limit_hits.clone(),
         });
         for l in inbound_listeners {
             tokio::spawn(inbound.clone().serve(l, drain.watch()));
@@ -542,6 +562,8 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         l7: l7_inbound,
         live,
         changes_refused: Default::default(),
+        limit_hits,
+        handshakes,
     });
     if let Some(l) = metrics_listener {
         tokio::spawn(admin.clone().serve(l, drain.watch(), Exposure::Metrics));

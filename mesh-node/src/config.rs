@@ -136,6 +136,8 @@ pub struct RunArgs {
     /// How long open connections may finish after SIGTERM before they are cut.
     #[arg(long, env = "MESH_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
     pub drain_timeout: Duration,
+    #[command(flatten)]
+    pub limits: crate::limits::Limits,
     /// Upstream connect timeout.
     #[arg(long, env = "MESH_CONNECT_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5s")]
     pub connect_timeout: Duration,
@@ -253,6 +255,7 @@ pub struct Config {
     pub drain_timeout: Duration,
     #[serde(with = "humantime_serde_shim")]
     pub connect_timeout: Duration,
+    pub limits: crate::limits::Limits,
     #[serde(with = "humantime_serde_shim")]
     pub protocol_detect_timeout: Duration,
     pub opaque_ports: Vec<u16>,
@@ -408,6 +411,9 @@ impl RunArgs {
         if self.connect_timeout.is_zero() {
             return Err(err("--connect-timeout", "must be greater than zero"));
         }
+        if let Some(flag) = self.limits.invalid() {
+            return Err(err(flag, "must be at least 1"));
+        }
         let pin_dir = self
             .pin_dir
             .unwrap_or_else(|| self.bpffs.join("mesh").join(&self.node_name));
@@ -482,6 +488,7 @@ impl RunArgs {
             socket_acceleration: self.socket_acceleration == Switch::On,
             drain_timeout: self.drain_timeout,
             connect_timeout: self.connect_timeout,
+            limits: self.limits,
             protocol_detect_timeout: self.protocol_detect_timeout,
             opaque_ports,
             metrics_label_budget: self.metrics_label_budget,

@@ -51,10 +51,12 @@ const MAX_FRAME: u32 = 256 << 10;
 /// Pooled connections unused this long are closed.
 const IDLE: Duration = Duration::from_secs(60);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest header block a peer may send on a tunnel stream (CONNECT and carried HTTP/2 heads).
+const MAX_HEADER_LIST: u32 = 64 << 10;
 /// Bytes read from a TCP socket per relay step: small for request/response traffic (a buffer is
 /// allocated per read and lives until h2 has sent it), doubling while reads fill it (bulk: fewer
 /// syscalls, frames and wakeups per byte), halving again when they stop.
-const READ_MIN: usize = 16 * 1024;
+pub(crate) const READ_MIN: usize = 16 * 1024;
 const READ_MAX: usize = 256 * 1024;
 /// rustls reads at most 4 KiB per call: without a buffer under it, a 16 KiB record costs four
 /// `recvfrom`s. One read fills this buffer and rustls takes its slices from memory.
@@ -450,6 +452,9 @@ pub struct Inbound {
     pub l7: Option<Arc<crate::l7::inbound::L7Inbound>>,
     pub access_log: Arc<crate::access_log::AccessLog>,
     pub live: Arc<crate::live::Connections>,
+    /// Handshakes in progress (`--max-tunnel-handshakes`).
+    pub handshakes: Arc<crate::limits::Handshakes>,
+    pub limit_hits: Arc<crate::limits::Hits>,
 }
 
 /// Server TLS config, rebuilt when the trust bundle changes.
@@ -496,8 +501,12 @@ impl Inbound {
                 }
             }
             let config = current.as_ref().expect("set above").config.clone();
+            let (handshake, evicted) = self.handshakes.start();
+            if evicted {
+                self.limit_hits.hit(crate::limits::Limit::TunnelHandshakes);
+            }
             let this = self.clone();
-            watch.spawn_conn(async move { this.connection(tcp, peer, config).await });
+            watch.spawn_conn(async move { this.connection(tcp, peer, config, handshake).await });
         }
     }
 
@@ -540,9 +549,12 @@ impl Inbound {
         tcp: TcpStream,
         peer: SocketAddr,
         config: Arc<rustls::ServerConfig>,
+        slot: crate::limits::Handshake,
     ) {
         let _ = tcp.set_nodelay(true);
         let handshake = async {
+            // Nothing is allocated for a connection until it sends something.
+            tcp.readable().await.map_err(|e| ("io", e.to_string()))?;
             // Read the ClientHello first: the certificate to present depends on the SNI, and may
             // have to be fetched (first use) before the handshake can go on.
             let tcp = BufReader::with_capacity(TLS_READ_BUF, tcp);
@@ -571,11 +583,18 @@ impl Inbound {
                 .await
                 .map_err(|e| (tls::failure_reason(&e), e.to_string()))
         };
-        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-            Ok(Ok(s)) => s,
-            Ok(Err((reason, detail))) => return self.refuse_tls(peer, reason, &detail),
-            Err(_) => return self.refuse_tls(peer, "timeout", &"handshake timed out"),
+        let timed = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake);
+        let tls = tokio::select! {
+            r = timed => match r {
+                Ok(Ok(s)) => s,
+                Ok(Err((reason, detail))) => return self.refuse_tls(peer, reason, &detail),
+                Err(_) => return self.refuse_tls(peer, "timeout", &"handshake timed out"),
+            },
+            _ = slot.cut() => {
+                return self.refuse_tls(peer, "cut", &"newer handshakes needed its place (--max-tunnel-handshakes)")
+            }
         };
+        drop(slot);
         let (_, conn) = tls.get_ref();
         let client_id = conn
             .peer_certificates()
@@ -595,16 +614,17 @@ impl Inbound {
             return self.refuse_tls(peer, "foreign_trust_domain", &client_id);
         }
         self.stats.inbound_connections.fetch_add(1, Relaxed);
-        let mut h2 = match h2::server::Builder::new()
+        let h2 = h2::server::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONN_WINDOW)
             .max_frame_size(MAX_FRAME)
             .max_concurrent_streams(MAX_STREAMS)
-            .handshake::<_, Bytes>(Coalesce::new(tls))
-            .await
-        {
-            Ok(c) => c,
-            Err(e) => return debug!(%peer, error = %e, "HTTP/2 handshake failed"),
+            .max_header_list_size(MAX_HEADER_LIST)
+            .handshake::<_, Bytes>(Coalesce::new(tls));
+        let mut h2 = match tokio::time::timeout(HANDSHAKE_TIMEOUT, h2).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return debug!(%peer, error = %e, "HTTP/2 handshake failed"),
+            Err(_) => return debug!(%peer, "HTTP/2 handshake timed out"),
         };
         let (client_id, served) = (Arc::new(client_id), Arc::new(served));
         // Accepting also drives the connection: streams make progress while this loop runs.
@@ -1024,7 +1044,7 @@ pub async fn relay(tcp: PodStream, tunnel: Tunnel) -> (u64, u64) {
 }
 
 /// The next read's size after a read of `n` bytes into `size`.
-fn next_read_size(size: usize, n: usize) -> usize {
+pub(crate) fn next_read_size(size: usize, n: usize) -> usize {
     if n == size {
         (size * 2).min(READ_MAX)
     } else if n < size / 4 {

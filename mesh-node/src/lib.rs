@@ -22,6 +22,7 @@ pub mod hbone;
 pub mod identity;
 pub mod kubepods;
 pub mod l7;
+pub mod limits;
 pub mod live;
 pub mod logging;
 pub mod metrics;

@@ -151,6 +151,14 @@ fn describe() {
         "mesh_http_connections_over_limit_total",
         "App connections to a Service refused by its circuit breaker's maxConnections"
     );
+    describe_counter!(
+        "mesh_limit_hits_total",
+        "Times one of the proxy's limits was hit, by limit (tunnel_handshakes: the oldest handshake in progress cut; connections_per_pod, admin_connections: a connection refused)"
+    );
+    describe_gauge!(
+        "mesh_tunnel_handshakes_in_progress",
+        "TLS handshakes in progress on the tunnel listener"
+    );
     describe_gauge!("mesh_config_version", "Configuration version serving");
     describe_gauge!(
         "mesh_config_last_update_timestamp_seconds",
@@ -240,6 +248,11 @@ fn record(s: &Value) {
             .absolute(n(&e["plaintext"]));
         counter!("mesh_inbound_dropped_connections_total", "pod" => pod).absolute(n(&e["denied"]));
     }
+    for (limit, v) in s["limits"]["hits"].as_object().into_iter().flatten() {
+        counter!("mesh_limit_hits_total", "limit" => limit.clone()).absolute(n(v));
+    }
+    gauge!("mesh_tunnel_handshakes_in_progress")
+        .set(n(&s["limits"]["tunnel_handshakes_in_progress"]) as f64);
     let p = &s["proxy"];
     counter!("mesh_tcp_connections_accepted_total").absolute(n(&p["accepted"]));
     let local = n(&p["delivered_local"]);

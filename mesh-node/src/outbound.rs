@@ -24,7 +24,7 @@ use mesh_api::{
 };
 
 use crate::{
-    accel::{Accel, PodStream},
+    accel::{Accel, PodReadHalf, PodStream},
     access_log::{AccessLog, Entry as AccessEntry, Peer as AccessPeer},
     drain::Watch,
     ebpf::{Deliveries, EgressSockets},
@@ -114,9 +114,31 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(sock.into())
 }
 
-/// Per-direction relay buffer. 64 KiB moves bulk data in far fewer syscalls than tokio's 8 KiB
-/// default (measured with `cargo xtask bench`, figure `bulk_gbps`) for 128 KiB per connection.
-const RELAY_BUF: usize = 64 * 1024;
+/// Copies `rd` into `wr` until the end of `rd`'s stream, then shuts `wr` down (half closes pass
+/// on). A buffer exists only while bytes are in hand, sized like the tunnel relay's reads (they
+/// grow while reads fill them: bulk data moves in few system calls), so an idle connection holds
+/// none and a pod cannot pin memory by opening connections and sending nothing.
+async fn pump(mut rd: PodReadHalf, mut wr: tokio::net::tcp::OwnedWriteHalf) -> io::Result<u64> {
+    use tokio::io::AsyncWriteExt;
+    let mut total = 0u64;
+    let mut size = hbone::READ_MIN;
+    loop {
+        rd.readable().await?;
+        let mut buf = bytes::BytesMut::with_capacity(size);
+        let n = match rd.try_read_buf(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            wr.shutdown().await?;
+            return Ok(total);
+        }
+        size = hbone::next_read_size(size, n);
+        wr.write_all(&buf).await?;
+        total += n as u64;
+    }
+}
 
 pub struct Outbound {
     pub orig: Arc<dyn OrigDstSource>,
@@ -135,6 +157,9 @@ pub struct Outbound {
     pub l7: Option<L7Path>,
     pub access_log: Arc<AccessLog>,
     pub live: Arc<Connections>,
+    /// Connections each pod has open (`--max-connections-per-pod`).
+    pub per_pod: Arc<crate::limits::PerPod>,
+    pub limit_hits: Arc<crate::limits::Hits>,
 }
 
 /// The HTTP path and how long to look at a connection's first bytes.
@@ -261,6 +286,12 @@ impl Outbound {
         let Some(pod) = self.pods.resolve(pod, netns_cookie) else {
             self.stats.refused_unknown_pod.fetch_add(1, Relaxed);
             warn!(%peer, %orig_dst, %pod, "refused: the connecting pod is not enrolled any more");
+            return reset(client);
+        };
+        // Held until this connection ends: one pod cannot take every connection of the proxy.
+        let Some(_slot) = self.per_pod.admit(pod.id) else {
+            self.limit_hits.hit(crate::limits::Limit::ConnectionsPerPod);
+            debug!(%peer, pod = %pod.name, "refused: the pod has --max-connections-per-pod open");
             return reset(client);
         };
         if self.own_addrs.contains(&orig_dst) {
@@ -563,7 +594,7 @@ impl Outbound {
     /// Relays to `dst` (a pod of this node when `local`); the bytes each way, or why not.
     async fn relay(
         &self,
-        mut client: PodStream,
+        client: PodStream,
         dst: SocketAddr,
         dial: Dial<'_>,
     ) -> Result<(u64, u64), &'static str> {
@@ -574,7 +605,7 @@ impl Outbound {
                 Dial::AsPod(pod) => Ok(PodStream::plain(self.source.connect_as(pod, dst).await?)),
             }
         };
-        let mut upstream = match tokio::time::timeout(self.connect_timeout, connect).await {
+        let upstream = match tokio::time::timeout(self.connect_timeout, connect).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 self.stats.upstream_connect_failed.fetch_add(1, Relaxed);
@@ -593,13 +624,12 @@ impl Outbound {
         self.stats.relayed.fetch_add(1, Relaxed);
         self.stats.active.fetch_add(1, Relaxed);
         info!("relaying");
-        let result = tokio::io::copy_bidirectional_with_sizes(
-            &mut client,
-            &mut upstream,
-            RELAY_BUF,
-            RELAY_BUF,
-        )
-        .await;
+        let (from_client, to_client) = client.into_split();
+        let (from_upstream, to_upstream) = upstream.into_split();
+        let result = tokio::try_join!(
+            pump(from_client, to_upstream),
+            pump(from_upstream, to_client)
+        );
         self.stats.active.fetch_sub(1, Relaxed);
         match result {
             Ok((up, down)) => {
