@@ -41,6 +41,8 @@ pub struct Admin {
     pub config_dir: Option<PathBuf>,
     /// Cluster mode's client (rollback re-applies objects).
     pub kube: Option<kube::Client>,
+    /// Connections closed at accept: the listener already served [`MAX_CONNECTIONS`].
+    pub connections_refused: std::sync::atomic::AtomicU64,
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -88,9 +90,19 @@ fn decode(v: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Connections each admin listener serves at once.
+pub const MAX_CONNECTIONS: usize = 128;
+/// How long a client has for a request head (and for the next one on a kept-alive connection).
+pub const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Largest request head read.
+pub const MAX_HEAD: usize = 16 * 1024;
+
 impl Admin {
     /// Serves every endpoint, or with `read_only` only `/metrics` and `/healthz`.
+    /// At most [`MAX_CONNECTIONS`] at once (more are closed at accept); a request head must
+    /// arrive within [`HEAD_TIMEOUT`] and fit in [`MAX_HEAD`].
     pub async fn serve(self: Arc<Self>, listener: TcpListener, read_only: bool) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
             let stream = match listener.accept().await {
                 Ok((s, _)) => s,
@@ -99,8 +111,14 @@ impl Admin {
                     continue;
                 }
             };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                self.connections_refused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                continue;
+            };
             let this = self.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 let svc = service_fn(move |req| {
                     let this = this.clone();
                     async move {
@@ -114,6 +132,9 @@ impl Admin {
                     }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEAD_TIMEOUT)
+                    .max_buf_size(MAX_HEAD)
                     .serve_connection(TokioIo::new(stream), svc)
                     .await;
             });
@@ -187,6 +208,7 @@ impl Admin {
                 "object": i.object.to_string(), "field": i.field, "reason": i.reason,
             })).collect::<Vec<_>>(),
             "certificates_expiring": expiring,
+            "admin_connections_refused": self.connections_refused.load(std::sync::atomic::Ordering::Relaxed),
         })
     }
 

@@ -202,6 +202,9 @@ fn config_err(field: &'static str, reason: impl Into<String>) -> AppError {
     }
 }
 
+/// Largest gRPC request the controller decodes (a CSR, a subscription, an acknowledgement).
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
 pub async fn serve(args: ServeArgs) -> Result<Bound, AppError> {
     // The trust domain becomes part of every identity: reject what SpiffeId would.
     SpiffeId::new(&args.trust_domain, "x", "x")
@@ -339,10 +342,20 @@ pub async fn serve(args: ServeArgs) -> Result<Bound, AppError> {
     })?;
     let (tx, rx) = oneshot::channel();
     let router = Server::builder()
+        // Connections that never finish a handshake or go quiet are not held forever.
+        .timeout(std::time::Duration::from_secs(30))
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+        .concurrency_limit_per_connection(64)
         .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
         .map_err(|e| config_err("TLS", e.to_string()))?
-        .add_service(CertificateServiceServer::new(service))
-        .add_service(ConfigDiscoveryServer::new(config));
+        // Refused by size before anything is parsed: a CSR and a subscription are small.
+        .add_service(
+            CertificateServiceServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            ConfigDiscoveryServer::new(config).max_decoding_message_size(MAX_REQUEST_BYTES),
+        );
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let task = tokio::spawn(async move {
         if let Err(e) = router
@@ -373,6 +386,7 @@ pub async fn serve(args: ServeArgs) -> Result<Bound, AppError> {
         cert_ttl: args.cert_ttl,
         config_dir: args.config_dir.clone(),
         kube: if args.kubernetes { kube.clone() } else { None },
+        connections_refused: Default::default(),
     });
     if let Some(m) = args.metrics_addr {
         let l = tokio::net::TcpListener::bind(m)

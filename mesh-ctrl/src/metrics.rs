@@ -29,6 +29,10 @@ fn describe() {
         "mesh_ctrl_certificates_total",
         "Workload certificate requests, by result (signed, refused)"
     );
+    describe_counter!(
+        "mesh_ctrl_admin_connections_refused_total",
+        "Admin or metrics connections closed at accept: the listener was serving its maximum"
+    );
     describe_gauge!(
         "mesh_ctrl_certificates_expiring",
         "Issued certificates with less than a quarter of their lifetime left (renewal failing)"
@@ -61,6 +65,8 @@ pub fn render(status: &Value, signed: u64, refused: u64) -> String {
         gauge!("mesh_ctrl_nodes_connected").set(connected);
         counter!("mesh_ctrl_certificates_total", "result" => "signed").absolute(signed);
         counter!("mesh_ctrl_certificates_total", "result" => "refused").absolute(refused);
+        counter!("mesh_ctrl_admin_connections_refused_total")
+            .absolute(status["admin_connections_refused"].as_u64().unwrap_or(0));
     });
     handle.render()
 }

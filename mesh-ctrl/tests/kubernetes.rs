@@ -116,6 +116,42 @@ async fn token_review_decides_which_node_is_calling() {
     }
 }
 
+/// A caller repeating a bad token costs one TokenReview, not one per attempt; the same token
+/// claimed for another node is a different question and is asked.
+#[tokio::test]
+async fn a_refused_token_is_not_reviewed_again() {
+    let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let auth = TokenReviewAuth::new(
+        Client::new(service, "default"),
+        "mesh-system",
+        "mesh-node",
+        "mesh-ctrl",
+    );
+    let expired = json!({"authenticated": false, "error": "token expired"});
+    let server = tokio::spawn(async move {
+        review_once(&mut handle, expired.clone()).await;
+        review_once(&mut handle, expired).await;
+        // Nothing else may reach the API server.
+        let mut handle = pin!(&mut handle);
+        tokio::time::timeout(std::time::Duration::from_millis(300), handle.next_request())
+            .await
+            .is_err()
+    });
+    for _ in 0..50 {
+        let got = auth.authenticate(&md("node-a", "the-token")).await;
+        assert!(
+            matches!(&got, Err(AuthError::Refused { reason, .. }) if reason.contains("token expired")),
+            "{got:?}"
+        );
+    }
+    let got = auth.authenticate(&md("node-b", "the-token")).await;
+    assert!(matches!(got, Err(AuthError::Refused { .. })), "{got:?}");
+    assert!(
+        server.await.unwrap(),
+        "a remembered refusal was reviewed again"
+    );
+}
+
 #[tokio::test]
 async fn an_unreachable_api_server_is_unavailable_not_a_refusal() {
     let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
