@@ -311,8 +311,8 @@ impl Redirector {
             counters,
             pod_inbound,
             port_modes: Mutex::new(port_modes),
-            deliveries: Deliveries(Some(Arc::new(Mutex::new(deliveries)))),
-            egress: EgressSockets(Some(Arc::new(Mutex::new(egress)))),
+            deliveries: Marks::new(deliveries, maps::DELIVERIES),
+            egress: Marks::new(egress, maps::EGRESS_SOCKS),
             accel,
             kernel: kernel.clone(),
             _ebpf: ebpf,
@@ -461,79 +461,72 @@ impl OrigDstSource for Redirector {
     }
 }
 
-/// The record of the connections the proxy is opening to its pods (`MESH_DELIVERIES`): the
-/// ingress program admits a SYN to a pod as mesh traffic only if it finds it there. Without
-/// eBPF (tests of the proxy alone) it records nothing.
-#[derive(Clone, Default)]
-pub struct Deliveries(Option<Arc<Mutex<HashMap<MapData, SockKey, u8>>>>);
-
-impl std::fmt::Debug for Deliveries {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() {
-            "Deliveries"
-        } else {
-            "Deliveries(off)"
-        })
-    }
+/// Keys the proxy marks in a map only while one of its own connects runs, so a program can tell
+/// that connect apart: `Marks<SockKey>` for `MESH_DELIVERIES` (the proxy's connections to its
+/// pods, the only SYNs the ingress program admits as mesh traffic) and `Marks<u64>` for
+/// `MESH_EGRESS` (socket cookies of the sockets it makes in pods' namespaces, which connect lets
+/// go where they asked). Without eBPF (tests of the proxy alone) nothing is marked.
+pub struct Marks<K> {
+    map: Option<Arc<Mutex<HashMap<MapData, K, u8>>>>,
+    name: &'static str,
 }
 
-impl Deliveries {
-    /// Records the connection from `local` (bound, not yet connected) to `pod`.
-    pub fn open(&self, local: SocketAddr, pod: SocketAddr) -> Result<(), EbpfError> {
-        let Some(map) = &self.0 else { return Ok(()) };
-        map.lock()
-            .expect("deliveries map lock")
-            .insert(sock_key(local, pod), 1, 0)
-            .map_err(map_err(maps::DELIVERIES))
-    }
-
-    /// Forgets it once the handshake is over, whatever its result.
-    pub fn done(&self, local: SocketAddr, pod: SocketAddr) {
-        if let Some(map) = &self.0 {
-            let _ = map
-                .lock()
-                .expect("deliveries map lock")
-                .remove(&sock_key(local, pod));
+impl<K> Clone for Marks<K> {
+    fn clone(&self) -> Self {
+        Self {
+            map: self.map.clone(),
+            name: self.name,
         }
     }
 }
 
-/// The sockets the proxy makes inside pods' network namespaces for traffic leaving the mesh
-/// (`MESH_EGRESS`): marked while they connect, so the connect program lets them go where they
-/// asked instead of back to the proxy. Without eBPF nothing is redirected, and nothing marked.
-#[derive(Clone, Default)]
-pub struct EgressSockets(Option<Arc<Mutex<HashMap<MapData, u64, u8>>>>);
-
-impl std::fmt::Debug for EgressSockets {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() {
-            "EgressSockets"
-        } else {
-            "EgressSockets(off)"
-        })
-    }
-}
-
-impl EgressSockets {
-    /// Marks the socket with this cookie (`SO_COOKIE`) before it connects.
-    pub fn mark(&self, cookie: u64) -> Result<(), EbpfError> {
-        let Some(map) = &self.0 else { return Ok(()) };
-        map.lock()
-            .expect("egress map lock")
-            .insert(cookie, 1, 0)
-            .map_err(map_err(maps::EGRESS_SOCKS))
-    }
-
-    /// Forgets it once connect has run (the program only looks at connect).
-    pub fn unmark(&self, cookie: u64) {
-        if let Some(map) = &self.0 {
-            let _ = map.lock().expect("egress map lock").remove(&cookie);
+impl<K> Default for Marks<K> {
+    fn default() -> Self {
+        Self {
+            map: None,
+            name: "off",
         }
     }
 }
+
+impl<K> std::fmt::Debug for Marks<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Marks({})", self.name)
+    }
+}
+
+impl<K: aya::Pod> Marks<K> {
+    fn new(map: HashMap<MapData, K, u8>, name: &'static str) -> Self {
+        Self {
+            map: Some(Arc::new(Mutex::new(map))),
+            name,
+        }
+    }
+
+    /// Marks `key` before the connect.
+    pub fn mark(&self, key: K) -> Result<(), EbpfError> {
+        let Some(map) = &self.map else { return Ok(()) };
+        map.lock()
+            .expect("marks lock")
+            .insert(key, 1, 0)
+            .map_err(map_err(self.name))
+    }
+
+    /// Forgets it once the connect has run, whatever its result.
+    pub fn unmark(&self, key: K) {
+        if let Some(map) = &self.map {
+            let _ = map.lock().expect("marks lock").remove(&key);
+        }
+    }
+}
+
+/// See [`Marks`].
+pub type Deliveries = Marks<SockKey>;
+/// See [`Marks`].
+pub type EgressSockets = Marks<u64>;
 
 /// The key of a socket from `local` to `remote` as the ingress program reads it off a SYN.
-fn sock_key(local: SocketAddr, remote: SocketAddr) -> SockKey {
+pub fn sock_key(local: SocketAddr, remote: SocketAddr) -> SockKey {
     let (la, lf) = addr16(local.ip());
     let (ra, _) = addr16(remote.ip());
     SockKey {

@@ -214,10 +214,10 @@ impl ProxySource {
             SocketAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
         });
         sock.bind(SocketAddr::new(from, 0))?;
-        let local = sock.local_addr()?;
-        self.deliveries.open(local, dst).map_err(io::Error::other)?;
+        let key = crate::ebpf::sock_key(sock.local_addr()?, dst);
+        self.deliveries.mark(key).map_err(io::Error::other)?;
         let connected = sock.connect(dst).await;
-        self.deliveries.done(local, dst);
+        self.deliveries.unmark(key);
         let s = connected?;
         let _ = s.set_nodelay(true);
         Ok(self.accel.register(s))

@@ -91,7 +91,10 @@ async fn idle_handshakes_cannot_keep_mesh_traffic_out() {
         idle.push(connect_in(&cluster.nodes[0].netns, tunnel).await.unwrap());
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let r = client.client(server.addr(false, PORT), 20, 64).await.unwrap();
+    let r = client
+        .client(server.addr(false, PORT), 20, 64)
+        .await
+        .unwrap();
     assert_eq!(n(&r, &["ok"]), 20, "{r}");
     let c = cluster.nodes[1].counters().await.unwrap();
     assert!(
@@ -150,10 +153,16 @@ async fn one_pod_cannot_take_every_connection_of_the_proxy() {
     let r = other.client(dst, 3, 64).await.unwrap();
     assert_eq!(n(&r, &["ok"]), 3, "{r}");
     let held = hold.await.unwrap();
-    assert!(n(&held, &["requests"]) > 0, "the held connections worked: {held}");
+    assert!(
+        n(&held, &["requests"]) > 0,
+        "the held connections worked: {held}"
+    );
     // Its connections ended: the pod may connect again.
     let r = greedy.client(dst, 2, 64).await.unwrap();
     assert_eq!(n(&r, &["ok"]), 2, "{r}");
     let c = cluster.nodes[0].counters().await.unwrap();
-    assert!(n(&c, &["limits", "hits", "connections_per_pod"]) >= 1, "{c}");
+    assert!(
+        n(&c, &["limits", "hits", "connections_per_pod"]) >= 1,
+        "{c}"
+    );
 }
