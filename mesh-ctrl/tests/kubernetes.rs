@@ -57,6 +57,16 @@ async fn review_once(handle: &mut ApiHandle, status: Value) {
     ));
 }
 
+/// The controller's node authentication, as deployed, against the mock API server `service`.
+fn node_auth(service: mock::Mock<Request<Body>, Response<Body>>) -> TokenReviewAuth {
+    TokenReviewAuth::new(
+        Client::new(service, "default"),
+        "mesh-system",
+        "mesh-node",
+        "mesh-ctrl",
+    )
+}
+
 fn user(name: &str, node: Option<&str>) -> Value {
     let mut u = json!({"username": name, "uid": "u1"});
     if let Some(n) = node {
@@ -97,12 +107,7 @@ async fn token_review_decides_which_node_is_calling() {
     ];
     for (status, expected) in cases {
         let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
-        let auth = TokenReviewAuth::new(
-            Client::new(service, "default"),
-            "mesh-system",
-            "mesh-node",
-            "mesh-ctrl",
-        );
+        let auth = node_auth(service);
         let server = tokio::spawn(async move { review_once(&mut handle, status).await });
         let got = auth.authenticate(&md("node-a", "the-token")).await;
         server.await.unwrap();
@@ -121,12 +126,7 @@ async fn token_review_decides_which_node_is_calling() {
 #[tokio::test]
 async fn a_refused_token_is_not_reviewed_again() {
     let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let auth = TokenReviewAuth::new(
-        Client::new(service, "default"),
-        "mesh-system",
-        "mesh-node",
-        "mesh-ctrl",
-    );
+    let auth = node_auth(service);
     let expired = json!({"authenticated": false, "error": "token expired"});
     let server = tokio::spawn(async move {
         review_once(&mut handle, expired.clone()).await;
@@ -155,12 +155,7 @@ async fn a_refused_token_is_not_reviewed_again() {
 #[tokio::test]
 async fn an_unreachable_api_server_is_unavailable_not_a_refusal() {
     let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let auth = TokenReviewAuth::new(
-        Client::new(service, "default"),
-        "mesh-system",
-        "mesh-node",
-        "mesh-ctrl",
-    );
+    let auth = node_auth(service);
     let server = tokio::spawn(async move {
         let mut handle = pin!(&mut handle);
         let (_, send) = handle.next_request().await.unwrap();
