@@ -503,19 +503,30 @@ impl<K: aya::Pod> Marks<K> {
         }
     }
 
-    /// Marks `key` before the connect.
-    pub fn mark(&self, key: K) -> Result<(), EbpfError> {
-        let Some(map) = &self.map else { return Ok(()) };
-        map.lock()
-            .expect("marks lock")
-            .insert(key, 1, 0)
-            .map_err(map_err(self.name))
-    }
-
-    /// Forgets it once the connect has run, whatever its result.
-    pub fn unmark(&self, key: K) {
+    /// Marks `key` for as long as the returned guard lives: hold it across the connect. The
+    /// mark goes when the guard is dropped, also when the connect is abandoned (a timeout drops
+    /// the future): a mark left behind would admit whoever binds the same address next.
+    pub fn mark(&self, key: K) -> Result<Marked<'_, K>, EbpfError> {
         if let Some(map) = &self.map {
-            let _ = map.lock().expect("marks lock").remove(&key);
+            map.lock()
+                .expect("marks lock")
+                .insert(key, 1, 0)
+                .map_err(map_err(self.name))?;
+        }
+        Ok(Marked { marks: self, key })
+    }
+}
+
+/// A key marked by [`Marks::mark`], until dropped.
+pub struct Marked<'a, K: aya::Pod> {
+    marks: &'a Marks<K>,
+    key: K,
+}
+
+impl<K: aya::Pod> Drop for Marked<'_, K> {
+    fn drop(&mut self) {
+        if let Some(map) = &self.marks.map {
+            let _ = map.lock().expect("marks lock").remove(&self.key);
         }
     }
 }

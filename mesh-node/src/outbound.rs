@@ -215,9 +215,9 @@ impl ProxySource {
         });
         sock.bind(SocketAddr::new(from, 0))?;
         let key = crate::ebpf::sock_key(sock.local_addr()?, dst);
-        self.deliveries.mark(key).map_err(io::Error::other)?;
+        let marked = self.deliveries.mark(key).map_err(io::Error::other)?;
         let connected = sock.connect(dst).await;
-        self.deliveries.unmark(key);
+        drop(marked);
         let s = connected?;
         let _ = s.set_nodelay(true);
         Ok(self.accel.register(s))
@@ -240,10 +240,10 @@ impl ProxySource {
         }
         sock.set_nonblocking(true)?;
         let cookie = sys::socket_cookie(&sock)?;
-        self.egress.mark(cookie).map_err(io::Error::other)?;
+        let marked = self.egress.mark(cookie).map_err(io::Error::other)?;
         let sock = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(sock));
         let connected = sock.connect(dst).await;
-        self.egress.unmark(cookie);
+        drop(marked);
         let s = connected?;
         let _ = s.set_nodelay(true);
         Ok(s)

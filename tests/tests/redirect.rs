@@ -675,3 +675,50 @@ async fn connects_that_never_complete_leave_no_records_behind() {
         after - before
     );
 }
+
+/// A delivery the proxy gives up on (its connect times out) leaves no mark behind: a mark would
+/// admit, as mesh traffic, whoever binds the same address and port next.
+#[tokio::test]
+async fn an_abandoned_delivery_leaves_no_mark_behind() {
+    require_root();
+    let cluster = ClusterBuilder::new()
+        .nodes(1)
+        .pods_per_node(2)
+        .node_args(&["--connect-timeout", "1s"])
+        .with_controller()
+        .start()
+        .await
+        .unwrap();
+    let (client, server) = (cluster.pod(0, 0).clone(), cluster.pod(0, 1).clone());
+    let _s = server.serve(PORT, false).await.unwrap();
+    for p in [&client, &server] {
+        cluster.enroll(p).await.unwrap();
+    }
+    let dst = server.addr(false, PORT);
+    assert_eq!(n(&client.client(dst, 1, 64).await.unwrap(), &["ok"]), 1);
+    // The server's answers to the node proxy go nowhere: the proxy's connect times out.
+    let node_ip = format!("{}/32", cluster.nodes[0].ipv4);
+    let s = std::process::Command::new("ip")
+        .args(["-n", &server.netns, "route", "add", "blackhole", &node_ip])
+        .status()
+        .unwrap();
+    assert!(s.success());
+    let r = client
+        .testpod(&[
+            "client",
+            "--to",
+            &dst.to_string(),
+            "--conns",
+            "3",
+            "--bytes",
+            "1",
+        ])
+        .await
+        .unwrap();
+    assert_eq!(n(&r, &["ok"]), 0, "{r}");
+    assert_eq!(
+        map_entries(&cluster, "MESH_DELIVERIES"),
+        0,
+        "abandoned deliveries stayed marked"
+    );
+}
