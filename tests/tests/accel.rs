@@ -70,7 +70,9 @@ async fn pod_sends_skip_tcp_and_arrive_in_order_to_the_same_and_another_node() {
     // reading, and the pod's sends fall back to TCP; in the pauses between later bursts the
     // proxy catches up and they take the shortcut again. Every byte is checked at the sink.
     // Under emulation the writer is slower: the pause scales so the proxy's limit is still hit.
+    // The gaps scale too: the proxy must catch up in them for the shortcut to come back.
     let pause = (1000 * mesh_tests::time_scale()).to_string();
+    let gap = (100 * mesh_tests::time_scale()).to_string();
     let _sinks = on_both(
         &local,
         &remote,
@@ -88,7 +90,7 @@ async fn pod_sends_skip_tcp_and_arrive_in_order_to_the_same_and_another_node() {
                 "--bursts",
                 "16",
                 "--gap-ms",
-                "100",
+                &gap,
             ],
         )
         .await;

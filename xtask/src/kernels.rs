@@ -602,20 +602,78 @@ fn boot(kernel: &Kernel, root: &Path, tests: &[(String, PathBuf)]) -> anyhow::Re
                 .filter(|l| l.starts_with("test ") && l.ends_with("FAILED"))
                 .collect();
             out.failures.push(format!(
-                "{name} exited {rc:?}: {failed:?} (log: {})",
-                results.join(format!("{name}.log")).display()
+                "{name} exited {rc:?}: {failed:?} (log: {})\n{}",
+                results.join(format!("{name}.log")).display(),
+                panics(&log)
             ));
         }
     }
     Ok(out)
 }
 
-/// Boots each kernel (all, or those whose label is in `only`) and runs the matrix there.
-pub fn test_kernels(only: &[String]) -> anyhow::Result<()> {
+/// The panic messages in a libtest log, indented, so a CI report says why a test failed without
+/// the guest's files (they stay on the machine that ran it).
+fn panics(log: &str) -> String {
+    let mut out = String::new();
+    let mut keep = 0;
+    for line in log.lines() {
+        if line.contains("panicked at") {
+            keep = 6;
+        }
+        if keep > 0 {
+            if line.starts_with("note: run with") || line.starts_with("---- ") {
+                keep = 0;
+                continue;
+            }
+            keep -= 1;
+            out.push_str("    | ");
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Which kernels and test targets to run; empty means all.
+#[derive(Default)]
+pub struct Selection {
+    pub kernels: Vec<String>,
+    pub tests: Vec<String>,
+}
+
+impl Selection {
+    /// `[LABEL]... [--test NAME]...`
+    pub fn parse(args: &[String]) -> anyhow::Result<Self> {
+        let mut sel = Self::default();
+        let mut args = args.iter();
+        while let Some(a) = args.next() {
+            if a == "--test" {
+                let name = args.next().context("--test needs a test target name")?;
+                if !TESTS.contains(&name.as_str()) {
+                    bail!("unknown test target {name:?}; the matrix runs {TESTS:?}");
+                }
+                sel.tests.push(name.clone());
+            } else if KERNELS.iter().any(|k| k.label == a) {
+                sel.kernels.push(a.clone());
+            } else {
+                bail!(
+                    "unknown kernel {a:?}; labels are {:?}",
+                    KERNELS.iter().map(|k| k.label).collect::<Vec<_>>()
+                );
+            }
+        }
+        Ok(sel)
+    }
+}
+
+/// Boots each selected kernel and runs the selected tests there.
+pub fn test_kernels(sel: &Selection) -> anyhow::Result<()> {
     toolchain::install(PACKAGES)?;
     let root = crate::root();
     crate::build(true)?;
-    let tests = test_binaries(&root)?;
+    let mut tests = test_binaries(&root)?;
+    tests.retain(|(name, _)| sel.tests.is_empty() || sel.tests.contains(name));
+    let only = &sel.kernels;
     let mut failed = false;
     let mut report = String::new();
     for kernel in KERNELS
@@ -642,6 +700,16 @@ pub fn test_kernels(only: &[String]) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failure_report_carries_the_panic_message() {
+        let log = "running 2 tests\ntest a ... ok\ntest b ... FAILED\n\nfailures:\n\n---- b stdout ----\nto local: 3 sends\n\nthread 'b' panicked at tests/accel.rs:101:9:\nno send took the shortcut to remote: {}\nnote: run with `RUST_BACKTRACE=1`\n\nfailures:\n    b\n";
+        let p = panics(log);
+        assert!(p.contains("panicked at tests/accel.rs:101:9"), "{p}");
+        assert!(p.contains("no send took the shortcut to remote"), "{p}");
+        assert!(!p.contains("RUST_BACKTRACE"), "{p}");
+        assert_eq!(panics("test a ... ok\n"), "");
+    }
 
     #[test]
     fn newest_package_compares_numbers_as_numbers() {

@@ -20,7 +20,7 @@ const USAGE: &str = "usage: cargo xtask <command>
   build [--release]     build-ebpf, then the whole workspace (mesh-node embeds the object)
   test                  fmt, clippy -D warnings, unit tests, end-to-end tests on the real kernel (root),
                         then test-kernels
-  test-kernels [LABEL]...
+  test-kernels [LABEL]... [--test NAME]...
                         boot Debian's 6.1 and 6.12 LTS kernels in QEMU and run mesh-node's probe
                         and the kernel-facing end-to-end tests there (release builds)
   bench [--json FILE] [--rounds N] [--scenario S]...
@@ -43,7 +43,7 @@ fn main() -> anyhow::Result<()> {
         "test" => test(),
         "test-kernels" => {
             require_root("cargo xtask test-kernels")?;
-            kernels::test_kernels(rest)
+            kernels::test_kernels(&kernels::Selection::parse(rest)?)
         }
         "bench" => {
             build(true)?;
@@ -160,7 +160,7 @@ fn test() -> anyhow::Result<()> {
         cargo(&["test", "--workspace"])
     })?;
     step("kernel matrix (6.1 and 6.12 LTS in QEMU)", || {
-        kernels::test_kernels(&[])
+        kernels::test_kernels(&kernels::Selection::default())
     })
 }
 
