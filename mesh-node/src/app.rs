@@ -540,6 +540,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
             live: live.clone(),
             handshakes: handshakes.clone().expect("made with the mesh"),
             limit_hits: limit_hits.clone(),
+            idle_timeout: config.limits.tunnel_idle_timeout,
         });
         for l in inbound_listeners {
             tokio::spawn(inbound.clone().serve(l, drain.watch()));

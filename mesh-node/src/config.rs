@@ -272,7 +272,7 @@ pub struct Config {
     pub mesh: Option<MeshConfig>,
 }
 
-mod humantime_serde_shim {
+pub(crate) mod humantime_serde_shim {
     pub fn serialize<S: serde::Serializer>(
         d: &std::time::Duration,
         s: S,

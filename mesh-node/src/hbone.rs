@@ -102,6 +102,9 @@ pub struct Stats {
     /// the identity the peer proved.
     pub inbound_refused_spoofed_source: AtomicU64,
     pub inbound_upstream_failed: AtomicU64,
+    /// Authenticated connections told to go after carrying no stream for
+    /// `--tunnel-idle-timeout`.
+    pub inbound_idle_closed: AtomicU64,
 }
 
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
@@ -455,6 +458,55 @@ pub struct Inbound {
     /// Handshakes in progress (`--max-tunnel-handshakes`).
     pub handshakes: Arc<crate::limits::Handshakes>,
     pub limit_hits: Arc<crate::limits::Hits>,
+    /// How long a connection may carry no stream (`--tunnel-idle-timeout`).
+    pub idle_timeout: Duration,
+}
+
+/// The streams in flight on one accepted tunnel connection, and since when it has had none.
+#[derive(Default)]
+struct Streams {
+    open: AtomicUsize,
+    last_ended: tokio::sync::Notify,
+    /// When the last stream ended (or the connection started idling), in ms since `epoch()`.
+    idle_since: AtomicU64,
+}
+
+impl Streams {
+    fn touch(&self) {
+        self.idle_since
+            .store(epoch().elapsed().as_millis() as u64, Relaxed);
+    }
+
+    fn open(self: &Arc<Self>) -> OpenStream {
+        self.open.fetch_add(1, Relaxed);
+        OpenStream(self.clone())
+    }
+
+    /// When the connection will have been idle for `timeout`, if it carries no stream now.
+    fn idle_deadline(&self, timeout: Duration) -> Option<tokio::time::Instant> {
+        if self.open.load(Relaxed) > 0 {
+            return None;
+        }
+        let since = Duration::from_millis(self.idle_since.load(Relaxed));
+        let idle = epoch().elapsed().saturating_sub(since);
+        Some(tokio::time::Instant::now() + timeout.saturating_sub(idle))
+    }
+}
+
+/// One stream in flight; when the last one ends the connection starts idling.
+struct OpenStream(Arc<Streams>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.touch();
+        if self.0.open.fetch_sub(1, Relaxed) == 1 {
+            self.0.last_ended.notify_one();
+        }
+    }
+}
+
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(86400 * 365)
 }
 
 /// Server TLS config, rebuilt when the trust bundle changes.
@@ -627,12 +679,40 @@ impl Inbound {
             Err(_) => return debug!(%peer, "HTTP/2 handshake timed out"),
         };
         let (client_id, served) = (Arc::new(client_id), Arc::new(served));
+        let streams = Arc::new(Streams::default());
+        streams.touch();
+        let mut closing = false;
         // Accepting also drives the connection: streams make progress while this loop runs.
-        while let Some(next) = h2.accept().await {
+        loop {
+            let idle_deadline = streams.idle_deadline(self.idle_timeout);
+            let next = tokio::select! {
+                next = h2.accept() => next,
+                // The last stream ended: the idle clock starts.
+                _ = streams.last_ended.notified(), if idle_deadline.is_none() => continue,
+                _ = tokio::time::sleep_until(idle_deadline.unwrap_or_else(far_future)),
+                    if idle_deadline.is_some() =>
+                {
+                    if closing {
+                        // GOAWAY went out a timeout ago and the peer still holds the connection
+                        // without streams: nothing is lost by dropping it.
+                        return debug!(%peer, "idle tunnel connection closed");
+                    }
+                    // An authenticated peer holds memory (TLS and HTTP/2 state) for as long as
+                    // it keeps the connection: an idle one is told to go, streams in flight
+                    // (none, or ones that race the GOAWAY) still finish.
+                    self.stats.inbound_idle_closed.fetch_add(1, Relaxed);
+                    h2.graceful_shutdown();
+                    closing = true;
+                    streams.touch();
+                    continue;
+                }
+            };
+            let Some(next) = next else { return };
             let (req, respond) = match next {
                 Ok(s) => s,
                 Err(e) => return debug!(%peer, error = %e, "tunnel connection ended"),
             };
+            let stream = streams.open();
             let (this, client_id, served) = (self.clone(), client_id.clone(), served.clone());
             // An HTTP request (L7) and a CONNECT stream are separate tasks: each future is only
             // as large as its own path. Boxed: a task copies its future in at spawn.
@@ -645,16 +725,19 @@ impl Inbound {
             if let Some(l7) = l7(&crate::l7::TARGET_HEADER).filter(|_| !connect) {
                 tokio::spawn(Box::pin(async move {
                     this.request(&l7, req, respond, peer, &client_id, &served)
-                        .await
+                        .await;
+                    drop(stream);
                 }));
             } else if let Some(l7) = l7(&crate::l7::CARRIED_HEADER).filter(|_| connect) {
                 tokio::spawn(Box::pin(async move {
                     this.carried(l7, req, respond, peer, &client_id, &served)
-                        .await
+                        .await;
+                    drop(stream);
                 }));
             } else {
                 tokio::spawn(Box::pin(async move {
-                    this.stream(req, respond, peer, &client_id, &served).await
+                    this.stream(req, respond, peer, &client_id, &served).await;
+                    drop(stream);
                 }));
             }
         }

@@ -37,6 +37,12 @@ pub struct Limits {
     /// Connections each admin or metrics listener serves at once; more are closed at accept.
     #[arg(long, env = "MESH_MAX_ADMIN_CONNECTIONS", default_value_t = 128)]
     pub max_admin_connections: usize,
+    /// How long an authenticated tunnel connection may carry no stream before it is closed
+    /// (GOAWAY, then close). Proxies drop their own pooled connections after 60 s idle; keep this
+    /// above 75 s so that the peer closes first and never races a new stream against the GOAWAY.
+    #[arg(long, env = "MESH_TUNNEL_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "120s")]
+    #[serde(serialize_with = "crate::config::humantime_serde_shim::serialize")]
+    pub tunnel_idle_timeout: Duration,
 }
 
 impl Limits {
@@ -50,6 +56,7 @@ impl Limits {
         .into_iter()
         .find(|(v, _)| *v == 0 || *v > Semaphore::MAX_PERMITS)
         .map(|(_, flag)| flag)
+        .or((self.tunnel_idle_timeout.is_zero()).then_some("--tunnel-idle-timeout"))
     }
 }
 
@@ -270,7 +277,14 @@ mod tests {
             max_tunnel_handshakes: 0,
             max_connections_per_pod: 1,
             max_admin_connections: 1,
+            tunnel_idle_timeout: Duration::from_secs(1),
         };
         assert_eq!(l.invalid(), Some("--max-tunnel-handshakes"));
+        let l = Limits {
+            max_tunnel_handshakes: 1,
+            tunnel_idle_timeout: Duration::ZERO,
+            ..l
+        };
+        assert_eq!(l.invalid(), Some("--tunnel-idle-timeout"));
     }
 }

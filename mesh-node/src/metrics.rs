@@ -302,6 +302,7 @@ fn record(s: &Value) {
             .absolute(n(&t["inbound_refused_spoofed_source"]));
         counter!("mesh_tunnel_inbound_refused_total", "reason" => "upstream")
             .absolute(n(&t["inbound_upstream_failed"]));
+        counter!("mesh_tunnel_idle_closed_total").absolute(n(&t["inbound_idle_closed"]));
     }
     let a = &s["authz"];
     if a.is_object() {

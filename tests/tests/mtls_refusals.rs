@@ -1,4 +1,5 @@
-//! Peers the mesh must refuse, and count: forged, expired and mismatched certificates.
+//! Peers the mesh must refuse, and count: forged, expired and mismatched certificates, and
+//! authenticated peers that hold a connection without using it.
 use std::{sync::Arc, time::Duration};
 
 use mesh_tests::{ClusterBuilder, Pair, connect_in, listen_in, n};
@@ -174,6 +175,89 @@ async fn forged_and_expired_client_certificates_are_refused_and_counted() {
         .await
         .unwrap();
     assert_eq!(n(&report, &["ok"]), 2, "{report}");
+}
+
+/// Reads HTTP/2 frames from `s` until the peer closes: the frame types seen, and when it closed.
+async fn frames_until_closed(
+    s: &mut (impl tokio::io::AsyncRead + Unpin),
+    within: Duration,
+) -> Option<(Vec<u8>, Duration)> {
+    let start = std::time::Instant::now();
+    let mut types = Vec::new();
+    let mut head = [0u8; 9];
+    loop {
+        let read = tokio::time::timeout_at((start + within).into(), s.read_exact(&mut head))
+            .await
+            .ok()?;
+        if read.is_err() {
+            return Some((types, start.elapsed()));
+        }
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        types.push(head[3]);
+        let mut payload = vec![0u8; len];
+        if s.read_exact(&mut payload).await.is_err() {
+            return Some((types, start.elapsed()));
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_authenticated_peer_that_holds_a_connection_idle_is_told_to_go() {
+    let Pair {
+        cluster,
+        client,
+        server,
+        server_process: _s,
+    } = ClusterBuilder::new()
+        .nodes(2)
+        .pods_per_node(1)
+        .with_controller()
+        .node_args(&["--tunnel-idle-timeout", "2s"])
+        .start_pair(PORT)
+        .await
+        .unwrap();
+    let client_id = format!(
+        "spiffe://cluster.local/ns/default/sa/{}",
+        client.service_account
+    );
+    let sni = format!("{}.default.id.mesh", server.service_account);
+    // A genuine certificate, a complete HTTP/2 handshake, then nothing: memory held for free
+    // unless the server lets idle connections go.
+    let (chain, key) = leaf(&mesh_ca(&cluster), &client_id, -60, 3600);
+    let mut tls = tls_to_node1(&cluster, (chain, key), &sni).await.unwrap();
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let (types, after) = frames_until_closed(&mut tls, Duration::from_secs(15))
+        .await
+        .expect("an idle authenticated connection was kept past its idle timeout");
+    const GOAWAY: u8 = 7;
+    assert!(
+        types.contains(&GOAWAY),
+        "closed without a GOAWAY: {types:?}"
+    );
+    assert!(
+        after >= Duration::from_millis(1500),
+        "closed after {after:?}"
+    );
+    let c1 = cluster.nodes[1].counters().await.unwrap();
+    assert!(n(&c1, &["tunnel", "inbound_idle_closed"]) >= 1, "{c1}");
+
+    // Honest pooled connections that idle out are replaced: requests on either side of the
+    // timeout all succeed.
+    for _ in 0..3 {
+        let report = client
+            .client(server.addr(false, PORT), 2, 128)
+            .await
+            .unwrap();
+        assert_eq!(n(&report, &["ok"]), 2, "{report}");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    let c0 = cluster.nodes[0].counters().await.unwrap();
+    assert!(
+        n(&c0, &["tunnel", "outbound_connections"]) >= 3,
+        "the client's connection was never closed for idling: {c0}"
+    );
 }
 
 #[tokio::test]
