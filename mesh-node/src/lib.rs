@@ -17,6 +17,8 @@ pub mod enforce;
 pub mod enroll;
 pub mod explain;
 pub mod follow;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzz;
 pub(crate) mod handover;
 pub mod hbone;
 pub mod identity;

@@ -1,7 +1,8 @@
-//! Project tasks: `cargo xtask <setup|build-ebpf|build|test|test-kernels|bench|crds|demo>`.
+//! Project tasks: `cargo xtask <setup|build-ebpf|build|test|test-kernels|fuzz|bench|crds|demo>`.
 //!
 //! Every task that needs the eBPF toolchain runs `setup` first; setup is idempotent and fast when
 //! everything is already there.
+mod fuzz;
 mod kernels;
 mod toolchain;
 
@@ -18,11 +19,13 @@ const USAGE: &str = "usage: cargo xtask <command>
   setup                 install what this machine lacks (Debian packages, bpf-linker) - idempotent
   build-ebpf            build the eBPF object (target/ebpf/bpfel-unknown-none/release/mesh-ebpf)
   build [--release]     build-ebpf, then the whole workspace (mesh-node embeds the object)
-  test                  fmt, clippy -D warnings, unit tests, end-to-end tests on the real kernel (root),
-                        then test-kernels
+  test                  fmt, clippy -D warnings, unit tests (which replay the fuzz corpora), end-to-end
+                        tests on the real kernel (root), fuzz --seconds 15, then test-kernels
   test-kernels [LABEL]... [--test NAME]...
                         boot Debian's 6.1 and 6.12 LTS kernels in QEMU and run mesh-node's probe
                         and the kernel-facing end-to-end tests there (release builds)
+  fuzz [--seconds N] [TARGET]...
+                        build the fuzz targets with libFuzzer and run each for N seconds (60)
   bench [--json FILE] [--rounds N] [--scenario S]...
                         every path pod to pod, figures with ratios to direct
   crds                  regenerate manifests/crds/ from the Rust types (a test fails on drift)
@@ -45,6 +48,7 @@ fn main() -> anyhow::Result<()> {
             require_root("cargo xtask test-kernels")?;
             kernels::test_kernels(&kernels::Selection::parse(rest)?)
         }
+        "fuzz" => fuzz::fuzz(&fuzz::Options::parse(rest)?),
         "bench" => {
             build(true)?;
             toolchain::install(toolchain::BENCH_PACKAGES)?;
@@ -158,6 +162,10 @@ fn test() -> anyhow::Result<()> {
     step("build", || cargo(&["build", "--workspace", "--bins"]))?;
     step("cargo test (unit and end-to-end)", || {
         cargo(&["test", "--workspace"])
+    })?;
+    // Short: new inputs are CI's bonus; the committed corpora were replayed by the unit tests.
+    step("fuzz targets, 15 s each", || {
+        fuzz::fuzz(&fuzz::Options::parse(&["--seconds".into(), "15".into()])?)
     })?;
     step("kernel matrix (6.1 and 6.12 LTS in QEMU)", || {
         kernels::test_kernels(&kernels::Selection::default())

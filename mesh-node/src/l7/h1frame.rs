@@ -26,6 +26,10 @@ pub enum FrameError {
     BadLength(String),
     #[error("Content-Length values disagree")]
     LengthsDisagree,
+    #[error("a request with more than one Content-Length value")]
+    SeveralLengths,
+    #[error("Transfer-Encoding coding {0:?} is not a token")]
+    BadCoding(String),
     #[error("Transfer-Encoding {0:?} does not end in chunked")]
     NotChunked(String),
     #[error("chunk size line {0:?}")]
@@ -43,12 +47,30 @@ pub enum FrameError {
 /// Longest chunk-size line or trailer line accepted.
 pub const MAX_LINE: usize = 4096;
 
+/// A transfer coding (RFC 9112 section 7): a token, then `;` parameters (or an empty list
+/// element).
+fn coding(c: &str) -> bool {
+    let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    let (name, params) = c.split_once(';').unwrap_or((c, ""));
+    let name = name.trim_end_matches([' ', '\t']);
+    (c.is_empty() || (!name.is_empty() && name.bytes().all(tchar)))
+        && params
+            .bytes()
+            .all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
+}
+
 /// The framing headers of a head: the last coding of Transfer-Encoding, and Content-Length.
 fn framing(headers: &[httparse::Header]) -> Result<(Option<String>, Option<u64>), FrameError> {
     let (mut te, mut cl) = (None::<String>, None::<u64>);
     for h in headers {
         if h.name.eq_ignore_ascii_case("transfer-encoding") {
             let v = String::from_utf8_lossy(h.value);
+            // Each coding must be one servers read alike: a token, then parameters. A coding
+            // some read past and others refuse (`\xd9 gzip, chunked`, found by fuzzing) would
+            // frame the message one way here and another way there.
+            if let Some(bad) = v.split(',').map(str::trim).find(|c| !coding(c)) {
+                return Err(FrameError::BadCoding(bad.to_string()));
+            }
             // Several fields or a list: the last coding is the one that frames the message.
             if let Some(last) = v.rsplit(',').map(str::trim).find(|c| !c.is_empty()) {
                 te = Some(last.to_ascii_lowercase());
@@ -77,7 +99,19 @@ fn framing(headers: &[httparse::Header]) -> Result<(Option<String>, Option<u64>)
 }
 
 /// A request's body: chunked, a length, or none. A request cannot be delimited by closing.
+///
+/// Unlike a response's, a request's length must be one value: RFC 9110 lets a recipient take
+/// `5, 5` or two equal fields as one, but servers differ (hyper refuses them, others take the
+/// first or the last), and the relay forwards the fields as they came.
 pub fn request_body(headers: &[httparse::Header]) -> Result<BodyKind, FrameError> {
+    let values = headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .map(|h| h.value.split(|b| *b == b',').count())
+        .sum::<usize>();
+    if values > 1 {
+        return Err(FrameError::SeveralLengths);
+    }
     match framing(headers)? {
         (Some(te), _) if te == "chunked" => Ok(BodyKind::Chunked),
         (Some(te), _) => Err(FrameError::NotChunked(te)),
@@ -359,14 +393,30 @@ mod tests {
                 Err(FrameError::NotChunked("gzip".into())),
             ),
             (
+                &[("transfer-encoding", "\u{d9} gzip, chunked")],
+                Err(FrameError::BadCoding("\u{d9} gzip".into())),
+            ),
+            (
+                &[("transfer-encoding", "\"chunked\"")],
+                Err(FrameError::BadCoding("\"chunked\"".into())),
+            ),
+            (&[("transfer-encoding", "gzip;q=1 , chunked")], Ok(Chunked)),
+            (
                 &[("transfer-encoding", "chunked"), ("content-length", "5")],
                 Err(FrameError::BothLengths),
             ),
             (
                 &[("content-length", "5"), ("content-length", "6")],
-                Err(FrameError::LengthsDisagree),
+                Err(FrameError::SeveralLengths),
             ),
-            (&[("content-length", "5, 5")], Ok(Length(5))),
+            (
+                &[("content-length", "5, 5")],
+                Err(FrameError::SeveralLengths),
+            ),
+            (
+                &[("content-length", "5"), ("content-length", "5")],
+                Err(FrameError::SeveralLengths),
+            ),
             (
                 &[("content-length", "+5")],
                 Err(FrameError::BadLength("+5".into())),

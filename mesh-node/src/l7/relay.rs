@@ -480,6 +480,76 @@ fn parse_request(buf: &[u8]) -> Result<Option<(usize, RequestHead)>, RelayError>
     )))
 }
 
+/// One request as the relay frames it from a stream (see [`frame_requests`]).
+#[cfg(any(test, feature = "fuzzing"))]
+#[derive(Debug)]
+pub struct Framed {
+    pub method: String,
+    /// The request target as parsed.
+    pub uri: String,
+    pub body: BodyKind,
+    /// The body's bytes as they came (a chunked body with its framing).
+    pub raw_body: Bytes,
+    /// Refused before the pod (what `sanitize::request` refuses, with the default settings):
+    /// answered by the relay and its body skipped.
+    pub refused: bool,
+    /// What the pod receives for it: the head as the relay writes it and the body as it came
+    /// (empty when refused).
+    pub forwarded: Bytes,
+}
+
+/// The complete requests at the front of `input`, framed as the relay frames one stream (the
+/// same parse, body and refusal rules, and the same end after `Connection: close`), and the
+/// error that stopped it, if one did. An incomplete last request ends the list without an
+/// error. For the fuzz targets.
+#[cfg(any(test, feature = "fuzzing"))]
+pub fn frame_requests(input: &[u8]) -> (Vec<Framed>, Option<RelayError>) {
+    let (mut buf, mut framed) = (BytesMut::from(input), Vec::new());
+    while !buf.is_empty() {
+        let RequestHead {
+            mut req,
+            body,
+            close,
+            ..
+        } = match parse_request(&buf) {
+            Ok(Some((n, head))) => {
+                buf.advance(n);
+                head
+            }
+            Ok(None) => break,
+            Err(e) => return (framed, Some(e)),
+        };
+        let uri = req.uri().to_string();
+        let refused =
+            super::sanitize::request(&mut req, super::sanitize::EscapedSlashes::Reject).is_err();
+        let mut rest = Rest::of(body);
+        let mut raw_body = BytesMut::new();
+        if let Err(e) = rest.take(&mut buf, &mut raw_body) {
+            return (framed, Some(e));
+        }
+        if !rest.done() {
+            break;
+        }
+        let mut forwarded = BytesMut::new();
+        if !refused {
+            write_request_head(&mut forwarded, req.method(), req.uri(), req.headers());
+            forwarded.extend_from_slice(&raw_body);
+        }
+        framed.push(Framed {
+            method: req.method().to_string(),
+            uri,
+            body,
+            raw_body: raw_body.freeze(),
+            refused,
+            forwarded: forwarded.freeze(),
+        });
+        if close {
+            break;
+        }
+    }
+    (framed, None)
+}
+
 /// An HTTP/1.1 request head, origin-form, with `headers` as they are.
 pub(super) fn write_request_head(
     out: &mut BytesMut,
@@ -489,7 +559,12 @@ pub(super) fn write_request_head(
 ) {
     out.extend_from_slice(method.as_str().as_bytes());
     out.extend_from_slice(b" ");
-    let target = uri.path_and_query().map_or("/", |p| p.as_str());
+    let target = uri.path_and_query().map_or("", |p| p.as_str());
+    // Origin-form: an absolute-form target without a path (`http://host?q`) has none either,
+    // and `?q` alone is no request target (found by the `request_framing` fuzz target).
+    if !target.starts_with('/') && target != "*" {
+        out.extend_from_slice(b"/");
+    }
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     write_fields(out, headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())));
