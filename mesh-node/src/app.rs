@@ -405,12 +405,16 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
     let per_pod = Arc::new(crate::limits::PerPod::new(
         config.limits.max_connections_per_pod,
     ));
+    let requests_per_pod = Arc::new(crate::limits::PerPod::new(
+        config.limits.max_requests_per_pod,
+    ));
     tokio::spawn({
-        let per_pod = per_pod.clone();
+        let (per_pod, requests_per_pod) = (per_pod.clone(), requests_per_pod.clone());
         async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(30)).await;
                 per_pod.prune();
+                requests_per_pod.prune();
             }
         }
     });
@@ -472,6 +476,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
                 stats: l7_stats.clone(),
                 access_log: access_log.clone(),
                 tracing: tracing.clone(),
+                limit_hits: limit_hits.clone(),
             }),
             detect_timeout: config.protocol_detect_timeout,
             opaque_ports: config.opaque_ports.clone(),
@@ -500,6 +505,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         access_log: access_log.clone(),
         live: live.clone(),
         per_pod,
+        requests_per_pod,
         limit_hits: limit_hits.clone(),
     });
     // This generation's own descriptors of its listeners, for the next generation to take over.

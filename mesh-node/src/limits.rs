@@ -34,6 +34,10 @@ pub struct Limits {
     /// Connections one pod may have open through this proxy at once (outbound); more are reset.
     #[arg(long, env = "MESH_MAX_CONNECTIONS_PER_POD", default_value_t = 4096)]
     pub max_connections_per_pod: usize,
+    /// HTTP requests one pod may have in flight through this proxy at once (outbound, over all
+    /// its connections); more are answered 503 with flag `UO` at once, never queued.
+    #[arg(long, env = "MESH_MAX_REQUESTS_PER_POD", default_value_t = 2048)]
+    pub max_requests_per_pod: usize,
     /// Connections each admin or metrics listener serves at once; more are closed at accept.
     #[arg(long, env = "MESH_MAX_ADMIN_CONNECTIONS", default_value_t = 128)]
     pub max_admin_connections: usize,
@@ -51,6 +55,7 @@ impl Limits {
         [
             (self.max_tunnel_handshakes, "--max-tunnel-handshakes"),
             (self.max_connections_per_pod, "--max-connections-per-pod"),
+            (self.max_requests_per_pod, "--max-requests-per-pod"),
             (self.max_admin_connections, "--max-admin-connections"),
         ]
         .into_iter()
@@ -66,13 +71,15 @@ impl Limits {
 pub enum Limit {
     TunnelHandshakes,
     ConnectionsPerPod,
+    RequestsPerPod,
     AdminConnections,
 }
 
 impl Limit {
-    pub const ALL: [Limit; 3] = [
+    pub const ALL: [Limit; 4] = [
         Limit::TunnelHandshakes,
         Limit::ConnectionsPerPod,
+        Limit::RequestsPerPod,
         Limit::AdminConnections,
     ];
 
@@ -80,6 +87,7 @@ impl Limit {
         match self {
             Limit::TunnelHandshakes => "tunnel_handshakes",
             Limit::ConnectionsPerPod => "connections_per_pod",
+            Limit::RequestsPerPod => "requests_per_pod",
             Limit::AdminConnections => "admin_connections",
         }
     }
@@ -108,7 +116,7 @@ impl Hits {
     }
 }
 
-/// Open connections per pod, each bounded by `max`.
+/// Something each pod holds at most `max` of at once (connections, requests in flight).
 pub struct PerPod {
     max: usize,
     open: Mutex<HashMap<PodId, Arc<Semaphore>>>,
@@ -125,23 +133,28 @@ impl PerPod {
     /// A slot for one more connection of `pod`, held until the connection ends; `None` at the
     /// limit.
     pub fn admit(&self, pod: PodId) -> Option<PodSlot> {
-        let sem = self
-            .open
+        let permit = self.budget(pod).try_acquire_owned().ok()?;
+        Some(PodSlot(permit))
+    }
+
+    /// `pod`'s budget itself, for a holder that takes from it many times (a connection's
+    /// requests): kept as long as someone holds it.
+    pub fn budget(&self, pod: PodId) -> Arc<Semaphore> {
+        self.open
             .lock()
             .expect("per-pod lock")
             .entry(pod)
             .or_insert_with(|| Arc::new(Semaphore::new(self.max)))
-            .clone();
-        let permit = sem.try_acquire_owned().ok()?;
-        Some(PodSlot(permit))
+            .clone()
     }
 
-    /// Forgets pods without open connections (their semaphores are full again).
+    /// Forgets pods whose budget nobody holds (no slot taken, no holder of the budget): a pod
+    /// that comes back starts from a full one, as it would have.
     pub fn prune(&self) {
         self.open
             .lock()
             .expect("per-pod lock")
-            .retain(|_, s| s.available_permits() < self.max);
+            .retain(|_, s| Arc::strong_count(s) > 1);
     }
 }
 
@@ -237,6 +250,25 @@ mod tests {
     }
 
     #[test]
+    fn a_held_budget_is_kept_and_shared() {
+        let p = PerPod::new(2);
+        let held = p.budget(PodId(1));
+        p.prune();
+        let other = p.budget(PodId(1));
+        {
+            let _one = held.try_acquire().unwrap();
+            let _two = other.try_acquire().unwrap();
+            assert!(
+                other.try_acquire().is_err(),
+                "two holders of one pod's budget share its limit"
+            );
+        }
+        drop((held, other));
+        p.prune();
+        assert!(p.open.lock().unwrap().is_empty());
+    }
+
+    #[test]
     fn idle_pods_are_pruned() {
         let p = PerPod::new(2);
         let kept = p.admit(PodId(1)).unwrap();
@@ -276,6 +308,7 @@ mod tests {
         let l = Limits {
             max_tunnel_handshakes: 0,
             max_connections_per_pod: 1,
+            max_requests_per_pod: 1,
             max_admin_connections: 1,
             tunnel_idle_timeout: Duration::from_secs(1),
         };

@@ -153,7 +153,7 @@ fn describe() {
     );
     describe_counter!(
         "mesh_limit_hits_total",
-        "Times one of the proxy's limits was hit, by limit (tunnel_handshakes: the oldest handshake in progress cut; connections_per_pod, admin_connections: a connection refused)"
+        "Times one of the proxy's limits was hit, by limit (tunnel_handshakes: the oldest handshake in progress cut; connections_per_pod, admin_connections: a connection refused; requests_per_pod: a request answered 503)"
     );
     describe_gauge!(
         "mesh_tunnel_handshakes_in_progress",

@@ -159,6 +159,8 @@ pub struct Outbound {
     pub live: Arc<Connections>,
     /// Connections each pod has open (`--max-connections-per-pod`).
     pub per_pod: Arc<crate::limits::PerPod>,
+    /// Requests in flight per pod, for its HTTP connections.
+    pub requests_per_pod: Arc<crate::limits::PerPod>,
     pub limit_hits: Arc<crate::limits::Hits>,
 }
 
@@ -321,7 +323,7 @@ impl Outbound {
                 .unwrap_or_default();
             l
         });
-        let client = match self.l7_conn(&pod.name, peer, orig_dst, placement.as_deref()) {
+        let client = match self.l7_conn((&pod.name, pod.id), peer, orig_dst, placement.as_deref()) {
             None => client,
             Some((conn, declared)) => match self.http(client, conn, declared, &tracked).await {
                 None => return,
@@ -476,7 +478,7 @@ impl Outbound {
     /// node has L7 on; `None`: plain TCP as before.
     fn l7_conn(
         &self,
-        pod: &crate::enroll::PodName,
+        (pod, id): (&crate::enroll::PodName, crate::orig_dst::PodId),
         peer: SocketAddr,
         dst: SocketAddr,
         placement: Option<&Placement>,
@@ -513,6 +515,7 @@ impl Outbound {
                 declared,
                 forwarded: l7::upstream::forwarded(peer),
                 held: Default::default(),
+                requests: self.requests_per_pod.budget(id),
             },
             declared,
         ))

@@ -166,3 +166,50 @@ async fn one_pod_cannot_take_every_connection_of_the_proxy() {
         "{c}"
     );
 }
+
+#[tokio::test]
+async fn one_pod_cannot_take_every_request_slot_of_the_proxy() {
+    let cluster = ClusterBuilder::new()
+        .nodes(1)
+        .pods_per_node(3)
+        .config_stream()
+        .node_args(&["--max-requests-per-pod", "4"])
+        .start()
+        .await
+        .unwrap();
+    let (greedy, other, server) = (
+        cluster.pod(0, 0).clone(),
+        cluster.pod(0, 1).clone(),
+        cluster.pod(0, 2).clone(),
+    );
+    let _srv = server.serve_http_as(PORT, "server", &[]).await.unwrap();
+    for p in [&greedy, &other, &server] {
+        cluster.enroll(p).await.unwrap();
+    }
+    let dst = server.addr(false, PORT).to_string();
+    let get = |pod: &mesh_tests::Pod, path: &'static str, conns: usize| {
+        let (pod, dst) = (pod.clone(), dst.clone());
+        async move {
+            let c = conns.to_string();
+            pod.testpod(&[
+                "get", "--to", &dst, "--path", path, "--count", &c, "--conns", &c,
+            ])
+            .await
+            .unwrap()
+        }
+    };
+    // Sixteen slow requests at once from one pod: four are in flight, the rest are refused at
+    // once, and meanwhile another pod's requests are served as usual.
+    let greedy_run = tokio::spawn(get(&greedy, "/delay/3000", 16));
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let r = get(&other, "/", 3).await;
+    assert_eq!(n(&r, &["statuses", "200"]), 3, "the other pod: {r}");
+    let r = greedy_run.await.unwrap();
+    assert_eq!(n(&r, &["statuses", "200"]), 4, "{r}");
+    assert_eq!(n(&r, &["statuses", "503"]), 12, "{r}");
+    // Its requests ended: the pod has its budget back.
+    let r = get(&greedy, "/", 4).await;
+    assert_eq!(n(&r, &["statuses", "200"]), 4, "{r}");
+    let c = cluster.nodes[0].counters().await.unwrap();
+    assert_eq!(n(&c, &["limits", "hits", "requests_per_pod"]), 12, "{c}");
+}

@@ -77,6 +77,8 @@ pub struct Conn {
     pub forwarded: HeaderValue,
     /// The carried stream this connection used last, for its next request.
     pub held: Arc<super::carried::Held>,
+    /// The pod's requests in flight, over all its connections (`--max-requests-per-pod`).
+    pub requests: Arc<tokio::sync::Semaphore>,
 }
 
 #[derive(Clone)]
@@ -90,6 +92,7 @@ pub struct L7Outbound {
     pub stats: Arc<L7Stats>,
     pub access_log: Arc<AccessLog>,
     pub tracing: Arc<Tracing>,
+    pub limit_hits: Arc<crate::limits::Hits>,
 }
 
 /// An app connection's key for its recent series ([`Recent`]): the labels that vary by request
@@ -339,7 +342,19 @@ impl L7Outbound {
         let request_bytes = super::content_length(req.headers());
         let counting = stats::count_request(&mut req);
         let mut route = None;
-        let (resp, service, dst_pod) = match self.route(&cfg, req, conn, &mut route).await {
+        // Held until the answer's head: one pod's flood of requests cannot take the proxy's time
+        // from every other pod's (a refusal costs next to nothing; a queue would hold memory).
+        let routed = match conn.requests.try_acquire() {
+            Ok(_in_flight) => self.route(&cfg, req, conn, &mut route).await,
+            Err(_) => {
+                self.limit_hits.hit(crate::limits::Limit::RequestsPerPod);
+                Err((
+                    ProxyError::Overflow("the pod has --max-requests-per-pod in flight"),
+                    "",
+                ))
+            }
+        };
+        let (resp, service, dst_pod) = match routed {
             Ok(r) => r,
             Err((e, service)) => (error_response(&e, grpc), service, String::new()),
         };
