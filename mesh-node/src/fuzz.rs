@@ -28,6 +28,7 @@ pub type Target = fn(&[u8]);
 /// name, and `mesh-node/fuzz/corpus/<name>/` holds its corpus.
 pub const TARGETS: &[(&str, Target)] = &[
     ("request_framing", request_framing),
+    ("relay", relay),
     ("chunked", chunked),
     ("response_head", response_head),
     ("path", path),
@@ -176,6 +177,184 @@ impl tokio::io::AsyncWrite for SliceIo {
     }
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Poll::Ready(Ok(()))
+    }
+}
+
+/// The destination relay, whole, between a source stream and a pod that both send arbitrary
+/// bytes. Layout: `[step][source length: u16 BE][source bytes][pod bytes]`; the source's bytes
+/// arrive in reads of `step % 64 + 1` bytes, and every connection to the pod answers with the pod
+/// bytes and closes. The relay must end (both sides end), and what the source receives must be
+/// exactly one well-framed answer per request the relay finished: an extra or cut answer
+/// desynchronizes the source's connection (response smuggling).
+pub fn relay(data: &[u8]) {
+    let [step, hi, lo, rest @ ..] = data else {
+        return;
+    };
+    let len = usize::from(u16::from_be_bytes([*hi, *lo])).min(rest.len());
+    let (source, answers) = rest.split_at(len);
+    let mut carrier = Source {
+        frames: source
+            .chunks(usize::from(*step % 64) + 1)
+            .map(Bytes::copy_from_slice)
+            .collect(),
+        out: Vec::new(),
+        ended: None,
+    };
+    let gate = Judge::default();
+    let answers = Bytes::copy_from_slice(answers);
+    let dial = || {
+        let answers = answers.clone();
+        async move {
+            let (ours, theirs) = tokio::io::duplex(64 << 10);
+            tokio::spawn(fake_pod(theirs, answers));
+            Ok::<_, crate::l7::respond::ProxyError>(ours)
+        }
+    };
+    let served = RUNTIME.with(|rt| {
+        rt.borrow().block_on(async {
+            tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                relay::serve(&mut carrier, &gate, dial),
+            )
+            .await
+        })
+    });
+    let Ok(served) = served else {
+        panic!("the relay hung though both ends were done");
+    };
+    if served.is_err() || carrier.ended == Some(false) {
+        // Aborted: the source sees a reset stream and drops what came on it.
+        return;
+    }
+    let finished = std::mem::take(&mut *gate.finished.lock().expect("judge lock"));
+    let answered = answers_in(&carrier.out, &finished).unwrap_or_else(|e| {
+        panic!(
+            "the source got answers it cannot frame ({e}) for {finished:?}: {:?}",
+            String::from_utf8_lossy(&carrier.out)
+        )
+    });
+    assert_eq!(
+        answered,
+        finished.len(),
+        "the source got {answered} answers for {} requests: {:?}",
+        finished.len(),
+        String::from_utf8_lossy(&carrier.out)
+    );
+}
+
+/// How many final answers `out` holds, framed as the source frames them (`methods`: the
+/// requests answered, in order, for `HEAD`); an error if they do not end exactly at its end.
+fn answers_in(out: &[u8], methods: &[String]) -> Result<usize, String> {
+    let (mut at, mut answered) = (0, 0);
+    while at < out.len() {
+        let mut fields = [const { std::mem::MaybeUninit::uninit() }; 128];
+        let (n, code, kind) = match h1frame::parse_response(&out[at..], &mut fields) {
+            Ok(httparse::Status::Complete((n, r))) => {
+                let code = r.code.unwrap_or(0);
+                let head = methods.get(answered).is_some_and(|m| m == "HEAD");
+                let kind = h1frame::response_body(code, head, r.headers)
+                    .map_err(|e| format!("answer {answered}: {e}"))?;
+                (n, code, kind)
+            }
+            Ok(httparse::Status::Partial) => return Err(format!("a cut head at {at}")),
+            Err(e) => return Err(format!("answer {answered} at {at}: {e}")),
+        };
+        at += n;
+        match kind {
+            BodyKind::None => {}
+            BodyKind::Length(len) => {
+                let len = usize::try_from(len).map_err(|e| e.to_string())?;
+                if out.len() - at < len {
+                    return Err(format!("answer {answered}: a cut body"));
+                }
+                at += len;
+            }
+            BodyKind::Chunked => {
+                let (used, end) = Chunked::default()
+                    .scan(&out[at..])
+                    .map_err(|e| format!("answer {answered}: {e}"))?;
+                if !end {
+                    return Err(format!("answer {answered}: a cut chunked body"));
+                }
+                at += used;
+            }
+            BodyKind::UntilClose => at = out.len(),
+        }
+        // Interim answers (1xx) precede the final one.
+        if code >= 200 {
+            answered += 1;
+        }
+    }
+    Ok(answered)
+}
+
+/// The source's side of a carried stream, in memory.
+struct Source {
+    frames: std::collections::VecDeque<Bytes>,
+    out: Vec<u8>,
+    /// `Some(true)` finished, `Some(false)` aborted.
+    ended: Option<bool>,
+}
+
+impl relay::Carrier for Source {
+    async fn recv(&mut self) -> Result<Option<Bytes>, relay::RelayError> {
+        Ok(self.frames.pop_front())
+    }
+    async fn send(&mut self, data: Bytes) -> Result<(), relay::RelayError> {
+        self.out.extend_from_slice(&data);
+        Ok(())
+    }
+    fn send_head(&mut self, data: Bytes) -> Result<(), relay::RelayError> {
+        self.out.extend_from_slice(&data);
+        Ok(())
+    }
+    fn finish(&mut self) {
+        self.ended = Some(true);
+    }
+    fn abort(&mut self) {
+        self.ended = Some(false);
+    }
+    async fn cancelled(&mut self) {
+        std::future::pending().await
+    }
+}
+
+/// Denies `/deny`; keeps the method of each request answered, in order.
+#[derive(Default)]
+struct Judge {
+    finished: Mutex<Vec<String>>,
+}
+
+impl relay::Gate for Judge {
+    type Ticket = String;
+    fn admit(
+        &self,
+        req: &mut http::Request<()>,
+        _: Option<&http::HeaderValue>,
+    ) -> (String, Result<(), crate::l7::respond::ProxyError>) {
+        let verdict = if req.uri().path() == "/deny" {
+            Err(crate::l7::respond::ProxyError::Denied("fuzz rule".into()))
+        } else {
+            Ok(())
+        };
+        (req.method().to_string(), verdict)
+    }
+    fn finish(&self, method: String, _: u16, _: &'static str, _: (u64, u64)) {
+        self.finished.lock().expect("judge lock").push(method);
+    }
+}
+
+/// A pod that answers `answers` whatever it is asked, closes its side, and reads until the relay
+/// closes the connection.
+async fn fake_pod(mut io: tokio::io::DuplexStream, answers: Bytes) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = io.write_all(&answers).await;
+    let _ = io.shutdown().await;
+    let mut sink = [0u8; 4096];
+    while let Ok(n) = io.read(&mut sink).await {
+        if n == 0 {
+            break;
+        }
     }
 }
 

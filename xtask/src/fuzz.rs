@@ -20,6 +20,7 @@ const CRATES: &[(&str, &[&str])] = &[
         "mesh-node/fuzz",
         &[
             "request_framing",
+            "relay",
             "chunked",
             "response_head",
             "path",
