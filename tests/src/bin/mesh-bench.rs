@@ -12,6 +12,11 @@
 //!   `rps_vs_l4_same_cluster`: its requests/s over the L4 path's between the same pods (a Service
 //!   declared `tcp`), from alternating wrk runs.
 //! - `haproxy_mtls`: what an operator might run instead: haproxy on each node, mTLS between them.
+//! - `noisy_neighbour`: one pod floods (wrk at full speed over 100 connections, and new
+//!   connections as fast as it can) while another pod of the same node sends paced requests
+//!   (`paced_*`) to the same server: their latency idle and during the flood, first with no pod
+//!   enrolled (`direct_*`: what the two cores alone cost), then all enrolled (`mesh_*`), sharing
+//!   one node proxy. `mesh_noisy_vs_idle_p99` is the figure the mesh answers for.
 //! - `ctrl`: the controller at scale (`snapshot_ms`, `fanout_ms`, `rss_kb`; see
 //!   `mesh_tests::ctrl_bench`).
 //!
@@ -227,6 +232,111 @@ fn rss(procs: &[u32], f: &mut Figures) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Paced requests (1,000/s over 4 connections) for `secs`: the report with `p50_us`, `p99_us`.
+async fn paced(client: &Pod, echo: SocketAddr, secs: u64) -> anyhow::Result<Value> {
+    client
+        .testpod(&[
+            "rr",
+            "--to",
+            &echo.to_string(),
+            "--duration-ms",
+            &(secs * 1000).to_string(),
+            "--conns",
+            "4",
+            "--pace",
+            "250",
+        ])
+        .await
+}
+
+/// `flooder` at full speed against `t` for `secs`: wrk over 100 connections and new connections
+/// from 8 workers at once. Its requests per second.
+async fn flood(flooder: &Pod, t: Targets, secs: u64) -> anyhow::Result<f64> {
+    let wrk = flooder
+        .command("wrk")?
+        .args([
+            "-t1",
+            "-c100",
+            &format!("-d{secs}s"),
+            &format!("http://{}/", t.http),
+        ])
+        .output();
+    let ms = (secs * 1000).to_string();
+    let echo = t.echo.to_string();
+    let args = [
+        "rate",
+        "--to",
+        &echo,
+        "--duration-ms",
+        &ms,
+        "--concurrency",
+        "8",
+    ];
+    let churn = flooder.testpod(&args);
+    let (wrk, churn) = tokio::join!(wrk, churn);
+    let wrk = wrk.context("wrk")?;
+    churn?;
+    Ok(parse_wrk(&String::from_utf8_lossy(&wrk.stdout))?.0)
+}
+
+/// See `noisy_neighbour` in the module docs.
+async fn noisy_neighbour(secs: u64) -> anyhow::Result<Figures> {
+    let cluster = ClusterBuilder::new()
+        .nodes(2)
+        .pods_per_node(2)
+        .with_controller()
+        .start()
+        .await?;
+    let (flooder, quiet, server) = (
+        cluster.pod(0, 0).clone(),
+        cluster.pod(0, 1).clone(),
+        cluster.pod(1, 0).clone(),
+    );
+    let _servers = servers(&server).await?;
+    let t = Targets::pod(&server);
+    let mut f = Figures::new();
+    for mesh in [false, true] {
+        if mesh {
+            for p in [&flooder, &quiet, &server] {
+                cluster.enroll(p).await?;
+            }
+        }
+        let idle = paced(&quiet, t.echo, secs).await?;
+        // The paced run starts once the flood is under way and ends before it does.
+        let (rps, noisy) = tokio::join!(flood(&flooder, t, secs + 2), async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            paced(&quiet, t.echo, secs).await
+        });
+        let (rps, noisy) = (rps?, noisy?);
+        let names: [&'static str; 6] = if mesh {
+            [
+                "mesh_idle_p50_us",
+                "mesh_idle_p99_us",
+                "mesh_noisy_p50_us",
+                "mesh_noisy_p99_us",
+                "mesh_flood_rps",
+                "mesh_noisy_vs_idle_p99",
+            ]
+        } else {
+            [
+                "direct_idle_p50_us",
+                "direct_idle_p99_us",
+                "direct_noisy_p50_us",
+                "direct_noisy_p99_us",
+                "direct_flood_rps",
+                "direct_noisy_vs_idle_p99",
+            ]
+        };
+        f.insert(names[0], num(&idle, "p50_us")?);
+        f.insert(names[1], num(&idle, "p99_us")?);
+        f.insert(names[2], num(&noisy, "p50_us")?);
+        f.insert(names[3], num(&noisy, "p99_us")?);
+        f.insert(names[4], rps);
+        f.insert(names[5], num(&noisy, "p99_us")? / num(&idle, "p99_us")?);
+    }
+    Ok(f)
+}
+
 async fn measure(
     client: &Pod,
     t: Targets,
@@ -237,19 +347,7 @@ async fn measure(
     let ms = (secs * 1000).to_string();
     measure_http(client, t.http, secs, (procs, apps), &mut f).await?;
 
-    let paced = client
-        .testpod(&[
-            "rr",
-            "--to",
-            &t.echo.to_string(),
-            "--duration-ms",
-            &ms,
-            "--conns",
-            "4",
-            "--pace",
-            "250",
-        ])
-        .await?;
+    let paced = paced(client, t.echo, secs).await?;
     f.insert("paced_p50_us", num(&paced, "p50_us")?);
     f.insert("paced_p99_us", num(&paced, "p99_us")?);
 
@@ -511,6 +609,7 @@ fn report(results: &BTreeMap<&'static str, Figures>) {
         "mesh_l4_accel",
         "mesh_l7",
         "haproxy_mtls",
+        "noisy_neighbour",
     ]
     .into_iter()
     .filter(|n| results.contains_key(n))
@@ -778,6 +877,10 @@ async fn round(
                 measure(&outsider, targets, secs, (&pids, &app_cgroups(&cluster))).await?,
             );
         }
+    }
+    if want("noisy_neighbour") {
+        eprintln!("==> noisy_neighbour: one pod floods, another sends paced requests");
+        results.insert("noisy_neighbour", noisy_neighbour(secs).await?);
     }
     if want("mesh_l4_accel") {
         let builder = ClusterBuilder::new()
