@@ -35,6 +35,10 @@ pub struct Controller {
 }
 
 impl Controller {
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().and_then(|p| p.id())
+    }
+
     /// Where the controller publishes its trust bundle (nodes bootstrap from it).
     pub fn trust_bundle(&self) -> PathBuf {
         self.dir.join("state/trust-bundle.pem")

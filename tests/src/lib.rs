@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod ctrl;
 pub mod ctrl_bench;
 pub mod http;
+pub mod procfs;
 pub mod sys;
 
 pub use cluster::{

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask <setup|build-ebpf|build|test|test-kernels|fuzz|bench|crds|demo>`.
+//! Project tasks: `cargo xtask <setup|build-ebpf|build|test|test-kernels|fuzz|soak|bench|crds|demo>`.
 //!
 //! Every task that needs the eBPF toolchain runs `setup` first; setup is idempotent and fast when
 //! everything is already there.
@@ -28,6 +28,9 @@ const USAGE: &str = "usage: cargo xtask <command>
                         build the fuzz targets with libFuzzer and run each for N seconds (60)
   bench [--json FILE] [--rounds N] [--scenario S]...
                         every path pod to pod, figures with ratios to direct
+  soak [--minutes N] [--json FILE]
+                        the cluster in a box under mixed traffic, certificate rotation and config
+                        changes for N minutes (10); fails on a failed request or a leak
   crds                  regenerate manifests/crds/ from the Rust types (a test fails on drift)
   demo [--keep]         run the local demo mesh end to end
   demo down             remove everything a kept demo left running";
@@ -53,6 +56,11 @@ fn main() -> anyhow::Result<()> {
             build(true)?;
             toolchain::install(toolchain::BENCH_PACKAGES)?;
             run_bin("mesh-bench", rest)
+        }
+        "soak" => {
+            require_root("cargo xtask soak")?;
+            build(true)?;
+            run_bin("mesh-soak", rest)
         }
         "crds" => crds(),
         "demo" => {

@@ -29,7 +29,7 @@ use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration}
 
 use anyhow::Context;
 use clap::Parser;
-use mesh_tests::{Cluster, ClusterBuilder, Pod, PodProcess, connect_in};
+use mesh_tests::{Cluster, ClusterBuilder, Pod, PodProcess, connect_in, procfs};
 use serde_json::{Value, json};
 
 #[derive(Parser)]
@@ -82,29 +82,8 @@ fn num(v: &Value, k: &str) -> anyhow::Result<f64> {
     v[k].as_f64().with_context(|| format!("no {k} in {v}"))
 }
 
-/// CPU ticks (user + system) of a process.
-fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after = stat.rsplit_once(')').context("stat format")?.1;
-    let f: Vec<&str> = after.split_whitespace().collect();
-    Ok(f[11].parse::<u64>()? + f[12].parse::<u64>()?)
-}
-
-fn rss_kb(pid: u32) -> anyhow::Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .context("no VmRSS")?;
-    Ok(line
-        .split_whitespace()
-        .nth(1)
-        .context("VmRSS value")?
-        .parse()?)
-}
-
 fn ticks(pids: &[u32]) -> anyhow::Result<u64> {
-    pids.iter().map(|p| cpu_ticks(*p)).sum()
+    pids.iter().map(|p| procfs::cpu_ticks(*p)).sum()
 }
 
 /// CPU time (µs) of every process ever in these cgroups (cgroup v2 `cpu.stat`).
@@ -225,7 +204,7 @@ fn rss(procs: &[u32], f: &mut Figures) -> anyhow::Result<()> {
             "proxy_rss_kb",
             procs
                 .iter()
-                .map(|p| rss_kb(*p))
+                .map(|p| procfs::rss_kb(*p))
                 .sum::<anyhow::Result<f64>>()?,
         );
     }
