@@ -267,6 +267,13 @@ impl Chunked {
                     if !line.ends_with(b"\r\n") {
                         return Err(FrameError::BareLineFeed);
                     }
+                    // A size has at least one digit: httparse reads an empty line as 0, hyper
+                    // refuses it, others may skip it (found by fuzzing).
+                    if self.state == State::Size && !line[0].is_ascii_hexdigit() {
+                        return Err(FrameError::BadChunkSize(
+                            String::from_utf8_lossy(&line).into_owned(),
+                        ));
+                    }
                     self.state = match self.state {
                         State::Size => match httparse::parse_chunk_size(&line) {
                             Ok(httparse::Status::Complete((_, 0))) => State::Trailer,
@@ -494,6 +501,10 @@ mod tests {
             b"0\r\nno colon\r\n\r\n",
             b"0\r\n folded: x\r\n\r\n",
             b"0\r\nbad name: x\r\n\r\n",
+            // A size line without a digit (httparse reads it as 0).
+            b"\r\n\r\n",
+            b";ext\r\n\r\n",
+            b" 0\r\n\r\n",
         ];
         for bad in cases {
             assert!(Chunked::default().scan(bad).is_err(), "{bad:?}");
