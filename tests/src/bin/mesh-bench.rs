@@ -237,6 +237,7 @@ async fn flood(flooder: &Pod, t: Targets, secs: u64) -> anyhow::Result<f64> {
             "-t1",
             "-c100",
             &format!("-d{secs}s"),
+            "--latency",
             &format!("http://{}/", t.http),
         ])
         .output();
