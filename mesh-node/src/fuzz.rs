@@ -29,6 +29,7 @@ pub type Target = fn(&[u8]);
 pub const TARGETS: &[(&str, Target)] = &[
     ("request_framing", request_framing),
     ("relay", relay),
+    ("answer", answer),
     ("chunked", chunked),
     ("response_head", response_head),
     ("path", path),
@@ -355,6 +356,103 @@ async fn fake_pod(mut io: tokio::io::DuplexStream, answers: Bytes) {
         if n == 0 {
             break;
         }
+    }
+}
+
+/// Differential: the source's reading of an answer off a carried stream against hyper's client
+/// on the same bytes (first byte: whether the request was `HEAD`). Where both accept the answer
+/// they must agree on its status and body; the source must not accept an answer hyper refuses.
+pub fn answer(data: &[u8]) {
+    let Some((&flags, input)) = data.split_first() else {
+        return;
+    };
+    let head_request = flags & 1 == 1;
+    let ours = crate::l7::exchange::frame_answer(input, head_request);
+    let theirs = hyper_answer(input, head_request);
+    match (&ours, &theirs) {
+        (Ok(o), Some((status, body))) => assert_eq!(
+            (o.status, &o.body[..]),
+            (*status, &body[..]),
+            "the source and hyper read this answer differently"
+        ),
+        (Ok(o), None) => panic!("the source accepts an answer hyper refuses: {o:?}"),
+        (Err(_), _) => {}
+    }
+}
+
+/// The answer hyper's HTTP/1.1 client reads from `input` for one request: status and body.
+fn hyper_answer(input: &[u8], head_request: bool) -> Option<(u16, Vec<u8>)> {
+    let io = hyper_util::rt::TokioIo::new(Answers {
+        input: Bytes::copy_from_slice(input),
+        asked: false,
+        reader: None,
+    });
+    RUNTIME.with(|rt| {
+        rt.borrow().block_on(async {
+            let (mut send, conn) = hyper::client::conn::http1::handshake(io).await.ok()?;
+            let method = if head_request {
+                http::Method::HEAD
+            } else {
+                http::Method::GET
+            };
+            let req = http::Request::builder()
+                .method(method)
+                .uri("/")
+                .header("host", "a")
+                .body(http_body_util::Empty::<Bytes>::new())
+                .ok()?;
+            // The connection is driven on its own, as hyper's client wants: it may end (the
+            // input is all read) before the body is collected.
+            tokio::spawn(conn);
+            let resp = send.send_request(req).await.ok()?;
+            let status = resp.status().as_u16();
+            let body = resp.into_body().collect().await.ok()?.to_bytes();
+            Some((status, body.to_vec()))
+        })
+    })
+}
+
+/// A server that sends `input` once the request was written (hyper's client refuses an answer
+/// that comes before its request), then closes its side.
+struct Answers {
+    input: Bytes,
+    asked: bool,
+    reader: Option<std::task::Waker>,
+}
+
+impl tokio::io::AsyncRead for Answers {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.asked {
+            self.reader = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        let n = self.input.len().min(buf.remaining());
+        buf.put_slice(&self.input.split_to(n));
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl tokio::io::AsyncWrite for Answers {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.asked = true;
+        if let Some(w) = self.reader.take() {
+            w.wake();
+        }
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
     }
 }
 

@@ -21,6 +21,7 @@ const CRATES: &[(&str, &[&str])] = &[
         &[
             "request_framing",
             "relay",
+            "answer",
             "chunked",
             "response_head",
             "path",

@@ -355,6 +355,62 @@ fn parse_head(
     Ok(Some((n, Some((resp, kind, close)))))
 }
 
+/// An answer as the source reads it off a carried stream, when `input` is all the stream holds
+/// (see [`frame_answer`]).
+#[cfg(any(test, feature = "fuzzing"))]
+#[derive(Debug)]
+pub struct FramedAnswer {
+    pub status: u16,
+    /// The body as handed to the app (chunked framing removed).
+    pub body: Vec<u8>,
+    /// Whether the stream would be used again: the answer ended in step with nothing after it.
+    pub in_step: bool,
+}
+
+/// The final answer at the front of `input` (the whole of what a carried stream delivers), read
+/// with the same head parser and body rules as [`exchange`]. For the fuzz targets.
+#[cfg(any(test, feature = "fuzzing"))]
+pub fn frame_answer(input: &[u8], head_request: bool) -> Result<FramedAnswer, String> {
+    let mut buf = Bytes::copy_from_slice(input);
+    let (resp, kind, close) = loop {
+        match parse_head(&buf, head_request).map_err(|e| e.to_string())? {
+            Some((n, Some(head))) => {
+                buf = buf.split_off(n);
+                break head;
+            }
+            Some((n, None)) => buf = buf.split_off(n),
+            None => return Err("ended before the answer".into()),
+        }
+    };
+    let mut body = Vec::new();
+    match kind {
+        BodyKind::None => {}
+        BodyKind::Length(n) => {
+            let n = usize::try_from(n).map_err(|e| e.to_string())?;
+            if buf.len() < n {
+                return Err(AnswerError::Cut.to_string());
+            }
+            body.extend_from_slice(&buf.split_to(n));
+        }
+        BodyKind::Chunked => {
+            let mut c = Chunked::decoder();
+            loop {
+                match c.decode(&mut buf).map_err(|e| e.to_string())? {
+                    Decoded::Data(d) => body.extend_from_slice(&d),
+                    Decoded::End(_) => break,
+                    Decoded::More => return Err(AnswerError::Cut.to_string()),
+                }
+            }
+        }
+        BodyKind::UntilClose => body.extend_from_slice(&std::mem::take(&mut buf)),
+    }
+    Ok(FramedAnswer {
+        status: resp.status().as_u16(),
+        body,
+        in_step: !close && kind != BodyKind::UntilClose && buf.is_empty(),
+    })
+}
+
 /// What is left of the answer's body.
 enum Left {
     Length(u64),
