@@ -766,6 +766,27 @@ impl Cluster {
 
     /// Sets the labels of `pods` in the placement (replacing theirs) and waits until the nodes
     /// hold it.
+    /// Labels each pod `app: web, version: <its version>`: the two-version setups behind the
+    /// `web` Services of the L7 tests and the soak.
+    pub async fn label_versions(&self, pods: &[(Pod, &str)]) -> anyhow::Result<()> {
+        let mut versions: Vec<&str> = pods.iter().map(|(_, v)| *v).collect();
+        versions.sort_unstable();
+        versions.dedup();
+        for version in versions {
+            let these: Vec<&Pod> = pods
+                .iter()
+                .filter(|(_, v)| *v == version)
+                .map(|(p, _)| p)
+                .collect();
+            self.label_pods(
+                &these,
+                serde_json::json!({"app": "web", "version": version}),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
     pub async fn label_pods(&self, pods: &[&Pod], labels: Value) -> anyhow::Result<()> {
         let names: Vec<&str> = pods.iter().map(|p| p.name.as_str()).collect();
         self.update_placement(|pl| {
@@ -1234,6 +1255,26 @@ pub async fn connect_in(netns: &str, addr: SocketAddr) -> anyhow::Result<tokio::
     .await??;
     std.set_nonblocking(true)?;
     Ok(tokio::net::TcpStream::from_std(std)?)
+}
+
+/// `count` connections to `addr` from the network namespace `netns`, opened on one thread that
+/// entered it (a flood's worth, quickly); those that fail to connect are left out.
+pub async fn connect_many_in(
+    netns: &str,
+    addr: SocketAddr,
+    count: usize,
+) -> anyhow::Result<Vec<std::net::TcpStream>> {
+    let path = netns_path(netns);
+    Ok(tokio::task::spawn_blocking(move || {
+        sys::in_netns(&path, || {
+            Ok((0..count)
+                .filter_map(|_| {
+                    std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()
+                })
+                .collect())
+        })
+    })
+    .await??)
 }
 
 /// [`connect_in`] from a chosen local address (port 0: any), as a process of that namespace that

@@ -10,7 +10,7 @@ pub mod sys;
 
 pub use cluster::{
     Cluster, ClusterBuilder, Node, Pair, Pod, PodProcess, cleanup_stale, connect_in,
-    connect_in_from, find_bin, listen_in, teardown,
+    connect_in_from, connect_many_in, find_bin, listen_in, teardown,
 };
 
 /// How much slower than this machine the tests run: `MESH_TEST_TIME_SCALE` (the kernel matrix sets

@@ -9,6 +9,7 @@
 //! zerocopy calls pass a borrowed buffer for the call's duration (the kernel pins its pages, and
 //! the test keeps the buffer alive and unchanged until every completion is in), and read the
 //! error queue into a local control buffer whose headers are walked with libc's CMSG macros.
+//! `getrlimit`/`setrlimit` read and write a local `rlimit` for the call's duration.
 use std::{
     fs::{File, OpenOptions},
     io,
@@ -213,4 +214,21 @@ pub fn zerocopy_completion(sock: &std::net::TcpStream) -> io::Result<Option<(u32
         cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
     }
     Ok(None)
+}
+
+/// Raises this process's soft limit of open files to its hard limit (tests that hold thousands
+/// of connections): the new soft limit.
+pub fn raise_nofile() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    lim.rlim_cur = lim.rlim_max;
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(lim.rlim_cur)
 }

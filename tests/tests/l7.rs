@@ -3,7 +3,7 @@
 use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use mesh_tests::{Cluster, ClusterBuilder, Pod, PodProcess, n};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 const PORT: u16 = 8080;
 const WEB: &str = "10.96.0.20:80";
@@ -54,17 +54,7 @@ async fn shop(statuses: [Option<u16>; 3]) -> Shop {
         cluster.enroll(p).await.unwrap();
     }
     cluster.enroll(&client).await.unwrap();
-    for version in ["v1", "v2"] {
-        let these: Vec<&Pod> = pods
-            .iter()
-            .filter(|(_, v)| *v == version)
-            .map(|(p, _)| p)
-            .collect();
-        cluster
-            .label_pods(&these, json!({"app": "web", "version": version}))
-            .await
-            .unwrap();
-    }
+    cluster.label_versions(&pods).await.unwrap();
     cluster
         .change_config("services.yaml", Some(&services(&client.namespace)))
         .await

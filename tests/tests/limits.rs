@@ -213,3 +213,184 @@ async fn one_pod_cannot_take_every_request_slot_of_the_proxy() {
     let c = cluster.nodes[0].counters().await.unwrap();
     assert_eq!(n(&c, &["limits", "hits", "requests_per_pod"]), 12, "{c}");
 }
+
+/// Keeps `count` connections from `netns` to `addr` open until `stop`, each sending `head` once
+/// (nothing when empty), reopening those the server closes every two seconds. Returns how many
+/// it had to reopen.
+async fn hold_open(
+    netns: String,
+    addr: SocketAddr,
+    count: usize,
+    head: &'static [u8],
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> usize {
+    use std::io::Write;
+    let mut held: Vec<std::net::TcpStream> = Vec::new();
+    let mut reopened = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        held.retain(|s| {
+            let mut b = [0u8; 1];
+            match s.peek(&mut b) {
+                Ok(0) => false,
+                Ok(_) => true,
+                Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+            }
+        });
+        let missing = count - held.len();
+        if !held.is_empty() {
+            reopened += missing;
+        }
+        let fresh = mesh_tests::connect_many_in(&netns, addr, missing)
+            .await
+            .unwrap();
+        for mut s in fresh {
+            if !head.is_empty() {
+                let _ = s.write_all(head);
+            }
+            s.set_nonblocking(true).unwrap();
+            held.push(s);
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    reopened
+}
+
+/// What the node proxy's memory is held under while strangers and a pod flood it (the README's
+/// "Limits" says the same).
+const RSS_BOUND_KB: f64 = 256.0 * 1024.0;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_and_a_greedy_pod_flooding_the_proxy_leave_mesh_traffic_whole() {
+    mesh_tests::sys::raise_nofile().unwrap();
+    let cluster = ClusterBuilder::new()
+        .nodes(2)
+        .pods_per_node(2)
+        .with_controller()
+        .node_args(&["--metrics-addr", "0.0.0.0:15020"])
+        .start()
+        .await
+        .unwrap();
+    let (client, greedy, server) = (
+        cluster.pod(0, 0).clone(),
+        cluster.pod(0, 1).clone(),
+        cluster.pod(1, 0).clone(),
+    );
+    let _echo = server.serve(PORT, false).await.unwrap();
+    for p in [&client, &greedy, &server] {
+        cluster.enroll(p).await.unwrap();
+    }
+    let node1 = cluster.nodes[1].ipv4;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // 10,000 idle connections to node 1's tunnel port from a process on node 0, and 2,000
+    // connections to its metrics port that send half a head, each topped up as they are cut.
+    let tunnel_flood = tokio::spawn(hold_open(
+        cluster.nodes[0].netns.clone(),
+        SocketAddr::new(node1.into(), 15008),
+        10_000,
+        b"",
+        stop.clone(),
+    ));
+    let metrics_flood = tokio::spawn(hold_open(
+        cluster.nodes[1].netns.clone(),
+        SocketAddr::new(node1.into(), 15020),
+        2_000,
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\n",
+        stop.clone(),
+    ));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let dst = server.addr(false, PORT).to_string();
+    let (ms, pids) = (
+        "15000",
+        [
+            cluster.nodes[0].pid().unwrap(),
+            cluster.nodes[1].pid().unwrap(),
+        ],
+    );
+    let sampler = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut max = 0f64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for pid in pids {
+                    max = max.max(mesh_tests::procfs::rss_kb(pid).unwrap());
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            max
+        })
+    };
+    // Meanwhile: an enrolled pod opens connections as fast as it can, and two other pods talk.
+    let flood_args = [
+        "rate",
+        "--to",
+        &dst,
+        "--duration-ms",
+        ms,
+        "--concurrency",
+        "16",
+    ];
+    let steady_args = ["rr", "--to", &dst, "--duration-ms", ms, "--conns", "4"];
+    let fresh_args = [
+        "rate",
+        "--to",
+        &dst,
+        "--duration-ms",
+        ms,
+        "--concurrency",
+        "2",
+    ];
+    let (flood, steady, fresh) = tokio::join!(
+        greedy.testpod(&flood_args),
+        client.testpod(&steady_args),
+        client.testpod(&fresh_args),
+    );
+    let steady = steady.expect("a long-lived mesh connection failed during the flood");
+    let (fresh, flood) = (fresh.unwrap(), flood.unwrap());
+    let (_, metrics) = cluster.nodes[1]
+        .admin("GET", "/metrics", None)
+        .await
+        .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (reopened, max_rss) = (
+        tunnel_flood.await.unwrap() + metrics_flood.await.unwrap(),
+        sampler.await.unwrap(),
+    );
+    assert!(n(&steady, &["requests"]) > 1000, "{steady}");
+    assert_eq!(n(&fresh, &["errors"]), 0, "{fresh}");
+    assert!(n(&fresh, &["connects"]) > 100, "{fresh}");
+    assert!(n(&flood, &["connects"]) > 100, "{flood}");
+    // The floods met the limits (and were cut, so they had to reopen).
+    let c = cluster.nodes[1].counters().await.unwrap();
+    assert!(
+        n(&c, &["limits", "hits", "tunnel_handshakes"]) > 1000,
+        "{}",
+        c["limits"]
+    );
+    assert!(
+        n(&c, &["limits", "hits", "admin_connections"]) > 1000,
+        "{}",
+        c["limits"]
+    );
+    assert!(reopened > 1000, "the floods were never cut: {reopened}");
+    assert!(
+        max_rss < RSS_BOUND_KB,
+        "a proxy held {max_rss} KiB (bound {RSS_BOUND_KB})"
+    );
+    let rss_line = metrics
+        .as_str()
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("mesh_process_resident_memory_bytes"))
+        .map(str::to_string);
+    let rss: f64 = rss_line
+        .as_deref()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no RSS in /metrics: {rss_line:?}"));
+    assert!(rss / 1024.0 < RSS_BOUND_KB, "/metrics says {rss} bytes");
+    eprintln!(
+        "max proxy RSS {max_rss} KiB; {reopened} flood connections reopened; mesh: {} requests, {} new connections",
+        n(&steady, &["requests"]),
+        n(&fresh, &["connects"])
+    );
+}

@@ -109,6 +109,17 @@ async fn tls_to_node1(
         .await
 }
 
+/// The client's SPIFFE ID, and the name that asks node 1's proxy for the server's identity.
+fn client_id_and_sni(client: &mesh_tests::Pod, server: &mesh_tests::Pod) -> (String, String) {
+    (
+        format!(
+            "spiffe://cluster.local/ns/default/sa/{}",
+            client.service_account
+        ),
+        format!("{}.default.id.mesh", server.service_account),
+    )
+}
+
 /// Presents `chain` to node 1's tunnel port as if it were node 0's proxy, asking for `sni`.
 /// Returns whether the server let the connection live long enough to answer a request.
 async fn present(
@@ -141,11 +152,7 @@ async fn forged_and_expired_client_certificates_are_refused_and_counted() {
         .start_pair(PORT)
         .await
         .unwrap();
-    let client_id = format!(
-        "spiffe://cluster.local/ns/default/sa/{}",
-        client.service_account
-    );
-    let sni = format!("{}.default.id.mesh", server.service_account);
+    let (client_id, sni) = client_id_and_sni(&client, &server);
 
     // Control: a certificate from the mesh CA, currently valid, is accepted.
     let (chain, key) = leaf(&mesh_ca(&cluster), &client_id, -60, 3600);
@@ -216,11 +223,7 @@ async fn an_authenticated_peer_that_holds_a_connection_idle_is_told_to_go() {
         .start_pair(PORT)
         .await
         .unwrap();
-    let client_id = format!(
-        "spiffe://cluster.local/ns/default/sa/{}",
-        client.service_account
-    );
-    let sni = format!("{}.default.id.mesh", server.service_account);
+    let (client_id, sni) = client_id_and_sni(&client, &server);
     // A genuine certificate, a complete HTTP/2 handshake, then nothing: memory held for free
     // unless the server lets idle connections go.
     let (chain, key) = leaf(&mesh_ca(&cluster), &client_id, -60, 3600);
@@ -399,11 +402,7 @@ async fn during_a_root_rotation_both_roots_are_trusted() {
     );
 
     // A peer whose certificate already comes from the next root is accepted by node 1...
-    let client_id = format!(
-        "spiffe://cluster.local/ns/default/sa/{}",
-        client.service_account
-    );
-    let sni = format!("{}.default.id.mesh", server.service_account);
+    let (client_id, sni) = client_id_and_sni(&client, &server);
     let (chain, key) = leaf(&next, &client_id, -60, 3600);
     assert!(
         present(&cluster, chain, key, &sni).await,

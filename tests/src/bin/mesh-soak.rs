@@ -240,16 +240,7 @@ async fn main() -> anyhow::Result<()> {
         cluster.enroll(p).await?;
     }
     cluster.enroll(&client).await?;
-    for version in ["v1", "v2"] {
-        let these: Vec<&Pod> = servers
-            .iter()
-            .filter(|(_, v)| *v == version)
-            .map(|(p, _)| p)
-            .collect();
-        cluster
-            .label_pods(&these, json!({"app": "web", "version": version}))
-            .await?;
-    }
+    cluster.label_versions(&servers).await?;
     cluster
         .change_config("services.yaml", Some(&services(&ns)))
         .await?;
