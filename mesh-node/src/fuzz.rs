@@ -253,7 +253,7 @@ fn answers_in(out: &[u8], methods: &[String]) -> Result<usize, String> {
             Ok(httparse::Status::Complete((n, r))) => {
                 let code = r.code.unwrap_or(0);
                 let head = methods.get(answered).is_some_and(|m| m == "HEAD");
-                let kind = h1frame::response_body(code, head, r.headers)
+                let kind = h1frame::response_body(r.version, code, head, r.headers)
                     .map_err(|e| format!("answer {answered}: {e}"))?;
                 (n, code, kind)
             }
@@ -515,7 +515,8 @@ pub fn response_head(data: &[u8]) {
         return;
     };
     let status = r.code.unwrap_or(0);
-    if let Ok(BodyKind::Chunked) = h1frame::response_body(status, flags & 1 == 1, r.headers) {
+    let head = flags & 1 == 1;
+    if let Ok(BodyKind::Chunked) = h1frame::response_body(r.version, status, head, r.headers) {
         chunked(&[[flags].as_slice(), &buf[n..]].concat());
     }
 }

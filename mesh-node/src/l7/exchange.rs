@@ -332,7 +332,7 @@ fn parse_head(
         }
         return Ok(Some((n, None)));
     }
-    let kind = h1frame::response_body(code, head_request, r.headers)
+    let kind = h1frame::response_body(r.version, code, head_request, r.headers)
         .map_err(|e: FrameError| reset(format!("answer framing: {e}")))?;
     let mut resp = Response::new(());
     *resp.status_mut() = StatusCode::from_u16(code).map_err(reset)?;

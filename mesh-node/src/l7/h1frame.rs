@@ -30,6 +30,10 @@ pub enum FrameError {
     SeveralLengths,
     #[error("Transfer-Encoding coding {0:?} is not a token")]
     BadCoding(String),
+    #[error("Transfer-Encoding without a coding")]
+    NoCoding,
+    #[error("Transfer-Encoding in an HTTP/1.0 message")]
+    CodingInHttp10,
     #[error("Transfer-Encoding {0:?} does not end in chunked")]
     NotChunked(String),
     #[error("chunk size line {0:?}")]
@@ -59,6 +63,18 @@ fn coding(c: &str) -> bool {
             .all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
 }
 
+/// An HTTP/1.0 message with Transfer-Encoding has faulty framing (RFC 9112 section 6.1): HTTP/1.0
+/// has no codings, so peers read its body differently (hyper refuses it).
+fn http10_coding(version: Option<u8>, headers: &[httparse::Header]) -> Result<(), FrameError> {
+    let coded = headers
+        .iter()
+        .any(|h| h.name.eq_ignore_ascii_case("transfer-encoding"));
+    if version == Some(0) && coded {
+        return Err(FrameError::CodingInHttp10);
+    }
+    Ok(())
+}
+
 /// The framing headers of a head: the last coding of Transfer-Encoding, and Content-Length.
 fn framing(headers: &[httparse::Header]) -> Result<(Option<String>, Option<u64>), FrameError> {
     let (mut te, mut cl) = (None::<String>, None::<u64>);
@@ -71,9 +87,11 @@ fn framing(headers: &[httparse::Header]) -> Result<(Option<String>, Option<u64>)
             if let Some(bad) = v.split(',').map(str::trim).find(|c| !coding(c)) {
                 return Err(FrameError::BadCoding(bad.to_string()));
             }
-            // Several fields or a list: the last coding is the one that frames the message.
-            if let Some(last) = v.rsplit(',').map(str::trim).find(|c| !c.is_empty()) {
-                te = Some(last.to_ascii_lowercase());
+            // Several fields or a list: the last coding is the one that frames the message. A
+            // field with none (`Transfer-Encoding: `) frames nothing here and is refused by hyper.
+            match v.rsplit(',').map(str::trim).find(|c| !c.is_empty()) {
+                Some(last) => te = Some(last.to_ascii_lowercase()),
+                None => return Err(FrameError::NoCoding),
             }
         } else if h.name.eq_ignore_ascii_case("content-length") {
             let v = String::from_utf8_lossy(h.value);
@@ -103,7 +121,11 @@ fn framing(headers: &[httparse::Header]) -> Result<(Option<String>, Option<u64>)
 /// Unlike a response's, a request's length must be one value: RFC 9110 lets a recipient take
 /// `5, 5` or two equal fields as one, but servers differ (hyper refuses them, others take the
 /// first or the last), and the relay forwards the fields as they came.
-pub fn request_body(headers: &[httparse::Header]) -> Result<BodyKind, FrameError> {
+pub fn request_body(
+    version: Option<u8>,
+    headers: &[httparse::Header],
+) -> Result<BodyKind, FrameError> {
+    http10_coding(version, headers)?;
     let values = headers
         .iter()
         .filter(|h| h.name.eq_ignore_ascii_case("content-length"))
@@ -122,10 +144,12 @@ pub fn request_body(headers: &[httparse::Header]) -> Result<BodyKind, FrameError
 
 /// A response's body, given its status and whether the request was `HEAD`.
 pub fn response_body(
+    version: Option<u8>,
     status: u16,
     head_request: bool,
     headers: &[httparse::Header],
 ) -> Result<BodyKind, FrameError> {
+    http10_coding(version, headers)?;
     if head_request || (100..200).contains(&status) || status == 204 || status == 304 {
         return Ok(BodyKind::None);
     }
@@ -438,7 +462,7 @@ mod tests {
             ),
         ];
         for (headers, want) in cases {
-            assert_eq!(&request_body(&h(headers)), want, "{headers:?}");
+            assert_eq!(&request_body(Some(1), &h(headers)), want, "{headers:?}");
         }
     }
 
@@ -458,7 +482,7 @@ mod tests {
         ];
         for &(status, head, headers, want) in cases {
             assert_eq!(
-                response_body(status, head, &h(headers)),
+                response_body(Some(1), status, head, &h(headers)),
                 Ok(want),
                 "{status} {head} {headers:?}"
             );
@@ -484,6 +508,30 @@ mod tests {
                 "cut {cut}"
             );
         }
+    }
+
+    #[test]
+    fn codings_that_peers_read_differently_are_refused() {
+        let te = |v: &'static str| {
+            [httparse::Header {
+                name: "transfer-encoding",
+                value: v.as_bytes(),
+            }]
+        };
+        assert_eq!(request_body(Some(1), &te("")), Err(FrameError::NoCoding));
+        assert_eq!(request_body(Some(1), &te(" , ")), Err(FrameError::NoCoding));
+        assert_eq!(
+            request_body(Some(0), &te("chunked")),
+            Err(FrameError::CodingInHttp10)
+        );
+        assert_eq!(
+            response_body(Some(0), 200, false, &te("gzip")),
+            Err(FrameError::CodingInHttp10)
+        );
+        assert_eq!(
+            response_body(Some(1), 200, false, &te("gzip")),
+            Ok(BodyKind::UntilClose)
+        );
     }
 
     #[test]

@@ -173,9 +173,11 @@ async fn one<C: Carrier, G: Gate, D: Dial>(
         body,
         close,
     } = head;
+    let head_request = req.method() == Method::HEAD;
     let (ticket, admitted) = gate.admit(&mut req, forwarded.as_ref());
     if let Err(e) = admitted {
-        return refuse(carrier, gate, from_src, (body, close), e, ticket).await;
+        let kind = (body, close, head_request);
+        return refuse(carrier, gate, from_src, kind, e, ticket).await;
     }
     // An idle connection the pod closed (its keep-alive timeout) is not tried.
     let reused = pod
@@ -189,7 +191,10 @@ async fn one<C: Carrier, G: Gate, D: Dial>(
                 io,
                 buf: BytesMut::with_capacity(READ_SIZE),
             },
-            Err(e) => return refuse(carrier, gate, from_src, (body, close), e, ticket).await,
+            Err(e) => {
+                let kind = (body, close, head_request);
+                return refuse(carrier, gate, from_src, kind, e, ticket).await;
+            }
         },
     };
     // The head and what the stream already holds of the body go in one write.
@@ -199,7 +204,6 @@ async fn one<C: Carrier, G: Gate, D: Dial>(
     let mut request_bytes = rest.take(from_src, &mut out)?;
     let whole = rest.done();
     let out = out.freeze();
-    let head_request = req.method() == Method::HEAD;
     let mut sent = send_request(&mut p, &out, carrier, from_src, &mut rest).await;
     if sent.is_err() && !fresh && whole {
         // The pod closed the pooled connection as the request went out (nothing came back):
@@ -214,7 +218,7 @@ async fn one<C: Carrier, G: Gate, D: Dial>(
             }
             // The body was read with the head: there is nothing left of it to skip.
             Err(e) => {
-                let kind = (BodyKind::None, close);
+                let kind = (BodyKind::None, close, head_request);
                 return refuse(carrier, gate, from_src, kind, e, ticket).await;
             }
         }
@@ -237,7 +241,7 @@ async fn one<C: Carrier, G: Gate, D: Dial>(
             // Nothing of the answer went out: ours says what failed. The connection is dropped;
             // a request whose body was not read to its end takes the stream with it.
             let failed = ProxyError::Reset(e.to_string());
-            let answer = error_h1(&failed, close || !rest.done());
+            let answer = error_h1(&failed, close || !rest.done(), head_request);
             let n = answer.len() as u64;
             carrier.send(answer).await?;
             let code = failed.status().as_u16();
@@ -264,12 +268,12 @@ async fn refuse<C: Carrier, G: Gate>(
     carrier: &mut C,
     gate: &G,
     from_src: &mut BytesMut,
-    (body, close): (BodyKind, bool),
+    (body, close, head_request): (BodyKind, bool, bool),
     e: ProxyError,
     ticket: G::Ticket,
 ) -> Result<Next, RelayError> {
     let request_bytes = skip_body(carrier, from_src, body).await?;
-    let answer = error_h1(&e, close);
+    let answer = error_h1(&e, close, head_request);
     let n = answer.len() as u64;
     carrier.send(answer).await?;
     gate.finish(ticket, e.status().as_u16(), e.flag(), (request_bytes, n));
@@ -438,7 +442,7 @@ fn parse_request(buf: &[u8]) -> Result<Option<(usize, RequestHead)>, RelayError>
         httparse::Status::Complete(n) => n,
         httparse::Status::Partial => return Ok(None),
     };
-    let body = h1frame::request_body(r.headers).map_err(RelayError::RequestFraming)?;
+    let body = h1frame::request_body(r.version, r.headers).map_err(RelayError::RequestFraming)?;
     let (method, path) = (r.method.unwrap_or_default(), r.path.unwrap_or_default());
     let mut req = Request::builder()
         .method(method)
@@ -645,7 +649,7 @@ fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<ParsedRespons
         // Upgrades travel on streams of their own (`upgrade`): none was asked for here.
         return Err(RelayError::ResponseHead("101 without an upgrade".into()));
     }
-    let kind = h1frame::response_body(code, head_request, r.headers)
+    let kind = h1frame::response_body(r.version, code, head_request, r.headers)
         .map_err(RelayError::ResponseFraming)?;
     let mut close = r.version == Some(0);
     let mut head = BytesMut::with_capacity(n + 16);
@@ -1023,7 +1027,7 @@ mod tests {
         )
         .await;
         r.unwrap();
-        let denied = error_h1(&ProxyError::Denied("test rule".into()), false);
+        let denied = error_h1(&ProxyError::Denied("test rule".into()), false, false);
         let denied = std::str::from_utf8(&denied).unwrap();
         assert_eq!(out, format!("{denied}HTTP/1.1 204 No Content\r\n\r\n"));
         // The pod saw only the allowed request: the stream stayed in step.

@@ -88,8 +88,9 @@ impl ProxyError {
 }
 
 /// [`error_response`]'s answer to a plain HTTP request, written as HTTP/1.1 for a carried
-/// stream (`relay`). `close`: the stream ends after it.
-pub fn error_h1(e: &ProxyError, close: bool) -> bytes::Bytes {
+/// stream (`relay`). `close`: the stream ends after it. An answer to `HEAD` has no body (its
+/// length says what a `GET` would get): bytes after its head would be read as the next answer.
+pub fn error_h1(e: &ProxyError, close: bool, head_request: bool) -> bytes::Bytes {
     use std::fmt::Write;
     let body = format!("{e}\n");
     let status = e.status();
@@ -107,7 +108,9 @@ pub fn error_h1(e: &ProxyError, close: bool) -> bytes::Bytes {
         out.push_str("connection: close\r\n");
     }
     out.push_str("\r\n");
-    out.push_str(&body);
+    if !head_request {
+        out.push_str(&body);
+    }
     out.into()
 }
 
@@ -202,6 +205,16 @@ mod tests {
         assert_eq!(r.headers()[&FLAG_HEADER], "RL");
     }
 
+    /// An answer to `HEAD` ends with its head: a body would be read as the next answer.
+    #[test]
+    fn http1_answers_to_head_have_no_body() {
+        let e = ProxyError::Reset("pod response head: invalid HTTP version".into());
+        let (get, head) = (error_h1(&e, false, false), error_h1(&e, false, true));
+        assert!(head.ends_with(b"\r\n\r\n"), "{head:?}");
+        assert!(get.starts_with(&head), "same head: {get:?}");
+        assert!(get.len() > head.len());
+    }
+
     /// The HTTP/1.1 form says what `error_response` says: status, flag, reason, exact length.
     #[test]
     fn http1_answers_match_the_response() {
@@ -209,7 +222,7 @@ mod tests {
             (ProxyError::Denied("rule deny-all".into()), false),
             (ProxyError::Connect("10.0.0.1:80: refused".into()), true),
         ] {
-            let bytes = error_h1(&e, close);
+            let bytes = error_h1(&e, close, false);
             let mut hs = [httparse::EMPTY_HEADER; 8];
             let mut r = httparse::Response::new(&mut hs);
             let httparse::Status::Complete(n) = r.parse(&bytes).unwrap() else {
