@@ -92,6 +92,7 @@ struct Run {
 }
 
 pub fn fuzz(o: &Options) -> anyhow::Result<()> {
+    crate::toolchain::install(crate::toolchain::FUZZ_PACKAGES)?;
     let out = root().join("target/fuzz");
     for (dir, _) in CRATES {
         let status = Command::new(env!("CARGO"))

@@ -87,6 +87,9 @@ pub fn install_kubectl() -> anyhow::Result<()> {
 /// Only the benchmark needs these: the load generator and the comparison proxy.
 pub const BENCH_PACKAGES: &[&str] = &["wrk", "haproxy"];
 
+/// libFuzzer (in `libfuzzer-sys`) is built from C++ source.
+pub const FUZZ_PACKAGES: &[&str] = &["g++"];
+
 /// Installs the Debian packages of `packages` that are missing.
 pub fn install(packages: &[&str]) -> anyhow::Result<()> {
     let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
