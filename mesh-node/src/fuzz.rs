@@ -140,6 +140,7 @@ fn hyper_requests(input: &[u8]) -> Vec<(String, String, Vec<u8>)> {
     RUNTIME.with(|rt| {
         rt.borrow().block_on(async {
             let conn = hyper::server::conn::http1::Builder::new()
+                .max_headers(relay::MAX_FIELDS)
                 // Reads every pipelined request after the input ends, as a pod would read them
                 // off a connection the relay keeps open.
                 .half_close(true)
@@ -389,7 +390,12 @@ fn hyper_answer(input: &[u8], head_request: bool) -> Option<(u16, Vec<u8>)> {
     });
     RUNTIME.with(|rt| {
         rt.borrow().block_on(async {
-            let (mut send, conn) = hyper::client::conn::http1::handshake(io).await.ok()?;
+            // As many fields as the source takes: the target compares framing, not limits.
+            let (mut send, conn) = hyper::client::conn::http1::Builder::new()
+                .max_headers(relay::MAX_FIELDS)
+                .handshake(io)
+                .await
+                .ok()?;
             let method = if head_request {
                 http::Method::HEAD
             } else {

@@ -32,6 +32,8 @@ pub enum FrameError {
     BadCoding(String),
     #[error("Transfer-Encoding without a coding")]
     NoCoding,
+    #[error("status {0} is not in 100..=599")]
+    BadStatus(u16),
     #[error("Transfer-Encoding in an HTTP/1.0 message")]
     CodingInHttp10,
     #[error("Transfer-Encoding {0:?} does not end in chunked")]
@@ -149,6 +151,11 @@ pub fn response_body(
     head_request: bool,
     headers: &[httparse::Header],
 ) -> Result<BodyKind, FrameError> {
+    // httparse takes any three digits; a `002` would pass as an interim answer (below 200)
+    // where a client refuses it (found by fuzzing).
+    if !(100..=599).contains(&status) {
+        return Err(FrameError::BadStatus(status));
+    }
     http10_coding(version, headers)?;
     if head_request || (100..200).contains(&status) || status == 204 || status == 304 {
         return Ok(BodyKind::None);
@@ -293,7 +300,12 @@ impl Chunked {
                     }
                     // A size has at least one digit: httparse reads an empty line as 0, hyper
                     // refuses it, others may skip it (found by fuzzing).
-                    if self.state == State::Size && !line[0].is_ascii_hexdigit() {
+                    // Extensions are visible ASCII: hyper refuses other bytes in them.
+                    let visible = |b: &u8| *b == b'\t' || (b' '..=b'~').contains(b);
+                    if self.state == State::Size
+                        && (!line[0].is_ascii_hexdigit()
+                            || !line[..line.len() - 2].iter().all(visible))
+                    {
                         return Err(FrameError::BadChunkSize(
                             String::from_utf8_lossy(&line).into_owned(),
                         ));
@@ -532,6 +544,10 @@ mod tests {
             response_body(Some(1), 200, false, &te("gzip")),
             Ok(BodyKind::UntilClose)
         );
+        assert_eq!(
+            response_body(Some(1), 2, false, &[]),
+            Err(FrameError::BadStatus(2))
+        );
     }
 
     #[test]
@@ -553,6 +569,8 @@ mod tests {
             b"\r\n\r\n",
             b";ext\r\n\r\n",
             b" 0\r\n\r\n",
+            // An extension with bytes that are not visible ASCII.
+            b"0;x=\xff\r\n\r\n",
         ];
         for bad in cases {
             assert!(Chunked::default().scan(bad).is_err(), "{bad:?}");

@@ -36,7 +36,7 @@ use crate::hbone::Tunnel;
 /// Longest head and most header fields accepted: the source enforced the app's limits, these
 /// only bound memory.
 pub(super) const MAX_HEAD: usize = MAX_HEADER_BYTES * 2;
-pub(super) const MAX_FIELDS: usize = MAX_HEADERS * 2;
+pub(crate) const MAX_FIELDS: usize = MAX_HEADERS * 2;
 /// How much is read from the pod at a time.
 const READ_SIZE: usize = 16 * 1024;
 
