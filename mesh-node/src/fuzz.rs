@@ -249,7 +249,7 @@ pub fn relay(data: &[u8]) {
 fn answers_in(out: &[u8], methods: &[String]) -> Result<usize, String> {
     let (mut at, mut answered) = (0, 0);
     while at < out.len() {
-        let mut fields = [const { std::mem::MaybeUninit::uninit() }; 128];
+        let mut fields = [const { std::mem::MaybeUninit::uninit() }; relay::MAX_FIELDS];
         let (n, code, kind) = match h1frame::parse_response(&out[at..], &mut fields) {
             Ok(httparse::Status::Complete((n, r))) => {
                 let code = r.code.unwrap_or(0);
