@@ -15,8 +15,8 @@
 //!   forwards it as it is, `decode` turns it into `/`);
 //! - a literal `\`, a NUL or a control byte, or a `%` not followed by two hex digits, is refused.
 //!
-//! A refused request gets `400` with the flag `DPE`. Requests that ask to switch to `h2c` are
-//! refused too: after a `101` the connection is opaque to per-request policy.
+//! A refused request gets `400` with the flag `DPE`. Requests that ask to switch to `h2c`, and
+//! `CONNECT`s, are refused too: after them the connection is opaque to per-request policy.
 use std::borrow::Cow;
 
 use http::{HeaderValue, Request, Uri, uri::PathAndQuery};
@@ -190,6 +190,14 @@ pub fn request<B>(req: &mut Request<B>, slashes: EscapedSlashes) -> Result<(), P
         return Err(ProxyError::BadRequest(
             "an upgrade to h2c is refused: the connection would be opaque to per-request policy"
                 .into(),
+        ));
+    }
+    // After a CONNECT the pod reads the connection as a tunnel while the relay would go on
+    // reading requests from it: what policy judged would not be what the pod does (found by
+    // fuzzing, against hyper).
+    if req.method() == http::Method::CONNECT {
+        return Err(ProxyError::BadRequest(
+            "CONNECT is refused: the connection would be opaque to per-request policy".into(),
         ));
     }
     let uri = req.uri();
@@ -367,6 +375,19 @@ mod tests {
             request(&mut req, Reject),
             Err(ProxyError::BadRequest(_))
         ));
+
+        // CONNECT, in origin form too: the pod would read what follows as a tunnel.
+        for target in ["/x", "web:443"] {
+            let mut req = Request::builder()
+                .method(http::Method::CONNECT)
+                .uri(target)
+                .body(())
+                .unwrap();
+            assert!(matches!(
+                request(&mut req, Reject),
+                Err(ProxyError::BadRequest(_))
+            ));
+        }
 
         let mut req = Request::get("/x").body(()).unwrap();
         req.headers_mut().insert(
