@@ -136,7 +136,7 @@ fn hyper_requests(input: &[u8]) -> Vec<(String, String, Vec<u8>)> {
             ))
         }
     });
-    let io = hyper_util::rt::TokioIo::new(SliceIo(input.to_vec().into()));
+    let io = hyper_util::rt::TokioIo::new(Peer::sending(input));
     RUNTIME.with(|rt| {
         rt.borrow().block_on(async {
             let conn = hyper::server::conn::http1::Builder::new()
@@ -149,37 +149,6 @@ fn hyper_requests(input: &[u8]) -> Vec<(String, String, Vec<u8>)> {
         })
     });
     std::mem::take(&mut *seen.lock().expect("seen lock"))
-}
-
-/// A connection whose peer sent `0` and then closed its side; what is written is dropped.
-struct SliceIo(Bytes);
-
-impl tokio::io::AsyncRead for SliceIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let n = self.0.len().min(buf.remaining());
-        buf.put_slice(&self.0.split_to(n));
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl tokio::io::AsyncWrite for SliceIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Poll::Ready(Ok(buf.len()))
-    }
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
 }
 
 /// The destination relay, whole, between a source stream and a pod that both send arbitrary
@@ -383,11 +352,7 @@ pub fn answer(data: &[u8]) {
 
 /// The answer hyper's HTTP/1.1 client reads from `input` for one request: status and body.
 fn hyper_answer(input: &[u8], head_request: bool) -> Option<(u16, Vec<u8>)> {
-    let io = hyper_util::rt::TokioIo::new(Answers {
-        input: Bytes::copy_from_slice(input),
-        asked: false,
-        reader: None,
-    });
+    let io = hyper_util::rt::TokioIo::new(Peer::answering(input));
     RUNTIME.with(|rt| {
         rt.borrow().block_on(async {
             // As many fields as the source takes: the target compares framing, not limits.
@@ -418,15 +383,36 @@ fn hyper_answer(input: &[u8], head_request: bool) -> Option<(u16, Vec<u8>)> {
     })
 }
 
-/// A server that sends `input` once the request was written (hyper's client refuses an answer
-/// that comes before its request), then closes its side.
-struct Answers {
+/// The other end of an in-memory connection: it sends `input`, then closes its side; what is
+/// written to it is dropped.
+struct Peer {
     input: Bytes,
+    /// Whether it may send yet: a server answers only once asked (hyper's client refuses an
+    /// answer that comes before its request).
     asked: bool,
     reader: Option<std::task::Waker>,
 }
 
-impl tokio::io::AsyncRead for Answers {
+impl Peer {
+    /// A client that sent `input` at once.
+    fn sending(input: &[u8]) -> Self {
+        Self {
+            input: Bytes::copy_from_slice(input),
+            asked: true,
+            reader: None,
+        }
+    }
+
+    /// A server that answers `input` to the first bytes written to it.
+    fn answering(input: &[u8]) -> Self {
+        Self {
+            asked: false,
+            ..Self::sending(input)
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Peer {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -442,7 +428,7 @@ impl tokio::io::AsyncRead for Answers {
     }
 }
 
-impl tokio::io::AsyncWrite for Answers {
+impl tokio::io::AsyncWrite for Peer {
     fn poll_write(
         mut self: Pin<&mut Self>,
         _: &mut Context<'_>,
