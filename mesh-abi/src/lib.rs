@@ -45,6 +45,15 @@ pub mod maps {
     pub const PORT_MODES: &str = "MESH_PORT_MODES";
     /// `PerCpuHashMap<u32 pod id, PodInbound>`: new inbound connections per pod, by kind.
     pub const POD_INBOUND: &str = "MESH_POD_IN";
+    /// `HashMap<u64 socket cookie, u32 pod id>`: every socket that holds a redirect record, from
+    /// its first redirected connect until the pod releases it. Each such socket holds at most
+    /// one entry in each of the node's shared record maps, so counting them bounds what one pod
+    /// can take of those maps.
+    pub const REDIRECTED: &str = "MESH_REDIRECTED";
+    /// `HashMap<u32 pod id, u64>`: how many sockets of [`REDIRECTED`] each pod holds.
+    pub const POD_HELD: &str = "MESH_POD_HELD";
+    /// `Array<NodeLimits>` with one entry: the bounds the programs enforce.
+    pub const LIMITS: &str = "MESH_LIMITS";
     /// `SockHash<SockKey>` with the sk_msg program: pods' ends of their connections with the node
     /// proxy (added by sock_ops). Each send on one is judged: handed over, or TCP.
     pub const SOCKS_TX: &str = "MESH_SOCKS_TX";
@@ -87,6 +96,8 @@ pub mod programs {
     pub const GETPEERNAME4: &str = "mesh_peername4";
     pub const GETPEERNAME6: &str = "mesh_peername6";
     pub const SOCK_OPS: &str = "mesh_sock_ops";
+    /// cgroup_sock sock_release: ends a socket's hold on the record maps.
+    pub const SOCK_RELEASE: &str = "mesh_sock_release";
     pub const INGRESS: &str = "mesh_ingress";
     /// `INGRESS` for kernels whose cgroup_skb programs cannot call `bpf_get_netns_cookie`.
     pub const INGRESS_BTF: &str = "mesh_ingress_btf";
@@ -131,6 +142,17 @@ pub struct PodEntry {
     pub pod_id: u32,
     /// `POD_F_*` bits.
     pub flags: u32,
+}
+
+/// Value of [`maps::LIMITS`]. A map of its own rather than fields of [`Config`]: pinned maps
+/// keep their value size across generations, so new bounds come as new maps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeLimits {
+    /// Redirected sockets one pod may hold at once ([`maps::REDIRECTED`]); a connect beyond it
+    /// fails with EPERM. 0: no bound (a proxy that predates it).
+    pub redirected_per_pod: u32,
+    pub _reserved: u32,
 }
 
 /// Key of [`maps::PORT_MODES`]: one port of one pod.
@@ -277,16 +299,19 @@ pub enum Program {
     Ingress = 4,
     /// sk_msg: each send on a socket of [`maps::SOCKS_TX`].
     SkMsg = 5,
+    /// cgroup_sock sock_release: a pod's socket is released (its last file reference closed).
+    SockRelease = 6,
 }
 
 impl Program {
-    pub const ALL: [Program; 6] = [
+    pub const ALL: [Program; 7] = [
         Program::Connect4,
         Program::Connect6,
         Program::SockOps,
         Program::GetPeerName,
         Program::Ingress,
         Program::SkMsg,
+        Program::SockRelease,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -297,6 +322,7 @@ impl Program {
             Program::GetPeerName => "getpeername",
             Program::Ingress => "ingress",
             Program::SkMsg => "sk_msg",
+            Program::SockRelease => "sock_release",
         }
     }
 }
@@ -327,7 +353,8 @@ pub enum Outcome {
     Denied = 8,
     /// sock_ops / getpeername: the socket was not redirected (no record).
     NoRecord = 9,
-    /// sock_ops: records of a closed redirected socket removed.
+    /// sock_ops: records of a closed redirected socket removed. sock_release: a redirected
+    /// socket released by its pod (no longer counted against it).
     Closed = 10,
     /// ingress: a new connection from the node proxy (mesh traffic).
     FromProxy = 11,
@@ -361,10 +388,14 @@ pub enum Outcome {
     /// connect: a socket the node proxy made in the pod's network namespace for traffic leaving
     /// the mesh: it connects where it asked.
     SkipEgress = 21,
+    /// connect refused: the pod already holds as many redirected sockets as it may
+    /// ([`NodeLimits::redirected_per_pod`]), so one pod cannot crowd the others' records out of
+    /// the node's shared maps.
+    PodFull = 22,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 22] = [
+    pub const ALL: [Outcome; 23] = [
         Outcome::Seen,
         Outcome::Redirected,
         Outcome::SkipNotTcp,
@@ -387,6 +418,7 @@ impl Outcome {
         Outcome::Unparsed,
         Outcome::Undelivered,
         Outcome::SkipEgress,
+        Outcome::PodFull,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -413,6 +445,7 @@ impl Outcome {
             Outcome::Unparsed => "unparsed",
             Outcome::Undelivered => "undelivered",
             Outcome::SkipEgress => "skip_egress",
+            Outcome::PodFull => "pod_full",
         }
     }
 }
@@ -434,6 +467,7 @@ pub const fn counter_index(program: Program, outcome: Outcome) -> u32 {
 // No padding anywhere: every size is the sum of its fields.
 const _: () = assert!(core::mem::size_of::<Config>() == 4 + 16 + 2 + 2 + 4);
 const _: () = assert!(core::mem::size_of::<PodEntry>() == 8);
+const _: () = assert!(core::mem::size_of::<NodeLimits>() == 8);
 const _: () = assert!(core::mem::size_of::<PodInbound>() == 16);
 const _: () = assert!(core::mem::size_of::<PodPort>() == 8);
 const _: () = assert!(core::mem::size_of::<OrigDst>() == 16 + 2 + 2 + 4 + 8);

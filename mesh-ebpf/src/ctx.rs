@@ -17,7 +17,7 @@ use aya_ebpf::{
     bindings::{BPF_F_INGRESS, sk_action::SK_PASS},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_skc_to_tcp_sock},
     maps::{Array, LruHashMap, SockHash},
-    programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext},
+    programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use mesh_abi::{AF_INET, AF_INET6, ReadSlot, SendState, SockKey};
 
@@ -98,6 +98,42 @@ pub fn netns_cookie(sa: &SockAddrContext) -> u64 {
 #[inline(always)]
 pub fn socket_cookie(sa: &SockAddrContext) -> u64 {
     unsafe { bpf_get_socket_cookie(sa.sock_addr as *mut c_void) }
+}
+
+#[inline(always)]
+pub fn sk_socket_cookie(sk: &SockContext) -> u64 {
+    unsafe { bpf_get_socket_cookie(sk.sock as *mut c_void) }
+}
+
+/// The socket's TCP state (`BPF_TCP_*`).
+#[inline(always)]
+pub fn sk_state(sk: &SockContext) -> u32 {
+    unsafe { read_volatile(addr_of!((*sk.sock).state)) }
+}
+
+/// A counter in a map value, read once.
+#[inline(always)]
+pub fn load(counter: *mut u64) -> u64 {
+    unsafe { read_volatile(counter) }
+}
+
+/// Atomic add to a counter in a map value shared by all CPUs: BPF's plain atomic add, which every
+/// kernel has (Rust offers no read-modify-write atomics on a target without compare-and-swap).
+#[inline(always)]
+pub fn add(counter: *mut u64, n: u64) {
+    unsafe {
+        core::arch::asm!(
+            "lock *(u64 *)({p} + 0) += {n}",
+            p = in(reg) counter,
+            n = in(reg) n,
+            options(nostack),
+        )
+    }
+}
+
+#[inline(always)]
+pub fn sub(counter: *mut u64, n: u64) {
+    add(counter, n.wrapping_neg());
 }
 
 #[inline(always)]

@@ -6,6 +6,8 @@
 //! - `sock_ops` moves that record, once the client port is known, to a map keyed by the client's
 //!   address and port: exactly the peer address the proxy sees on `accept`;
 //! - `getpeername4`/`getpeername6` show the client its original peer;
+//! - `sock_release` ends a socket's count against its pod's share of the record maps (each pod
+//!   may hold a bounded number of redirected sockets, so none can crowd out the others' records);
 //! - `ingress` (cgroup_skb) judges new inbound connections to pods (STRICT / PERMISSIVE);
 //! - with socket acceleration on, `sock_ops` also adds pods' ends of their connections with the
 //!   proxy to a socket map, whose `sk_msg` program hands their sends straight to the proxy's
@@ -15,6 +17,8 @@
 //! the node, and a pod's identity comes from the socket that connected, not from its IP.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// Inline assembly for BPF's atomic add (`ctx::add`); the build allows this one nightly feature.
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 // Built for the host (`cargo build --workspace`) the crate is an empty binary: the programs only
 // exist for the BPF target.

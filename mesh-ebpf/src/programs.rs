@@ -3,23 +3,23 @@
 use crate::ctx;
 use crate::ctx::{v4_mapped, widen};
 use aya_ebpf::{
-    bindings::BPF_F_MMAPABLE,
     bindings::{
         BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
         BPF_TCP_CLOSE, sk_action::SK_PASS,
     },
-    macros::{cgroup_skb, cgroup_sock_addr, map, sk_msg, sock_ops},
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_NOEXIST},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, map, sk_msg, sock_ops},
     maps::{
         Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash, lpm_trie::Key,
     },
-    programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext},
+    programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
 use mesh_abi::{
     AF_INET, AF_INET6, CONFIG_F_ACCEL, CONFIG_F_IPV4, CONFIG_F_IPV6, COUNTERS as N_COUNTERS,
-    Config, ConnKey, OrigDst, Outcome, POD_F_STRICT, PodEntry, PodInbound, PodPort, Program,
-    READ_SLOT_COUNT, ReadSlot, SendState, SockKey, counter_index,
+    Config, ConnKey, NodeLimits, OrigDst, Outcome, POD_F_STRICT, PodEntry, PodInbound, PodPort,
+    Program, READ_SLOT_COUNT, ReadSlot, SendState, SockKey, counter_index,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -51,6 +51,15 @@ static EGRESS_SOCKS: LruHashMap<u64, u8> = LruHashMap::pinned(CONN_ENTRIES, 0);
 static PORT_MODES: HashMap<PodPort, u32> = HashMap::pinned(16_384, 0);
 #[map(name = "MESH_POD_IN")]
 static POD_INBOUND: PerCpuHashMap<u32, PodInbound> = PerCpuHashMap::pinned(16_384, 0);
+/// Not LRU: an entry must go exactly when its socket is released, or its pod's count would
+/// drift. Allocated as used; the per-pod bound keeps it far from full (a full map fails the
+/// connect, closed).
+#[map(name = "MESH_REDIRECTED")]
+static REDIRECTED: HashMap<u64, u32> = HashMap::pinned(4 * CONN_ENTRIES, BPF_F_NO_PREALLOC);
+#[map(name = "MESH_POD_HELD")]
+static POD_HELD: HashMap<u32, u64> = HashMap::pinned(16_384, 0);
+#[map(name = "MESH_LIMITS")]
+static LIMITS: Array<NodeLimits> = Array::pinned(1, 0);
 // Socket acceleration. These maps are not pinned: they belong to one proxy instance. A pod
 // connection keeps the programs and maps of the instance it was established under; after that
 // instance is gone its sends find no reader and go through TCP.
@@ -87,7 +96,10 @@ fn count(program: Program, outcome: Outcome) {
 #[inline(always)]
 fn verdict(program: Program, outcome: Outcome) -> i32 {
     count(program, outcome);
-    if outcome == Outcome::Denied { 0 } else { 1 }
+    match outcome {
+        Outcome::Denied | Outcome::PodFull => 0,
+        _ => 1,
+    }
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -183,6 +195,9 @@ fn redirect(sa: &SockAddrContext, dest: Dest, port: u16) -> Outcome {
             (AF_INET6, a)
         }
     };
+    if let Err(refused) = hold(cookie, pod.pod_id) {
+        return refused;
+    }
     let record = OrigDst {
         addr: addr16,
         port,
@@ -200,6 +215,64 @@ fn redirect(sa: &SockAddrContext, dest: Dest, port: u16) -> Outcome {
     }
     ctx::set_user_port(sa, cfg.proxy_port);
     Outcome::Redirected
+}
+
+/// Counts a socket against its pod's share of the node's record maps, once per socket (a socket
+/// may connect again after a failed attempt). The entry goes when the pod releases the socket
+/// ([`mesh_sock_release`]); until then the socket may hold one record in each map. Refused when
+/// the pod holds its limit already: it cannot crowd other pods' records out of the maps.
+#[inline(always)]
+fn hold(cookie: u64, pod: u32) -> Result<(), Outcome> {
+    if REDIRECTED.get_ptr(cookie).is_some() {
+        return Ok(());
+    }
+    let held = match POD_HELD.get_ptr_mut(pod) {
+        Some(h) => h,
+        None => {
+            // The pod's first socket; on a race the other CPU's insert wins and is used.
+            let _ = POD_HELD.insert(pod, 0, BPF_NOEXIST as u64);
+            POD_HELD.get_ptr_mut(pod).ok_or(Outcome::Denied)?
+        }
+    };
+    let limit = LIMITS.get(0).map_or(0, |l| l.redirected_per_pod);
+    // Read, then add: sockets connecting at the same instant on other CPUs can overshoot the
+    // limit by one each, which bounds the same.
+    if limit != 0 && ctx::load(held) >= u64::from(limit) {
+        return Err(Outcome::PodFull);
+    }
+    if REDIRECTED.insert(cookie, pod, BPF_NOEXIST as u64).is_err() {
+        return Err(Outcome::Denied);
+    }
+    ctx::add(held, 1);
+    Ok(())
+}
+
+/// A pod's socket is released. It no longer counts against its pod. A socket that never sent a
+/// SYN (its connect failed first, e.g. with no local port free) never gets the state change
+/// that removes its record, so the record goes here; a connected one's goes when TCP closes it,
+/// maybe later (bytes the pod wrote before closing are still on their way to the proxy).
+#[cgroup_sock(sock_release)]
+pub fn mesh_sock_release(sk: SockContext) -> i32 {
+    let cookie = ctx::sk_socket_cookie(&sk);
+    // SAFETY: copied out at once; only this socket's own hooks write its entry.
+    let Some(pod) = (unsafe { REDIRECTED.get(cookie) }).copied() else {
+        return 1;
+    };
+    if REDIRECTED.remove(cookie).is_err() {
+        return 1;
+    }
+    // Never below zero: a count the node proxy swept (pod gone) and a new one made since must
+    // not be counted down by the old sockets.
+    if let Some(held) = POD_HELD.get_ptr_mut(pod)
+        && ctx::load(held) != 0
+    {
+        ctx::sub(held, 1);
+    }
+    if ctx::sk_state(&sk) == BPF_TCP_CLOSE {
+        let _ = ORIG_BY_COOKIE.remove(cookie);
+    }
+    count(Program::SockRelease, Outcome::Closed);
+    1
 }
 
 #[sock_ops]

@@ -349,6 +349,8 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         exclude_ports: config.exclude_ports.clone(),
         exclude_cidrs: config.exclude_cidrs.clone(),
         accelerate: config.socket_acceleration,
+        redirected_per_pod: u32::try_from(config.limits.max_connections_per_pod)
+            .unwrap_or(u32::MAX),
     };
     // Every listener is bound above: from here on, only the kernel can refuse the start.
     let redirector = Arc::new(Redirector::load(&object, &spec, &kernel)?);

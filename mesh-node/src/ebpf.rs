@@ -16,14 +16,15 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, SockHash, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SkMsg, SockOps,
-        links::FdLink,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, SkMsg,
+        SockOps, links::FdLink,
     },
 };
 use ipnet::IpNet;
 use mesh_abi::{
-    AF_INET, AF_INET6, CONFIG_F_ACCEL, CONFIG_F_IPV4, CONFIG_F_IPV6, Config, ConnKey, OrigDst,
-    Outcome, PodEntry, PodInbound, PodPort, Program, SockKey, counter_index, maps, programs,
+    AF_INET, AF_INET6, CONFIG_F_ACCEL, CONFIG_F_IPV4, CONFIG_F_IPV6, Config, ConnKey, NodeLimits,
+    OrigDst, Outcome, PodEntry, PodInbound, PodPort, Program, SockKey, counter_index, maps,
+    programs,
 };
 use serde::Serialize;
 use tracing::{info, warn};
@@ -117,6 +118,9 @@ pub struct RedirectSpec {
     /// Socket acceleration (see `accel`): wanted. It is left off, with a warning, when this
     /// kernel cannot do it.
     pub accelerate: bool,
+    /// Redirected sockets one pod may hold at once (the kernel's share of
+    /// `--max-connections-per-pod`): bounds what one pod takes of the node's record maps.
+    pub redirected_per_pod: u32,
 }
 
 /// The attached programs and the maps mesh-node reads and writes.
@@ -126,6 +130,7 @@ pub struct Redirector {
     counters: PerCpuArray<MapData, u64>,
     pod_inbound: PerCpuHashMap<MapData, u32, PodInbound>,
     port_modes: Mutex<HashMap<MapData, PodPort, u32>>,
+    pod_held: Mutex<HashMap<MapData, u32, u64>>,
     deliveries: Deliveries,
     egress: EgressSockets,
     accel: Accel,
@@ -246,6 +251,8 @@ impl Redirector {
         }
         let prog: &mut SockOps = program(&mut ebpf, programs::SOCK_OPS)?;
         prog.load().map_err(prog_err(programs::SOCK_OPS))?;
+        let prog: &mut CgroupSock = program(&mut ebpf, programs::SOCK_RELEASE)?;
+        prog.load().map_err(prog_err(programs::SOCK_RELEASE))?;
         let prog: &mut CgroupSkb = program(&mut ebpf, ingress)?;
         prog.load().map_err(prog_err(ingress))?;
         // The config and exclusion maps are pinned and shared with a running generation: they
@@ -264,6 +271,11 @@ impl Redirector {
         }
         let name = programs::SOCK_OPS;
         let prog: &mut SockOps = program(&mut ebpf, name)?;
+        let id = prog.attach(&cgroup, LINK_MODE).map_err(prog_err(name))?;
+        let link = prog.take_link(id).map_err(prog_err(name))?;
+        links.push((name, FdLink::try_from(link).map_err(link_err(name))?));
+        let name = programs::SOCK_RELEASE;
+        let prog: &mut CgroupSock = program(&mut ebpf, name)?;
         let id = prog.attach(&cgroup, LINK_MODE).map_err(prog_err(name))?;
         let link = prog.take_link(id).map_err(prog_err(name))?;
         links.push((name, FdLink::try_from(link).map_err(link_err(name))?));
@@ -296,6 +308,8 @@ impl Redirector {
             .map_err(map_err(maps::POD_INBOUND))?;
         let port_modes = HashMap::try_from(take(&mut ebpf, maps::PORT_MODES)?)
             .map_err(map_err(maps::PORT_MODES))?;
+        let pod_held =
+            HashMap::try_from(take(&mut ebpf, maps::POD_HELD)?).map_err(map_err(maps::POD_HELD))?;
         let deliveries = HashMap::try_from(take(&mut ebpf, maps::DELIVERIES)?)
             .map_err(map_err(maps::DELIVERIES))?;
         let egress = HashMap::try_from(take(&mut ebpf, maps::EGRESS_SOCKS)?)
@@ -311,6 +325,7 @@ impl Redirector {
             counters,
             pod_inbound,
             port_modes: Mutex::new(port_modes),
+            pod_held: Mutex::new(pod_held),
             deliveries: Marks::new(deliveries, maps::DELIVERIES),
             egress: Marks::new(egress, maps::EGRESS_SOCKS),
             accel,
@@ -389,9 +404,41 @@ impl Redirector {
             .expect("enrolled map lock")
             .remove(&netns_cookie)
         {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_err(maps::ENROLLED)(e)),
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(maps::ENROLLED)(e)),
         }
+        self.sweep_held()
+    }
+
+    /// Drops the socket counts of pods no longer enrolled once they hold no socket (pod ids are
+    /// never reused, so the map would otherwise fill with departed pods and refuse new ones).
+    /// A count still above zero stays until its sockets are released: deleting it then would let
+    /// those releases count down a later entry.
+    fn sweep_held(&self) -> Result<(), EbpfError> {
+        let enrolled: Vec<u32> = self.enrolled().into_iter().map(|(_, p)| p.0).collect();
+        let mut held = self.pod_held.lock().expect("pod held map lock");
+        let gone: Vec<u32> = held
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(pod, n)| *n == 0 && !enrolled.contains(pod))
+            .map(|(pod, _)| pod)
+            .collect();
+        for pod in gone {
+            match held.remove(&pod) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(maps::POD_HELD)(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Redirected sockets each pod holds now, by pod id.
+    pub fn held(&self) -> Vec<(PodId, u64)> {
+        let map = self.pod_held.lock().expect("pod held map lock");
+        map.iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (PodId(k), v))
+            .collect()
     }
 
     /// Netns cookies enrolled in the kernel, with their pod ids.
@@ -673,7 +720,17 @@ fn write_config(ebpf: &mut Ebpf, spec: &RedirectSpec, accel: bool) -> Result<(),
         .map_mut(name)
         .ok_or(EbpfError::Missing { kind: "map", name })?;
     let mut array: Array<&mut MapData, Config> = Array::try_from(map).map_err(map_err(name))?;
-    array.set(0, cfg, 0).map_err(map_err(name))
+    array.set(0, cfg, 0).map_err(map_err(name))?;
+    let name = maps::LIMITS;
+    let map = ebpf
+        .map_mut(name)
+        .ok_or(EbpfError::Missing { kind: "map", name })?;
+    let mut array: Array<&mut MapData, NodeLimits> = Array::try_from(map).map_err(map_err(name))?;
+    let limits = NodeLimits {
+        redirected_per_pod: spec.redirected_per_pod,
+        _reserved: 0,
+    };
+    array.set(0, limits, 0).map_err(map_err(name))
 }
 
 /// Makes the exclusion maps hold exactly what the config says (they are pinned, so they may hold

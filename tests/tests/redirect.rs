@@ -567,8 +567,8 @@ async fn a_start_that_fails_leaves_the_kernel_as_it_found_it() {
     let running = attached(&cgroup);
     assert_eq!(
         running.len(),
-        6,
-        "connect4/6, getpeername4/6, sock_ops, ingress: {running:?}"
+        7,
+        "connect4/6, getpeername4/6, sock_ops, sock_release, ingress: {running:?}"
     );
     assert!(cluster.stop_node(0).await.unwrap().success());
     assert_eq!(attached(&cgroup), running);
@@ -673,6 +673,108 @@ async fn connects_that_never_complete_leave_no_records_behind() {
         after <= before + 5,
         "300 refused connects left {} records behind",
         after - before
+    );
+}
+
+/// What a hostile pod would do to the record maps every pod of the node shares: hold sockets whose
+/// connects never send a SYN (no local port left: the redirect program ran, TCP never started).
+/// Their records must go with the sockets, a pod may hold only its share of them, and once it
+/// lets go its count is back to nothing (it connects again), while its neighbour is never refused.
+#[tokio::test]
+async fn a_pod_holds_only_its_share_of_the_record_maps() {
+    require_root();
+    const SHARE: u64 = 64;
+    let cluster = ClusterBuilder::new()
+        .nodes(1)
+        .pods_per_node(3)
+        .node_args(&["--max-connections-per-pod", &SHARE.to_string()])
+        .start()
+        .await
+        .unwrap();
+    let (hostile, client, server) = (
+        cluster.pod(0, 0).clone(),
+        cluster.pod(0, 1).clone(),
+        cluster.pod(0, 2).clone(),
+    );
+    let _s = server.serve(PORT, false).await.unwrap();
+    for p in [&hostile, &client] {
+        cluster.enroll(p).await.unwrap();
+    }
+    let dst = server.addr(false, PORT);
+    let dst_arg = dst.to_string();
+    let before = map_entries(&cluster, "MESH_ORIG_CK");
+
+    // Connect and close at once: not one record may stay behind.
+    let r = hostile
+        .testpod(&["hog", "--to", &dst_arg, "--connects", "500"])
+        .await
+        .unwrap();
+    assert_eq!(n(&r, &["outcomes", "EADDRNOTAVAIL"]), 500, "{r}");
+    let left = map_entries(&cluster, "MESH_ORIG_CK");
+    assert!(
+        left <= before + 5,
+        "500 connects that never sent a SYN left {} records behind",
+        left - before
+    );
+
+    // Hold them: the pod gets its share, the rest is refused at connect.
+    let mut hog = hostile
+        .command(mesh_tests::find_bin("mesh-testpod").unwrap())
+        .unwrap();
+    hog.args(["hog", "--to", &dst_arg, "--connects", "500", "--hold"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    let mut hog = hog.spawn().unwrap();
+    let mut line = String::new();
+    tokio::io::AsyncBufReadExt::read_line(
+        &mut tokio::io::BufReader::new(hog.stdout.take().unwrap()),
+        &mut line,
+    )
+    .await
+    .unwrap();
+    let r: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    let taken = n(&r, &["outcomes", "EADDRNOTAVAIL"]);
+    assert!(
+        (SHARE..=SHARE + 2).contains(&taken),
+        "a pod allowed {SHARE} held {taken} redirected sockets: {r}"
+    );
+    assert_eq!(taken + n(&r, &["outcomes", "EPERM"]), 500, "{r}");
+    let held = map_entries(&cluster, "MESH_ORIG_CK");
+    assert!(
+        held <= before + SHARE as usize + 5,
+        "one pod holds {} records",
+        held - before
+    );
+    assert_eq!(n(&client.client(dst, 5, 64).await.unwrap(), &["ok"]), 5);
+
+    // Let go: its records go, and nothing of the count is left to refuse it.
+    drop(hog.stdin.take());
+    assert!(hog.wait().await.unwrap().success());
+    let after = map_entries(&cluster, "MESH_ORIG_CK");
+    assert!(
+        after <= before + 5,
+        "{} records outlived their sockets",
+        after - before
+    );
+    let r = hostile
+        .testpod(&[
+            "client",
+            "--to",
+            &dst_arg,
+            "--conns",
+            &SHARE.to_string(),
+            "--concurrency",
+            &SHARE.to_string(),
+            "--hold",
+            "--bytes",
+            "16",
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        n(&r, &["ok"]),
+        SHARE,
+        "the pod is refused after letting go: {r}"
     );
 }
 

@@ -164,8 +164,9 @@ pub fn build_ebpf(tools: &Tools) -> anyhow::Result<PathBuf> {
     .current_dir(&root)
     .env("PATH", path)
     .env("RUSTC", DEBIAN_RUSTC)
-    // aya-ebpf uses `asm_experimental_arch`; allow nightly features for it alone.
-    .env("RUSTC_BOOTSTRAP", "aya_ebpf")
+    // aya-ebpf and our atomic add use `asm_experimental_arch`; allow nightly features for these
+    // two crates alone.
+    .env("RUSTC_BOOTSTRAP", "aya_ebpf,mesh_ebpf")
     .env(
         "CARGO_ENCODED_RUSTFLAGS",
         [

@@ -77,6 +77,20 @@ enum Cmd {
         #[arg(long)]
         text: Option<String>,
     },
+    /// What a hostile pod does to fill the node's shared redirect-record maps: narrows its
+    /// ephemeral port range to --ports ports and binds them all, so that each of --connects
+    /// connects to --to fails (EADDRNOTAVAIL) after the redirect program has run. Prints the
+    /// connect outcomes as one JSON line; with --hold keeps every socket until stdin closes.
+    Hog {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 64)]
+        ports: u16,
+        #[arg(long)]
+        connects: usize,
+        #[arg(long)]
+        hold: bool,
+    },
     /// Connection rate: connect, one echo round trip, close; as fast as possible.
     Rate {
         #[arg(long)]
@@ -241,6 +255,12 @@ async fn main() -> anyhow::Result<()> {
             hold,
             text,
         } => client(to, conns, concurrency, bytes, hold, text).await,
+        Cmd::Hog {
+            to,
+            ports,
+            connects,
+            hold,
+        } => hog(to, ports, connects, hold).await,
         Cmd::Rate {
             to,
             duration_ms,
@@ -1211,4 +1231,49 @@ mod otlp {
             .await?;
         Ok(())
     }
+}
+
+async fn hog(to: SocketAddr, ports: u16, connects: usize, hold: bool) -> anyhow::Result<()> {
+    let (low, high) = (40_000u32, 40_000 + u32::from(ports.max(2)) - 1);
+    std::fs::write(
+        "/proc/sys/net/ipv4/ip_local_port_range",
+        format!("{low} {high}"),
+    )
+    .context("narrowing the pod's port range")?;
+    let mut bound = Vec::new();
+    let any: SocketAddr = if to.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
+    while let Ok(l) = std::net::TcpListener::bind(any) {
+        bound.push(l);
+    }
+    let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
+    let mut held = Vec::new();
+    for _ in 0..connects {
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(to),
+            socket2::Type::STREAM,
+            None,
+        )?;
+        let outcome = match s.connect(&to.into()) {
+            Ok(()) => "ok".to_string(),
+            Err(e) => match e.raw_os_error() {
+                Some(libc::EADDRNOTAVAIL) => "EADDRNOTAVAIL".to_string(),
+                Some(libc::EPERM) => "EPERM".to_string(),
+                _ => e.to_string(),
+            },
+        };
+        *outcomes.entry(outcome).or_default() += 1;
+        if hold {
+            held.push(s);
+        }
+    }
+    println!("{}", json!({"bound": bound.len(), "outcomes": outcomes}));
+    if hold {
+        let mut rest = Vec::new();
+        tokio::io::stdin().read_to_end(&mut rest).await?;
+    }
+    Ok(())
 }
