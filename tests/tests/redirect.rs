@@ -776,6 +776,10 @@ async fn a_pod_holds_only_its_share_of_the_record_maps() {
         SHARE,
         "the pod is refused after letting go: {r}"
     );
+    // Pod ids are never reused: a departed pod's count goes, or the counts would fill up.
+    assert_eq!(map_entries(&cluster, "MESH_POD_HELD"), 2);
+    cluster.unenroll(&hostile).await.unwrap();
+    assert_eq!(map_entries(&cluster, "MESH_POD_HELD"), 1);
 }
 
 /// A delivery the proxy gives up on (its connect times out) leaves no mark behind: a mark would
