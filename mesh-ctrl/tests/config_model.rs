@@ -1,5 +1,6 @@
 //! The config model: committed CRDs match the Rust types, the example config is valid, and each
 //! kind of bad input is rejected with the field and the reason.
+#![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
 use std::{path::PathBuf, process::Command};
 
 use mesh_ctrl::model::{self, objects::Objects, validate::validate};

@@ -1,5 +1,6 @@
 //! Config distribution over real gRPC/TLS, in-process: node-scoped snapshots, versions, deltas on
 //! resume, acks and nacks, bad objects keeping their last good version, and who may subscribe.
+#![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
 use std::time::Duration;
 
 use mesh_api::config::v1::{

@@ -1,6 +1,7 @@
 //! Cluster mode's source against kube-rs's in-process mock API server (tower-test), driven by a
 //! small fake that answers lists and watches from an in-memory cluster: the first list, watch
 //! events, a watch that expires (relist), and a failing list (backoff, then recovery).
+#![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     pin::pin,

@@ -1,5 +1,6 @@
 //! Cluster-mode pieces against kube-rs's in-process mock API server (tower-test): node
 //! authentication with TokenReview, and the CA root kept in a Secret.
+#![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
 use std::pin::pin;
 
 use http::{Method, Request, Response};

@@ -92,7 +92,7 @@ fn main() -> anyhow::Result<()> {
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
-        .unwrap()
+        .expect("xtask lives in the workspace root")
         .to_path_buf()
 }
 

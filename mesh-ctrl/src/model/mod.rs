@@ -24,7 +24,7 @@ pub fn crds_yaml() -> String {
         String::from("# Generated from mesh-api/src/crd.rs by `cargo xtask crds`. Do not edit.\n");
     for c in crds {
         out.push_str("---\n");
-        out.push_str(&serde_yaml::to_string(&c).expect("CRDs serialize"));
+        out.push_str(&serde_yaml_ng::to_string(&c).expect("CRDs serialize"));
     }
     out
 }

@@ -67,7 +67,7 @@ pub enum ParseError {
     Yaml {
         origin: String,
         #[source]
-        source: serde_yaml::Error,
+        source: serde_yaml_ng::Error,
     },
     #[error("{origin}: {kind} {name}: field `{field}`: {reason}")]
     Field {
@@ -129,7 +129,7 @@ impl Objects {
 
     /// Adds every document of a (multi-document) YAML text. `origin` names it in errors.
     pub fn add_yaml(&mut self, origin: &str, text: &str) -> Result<(), ParseError> {
-        for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
             let origin = format!("{origin} (document {})", i + 1);
             let value =
                 serde::Deserialize::deserialize(doc).map_err(|source| ParseError::Yaml {
@@ -141,7 +141,7 @@ impl Objects {
         Ok(())
     }
 
-    fn add_value(&mut self, origin: &str, value: serde_yaml::Value) -> Result<(), ParseError> {
+    fn add_value(&mut self, origin: &str, value: serde_yaml_ng::Value) -> Result<(), ParseError> {
         if value.is_null() {
             return Ok(()); // an empty document (`---` at the end)
         }
@@ -204,7 +204,7 @@ impl Objects {
         fn each<T: serde::Serialize>(m: &ByName<T>, out: &mut String) {
             for o in m.values() {
                 out.push_str("---\n");
-                out.push_str(&serde_yaml::to_string(o).expect("objects serialize"));
+                out.push_str(&serde_yaml_ng::to_string(o).expect("objects serialize"));
             }
         }
         let mut out = String::new();
@@ -257,7 +257,7 @@ pub fn key_of<T: ResourceExt>(o: &T) -> (String, String) {
 fn insert<T>(
     origin: &str,
     kind: &'static str,
-    value: serde_yaml::Value,
+    value: serde_yaml_ng::Value,
     into: &mut ByName<T>,
 ) -> Result<(), ParseError>
 where
