@@ -14,12 +14,11 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tracing::info;
 
 use crate::{
-    auth::{NodeAuth, NodeTokens, TokensError},
+    auth::{NodeAuth, NodeTokens, TokenReviewAuth, TokensError},
     ca::{Ca, CaError},
     certs::{CertService, Stats},
     distribute::{ConfigService, NodeState},
     model::store::Store,
-    token_review::TokenReviewAuth,
 };
 
 /// `mesh-ctrl serve` flags; each also reads an environment variable.
@@ -298,22 +297,22 @@ pub async fn serve(args: ServeArgs) -> Result<Bound, AppError> {
                 .map_err(|e| config_err("--config-dir", error_chain(&e)))?;
         (placement, task)
     };
-    let auth: Arc<dyn NodeAuth> = match args.node_auth {
+    let auth: Arc<NodeAuth> = match args.node_auth {
         NodeAuthMode::Tokens => {
             let path = args
                 .node_tokens
                 .as_ref()
                 .ok_or_else(|| config_err("--node-tokens", "required with --node-auth tokens"))?;
-            Arc::new(NodeTokens::load(path)?)
+            Arc::new(NodeAuth::Tokens(NodeTokens::load(path)?))
         }
         NodeAuthMode::TokenReview => {
             let (ns, name) = namespaced(&args.node_service_account, "--node-service-account")?;
-            Arc::new(TokenReviewAuth::new(
+            Arc::new(NodeAuth::TokenReview(TokenReviewAuth::new(
                 kube_client(&mut kube).await?,
                 ns,
                 name,
                 &args.token_audience,
-            ))
+            )))
         }
     };
     let stats = Arc::new(Stats::default());

@@ -67,7 +67,7 @@ pub struct Stats {
 pub struct CertService {
     pub ca: Arc<Ca>,
     pub placement: PlacementWatch,
-    pub auth: Arc<dyn NodeAuth>,
+    pub auth: Arc<NodeAuth>,
     pub max_ttl: Duration,
     pub stats: Arc<Stats>,
 }

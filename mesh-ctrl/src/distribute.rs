@@ -46,7 +46,7 @@ pub struct NodeState {
 
 pub struct ConfigService {
     pub store: Arc<Store>,
-    pub auth: Arc<dyn NodeAuth>,
+    pub auth: Arc<NodeAuth>,
     nodes: Arc<Mutex<BTreeMap<String, NodeState>>>,
     /// The version last sent to each node: the base of a delta when it reconnects.
     sent: Arc<Mutex<HashMap<String, Arc<Version>>>>,
@@ -56,7 +56,7 @@ pub struct ConfigService {
 }
 
 impl ConfigService {
-    pub fn new(store: Arc<Store>, auth: Arc<dyn NodeAuth>) -> Self {
+    pub fn new(store: Arc<Store>, auth: Arc<NodeAuth>) -> Self {
         Self {
             store,
             auth,

@@ -12,7 +12,6 @@ pub mod distribute;
 pub mod metrics;
 pub mod model;
 pub mod sources;
-pub mod token_review;
 
 /// Times in status output: seconds since the Unix epoch.
 pub(crate) fn unix_seconds<S: serde::Serializer>(

@@ -7,9 +7,8 @@ use http::{Method, Request, Response};
 use kube::{Api, Client, client::Body};
 use mesh_api::auth::{AUTHORIZATION, NODE_HEADER};
 use mesh_ctrl::{
-    auth::{AuthError, NodeAuth},
+    auth::{AuthError, TokenReviewAuth},
     ca_secret,
-    token_review::TokenReviewAuth,
 };
 use serde_json::{Value, json};
 use tonic::metadata::MetadataMap;

@@ -35,7 +35,8 @@ fn rendered() -> Vec<Value> {
     let text = String::from_utf8(out.stdout).unwrap();
     serde_yaml_ng::Deserializer::from_str(&text)
         .map(|d| {
-            serde_yaml_ng::from_value::<Value>(serde_yaml_ng::Value::deserialize(d).unwrap()).unwrap()
+            serde_yaml_ng::from_value::<Value>(serde_yaml_ng::Value::deserialize(d).unwrap())
+                .unwrap()
         })
         .filter(|v| !v.is_null())
         .collect()
@@ -223,12 +224,14 @@ fn the_manifests_render_parse_and_match_the_binaries() {
     }
 
     // The CRDs are the generated ones.
-    let generated: Vec<Value> = serde_yaml_ng::Deserializer::from_str(&mesh_ctrl::model::crds_yaml())
-        .map(|d| {
-            serde_yaml_ng::from_value::<Value>(serde_yaml_ng::Value::deserialize(d).unwrap()).unwrap()
-        })
-        .filter(|v| !v.is_null())
-        .collect();
+    let generated: Vec<Value> =
+        serde_yaml_ng::Deserializer::from_str(&mesh_ctrl::model::crds_yaml())
+            .map(|d| {
+                serde_yaml_ng::from_value::<Value>(serde_yaml_ng::Value::deserialize(d).unwrap())
+                    .unwrap()
+            })
+            .filter(|v| !v.is_null())
+            .collect();
     let names = |v: &[Value]| {
         let mut n: Vec<String> = v
             .iter()

@@ -5,6 +5,9 @@
 //! TokenReview (`token_review`).
 use std::{collections::HashMap, path::Path};
 
+pub mod token_review;
+pub use token_review::TokenReviewAuth;
+
 use mesh_api::auth::{AUTHORIZATION, NODE_HEADER};
 use tonic::metadata::MetadataMap;
 
@@ -20,10 +23,19 @@ pub enum AuthError {
     Unavailable(String),
 }
 
-/// Decides which node a call comes from.
-#[async_trait::async_trait]
-pub trait NodeAuth: Send + Sync {
-    async fn authenticate(&self, md: &MetadataMap) -> Result<String, AuthError>;
+/// Decides which node a call comes from: one of the two ways `--node-auth` chooses.
+pub enum NodeAuth {
+    Tokens(NodeTokens),
+    TokenReview(TokenReviewAuth),
+}
+
+impl NodeAuth {
+    pub async fn authenticate(&self, md: &MetadataMap) -> Result<String, AuthError> {
+        match self {
+            NodeAuth::Tokens(t) => t.check(md),
+            NodeAuth::TokenReview(r) => r.authenticate(md).await,
+        }
+    }
 }
 
 /// The claimed node name and the bearer token of a call.
@@ -97,13 +109,6 @@ impl NodeTokens {
             Some(expected) if same(expected.as_bytes(), token.as_bytes()) => Ok(node.to_string()),
             _ => Err(AuthError::Rejected(node.to_string())),
         }
-    }
-}
-
-#[async_trait::async_trait]
-impl NodeAuth for NodeTokens {
-    async fn authenticate(&self, md: &MetadataMap) -> Result<String, AuthError> {
-        self.check(md)
     }
 }
 

@@ -13,7 +13,7 @@ use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::{Api, Client, api::PostParams};
 use tonic::metadata::MetadataMap;
 
-use crate::auth::{AuthError, NodeAuth, credentials};
+use super::{AuthError, credentials};
 
 /// The user-info extra key carrying the node of the pod a token is bound to.
 pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
@@ -83,9 +83,8 @@ impl TokenReviewAuth {
     }
 }
 
-#[async_trait::async_trait]
-impl NodeAuth for TokenReviewAuth {
-    async fn authenticate(&self, md: &MetadataMap) -> Result<String, AuthError> {
+impl TokenReviewAuth {
+    pub async fn authenticate(&self, md: &MetadataMap) -> Result<String, AuthError> {
         let (node, token) = credentials(md)?;
         let key = Self::key(node, token);
         if let Some(reason) = self.refused_before(&key) {
