@@ -5,6 +5,7 @@ pub mod gateway;
 pub mod identity;
 pub mod pair;
 pub mod placement;
+pub mod sync;
 
 /// The certificate service (`proto/mesh/ca/v1/ca.proto`).
 pub mod ca {

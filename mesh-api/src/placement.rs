@@ -3,6 +3,7 @@
 //! demo write this file; mesh-ctrl uses it to decide which node may obtain which identity, and
 //! mesh-node to find a destination's node and expected identity. (In cluster mode the same facts
 //! come from Kubernetes and reach nodes in config snapshots.)
+use crate::sync::RwLockExt;
 use std::{
     collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
@@ -342,7 +343,7 @@ impl PlacementWatch {
                 match Placement::load(&path) {
                     Ok(p) => {
                         tracing::info!(path = %path.display(), pods = p.pods.len(), "placement reloaded");
-                        *watch.current.write().expect("placement lock") = std::sync::Arc::new(p);
+                        *watch.current.write_locked() = std::sync::Arc::new(p);
                     }
                     Err(e) => {
                         tracing::error!(path = %path.display(), error = %error_chain(&e), "placement rejected; keeping the last good one")
@@ -362,11 +363,11 @@ impl PlacementWatch {
 
     /// Replaces the placement (config snapshots from the controller).
     pub fn set(&self, p: Placement) {
-        *self.current.write().expect("placement lock") = std::sync::Arc::new(p);
+        *self.current.write_locked() = std::sync::Arc::new(p);
     }
 
     pub fn current(&self) -> std::sync::Arc<Placement> {
-        self.current.read().expect("placement lock").clone()
+        self.current.read_locked().clone()
     }
 }
 

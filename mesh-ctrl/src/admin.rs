@@ -9,6 +9,7 @@
 //! | GET    | /v1/history                   | accepted versions, newest first |
 //! | POST   | /v1/rollback/{version}        | restore the object set of `version` (local mode: rewrites the config directory) |
 //! | GET    | /v1/explain?pod=NS/NAME&dest=D | what happens to a connection from the pod to D |
+use mesh_api::sync::LockExt;
 use std::{
     collections::BTreeMap,
     convert::Infallible,
@@ -190,8 +191,7 @@ impl Admin {
         let expiring: Vec<Value> = self
             .certs
             .issued
-            .lock()
-            .expect("issued lock")
+            .locked()
             .iter()
             .filter_map(|((node, id), not_after)| {
                 let left = not_after.duration_since(now).unwrap_or_default();
@@ -203,7 +203,7 @@ impl Admin {
         json!({
             "version": current.number,
             "resources": current.computed.len(),
-            "nodes": &*self.nodes.lock().expect("nodes lock"),
+            "nodes": &*self.nodes.locked(),
             "rejected": self.store.rejected().iter().map(|i| json!({
                 "object": i.object.to_string(), "field": i.field, "reason": i.reason,
             })).collect::<Vec<_>>(),

@@ -1,4 +1,5 @@
 //! The certificate service: node proxies obtain workload certificates here.
+use mesh_api::sync::LockExt;
 use std::{
     sync::{
         Arc,
@@ -115,8 +116,7 @@ impl CertService {
         info!(%node, identity = %w.identity, ttl = ?ttl, "signed workload certificate");
         self.stats
             .issued
-            .lock()
-            .expect("issued lock")
+            .locked()
             .insert((node.clone(), w.identity.to_string()), signed.not_after);
         Ok(SignWorkloadResponse {
             spiffe_id: w.identity.to_string(),

@@ -3,6 +3,7 @@
 //! One task per subscribed node follows the store's versions, sends the node what changed for it,
 //! and records the node's acks and nacks for `mesh-ctrl status`. The last version sent to each
 //! node is remembered, so a node that reconnects holding it gets a delta instead of everything.
+use mesh_api::sync::LockExt;
 use std::{
     collections::{BTreeMap, HashMap},
     pin::Pin,
@@ -114,12 +115,11 @@ impl ConfigDiscovery for ConfigService {
         // Resume from what the node holds, if we still know what that was.
         let base = self
             .sent
-            .lock()
-            .expect("sent lock")
+            .locked()
             .get(&node)
             .filter(|v| v.number == hello.last_version && hello.last_version != 0)
             .cloned();
-        self.nodes.lock().expect("nodes lock").insert(
+        self.nodes.locked().insert(
             node.clone(),
             NodeState {
                 connected: true,
@@ -176,12 +176,12 @@ type Delta = (Vec<pb::Resource>, Vec<pb::ResourceKey>);
 impl SharedDeltas {
     fn shared(&self, from: &Version, to: &Version) -> Arc<Delta> {
         let key = (from.number, to.number);
-        if let Some(d) = self.0.lock().expect("deltas lock").get(&key) {
+        if let Some(d) = self.0.locked().get(&key) {
             return d.clone();
         }
         // Computed outside the lock; two nodes racing compute it twice, which is harmless.
         let d = Arc::new(delta(&from.computed.shared, &to.computed.shared));
-        let mut cache = self.0.lock().expect("deltas lock");
+        let mut cache = self.0.locked();
         if cache.len() > 64 {
             cache.clear();
         }
@@ -200,7 +200,7 @@ struct Sender {
 
 impl Sender {
     fn update(&self, f: impl FnOnce(&mut NodeState)) {
-        if let Some(s) = self.nodes.lock().expect("nodes lock").get_mut(&self.node) {
+        if let Some(s) = self.nodes.locked().get_mut(&self.node) {
             f(s);
         }
     }
@@ -211,8 +211,7 @@ impl Sender {
                 debug!(node = %self.node, version = a.version, "ack");
                 let latency = self
                     .sent
-                    .lock()
-                    .expect("sent lock")
+                    .locked()
                     .get(&self.node)
                     .filter(|v| v.number == a.version)
                     .map(|v| v.published.elapsed().as_secs_f64());
@@ -282,8 +281,7 @@ impl Sender {
                     }
                     self.update(|s| s.sent_version = current.number);
                     self.sent
-                        .lock()
-                        .expect("sent lock")
+                        .locked()
                         .insert(self.node.clone(), current.clone());
                     held = Some((current, part));
                     first = false;

@@ -5,6 +5,7 @@
 //! side (the client's on the source side, the destination's on the destination side): a Telemetry
 //! in that namespace says on or off and the sample share; without one, the node's default
 //! (`--access-log`, off unless set) applies.
+use mesh_api::sync::LockExt;
 use std::{
     collections::HashMap,
     io::Write,
@@ -168,7 +169,7 @@ impl AccessLog {
         };
         text.push(b'\n');
         // One write per line: lines from concurrent connections never interleave.
-        let mut out = self.out.lock().expect("access log lock");
+        let mut out = self.out.locked();
         if out.write_all(&text).and_then(|()| out.flush()).is_ok() {
             self.written.fetch_add(1, Relaxed);
         }

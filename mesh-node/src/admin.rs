@@ -25,6 +25,7 @@
 //! | GET    | /v1/pods                      | enrolled pods |
 //! | PUT    | /v1/pods/{namespace}/{name}   | enroll: `{"netns": PATH, "service_account": NAME}`; with a configuration stream: register the pod's sandbox, enrolled while the configuration has it in the mesh (Unix socket only) |
 //! | DELETE | /v1/pods/{namespace}/{name}   | unenroll (and forget the sandbox) (Unix socket only) |
+use mesh_api::sync::LockExt;
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
@@ -322,7 +323,7 @@ impl Admin {
             });
             body["tunnel"] = json!(&*m.tunnel_stats);
             if let Some((_, status)) = &m.config {
-                body["config"] = json!(&*status.lock().expect("status lock"));
+                body["config"] = json!(&*status.locked());
             }
         }
         if let Some(e) = &self.enforcer {
@@ -370,7 +371,7 @@ impl Admin {
             .collect();
         if let Some((rx, status)) = &m.config {
             let cfg = rx.borrow().clone();
-            out["stream"] = json!(&*status.lock().expect("status lock"));
+            out["stream"] = json!(&*status.locked());
             out["version"] = json!(cfg.version);
             out["services"] = cfg
                 .services
@@ -480,7 +481,7 @@ impl Admin {
                 match self.mesh.as_ref().and_then(|m| m.config.as_ref()) {
                     Some((rx, status)) => {
                         let cfg = rx.borrow().clone();
-                        let status = status.lock().expect("status lock").clone();
+                        let status = status.locked().clone();
                         json_response(
                             StatusCode::OK,
                             json!({

@@ -9,6 +9,7 @@
 //! - AUDIT rules never change the decision; matching ones are reported.
 //! - On a plain TCP connection there is no method, path or header: an ALLOW operation that needs
 //!   them does not match (fail closed), a DENY operation that needs them does (fail closed too).
+use mesh_api::sync::LockExt;
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use ipnet::IpNet;
@@ -94,7 +95,7 @@ impl DecisionCounts {
             Decision::Denied(r) => (&*r.policy, "deny"),
             Decision::NotAllowed { .. } => ("default", "deny"),
         };
-        let mut m = self.0.lock().expect("decisions lock");
+        let mut m = self.0.locked();
         let mut bump = |action, policy: &str| {
             let by = m.entry((action, layer)).or_default();
             match by.get_mut(policy) {
@@ -111,7 +112,7 @@ impl DecisionCounts {
     }
 
     pub fn snapshot(&self) -> Vec<serde_json::Value> {
-        let m = self.0.lock().expect("decisions lock");
+        let m = self.0.locked();
         let mut rows: Vec<_> = m
             .iter()
             .flat_map(|((action, layer), by)| by.iter().map(move |(p, n)| (p, *action, *layer, n)))

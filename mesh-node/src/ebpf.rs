@@ -5,6 +5,7 @@
 //! that exits therefore leaves enrolled pods failing closed (their connections are still sent to
 //! the proxy port, where nothing listens), and the next proxy reuses maps and replaces links
 //! without re-enrolling anyone.
+use mesh_api::sync::LockExt;
 use std::{
     fs, io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -356,7 +357,7 @@ impl Redirector {
 
     /// Sets a pod's flags per port, replacing what was set (none: forgets them).
     pub fn set_port_flags(&self, pod: PodId, modes: &[(u16, u32)]) -> Result<(), EbpfError> {
-        let mut map = self.port_modes.lock().expect("port modes map lock");
+        let mut map = self.port_modes.locked();
         let stale: Vec<PodPort> = map
             .keys()
             .filter_map(Result::ok)
@@ -390,20 +391,14 @@ impl Redirector {
             flags: flags.flags,
         };
         self.enrolled
-            .lock()
-            .expect("enrolled map lock")
+            .locked()
             .insert(netns_cookie, entry, 0)
             .map_err(map_err(maps::ENROLLED))
     }
 
     /// Stop redirecting new connections from this namespace. Open connections keep their relay.
     pub fn unenroll(&self, netns_cookie: u64) -> Result<(), EbpfError> {
-        match self
-            .enrolled
-            .lock()
-            .expect("enrolled map lock")
-            .remove(&netns_cookie)
-        {
+        match self.enrolled.locked().remove(&netns_cookie) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
             Err(e) => return Err(map_err(maps::ENROLLED)(e)),
         }
@@ -416,7 +411,7 @@ impl Redirector {
     /// those releases count down a later entry.
     fn sweep_held(&self) -> Result<(), EbpfError> {
         let enrolled: Vec<u32> = self.enrolled().into_iter().map(|(_, p)| p.0).collect();
-        let mut held = self.pod_held.lock().expect("pod held map lock");
+        let mut held = self.pod_held.locked();
         let gone: Vec<u32> = held
             .iter()
             .filter_map(Result::ok)
@@ -434,7 +429,7 @@ impl Redirector {
 
     /// Redirected sockets each pod holds now, by pod id.
     pub fn held(&self) -> Vec<(PodId, u64)> {
-        let map = self.pod_held.lock().expect("pod held map lock");
+        let map = self.pod_held.locked();
         map.iter()
             .filter_map(Result::ok)
             .map(|(k, v)| (PodId(k), v))
@@ -443,7 +438,7 @@ impl Redirector {
 
     /// Netns cookies enrolled in the kernel, with their pod ids.
     pub fn enrolled(&self) -> Vec<(u64, PodId)> {
-        let map = self.enrolled.lock().expect("enrolled map lock");
+        let map = self.enrolled.locked();
         map.iter()
             .filter_map(Result::ok)
             .map(|(k, v)| (k, PodId(v.pod_id)))
@@ -555,10 +550,7 @@ impl<K: aya::Pod> Marks<K> {
     /// the future): a mark left behind would admit whoever binds the same address next.
     pub fn mark(&self, key: K) -> Result<Marked<'_, K>, EbpfError> {
         if let Some(map) = &self.map {
-            map.lock()
-                .expect("marks lock")
-                .insert(key, 1, 0)
-                .map_err(map_err(self.name))?;
+            map.locked().insert(key, 1, 0).map_err(map_err(self.name))?;
         }
         Ok(Marked { marks: self, key })
     }
@@ -573,7 +565,7 @@ pub struct Marked<'a, K: aya::Pod> {
 impl<K: aya::Pod> Drop for Marked<'_, K> {
     fn drop(&mut self) {
         if let Some(map) = &self.marks.map {
-            let _ = map.lock().expect("marks lock").remove(&self.key);
+            let _ = map.locked().remove(&self.key);
         }
     }
 }

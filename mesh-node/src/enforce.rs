@@ -3,6 +3,7 @@
 //!
 //! Every admitted connection stays registered while it lives; when a new configuration arrives,
 //! each is judged again and the ones the new policy denies are closed.
+use mesh_api::sync::LockExt;
 use std::{
     collections::HashMap,
     net::IpAddr,
@@ -64,11 +65,7 @@ pub struct Admitted {
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        self.enforcer
-            .live
-            .lock()
-            .expect("live lock")
-            .remove(&self.id);
+        self.enforcer.live.locked().remove(&self.id);
     }
 }
 
@@ -116,10 +113,7 @@ impl Enforcer {
         self.stats.allowed.fetch_add(1, Relaxed);
         let (tx, rx) = oneshot::channel();
         let id = self.next.fetch_add(1, Relaxed);
-        self.live
-            .lock()
-            .expect("live lock")
-            .insert(id, (c, Some(tx)));
+        self.live.locked().insert(id, (c, Some(tx)));
         Ok(Admitted {
             id,
             enforcer: self.clone(),
@@ -132,7 +126,7 @@ impl Enforcer {
         let mut config = self.config.clone();
         while config.changed().await.is_ok() {
             let cfg = config.borrow_and_update().clone();
-            let mut live = self.live.lock().expect("live lock");
+            let mut live = self.live.locked();
             for (c, cancel) in live.values_mut() {
                 let verdict = Self::judge(&cfg, c);
                 if !verdict.decision.allowed()

@@ -3,6 +3,7 @@
 //! The kernel's enrollment map (netns cookie -> pod id) decides redirection; this module keeps the
 //! names behind the ids and a state file, so a restarted proxy can still say which pod opened a
 //! connection without anyone re-enrolling.
+use mesh_api::sync::RwLockExt;
 use std::{
     collections::{BTreeMap, HashMap},
     fs, io,
@@ -236,7 +237,7 @@ impl Enrollment {
             redirector,
             own_netns_cookie,
         };
-        this.persist(&this.state.read().expect("state lock"))?;
+        this.persist(&this.state.read_locked())?;
         Ok(this)
     }
 
@@ -252,7 +253,7 @@ impl Enrollment {
         if cookie == self.own_netns_cookie {
             return Err(EnrollError::ProxyNamespace { path: req.netns });
         }
-        let mut state = self.state.write().expect("state lock");
+        let mut state = self.state.write_locked();
         if let Some(other) = state
             .pods
             .values()
@@ -334,7 +335,7 @@ impl Enrollment {
 
     /// Stops redirecting `name`'s new connections.
     pub fn unenroll(&self, name: &PodName) -> Result<Pod, EnrollError> {
-        let mut state = self.state.write().expect("state lock");
+        let mut state = self.state.write_locked();
         let pod = state
             .by_name(name)
             .cloned()
@@ -359,7 +360,7 @@ impl Enrollment {
         let Some(hooks) = &self.hooks else {
             return Ok(());
         };
-        let state = self.state.read().expect("state lock");
+        let state = self.state.read_locked();
         for pod in state.pods.values() {
             self.redirector
                 .enroll(pod.netns_cookie, pod.id, &hooks.flags(&pod.name))
@@ -372,25 +373,18 @@ impl Enrollment {
     pub fn is_enrolled(&self, namespace: &str, name: &str) -> bool {
         let key = mesh_api::pair::key(namespace, name);
         self.state
-            .read()
-            .expect("state lock")
+            .read_locked()
             .by_name
             .contains_key(&key as &dyn mesh_api::pair::Pair)
     }
 
     pub fn list(&self) -> Vec<Pod> {
-        self.state
-            .read()
-            .expect("state lock")
-            .pods
-            .values()
-            .cloned()
-            .collect()
+        self.state.read_locked().pods.values().cloned().collect()
     }
 
     /// The pod behind a kernel pod id, if it is (still) enrolled with that namespace.
     pub fn resolve(&self, id: PodId, netns_cookie: u64) -> Option<Pod> {
-        let state = self.state.read().expect("state lock");
+        let state = self.state.read_locked();
         state
             .pods
             .get(&id)

@@ -5,6 +5,7 @@
 //! is created: the same split as istio-cni and ztunnel), and the configuration must say the pod is
 //! in the mesh (namespace joined, pod not opted out, pod ready). The pod is enrolled while both
 //! hold, and unenrolled as soon as either stops.
+use mesh_api::sync::LockExt;
 use std::{
     collections::BTreeMap,
     path::PathBuf,
@@ -116,10 +117,7 @@ impl Follow {
                 },
             )?;
         }
-        self.sandboxes
-            .lock()
-            .expect("sandboxes lock")
-            .insert(pod.clone(), sandbox);
+        self.sandboxes.locked().insert(pod.clone(), sandbox);
         self.persist();
         Ok(Registered {
             pod,
@@ -129,31 +127,17 @@ impl Follow {
 
     /// The registered sandbox of `pod`.
     pub fn sandbox(&self, pod: &PodName) -> Option<Sandbox> {
-        self.sandboxes
-            .lock()
-            .expect("sandboxes lock")
-            .get(pod)
-            .cloned()
+        self.sandboxes.locked().get(pod).cloned()
     }
 
     /// Every pod with a registered sandbox.
     pub fn registered(&self) -> Vec<PodName> {
-        self.sandboxes
-            .lock()
-            .expect("sandboxes lock")
-            .keys()
-            .cloned()
-            .collect()
+        self.sandboxes.locked().keys().cloned().collect()
     }
 
     /// Forgets the sandbox of `pod` (deleted) and stops redirecting it.
     pub fn unregister(&self, pod: &PodName) -> Result<(), EnrollError> {
-        let known = self
-            .sandboxes
-            .lock()
-            .expect("sandboxes lock")
-            .remove(pod)
-            .is_some();
+        let known = self.sandboxes.locked().remove(pod).is_some();
         self.persist();
         match self.pods.unenroll(pod) {
             Ok(_) => Ok(()),
@@ -169,8 +153,7 @@ impl Follow {
     fn persist(&self) {
         let entries: Vec<Entry> = self
             .sandboxes
-            .lock()
-            .expect("sandboxes lock")
+            .locked()
             .iter()
             .map(|(pod, sandbox)| Entry {
                 pod: pod.clone(),
@@ -197,7 +180,7 @@ impl Follow {
         if config.version == 0 {
             return;
         }
-        let sandboxes = self.sandboxes.lock().expect("sandboxes lock").clone();
+        let sandboxes = self.sandboxes.locked().clone();
         for (pod, sandbox) in &sandboxes {
             let wanted = config.wants(&pod.namespace, &pod.name);
             let enrolled = self.pods.is_enrolled(&pod.namespace, &pod.name);

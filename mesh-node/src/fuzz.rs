@@ -4,6 +4,7 @@
 //!
 //! The committed corpora are replayed through these functions by `cargo test` (see the tests
 //! below), so every input a fuzzer ever found stays a regression test without libFuzzer.
+use mesh_api::sync::LockExt;
 use std::{
     cell::RefCell,
     pin::Pin,
@@ -125,7 +126,7 @@ fn hyper_requests(input: &[u8]) -> Vec<(String, String, Vec<u8>)> {
         async move {
             let (parts, body) = req.into_parts();
             if let Ok(body) = body.collect().await {
-                record.lock().expect("seen lock").push((
+                record.locked().push((
                     parts.method.to_string(),
                     parts.uri.to_string(),
                     body.to_bytes().to_vec(),
@@ -148,7 +149,7 @@ fn hyper_requests(input: &[u8]) -> Vec<(String, String, Vec<u8>)> {
             let _ = conn.await;
         })
     });
-    std::mem::take(&mut *seen.lock().expect("seen lock"))
+    std::mem::take(&mut *seen.locked())
 }
 
 /// The destination relay, whole, between a source stream and a pod that both send arbitrary
@@ -197,7 +198,7 @@ pub fn relay(data: &[u8]) {
         // Aborted: the source sees a reset stream and drops what came on it.
         return;
     }
-    let finished = std::mem::take(&mut *gate.finished.lock().expect("judge lock"));
+    let finished = std::mem::take(&mut *gate.finished.locked());
     let answered = answers_in(&carrier.out, &finished).unwrap_or_else(|e| {
         panic!(
             "the source got answers it cannot frame ({e}) for {finished:?}: {:?}",
@@ -311,7 +312,7 @@ impl relay::Gate for Judge {
         (req.method().to_string(), verdict)
     }
     fn finish(&self, method: String, _: u16, _: &'static str, _: (u64, u64)) {
-        self.finished.lock().expect("judge lock").push(method);
+        self.finished.locked().push(method);
     }
 }
 

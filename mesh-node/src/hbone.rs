@@ -8,6 +8,7 @@
 //!   future L7 layer adds are carried as ordinary request headers.
 //! - HTTP/2 connections are pooled per (source identity, destination node, destination identity)
 //!   and multiplexed; a rotated source certificate starts a new connection while the old one drains.
+use mesh_api::sync::LockExt;
 use std::{
     collections::HashMap,
     future::poll_fn,
@@ -217,7 +218,7 @@ impl Tunnels {
             loop {
                 tokio::time::sleep(IDLE / 4).await;
                 let Some(t) = weak.upgrade() else { return };
-                t.pool.lock().expect("pool lock").retain(|_, p| {
+                t.pool.locked().retain(|_, p| {
                     let keep = p.state.idle_for() < IDLE && !p.state.retired.load(Relaxed);
                     if !keep {
                         p.state.retire();
@@ -410,7 +411,7 @@ impl Tunnels {
         });
         self.stats.outbound_connections.fetch_add(1, Relaxed);
         info!(src = %key.src, dst = %key.dst, %node, "tunnel connection established");
-        self.pool.lock().expect("pool lock").insert(
+        self.pool.locked().insert(
             key.clone(),
             Pooled {
                 send: send.clone(),
@@ -425,7 +426,7 @@ impl Tunnels {
         key: &PoolKey,
         cert_not_after: SystemTime,
     ) -> Option<(h2::client::SendRequest<Bytes>, Arc<ConnState>)> {
-        let mut pool = self.pool.lock().expect("pool lock");
+        let mut pool = self.pool.locked();
         let p = pool.get_mut(key)?;
         if p.state.retired.load(Relaxed) || p.state.cert_not_after != cert_not_after {
             // Closed, or made with a certificate since rotated: streams on it finish, new ones
@@ -566,8 +567,7 @@ impl Inbound {
         *self
             .stats
             .inbound_tls_refused
-            .lock()
-            .expect("stats lock")
+            .locked()
             .entry(reason)
             .or_default() += 1;
         warn!(%peer, reason, error = %detail, "tunnel handshake refused");

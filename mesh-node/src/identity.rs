@@ -2,6 +2,7 @@
 //! is enrolled, rotated at half-life while connections made with the old one keep working, retried
 //! with backoff while the controller is unreachable. Private keys are generated here and never
 //! leave the node; the controller only sees CSRs.
+use mesh_api::sync::RwLockExt;
 use std::{
     collections::{BTreeSet, HashMap},
     path::PathBuf,
@@ -211,19 +212,18 @@ impl Identities {
     }
 
     pub fn roots(&self) -> Arc<RootCertStore> {
-        self.roots.read().expect("roots lock").clone()
+        self.roots.read_locked().clone()
     }
 
     pub fn cached(&self, id: &SpiffeId) -> Option<Arc<WorkloadCert>> {
-        let c = self.certs.read().expect("certs lock").get(id).cloned()?;
+        let c = self.certs.read_locked().get(id).cloned()?;
         (c.not_after > SystemTime::now()).then_some(c)
     }
 
     /// A pod of this node now carries `id`: fetch its certificate ahead of the first connection.
     pub fn add_owner(self: &Arc<Self>, id: SpiffeId, namespace: &str, pod: &str) {
         self.owners
-            .write()
-            .expect("owners lock")
+            .write_locked()
             .entry(id.clone())
             .or_default()
             .insert((namespace.into(), pod.into()));
@@ -238,20 +238,19 @@ impl Identities {
     /// Whether pod `namespace/pod` is known to carry `id`.
     pub fn owns(&self, id: &SpiffeId, namespace: &str, pod: &str) -> bool {
         self.owners
-            .read()
-            .expect("owners lock")
+            .read_locked()
             .get(id)
             .is_some_and(|s| s.contains(&(namespace.to_string(), pod.to_string())))
     }
 
     /// The pod left: once no pod of this node carries `id`, its certificate is dropped.
     pub fn remove_owner(&self, id: &SpiffeId, namespace: &str, pod: &str) {
-        let mut owners = self.owners.write().expect("owners lock");
+        let mut owners = self.owners.write_locked();
         if let Some(set) = owners.get_mut(id) {
             set.remove(&(namespace.to_string(), pod.to_string()));
             if set.is_empty() {
                 owners.remove(id);
-                self.certs.write().expect("certs lock").remove(id);
+                self.certs.write_locked().remove(id);
             }
         }
     }
@@ -302,8 +301,7 @@ impl Identities {
     async fn fetch(&self, id: &SpiffeId) -> Result<Arc<WorkloadCert>, IdentityError> {
         let owner = self
             .owners
-            .read()
-            .expect("owners lock")
+            .read_locked()
             .get(id)
             .and_then(|s| s.iter().next().cloned())
             .ok_or_else(|| IdentityError::NoOwner(id.clone()))?;
@@ -356,7 +354,7 @@ impl Identities {
                 .map_err(|e| IdentityError::BadAnswer(tls::TlsError::Config(e)))?;
         if let Some(bundle) = resp.trust_bundle.filter(|b| !b.roots_pem.is_empty()) {
             let store = tls::root_store(&bundle.roots_pem).map_err(IdentityError::BadAnswer)?;
-            *self.roots.write().expect("roots lock") = Arc::new(store);
+            *self.roots.write_locked() = Arc::new(store);
         }
         let at = |s: i64| UNIX_EPOCH + Duration::from_secs(s.max(0) as u64);
         let cert = Arc::new(WorkloadCert {
@@ -369,10 +367,7 @@ impl Identities {
             received: SystemTime::now(),
         });
         info!(identity = %id, valid_for = ?cert.not_after.duration_since(SystemTime::now()).unwrap_or_default(), "workload certificate issued");
-        self.certs
-            .write()
-            .expect("certs lock")
-            .insert(id.clone(), cert.clone());
+        self.certs.write_locked().insert(id.clone(), cert.clone());
         Ok(cert)
     }
 
@@ -383,10 +378,9 @@ impl Identities {
         loop {
             let due: Vec<SpiffeId> = {
                 let now = SystemTime::now();
-                let owners = self.owners.read().expect("owners lock");
+                let owners = self.owners.read_locked();
                 self.certs
-                    .read()
-                    .expect("certs lock")
+                    .read_locked()
                     .values()
                     .filter(|c| c.due(now) && owners.contains_key(&c.id))
                     .map(|c| c.id.clone())
@@ -417,8 +411,7 @@ impl Identities {
     pub fn status(&self) -> Vec<CertStatus> {
         let now = SystemTime::now();
         self.certs
-            .read()
-            .expect("certs lock")
+            .read_locked()
             .values()
             .map(|c| CertStatus {
                 identity: c.id.to_string(),

@@ -3,6 +3,7 @@
 //! limit here, a flag, and a counter of the times it was hit (`mesh_limit_hits_total{limit}`).
 //! At a limit the newcomer is refused with a reset (or, for handshakes, the oldest is cut), and
 //! the proxy goes on serving everybody else.
+use mesh_api::sync::LockExt;
 use std::{
     collections::HashMap,
     sync::{
@@ -141,8 +142,7 @@ impl PerPod {
     /// requests): kept as long as someone holds it.
     pub fn budget(&self, pod: PodId) -> Arc<Semaphore> {
         self.open
-            .lock()
-            .expect("per-pod lock")
+            .locked()
             .entry(pod)
             .or_insert_with(|| Arc::new(Semaphore::new(self.max)))
             .clone()
@@ -151,10 +151,7 @@ impl PerPod {
     /// Forgets pods whose budget nobody holds (no slot taken, no holder of the budget): a pod
     /// that comes back starts from a full one, as it would have.
     pub fn prune(&self) {
-        self.open
-            .lock()
-            .expect("per-pod lock")
-            .retain(|_, s| Arc::strong_count(s) > 1);
+        self.open.locked().retain(|_, s| Arc::strong_count(s) > 1);
     }
 }
 
@@ -180,7 +177,7 @@ impl Handshakes {
     /// Registers a handshake; the second value says whether the oldest was cut for it.
     pub fn start(self: &Arc<Self>) -> (Handshake, bool) {
         let cut = CancellationToken::new();
-        let mut g = self.inner.lock().expect("handshakes lock");
+        let mut g = self.inner.locked();
         let evicted = if g.1.len() >= self.max {
             g.1.pop_first()
                 .inspect(|(_, oldest)| oldest.cancel())
@@ -202,7 +199,7 @@ impl Handshakes {
     }
 
     pub fn in_progress(&self) -> usize {
-        self.inner.lock().expect("handshakes lock").1.len()
+        self.inner.locked().1.len()
     }
 }
 
@@ -222,12 +219,7 @@ impl Handshake {
 
 impl Drop for Handshake {
     fn drop(&mut self) {
-        self.set
-            .inner
-            .lock()
-            .expect("handshakes lock")
-            .1
-            .remove(&self.id);
+        self.set.inner.locked().1.remove(&self.id);
     }
 }
 

@@ -1,5 +1,6 @@
 //! The connections this proxy is carrying right now, for `/debug/connections`: each accepted
 //! connection registers itself and is removed when its handle drops, however it ends.
+use mesh_api::sync::LockExt;
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
@@ -75,7 +76,7 @@ impl Connections {
     pub fn track(self: &Arc<Self>, mut live: Live) -> Tracked {
         let id = self.next.fetch_add(1, Relaxed) + 1;
         live.id = id;
-        self.live.lock().expect("connections lock").insert(id, live);
+        self.live.locked().insert(id, live);
         Tracked {
             conns: self.clone(),
             id,
@@ -87,8 +88,7 @@ impl Connections {
     pub fn list(&self, pod: Option<&str>) -> Vec<Live> {
         let now = Instant::now();
         self.live
-            .lock()
-            .expect("connections lock")
+            .locked()
             .values()
             .filter(|l| pod.is_none_or(|p| l.source == p || l.destination_workload == p))
             .map(|l| {
@@ -106,13 +106,7 @@ impl Connections {
 
 impl Tracked {
     pub fn update(&self, f: impl FnOnce(&mut Live)) {
-        if let Some(l) = self
-            .conns
-            .live
-            .lock()
-            .expect("connections lock")
-            .get_mut(&self.id)
-        {
+        if let Some(l) = self.conns.live.locked().get_mut(&self.id) {
             f(l);
         }
     }
@@ -120,11 +114,7 @@ impl Tracked {
 
 impl Drop for Tracked {
     fn drop(&mut self) {
-        self.conns
-            .live
-            .lock()
-            .expect("connections lock")
-            .remove(&self.id);
+        self.conns.live.locked().remove(&self.id);
     }
 }
 

@@ -1,6 +1,7 @@
 //! Process-wide logging through `tracing`, with a filter that can be changed while the proxy
 //! runs (`PUT /v1/log-level` on the admin port): debugging a live node must not need a restart,
 //! which would drain its connections.
+use mesh_api::sync::LockExt;
 use std::sync::{Mutex, OnceLock};
 
 use tracing_subscriber::{
@@ -43,9 +44,7 @@ pub fn init(json: bool) {
 /// The filter in force (`None` when this process did not install the subscriber, e.g. tests
 /// running the proxy in-process).
 pub fn filter() -> Option<String> {
-    CONTROL
-        .get()
-        .map(|c| c.current.lock().expect("filter lock").clone())
+    CONTROL.get().map(|c| c.current.locked().clone())
 }
 
 /// Replaces the filter (`RUST_LOG` syntax, e.g. `info,mesh_node::hbone=debug`).
@@ -58,7 +57,7 @@ pub fn set_filter(directives: &str) -> Result<(), String> {
         .handle
         .reload(filter)
         .map_err(|e| format!("cannot apply the filter: {e}"))?;
-    *control.current.lock().expect("filter lock") = directives.to_string();
+    *control.current.locked() = directives.to_string();
     tracing::info!(filter = directives, "log filter changed");
     Ok(())
 }

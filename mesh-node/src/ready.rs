@@ -1,4 +1,5 @@
 //! Readiness as a set of named blockers: ready once every registered blocker is released.
+use mesh_api::sync::LockExt;
 use std::{
     collections::BTreeSet,
     sync::{Arc, Mutex},
@@ -16,7 +17,7 @@ pub struct Blocker {
 
 impl Ready {
     pub fn register(&self, name: &'static str) -> Blocker {
-        self.0.lock().expect("ready lock").insert(name);
+        self.0.locked().insert(name);
         Blocker {
             ready: self.clone(),
             name,
@@ -25,13 +26,13 @@ impl Ready {
 
     /// Names still blocking; empty when ready.
     pub fn pending(&self) -> Vec<&'static str> {
-        self.0.lock().expect("ready lock").iter().copied().collect()
+        self.0.locked().iter().copied().collect()
     }
 }
 
 impl Drop for Blocker {
     fn drop(&mut self) {
-        self.ready.0.lock().expect("ready lock").remove(self.name);
+        self.ready.0.locked().remove(self.name);
     }
 }
 

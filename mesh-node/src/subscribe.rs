@@ -4,6 +4,7 @@
 //! then published and acknowledged; an update that fails is nacked with the reason and the last
 //! good configuration keeps serving. A controller outage changes nothing here but the
 //! `connected` flag: the node reconnects with backoff and resumes from the version it holds.
+use mesh_api::sync::LockExt;
 use std::{
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -144,7 +145,7 @@ impl Subscriber {
     }
 
     fn set(&self, f: impl FnOnce(&mut Status)) {
-        f(&mut self.status.lock().expect("status lock"));
+        f(&mut self.status.locked());
     }
 
     async fn stream(&self, held: &mut Resources, first: &mut Option<Blocker>) -> End {

@@ -3,6 +3,7 @@
 //! issued for the controller's audience, and bound to a pod on the very node the caller claims to
 //! be (`authentication.kubernetes.io/node-name`, Kubernetes 1.30+): a stolen token cannot be
 //! replayed from another node to obtain that node's identities.
+use mesh_api::sync::LockExt;
 use std::{
     collections::HashMap,
     sync::Mutex,
@@ -58,7 +59,7 @@ impl TokenReviewAuth {
     }
 
     fn refused_before(&self, key: &[u8; 32]) -> Option<String> {
-        let mut m = self.refused.lock().expect("refusals lock");
+        let mut m = self.refused.locked();
         match m.get(key) {
             Some((at, reason)) if at.elapsed() < REFUSED_TTL => Some(reason.clone()),
             Some(_) => {
@@ -70,7 +71,7 @@ impl TokenReviewAuth {
     }
 
     fn remember(&self, key: [u8; 32], reason: &str) {
-        let mut m = self.refused.lock().expect("refusals lock");
+        let mut m = self.refused.locked();
         if m.len() >= REFUSED_MAX {
             m.retain(|_, (at, _)| at.elapsed() < REFUSED_TTL);
         }

@@ -4,6 +4,7 @@
 //! placement; the store validates, keeps the last good version of every object that turned bad,
 //! and publishes a new version whenever what nodes would receive changes. A bounded history of
 //! accepted object sets backs `mesh-ctrl history` and `rollback`.
+use mesh_api::sync::LockExt;
 use std::{
     collections::{BTreeSet, VecDeque},
     sync::{Arc, Mutex},
@@ -93,7 +94,7 @@ impl Store {
 
     /// The objects a source now sees. Returns the problems found (also kept for status).
     pub fn set_objects(&self, raw: &Objects) -> Vec<Invalid> {
-        let mut inner = self.inner.lock().expect("store lock");
+        let mut inner = self.inner.locked();
         let invalid = validate(raw);
         let bad: BTreeSet<ObjectRef> = invalid.iter().map(|i| i.object.clone()).collect();
         for i in &invalid {
@@ -139,30 +140,30 @@ impl Store {
 
     /// Pods and nodes as the placement source now sees them.
     pub fn set_placement(&self, placement: Placement) {
-        let mut inner = self.inner.lock().expect("store lock");
+        let mut inner = self.inner.locked();
         inner.placement = Arc::new(placement);
         self.publish(&mut inner, vec!["placement".into()]);
     }
 
     /// What the current version was computed from (for `explain`).
     pub fn inputs(&self) -> (Arc<Objects>, Arc<Placement>) {
-        let inner = self.inner.lock().expect("store lock");
+        let inner = self.inner.locked();
         (inner.accepted.clone(), inner.placement.clone())
     }
 
     /// Objects rejected by the last validation.
     pub fn rejected(&self) -> Vec<Invalid> {
-        self.inner.lock().expect("store lock").rejected.clone()
+        self.inner.locked().rejected.clone()
     }
 
     pub fn history(&self) -> Vec<HistoryEntry> {
-        let inner = self.inner.lock().expect("store lock");
+        let inner = self.inner.locked();
         inner.history.iter().rev().cloned().collect()
     }
 
     /// The object set accepted at `version`, if still in the history.
     pub fn objects_at(&self, version: u64) -> Option<Arc<Objects>> {
-        let inner = self.inner.lock().expect("store lock");
+        let inner = self.inner.locked();
         inner
             .history
             .iter()

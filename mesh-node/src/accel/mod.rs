@@ -23,6 +23,7 @@
 //! map full, no slot free) simply stays on plain TCP.
 mod stream;
 
+use mesh_api::sync::LockExt;
 use std::{
     net::{IpAddr, SocketAddr},
     os::fd::{AsFd, AsRawFd},
@@ -187,11 +188,7 @@ impl Drop for ReadCount {
     fn drop(&mut self) {
         // A cleared key makes the kernel ignore the slot (its map entry is left to the LRU).
         self.slot().set_key(&SockKey::default());
-        self.inner
-            .free
-            .lock()
-            .expect("free slots lock")
-            .push(self.slot);
+        self.inner.free.locked().push(self.slot);
     }
 }
 
@@ -255,8 +252,7 @@ impl Accel {
         let key = sock_key(socket.local_addr()?, socket.peer_addr()?);
         let slot = inner
             .free
-            .lock()
-            .expect("free slots lock")
+            .locked()
             .pop()
             .ok_or_else(|| std::io::Error::other("no read slot free"))?;
         // From here on, dropping `reads` gives the slot back.
@@ -268,7 +264,7 @@ impl Accel {
         s.read.store(0, Release);
         s.limit.store(HANDOVER_LIMIT, Release);
         s.set_key(&key);
-        let mut maps = inner.maps.lock().expect("socket maps lock");
+        let mut maps = inner.maps.locked();
         // The slot first: a pod that finds no slot uses TCP.
         maps.readers
             .insert(key, slot, 0)
@@ -286,7 +282,7 @@ impl Accel {
                 "enabled": true,
                 "registered": i.stats.registered.load(Relaxed),
                 "register_failed": i.stats.register_failed.load(Relaxed),
-                "slots_free": i.free.lock().expect("free slots lock").len(),
+                "slots_free": i.free.locked().len(),
             }),
         }
     }

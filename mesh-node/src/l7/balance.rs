@@ -10,6 +10,7 @@
 //!   all are tried (better a likely failure than a certain one).
 //!
 //! Endpoint state lives as long as the endpoint stays in its Service, across config versions.
+use mesh_api::sync::LockExt;
 use std::{
     hash::{DefaultHasher, Hash, Hasher},
     sync::{
@@ -100,14 +101,14 @@ impl Endpoint {
     }
 
     fn cost(&self, now: Instant) -> f64 {
-        let h = self.health.lock().expect("health lock");
+        let h = self.health.locked();
         let ewma = decayed(h.ewma_ns, h.stamp, now);
         ewma * f64::from(self.inflight.load(Relaxed) + 1)
     }
 
     /// A response time: peak-sensitive, decaying towards faster ones.
     pub fn observe(&self, rtt: Duration, now: Instant) {
-        let mut h = self.health.lock().expect("health lock");
+        let mut h = self.health.locked();
         let rtt = rtt.as_nanos() as f64;
         let current = decayed(h.ewma_ns, h.stamp, now);
         h.ewma_ns = if rtt > current {
@@ -126,7 +127,7 @@ impl Endpoint {
     }
 
     pub fn view(&self, now: Instant) -> EndpointView {
-        let h = self.health.lock().expect("health lock");
+        let h = self.health.locked();
         EndpointView {
             key: self.key.clone(),
             ewma_ms: decayed(h.ewma_ns, h.stamp, now) / 1e6,
@@ -155,7 +156,7 @@ pub struct Balancer {
 impl Balancer {
     /// The state of `keys` (created on first sight; endpoints no longer listed are forgotten).
     pub fn endpoints(&self, keys: &[String], now: Instant) -> Vec<Arc<Endpoint>> {
-        let mut map = self.endpoints.lock().expect("endpoints lock");
+        let mut map = self.endpoints.locked();
         if map.len() > keys.len() {
             map.retain(|k, _| keys.contains(k));
         }
@@ -176,8 +177,7 @@ impl Balancer {
     pub fn views(&self, now: Instant) -> Vec<EndpointView> {
         let mut v: Vec<_> = self
             .endpoints
-            .lock()
-            .expect("endpoints lock")
+            .locked()
             .values()
             .map(|e| e.view(now))
             .collect();
@@ -251,7 +251,7 @@ impl Balancer {
         outlier: Option<&Outlier>,
         now: Instant,
     ) -> bool {
-        let mut h = ep.health.lock().expect("health lock");
+        let mut h = ep.health.locked();
         if !failed {
             h.failures = 0;
             if !ep.is_ejected(now) {
@@ -275,7 +275,7 @@ impl Balancer {
         if !may_eject(eps.len(), ejected, o.max_ejection_percent) {
             return false;
         }
-        let mut h = ep.health.lock().expect("health lock");
+        let mut h = ep.health.locked();
         h.ejections += 1;
         h.failures = 0;
         ep.ejected_until

@@ -1,6 +1,7 @@
 //! Bodies: one boxed type through the proxy; an HTTP/2 receive stream seen as a body; a body sent
 //! on an HTTP/2 stream within flow control; and a body recorded as it streams so a retry or a
 //! mirror can replay it.
+use mesh_api::sync::LockExt;
 use std::{
     future::poll_fn,
     pin::Pin,
@@ -182,7 +183,7 @@ pub struct Replay(Arc<Mutex<Recorded>>);
 impl Replay {
     /// The body again, if it was seen whole and within the limit.
     pub fn body(&self) -> Option<Body> {
-        let r = self.0.lock().expect("replay lock");
+        let r = self.0.locked();
         if !r.complete || r.overflow {
             return None;
         }
@@ -206,7 +207,7 @@ impl Recording {
     pub fn new(inner: Body) -> (Self, Replay) {
         let rec = Replay::default();
         if inner.is_end_stream() {
-            rec.0.lock().expect("replay lock").complete = true;
+            rec.0.locked().complete = true;
         }
         (
             Self {
@@ -227,7 +228,7 @@ impl http_body::Body for Recording {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
-        let mut r = self.rec.0.lock().expect("replay lock");
+        let mut r = self.rec.0.locked();
         match &frame {
             None => r.complete = true,
             Some(Ok(f)) => {

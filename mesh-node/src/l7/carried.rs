@@ -13,6 +13,7 @@
 //! holds one stream per connection: taking a stream from the shared pool and giving it back wrote
 //! the pool's locks, counts and clock from both cores on every request. Held streams count as
 //! kept (bounded per tunnel connection) and go back to the pool when the app connection ends.
+use mesh_api::sync::LockExt;
 use std::{
     net::SocketAddr,
     sync::{Arc, Mutex},
@@ -84,7 +85,7 @@ impl Slot {
     /// Takes back a stream already counted as kept on its connection; closes it when the slot is
     /// full.
     fn give_back(&self, k: Kept) {
-        let mut kept = self.kept.lock().expect("slot lock");
+        let mut kept = self.kept.locked();
         if kept.len() < MAX_KEPT {
             kept.push(k);
         } else {
@@ -141,8 +142,8 @@ impl Carried {
                 tokio::time::sleep(KEPT_IDLE / 3).await;
                 let Some(c) = weak.upgrade() else { return };
                 let mut gone = Vec::new();
-                c.idle.lock().expect("pool lock").retain(|_, slot| {
-                    let mut kept = slot.kept.lock().expect("slot lock");
+                c.idle.locked().retain(|_, slot| {
+                    let mut kept = slot.kept.locked();
                     for mut k in std::mem::take(&mut *kept) {
                         if k.since.elapsed() < KEPT_IDLE && idle_ok(&mut k.tunnel) {
                             kept.push(k);
@@ -224,18 +225,13 @@ impl Carried {
 
     /// The slot of `key`'s kept streams.
     fn slot(&self, key: Key) -> Arc<Slot> {
-        self.idle
-            .lock()
-            .expect("pool lock")
-            .entry(key)
-            .or_default()
-            .clone()
+        self.idle.locked().entry(key).or_default().clone()
     }
 
     /// A kept stream of `slot` that can take a request now.
     fn take(&self, slot: &Slot, src: &SpiffeId) -> Option<Kept> {
         loop {
-            let mut kept = slot.kept.lock().expect("slot lock").pop()?;
+            let mut kept = slot.kept.locked().pop()?;
             kept.conn.unkeep();
             if idle_ok(&mut kept.tunnel) && self.tunnels.still_current(src, &kept.conn) {
                 return Some(kept);
@@ -247,7 +243,7 @@ impl Carried {
     /// The held stream, when it goes where `t` does and can take a request now.
     fn take_held(&self, h: &Held, t: &TunnelTarget<'_>) -> Option<HeldStream> {
         let mut held = {
-            let mut g = h.0.lock().expect("held lock");
+            let mut g = h.0.locked();
             if !g.as_ref()?.key.is(t) {
                 // Left held: the answer to this request decides which stream the connection keeps.
                 return None;
@@ -304,7 +300,7 @@ impl Reuse for Back {
                     conn: self.conn,
                     since,
                 };
-                let before = held.0.lock().expect("held lock").replace(HeldStream {
+                let before = held.0.locked().replace(HeldStream {
                     key,
                     kept: k,
                     slot: self.slot,
@@ -322,7 +318,7 @@ impl Reuse for Back {
             close(tunnel);
             return;
         }
-        let mut kept = self.slot.kept.lock().expect("slot lock");
+        let mut kept = self.slot.kept.locked();
         // Bounded per pod, and per tunnel connection: idle streams must not hold the slots new
         // streams need.
         if kept.len() < MAX_KEPT && self.conn.try_keep() {

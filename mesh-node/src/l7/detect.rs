@@ -7,6 +7,7 @@
 //! machine) for TCP: no routing, no per-request policy, and a DENY rule on paths refusing the
 //! whole connection. So a port where HTTP was seen is remembered ([`Seen`]): its later clients
 //! may take as long as on a declared port.
+use mesh_api::sync::LockExt;
 use std::{collections::HashSet, sync::Mutex, time::Duration};
 
 use tokio::net::TcpStream;
@@ -95,7 +96,7 @@ pub struct Seen {
 impl Seen {
     /// How long a new connection to `dest` may stay silent before it is taken for TCP.
     pub fn wait(&self, dest: &(String, u16), short: Duration, long: Duration) -> Duration {
-        if self.http.lock().expect("seen lock").contains(dest) {
+        if self.http.locked().contains(dest) {
             long
         } else {
             short
@@ -105,7 +106,7 @@ impl Seen {
     /// Records what detection found on `dest`: HTTP is remembered; other bytes or a silent
     /// client (the port now serves another protocol) forget it.
     pub fn record(&self, dest: (String, u16), d: Detected) {
-        let mut http = self.http.lock().expect("seen lock");
+        let mut http = self.http.locked();
         match d {
             Detected::Closed => return,
             Detected::Opaque => {

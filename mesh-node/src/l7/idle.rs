@@ -3,6 +3,7 @@
 //!   `timeouts.idle`. The connection's task asks [`Activity::next_check`] when to look again.
 //! - HTTP/1.1: hyper's header read timer, which runs from the end of one response to the end of
 //!   the next request's head, driven by a [`HeadTimer`].
+use mesh_api::sync::LockExt;
 use std::{
     future::Future,
     pin::Pin,
@@ -40,7 +41,7 @@ pub struct Busy(Arc<Activity>);
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        *self.0.last.lock().expect("activity lock") = Instant::now();
+        *self.0.last.locked() = Instant::now();
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -88,7 +89,7 @@ impl Activity {
         if self.in_flight.load(Ordering::Relaxed) > 0 {
             return None;
         }
-        let since = now.saturating_duration_since(*self.last.lock().expect("activity lock"));
+        let since = now.saturating_duration_since(*self.last.locked());
         Some(idle.saturating_sub(since))
     }
 
@@ -141,7 +142,7 @@ impl Future for HeadSleep {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let deadline = self.deadline;
-        let mut entry = self.entry.0.lock().expect("head timer lock");
+        let mut entry = self.entry.0.locked();
         let sleep = entry.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
         if sleep.deadline() > deadline {
             sleep.as_mut().reset(deadline);

@@ -1,5 +1,6 @@
 //! The source side: serves the app's HTTP connection with hyper and sends each request where its
 //! route says, under the backend Service's traffic policy.
+use mesh_api::sync::LockExt;
 use std::{
     convert::Infallible,
     net::SocketAddr,
@@ -626,11 +627,7 @@ impl L7Outbound {
         }
         let retry = policy.retry.as_ref();
         if let Some(r) = retry {
-            b.state
-                .budget
-                .lock()
-                .expect("budget lock")
-                .deposit(r.budget_percent, now);
+            b.state.budget.locked().deposit(r.budget_percent, now);
         }
         let per_try = decided
             .per_try_timeout
@@ -732,7 +729,7 @@ impl L7Outbound {
                     && !proxy_answer
                     && r.on.retryable(outcome)
                     && replay.as_ref().and_then(Replay::body).is_some()
-                    && b.state.budget.lock().expect("budget lock").withdraw(now)
+                    && b.state.budget.locked().withdraw(now)
             });
             if !again {
                 if let (Some((svc, port, pct)), Some(replay)) = (&decided.mirror, &replay) {

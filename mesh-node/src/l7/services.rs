@@ -2,6 +2,7 @@
 //! their protocols, endpoints, route tables per port, the traffic policy), and the state that
 //! outlives versions (`Runtime`: endpoint health and latency, breaker counters, retry budgets,
 //! rate limiters).
+use mesh_api::sync::LockExt;
 use std::{
     net::SocketAddr,
     sync::{
@@ -297,7 +298,7 @@ impl ServiceState {
 
     /// GCRA for `key`: `Ok` to proceed.
     pub fn rate_limit(&self, limit: &RateLimit, key: &str, epoch: Instant, now: Instant) -> bool {
-        let mut m = self.limiters.lock().expect("limiter lock");
+        let mut m = self.limiters.locked();
         if m.len() >= MAX_LIMITER_KEYS && !m.contains_key(key) {
             // Bounded memory under many sources: forgetting state only ever lets a request
             // through that a full table would also have judged on its own rate.
@@ -403,7 +404,7 @@ impl Default for Runtime {
 
 impl Runtime {
     pub fn service(&self, name: &str) -> Arc<ServiceState> {
-        let mut services = self.services.lock().expect("runtime lock");
+        let mut services = self.services.locked();
         if let Some(s) = services.get(name) {
             return s.clone();
         }
@@ -432,8 +433,7 @@ impl Runtime {
         let now = Instant::now();
         let mut v: Vec<_> = self
             .services
-            .lock()
-            .expect("runtime lock")
+            .locked()
             .iter()
             .map(|(k, s)| (k.clone(), s.balancer.views(now)))
             .collect();

@@ -1,5 +1,6 @@
 //! Request figures by bounded labels: each label has a budget of distinct values; values beyond it
 //! are reported as `overflow`, so a misbehaving client cannot blow up the time series.
+use mesh_api::sync::LockExt;
 use std::{
     collections::{HashMap, HashSet},
     sync::{
@@ -106,7 +107,7 @@ impl L7Stats {
 
     /// `value`, or `overflow` when the label has used its budget on other values.
     fn bounded(&self, label: &'static str, value: String) -> String {
-        let mut seen = self.seen.lock().expect("labels lock");
+        let mut seen = self.seen.locked();
         let set = seen.entry(label).or_default();
         if set.contains(&value) || set.len() < self.budget {
             set.insert(value.clone());
@@ -156,7 +157,7 @@ impl L7Stats {
         (request_bytes, response_bytes): (u64, u64),
         keep: bool,
     ) -> Option<Arc<Series>> {
-        let mut r = recent.0.lock().expect("recent series lock");
+        let mut r = recent.0.locked();
         let at = match r.iter().position(|(k, _)| is(k)) {
             Some(at) => at,
             None => {
@@ -177,22 +178,12 @@ impl L7Stats {
     fn series_of(&self, labels: &RequestLabels<&str>) -> Arc<Series> {
         // A series that exists was within budget when it was made: the common case is one
         // lookup, no allocation, no per-label bookkeeping.
-        let known = self
-            .series
-            .lock()
-            .expect("series lock")
-            .get(labels)
-            .cloned();
+        let known = self.series.locked().get(labels).cloned();
         match known {
             Some(s) => s,
             None => {
                 let labels = self.bound(labels.owned());
-                self.series
-                    .lock()
-                    .expect("series lock")
-                    .entry(labels)
-                    .or_default()
-                    .clone()
+                self.series.locked().entry(labels).or_default().clone()
             }
         }
     }
@@ -200,10 +191,9 @@ impl L7Stats {
     pub fn snapshot(&self) -> Vec<(RequestLabels, RequestFigures)> {
         let mut v: Vec<_> = self
             .series
-            .lock()
-            .expect("series lock")
+            .locked()
             .iter()
-            .map(|(l, f)| (l.clone(), f.0.lock().expect("series lock").clone()))
+            .map(|(l, f)| (l.clone(), f.0.locked().clone()))
             .collect();
         v.sort_by(|a, b| format!("{:?}", a.0).cmp(&format!("{:?}", b.0)));
         v
@@ -233,7 +223,7 @@ pub struct Series(Mutex<RequestFigures>);
 impl Series {
     fn add(&self, took: Duration, request_bytes: u64, response_bytes: u64) {
         let secs = took.as_secs_f64();
-        let mut f = self.0.lock().expect("series lock");
+        let mut f = self.0.locked();
         f.count += 1;
         f.duration_sum_seconds += secs;
         for (i, b) in DURATION_BUCKETS.iter().enumerate() {
@@ -246,7 +236,7 @@ impl Series {
     }
 
     fn add_bytes(&self, dir: Direction, n: u64) {
-        let mut f = self.0.lock().expect("series lock");
+        let mut f = self.0.locked();
         match dir {
             Direction::Request => f.request_bytes += n,
             Direction::Response => f.response_bytes += n,

@@ -1,6 +1,7 @@
 //! Where requests leave the proxy: to a pod of this node (HTTP/1.1 connections pooled per pod, or
 //! one multiplexed HTTP/2 connection), or to another node's proxy as an HTTP/2 stream on the
 //! pooled mTLS tunnel connection.
+use mesh_api::sync::LockExt;
 use std::{
     collections::HashMap,
     net::SocketAddr,
@@ -272,12 +273,7 @@ impl PodClient {
 
     async fn h1_sender(&self, addr: SocketAddr) -> Result<http1::SendRequest<Body>, ProxyError> {
         loop {
-            let idle = self
-                .h1
-                .lock()
-                .expect("pool lock")
-                .get_mut(&addr)
-                .and_then(Vec::pop);
+            let idle = self.h1.locked().get_mut(&addr).and_then(Vec::pop);
             let Some(mut s) = idle else { break };
             if s.is_closed() {
                 continue;
@@ -304,7 +300,7 @@ impl PodClient {
     }
 
     async fn h2_sender(&self, addr: SocketAddr) -> Result<http2::SendRequest<Body>, ProxyError> {
-        let pooled = self.h2.lock().expect("pool lock").get(&addr).cloned();
+        let pooled = self.h2.locked().get(&addr).cloned();
         if let Some(mut s) = pooled
             && !s.is_closed()
             && s.ready().await.is_ok()
@@ -323,10 +319,7 @@ impl PodClient {
                 debug!(%addr, error = %e, "pod connection ended");
             }
         });
-        self.h2
-            .lock()
-            .expect("pool lock")
-            .insert(addr, send.clone());
+        self.h2.locked().insert(addr, send.clone());
         Ok(send)
     }
 
@@ -345,7 +338,7 @@ impl PodClient {
 impl PodClient {
     /// Takes back a connection whose last response was read to its end.
     fn give_back(&self, addr: SocketAddr, s: http1::SendRequest<Body>) {
-        let mut pool = self.h1.lock().expect("pool lock");
+        let mut pool = self.h1.locked();
         let idle = pool.entry(addr).or_default();
         if idle.len() < MAX_IDLE_H1 {
             idle.push(s);
