@@ -2,7 +2,6 @@
 //!
 //! Parsing (clap) and validation are separate so that every rule lives in [`RunArgs::validate`]
 //! and reports the flag it concerns.
-use crate::l7::sanitize::EscapedSlashes;
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
@@ -137,7 +136,7 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
     pub drain_timeout: Duration,
     #[command(flatten)]
-    pub limits: crate::limits::Limits,
+    pub limits: Limits,
     /// Upstream connect timeout.
     #[arg(long, env = "MESH_CONNECT_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5s")]
     pub connect_timeout: Duration,
@@ -255,7 +254,7 @@ pub struct Config {
     pub drain_timeout: Duration,
     #[serde(with = "humantime_serde_shim")]
     pub connect_timeout: Duration,
-    pub limits: crate::limits::Limits,
+    pub limits: Limits,
     #[serde(with = "humantime_serde_shim")]
     pub protocol_detect_timeout: Duration,
     pub opaque_ports: Vec<u16>,
@@ -502,6 +501,60 @@ impl RunArgs {
             worker_threads: self.worker_threads,
             mesh,
         })
+    }
+}
+
+/// What an encoded `/` or `\` in a path becomes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EscapedSlashes {
+    /// `400`: the request is refused.
+    #[default]
+    Reject,
+    /// Forwarded as it is (`%2F`); rules see `%2F`, not `/`.
+    Keep,
+    /// Decoded to `/` before routing, policy and the pod.
+    Decode,
+}
+
+/// The configured limits (flags of `mesh-node run`).
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq, clap::Args)]
+pub struct Limits {
+    /// TLS handshakes in progress on the tunnel listener at once. At the limit the oldest one is
+    /// cut: an honest handshake takes milliseconds, so what is cut is what idles.
+    #[arg(long, env = "MESH_MAX_TUNNEL_HANDSHAKES", default_value_t = 1024)]
+    pub max_tunnel_handshakes: usize,
+    /// Connections one pod may have open through this proxy at once (outbound); more are reset.
+    #[arg(long, env = "MESH_MAX_CONNECTIONS_PER_POD", default_value_t = 4096)]
+    pub max_connections_per_pod: usize,
+    /// HTTP requests one pod may have in flight through this proxy at once (outbound, over all
+    /// its connections); more are answered 503 with flag `UO` at once, never queued.
+    #[arg(long, env = "MESH_MAX_REQUESTS_PER_POD", default_value_t = 2048)]
+    pub max_requests_per_pod: usize,
+    /// Connections each admin or metrics listener serves at once; more are closed at accept.
+    #[arg(long, env = "MESH_MAX_ADMIN_CONNECTIONS", default_value_t = 128)]
+    pub max_admin_connections: usize,
+    /// How long an authenticated tunnel connection may carry no stream before it is closed
+    /// (GOAWAY, then close). Proxies drop their own pooled connections after 60 s idle; keep this
+    /// above 75 s so that the peer closes first and never races a new stream against the GOAWAY.
+    #[arg(long, env = "MESH_TUNNEL_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "120s")]
+    #[serde(serialize_with = "humantime_serde_shim::serialize")]
+    pub tunnel_idle_timeout: Duration,
+}
+
+impl Limits {
+    /// The flag whose value cannot work, if one cannot.
+    pub fn invalid(&self) -> Option<&'static str> {
+        [
+            (self.max_tunnel_handshakes, "--max-tunnel-handshakes"),
+            (self.max_connections_per_pod, "--max-connections-per-pod"),
+            (self.max_requests_per_pod, "--max-requests-per-pod"),
+            (self.max_admin_connections, "--max-admin-connections"),
+        ]
+        .into_iter()
+        .find(|(v, _)| *v == 0 || *v > tokio::sync::Semaphore::MAX_PERMITS)
+        .map(|(_, flag)| flag)
+        .or((self.tunnel_idle_timeout.is_zero()).then_some("--tunnel-idle-timeout"))
     }
 }
 

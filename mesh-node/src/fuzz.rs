@@ -16,10 +16,12 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use prost::Message;
 
-use crate::l7::{
-    h1frame::{self, BodyKind, Chunked, Decoded},
-    relay,
-    sanitize::{self, EscapedSlashes},
+use crate::{
+    config::EscapedSlashes,
+    l7::{
+        h1frame::{self, BodyKind, Chunked, Decoded},
+        relay, sanitize,
+    },
 };
 
 /// A fuzz target's entry: arbitrary bytes in, a panic only on a bug.

@@ -154,7 +154,7 @@ pub struct L7Inbound {
     pub tracing: Arc<crate::trace::Tracing>,
     pub decisions: Arc<crate::authz::DecisionCounts>,
     /// What an encoded `/` in a request path becomes (the mesh's setting).
-    pub escaped_slashes: super::sanitize::EscapedSlashes,
+    pub escaped_slashes: crate::config::EscapedSlashes,
 }
 
 impl L7Inbound {

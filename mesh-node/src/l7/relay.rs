@@ -525,7 +525,7 @@ pub fn frame_requests(input: &[u8]) -> (Vec<Framed>, Option<RelayError>) {
         };
         let uri = req.uri().to_string();
         let refused =
-            super::sanitize::request(&mut req, super::sanitize::EscapedSlashes::Reject).is_err();
+            super::sanitize::request(&mut req, crate::config::EscapedSlashes::Reject).is_err();
         let mut rest = Rest::of(body);
         let mut raw_body = BytesMut::new();
         if let Err(e) = rest.take(&mut buf, &mut raw_body) {

@@ -20,22 +20,9 @@
 use std::borrow::Cow;
 
 use http::{HeaderValue, Request, Uri, uri::PathAndQuery};
-use serde::Serialize;
 
 use super::respond::ProxyError;
-
-/// What an encoded `/` or `\` in a path becomes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum EscapedSlashes {
-    /// `400`: the request is refused.
-    #[default]
-    Reject,
-    /// Forwarded as it is (`%2F`); rules see `%2F`, not `/`.
-    Keep,
-    /// Decoded to `/` before routing, policy and the pod.
-    Decode,
-}
+use crate::config::EscapedSlashes;
 
 /// Why a path cannot be normalized.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
