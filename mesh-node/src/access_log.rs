@@ -7,7 +7,6 @@
 //! (`--access-log`, off unless set) applies.
 use mesh_api::sync::LockExt;
 use std::{
-    collections::HashMap,
     io::Write,
     sync::{
         Arc, Mutex,
@@ -16,41 +15,10 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use mesh_api::crd::TelemetrySpec;
 use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::node_config::NodeConfig;
-
-/// Access logging per namespace, from the Telemetry resources of one config version.
-#[derive(Debug, Default, Clone, PartialEq)]
-pub struct Telemetry {
-    /// Namespace -> sample percent (0: off).
-    namespaces: HashMap<String, f64>,
-}
-
-impl Telemetry {
-    pub fn compile<'a>(specs: impl IntoIterator<Item = (&'a str, &'a TelemetrySpec)>) -> Self {
-        let namespaces = specs
-            .into_iter()
-            .filter_map(|(ns, s)| {
-                let a = s.access_logging.as_ref()?;
-                let pct = if a.enabled {
-                    a.sample_percent.unwrap_or(100.0).clamp(0.0, 100.0)
-                } else {
-                    0.0
-                };
-                Some((ns.to_string(), pct))
-            })
-            .collect();
-        Self { namespaces }
-    }
-
-    /// The sample percent for `namespace`, or `default` when it has no Telemetry.
-    pub fn percent(&self, namespace: &str, default: f64) -> f64 {
-        self.namespaces.get(namespace).copied().unwrap_or(default)
-    }
-}
 
 /// `--access-log`: the percent of requests and connections logged in namespaces without a
 /// Telemetry.
@@ -249,7 +217,6 @@ pub fn millis(d: Duration) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mesh_api::crd::AccessLogging;
 
     #[derive(Clone, Default)]
     struct Buf(Arc<Mutex<Vec<u8>>>);
@@ -260,38 +227,6 @@ mod tests {
         }
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
-        }
-    }
-
-    #[test]
-    fn telemetry_per_namespace_overrides_the_default() {
-        let on = TelemetrySpec {
-            access_logging: Some(AccessLogging {
-                enabled: true,
-                sample_percent: Some(10.0),
-            }),
-        };
-        let off = TelemetrySpec {
-            access_logging: Some(AccessLogging {
-                enabled: false,
-                sample_percent: Some(50.0),
-            }),
-        };
-        let t = Telemetry::compile([
-            ("shop", &on),
-            ("quiet", &off),
-            ("plain", &TelemetrySpec::default()),
-        ]);
-        let cases = [
-            ("shop", 0.0, 10.0),
-            ("shop", 100.0, 10.0),
-            ("quiet", 100.0, 0.0),
-            ("plain", 100.0, 100.0),
-            ("other", 0.0, 0.0),
-            ("other", 25.0, 25.0),
-        ];
-        for (ns, default, want) in cases {
-            assert_eq!(t.percent(ns, default), want, "{ns} default {default}");
         }
     }
 

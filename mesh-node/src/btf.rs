@@ -194,7 +194,7 @@ impl Btf {
         Err(BtfError::NoEnumValue(name.to_string()))
     }
 
-    fn find_struct(&self, name: &str) -> Option<u32> {
+    pub(crate) fn find_struct(&self, name: &str) -> Option<u32> {
         (1..=self.types.len() as u32).find(|id| {
             let (n, info, _) = self.header(*id);
             kind(info) == KIND_STRUCT && self.name(n) == Some(name)
@@ -253,7 +253,7 @@ impl Btf {
         0
     }
 
-    fn size_of(&self, ty: u32) -> u32 {
+    pub(crate) fn size_of(&self, ty: u32) -> u32 {
         if ty == 0 {
             return 0;
         }
@@ -509,32 +509,16 @@ mod tests {
         assert!(matches!(Btf::parse(data), Err(BtfError::Format(_))));
     }
 
-    /// This kernel's own BTF, when it has one: the field the sk_msg program reads exists and lies
-    /// inside `struct tcp_sock`, and the paths through nested structs resolve as well.
+    /// This kernel's own BTF, when it has one: paths through nested and anonymous members of
+    /// `struct tcp_sock` resolve.
     #[test]
-    fn the_running_kernel_has_the_fields_acceleration_reads() {
+    fn nested_members_resolve_in_the_running_kernel() {
         let path = Path::new("/sys/kernel/btf/vmlinux");
         if !path.exists() {
             eprintln!("skipped: no {}", path.display());
             return;
         }
         let btf = Btf::from_file(path).unwrap();
-        let size = btf
-            .find_struct("tcp_sock")
-            .map(|id| btf.size_of(id))
-            .unwrap();
-        let constants = crate::accel::kernel_constants(&btf).unwrap();
-        for (global, value) in &constants {
-            if *global == mesh_abi::globals::ZEROCOPY_BIT {
-                assert!(*value < 64, "{global} = {value}");
-            } else {
-                assert!(
-                    value + 8 <= size,
-                    "{global} = {value} in a {size}-byte struct"
-                );
-            }
-        }
-        // Nested and anonymous members resolve on a real kernel too.
         let rcvbuf = btf
             .field("tcp_sock", &["inet_conn", "icsk_inet", "sk", "sk_rcvbuf"])
             .unwrap();

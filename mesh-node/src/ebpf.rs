@@ -32,7 +32,6 @@ use tracing::{info, warn};
 
 use crate::{
     accel::Accel,
-    enroll::PodFlags,
     orig_dst::{OrigDstSource, PodId, Redirected},
     probe::{IngressMethod, Kernel},
 };
@@ -103,6 +102,13 @@ pub enum EbpfError {
     LogFd(#[source] io::Error),
     #[error("cannot duplicate or map a map's file descriptor")]
     MapFd(#[source] io::Error),
+}
+
+/// A pod's kernel flags (`mesh_abi::POD_F_*`): its own, and per port where they differ.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodFlags {
+    pub flags: u32,
+    pub ports: Vec<(u16, u32)>,
 }
 
 /// What the programs need to know about this node.

@@ -17,7 +17,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    ebpf::{EbpfError, Redirector},
+    ebpf::{EbpfError, PodFlags, Redirector},
     orig_dst::PodId,
     sys,
 };
@@ -127,13 +127,6 @@ impl State {
         self.by_name.remove(&pod.name);
         self.pods.remove(&pod.id);
     }
-}
-
-/// A pod's kernel flags (`mesh_abi::POD_F_*`): its own, and per port where they differ.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PodFlags {
-    pub flags: u32,
-    pub ports: Vec<(u16, u32)>,
 }
 
 /// Told about every enrollment change (e.g. to fetch the pod's certificate ahead of use).

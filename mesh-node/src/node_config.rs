@@ -1,6 +1,7 @@
 //! The configuration this node holds, as domain types. Built from the controller's resources
 //! once, at the edge: anything that does not convert rejects the whole version (the node nacks it
 //! and keeps its last good one).
+use mesh_api::crd::TelemetrySpec;
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
@@ -64,7 +65,7 @@ pub struct NodeConfig {
     /// Services, routes and traffic policies, compiled for the HTTP path.
     pub l7: std::sync::Arc<crate::l7::services::Catalog>,
     /// Access logging per namespace.
-    pub telemetry: std::sync::Arc<crate::access_log::Telemetry>,
+    pub telemetry: std::sync::Arc<Telemetry>,
 }
 
 /// A Service port as reached through its cluster IP.
@@ -251,9 +252,7 @@ impl NodeConfig {
             }
         }
         let l7 = crate::l7::services::Catalog::compile(&services, &l7_specs)?;
-        let telemetry = crate::access_log::Telemetry::compile(
-            telemetry_specs.iter().map(|(ns, t)| (ns.as_str(), t)),
-        );
+        let telemetry = Telemetry::compile(telemetry_specs.iter().map(|(ns, t)| (ns.as_str(), t)));
         Ok(Self {
             version,
             telemetry: std::sync::Arc::new(telemetry),
@@ -301,4 +300,73 @@ fn typed(kind: i32, json: &str) -> Result<Typed, serde_json::Error> {
             Typed::Other
         }
     })
+}
+
+/// Access logging per namespace, from the Telemetry resources of one config version.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Telemetry {
+    /// Namespace -> sample percent (0: off).
+    namespaces: HashMap<String, f64>,
+}
+
+impl Telemetry {
+    pub fn compile<'a>(specs: impl IntoIterator<Item = (&'a str, &'a TelemetrySpec)>) -> Self {
+        let namespaces = specs
+            .into_iter()
+            .filter_map(|(ns, s)| {
+                let a = s.access_logging.as_ref()?;
+                let pct = if a.enabled {
+                    a.sample_percent.unwrap_or(100.0).clamp(0.0, 100.0)
+                } else {
+                    0.0
+                };
+                Some((ns.to_string(), pct))
+            })
+            .collect();
+        Self { namespaces }
+    }
+
+    /// The sample percent for `namespace`, or `default` when it has no Telemetry.
+    pub fn percent(&self, namespace: &str, default: f64) -> f64 {
+        self.namespaces.get(namespace).copied().unwrap_or(default)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mesh_api::crd::AccessLogging;
+
+    use super::*;
+
+    #[test]
+    fn telemetry_per_namespace_overrides_the_default() {
+        let on = TelemetrySpec {
+            access_logging: Some(AccessLogging {
+                enabled: true,
+                sample_percent: Some(10.0),
+            }),
+        };
+        let off = TelemetrySpec {
+            access_logging: Some(AccessLogging {
+                enabled: false,
+                sample_percent: Some(50.0),
+            }),
+        };
+        let t = Telemetry::compile([
+            ("shop", &on),
+            ("quiet", &off),
+            ("plain", &TelemetrySpec::default()),
+        ]);
+        let cases = [
+            ("shop", 0.0, 10.0),
+            ("shop", 100.0, 10.0),
+            ("quiet", 100.0, 0.0),
+            ("plain", 100.0, 100.0),
+            ("other", 0.0, 0.0),
+            ("other", 25.0, 25.0),
+        ];
+        for (ns, default, want) in cases {
+            assert_eq!(t.percent(ns, default), want, "{ns} default {default}");
+        }
+    }
 }

@@ -321,6 +321,32 @@ pub fn sock_key(local: SocketAddr, remote: SocketAddr) -> SockKey {
 mod tests {
     use super::*;
 
+    /// This kernel's own BTF, when it has one: the fields the sk_msg program reads exist and lie
+    /// inside `struct tcp_sock`.
+    #[test]
+    fn the_running_kernel_has_the_fields_acceleration_reads() {
+        let path = std::path::Path::new("/sys/kernel/btf/vmlinux");
+        if !path.exists() {
+            eprintln!("skipped: no {}", path.display());
+            return;
+        }
+        let btf = Btf::from_file(path).unwrap();
+        let size = btf
+            .find_struct("tcp_sock")
+            .map(|id| btf.size_of(id))
+            .unwrap();
+        for (global, value) in &kernel_constants(&btf).unwrap() {
+            if *global == mesh_abi::globals::ZEROCOPY_BIT {
+                assert!(*value < 64, "{global} = {value}");
+            } else {
+                assert!(
+                    value + 8 <= size,
+                    "{global} = {value} in a {size}-byte struct"
+                );
+            }
+        }
+    }
+
     #[test]
     fn keys_match_what_the_kernel_builds() {
         let cases = [
