@@ -21,11 +21,13 @@ use crate::{
     enroll::{self, EnrollError, EnrollHooks, Enrollment, Pod, PodName},
     follow::Follow,
     handover::{self, Role, Taken},
-    hbone::{self, Inbound, Tunnels},
+    hbone::{self, TunnelServer, Tunnels},
     identity::{CaConfig, Identities, IdentityError},
+    inbound::Inbound,
     l7::{inbound::L7Inbound, outbound::L7Outbound, stats::L7Stats, upstream::PodClient},
     node_config::NodeConfig,
-    outbound::{self, MeshPath, Outbound, ProxySource, Stats},
+    outbound::{self, MeshPath, Outbound, Stats},
+    pod_socket::ProxySource,
     probe::{self, ProbeError},
     ready::Ready,
     subscribe,
@@ -536,7 +538,6 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
     if let Some(m) = &mesh {
         let inbound = Arc::new(Inbound {
             node: config.node_name.clone(),
-            identities: m.identities.clone(),
             placement: m.placement.clone(),
             pods: pods.clone(),
             stats: m.tunnel_stats.clone(),
@@ -546,12 +547,20 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
             l7: l7_inbound.clone(),
             access_log: access_log.clone(),
             live: live.clone(),
+        });
+        let server = Arc::new(TunnelServer {
+            node: config.node_name.clone(),
+            identities: m.identities.clone(),
+            placement: m.placement.clone(),
+            pods: pods.clone(),
+            stats: m.tunnel_stats.clone(),
             handshakes: handshakes.clone().expect("made with the mesh"),
             limit_hits: limit_hits.clone(),
             idle_timeout: config.limits.tunnel_idle_timeout,
+            deliver: inbound,
         });
         for l in inbound_listeners {
-            tokio::spawn(inbound.clone().serve(l, drain.watch()));
+            tokio::spawn(server.clone().serve(l, drain.watch()));
         }
     } else {
         tracing::warn!(

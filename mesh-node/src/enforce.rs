@@ -184,6 +184,24 @@ pub fn forwarded_for(header: &str) -> Option<IpAddr> {
         .or_else(|| v.trim_matches(['[', ']']).parse().ok())
 }
 
+/// Runs `relay` until it ends, or until a new policy revokes the connection (dropping the relay
+/// resets both sides).
+pub async fn until_revoked<T>(
+    relay: impl std::future::Future<Output = T>,
+    admitted: Option<Admitted>,
+) -> Option<T> {
+    let Some(mut admitted) = admitted else {
+        return Some(relay.await);
+    };
+    tokio::select! {
+        r = relay => Some(r),
+        Ok(()) = &mut admitted.revoked => {
+            info!("closed: the policy now denies this connection");
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::forwarded_for;

@@ -11,8 +11,9 @@
 use mesh_api::sync::LockExt;
 use std::{
     collections::HashMap,
-    future::poll_fn,
+    future::{Future, poll_fn},
     net::SocketAddr,
+    pin::Pin,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed},
@@ -22,7 +23,7 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
-use http::{Method, Request, Response, StatusCode};
+use http::{HeaderName, Method, Request, Response, StatusCode};
 use mesh_api::{identity::SpiffeId, placement::PlacementWatch};
 use serde::Serialize;
 use tokio::{
@@ -30,18 +31,19 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
-    accel::PodStream,
-    coalesce::Coalesce,
-    drain::Watch,
-    enforce::{Admitted, Conn, Enforcer, claimed_source, forwarded_for},
-    enroll::Enrollment,
-    identity::Identities,
-    outbound::ProxySource,
+    accel::PodStream, coalesce::Coalesce, drain::Watch, enroll::Enrollment, identity::Identities,
     tls,
 };
+
+/// Between node proxies, an L7 request is an ordinary HTTP/2 request on the tunnel connection
+/// (not a CONNECT stream), with the destination pod in this header.
+pub static TARGET_HEADER: HeaderName = HeaderName::from_static("x-nodemesh-target");
+/// On a CONNECT stream between node proxies: it carries HTTP/1.1 requests for the destination's
+/// L7 side, one after another (see `l7::carried`).
+pub static CARRIED_HEADER: HeaderName = HeaderName::from_static("x-nodemesh-carried");
 
 /// Flow-control windows sized for bulk transfers over a fast link: a 64 KiB default window would
 /// cap one stream at window/RTT.
@@ -262,7 +264,7 @@ impl Tunnels {
         let req = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
-            .header(&crate::l7::CARRIED_HEADER, "http/1.1")
+            .header(&CARRIED_HEADER, "http/1.1")
             .body(())
             .expect("static request parts");
         let opened = self.connect_stream(src, node, dst, req).await?;
@@ -440,27 +442,52 @@ impl Tunnels {
     }
 }
 
-/// Inbound side: accepts tunnels from other node proxies and delivers to local enrolled pods.
-pub struct Inbound {
+/// What a stream a peer opened on an authenticated tunnel connection is, from its method and
+/// the tunnel protocol's markers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamKind {
+    /// `CONNECT` to `:authority`: opaque TCP.
+    Connect,
+    /// `CONNECT` marked with [`CARRIED_HEADER`]: HTTP/1.1 requests one after another.
+    CarriedHttp1,
+    /// An HTTP request (not a `CONNECT`) for the pod in [`TARGET_HEADER`].
+    Request,
+}
+
+/// One stream accepted on an authenticated tunnel connection, handed to the layer above.
+pub struct Accepted {
+    pub kind: StreamKind,
+    pub req: Request<RecvStream>,
+    pub respond: h2::server::SendResponse<Bytes>,
+    /// The peer node proxy's address.
+    pub peer: SocketAddr,
+    /// The identity the peer proved (its client certificate).
+    pub client: Arc<SpiffeId>,
+    /// The identity this node presented (chosen by SNI): the only one the stream may reach.
+    pub served: Arc<SpiffeId>,
+}
+
+/// The layer above the tunnel: takes each accepted stream.
+pub trait Deliver: Send + Sync + 'static {
+    /// The stream's handling, run as a task of its own (boxed: a task copies its future in at
+    /// spawn, so each is only as large as its own path).
+    fn deliver(self: Arc<Self>, stream: Accepted) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+}
+
+/// The tunnel's server side: accepts tunnel connections from other node proxies (mutual TLS,
+/// HTTP/2) and hands each stream to [`Deliver`].
+pub struct TunnelServer {
     pub node: String,
     pub identities: Arc<Identities>,
     pub placement: PlacementWatch,
     pub pods: Arc<Enrollment>,
     pub stats: Arc<Stats>,
-    pub connect_timeout: Duration,
-    /// Deliveries come from the proxy address (see `outbound::ProxySource`).
-    pub source: ProxySource,
-    /// Authorization, when policy comes from the controller.
-    pub enforcer: Option<Arc<Enforcer>>,
-    /// Per-request handling of L7 requests, when config comes from the controller.
-    pub l7: Option<Arc<crate::l7::inbound::L7Inbound>>,
-    pub access_log: Arc<crate::access_log::AccessLog>,
-    pub live: Arc<crate::live::Connections>,
     /// Handshakes in progress (`--max-tunnel-handshakes`).
     pub handshakes: Arc<crate::limits::Handshakes>,
     pub limit_hits: Arc<crate::limits::Hits>,
     /// How long a connection may carry no stream (`--tunnel-idle-timeout`).
     pub idle_timeout: Duration,
+    pub deliver: Arc<dyn Deliver>,
 }
 
 /// The streams in flight on one accepted tunnel connection, and since when it has had none.
@@ -516,7 +543,7 @@ struct ServerTls {
     config: Arc<rustls::ServerConfig>,
 }
 
-impl Inbound {
+impl TunnelServer {
     pub async fn serve(self: Arc<Self>, listener: TcpListener, watch: Watch) {
         let mut current: Option<ServerTls> = None;
         loop {
@@ -571,21 +598,6 @@ impl Inbound {
             .entry(reason)
             .or_default() += 1;
         warn!(%peer, reason, error = %detail, "tunnel handshake refused");
-    }
-
-    /// The enrolled pod of this node at `target` with identity `served`: the only pods a stream
-    /// that proved `served` may reach.
-    fn local<'p>(
-        &self,
-        placement: &'p mesh_api::placement::Placement,
-        target: SocketAddr,
-        served: &SpiffeId,
-    ) -> Option<&'p mesh_api::placement::Workload> {
-        placement.by_ip(target.ip()).filter(|w| {
-            w.node == self.node
-                && &w.identity == served
-                && self.pods.is_enrolled(&w.namespace, &w.name)
-        })
     }
 
     /// Whether `id` belongs to an enrolled pod of this node: only those certificates are served.
@@ -712,340 +724,40 @@ impl Inbound {
                 Ok(s) => s,
                 Err(e) => return debug!(%peer, error = %e, "tunnel connection ended"),
             };
-            let stream = streams.open();
-            let (this, client_id, served) = (self.clone(), client_id.clone(), served.clone());
-            // An HTTP request (L7) and a CONNECT stream are separate tasks: each future is only
-            // as large as its own path. Boxed: a task copies its future in at spawn.
             let connect = req.method() == Method::CONNECT;
-            let l7 = |marker| {
-                self.l7
-                    .clone()
-                    .filter(|_| req.headers().contains_key(marker))
-            };
-            if let Some(l7) = l7(&crate::l7::TARGET_HEADER).filter(|_| !connect) {
-                tokio::spawn(Box::pin(async move {
-                    this.request(&l7, req, respond, peer, &client_id, &served)
-                        .await;
-                    drop(stream);
-                }));
-            } else if let Some(l7) = l7(&crate::l7::CARRIED_HEADER).filter(|_| connect) {
-                tokio::spawn(Box::pin(async move {
-                    this.carried(l7, req, respond, peer, &client_id, &served)
-                        .await;
-                    drop(stream);
-                }));
-            } else {
-                tokio::spawn(Box::pin(async move {
-                    this.stream(req, respond, peer, &client_id, &served).await;
-                    drop(stream);
-                }));
-            }
-        }
-    }
-
-    /// One CONNECT stream (or a request this node does not serve: refused).
-    async fn stream(
-        &self,
-        req: Request<RecvStream>,
-        mut respond: h2::server::SendResponse<Bytes>,
-        peer: SocketAddr,
-        client_id: &SpiffeId,
-        served: &SpiffeId,
-    ) {
-        let mut answer = |s: StatusCode| answer_connect(&mut respond, s);
-        if req.method() != Method::CONNECT {
-            // HTTP requests this node serves were dispatched before; anything else is refused.
-            let _ = answer(StatusCode::METHOD_NOT_ALLOWED);
-            return;
-        }
-        let Some(target) = req
-            .uri()
-            .authority()
-            .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-        else {
-            let _ = answer(StatusCode::BAD_REQUEST);
-            return;
-        };
-        let forwarded = req
-            .headers()
-            .get(http::header::FORWARDED)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
-        // Deliver only to an enrolled pod of this node that carries the identity we just proved.
-        let placement = self.placement.current();
-        let local = self.local(&placement, target, served);
-        let Some(local) = local else {
-            self.stats.inbound_refused_not_local.fetch_add(1, Relaxed);
-            warn!(%peer, %target, client = %client_id, served = %served, "refused tunnel: not an enrolled pod of this node with that identity");
-            let _ = answer(StatusCode::FORBIDDEN);
-            return;
-        };
-        let source_ip = match claimed_source(&placement, Some(&forwarded), client_id, peer.ip()) {
-            Ok(ip) => ip,
-            Err(e) => {
-                self.stats
-                    .inbound_refused_spoofed_source
-                    .fetch_add(1, Relaxed);
-                warn!(%peer, %target, error = %e, "refused tunnel: spoofed source address");
-                let _ = answer(StatusCode::FORBIDDEN);
-                return;
-            }
-        };
-        let admitted = match &self.enforcer {
-            None => None,
-            Some(e) => {
-                let conn = Conn {
-                    source: Some(client_id.clone()),
-                    source_ip,
-                    namespace: local.namespace.clone(),
-                    pod: local.name.clone(),
-                    port: target.port(),
-                };
-                match e.admit(conn) {
-                    Ok(a) => Some(a),
-                    Err(reason) => {
-                        warn!(%peer, %target, client = %client_id, %reason, "refused tunnel: authorization");
-                        let _ = answer(StatusCode::FORBIDDEN);
-                        if self.access_log.wants(&local.namespace) {
-                            self.log_tcp(
-                                client_id,
-                                &forwarded,
-                                (&local.namespace, &local.name),
-                                target,
-                                &reason.to_string(),
-                                (0, 0),
-                                Instant::now(),
-                            );
-                        }
-                        return;
-                    }
-                }
-            }
-        };
-        let upstream =
-            match tokio::time::timeout(self.connect_timeout, self.source.connect_local(target))
-                .await
-            {
-                Ok(Ok(s)) => s,
-                _ => {
-                    self.stats.inbound_upstream_failed.fetch_add(1, Relaxed);
-                    let _ = answer(StatusCode::SERVICE_UNAVAILABLE);
-                    return;
+            let has = |marker: &HeaderName| req.headers().contains_key(marker);
+            let kind = match (connect, has(&TARGET_HEADER), has(&CARRIED_HEADER)) {
+                (true, _, true) => StreamKind::CarriedHttp1,
+                (true, _, false) => StreamKind::Connect,
+                (false, true, _) => StreamKind::Request,
+                (false, false, _) => {
+                    // Not a stream of the tunnel protocol.
+                    let mut respond = respond;
+                    let _ = answer_connect(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
+                    continue;
                 }
             };
-        let Ok(send) = answer(StatusCode::OK) else {
-            return;
-        };
-        self.stats.inbound_streams.fetch_add(1, Relaxed);
-        let span =
-            info_span!("inbound", src.identity = %client_id, dst = %target, forwarded = %forwarded);
-        let started = Instant::now();
-        let _tracked = self.live.track({
-            let mut l = crate::live::Live::new("inbound", peer, target);
-            l.source_identity = client_id.to_string();
-            l.destination_workload = format!("{}/{}", local.namespace, local.name);
-            l.via = "tunnel".into();
-            l
-        });
-        let (decision, bytes) = async move {
-            info!("delivering");
-            let relay = relay(
-                upstream,
-                Tunnel {
-                    send,
-                    recv: req.into_body(),
-                },
-            );
-            match until_revoked(relay, admitted).await {
-                Some((sent, received)) => ("allowed", (received, sent)),
-                None => ("closed: the policy now denies this connection", (0, 0)),
-            }
-        }
-        .instrument(span)
-        .await;
-        if self.access_log.wants(&local.namespace) {
-            self.log_tcp(
-                client_id,
-                &forwarded,
-                (&local.namespace, &local.name),
-                target,
-                decision,
-                bytes,
-                started,
-            );
-        }
-    }
-
-    /// The access log line for a tunneled TCP connection (destination side).
-    #[allow(clippy::too_many_arguments)]
-    fn log_tcp(
-        &self,
-        client: &SpiffeId,
-        forwarded: &str,
-        (namespace, name): (&str, &str),
-        target: SocketAddr,
-        decision: &str,
-        (received, sent): (u64, u64),
-        started: Instant,
-    ) {
-        let placement = self.placement.current();
-        let src = placement.by_ip(forwarded_for(forwarded).unwrap_or(target.ip()));
-        let src = src.filter(|w| &w.identity == client);
-        self.access_log.write(&crate::access_log::Entry {
-            reporter: "destination",
-            kind: "tcp",
-            source: crate::access_log::Peer {
-                workload: src.map_or("", |w| w.name.as_str()),
-                namespace: src.map_or("", |w| w.namespace.as_str()),
-                principal: client.as_str(),
-                address: forwarded_for(forwarded)
-                    .map(|ip| ip.to_string())
-                    .unwrap_or_default(),
-            },
-            destination: crate::access_log::Peer {
-                workload: name,
-                namespace,
-                principal: "",
-                address: target.to_string(),
-            },
-            service: "",
-            http: None,
-            decision,
-            flags: "-",
-            security: "mutual_tls",
-            bytes_received: received,
-            bytes_sent: sent,
-            duration_ms: crate::access_log::millis(started.elapsed()),
-        });
-    }
-}
-
-impl Inbound {
-    /// A CONNECT stream that carries HTTP/1.1 requests (`l7::carried`): the same delivery checks
-    /// as any CONNECT, then the requests are served one by one.
-    async fn carried(
-        &self,
-        l7: Arc<crate::l7::inbound::L7Inbound>,
-        req: Request<RecvStream>,
-        mut respond: h2::server::SendResponse<Bytes>,
-        peer: SocketAddr,
-        client_id: &SpiffeId,
-        served: &SpiffeId,
-    ) {
-        let mut refuse = |s: StatusCode| {
-            let _ = answer_connect(&mut respond, s);
-        };
-        // The same answers as any CONNECT's: 400 for a target that is not an address, 403 for
-        // one that is not an enrolled pod of this node with the identity proven.
-        let Some(target) = req
-            .uri()
-            .authority()
-            .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-        else {
-            return refuse(StatusCode::BAD_REQUEST);
-        };
-        let placement = self.placement.current();
-        let Some(w) = self.local(&placement, target, served) else {
-            self.stats.inbound_refused_not_local.fetch_add(1, Relaxed);
-            warn!(%peer, %target, client = %client_id, served = %served, "refused carried stream: not an enrolled pod of this node with that identity");
-            return refuse(StatusCode::FORBIDDEN);
-        };
-        let stream = crate::l7::carried::Stream {
-            identity: client_id.clone(),
-            peer,
-            namespace: w.namespace.clone(),
-            name: w.name.clone(),
-            target,
-        };
-        drop(placement);
-        let Ok(send) = answer_connect(&mut respond, StatusCode::OK) else {
-            return;
-        };
-        self.stats.inbound_streams.fetch_add(1, Relaxed);
-        self.stats.inbound_carried_streams.fetch_add(1, Relaxed);
-        let mut tunnel = Tunnel {
-            send,
-            recv: req.into_body(),
-        };
-        let gate = crate::l7::carried::ToPod {
-            l7: &l7,
-            stream: &stream,
-            recent: Default::default(),
-            spoofed: &self.stats.inbound_refused_spoofed_source,
-        };
-        let dial = || l7.pods.dial(target);
-        if let Err(e) = crate::l7::relay::serve(&mut tunnel, &gate, dial).await {
-            debug!(%peer, %target, error = %mesh_api::placement::error_chain(&e), "carried stream ended");
-        }
-    }
-
-    /// An HTTP request from another node's proxy, for a pod of this node (L7): the same delivery
-    /// checks as CONNECT, then authorization and rate limits per request.
-    async fn request(
-        &self,
-        l7: &crate::l7::inbound::L7Inbound,
-        req: Request<RecvStream>,
-        respond: h2::server::SendResponse<Bytes>,
-        peer: SocketAddr,
-        client_id: &SpiffeId,
-        served: &SpiffeId,
-    ) {
-        use crate::l7::{self, body, respond::ProxyError};
-        let (mut parts, recv) = req.into_parts();
-        let h = &mut parts.headers;
-        let target = h
-            .remove(&l7::TARGET_HEADER)
-            .and_then(|t| t.to_str().ok()?.parse::<SocketAddr>().ok());
-        let proto = h
-            .remove(&l7::UPSTREAM_PROTOCOL_HEADER)
-            .and_then(|p| l7::UpstreamProtocol::parse(p.to_str().ok()?))
-            .unwrap_or(l7::UpstreamProtocol::H1);
-        let forwarded = h.remove(http::header::FORWARDED);
-        let forwarded = forwarded
-            .as_ref()
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default();
-        let grpc = l7::is_grpc(&parts.headers);
-        let req = Request::from_parts(parts, body::boxed(body::RecvBody::new(recv)));
-        let placement = self.placement.current();
-        let local = target.and_then(|t| self.local(&placement, t, served));
-        let resp = match (target, local) {
-            (Some(target), Some(w)) => {
-                self.stats.inbound_streams.fetch_add(1, Relaxed);
-                match claimed_source(&placement, Some(forwarded), client_id, peer.ip()) {
-                    Ok(ip) => {
-                        let caller = l7::inbound::Caller {
-                            identity: Some(client_id.clone()),
-                            ip,
-                        };
-                        l7.handle(req, &caller, (&w.namespace, &w.name), target, proto)
-                            .await
-                    }
-                    Err(e) => {
-                        self.stats
-                            .inbound_refused_spoofed_source
-                            .fetch_add(1, Relaxed);
-                        warn!(%peer, %target, error = %e, "refused request: spoofed source address");
-                        l7::respond::error_response(&ProxyError::Denied(e.to_string()), grpc)
-                    }
-                }
-            }
-            _ => {
-                self.stats.inbound_refused_not_local.fetch_add(1, Relaxed);
-                warn!(%peer, ?target, client = %client_id, served = %served, "refused request: not an enrolled pod of this node with that identity");
-                l7::respond::error_response(&ProxyError::NotLocal, grpc)
-            }
-        };
-        if let Err(e) = crate::l7::upstream::respond_h2(respond, resp).await {
-            debug!(%peer, error = %e, "response to the tunnel ended");
+            let stream = streams.open();
+            let accepted = Accepted {
+                kind,
+                req,
+                respond,
+                peer,
+                client: client_id.clone(),
+                served: served.clone(),
+            };
+            let delivery = self.deliver.clone().deliver(accepted);
+            tokio::spawn(async move {
+                delivery.await;
+                drop(stream);
+            });
         }
     }
 }
 
 /// Answers a CONNECT with `s` alone: `200` keeps the stream open for the bytes that follow, any
 /// other status ends it.
-fn answer_connect(
+pub(crate) fn answer_connect(
     respond: &mut h2::server::SendResponse<Bytes>,
     s: StatusCode,
 ) -> Result<h2::SendStream<Bytes>, h2::Error> {
@@ -1134,24 +846,6 @@ pub(crate) fn next_read_size(size: usize, n: usize) -> usize {
         (size / 2).max(READ_MIN)
     } else {
         size
-    }
-}
-
-/// Runs `relay` until it ends, or until a new policy revokes the connection (dropping the relay
-/// resets both sides).
-pub async fn until_revoked<T>(
-    relay: impl std::future::Future<Output = T>,
-    admitted: Option<Admitted>,
-) -> Option<T> {
-    let Some(mut admitted) = admitted else {
-        return Some(relay.await);
-    };
-    tokio::select! {
-        r = relay => Some(r),
-        Ok(()) = &mut admitted.revoked => {
-            info!("closed: the policy now denies this connection");
-            None
-        }
     }
 }
 

@@ -3,7 +3,7 @@
 //! A request to an HTTP/2 pod (or an upgrade) crosses as an HTTP/2 stream of its own
 //! (`upstream::via_tunnel`). For a small request, opening, HPACK-coding and closing that stream,
 //! and a task per request on the destination, cost more than the request. So requests to an
-//! HTTP/1.1 pod ride a CONNECT stream marked with [`super::CARRIED_HEADER`] instead, kept and reused
+//! HTTP/1.1 pod ride a CONNECT stream marked with [`crate::hbone::CARRIED_HEADER`] instead, kept and reused
 //! like a pooled HTTP/1.1 connection, one request at a time. The destination relays them to the
 //! pod (`relay`) with the same per-request authorization, limits and records as any L7 request.
 //! The caller's identity is the one the tunnel's mTLS proved; its address is in each request's

@@ -34,15 +34,9 @@ use serde::Serialize;
 // Header names are `HeaderName` statics: a lookup by `&str` parses and validates the name each
 // time, and these are looked up on every request.
 
-/// Between node proxies, an L7 request is an ordinary HTTP/2 request on the tunnel connection
-/// (not a CONNECT stream), with the destination pod in this header.
-pub static TARGET_HEADER: HeaderName = HeaderName::from_static("x-nodemesh-target");
 /// How the destination pod speaks: `h1` or `h2`.
 pub static UPSTREAM_PROTOCOL_HEADER: HeaderName =
     HeaderName::from_static("x-nodemesh-upstream-protocol");
-/// On a CONNECT stream between node proxies: it carries HTTP/1.1 requests for the destination's
-/// L7 side, one after another (see `carried`).
-pub static CARRIED_HEADER: HeaderName = HeaderName::from_static("x-nodemesh-carried");
 /// gRPC's status, in trailers or (for an answer without a body) in the head.
 pub static GRPC_STATUS_HEADER: HeaderName = HeaderName::from_static("grpc-status");
 

@@ -23,12 +23,16 @@ use mesh_api::identity::SpiffeId;
 use tracing::debug;
 
 use super::{
-    TARGET_HEADER, UPSTREAM_PROTOCOL_HEADER, UpstreamProtocol,
+    UPSTREAM_PROTOCOL_HEADER, UpstreamProtocol,
     body::{Body, BoxError, RecvBody, boxed, send_body},
     respond::ProxyError,
     upgrade,
 };
-use crate::{accel::PodStream, hbone::Tunnels, outbound::ProxySource};
+use crate::{
+    accel::PodStream,
+    hbone::{TARGET_HEADER, Tunnels},
+    pod_socket::ProxySource,
+};
 
 /// HTTP/1.1 connections kept idle per pod.
 const MAX_IDLE_H1: usize = 64;
