@@ -143,7 +143,7 @@ fn hyper_requests(input: &[u8]) -> Vec<(String, String, Vec<u8>)> {
     RUNTIME.with(|rt| {
         rt.borrow().block_on(async {
             let conn = hyper::server::conn::http1::Builder::new()
-                .max_headers(relay::MAX_FIELDS)
+                .max_headers(h1frame::MAX_FIELDS)
                 // Reads every pipelined request after the input ends, as a pod would read them
                 // off a connection the relay keeps open.
                 .half_close(true)
@@ -221,7 +221,7 @@ pub fn relay(data: &[u8]) {
 fn answers_in(out: &[u8], methods: &[String]) -> Result<usize, String> {
     let (mut at, mut answered) = (0, 0);
     while at < out.len() {
-        let mut fields = [const { std::mem::MaybeUninit::uninit() }; relay::MAX_FIELDS];
+        let mut fields = [const { std::mem::MaybeUninit::uninit() }; h1frame::MAX_FIELDS];
         let (n, code, kind) = match h1frame::parse_response(&out[at..], &mut fields) {
             Ok(httparse::Status::Complete((n, r))) => {
                 let code = r.code.unwrap_or(0);
@@ -360,7 +360,7 @@ fn hyper_answer(input: &[u8], head_request: bool) -> Option<(u16, Vec<u8>)> {
         rt.borrow().block_on(async {
             // As many fields as the source takes: the target compares framing, not limits.
             let (mut send, conn) = hyper::client::conn::http1::Builder::new()
-                .max_headers(relay::MAX_FIELDS)
+                .max_headers(h1frame::MAX_FIELDS)
                 .handshake(io)
                 .await
                 .ok()?;

@@ -107,6 +107,16 @@ impl Tracing {
         self.inner.is_some()
     }
 
+    /// This hop's span for `req`, when tracing is on (the request then carries it as the
+    /// parent).
+    pub fn start_request<B>(&self, hop: Hop, req: &mut http::Request<B>) -> Option<HopSpan> {
+        if !self.enabled() {
+            return None;
+        }
+        let (method, path) = (req.method().clone(), req.uri().path().to_string());
+        self.start(hop, method.as_str(), &path, req.headers_mut())
+    }
+
     /// Starts this hop's span under the request's context and makes the request carry it on.
     pub fn start(
         &self,

@@ -25,7 +25,7 @@ use http_body_util::BodyExt;
 use super::{
     body::{Body, BoxError, SendError, boxed, send_data, send_head},
     h1frame::{self, BodyKind, Chunked, Decoded, FrameError},
-    relay::{MAX_FIELDS, MAX_HEAD, says_close, write_fields, write_request_head},
+    h1frame::{MAX_FIELDS, MAX_HEAD, says_close, write_fields, write_request_head},
     respond::ProxyError,
 };
 use crate::hbone::Tunnel;

@@ -4,8 +4,8 @@
 //! message's length differently from the next hop is how requests get smuggled.
 use std::mem::MaybeUninit;
 
-use bytes::{Buf, Bytes};
-use http::{HeaderMap, HeaderName, HeaderValue};
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use thiserror::Error;
 
 /// How a message's body is delimited.
@@ -403,6 +403,57 @@ pub fn parse_response<'h, 'b>(
             httparse::Status::Partial => httparse::Status::Partial,
         },
     )
+}
+
+/// Largest request head accepted from an app (HTTP/1.1 buffer; HTTP/2 header list).
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Most header fields in a request from an app: hyper's own HTTP/1.1 limit, which is why it is not
+/// set on the server (set, hyper fills a vector of that many slots before every parse; the
+/// end-to-end header limits test holds both to this number).
+pub const MAX_HEADERS: usize = 100;
+/// Longest head and most header fields accepted: the source enforced the app's limits, these
+/// only bound memory.
+pub(crate) const MAX_HEAD: usize = MAX_HEADER_BYTES * 2;
+pub(crate) const MAX_FIELDS: usize = MAX_HEADERS * 2;
+
+/// Whether a `Connection` field says `close`.
+pub(crate) fn says_close(value: &[u8]) -> bool {
+    value
+        .split(|b| *b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+}
+
+/// An HTTP/1.1 request head, origin-form, with `headers` as they are.
+pub(crate) fn write_request_head(
+    out: &mut BytesMut,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+) {
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.extend_from_slice(b" ");
+    let target = uri.path_and_query().map_or("", |p| p.as_str());
+    // Origin-form: an absolute-form target without a path (`http://host?q`) has none either,
+    // and `?q` alone is no request target (found by the `request_framing` fuzz target).
+    if !target.starts_with('/') && target != "*" {
+        out.extend_from_slice(b"/");
+    }
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    write_fields(out, headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())));
+    out.extend_from_slice(b"\r\n");
+}
+
+pub(crate) fn write_fields<'a>(
+    out: &mut BytesMut,
+    fields: impl Iterator<Item = (&'a str, &'a [u8])>,
+) {
+    for (name, value) in fields {
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
 }
 
 #[cfg(test)]

@@ -179,8 +179,8 @@ impl L7Inbound {
             },
             Err(e) => error_response(&e, grpc),
         };
-        let (code, resp_flag) = (resp.status().as_u16(), flag(&resp));
-        let status_now = grpc_status(&resp).to_string();
+        let (code, resp_flag) = (resp.status().as_u16(), super::respond::flag(&resp));
+        let status_now = super::respond::grpc_status(&resp).to_string();
         let response_bytes = super::content_length(resp.headers());
         let in_trailers = super::stats::status_in_trailers(grpc, &resp);
         let series = self.finish_request(
@@ -214,7 +214,7 @@ impl L7Inbound {
         target: SocketAddr,
     ) -> (Ticket<'a>, Result<(), ProxyError>) {
         let started = Instant::now();
-        let span = super::outbound::start_span(&self.tracing, crate::trace::Hop::Inbound, req);
+        let span = self.tracing.start_request(crate::trace::Hop::Inbound, req);
         self.counters.requests.fetch_add(1, Relaxed);
         let cfg = self.config.borrow().clone();
         let seen = self
@@ -383,33 +383,6 @@ impl L7Inbound {
             }
         }
         Ok(())
-    }
-}
-
-pub fn grpc_status(resp: &Response<Body>) -> &str {
-    resp.headers()
-        .get(&super::GRPC_STATUS_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-}
-
-pub fn flag(resp: &Response<Body>) -> &'static str {
-    match resp
-        .headers()
-        .get(&super::respond::FLAG_HEADER)
-        .and_then(|v| v.to_str().ok())
-    {
-        Some("NR") => "NR",
-        Some("UH") => "UH",
-        Some("RBAC") => "RBAC",
-        Some("RL") => "RL",
-        Some("UO") => "UO",
-        Some("FI") => "FI",
-        Some("UT") => "UT",
-        Some("UF") => "UF",
-        Some("UR") => "UR",
-        Some("DPE") => "DPE",
-        _ => "-",
     }
 }
 

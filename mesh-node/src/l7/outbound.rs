@@ -21,8 +21,8 @@ use super::{
     Protocol, UpstreamProtocol,
     body::{Body, Recording, Replay, boxed},
     filters,
+    h1frame::MAX_HEADER_BYTES,
     idle::Activity,
-    inbound,
     inbound::{Caller, L7Inbound},
     is_grpc,
     policy::{Abort, Outcome, ServicePolicy, backoff},
@@ -38,15 +38,8 @@ use crate::{
     hbone::Tunnels,
     node_config::NodeConfig,
     routes,
-    trace::{Hop, HopSpan, Tracing},
+    trace::{Hop, Tracing},
 };
-
-/// Largest request head accepted from an app (HTTP/1.1 buffer; HTTP/2 header list).
-pub const MAX_HEADER_BYTES: usize = 64 * 1024;
-/// Most header fields in a request from an app: hyper's own HTTP/1.1 limit, which is why it is not
-/// set on the server (set, hyper fills a vector of that many slots before every parse; the
-/// end-to-end header limits test holds both to this number).
-pub const MAX_HEADERS: usize = 100;
 
 /// How long an app's HTTP/1.1 connection may wait for its next request when its Service's
 /// policy says nothing (Envoy's default idle timeout).
@@ -335,7 +328,7 @@ impl L7Outbound {
         let upgrade = upgrade::prepare_source(&mut req);
         let grpc = is_grpc(req.headers());
         let cfg = self.config.borrow().clone();
-        let mut span = start_span(&self.tracing, Hop::Outbound, &mut req);
+        let mut span = self.tracing.start_request(Hop::Outbound, &mut req);
         // Copied only when an access log line or a debug line will be written.
         let log = self.access_log.wants(&conn.pod.0);
         let seen =
@@ -365,7 +358,7 @@ impl L7Outbound {
         };
         let (dst_ns, dst_name) = dst_pod.split_once('/').unwrap_or_default();
         let response_bytes = super::content_length(resp.headers());
-        let (code, flag) = (resp.status().as_u16(), inbound::flag(&resp));
+        let (code, flag) = (resp.status().as_u16(), super::respond::flag(&resp));
         let labels = |grpc_status| RequestLabels::<&str> {
             reporter: "source",
             source_workload: conn.pod.1.as_str(),
@@ -381,7 +374,7 @@ impl L7Outbound {
         };
         // A gRPC status in trailers: recorded when they arrive.
         // (Empty for every non-gRPC answer: no allocation.)
-        let status_now = inbound::grpc_status(&resp).to_string();
+        let status_now = super::respond::grpc_status(&resp).to_string();
         let keep = counting.is_some() || stats::streams(resp.headers(), resp.body());
         let series = (!stats::status_in_trailers(grpc, &resp)).then(|| {
             let key = (service, dst_pod.as_str(), code, status_now.as_str(), flag);
@@ -404,12 +397,12 @@ impl L7Outbound {
             if let Some(r) = &route {
                 span.set("mesh.route", r.to_string());
             }
-            span.end(resp.status().as_u16(), inbound::flag(&resp));
+            span.end(resp.status().as_u16(), super::respond::flag(&resp));
         }
         if let Some(seen) = &seen {
             debug!(method = %seen.method, path = %seen.path, status = resp.status().as_u16(), took = ?started.elapsed(), "request");
             if log {
-                let flag = inbound::flag(&resp);
+                let flag = super::respond::flag(&resp);
                 self.access_log.write(&access_log::Entry {
                     reporter: "source",
                     kind: "http",
@@ -428,7 +421,7 @@ impl L7Outbound {
                     service,
                     http: Some(seen.http(
                         resp.status().as_u16(),
-                        inbound::grpc_status(&resp),
+                        super::respond::grpc_status(&resp),
                         route.unwrap_or(""),
                     )),
                     decision: access_log::decision(flag),
@@ -692,13 +685,14 @@ impl L7Outbound {
             let outcome = match &result {
                 // The destination's proxy answers its own upstream failures; its flag says which
                 // (pods cannot set it: it is taken off their answers).
-                Ok((r, _)) => match inbound::flag(r) {
+                Ok((r, _)) => match super::respond::flag(r) {
                     "UR" => Outcome::Reset,
                     "UF" => Outcome::ConnectFailure,
                     "UT" => Outcome::Timeout,
-                    _ => {
-                        Outcome::Response(r.status().as_u16(), inbound::grpc_status(r).parse().ok())
-                    }
+                    _ => Outcome::Response(
+                        r.status().as_u16(),
+                        super::respond::grpc_status(r).parse().ok(),
+                    ),
                 },
                 Err(ProxyError::Connect(_)) => Outcome::ConnectFailure,
                 Err(ProxyError::Timeout) => Outcome::Timeout,
@@ -712,7 +706,7 @@ impl L7Outbound {
             // endpoint's health.
             let proxy_answer = result
                 .as_ref()
-                .is_ok_and(|(r, _)| matches!(inbound::flag(r), "RBAC" | "RL"));
+                .is_ok_and(|(r, _)| matches!(super::respond::flag(r), "RBAC" | "RL"));
             if !proxy_answer
                 && b.state.balancer.record(
                     eps,
@@ -865,15 +859,6 @@ impl L7Outbound {
         };
         Ok((resp, pod.to_string()))
     }
-}
-
-/// This hop's span, when tracing is on (the request then carries it as the parent).
-pub fn start_span<B>(tracing: &Tracing, hop: Hop, req: &mut Request<B>) -> Option<HopSpan> {
-    if !tracing.enabled() {
-        return None;
-    }
-    let (method, path) = (req.method().clone(), req.uri().path().to_string());
-    tracing.start(hop, method.as_str(), &path, req.headers_mut())
 }
 
 /// Applies a rule's filters to the request; a redirect answers at once.

@@ -21,22 +21,20 @@ use std::{
 };
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::{
     body::{SendError, send_data, send_head},
-    h1frame::{self, BodyKind, Chunked, FrameError},
-    outbound::{MAX_HEADER_BYTES, MAX_HEADERS},
+    h1frame::{
+        self, BodyKind, Chunked, FrameError, MAX_FIELDS, MAX_HEAD, says_close, write_fields,
+        write_request_head,
+    },
     respond::{FLAG_HEADER, ProxyError, error_h1},
     upgrade::UPGRADED_HEADER,
 };
 use crate::hbone::Tunnel;
 
-/// Longest head and most header fields accepted: the source enforced the app's limits, these
-/// only bound memory.
-pub(super) const MAX_HEAD: usize = MAX_HEADER_BYTES * 2;
-pub(crate) const MAX_FIELDS: usize = MAX_HEADERS * 2;
 /// How much is read from the pod at a time.
 const READ_SIZE: usize = 16 * 1024;
 
@@ -423,13 +421,6 @@ fn hop_field(name: &str) -> bool {
         || name.len() > 11 && name[..11].eq_ignore_ascii_case("x-nodemesh-")
 }
 
-/// Whether a `Connection` field says `close`.
-pub(super) fn says_close(value: &[u8]) -> bool {
-    value
-        .split(|b| *b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
-}
-
 fn parse_request(buf: &[u8]) -> Result<Option<(usize, RequestHead)>, RelayError> {
     // Left uninitialized: 200 fields are 6 KB to fill before every parse.
     let mut fields = [const { MaybeUninit::uninit() }; MAX_FIELDS];
@@ -552,39 +543,6 @@ pub fn frame_requests(input: &[u8]) -> (Vec<Framed>, Option<RelayError>) {
         }
     }
     (framed, None)
-}
-
-/// An HTTP/1.1 request head, origin-form, with `headers` as they are.
-pub(super) fn write_request_head(
-    out: &mut BytesMut,
-    method: &Method,
-    uri: &Uri,
-    headers: &HeaderMap,
-) {
-    out.extend_from_slice(method.as_str().as_bytes());
-    out.extend_from_slice(b" ");
-    let target = uri.path_and_query().map_or("", |p| p.as_str());
-    // Origin-form: an absolute-form target without a path (`http://host?q`) has none either,
-    // and `?q` alone is no request target (found by the `request_framing` fuzz target).
-    if !target.starts_with('/') && target != "*" {
-        out.extend_from_slice(b"/");
-    }
-    out.extend_from_slice(target.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-    write_fields(out, headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())));
-    out.extend_from_slice(b"\r\n");
-}
-
-pub(super) fn write_fields<'a>(
-    out: &mut BytesMut,
-    fields: impl Iterator<Item = (&'a str, &'a [u8])>,
-) {
-    for (name, value) in fields {
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value);
-        out.extend_from_slice(b"\r\n");
-    }
 }
 
 /// Reads from the pod into its buffer, unless the source gives up first.

@@ -159,6 +159,34 @@ fn percent_encode(s: &str) -> String {
         .collect()
 }
 
+/// gRPC's status on a response (in its head), or "".
+pub fn grpc_status(resp: &Response<Body>) -> &str {
+    resp.headers()
+        .get(&super::GRPC_STATUS_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+}
+
+pub fn flag(resp: &Response<Body>) -> &'static str {
+    match resp
+        .headers()
+        .get(&FLAG_HEADER)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some("NR") => "NR",
+        Some("UH") => "UH",
+        Some("RBAC") => "RBAC",
+        Some("RL") => "RL",
+        Some("UO") => "UO",
+        Some("FI") => "FI",
+        Some("UT") => "UT",
+        Some("UF") => "UF",
+        Some("UR") => "UR",
+        Some("DPE") => "DPE",
+        _ => "-",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
