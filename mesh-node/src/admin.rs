@@ -55,7 +55,7 @@ pub struct Admin {
     pub redirector: Arc<Redirector>,
     pub pods: Arc<Enrollment>,
     pub stats: Arc<Stats>,
-    pub mesh: Option<crate::app::Mesh>,
+    pub mode: crate::mode::Mode,
     /// With config distribution, enrollment requests register sandboxes and the configuration
     /// decides (see `follow`).
     pub follow: Option<Arc<crate::follow::Follow>>,
@@ -251,7 +251,7 @@ impl Admin {
                 format!("dst {dst:?} is not ip:port"),
             );
         };
-        let Some((rx, _)) = self.mesh.as_ref().and_then(|m| m.config.as_ref()) else {
+        let Some(rx) = self.mode.config() else {
             return error(
                 StatusCode::NOT_FOUND,
                 "this node runs without configuration from a controller: nothing to explain",
@@ -316,14 +316,14 @@ impl Admin {
                 "tunnel_handshakes_in_progress": self.handshakes.as_ref().map_or(0, |h| h.in_progress()),
             },
         });
-        if let Some(m) = &self.mesh {
+        if let Some(m) = self.mode.mesh() {
             body["identity"] = json!({
                 "certificates": m.identities.status(),
                 "stats": &m.identities.stats,
             });
             body["tunnel"] = json!(&*m.tunnel_stats);
-            if let Some((_, status)) = &m.config {
-                body["config"] = json!(&*status.locked());
+            if let Some(f) = self.mode.feed() {
+                body["config"] = json!(&*f.status.locked());
             }
         }
         if let Some(e) = &self.enforcer {
@@ -357,7 +357,9 @@ impl Admin {
             "node": self.config,
             "enrolled_pods": self.pods.list(),
         });
-        let Some(m) = &self.mesh else { return out };
+        let Some(m) = self.mode.mesh() else {
+            return out;
+        };
         out["certificates"] = json!(m.identities.status());
         let placement = m.placement.current();
         out["workloads"] = placement
@@ -369,9 +371,9 @@ impl Admin {
                 })
             })
             .collect();
-        if let Some((rx, status)) = &m.config {
-            let cfg = rx.borrow().clone();
-            out["stream"] = json!(&*status.locked());
+        if let Some(f) = self.mode.feed() {
+            let cfg = f.config.borrow().clone();
+            out["stream"] = json!(&*f.status.locked());
             out["version"] = json!(cfg.version);
             out["services"] = cfg
                 .services
@@ -477,29 +479,27 @@ impl Admin {
                     Err(e) => error(StatusCode::BAD_REQUEST, e),
                 }
             }
-            (&Method::GET, ["v1", "mesh-config"]) => {
-                match self.mesh.as_ref().and_then(|m| m.config.as_ref()) {
-                    Some((rx, status)) => {
-                        let cfg = rx.borrow().clone();
-                        let status = status.locked().clone();
-                        json_response(
-                            StatusCode::OK,
-                            json!({
-                                "stream": status,
-                                "version": cfg.version,
-                                "workloads": cfg.placement.workloads().map(|w| format!("{}/{}", w.namespace, w.name)).collect::<Vec<_>>(),
-                                "enrolled": cfg.enrolled.iter().map(|(ns, n)| format!("{ns}/{n}")).collect::<Vec<_>>(),
-                                "services": cfg.services.iter().map(|s| format!("{}/{}", s.namespace, s.name)).collect::<Vec<_>>(),
-                                "policies": cfg.policies.iter().map(|p| format!("{} {}/{}", p.kind, p.namespace, p.name)).collect::<Vec<_>>(),
-                            }),
-                        )
-                    }
-                    None => error(
-                        StatusCode::NOT_FOUND,
-                        "this node reads a placement file: no configuration stream",
-                    ),
+            (&Method::GET, ["v1", "mesh-config"]) => match self.mode.feed() {
+                Some(f) => {
+                    let cfg = f.config.borrow().clone();
+                    let status = f.status.locked().clone();
+                    json_response(
+                        StatusCode::OK,
+                        json!({
+                            "stream": status,
+                            "version": cfg.version,
+                            "workloads": cfg.placement.workloads().map(|w| format!("{}/{}", w.namespace, w.name)).collect::<Vec<_>>(),
+                            "enrolled": cfg.enrolled.iter().map(|(ns, n)| format!("{ns}/{n}")).collect::<Vec<_>>(),
+                            "services": cfg.services.iter().map(|s| format!("{}/{}", s.namespace, s.name)).collect::<Vec<_>>(),
+                            "policies": cfg.policies.iter().map(|p| format!("{} {}/{}", p.kind, p.namespace, p.name)).collect::<Vec<_>>(),
+                        }),
+                    )
                 }
-            }
+                None => error(
+                    StatusCode::NOT_FOUND,
+                    "this node reads a placement file: no configuration stream",
+                ),
+            },
             (&Method::GET, ["config_dump"]) => json_response(StatusCode::OK, self.config_dump()),
             (&Method::GET, ["v1", "pods"]) => {
                 json_response(StatusCode::OK, json!(self.pods.list()))

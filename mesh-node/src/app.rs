@@ -21,10 +21,11 @@ use crate::{
     enroll::{self, EnrollError, EnrollHooks, Enrollment, Pod, PodName},
     follow::Follow,
     handover::{self, Role, Taken},
-    hbone::{self, TunnelServer, Tunnels},
+    hbone::{TunnelServer, Tunnels},
     identity::{CaConfig, Identities, IdentityError},
     inbound::Inbound,
     l7::{inbound::L7Inbound, outbound::L7Outbound, stats::L7Stats, upstream::PodClient},
+    mode::{ConfigFeed, Mesh, Mode},
     node_config::NodeConfig,
     outbound::{self, MeshPath, Outbound, Stats},
     pod_socket::ProxySource,
@@ -74,21 +75,6 @@ pub struct Bound {
     config: Config,
     drain: Drain,
     handed_over: CancellationToken,
-}
-
-/// The configuration serving, and the state of the stream it comes from.
-pub type ConfigFeed = (
-    watch::Receiver<Arc<NodeConfig>>,
-    Arc<Mutex<subscribe::Status>>,
-);
-
-/// The identity side of a node: certificates, placement, tunnel figures.
-pub struct Mesh {
-    pub identities: Arc<Identities>,
-    pub placement: PlacementWatch,
-    pub tunnel_stats: Arc<hbone::Stats>,
-    /// With config distribution: the configuration serving, and the stream's state.
-    pub config: Option<ConfigFeed>,
 }
 
 /// Fetches a pod's certificate as soon as it is enrolled, and lets it go when the pod leaves.
@@ -169,7 +155,7 @@ async fn follow_inbound_modes(placement: PlacementWatch, pods: Arc<Enrollment>) 
     }
 }
 
-fn start_mesh(config: &Config, m: &MeshConfig, ready: &Ready) -> Result<Mesh, AppError> {
+fn start_mesh(config: &Config, m: &MeshConfig, ready: &Ready) -> Result<Mode, AppError> {
     let identities = Identities::new(CaConfig {
         endpoint: m.ctrl_addr.clone(),
         server_name: m.ctrl_server_name.clone(),
@@ -183,12 +169,11 @@ fn start_mesh(config: &Config, m: &MeshConfig, ready: &Ready) -> Result<Mesh, Ap
     let Some(path) = &m.placement else {
         return Ok(subscribe_config(m, identities, ready, &config.state_dir));
     };
-    Ok(Mesh {
+    Ok(Mode::Placement(Mesh {
         identities,
         placement: PlacementWatch::spawn(path.clone(), Duration::from_millis(500))?,
         tunnel_stats: Arc::default(),
-        config: None,
-    })
+    }))
 }
 
 /// Placement and policy from the controller's stream; not ready until the first version is in.
@@ -197,7 +182,7 @@ fn subscribe_config(
     identities: Arc<Identities>,
     ready: &Ready,
     state_dir: &std::path::Path,
-) -> Mesh {
+) -> Mode {
     let mut empty = Placement::default();
     empty.trust_domain = m.trust_domain.clone();
     let placement = PlacementWatch::fixed(empty);
@@ -212,12 +197,14 @@ fn subscribe_config(
         placement: placement.clone(),
     };
     tokio::spawn(subscriber.run(ready.register("config")));
-    Mesh {
-        identities,
-        placement,
-        tunnel_stats: Arc::default(),
-        config: Some((rx, status)),
-    }
+    Mode::Controller(
+        Mesh {
+            identities,
+            placement,
+            tunnel_stats: Arc::default(),
+        },
+        ConfigFeed { config: rx, status },
+    )
 }
 
 /// Binds one listener per proxy address on `port` (0: the first bind picks it, the others follow).
@@ -302,12 +289,11 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         "outbound listener",
     )?;
     let outbound_addrs = addrs(&listeners);
-    let mesh = config
-        .mesh
-        .as_ref()
-        .map(|m| start_mesh(&config, m, &ready))
-        .transpose()?;
-    let inbound_listeners = if mesh.is_some() {
+    let mode = match &config.mesh {
+        Some(m) => start_mesh(&config, m, &ready)?,
+        None => Mode::Plain,
+    };
+    let inbound_listeners = if mode.mesh().is_some() {
         bind_all(
             &config,
             &mut taken,
@@ -359,7 +345,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
     drop(not_attached);
     info!(cgroup = %config.cgroup.display(), pin_dir = %config.pin_dir.display(), "redirect programs attached");
 
-    let hooks = mesh.as_ref().map(|m| {
+    let hooks = mode.mesh().map(|m| {
         Arc::new(IdentityHooks {
             identities: m.identities.clone(),
             placement: m.placement.clone(),
@@ -372,34 +358,27 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
     )?);
     // With a config stream, `Follow` re-applies flags on every version; with a placement file,
     // this follows the file.
-    if let Some(m) = mesh.as_ref().filter(|m| m.config.is_none()) {
+    if let Mode::Placement(m) = &mode {
         tokio::spawn(follow_inbound_modes(m.placement.clone(), pods.clone()));
     }
-    let follow = mesh
-        .as_ref()
-        .and_then(|m| m.config.as_ref())
-        .map(|(rx, _)| Follow::new(pods.clone(), rx.clone(), &config.state_dir));
+    let follow = mode
+        .config()
+        .map(|rx| Follow::new(pods.clone(), rx, &config.state_dir));
     if let Some(f) = &follow {
         tokio::spawn(f.clone().run());
-        if let (Some(root), Some((rx, _))) = (
-            &config.kubepods_cgroup_root,
-            mesh.as_ref().and_then(|m| m.config.as_ref()),
-        ) {
+        if let (Some(root), Some(rx)) = (&config.kubepods_cgroup_root, mode.config()) {
             let d = Arc::new(crate::kubepods::Discovery {
                 root: root.clone(),
                 proc: PathBuf::from("/proc"),
                 node: config.node_name.clone(),
                 follow: f.clone(),
-                config: rx.clone(),
+                config: rx,
             });
             tokio::spawn(d.run());
         }
     }
     let decisions = Arc::new(crate::authz::DecisionCounts::default());
-    let enforcer = mesh
-        .as_ref()
-        .and_then(|m| m.config.as_ref())
-        .map(|(rx, _)| Enforcer::new(rx.clone(), decisions.clone()));
+    let enforcer = mode.config().map(|rx| Enforcer::new(rx, decisions.clone()));
     if let Some(e) = &enforcer {
         tokio::spawn(e.clone().run());
     }
@@ -422,8 +401,8 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
             }
         }
     });
-    let handshakes = mesh
-        .as_ref()
+    let handshakes = mode
+        .mesh()
         .map(|_| crate::limits::Handshakes::new(config.limits.max_tunnel_handshakes));
 
     let source = ProxySource {
@@ -433,8 +412,8 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         deliveries: redirector.deliveries(),
         egress: redirector.egress(),
     };
-    let tunnels = mesh
-        .as_ref()
+    let tunnels = mode
+        .mesh()
         .map(|m| Tunnels::new(m.identities.clone(), m.tunnel_stats.clone()));
     let l7_stats = Arc::new(L7Stats::new(config.metrics_label_budget));
     let live = Arc::new(crate::live::Connections::default());
@@ -445,28 +424,23 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
     )?);
     let access_log = Arc::new(crate::access_log::AccessLog::new(
         config.access_log,
-        mesh.as_ref()
-            .and_then(|m| m.config.as_ref())
-            .map(|(rx, _)| rx.clone()),
+        mode.config(),
     ));
     // The HTTP path needs routes and policies: it runs with config from the controller.
-    let l7_inbound = mesh
-        .as_ref()
-        .and_then(|m| m.config.as_ref())
-        .map(|(rx, _)| {
-            Arc::new(L7Inbound {
-                config: rx.clone(),
-                runtime: Arc::default(),
-                pods: PodClient::new(source.clone(), config.connect_timeout),
-                enrollment: pods.clone(),
-                stats: l7_stats.clone(),
-                counters: Default::default(),
-                access_log: access_log.clone(),
-                tracing: tracing.clone(),
-                decisions: decisions.clone(),
-                escaped_slashes: config.path_escaped_slashes,
-            })
-        });
+    let l7_inbound = mode.config().map(|rx| {
+        Arc::new(L7Inbound {
+            config: rx,
+            runtime: Arc::default(),
+            pods: PodClient::new(source.clone(), config.connect_timeout),
+            enrollment: pods.clone(),
+            stats: l7_stats.clone(),
+            counters: Default::default(),
+            access_log: access_log.clone(),
+            tracing: tracing.clone(),
+            decisions: decisions.clone(),
+            escaped_slashes: config.path_escaped_slashes,
+        })
+    });
     let l7_path = l7_inbound
         .as_ref()
         .zip(tunnels.as_ref())
@@ -497,11 +471,11 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
             .chain(&inbound_addrs)
             .copied()
             .collect(),
-        mesh: mesh.as_ref().map(|m| MeshPath {
+        mesh: mode.mesh().map(|m| MeshPath {
             node: config.node_name.clone(),
             placement: m.placement.clone(),
             tunnels: tunnels.clone().expect("made with the mesh"),
-            config: m.config.as_ref().map(|(rx, _)| rx.clone()),
+            config: mode.config(),
         }),
         source: source.clone(),
         enforcer: enforcer.clone(),
@@ -535,7 +509,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
     for l in listeners {
         tokio::spawn(proxy.clone().serve(l, drain.watch()));
     }
-    if let Some(m) = &mesh {
+    if let Some(m) = mode.mesh() {
         let inbound = Arc::new(Inbound {
             node: config.node_name.clone(),
             placement: m.placement.clone(),
@@ -574,7 +548,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         redirector: redirector.clone(),
         pods: pods.clone(),
         stats,
-        mesh,
+        mode,
         follow,
         enforcer,
         l7: l7_inbound,

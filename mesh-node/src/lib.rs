@@ -29,6 +29,7 @@ pub mod limits;
 pub mod live;
 pub mod logging;
 pub mod metrics;
+pub mod mode;
 pub mod node_config;
 pub mod orig_dst;
 pub mod outbound;
