@@ -261,12 +261,7 @@ fn endpoint(
     };
     let target = SocketAddr::new(ip, port);
     v["address"] = json!(target.to_string());
-    let how = route(
-        Some(&cfg.placement),
-        node.name,
-        (&src.namespace, &src.name),
-        target,
-    );
+    let how = route(Some(&cfg.placement), node.name, Some(src), target);
     v["via"] = json!(match &how {
         Route::Direct => "direct".to_string(),
         Route::Local { .. } => "this node (no TLS: both ends known from their sockets)".into(),

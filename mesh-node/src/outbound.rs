@@ -20,7 +20,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use mesh_api::{
     identity::SpiffeId,
-    placement::{Placement, PlacementWatch},
+    placement::{Placement, PlacementWatch, Workload},
 };
 
 use crate::{
@@ -163,6 +163,21 @@ pub struct Outbound {
     pub limit_hits: Arc<crate::limits::Hits>,
 }
 
+/// Who opened a connection, resolved once on accept; nothing below derives it again.
+struct Source<'a> {
+    /// The pod the connecting socket belongs to.
+    pod: &'a Pod,
+    /// That pod's workload in the connection's placement: its identity and node (`None`: no
+    /// mesh identity).
+    workload: Option<&'a Workload>,
+}
+
+impl Source<'_> {
+    fn identity(&self) -> Option<&SpiffeId> {
+        self.workload.map(|w| &w.identity)
+    }
+}
+
 /// The HTTP path and how long to look at a connection's first bytes.
 pub struct L7Path {
     pub proxy: Arc<l7::outbound::L7Outbound>,
@@ -224,9 +239,15 @@ impl Outbound {
             warn!(%peer, %orig_dst, "refused: destination is the proxy itself");
             return reset(client);
         }
-        if let Some(cfg) = self.mesh.as_ref().and_then(|m| m.config.as_ref())
-            && cfg.borrow().version == 0
-        {
+        // What this connection is judged by, taken once: the placement and, with a controller,
+        // the configuration of the same moment.
+        let placement = self.mesh.as_ref().map(|m| m.placement.current());
+        let cfg = self
+            .mesh
+            .as_ref()
+            .and_then(|m| m.config.as_ref())
+            .map(|c| c.borrow().clone());
+        if cfg.as_ref().is_some_and(|c| c.version == 0) {
             self.stats.refused_no_config.fetch_add(1, Relaxed);
             warn!(%peer, %orig_dst, "refused: no configuration from the controller yet");
             return reset(client);
@@ -234,26 +255,39 @@ impl Outbound {
         // A connection this proxy serves, from a pod of this node: its bytes may skip TCP/IP
         // from here on (before the first read, which detection below may be).
         let client = self.source.accel.register(client);
-        let placement = self.mesh.as_ref().map(|m| m.placement.current());
+        // Who opened it, resolved once: the pod its socket belongs to, and that pod's workload
+        // (identity, node) in the placement above.
+        let source = Source {
+            workload: placement
+                .as_deref()
+                .and_then(|p| p.pod(&pod.name.namespace, &pod.name.name)),
+            pod: &pod,
+        };
         let requested = orig_dst;
         let tracked = self.live.track({
             let mut l = Live::new("outbound", peer, orig_dst);
             l.source = pod.name.to_string();
-            l.source_identity = placement
-                .as_deref()
-                .and_then(|p| p.pod(&pod.name.namespace, &pod.name.name))
-                .map(|w| w.identity.to_string())
+            l.source_identity = source
+                .identity()
+                .map(SpiffeId::to_string)
                 .unwrap_or_default();
             l
         });
-        let client = match self.l7_conn((&pod.name, pod.id), peer, orig_dst, placement.as_deref()) {
+        let conn = self.l7_conn(
+            &source,
+            peer,
+            orig_dst,
+            placement.as_deref(),
+            cfg.as_deref(),
+        );
+        let client = match conn {
             None => client,
             Some((conn, declared)) => match self.http(client, conn, declared, &tracked).await {
                 None => return,
                 Some(c) => c,
             },
         };
-        let orig_dst = match self.vip(orig_dst, placement.as_deref()) {
+        let orig_dst = match vip(orig_dst, placement.as_deref(), cfg.as_deref()) {
             Vip::No => orig_dst,
             Vip::Endpoint(addr, service) => {
                 self.stats.to_service.fetch_add(1, Relaxed);
@@ -267,19 +301,14 @@ impl Outbound {
             }
         };
         let this_node = self.mesh.as_ref().map_or("", |m| m.node.as_str());
-        let decision = route(
-            placement.as_deref(),
-            this_node,
-            (&pod.name.namespace, &pod.name.name),
-            orig_dst,
-        );
+        let decision = route(placement.as_deref(), this_node, source.workload, orig_dst);
         let span = info_span!("outbound", src.pod = %pod.name, src.addr = %peer, dst = %requested, dst.endpoint = %orig_dst);
         let started = Instant::now();
         let log = self.access_log.wants(&pod.name.namespace);
         let logged = |dst_pod: Option<(&str, &str)>, principal: &str, decision: &str, bytes| {
             if log {
                 self.log_tcp(
-                    &pod.name, peer, orig_dst, dst_pod, principal, decision, bytes, started,
+                    &source, peer, orig_dst, dst_pod, principal, decision, bytes, started,
                 );
             }
         };
@@ -318,12 +347,8 @@ impl Outbound {
                 let admitted = match &self.enforcer {
                     None => None,
                     Some(e) => {
-                        let source = placement
-                            .as_deref()
-                            .and_then(|p| p.pod(&pod.name.namespace, &pod.name.name))
-                            .map(|w| w.identity.clone());
                         let conn = Conn {
-                            source,
+                            source: source.identity().cloned(),
                             source_ip: peer.ip(),
                             namespace: namespace.clone(),
                             pod: name.clone(),
@@ -390,7 +415,7 @@ impl Outbound {
             }
             Route::Refuse(why) => {
                 self.stats.refused_route.fetch_add(1, Relaxed);
-                warn!(parent: &span, reason = why, "refused");
+                warn!(parent: &span, reason = %why, "refused");
                 logged(None, "", &format!("refused: {why}"), (0, 0));
                 reset(client);
             }
@@ -401,13 +426,15 @@ impl Outbound {
     /// node has L7 on; `None`: plain TCP as before.
     fn l7_conn(
         &self,
-        (pod, id): (&crate::enroll::PodName, crate::orig_dst::PodId),
+        source: &Source<'_>,
         peer: SocketAddr,
         dst: SocketAddr,
         placement: Option<&Placement>,
+        cfg: Option<&NodeConfig>,
     ) -> Option<(l7::outbound::Conn, Option<l7::Protocol>)> {
         let l7 = self.l7.as_ref()?;
-        let cfg = l7.proxy.config.borrow().clone();
+        let cfg = cfg?;
+        let pod = &source.pod.name;
         let (target, declared) = match cfg.l7.vip(dst) {
             Some((svc, port)) => (
                 l7::outbound::Target::Service(svc.clone(), *port),
@@ -423,8 +450,8 @@ impl Outbound {
         if l7::detect::relayed_as_tcp(declared, dst.port(), &l7.opaque_ports) {
             return None;
         }
-        let identity = placement?
-            .pod(&pod.namespace, &pod.name)
+        let identity = source
+            .workload
             .filter(|w| w.node == l7.proxy.node)
             .map(|w| w.identity.clone());
         Some((
@@ -438,7 +465,7 @@ impl Outbound {
                 declared,
                 forwarded: l7::upstream::forwarded(peer),
                 held: Default::default(),
-                requests: self.requests_per_pod.budget(id),
+                requests: self.requests_per_pod.budget(source.pod.id),
             },
             declared,
         ))
@@ -490,31 +517,6 @@ impl Outbound {
             .instrument(span)
             .await;
         None
-    }
-
-    /// A Service cluster IP becomes one of its endpoints (an address of the same family).
-    fn vip(&self, dst: SocketAddr, placement: Option<&Placement>) -> Vip {
-        let Some(cfg) = self.mesh.as_ref().and_then(|m| m.config.as_ref()) else {
-            return Vip::No;
-        };
-        let Some(target) = cfg.borrow().vips.get(&dst).cloned() else {
-            return Vip::No;
-        };
-        for _ in 0..target.endpoints.len() {
-            let Some((ns, name)) = target.pick() else {
-                break;
-            };
-            let ip = placement
-                .and_then(|p| p.pod(ns, name))
-                .and_then(|w| w.ips.iter().find(|ip| ip.is_ipv4() == dst.is_ipv4()));
-            if let Some(ip) = ip {
-                return Vip::Endpoint(
-                    SocketAddr::new(*ip, target.target_port),
-                    target.service.clone(),
-                );
-            }
-        }
-        Vip::Empty(target.service.clone())
     }
 
     /// Relays to `dst` (a pod of this node when `local`); the bytes each way, or why not.
@@ -575,7 +577,7 @@ impl Outbound {
     #[allow(clippy::too_many_arguments)]
     fn log_tcp(
         &self,
-        pod: &crate::enroll::PodName,
+        source: &Source<'_>,
         peer: SocketAddr,
         dst: SocketAddr,
         dst_pod: Option<(&str, &str)>,
@@ -584,19 +586,14 @@ impl Outbound {
         (up, down): (u64, u64),
         started: Instant,
     ) {
-        let source = self.mesh.as_ref().and_then(|m| {
-            m.placement
-                .current()
-                .pod(&pod.namespace, &pod.name)
-                .map(|w| w.identity.clone())
-        });
+        let pod = &source.pod.name;
         self.access_log.write(&AccessEntry {
             reporter: "source",
             kind: "tcp",
             source: AccessPeer {
                 workload: &pod.name,
                 namespace: &pod.namespace,
-                principal: source.as_ref().map_or("", SpiffeId::as_str),
+                principal: source.identity().map_or("", SpiffeId::as_str),
                 address: peer.to_string(),
             },
             destination: AccessPeer {
@@ -619,6 +616,28 @@ impl Outbound {
             duration_ms: crate::access_log::millis(started.elapsed()),
         });
     }
+}
+
+/// A Service cluster IP becomes one of its endpoints (an address of the same family).
+fn vip(dst: SocketAddr, placement: Option<&Placement>, cfg: Option<&NodeConfig>) -> Vip {
+    let Some(target) = cfg.and_then(|c| c.vips.get(&dst)) else {
+        return Vip::No;
+    };
+    for _ in 0..target.endpoints.len() {
+        let Some((ns, name)) = target.pick() else {
+            break;
+        };
+        let ip = placement
+            .and_then(|p| p.pod(ns, name))
+            .and_then(|w| w.ips.iter().find(|ip| ip.is_ipv4() == dst.is_ipv4()));
+        if let Some(ip) = ip {
+            return Vip::Endpoint(
+                SocketAddr::new(*ip, target.target_port),
+                target.service.clone(),
+            );
+        }
+    }
+    Vip::Empty(target.service.clone())
 }
 
 /// Closes with RST so the client fails at once rather than seeing a clean, empty stream.

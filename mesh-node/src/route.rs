@@ -1,7 +1,10 @@
 //! Where a redirected connection goes: a pure function of what the node knows, tested by table.
 use std::net::SocketAddr;
 
-use mesh_api::{identity::SpiffeId, placement::Placement};
+use mesh_api::{
+    identity::SpiffeId,
+    placement::{Placement, Workload},
+};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
@@ -17,13 +20,26 @@ pub enum Route {
         dst: SpiffeId,
     },
     /// Fail closed.
-    Refuse(&'static str),
+    Refuse(Refusal),
 }
 
+/// Why a connection to a mesh destination is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("source pod has no mesh identity (not in placement)")]
+    SourceWithoutIdentity,
+    #[error("source pod is placed on another node")]
+    SourceOnAnotherNode,
+    #[error("destination node has no tunnel address")]
+    NoTunnelAddress,
+}
+
+/// `src` is the connecting pod's workload in `placement` (resolved once by the caller; `None`:
+/// the pod has no mesh identity).
 pub fn route(
     placement: Option<&Placement>,
     this_node: &str,
-    src: (&str, &str),
+    src: Option<&Workload>,
     dst: SocketAddr,
 ) -> Route {
     let Some(p) = placement else {
@@ -38,11 +54,11 @@ pub fn route(
             name: w.name.clone(),
         };
     }
-    let Some(src_w) = p.pod(src.0, src.1) else {
-        return Route::Refuse("source pod has no mesh identity (not in placement)");
+    let Some(src_w) = src else {
+        return Route::Refuse(Refusal::SourceWithoutIdentity);
     };
     if src_w.node != this_node {
-        return Route::Refuse("source pod is placed on another node");
+        return Route::Refuse(Refusal::SourceOnAnotherNode);
     }
     match p.tunnel_addr(&w.node, dst.ip()) {
         Some(node) => Route::Tunnel {
@@ -50,7 +66,7 @@ pub fn route(
             src: src_w.identity.clone(),
             dst: w.identity.clone(),
         },
-        None => Route::Refuse("destination node has no tunnel address"),
+        None => Route::Refuse(Refusal::NoTunnelAddress),
     }
 }
 
@@ -117,18 +133,19 @@ mod tests {
                 Some(&p),
                 ("ns", "ghost"),
                 a("10.2.0.1:80"),
-                Route::Refuse("source pod has no mesh identity (not in placement)"),
+                Route::Refuse(Refusal::SourceWithoutIdentity),
             ),
             (
                 Some(&p),
                 ("ns", "elsewhere"),
                 a("10.2.0.1:80"),
-                Route::Refuse("source pod is placed on another node"),
+                Route::Refuse(Refusal::SourceOnAnotherNode),
             ),
         ];
         for (placement, src, dst, expected) in cases {
+            let src_w = placement.and_then(|p| p.pod(src.0, src.1));
             assert_eq!(
-                route(placement, "a", src, dst),
+                route(placement, "a", src_w, dst),
                 expected,
                 "{src:?} -> {dst}"
             );
