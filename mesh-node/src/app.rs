@@ -13,25 +13,25 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::{
+    admin::ready::Ready,
     admin::{self, Admin, Exposure},
+    config::follow::Follow,
+    config::node::NodeConfig,
+    config::subscribe,
     config::{Config, MeshConfig, OnExit},
-    drain::{Drain, DrainOutcome},
-    ebpf::{self, EbpfError, PodFlags, RedirectSpec, Redirector},
-    enforce::Enforcer,
-    enroll::{self, EnrollError, EnrollHooks, Enrollment, Pod, PodName},
-    follow::Follow,
-    handover::{self, Role, Taken},
-    hbone::{TunnelServer, Tunnels},
+    http::{inbound::L7Inbound, outbound::L7Outbound, stats::L7Stats, upstream::PodClient},
     identity::{CaConfig, Identities, IdentityError},
-    inbound::Inbound,
-    l7::{inbound::L7Inbound, outbound::L7Outbound, stats::L7Stats, upstream::PodClient},
+    kernel::ebpf::{self, EbpfError, PodFlags, RedirectSpec, Redirector},
+    kernel::probe::{self, ProbeError},
     mode::{ConfigFeed, Mesh, Mode},
-    node_config::NodeConfig,
-    outbound::{self, MeshPath, Outbound, Stats},
-    pod_socket::ProxySource,
-    probe::{self, ProbeError},
-    ready::Ready,
-    subscribe,
+    pods::enroll::{self, EnrollError, EnrollHooks, Enrollment, Pod, PodName},
+    policy::enforce::Enforcer,
+    proxy::drain::{Drain, DrainOutcome},
+    proxy::handover::{self, Role, Taken},
+    proxy::inbound::Inbound,
+    proxy::outbound::{self, MeshPath, Outbound, Stats},
+    proxy::pod_socket::ProxySource,
+    proxy::tunnel::{TunnelServer, Tunnels},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +60,7 @@ pub enum AppError {
     #[error("placement")]
     Placement(#[from] PlacementError),
     #[error("tracing")]
-    Trace(#[from] crate::trace::TraceError),
+    Trace(#[from] crate::telemetry::trace::TraceError),
 }
 
 /// A running node proxy.
@@ -367,7 +367,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
     if let Some(f) = &follow {
         tokio::spawn(f.clone().run());
         if let (Some(root), Some(rx)) = (&config.kubepods_cgroup_root, mode.config()) {
-            let d = Arc::new(crate::kubepods::Discovery {
+            let d = Arc::new(crate::pods::kubepods::Discovery {
                 root: root.clone(),
                 proc: PathBuf::from("/proc"),
                 node: config.node_name.clone(),
@@ -377,18 +377,18 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
             tokio::spawn(d.run());
         }
     }
-    let decisions = Arc::new(crate::authz::DecisionCounts::default());
+    let decisions = Arc::new(crate::policy::authz::DecisionCounts::default());
     let enforcer = mode.config().map(|rx| Enforcer::new(rx, decisions.clone()));
     if let Some(e) = &enforcer {
         tokio::spawn(e.clone().run());
     }
     let stats = Arc::new(Stats::default());
     let drain = Drain::new();
-    let limit_hits = Arc::new(crate::limits::Hits::default());
-    let per_pod = Arc::new(crate::limits::PerPod::new(
+    let limit_hits = Arc::new(crate::proxy::limits::Hits::default());
+    let per_pod = Arc::new(crate::proxy::limits::PerPod::new(
         config.limits.max_connections_per_pod,
     ));
-    let requests_per_pod = Arc::new(crate::limits::PerPod::new(
+    let requests_per_pod = Arc::new(crate::proxy::limits::PerPod::new(
         config.limits.max_requests_per_pod,
     ));
     tokio::spawn({
@@ -403,7 +403,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
     });
     let handshakes = mode
         .mesh()
-        .map(|_| crate::limits::Handshakes::new(config.limits.max_tunnel_handshakes));
+        .map(|_| crate::proxy::limits::Handshakes::new(config.limits.max_tunnel_handshakes));
 
     let source = ProxySource {
         v4: config.proxy_ipv4,
@@ -416,13 +416,13 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         .mesh()
         .map(|m| Tunnels::new(m.identities.clone(), m.tunnel_stats.clone()));
     let l7_stats = Arc::new(L7Stats::new(config.metrics_label_budget));
-    let live = Arc::new(crate::live::Connections::default());
-    let tracing = Arc::new(crate::trace::Tracing::new(
+    let live = Arc::new(crate::telemetry::live::Connections::default());
+    let tracing = Arc::new(crate::telemetry::trace::Tracing::new(
         config.otlp_endpoint.as_deref(),
         config.trace_sample_percent,
         &config.node_name,
     )?);
-    let access_log = Arc::new(crate::access_log::AccessLog::new(
+    let access_log = Arc::new(crate::telemetry::access_log::AccessLog::new(
         config.access_log,
         mode.config(),
     ));
@@ -449,7 +449,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
                 node: config.node_name.clone(),
                 config: inbound.config.clone(),
                 tunnels: tunnels.clone(),
-                carried: crate::l7::carried::Carried::new(tunnels.clone()),
+                carried: crate::http::carried::Carried::new(tunnels.clone()),
                 inbound: inbound.clone(),
                 stats: l7_stats.clone(),
                 access_log: access_log.clone(),

@@ -18,7 +18,7 @@ use prost::Message;
 
 use crate::{
     config::EscapedSlashes,
-    l7::{
+    http::{
         h1frame::{self, BodyKind, Chunked, Decoded},
         relay, sanitize,
     },
@@ -181,7 +181,7 @@ pub fn relay(data: &[u8]) {
         async move {
             let (ours, theirs) = tokio::io::duplex(64 << 10);
             tokio::spawn(fake_pod(theirs, answers));
-            Ok::<_, crate::l7::respond::ProxyError>(ours)
+            Ok::<_, crate::http::respond::ProxyError>(ours)
         }
     };
     let served = RUNTIME.with(|rt| {
@@ -305,9 +305,9 @@ impl relay::Gate for Judge {
         &self,
         req: &mut http::Request<()>,
         _: Option<&http::HeaderValue>,
-    ) -> (String, Result<(), crate::l7::respond::ProxyError>) {
+    ) -> (String, Result<(), crate::http::respond::ProxyError>) {
         let verdict = if req.uri().path() == "/deny" {
-            Err(crate::l7::respond::ProxyError::Denied("fuzz rule".into()))
+            Err(crate::http::respond::ProxyError::Denied("fuzz rule".into()))
         } else {
             Ok(())
         };
@@ -340,7 +340,7 @@ pub fn answer(data: &[u8]) {
         return;
     };
     let head_request = flags & 1 == 1;
-    let ours = crate::l7::exchange::frame_answer(input, head_request);
+    let ours = crate::http::exchange::frame_answer(input, head_request);
     let theirs = hyper_answer(input, head_request);
     match (&ours, &theirs) {
         (Ok(o), Some((status, body))) => assert_eq!(
@@ -573,10 +573,10 @@ pub fn headers(data: &[u8]) {
         ) {
             map.append(n, v);
         }
-        let _ = crate::enforce::forwarded_for(value);
+        let _ = crate::policy::enforce::forwarded_for(value);
         let _ = value.trim().parse::<http::uri::Authority>();
     }
-    let _ = crate::trace::extract(&map);
+    let _ = crate::telemetry::trace::extract(&map);
 }
 
 /// The placement file (`--placement`), as the node reads it at start and on every change.
@@ -590,13 +590,14 @@ pub fn config_update(data: &[u8]) {
     let Ok(u) = mesh_api::config::v1::ConfigUpdate::decode(data) else {
         return;
     };
-    let mut held = crate::node_config::Resources::new();
-    let first = crate::subscribe::apply(&mut held, 0, "n0", "cluster.local", u.clone());
+    let mut held = crate::config::node::Resources::new();
+    let first = crate::config::subscribe::apply(&mut held, 0, "n0", "cluster.local", u.clone());
     // A delta on top of what was accepted must apply or be refused, never panic.
     if let Ok(Some(cfg)) = first {
         let mut delta = u;
         delta.base_version = cfg.version;
-        let _ = crate::subscribe::apply(&mut held, cfg.version, "n0", "cluster.local", delta);
+        let _ =
+            crate::config::subscribe::apply(&mut held, cfg.version, "n0", "cluster.local", delta);
     }
 }
 

@@ -1,44 +1,30 @@
 //! mesh-node: the per-node proxy of the mesh.
 //!
-//! Data flows one way: kernel redirect (`ebpf`) -> accept (`outbound`) -> original destination and
-//! source pod (`orig_dst`, `enroll`) -> upstream.
-pub mod accel;
-pub mod access_log;
+//! Data flows one way: the kernel redirects a pod's connection (`kernel`) -> the proxy accepts it
+//! and resolves its source and destination once (`proxy::outbound`) -> route and policy
+//! (`proxy::route`, `policy`, `http`) -> the tunnel to the destination's node (`proxy::tunnel`)
+//! -> that node's delivery checks and inbound policy (`proxy::inbound`) -> the pod. Configuration
+//! flows one way too: the controller's stream (`config::subscribe`) -> one snapshot
+//! (`config::node`) -> its watchers.
+//!
+//! Layers, lowest first; a module imports only from its own layer or lower ones:
+//! - `sys` (the crate's unsafe system calls), `config` (flags and the controller's config),
+//!   `identity` (certificates, TLS), `kernel` (programs, maps, BTF, socket acceleration);
+//! - `pods` (enrollment of the node's pods), `telemetry` (metrics, access log, traces);
+//! - `policy` (authorization, routes), `proxy` (tunnel, outbound, inbound), `http` (the L7
+//!   path);
+//! - `admin`, `mode`, `app` (wiring).
 pub mod admin;
 pub mod app;
-pub mod authz;
-pub mod btf;
-pub mod cni;
-pub mod coalesce;
 pub mod config;
-pub mod drain;
-pub mod ebpf;
-pub mod enforce;
-pub mod enroll;
-pub mod explain;
-pub mod follow;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzz;
-pub(crate) mod handover;
-pub mod hbone;
-pub mod identity;
-pub mod inbound;
-pub mod kubepods;
-pub mod l7;
-pub mod limits;
-pub mod live;
-pub mod logging;
-pub mod metrics;
-pub mod mode;
-pub mod node_config;
-pub mod orig_dst;
-pub mod outbound;
-pub mod pod_socket;
-pub mod probe;
-pub mod ready;
-pub mod route;
-pub mod routes;
-pub mod subscribe;
+pub(crate) mod http;
+pub(crate) mod identity;
+pub mod kernel;
+pub(crate) mod mode;
+pub mod pods;
+pub(crate) mod policy;
+pub(crate) mod proxy;
 mod sys;
-pub mod tls;
-pub mod trace;
+pub mod telemetry;

@@ -41,11 +41,12 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    mesh_node::logging::init(cli.log_json);
+    mesh_node::telemetry::logging::init(cli.log_json);
     let result = match cli.cmd {
         Cmd::Run(args) => run(*args),
         Cmd::Probe { json } => {
-            let kernel = mesh_node::probe::kernel(true, mesh_node::config::InboundProgram::Auto);
+            let kernel =
+                mesh_node::kernel::probe::kernel(true, mesh_node::config::InboundProgram::Auto);
             if json {
                 println!(
                     "{}",
@@ -65,10 +66,11 @@ fn main() -> ExitCode {
             let pin_dir = pin_dir.unwrap_or_else(|| bpffs.join("mesh").join(&node_name));
             let state_dir =
                 state_dir.unwrap_or_else(|| PathBuf::from("/run/mesh-node").join(&node_name));
-            mesh_node::ebpf::detach(&pin_dir)
+            mesh_node::kernel::ebpf::detach(&pin_dir)
                 .with_context(|| format!("detaching {}", pin_dir.display()))
                 .and_then(|()| {
-                    mesh_node::enroll::remove_state(&state_dir).context("removing enrollment state")
+                    mesh_node::pods::enroll::remove_state(&state_dir)
+                        .context("removing enrollment state")
                 })
         }
     };

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use mesh_api::placement::PlacementWatch;
 use tokio::sync::watch;
 
-use crate::{hbone, identity::Identities, node_config::NodeConfig, subscribe};
+use crate::{config::node::NodeConfig, config::subscribe, identity::Identities, proxy::tunnel};
 
 /// The three ways a node proxy runs.
 pub enum Mode {
@@ -22,7 +22,7 @@ pub enum Mode {
 pub struct Mesh {
     pub identities: Arc<Identities>,
     pub placement: PlacementWatch,
-    pub tunnel_stats: Arc<hbone::Stats>,
+    pub tunnel_stats: Arc<tunnel::Stats>,
 }
 
 /// The configuration serving, and the state of the stream it comes from.

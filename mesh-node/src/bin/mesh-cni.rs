@@ -1,5 +1,5 @@
 //! `mesh-cni`: the chained CNI plugin that holds pods of mesh namespaces back while their node
-//! proxy cannot redirect them (see `mesh_node::cni`).
+//! proxy cannot redirect them (see `mesh_node::pods::cni`).
 use std::{io::Read, process::ExitCode};
 
 /// `mesh-cni install CONF_DIR BIN_DIR [STATE_DIR]`: what the DaemonSet's init container runs on
@@ -25,7 +25,7 @@ fn install(args: &[String]) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match mesh_node::cni::install(conf_dir.as_ref(), bin_dir.as_ref(), &exe, entry) {
+    match mesh_node::pods::cni::install(conf_dir.as_ref(), bin_dir.as_ref(), &exe, entry) {
         Ok(list) => {
             println!("mesh-cni chained in {}", list.display());
             ExitCode::SUCCESS
@@ -42,14 +42,14 @@ fn main() -> ExitCode {
     if args.first().is_some_and(|a| a == "install") {
         return install(&args[1..]);
     }
-    let env = mesh_node::cni::Env {
+    let env = mesh_node::pods::cni::Env {
         command: std::env::var("CNI_COMMAND").unwrap_or_default(),
         netns: std::env::var("CNI_NETNS").unwrap_or_default(),
         args: std::env::var("CNI_ARGS").unwrap_or_default(),
     };
     let mut stdin = String::new();
     let _ = std::io::stdin().read_to_string(&mut stdin);
-    match mesh_node::cni::run(&env, &stdin) {
+    match mesh_node::pods::cni::run(&env, &stdin) {
         Ok(out) => {
             println!("{out}");
             ExitCode::SUCCESS

@@ -1,0 +1,63 @@
+//! Process-wide logging through `tracing`, with a filter that can be changed while the proxy
+//! runs (`PUT /v1/log-level` on the admin port): debugging a live node must not need a restart,
+//! which would drain its connections.
+use mesh_api::sync::LockExt;
+use std::sync::{Mutex, OnceLock};
+
+use tracing_subscriber::{
+    EnvFilter, Registry, layer::SubscriberExt, reload, util::SubscriberInitExt,
+};
+
+struct Control {
+    handle: reload::Handle<EnvFilter, Registry>,
+    current: Mutex<String>,
+}
+
+static CONTROL: OnceLock<Control> = OnceLock::new();
+
+/// Installs the subscriber: `RUST_LOG` or `info`, text or JSON lines.
+pub fn init(json: bool) {
+    let initial = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    let filter = EnvFilter::try_new(&initial).unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
+    // Operational logs on stderr: stdout carries the access log (`access_log`).
+    if json {
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            )
+            .init();
+    } else {
+        registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .init();
+    }
+    let _ = CONTROL.set(Control {
+        handle,
+        current: Mutex::new(initial),
+    });
+}
+
+/// The filter in force (`None` when this process did not install the subscriber, e.g. tests
+/// running the proxy in-process).
+pub fn filter() -> Option<String> {
+    CONTROL.get().map(|c| c.current.locked().clone())
+}
+
+/// Replaces the filter (`RUST_LOG` syntax, e.g. `info,mesh_node::proxy::tunnel=debug`).
+pub fn set_filter(directives: &str) -> Result<(), String> {
+    let control = CONTROL
+        .get()
+        .ok_or("logging is not controlled by this process")?;
+    let filter = EnvFilter::try_new(directives).map_err(|e| format!("invalid filter: {e}"))?;
+    control
+        .handle
+        .reload(filter)
+        .map_err(|e| format!("cannot apply the filter: {e}"))?;
+    *control.current.locked() = directives.to_string();
+    tracing::info!(filter = directives, "log filter changed");
+    Ok(())
+}
