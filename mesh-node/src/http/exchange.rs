@@ -422,11 +422,11 @@ enum Left {
 
 #[derive(Debug, thiserror::Error)]
 enum AnswerError {
-    #[error("carried stream: {0}")]
+    #[error("carried stream")]
     Stream(#[source] h2::Error),
     #[error("the destination ended the stream inside an answer")]
     Cut,
-    #[error("answer framing: {0}")]
+    #[error("answer framing")]
     Framing(#[source] FrameError),
 }
 

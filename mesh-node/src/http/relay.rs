@@ -40,7 +40,7 @@ const READ_SIZE: usize = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
-    #[error("carried stream: {0}")]
+    #[error("carried stream")]
     Stream(#[source] h2::Error),
     #[error("the source ended the stream inside a request")]
     Cut,
@@ -48,13 +48,13 @@ pub enum RelayError {
     Cancelled,
     #[error("request head: {0}")]
     RequestHead(String),
-    #[error("request framing: {0}")]
+    #[error("request framing")]
     RequestFraming(#[source] FrameError),
-    #[error("pod connection: {0}")]
+    #[error("pod connection")]
     Pod(#[source] io::Error),
     #[error("pod response head: {0}")]
     ResponseHead(String),
-    #[error("pod response framing: {0}")]
+    #[error("pod response framing")]
     ResponseFraming(#[source] FrameError),
     #[error("the pod closed its connection inside a response")]
     PodCut,

@@ -30,9 +30,9 @@ use crate::policy::routes::{RouteError, Table};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
-    #[error("route {0}")]
+    #[error("route")]
     Route(#[from] RouteError),
-    #[error("TrafficPolicy {name}: {source}")]
+    #[error("TrafficPolicy {name}")]
     Policy {
         name: String,
         #[source]

@@ -43,7 +43,7 @@ pub enum ProbeError {
     },
     #[error("no usable BPF filesystem at {path}: {reason}")]
     NoBpffs { path: String, reason: String },
-    #[error("cannot read kernel facts: {0}")]
+    #[error("cannot read kernel facts")]
     Io(#[source] std::io::Error),
 }
 
