@@ -14,7 +14,10 @@ use std::{
 use bytes::Bytes;
 use h2::RecvStream;
 use http::{Request, StatusCode};
-use mesh_api::{identity::SpiffeId, placement::PlacementWatch};
+use mesh_api::{
+    identity::SpiffeId,
+    placement::{Placement, PlacementWatch, Workload},
+};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
@@ -74,20 +77,54 @@ impl Deliver for Inbound {
     }
 }
 
+/// Why a stream's target is not delivered to.
+enum Undeliverable {
+    /// Not an `ip:port` (`400` for a CONNECT).
+    BadTarget,
+    /// Not an enrolled pod of this node with the identity the tunnel presented (`403`).
+    NotLocal,
+}
+
+/// A CONNECT's target: its `:authority`, as an address.
+fn connect_target(req: &Request<RecvStream>) -> Option<SocketAddr> {
+    req.uri().authority()?.as_str().parse().ok()
+}
+
+impl Undeliverable {
+    /// The answer to a CONNECT.
+    fn status(&self) -> StatusCode {
+        match self {
+            Undeliverable::BadTarget => StatusCode::BAD_REQUEST,
+            Undeliverable::NotLocal => StatusCode::FORBIDDEN,
+        }
+    }
+}
+
 impl Inbound {
-    /// The enrolled pod of this node at `target` with identity `served`: the only pods a stream
-    /// that proved `served` may reach.
-    fn local<'p>(
+    /// Where a stream may go, checked the same way whatever it carries: an enrolled pod of this
+    /// node at `target` with identity `served`, the only pods a stream that proved `served` may
+    /// reach. A refusal is counted and logged here.
+    fn deliverable<'p>(
         &self,
-        placement: &'p mesh_api::placement::Placement,
-        target: SocketAddr,
-        served: &SpiffeId,
-    ) -> Option<&'p mesh_api::placement::Workload> {
-        placement.by_ip(target.ip()).filter(|w| {
+        kind: StreamKind,
+        placement: &'p Placement,
+        target: Option<SocketAddr>,
+        (peer, client, served): (SocketAddr, &SpiffeId, &SpiffeId),
+    ) -> Result<(SocketAddr, &'p Workload), Undeliverable> {
+        let target = target.ok_or(Undeliverable::BadTarget)?;
+        let local = placement.by_ip(target.ip()).filter(|w| {
             w.node == self.node
                 && &w.identity == served
                 && self.pods.is_enrolled(&w.namespace, &w.name)
-        })
+        });
+        match local {
+            Some(w) => Ok((target, w)),
+            None => {
+                self.stats.inbound_refused_not_local.fetch_add(1, Relaxed);
+                warn!(%peer, %target, ?kind, %client, %served, "refused: not an enrolled pod of this node with that identity");
+                Err(Undeliverable::NotLocal)
+            }
+        }
     }
 
     /// One CONNECT stream: opaque TCP to a pod of this node.
@@ -100,29 +137,22 @@ impl Inbound {
         served: &SpiffeId,
     ) {
         let mut answer = |s: StatusCode| answer_connect(&mut respond, s);
-        let Some(target) = req
-            .uri()
-            .authority()
-            .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-        else {
-            let _ = answer(StatusCode::BAD_REQUEST);
-            return;
-        };
         let forwarded = req
             .headers()
             .get(http::header::FORWARDED)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_string();
-        // Deliver only to an enrolled pod of this node that carries the identity we just proved.
         let placement = self.placement.current();
-        let local = self.local(&placement, target, served);
-        let Some(local) = local else {
-            self.stats.inbound_refused_not_local.fetch_add(1, Relaxed);
-            warn!(%peer, %target, client = %client_id, served = %served, "refused tunnel: not an enrolled pod of this node with that identity");
-            let _ = answer(StatusCode::FORBIDDEN);
-            return;
-        };
+        let who = (peer, client_id, served);
+        let (target, local) =
+            match self.deliverable(StreamKind::Connect, &placement, connect_target(&req), who) {
+                Ok(t) => t,
+                Err(e) => {
+                    let _ = answer(e.status());
+                    return;
+                }
+            };
         let source_ip = match claimed_source(&placement, Some(&forwarded), client_id, peer.ip()) {
             Ok(ip) => ip,
             Err(e) => {
@@ -273,23 +303,16 @@ impl Inbound {
         client_id: &SpiffeId,
         served: &SpiffeId,
     ) {
-        let mut refuse = |s: StatusCode| {
-            let _ = answer_connect(&mut respond, s);
-        };
-        // The same answers as any CONNECT's: 400 for a target that is not an address, 403 for
-        // one that is not an enrolled pod of this node with the identity proven.
-        let Some(target) = req
-            .uri()
-            .authority()
-            .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-        else {
-            return refuse(StatusCode::BAD_REQUEST);
-        };
+        // The same answers as any CONNECT's.
         let placement = self.placement.current();
-        let Some(w) = self.local(&placement, target, served) else {
-            self.stats.inbound_refused_not_local.fetch_add(1, Relaxed);
-            warn!(%peer, %target, client = %client_id, served = %served, "refused carried stream: not an enrolled pod of this node with that identity");
-            return refuse(StatusCode::FORBIDDEN);
+        let who = (peer, client_id, served);
+        let kind = StreamKind::CarriedHttp1;
+        let (target, w) = match self.deliverable(kind, &placement, connect_target(&req), who) {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = answer_connect(&mut respond, e.status());
+                return;
+            }
         };
         let stream = crate::http::carried::Stream {
             identity: client_id.clone(),
@@ -349,9 +372,9 @@ impl Inbound {
         let grpc = crate::http::is_grpc(&parts.headers);
         let req = Request::from_parts(parts, body::boxed(body::RecvBody::new(recv)));
         let placement = self.placement.current();
-        let local = target.and_then(|t| self.local(&placement, t, served));
-        let resp = match (target, local) {
-            (Some(target), Some(w)) => {
+        let who = (peer, client_id, served);
+        let resp = match self.deliverable(StreamKind::Request, &placement, target, who) {
+            Ok((target, w)) => {
                 self.stats.inbound_streams.fetch_add(1, Relaxed);
                 match claimed_source(&placement, Some(forwarded), client_id, peer.ip()) {
                     Ok(ip) => {
@@ -374,9 +397,13 @@ impl Inbound {
                     }
                 }
             }
-            _ => {
-                self.stats.inbound_refused_not_local.fetch_add(1, Relaxed);
-                warn!(%peer, ?target, client = %client_id, served = %served, "refused request: not an enrolled pod of this node with that identity");
+            // A request names its target in a header: any target it cannot be delivered to is
+            // "not local", a missing one too.
+            Err(e) => {
+                if let Undeliverable::BadTarget = e {
+                    self.stats.inbound_refused_not_local.fetch_add(1, Relaxed);
+                    warn!(%peer, client = %client_id, "refused request: no target");
+                }
                 crate::http::respond::error_response(&ProxyError::NotLocal, grpc)
             }
         };
