@@ -179,7 +179,7 @@ impl L7Inbound {
             },
             Err(e) => error_response(&e, grpc),
         };
-        let (code, resp_flag) = (resp.status().as_u16(), super::respond::flag(&resp));
+        let (code, resp_flag) = (resp.status().as_u16(), super::respond::flag_label(&resp));
         let status_now = super::respond::grpc_status(&resp).to_string();
         let response_bytes = super::content_length(resp.headers());
         let in_trailers = super::stats::status_in_trailers(grpc, &resp);

@@ -26,7 +26,7 @@ use super::{
     inbound::{Caller, L7Inbound},
     is_grpc,
     policy::{Abort, Outcome, ServicePolicy, backoff},
-    respond::{ProxyError, error_response},
+    respond::{Flag, ProxyError, error_response},
     services::{Endpoints, Service, ServiceState, acquire},
     stats::{self, L7Stats, Recent, RequestLabels},
     upgrade,
@@ -359,7 +359,7 @@ impl L7Outbound {
         };
         let (dst_ns, dst_name) = dst_pod.split_once('/').unwrap_or_default();
         let response_bytes = super::content_length(resp.headers());
-        let (code, flag) = (resp.status().as_u16(), super::respond::flag(&resp));
+        let (code, flag) = (resp.status().as_u16(), super::respond::flag_label(&resp));
         let labels = |grpc_status| RequestLabels::<&str> {
             reporter: "source",
             source_workload: conn.pod.1.as_str(),
@@ -398,12 +398,12 @@ impl L7Outbound {
             if let Some(r) = &route {
                 span.set("mesh.route", r.to_string());
             }
-            span.end(resp.status().as_u16(), super::respond::flag(&resp));
+            span.end(resp.status().as_u16(), super::respond::flag_label(&resp));
         }
         if let Some(seen) = &seen {
             debug!(method = %seen.method, path = %seen.path, status = resp.status().as_u16(), took = ?started.elapsed(), "request");
             if log {
-                let flag = super::respond::flag(&resp);
+                let flag = super::respond::flag_label(&resp);
                 self.access_log.write(&access_log::Entry {
                     reporter: "source",
                     kind: "http",
@@ -687,9 +687,9 @@ impl L7Outbound {
                 // The destination's proxy answers its own upstream failures; its flag says which
                 // (pods cannot set it: it is taken off their answers).
                 Ok((r, _)) => match super::respond::flag(r) {
-                    "UR" => Outcome::Reset,
-                    "UF" => Outcome::ConnectFailure,
-                    "UT" => Outcome::Timeout,
+                    Some(Flag::Reset) => Outcome::Reset,
+                    Some(Flag::ConnectFailure) => Outcome::ConnectFailure,
+                    Some(Flag::Timeout) => Outcome::Timeout,
                     _ => Outcome::Response(
                         r.status().as_u16(),
                         super::respond::grpc_status(r).parse().ok(),
@@ -705,9 +705,12 @@ impl L7Outbound {
             }
             // Answers the proxies made themselves (denied, rate limited) say nothing about the
             // endpoint's health.
-            let proxy_answer = result
-                .as_ref()
-                .is_ok_and(|(r, _)| matches!(super::respond::flag(r), "RBAC" | "RL"));
+            let proxy_answer = result.as_ref().is_ok_and(|(r, _)| {
+                matches!(
+                    super::respond::flag(r),
+                    Some(Flag::Rbac | Flag::RateLimited)
+                )
+            });
             if !proxy_answer
                 && b.state.balancer.record(
                     eps,

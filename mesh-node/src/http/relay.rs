@@ -243,7 +243,7 @@ async fn one<C: Carrier, G: Gate, D: Dial>(
             let n = answer.len() as u64;
             carrier.send(answer).await?;
             let code = failed.status().as_u16();
-            gate.finish(ticket, code, failed.flag(), (request_bytes, n));
+            gate.finish(ticket, code, failed.flag().as_str(), (request_bytes, n));
             if !rest.done() {
                 return Ok(Next::End);
             }
@@ -274,7 +274,12 @@ async fn refuse<C: Carrier, G: Gate>(
     let answer = error_h1(&e, close, head_request);
     let n = answer.len() as u64;
     carrier.send(answer).await?;
-    gate.finish(ticket, e.status().as_u16(), e.flag(), (request_bytes, n));
+    gate.finish(
+        ticket,
+        e.status().as_u16(),
+        e.flag().as_str(),
+        (request_bytes, n),
+    );
     Ok(if close { Next::End } else { Next::Continue })
 }
 

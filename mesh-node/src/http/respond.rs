@@ -11,6 +11,59 @@ use super::{
 /// The header naming what the proxy did, on responses it made itself.
 pub static FLAG_HEADER: http::HeaderName = http::HeaderName::from_static("x-nodemesh-flag");
 
+/// What the proxy did to a request it answered itself (Envoy's response flags). Set on the
+/// response's extensions where it is made, and sent as [`FLAG_HEADER`] for the source's proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flag {
+    NoRoute,
+    NoHealthyUpstream,
+    /// Denied by authorization, or not a pod this node delivers to.
+    Rbac,
+    RateLimited,
+    /// A circuit breaker or a per-pod budget was full.
+    Overflow,
+    FaultInjected,
+    Timeout,
+    ConnectFailure,
+    Reset,
+    /// The request's path or framing was refused.
+    PathError,
+}
+
+impl Flag {
+    const ALL: [Flag; 10] = [
+        Flag::NoRoute,
+        Flag::NoHealthyUpstream,
+        Flag::Rbac,
+        Flag::RateLimited,
+        Flag::Overflow,
+        Flag::FaultInjected,
+        Flag::Timeout,
+        Flag::ConnectFailure,
+        Flag::Reset,
+        Flag::PathError,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Flag::NoRoute => "NR",
+            Flag::NoHealthyUpstream => "UH",
+            Flag::Rbac => "RBAC",
+            Flag::RateLimited => "RL",
+            Flag::Overflow => "UO",
+            Flag::FaultInjected => "FI",
+            Flag::Timeout => "UT",
+            Flag::ConnectFailure => "UF",
+            Flag::Reset => "UR",
+            Flag::PathError => "DPE",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Flag> {
+        Flag::ALL.into_iter().find(|f| f.as_str() == s)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("no route matches the request")]
@@ -70,19 +123,18 @@ impl ProxyError {
         }
     }
 
-    /// Envoy-style response flag.
-    pub fn flag(&self) -> &'static str {
+    pub fn flag(&self) -> Flag {
         match self {
-            Self::NoRoute => "NR",
-            Self::NoEndpoints(_) => "UH",
-            Self::Denied(_) | Self::NotLocal => "RBAC",
-            Self::RateLimited => "RL",
-            Self::Overflow(_) => "UO",
-            Self::FaultAbort { .. } => "FI",
-            Self::Timeout => "UT",
-            Self::Connect(_) => "UF",
-            Self::Reset(_) => "UR",
-            Self::BadRequest(_) => "DPE",
+            Self::NoRoute => Flag::NoRoute,
+            Self::NoEndpoints(_) => Flag::NoHealthyUpstream,
+            Self::Denied(_) | Self::NotLocal => Flag::Rbac,
+            Self::RateLimited => Flag::RateLimited,
+            Self::Overflow(_) => Flag::Overflow,
+            Self::FaultAbort { .. } => Flag::FaultInjected,
+            Self::Timeout => Flag::Timeout,
+            Self::Connect(_) => Flag::ConnectFailure,
+            Self::Reset(_) => Flag::Reset,
+            Self::BadRequest(_) => Flag::PathError,
         }
     }
 }
@@ -101,7 +153,7 @@ pub fn error_h1(e: &ProxyError, close: bool, head_request: bool) -> bytes::Bytes
         status.as_u16(),
         status.canonical_reason().unwrap_or(""),
         FLAG_HEADER.as_str(),
-        e.flag(),
+        e.flag().as_str(),
         body.len()
     );
     if close {
@@ -142,7 +194,8 @@ pub fn error_response(e: &ProxyError, grpc: bool) -> Response<Body> {
         r
     };
     resp.headers_mut()
-        .insert(&FLAG_HEADER, HeaderValue::from_static(e.flag()));
+        .insert(&FLAG_HEADER, HeaderValue::from_static(e.flag().as_str()));
+    resp.extensions_mut().insert(e.flag());
     resp
 }
 
@@ -167,29 +220,45 @@ pub fn grpc_status(resp: &Response<Body>) -> &str {
         .unwrap_or_default()
 }
 
-pub fn flag(resp: &Response<Body>) -> &'static str {
-    match resp
-        .headers()
-        .get(&FLAG_HEADER)
-        .and_then(|v| v.to_str().ok())
-    {
-        Some("NR") => "NR",
-        Some("UH") => "UH",
-        Some("RBAC") => "RBAC",
-        Some("RL") => "RL",
-        Some("UO") => "UO",
-        Some("FI") => "FI",
-        Some("UT") => "UT",
-        Some("UF") => "UF",
-        Some("UR") => "UR",
-        Some("DPE") => "DPE",
-        _ => "-",
-    }
+/// A response's flag: set by this proxy (its extensions), or by the destination's proxy (its
+/// header, parsed here once; pods cannot set it, it is taken off their answers).
+pub fn flag(resp: &Response<Body>) -> Option<Flag> {
+    resp.extensions().get::<Flag>().copied().or_else(|| {
+        resp.headers()
+            .get(&FLAG_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(Flag::parse)
+    })
+}
+
+/// [`flag`] as a metrics and access-log label (`-`: none).
+pub fn flag_label(resp: &Response<Body>) -> &'static str {
+    flag(resp).map_or("-", Flag::as_str)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A flag this proxy set is read from the response itself; one from the destination's proxy
+    /// from its header; anything else is no flag.
+    #[test]
+    fn flags_come_from_extensions_then_the_header() {
+        let own = error_response(&ProxyError::RateLimited, false);
+        assert_eq!(flag(&own), Some(Flag::RateLimited));
+        let mut remote = Response::new(full(""));
+        remote
+            .headers_mut()
+            .insert(&FLAG_HEADER, HeaderValue::from_static("UF"));
+        assert_eq!(flag(&remote), Some(Flag::ConnectFailure));
+        remote
+            .headers_mut()
+            .insert(&FLAG_HEADER, HeaderValue::from_static("made-up"));
+        assert_eq!((flag(&remote), flag_label(&remote)), (None, "-"));
+        for f in Flag::ALL {
+            assert_eq!(Flag::parse(f.as_str()), Some(f));
+        }
+    }
 
     #[test]
     fn statuses_and_flags() {
@@ -222,7 +291,7 @@ mod tests {
         for (e, status, grpc, flag) in cases {
             assert_eq!(e.status().as_u16(), status, "{e}");
             assert_eq!(e.grpc_status(), grpc, "{e}");
-            assert_eq!(e.flag(), flag, "{e}");
+            assert_eq!(e.flag().as_str(), flag, "{e}");
         }
         let r = error_response(&ProxyError::RateLimited, true);
         assert_eq!(r.status(), 200);
@@ -263,7 +332,7 @@ mod tests {
                     .find(|h| h.name.eq_ignore_ascii_case(name))
                     .map(|h| std::str::from_utf8(h.value).unwrap())
             };
-            assert_eq!(field(FLAG_HEADER.as_str()), Some(e.flag()));
+            assert_eq!(field(FLAG_HEADER.as_str()), Some(e.flag().as_str()));
             assert_eq!(field("connection"), close.then_some("close"));
             let body = &bytes[n..];
             assert_eq!(
