@@ -30,7 +30,7 @@ use crate::{
     config::node::NodeConfig,
     pods::enroll::Enrollment,
     policy::authz::{Facts, Http},
-    telemetry::access_log::{self, AccessLog},
+    telemetry::access_log::{self, AccessLog, Reporter, Security},
     telemetry::trace::HopSpan,
 };
 
@@ -79,11 +79,11 @@ impl Ticket<'_> {
             .map_or(("", ""), |w| (w.namespace.as_str(), w.name.as_str()))
     }
 
-    fn security(&self) -> &'static str {
+    fn security(&self) -> Security {
         if self.caller.identity.is_some() {
-            "mutual_tls"
+            Security::MutualTls
         } else {
-            "plaintext"
+            Security::Plaintext
         }
     }
 
@@ -105,7 +105,7 @@ impl Ticket<'_> {
             response_code: code,
             grpc_status,
             response_flags: resp_flag,
-            connection_security: self.security(),
+            connection_security: self.security().as_str(),
         }
     }
 }
@@ -293,33 +293,30 @@ impl L7Inbound {
         }
         if let Some(seen) = &t.seen {
             let (src_ns, src_name) = t.source_names();
-            self.access_log.write(&access_log::Entry {
-                reporter: "destination",
-                kind: "http",
-                source: access_log::Peer {
-                    workload: src_name,
-                    namespace: src_ns,
-                    principal,
-                    address: caller.ip.to_string(),
-                },
-                destination: access_log::Peer {
-                    workload: name,
-                    namespace: ns,
-                    principal: "",
-                    address: t.target.to_string(),
-                },
-                service: "",
-                http: Some(seen.http(code, grpc_status, "")),
-                decision: t
-                    .decision
-                    .as_deref()
-                    .unwrap_or_else(|| access_log::decision(resp_flag)),
-                flags: resp_flag,
-                security: t.security(),
-                bytes_received: request_bytes,
-                bytes_sent: response_bytes,
-                duration_ms: access_log::millis(t.started.elapsed()),
-            });
+            let source = access_log::Peer {
+                workload: src_name,
+                namespace: src_ns,
+                principal,
+                address: caller.ip.to_string(),
+            };
+            let destination = access_log::Peer {
+                workload: name,
+                namespace: ns,
+                principal: "",
+                address: t.target.to_string(),
+            };
+            let decision = t
+                .decision
+                .as_deref()
+                .unwrap_or_else(|| access_log::decision(resp_flag));
+            self.access_log.write(
+                &access_log::Entry::new(Reporter::Destination, source, destination, t.started)
+                    .http(seen.http(code, grpc_status, ""))
+                    .decision(decision)
+                    .flags(resp_flag)
+                    .security(t.security())
+                    .bytes(request_bytes, response_bytes),
+            );
         }
         recorded.flatten()
     }

@@ -37,7 +37,7 @@ use crate::{
     kernel::accel::PodStream,
     policy::routes,
     proxy::tunnel::Tunnels,
-    telemetry::access_log::{self, AccessLog},
+    telemetry::access_log::{self, AccessLog, Reporter},
     telemetry::trace::{Hop, Tracing},
 };
 
@@ -404,34 +404,31 @@ impl L7Outbound {
             debug!(method = %seen.method, path = %seen.path, status = resp.status().as_u16(), took = ?started.elapsed(), "request");
             if log {
                 let flag = super::respond::flag_label(&resp);
-                self.access_log.write(&access_log::Entry {
-                    reporter: "source",
-                    kind: "http",
-                    source: access_log::Peer {
-                        workload: &conn.pod.1,
-                        namespace: &conn.pod.0,
-                        principal: conn.identity.as_ref().map_or("", SpiffeId::as_str),
-                        address: conn.peer.to_string(),
-                    },
-                    destination: access_log::Peer {
-                        workload: dst_name,
-                        namespace: dst_ns,
-                        principal: "",
-                        address: conn.dst.to_string(),
-                    },
-                    service,
-                    http: Some(seen.http(
-                        resp.status().as_u16(),
-                        super::respond::grpc_status(&resp),
-                        route.unwrap_or(""),
-                    )),
-                    decision: access_log::decision(flag),
-                    flags: flag,
-                    security: "mutual_tls",
-                    bytes_received: request_bytes,
-                    bytes_sent: response_bytes,
-                    duration_ms: access_log::millis(started.elapsed()),
-                });
+                let source = access_log::Peer {
+                    workload: &conn.pod.1,
+                    namespace: &conn.pod.0,
+                    principal: conn.identity.as_ref().map_or("", SpiffeId::as_str),
+                    address: conn.peer.to_string(),
+                };
+                let destination = access_log::Peer {
+                    workload: dst_name,
+                    namespace: dst_ns,
+                    principal: "",
+                    address: conn.dst.to_string(),
+                };
+                let http = seen.http(
+                    resp.status().as_u16(),
+                    super::respond::grpc_status(&resp),
+                    route.unwrap_or(""),
+                );
+                self.access_log.write(
+                    &access_log::Entry::new(Reporter::Source, source, destination, started)
+                        .http(http)
+                        .service(service)
+                        .decision(access_log::decision(flag))
+                        .flags(flag)
+                        .bytes(request_bytes, response_bytes),
+                );
             }
         }
         match series {

@@ -25,6 +25,7 @@ use crate::{
     policy::enforce::{Conn, Enforcer, claimed_source, forwarded_for, until_revoked},
     proxy::pod_socket::ProxySource,
     proxy::tunnel::{Accepted, Deliver, Stats, StreamKind, Tunnel, answer_connect, relay},
+    telemetry::access_log::{Entry, Peer, Reporter},
 };
 
 /// Delivers accepted tunnel streams to enrolled pods of this node.
@@ -264,32 +265,25 @@ impl Inbound {
         let placement = self.placement.current();
         let src = placement.by_ip(forwarded_for(forwarded).unwrap_or(target.ip()));
         let src = src.filter(|w| &w.identity == client);
-        self.access_log.write(&crate::telemetry::access_log::Entry {
-            reporter: "destination",
-            kind: "tcp",
-            source: crate::telemetry::access_log::Peer {
-                workload: src.map_or("", |w| w.name.as_str()),
-                namespace: src.map_or("", |w| w.namespace.as_str()),
-                principal: client.as_str(),
-                address: forwarded_for(forwarded)
-                    .map(|ip| ip.to_string())
-                    .unwrap_or_default(),
-            },
-            destination: crate::telemetry::access_log::Peer {
-                workload: name,
-                namespace,
-                principal: "",
-                address: target.to_string(),
-            },
-            service: "",
-            http: None,
-            decision,
-            flags: "-",
-            security: "mutual_tls",
-            bytes_received: received,
-            bytes_sent: sent,
-            duration_ms: crate::telemetry::access_log::millis(started.elapsed()),
-        });
+        let source = Peer {
+            workload: src.map_or("", |w| w.name.as_str()),
+            namespace: src.map_or("", |w| w.namespace.as_str()),
+            principal: client.as_str(),
+            address: forwarded_for(forwarded)
+                .map(|ip| ip.to_string())
+                .unwrap_or_default(),
+        };
+        let destination = Peer {
+            workload: name,
+            namespace,
+            principal: "",
+            address: target.to_string(),
+        };
+        self.access_log.write(
+            &Entry::new(Reporter::Destination, source, destination, started)
+                .decision(decision)
+                .bytes(received, sent),
+        );
     }
 
     /// A CONNECT stream that carries HTTP/1.1 requests (`crate::http::carried`): the same delivery checks

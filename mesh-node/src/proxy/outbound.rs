@@ -33,7 +33,9 @@ use crate::{
     proxy::pod_socket::ProxySource,
     proxy::route::{Route, route},
     proxy::tunnel::{self, Tunnels},
-    telemetry::access_log::{AccessLog, Entry as AccessEntry, Peer as AccessPeer},
+    telemetry::access_log::{
+        AccessLog, Entry as AccessEntry, Peer as AccessPeer, Reporter, Security,
+    },
     telemetry::live::{Connections, Live, Tracked},
 };
 
@@ -590,34 +592,29 @@ impl Outbound {
         started: Instant,
     ) {
         let pod = &source.pod.name;
-        self.access_log.write(&AccessEntry {
-            reporter: "source",
-            kind: "tcp",
-            source: AccessPeer {
-                workload: &pod.name,
-                namespace: &pod.namespace,
-                principal: source.identity().map_or("", SpiffeId::as_str),
-                address: peer.to_string(),
-            },
-            destination: AccessPeer {
-                workload: dst_pod.map_or("", |p| p.1),
-                namespace: dst_pod.map_or("", |p| p.0),
-                principal: dst_principal,
-                address: dst.to_string(),
-            },
-            service: "",
-            http: None,
-            decision,
-            flags: "-",
-            security: if dst_principal.is_empty() {
-                "plaintext"
-            } else {
-                "mutual_tls"
-            },
-            bytes_received: up,
-            bytes_sent: down,
-            duration_ms: crate::telemetry::access_log::millis(started.elapsed()),
-        });
+        let from = AccessPeer {
+            workload: &pod.name,
+            namespace: &pod.namespace,
+            principal: source.identity().map_or("", SpiffeId::as_str),
+            address: peer.to_string(),
+        };
+        let to = AccessPeer {
+            workload: dst_pod.map_or("", |p| p.1),
+            namespace: dst_pod.map_or("", |p| p.0),
+            principal: dst_principal,
+            address: dst.to_string(),
+        };
+        let security = if dst_principal.is_empty() {
+            Security::Plaintext
+        } else {
+            Security::MutualTls
+        };
+        self.access_log.write(
+            &AccessEntry::new(Reporter::Source, from, to, started)
+                .decision(decision)
+                .security(security)
+                .bytes(up, down),
+        );
     }
 }
 

@@ -12,7 +12,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering::Relaxed},
     },
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use serde::Serialize;
@@ -67,27 +67,117 @@ pub struct Http<'a> {
     pub trace_id: &'a str,
 }
 
-/// One line.
+/// One line, made with [`Entry::new`] and the setters after it.
 #[derive(Debug, Serialize)]
 pub struct Entry<'a> {
-    /// `source` or `destination`: which node proxy wrote it.
-    pub reporter: &'static str,
-    /// `http` or `tcp`.
-    pub kind: &'static str,
-    pub source: Peer<'a>,
-    pub destination: Peer<'a>,
+    reporter: Reporter,
+    kind: Kind,
+    source: Peer<'a>,
+    destination: Peer<'a>,
     #[serde(skip_serializing_if = "str::is_empty")]
-    pub service: &'a str,
+    service: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub http: Option<Http<'a>>,
+    http: Option<Http<'a>>,
     /// `allowed`, or why not (`denied by ...`, `rate limited`, ...).
-    pub decision: &'a str,
+    decision: &'a str,
     /// What the proxy did (Envoy's response flags; `-`: nothing).
-    pub flags: &'a str,
-    pub security: &'static str,
-    pub bytes_received: u64,
-    pub bytes_sent: u64,
-    pub duration_ms: f64,
+    flags: &'a str,
+    security: Security,
+    bytes_received: u64,
+    bytes_sent: u64,
+    duration_ms: f64,
+}
+
+/// Which node proxy wrote a line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reporter {
+    Source,
+    Destination,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Kind {
+    Tcp,
+    Http,
+}
+
+/// How the connection between the two proxies (or the caller and the destination's) was
+/// secured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Security {
+    MutualTls,
+    Plaintext,
+}
+
+impl Security {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Security::MutualTls => "mutual_tls",
+            Security::Plaintext => "plaintext",
+        }
+    }
+}
+
+impl<'a> Entry<'a> {
+    /// A TCP connection's line, timed from `started`: allowed, no flag, over mutual TLS, no
+    /// bytes, unless the setters below say otherwise.
+    pub fn new(
+        reporter: Reporter,
+        source: Peer<'a>,
+        destination: Peer<'a>,
+        started: Instant,
+    ) -> Self {
+        Entry {
+            reporter,
+            kind: Kind::Tcp,
+            source,
+            destination,
+            service: "",
+            http: None,
+            decision: "allowed",
+            flags: "-",
+            security: Security::MutualTls,
+            bytes_received: 0,
+            bytes_sent: 0,
+            duration_ms: millis(started.elapsed()),
+        }
+    }
+
+    /// An HTTP request's line instead.
+    pub fn http(mut self, http: Http<'a>) -> Self {
+        self.kind = Kind::Http;
+        self.http = Some(http);
+        self
+    }
+
+    pub fn service(mut self, service: &'a str) -> Self {
+        self.service = service;
+        self
+    }
+
+    pub fn decision(mut self, decision: &'a str) -> Self {
+        self.decision = decision;
+        self
+    }
+
+    pub fn flags(mut self, flags: &'a str) -> Self {
+        self.flags = flags;
+        self
+    }
+
+    pub fn security(mut self, security: Security) -> Self {
+        self.security = security;
+        self
+    }
+
+    pub fn bytes(mut self, received: u64, sent: u64) -> Self {
+        self.bytes_received = received;
+        self.bytes_sent = sent;
+        self
+    }
 }
 
 impl AccessLog {
@@ -270,29 +360,22 @@ mod tests {
         let log = AccessLog::to(100.0, None, Box::new(buf.clone()));
         assert!(log.wants("any"));
         for status in [200, 403] {
-            log.write(&Entry {
-                reporter: "source",
-                kind: "http",
-                source: Peer {
-                    workload: "client",
-                    namespace: "shop",
-                    ..Default::default()
-                },
-                destination: Peer::default(),
-                service: "shop/web",
-                http: Some(Http {
+            let client = Peer {
+                workload: "client",
+                namespace: "shop",
+                ..Default::default()
+            };
+            let mut e = Entry::new(Reporter::Source, client, Peer::default(), Instant::now())
+                .http(Http {
                     method: "GET",
                     path: "/",
                     status,
                     ..Default::default()
-                }),
-                decision: "allowed",
-                flags: "-",
-                security: "mutual_tls",
-                bytes_received: 0,
-                bytes_sent: 2,
-                duration_ms: millis(Duration::from_micros(1500)),
-            });
+                })
+                .service("shop/web")
+                .bytes(0, 2);
+            e.duration_ms = millis(Duration::from_micros(1500));
+            log.write(&e);
         }
         let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
         let lines: Vec<serde_json::Value> = text
