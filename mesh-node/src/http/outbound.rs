@@ -489,14 +489,8 @@ impl L7Outbound {
                 {
                     return Ok((resp, name, String::new()));
                 }
-                if let Some(t) = &rule.timeouts {
-                    let d = |v: &Option<String>| {
-                        v.as_deref()
-                            .and_then(|s| mesh_api::crd::parse_duration(s).ok())
-                    };
-                    decided.request_timeout = d(&t.request);
-                    decided.per_try_timeout = d(&t.backend_request);
-                }
+                decided.request_timeout = rule.timeouts.request;
+                decided.per_try_timeout = rule.timeouts.backend_request;
                 let Some(b) = routes::pick(&rule.backends, rand::random()) else {
                     return Err(fail(ProxyError::NoEndpoints(format!(
                         "{}: no backend with weight",

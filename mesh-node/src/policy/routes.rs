@@ -7,7 +7,7 @@
 //!   earlier route and rule;
 //! - a rule without matches matches everything (`PathPrefix /`);
 //! - backends are chosen in proportion to their weights (default 1; weight 0 never).
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Duration};
 
 use mesh_api::gateway::{
     BackendRef, GRPCRouteSpec, HTTPRouteFilter, HTTPRouteSpec, HTTPRouteTimeouts, ValueMatch,
@@ -70,7 +70,30 @@ pub struct Rule {
     matches: Vec<Match>,
     pub backends: Vec<Backend>,
     pub filters: Vec<HTTPRouteFilter>,
-    pub timeouts: Option<HTTPRouteTimeouts>,
+    pub timeouts: Timeouts,
+}
+
+/// A rule's timeouts, parsed once when the route is compiled (the controller validated them;
+/// one that does not parse is no timeout, as before).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Timeouts {
+    /// The whole request, retries included.
+    pub request: Option<Duration>,
+    /// Each try.
+    pub backend_request: Option<Duration>,
+}
+
+impl Timeouts {
+    fn compile(t: Option<&HTTPRouteTimeouts>) -> Self {
+        let d = |v: &Option<String>| {
+            v.as_deref()
+                .and_then(|s| mesh_api::crd::parse_duration(s).ok())
+        };
+        t.map_or_else(Self::default, |t| Self {
+            request: d(&t.request),
+            backend_request: d(&t.backend_request),
+        })
+    }
 }
 
 /// The rules of every route attached to one Service port, in precedence order of routes.
@@ -183,7 +206,7 @@ impl Table {
                 matches: default_match(matches),
                 backends: backends(&r.backend_refs, ns),
                 filters: r.filters.clone(),
-                timeouts: r.timeouts.clone(),
+                timeouts: Timeouts::compile(r.timeouts.as_ref()),
             });
         }
         Ok(())
@@ -239,7 +262,7 @@ impl Table {
                 matches: default_match(matches),
                 backends: backends(&r.backend_refs, ns),
                 filters: r.filters.clone(),
-                timeouts: None,
+                timeouts: Timeouts::default(),
             });
         }
         Ok(())
@@ -364,6 +387,35 @@ pub fn pick(backends: &[Backend], draw: u64) -> Option<&Backend> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timeouts_are_parsed_once_at_compile() {
+        let t = |request: Option<&str>, backend: Option<&str>| HTTPRouteTimeouts {
+            request: request.map(str::to_string),
+            backend_request: backend.map(str::to_string),
+        };
+        let s = Duration::from_secs;
+        let cases = [
+            (None, Timeouts::default()),
+            (
+                Some(t(Some("2s"), Some("500ms"))),
+                Timeouts {
+                    request: Some(s(2)),
+                    backend_request: Some(Duration::from_millis(500)),
+                },
+            ),
+            (
+                Some(t(Some("soon"), Some("1m"))),
+                Timeouts {
+                    request: None,
+                    backend_request: Some(s(60)),
+                },
+            ),
+        ];
+        for (spec, want) in cases {
+            assert_eq!(Timeouts::compile(spec.as_ref()), want, "{spec:?}");
+        }
+    }
 
     fn table() -> Table {
         let mut t = Table::default();
