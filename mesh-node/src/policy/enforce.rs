@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use crate::{
     config::node::NodeConfig,
-    policy::authz::{Facts, Verdict},
+    policy::authz::{Decision, Facts, Verdict},
 };
 
 /// The L4 facts of a connection to one of this node's pods.
@@ -100,7 +100,7 @@ impl Enforcer {
     }
 
     /// Admits `c` if the current policy allows it; the error says which rule denied it.
-    pub fn admit(self: &Arc<Self>, c: Conn) -> Result<Admitted, String> {
+    pub fn admit(self: &Arc<Self>, c: Conn) -> Result<Admitted, Denied> {
         let verdict = Self::judge(&self.config.borrow(), &c);
         self.decisions.record("tcp", &verdict);
         for a in &verdict.audited {
@@ -108,7 +108,7 @@ impl Enforcer {
         }
         if !verdict.decision.allowed() {
             self.stats.denied.fetch_add(1, Relaxed);
-            return Err(verdict.decision.reason());
+            return Err(Denied(verdict.decision));
         }
         self.stats.allowed.fetch_add(1, Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -183,6 +183,11 @@ pub fn forwarded_for(header: &str) -> Option<IpAddr> {
         .ok()
         .or_else(|| v.trim_matches(['[', ']']).parse().ok())
 }
+
+/// A connection the policy refuses: the decision, printed as why (`denied by <rule>`, ...).
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.reason())]
+pub struct Denied(Decision);
 
 /// Runs `relay` until it ends, or until a new policy revokes the connection (dropping the relay
 /// resets both sides).

@@ -333,7 +333,7 @@ impl Outbound {
                     .await;
                 let (decision, bytes) = match r {
                     Ok(b) => ("allowed", b),
-                    Err(why) => (why, (0, 0)),
+                    Err(why) => (why.as_str(), (0, 0)),
                 };
                 logged(None, "", decision, bytes);
             }
@@ -370,7 +370,7 @@ impl Outbound {
                 let relay = self.relay(client, orig_dst, Dial::Local).instrument(span);
                 let (decision, bytes) = match until_revoked(relay, admitted).await {
                     Some(Ok(b)) => ("allowed", b),
-                    Some(Err(why)) => (why, (0, 0)),
+                    Some(Err(why)) => (why.as_str(), (0, 0)),
                     None => ("closed: the policy now denies this connection", (0, 0)),
                 };
                 let principal = placement
@@ -530,7 +530,7 @@ impl Outbound {
         client: PodStream,
         dst: SocketAddr,
         dial: Dial<'_>,
-    ) -> Result<(u64, u64), &'static str> {
+    ) -> Result<(u64, u64), RelayFailure> {
         let started = Instant::now();
         let connect = async {
             match dial {
@@ -544,13 +544,13 @@ impl Outbound {
                 self.stats.upstream_connect_failed.fetch_add(1, Relaxed);
                 info!(error = %e, "upstream connect failed");
                 reset(client);
-                return Err("upstream connect failed");
+                return Err(RelayFailure::ConnectFailed);
             }
             Err(_) => {
                 self.stats.upstream_connect_failed.fetch_add(1, Relaxed);
                 info!(timeout = ?self.connect_timeout, "upstream connect timed out");
                 reset(client);
-                return Err("upstream connect timed out");
+                return Err(RelayFailure::ConnectTimedOut);
             }
         };
         let _ = client.get_ref().set_nodelay(true);
@@ -573,7 +573,7 @@ impl Outbound {
             }
             Err(e) => {
                 debug!(error = %e, duration = ?started.elapsed(), "closed with error");
-                Err("connection error")
+                Err(RelayFailure::Broken)
             }
         }
     }
@@ -615,6 +615,24 @@ impl Outbound {
                 .security(security)
                 .bytes(up, down),
         );
+    }
+}
+
+/// Why a relayed connection carried nothing, or ended early (the access log's decision).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RelayFailure {
+    ConnectFailed,
+    ConnectTimedOut,
+    Broken,
+}
+
+impl RelayFailure {
+    const fn as_str(self) -> &'static str {
+        match self {
+            RelayFailure::ConnectFailed => "upstream connect failed",
+            RelayFailure::ConnectTimedOut => "upstream connect timed out",
+            RelayFailure::Broken => "connection error",
+        }
     }
 }
 
