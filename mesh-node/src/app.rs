@@ -19,7 +19,7 @@ use crate::{
     config::node::NodeConfig,
     config::subscribe,
     config::{Config, MeshConfig, OnExit},
-    http::{inbound::L7Inbound, outbound::L7Outbound, stats::L7Stats, upstream::PodClient},
+    http::{inbound::HttpInbound, outbound::HttpOutbound, stats::L7Stats, upstream::PodClient},
     identity::{CaConfig, Identities, IdentityError},
     kernel::ebpf::{self, EbpfError, PodFlags, RedirectSpec, Redirector},
     kernel::probe::{self, ProbeError},
@@ -28,8 +28,8 @@ use crate::{
     policy::enforce::Enforcer,
     proxy::drain::{Drain, DrainOutcome},
     proxy::handover::{self, Role, Taken},
-    proxy::inbound::Inbound,
-    proxy::outbound::{self, MeshPath, Outbound, Stats},
+    proxy::inbound::Delivery,
+    proxy::outbound::{self, MeshPath, Outbound, OutboundStats},
     proxy::pod_socket::ProxySource,
     proxy::tunnel::{TunnelServer, Tunnels},
 };
@@ -382,7 +382,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
     if let Some(e) = &enforcer {
         tokio::spawn(e.clone().run());
     }
-    let stats = Arc::new(Stats::default());
+    let stats = Arc::new(OutboundStats::default());
     let drain = Drain::new();
     let limit_hits = Arc::new(crate::proxy::limits::Hits::default());
     let per_pod = Arc::new(crate::proxy::limits::PerPod::new(
@@ -428,7 +428,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
     ));
     // The HTTP path needs routes and policies: it runs with config from the controller.
     let l7_inbound = mode.config().map(|rx| {
-        Arc::new(L7Inbound {
+        Arc::new(HttpInbound {
             config: rx,
             runtime: Arc::default(),
             pods: PodClient::new(source.clone(), config.connect_timeout),
@@ -445,7 +445,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         .as_ref()
         .zip(tunnels.as_ref())
         .map(|(inbound, tunnels)| outbound::L7Path {
-            proxy: Arc::new(L7Outbound {
+            proxy: Arc::new(HttpOutbound {
                 node: config.node_name.clone(),
                 config: inbound.config.clone(),
                 tunnels: tunnels.clone(),
@@ -510,7 +510,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         tokio::spawn(proxy.clone().serve(l, drain.watch()));
     }
     if let Some(m) = mode.mesh() {
-        let inbound = Arc::new(Inbound {
+        let inbound = Arc::new(Delivery {
             node: config.node_name.clone(),
             placement: m.placement.clone(),
             pods: pods.clone(),

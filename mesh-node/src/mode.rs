@@ -22,7 +22,7 @@ pub enum Mode {
 pub struct Mesh {
     pub identities: Arc<Identities>,
     pub placement: PlacementWatch,
-    pub tunnel_stats: Arc<tunnel::Stats>,
+    pub tunnel_stats: Arc<tunnel::TunnelStats>,
 }
 
 /// The configuration serving, and the state of the stream it comes from.

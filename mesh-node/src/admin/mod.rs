@@ -48,7 +48,7 @@ use crate::{
     pods::enroll::{EnrollError, EnrollRequest, Enrollment, PodName},
     proxy::drain::Watch,
     proxy::limits::{HEAD_TIMEOUT, Limit, MAX_ADMIN_HEAD},
-    proxy::outbound::Stats,
+    proxy::outbound::OutboundStats,
 };
 
 pub struct Admin {
@@ -56,7 +56,7 @@ pub struct Admin {
     pub ready: Ready,
     pub redirector: Arc<Redirector>,
     pub pods: Arc<Enrollment>,
-    pub stats: Arc<Stats>,
+    pub stats: Arc<OutboundStats>,
     pub mode: crate::mode::Mode,
     /// With config distribution, enrollment requests register sandboxes and the configuration
     /// decides (see `follow`).
@@ -64,7 +64,7 @@ pub struct Admin {
     /// Authorization figures, when policy comes from the controller.
     pub enforcer: Option<Arc<crate::policy::enforce::Enforcer>>,
     /// The HTTP path's state and request figures, when config comes from the controller.
-    pub l7: Option<Arc<crate::http::inbound::L7Inbound>>,
+    pub l7: Option<Arc<crate::http::inbound::HttpInbound>>,
     /// Connections being carried now.
     pub live: Arc<crate::telemetry::live::Connections>,
     /// Change requests refused: over TCP, or on the socket from a caller that is not root.

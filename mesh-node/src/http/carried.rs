@@ -29,7 +29,7 @@ use mesh_api::identity::SpiffeId;
 use super::{
     body::Body,
     exchange::{Failed, Reuse, close, exchange, idle_ok},
-    inbound::{Caller, L7Inbound, Ticket},
+    inbound::{Caller, HttpInbound, Ticket},
     relay::Gate,
     respond::ProxyError,
     upstream::{TunnelTarget, to_http1},
@@ -40,7 +40,7 @@ use crate::{
 };
 
 /// Idle streams kept per destination pod (and source identity).
-const MAX_KEPT: usize = 64;
+const MAX_KEPT_PER_POD: usize = 64;
 /// A kept stream unused this long is closed: it holds a stream slot on the tunnel connection and
 /// a pod connection on the destination.
 const KEPT_IDLE: Duration = Duration::from_secs(30);
@@ -86,7 +86,7 @@ impl Slot {
     /// full.
     fn give_back(&self, k: Kept) {
         let mut kept = self.kept.locked();
-        if kept.len() < MAX_KEPT {
+        if kept.len() < MAX_KEPT_PER_POD {
             kept.push(k);
         } else {
             drop(kept);
@@ -321,7 +321,7 @@ impl Reuse for Back {
         let mut kept = self.slot.kept.locked();
         // Bounded per pod, and per tunnel connection: idle streams must not hold the slots new
         // streams need.
-        if kept.len() < MAX_KEPT && self.conn.try_keep() {
+        if kept.len() < MAX_KEPT_PER_POD && self.conn.try_keep() {
             kept.push(Kept {
                 tunnel,
                 conn: self.conn,
@@ -348,10 +348,10 @@ pub struct Stream {
 
 /// The destination's L7 side for the requests of one carried stream.
 pub struct ToPod<'s> {
-    pub l7: &'s L7Inbound,
+    pub l7: &'s HttpInbound,
     pub stream: &'s Stream,
     /// The stream's requests come from one caller to one pod: nearly all share one series.
-    pub recent: super::stats::Recent<super::inbound::SeriesKey>,
+    pub recent: super::stats::Recent<super::inbound::InboundSeriesKey>,
     /// Where requests with a spoofed `Forwarded` are counted.
     pub spoofed: &'s std::sync::atomic::AtomicU64,
 }

@@ -55,7 +55,7 @@ pub struct Caller {
 }
 
 /// A request at the destination between its head and its end: what its metrics, span and access
-/// log line need ([`L7Inbound::admit_request`], then [`L7Inbound::finish_request`]).
+/// log line need ([`HttpInbound::admit_request`], then [`HttpInbound::finish_request`]).
 pub struct Ticket<'a> {
     pub started: Instant,
     span: Option<HopSpan>,
@@ -113,7 +113,7 @@ impl Ticket<'_> {
 /// A carried stream's key for its recent series ([`Recent`]): what a request's labels depend on
 /// besides the stream's caller identity and destination pod, and its gRPC status (none).
 #[derive(Debug)]
-pub struct SeriesKey {
+pub struct InboundSeriesKey {
     /// The config that named the caller's workload. Weak: a stream must not keep an old config
     /// alive; and while this is held the allocation stays, so its address cannot come back as
     /// another config's.
@@ -123,7 +123,7 @@ pub struct SeriesKey {
     flag: &'static str,
 }
 
-impl SeriesKey {
+impl InboundSeriesKey {
     fn of(t: &Ticket<'_>, code: u16, flag: &'static str) -> Self {
         Self {
             cfg: Arc::downgrade(&t.cfg),
@@ -143,7 +143,7 @@ impl SeriesKey {
     }
 }
 
-pub struct L7Inbound {
+pub struct HttpInbound {
     pub config: watch::Receiver<Arc<NodeConfig>>,
     pub runtime: Arc<Runtime>,
     pub pods: Arc<PodClient>,
@@ -157,7 +157,7 @@ pub struct L7Inbound {
     pub escaped_slashes: crate::config::EscapedSlashes,
 }
 
-impl L7Inbound {
+impl HttpInbound {
     /// Handles one request to `dst` (a pod of this node) at `target`; never fails: errors are
     /// answered.
     pub async fn handle(
@@ -255,7 +255,7 @@ impl L7Inbound {
         (code, grpc_status, resp_flag): (u16, &str, &'static str),
         (request_bytes, response_bytes): (u64, u64),
         series: bool,
-        recent: Option<&Recent<SeriesKey>>,
+        recent: Option<&Recent<InboundSeriesKey>>,
     ) -> Option<Arc<super::stats::Series>> {
         let recorded = series.then(|| {
             let took = t.started.elapsed();
@@ -266,7 +266,7 @@ impl L7Inbound {
                     |k| k.is(t, code, resp_flag),
                     || {
                         (
-                            SeriesKey::of(t, code, resp_flag),
+                            InboundSeriesKey::of(t, code, resp_flag),
                             t.labels(code, "", resp_flag),
                         )
                     },
@@ -415,7 +415,7 @@ mod tests {
             Arc::new(NodeConfig::default()),
         );
         let t = ticket(&cfg, "10.0.0.7");
-        let key = SeriesKey::of(&t, 200, "-");
+        let key = InboundSeriesKey::of(&t, 200, "-");
         for (case, other, code, flag, want) in [
             ("same", ticket(&cfg, "10.0.0.7"), 200, "-", true),
             ("status", ticket(&cfg, "10.0.0.7"), 503, "-", false),

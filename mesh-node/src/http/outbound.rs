@@ -23,7 +23,7 @@ use super::{
     filters,
     h1frame::MAX_HEADER_BYTES,
     idle::Activity,
-    inbound::{Caller, L7Inbound},
+    inbound::{Caller, HttpInbound},
     is_grpc,
     policy::{Abort, Outcome, ServicePolicy, backoff},
     respond::{Flag, ProxyError, error_response},
@@ -76,13 +76,13 @@ pub struct Conn {
 }
 
 #[derive(Clone)]
-pub struct L7Outbound {
+pub struct HttpOutbound {
     pub node: String,
     pub config: watch::Receiver<Arc<NodeConfig>>,
     pub tunnels: Arc<Tunnels>,
     /// HTTP/1.1 requests to other nodes, on kept streams.
     pub carried: Arc<super::carried::Carried>,
-    pub inbound: Arc<L7Inbound>,
+    pub inbound: Arc<HttpInbound>,
     pub stats: Arc<L7Stats>,
     pub access_log: Arc<AccessLog>,
     pub tracing: Arc<Tracing>,
@@ -94,7 +94,7 @@ pub struct L7Outbound {
 /// lookup then reads only the connection's list, where strings of their own were each a cache
 /// line of their own, cold by the time the connection's next request came.
 #[derive(Debug)]
-pub struct SeriesKey {
+pub struct OutboundSeriesKey {
     code: u16,
     flag: &'static str,
     /// Lengths of the backend Service, the pod and the gRPC status, back to back in `labels`.
@@ -113,7 +113,7 @@ const INLINE_LABELS: usize = 96;
 
 type KeyOf<'a> = (&'a str, &'a str, u16, &'a str, &'static str);
 
-impl SeriesKey {
+impl OutboundSeriesKey {
     fn of((service, pod, code, grpc_status, flag): KeyOf<'_>) -> Self {
         let parts = [service, pod, grpc_status];
         let total: usize = parts.iter().map(|p| p.len()).sum();
@@ -156,9 +156,9 @@ impl SeriesKey {
 
 /// What an app connection's requests share.
 struct Session {
-    l7: Arc<L7Outbound>,
+    l7: Arc<HttpOutbound>,
     conn: Arc<Conn>,
-    recent: Recent<SeriesKey>,
+    recent: Recent<OutboundSeriesKey>,
 }
 
 /// A chosen backend: its Service (with policy and state) and the pod port requests go to.
@@ -220,7 +220,7 @@ fn chance(percent: f64) -> bool {
     percent > 0.0 && rand::random::<f64>() * 100.0 < percent
 }
 
-impl L7Outbound {
+impl HttpOutbound {
     /// Serves the app's connection until it closes.
     pub async fn serve(self: Arc<Self>, client: PodStream, conn: Arc<Conn>) {
         // Circuit breaking on connections: the Service's `maxConnections` counts app connections
@@ -382,7 +382,7 @@ impl L7Outbound {
             self.stats.record_recent(
                 recent,
                 |k| k.is(key),
-                || (SeriesKey::of(key), labels(&status_now)),
+                || (OutboundSeriesKey::of(key), labels(&status_now)),
                 started.elapsed(),
                 (request_bytes, response_bytes),
                 keep,
@@ -951,7 +951,7 @@ mod tests {
             ("shop/web", &long[1..], 200, "", "-"),
         ];
         for (i, a) in keys.iter().enumerate() {
-            let key = SeriesKey::of(*a);
+            let key = OutboundSeriesKey::of(*a);
             assert!(
                 matches!(key.labels, Labels::Inline(_))
                     == (a.0.len() + a.1.len() + a.3.len() <= INLINE_LABELS),

@@ -5,7 +5,7 @@
 //! run a task per pod connection. For the small requests most services serve, that was about
 //! 7-8 us of the HTTP path's 45-55 us per request (`cargo xtask bench`, README "Open work").
 //! Here each head is parsed once (`httparse`), authorized and recorded like any L7 request
-//! ([`Gate`], `L7Inbound` in production), and the bytes go on as they came: `h1frame` finds
+//! ([`Gate`], `HttpInbound` in production), and the bytes go on as they came: `h1frame` finds
 //! where each body ends without decoding it.
 //!
 //! The stream stays in step with the source's HTTP/1.1 client: each request gets exactly one

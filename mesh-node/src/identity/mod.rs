@@ -99,7 +99,7 @@ pub struct CaConfig {
 }
 
 #[derive(Default, Debug, Serialize)]
-pub struct Stats {
+pub struct IdentityStats {
     pub fetched: AtomicU64,
     pub rotations: AtomicU64,
     pub failures: AtomicU64,
@@ -117,7 +117,7 @@ pub struct Identities {
     owners: RwLock<HashMap<SpiffeId, BTreeSet<(String, String)>>>,
     roots: RwLock<Arc<RootCertStore>>,
     fetching: tokio::sync::Mutex<HashMap<SpiffeId, Arc<tokio::sync::Mutex<()>>>>,
-    pub stats: Stats,
+    pub stats: IdentityStats,
 }
 
 /// One certificate, as `/v1/counters` shows it.
@@ -163,7 +163,7 @@ impl Identities {
             owners: RwLock::default(),
             roots: RwLock::new(Arc::new(roots)),
             fetching: Default::default(),
-            stats: Stats::default(),
+            stats: IdentityStats::default(),
         }))
     }
 

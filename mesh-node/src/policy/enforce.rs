@@ -36,7 +36,7 @@ pub struct Conn {
 }
 
 #[derive(Default, Debug, Serialize)]
-pub struct Stats {
+pub struct EnforceStats {
     pub allowed: AtomicU64,
     pub denied: AtomicU64,
     /// Live connections closed because a new policy denies them.
@@ -50,7 +50,7 @@ pub struct Enforcer {
     config: watch::Receiver<Arc<NodeConfig>>,
     live: Mutex<HashMap<u64, Live>>,
     next: AtomicU64,
-    pub stats: Stats,
+    pub stats: EnforceStats,
     /// By policy and action, shared with the HTTP path.
     pub decisions: Arc<crate::policy::authz::DecisionCounts>,
 }
@@ -78,7 +78,7 @@ impl Enforcer {
             config,
             live: Mutex::default(),
             next: AtomicU64::new(0),
-            stats: Stats::default(),
+            stats: EnforceStats::default(),
             decisions,
         })
     }

@@ -23,7 +23,7 @@ use std::{
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Bytes kept at most: more, and what is kept is written out first.
-const MAX_KEPT: usize = 256 * 1024;
+const MAX_KEPT_BYTES: usize = 256 * 1024;
 /// Capacity kept after a batch: more is freed.
 const KEEP_CAPACITY: usize = 64 * 1024;
 /// A write this large is bulk: it goes straight through (after what is kept), with no copy.
@@ -71,7 +71,7 @@ impl<T: AsyncWrite + Unpin> Coalesce<T> {
 
     /// Writes out what is kept if `len` more bytes would not fit, or will not be kept.
     fn poll_room(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<()>> {
-        if self.kept.len() + len > MAX_KEPT || len >= PASS_THROUGH {
+        if self.kept.len() + len > MAX_KEPT_BYTES || len >= PASS_THROUGH {
             ready!(self.poll_drain(cx))?;
         }
         Poll::Ready(Ok(()))
@@ -235,7 +235,7 @@ mod tests {
         assert!(c.kept.is_empty());
         // Small writes up to the cap are kept; one more goes out with them.
         let small = vec![1u8; PASS_THROUGH - 1];
-        for _ in 0..MAX_KEPT / (PASS_THROUGH - 1) {
+        for _ in 0..MAX_KEPT_BYTES / (PASS_THROUGH - 1) {
             let _ = Pin::new(&mut c).poll_write(&mut cx, &small);
         }
         assert_eq!(c.inner.writes, 2);

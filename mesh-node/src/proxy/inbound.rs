@@ -24,28 +24,28 @@ use crate::{
     pods::enroll::Enrollment,
     policy::enforce::{Conn, Enforcer, claimed_source, forwarded_for, until_revoked},
     proxy::pod_socket::ProxySource,
-    proxy::tunnel::{Accepted, Deliver, Stats, StreamKind, Tunnel, answer_connect, relay},
+    proxy::tunnel::{Accepted, Deliver, StreamKind, Tunnel, TunnelStats, answer_connect, relay},
     telemetry::access_log::{Entry, Peer, Reporter},
 };
 
 /// Delivers accepted tunnel streams to enrolled pods of this node.
-pub struct Inbound {
+pub struct Delivery {
     pub node: String,
     pub placement: PlacementWatch,
     pub pods: Arc<Enrollment>,
-    pub stats: Arc<Stats>,
+    pub stats: Arc<TunnelStats>,
     pub connect_timeout: Duration,
     /// Deliveries come from the proxy address (see `pod_socket::ProxySource`).
     pub source: ProxySource,
     /// Authorization, when policy comes from the controller.
     pub enforcer: Option<Arc<Enforcer>>,
     /// Per-request handling of L7 requests, when config comes from the controller.
-    pub l7: Option<Arc<crate::http::inbound::L7Inbound>>,
+    pub l7: Option<Arc<crate::http::inbound::HttpInbound>>,
     pub access_log: Arc<crate::telemetry::access_log::AccessLog>,
     pub live: Arc<crate::telemetry::live::Connections>,
 }
 
-impl Deliver for Inbound {
+impl Deliver for Delivery {
     fn deliver(self: Arc<Self>, s: Accepted) -> Pin<Box<dyn Future<Output = ()> + Send>> {
         let Accepted {
             kind,
@@ -101,7 +101,7 @@ impl Undeliverable {
     }
 }
 
-impl Inbound {
+impl Delivery {
     /// Where a stream may go, checked the same way whatever it carries: an enrolled pod of this
     /// node at `target` with identity `served`, the only pods a stream that proved `served` may
     /// reach. A refusal is counted and logged here.
@@ -290,7 +290,7 @@ impl Inbound {
     /// as any CONNECT, then the requests are served one by one.
     async fn carried(
         &self,
-        l7: Arc<crate::http::inbound::L7Inbound>,
+        l7: Arc<crate::http::inbound::HttpInbound>,
         req: Request<RecvStream>,
         mut respond: h2::server::SendResponse<Bytes>,
         peer: SocketAddr,
@@ -341,7 +341,7 @@ impl Inbound {
     /// checks as CONNECT, then authorization and rate limits per request.
     async fn request(
         &self,
-        l7: &crate::http::inbound::L7Inbound,
+        l7: &crate::http::inbound::HttpInbound,
         req: Request<RecvStream>,
         respond: h2::server::SendResponse<Bytes>,
         peer: SocketAddr,

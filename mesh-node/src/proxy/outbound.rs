@@ -41,7 +41,7 @@ use crate::{
 
 /// Proxy-side connection figures (the kernel's own counters live in the eBPF maps).
 #[derive(Default, Debug, Serialize)]
-pub struct Stats {
+pub struct OutboundStats {
     pub accepted: AtomicU64,
     pub relayed: AtomicU64,
     pub active: AtomicU64,
@@ -143,7 +143,7 @@ async fn pump(mut rd: PodReadHalf, mut wr: tokio::net::tcp::OwnedWriteHalf) -> i
 pub struct Outbound {
     pub orig: Arc<dyn OrigDstSource>,
     pub pods: Arc<Enrollment>,
-    pub stats: Arc<Stats>,
+    pub stats: Arc<OutboundStats>,
     pub connect_timeout: Duration,
     /// The proxy's own listener addresses: a destination equal to one would loop.
     pub own_addrs: Vec<SocketAddr>,
@@ -181,7 +181,7 @@ impl Source<'_> {
 
 /// The HTTP path and how long to look at a connection's first bytes.
 pub struct L7Path {
-    pub proxy: Arc<crate::http::outbound::L7Outbound>,
+    pub proxy: Arc<crate::http::outbound::HttpOutbound>,
     pub detect_timeout: Duration,
     /// Undeclared ports relayed as TCP without detection (server-first protocols).
     pub opaque_ports: Vec<u16>,

@@ -84,7 +84,7 @@ pub enum TunnelError {
 }
 
 #[derive(Default, Debug, Serialize)]
-pub struct Stats {
+pub struct TunnelStats {
     /// New HTTP/2 connections (TLS handshakes) to other node proxies.
     pub outbound_connections: AtomicU64,
     /// CONNECT streams opened on them.
@@ -140,7 +140,7 @@ pub struct ConnState {
 /// Concurrent streams a tunnel connection allows.
 const MAX_STREAMS: u32 = 1000;
 /// Idle streams kept on one tunnel connection.
-const MAX_KEPT: usize = MAX_STREAMS as usize / 4;
+const MAX_KEPT_STREAMS: usize = MAX_STREAMS as usize / 4;
 
 /// The start of the process's clock for [`ConnState::last_used`].
 fn epoch() -> Instant {
@@ -163,7 +163,9 @@ impl ConnState {
     /// Counts one more idle stream kept on the connection, if there is room.
     pub fn try_keep(&self) -> bool {
         self.kept
-            .fetch_update(Relaxed, Relaxed, |n| (n < MAX_KEPT).then_some(n + 1))
+            .fetch_update(Relaxed, Relaxed, |n| {
+                (n < MAX_KEPT_STREAMS).then_some(n + 1)
+            })
             .is_ok()
     }
 
@@ -204,11 +206,11 @@ pub struct Tunnels {
     identities: Arc<Identities>,
     pool: Mutex<HashMap<PoolKey, Pooled>>,
     dialing: tokio::sync::Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
-    pub stats: Arc<Stats>,
+    pub stats: Arc<TunnelStats>,
 }
 
 impl Tunnels {
-    pub fn new(identities: Arc<Identities>, stats: Arc<Stats>) -> Arc<Self> {
+    pub fn new(identities: Arc<Identities>, stats: Arc<TunnelStats>) -> Arc<Self> {
         let this = Arc::new(Self {
             identities,
             pool: Mutex::default(),
@@ -481,7 +483,7 @@ pub struct TunnelServer {
     pub identities: Arc<Identities>,
     pub placement: PlacementWatch,
     pub pods: Arc<Enrollment>,
-    pub stats: Arc<Stats>,
+    pub stats: Arc<TunnelStats>,
     /// Handshakes in progress (`--max-tunnel-handshakes`).
     pub handshakes: Arc<crate::proxy::limits::Handshakes>,
     pub limit_hits: Arc<crate::proxy::limits::Hits>,
