@@ -189,17 +189,17 @@ pub fn forwarded_for(header: &str) -> Option<IpAddr> {
 #[error("{}", .0.reason())]
 pub struct Denied(Decision);
 
-/// Runs `relay` until it ends, or until a new policy revokes the connection (dropping the relay
+/// Runs `pump` until it ends, or until a new policy revokes the connection (dropping the pump
 /// resets both sides).
 pub async fn until_revoked<T>(
-    relay: impl std::future::Future<Output = T>,
+    pump: impl std::future::Future<Output = T>,
     admitted: Option<Admitted>,
 ) -> Option<T> {
     let Some(mut admitted) = admitted else {
-        return Some(relay.await);
+        return Some(pump.await);
     };
     tokio::select! {
-        r = relay => Some(r),
+        r = pump => Some(r),
         Ok(()) = &mut admitted.revoked => {
             info!("closed: the policy now denies this connection");
             None

@@ -24,7 +24,7 @@ use crate::{
     pods::enroll::Enrollment,
     policy::enforce::{Conn, Enforcer, claimed_source, forwarded_for, until_revoked},
     proxy::pod_socket::ProxySource,
-    proxy::tunnel::{Accepted, Deliver, StreamKind, Tunnel, TunnelStats, answer_connect, relay},
+    proxy::tunnel::{Accepted, Deliver, StreamKind, Tunnel, TunnelStats, answer_connect, join_tcp},
     telemetry::access_log::{Entry, Peer, Reporter},
 };
 
@@ -223,14 +223,14 @@ impl Delivery {
         });
         let (decision, bytes) = async move {
             info!("delivering");
-            let relay = relay(
+            let joined = join_tcp(
                 upstream,
                 Tunnel {
                     send,
                     recv: req.into_body(),
                 },
             );
-            match until_revoked(relay, admitted).await {
+            match until_revoked(joined, admitted).await {
                 Some((sent, received)) => ("allowed", (received, sent)),
                 None => ("closed: the policy now denies this connection", (0, 0)),
             }

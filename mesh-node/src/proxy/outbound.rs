@@ -115,7 +115,7 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 /// Copies `rd` into `wr` until the end of `rd`'s stream, then shuts `wr` down (half closes pass
-/// on). A buffer exists only while bytes are in hand, sized like the tunnel relay's reads (they
+/// on). A buffer exists only while bytes are in hand, sized like `tunnel::join_tcp`'s reads (they
 /// grow while reads fill them: bulk data moves in few system calls), so an idle connection holds
 /// none and a pod cannot pin memory by opening connections and sending nothing.
 async fn pump(mut rd: PodReadHalf, mut wr: tokio::net::tcp::OwnedWriteHalf) -> io::Result<u64> {
@@ -328,7 +328,7 @@ impl Outbound {
         match decision {
             Route::Direct => {
                 let r = self
-                    .relay(client, orig_dst, Dial::AsPod(&pod))
+                    .pump_to(client, orig_dst, Dial::AsPod(&pod))
                     .instrument(span)
                     .await;
                 let (decision, bytes) = match r {
@@ -367,8 +367,8 @@ impl Outbound {
                     }
                 };
                 self.stats.delivered_local.fetch_add(1, Relaxed);
-                let relay = self.relay(client, orig_dst, Dial::Local).instrument(span);
-                let (decision, bytes) = match until_revoked(relay, admitted).await {
+                let pumped = self.pump_to(client, orig_dst, Dial::Local).instrument(span);
+                let (decision, bytes) = match until_revoked(pumped, admitted).await {
                     Some(Ok(b)) => ("allowed", b),
                     Some(Err(why)) => (why.as_str(), (0, 0)),
                     None => ("closed: the policy now denies this connection", (0, 0)),
@@ -396,7 +396,7 @@ impl Outbound {
                         self.stats.tunneled.fetch_add(1, Relaxed);
                         info!(parent: &span, via = %node, src.identity = %src, dst.identity = %dst, "tunneling");
                         let _ = client.get_ref().set_nodelay(true);
-                        let (up, down) = tunnel::relay(client, up).instrument(span).await;
+                        let (up, down) = tunnel::join_tcp(client, up).instrument(span).await;
                         self.stats.bytes_from_client.fetch_add(up, Relaxed);
                         self.stats.bytes_to_client.fetch_add(down, Relaxed);
                         logged(None, dst.as_str(), "allowed", (up, down));
@@ -524,13 +524,14 @@ impl Outbound {
         None
     }
 
-    /// Relays to `dst` (a pod of this node when `local`); the bytes each way, or why not.
-    async fn relay(
+    /// Connects to `dst` (a pod of this node when `local`) and pumps the bytes both ways; the
+    /// bytes each way, or why not.
+    async fn pump_to(
         &self,
         client: PodStream,
         dst: SocketAddr,
         dial: Dial<'_>,
-    ) -> Result<(u64, u64), RelayFailure> {
+    ) -> Result<(u64, u64), PumpFailure> {
         let started = Instant::now();
         let connect = async {
             match dial {
@@ -544,13 +545,13 @@ impl Outbound {
                 self.stats.upstream_connect_failed.fetch_add(1, Relaxed);
                 info!(error = %e, "upstream connect failed");
                 reset(client);
-                return Err(RelayFailure::ConnectFailed);
+                return Err(PumpFailure::ConnectFailed);
             }
             Err(_) => {
                 self.stats.upstream_connect_failed.fetch_add(1, Relaxed);
                 info!(timeout = ?self.connect_timeout, "upstream connect timed out");
                 reset(client);
-                return Err(RelayFailure::ConnectTimedOut);
+                return Err(PumpFailure::ConnectTimedOut);
             }
         };
         let _ = client.get_ref().set_nodelay(true);
@@ -573,7 +574,7 @@ impl Outbound {
             }
             Err(e) => {
                 debug!(error = %e, duration = ?started.elapsed(), "closed with error");
-                Err(RelayFailure::Broken)
+                Err(PumpFailure::Broken)
             }
         }
     }
@@ -618,20 +619,20 @@ impl Outbound {
     }
 }
 
-/// Why a relayed connection carried nothing, or ended early (the access log's decision).
+/// Why a pumped connection carried nothing, or ended early (the access log's decision).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum RelayFailure {
+enum PumpFailure {
     ConnectFailed,
     ConnectTimedOut,
     Broken,
 }
 
-impl RelayFailure {
+impl PumpFailure {
     const fn as_str(self) -> &'static str {
         match self {
-            RelayFailure::ConnectFailed => "upstream connect failed",
-            RelayFailure::ConnectTimedOut => "upstream connect timed out",
-            RelayFailure::Broken => "connection error",
+            PumpFailure::ConnectFailed => "upstream connect failed",
+            PumpFailure::ConnectTimedOut => "upstream connect timed out",
+            PumpFailure::Broken => "connection error",
         }
     }
 }

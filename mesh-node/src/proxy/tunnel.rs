@@ -56,9 +56,9 @@ const IDLE: Duration = Duration::from_secs(60);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest header block a peer may send on a tunnel stream (CONNECT and carried HTTP/2 heads).
 const MAX_HEADER_LIST: u32 = 64 << 10;
-/// Bytes read from a TCP socket per relay step: small for request/response traffic (a buffer is
-/// allocated per read and lives until h2 has sent it), doubling while reads fill it (bulk: fewer
-/// syscalls, frames and wakeups per byte), halving again when they stop.
+/// Bytes read from a TCP socket per step of `join_tcp`: small for request/response traffic (a
+/// buffer is allocated per read and lives until h2 has sent it), doubling while reads fill it
+/// (bulk: fewer syscalls, frames and wakeups per byte), halving again when they stop.
 pub(crate) const READ_MIN: usize = 16 * 1024;
 const READ_MAX: usize = 256 * 1024;
 /// rustls reads at most 4 KiB per call: without a buffer under it, a 16 KiB record costs four
@@ -774,7 +774,7 @@ pub(crate) fn answer_connect(
 /// Copies between a TCP connection and a tunnel stream, both ways, until both are done (half
 /// closes are passed on). Bytes go straight between the socket and h2's buffers, within h2's flow
 /// control: no intermediate task or copy.
-pub async fn relay(tcp: PodStream, tunnel: Tunnel) -> (u64, u64) {
+pub async fn join_tcp(tcp: PodStream, tunnel: Tunnel) -> (u64, u64) {
     let Tunnel { mut send, mut recv } = tunnel;
     let (mut rd, mut wr) = tcp.into_split();
     let up = async move {
@@ -830,11 +830,11 @@ pub async fn relay(tcp: PodStream, tunnel: Tunnel) -> (u64, u64) {
         tokio::select! {
             r = &mut up, if sent.is_none() => match r {
                 Ok(n) => sent = Some(n),
-                Err(e) => { debug!(error = %e, "relay to tunnel ended"); break; }
+                Err(e) => { debug!(error = %e, "TCP to tunnel ended"); break; }
             },
             r = &mut down, if received.is_none() => match r {
                 Ok(n) => received = Some(n),
-                Err(e) => { debug!(error = %e, "relay from tunnel ended"); break; }
+                Err(e) => { debug!(error = %e, "tunnel to TCP ended"); break; }
             },
         }
     }
