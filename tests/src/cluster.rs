@@ -808,6 +808,9 @@ impl Cluster {
                 std::mem::forget(child);
             }
         }
+        if let Some(ctrl) = &mut self.ctrl {
+            ctrl.keep();
+        }
         // Stale-cluster cleanup leaves kept clusters alone.
         let _ = std::fs::write(self.dir.join("owner"), "keep");
     }
@@ -950,6 +953,14 @@ pub struct PodProcess {
     pub child: Child,
 }
 
+impl PodProcess {
+    /// Lets the process outlive this one (a kept demo's workloads); `teardown` ends it with its
+    /// cluster's cgroup.
+    pub fn keep(self) {
+        std::mem::forget(self.child);
+    }
+}
+
 /// One curl answer.
 #[derive(Debug)]
 pub struct Curl {
@@ -969,6 +980,17 @@ impl Curl {
 }
 
 impl Pod {
+    /// `cmd` as one line a user can paste into a root shell to run it inside this pod: the shell
+    /// moves itself into the pod's cgroup (so the mesh's programs see the pod), then enters the
+    /// pod's network namespace.
+    pub fn shell_line(&self, cmd: &str) -> String {
+        format!(
+            "sh -c 'echo $$ > {}/cgroup.procs && exec nsenter --net={} {cmd}'",
+            self.cgroup.display(),
+            netns_path(&self.netns).display()
+        )
+    }
+
     /// A command that runs inside this pod (its network namespace and cgroup).
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> anyhow::Result<Command> {
         let mut cmd = Command::new(program);

@@ -39,6 +39,14 @@ impl Controller {
         self.process.as_ref().and_then(|p| p.id())
     }
 
+    /// Lets the controller outlive this process (a kept demo); `teardown` ends it with the
+    /// cluster's cgroup.
+    pub(crate) fn keep(&mut self) {
+        if let Some(child) = self.process.take() {
+            std::mem::forget(child);
+        }
+    }
+
     /// Where the controller publishes its trust bundle (nodes bootstrap from it).
     pub fn trust_bundle(&self) -> PathBuf {
         self.dir.join("state/trust-bundle.pem")

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use mesh_tests::{Cluster, ClusterBuilder, Pod, teardown};
+use mesh_tests::{Cluster, ClusterBuilder, Pod, PodProcess, teardown};
 use serde_json::Value;
 
 const ID: &str = "demo";
@@ -83,21 +83,24 @@ async fn main() -> anyhow::Result<()> {
         .node_args(&["--metrics-addr", "0.0.0.0:15020"])
         .start()
         .await?;
-    let report = run(&mut cluster, &mut p).await;
-    match (&report, args.keep) {
-        (Ok(()), true) => {
-            cluster.keep();
-            explore(&cluster);
+    match run(&mut cluster, &mut p).await {
+        Ok(workloads) => {
+            if args.keep {
+                // Everything the "Try:" lines talk to stays up until `demo down`.
+                cluster.keep();
+                workloads.into_iter().for_each(PodProcess::keep);
+                explore(&cluster)?;
+            }
+            Ok(())
         }
-        (Err(e), _) => {
+        Err(e) => {
             eprintln!("demo failed: {e:#}");
             for n in &cluster.nodes {
                 eprintln!("--- {} log tail ---\n{}", n.name, n.log_tail(15));
             }
+            Err(e)
         }
-        _ => {}
     }
-    report
 }
 
 fn delivered(cluster: &Cluster) -> Option<Value> {
@@ -169,7 +172,8 @@ async fn wire_proof(cluster: &Cluster, pods: &Pods) -> anyhow::Result<(bool, usi
     Ok((clear, tunnel))
 }
 
-async fn run(cluster: &mut Cluster, p: &mut Progress) -> anyhow::Result<()> {
+/// Runs the demo; returns its workloads, still serving.
+async fn run(cluster: &mut Cluster, p: &mut Progress) -> anyhow::Result<Vec<PodProcess>> {
     let pods = Pods {
         client: cluster.pod(0, 0).clone(),
         outside: cluster.pod(0, 1).clone(),
@@ -179,7 +183,7 @@ async fn run(cluster: &mut Cluster, p: &mut Progress) -> anyhow::Result<()> {
         echo: cluster.pod(1, 2).clone(),
     };
     p.next("starting workloads: web v1 and v2 (HTTP), greeter (gRPC), echo (TCP); n0-p1 opts out of the mesh");
-    let _procs = [
+    let workloads = vec![
         pods.web_v1
             .serve_http_as(8080, &format!("v1-{}", pods.web_v1.name), &[])
             .await?,
@@ -459,41 +463,63 @@ async fn run(cluster: &mut Cluster, p: &mut Progress) -> anyhow::Result<()> {
     println!(
         "  dashboards:       manifests/dashboards/*.json (node overview, workload, control plane) for Grafana"
     );
-    Ok(())
+    Ok(workloads)
 }
 
 fn count(v: &Value, group: &str, key: &str) -> u64 {
     v[group][key].as_u64().unwrap_or(0)
 }
 
-fn explore(cluster: &Cluster) {
+/// What a user can try while the demo is kept. Every line under "Try:" is a command that works
+/// as printed (`tests/demo.rs` runs them all).
+fn explore(cluster: &Cluster) -> anyhow::Result<()> {
     let n0 = &cluster.nodes[0];
+    let client = cluster.pod(0, 0);
+    let node = |path: &str| {
+        format!(
+            "nsenter --net=/run/netns/{} curl -s 127.0.0.1:{path}",
+            n0.netns
+        )
+    };
     println!("\nThe demo keeps running. Try:");
     println!(
-        "  nsenter --net=/run/netns/{} curl -s 127.0.0.1:15000/v1/counters",
-        n0.netns
+        "  {}   # from pod {} to the web Service: x-pod names v1 or v2 (canary 90/10)",
+        client.shell_line(&format!("curl -s -i http://{WEB}/")),
+        client.name
     );
     println!(
-        "  nsenter --net=/run/netns/{} curl -s 127.0.0.1:15000/v1/pods",
-        n0.netns
+        "  {}   # 403: the DENY rule of manifests/examples/demo.yaml",
+        client.shell_line(&format!("curl -s -i http://{WEB}/admin/users"))
     );
-    println!("  bpftool link list            # the programs, attached once per node");
     println!(
-        "  nsenter --net=/run/netns/{} curl -s 127.0.0.1:15020/metrics   # Prometheus text; dashboards in manifests/dashboards/",
-        n0.netns
+        "  {}   # the config version node 0 runs; \"connected\": its controller stream",
+        node("15000/v1/mesh-config")
     );
-    if let Some(ctrl) = &cluster.ctrl {
+    println!("  {}", node("15000/v1/counters"));
+    println!("  {}", node("15000/v1/pods"));
+    println!(
+        "  {}   # Prometheus text; dashboards in manifests/dashboards/",
+        node("15020/metrics")
+    );
+    println!("  bpftool link list   # the programs, attached once per node");
+    let ctrl = cluster
+        .ctrl
+        .as_ref()
+        .context("the demo runs a controller")?;
+    let ctrl_bin = mesh_tests::find_bin("mesh-ctrl")?;
+    println!(
+        "  ip netns exec {} {} status   # also: history, explain POD DEST, rollback V",
+        ctrl.netns,
+        ctrl_bin.display()
+    );
+    println!("Where:");
+    if let Some(dir) = ctrl.config_dir() {
         println!(
-            "  ip netns exec {} mesh-ctrl status        # also: history, explain POD DEST, rollback V",
-            ctrl.netns
+            "  config directory: {}   (edit a file there; the nodes follow within a second)",
+            dir.display()
         );
-        if let Some(dir) = ctrl.config_dir() {
-            println!(
-                "  config directory (edit it; nodes follow): {}",
-                dir.display()
-            );
-        }
     }
     println!("  node logs: {}", cluster.dir.display());
     println!("Remove it with: cargo xtask demo down");
+    Ok(())
 }
