@@ -4,6 +4,7 @@
 //! everything is already there.
 mod fuzz;
 mod kernels;
+mod modgraph;
 mod toolchain;
 
 use std::{
@@ -19,7 +20,7 @@ const USAGE: &str = "usage: cargo xtask <command>
   setup                 install what this machine lacks (Debian packages, bpf-linker) - idempotent
   build-ebpf            build the eBPF object (target/ebpf/bpfel-unknown-none/release/mesh-ebpf)
   build [--release]     build-ebpf, then the whole workspace (mesh-node embeds the object)
-  test                  fmt, clippy -D warnings, unit tests (which replay the fuzz corpora), end-to-end
+  test                  fmt, no module import cycle, clippy -D warnings, unit tests (which replay the fuzz corpora), end-to-end
                         tests on the real kernel (root), fuzz --seconds 15, then test-kernels
   test-kernels [LABEL]... [--test NAME]...
                         boot Debian's 6.1 and 6.12 LTS kernels in QEMU and run mesh-node's probe
@@ -31,6 +32,7 @@ const USAGE: &str = "usage: cargo xtask <command>
   soak [--minutes N] [--json FILE]
                         the cluster in a box under mixed traffic, certificate rotation and config
                         changes for N minutes (10); fails on a failed request or a leak
+  modules [CRATE]       print the module import graph of a crate (mesh-node); test fails on a cycle
   crds                  regenerate manifests/crds/ from the Rust types (a test fails on drift)
   demo [--keep]         run the local demo mesh end to end
   demo down             remove everything a kept demo left running";
@@ -52,6 +54,11 @@ fn main() -> anyhow::Result<()> {
             kernels::test_kernels(&kernels::Selection::parse(rest)?)
         }
         "fuzz" => fuzz::fuzz(&fuzz::Options::parse(rest)?),
+        "modules" => modgraph::print(
+            &root()
+                .join(rest.first().map_or("mesh-node", String::as_str))
+                .join("src"),
+        ),
         "bench" => {
             build(true)?;
             toolchain::install(toolchain::BENCH_PACKAGES)?;
@@ -157,6 +164,11 @@ fn test() -> anyhow::Result<()> {
     step("cargo fmt --check", || {
         cargo(&["fmt", "--all", "--", "--check"])
     })?;
+    step("no import cycle between modules", || {
+        LAYERED_CRATES
+            .iter()
+            .try_for_each(|c| modgraph::check(&root().join(c).join("src")))
+    })?;
     step("cargo clippy -D warnings", || {
         cargo(&[
             "clippy",
@@ -179,6 +191,9 @@ fn test() -> anyhow::Result<()> {
         kernels::test_kernels(&kernels::Selection::default())
     })
 }
+
+/// The crates whose module graph must stay acyclic (data flows one way through them).
+const LAYERED_CRATES: &[&str] = &["mesh-node", "mesh-ctrl", "mesh-api"];
 
 fn step(name: &str, f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
     eprintln!("==> {name}");

@@ -5,23 +5,13 @@
 //! TokenReview (`token_review`).
 use std::{collections::HashMap, path::Path};
 
+mod credentials;
 pub mod token_review;
+
+pub use credentials::{AuthError, credentials};
 pub use token_review::TokenReviewAuth;
 
-use mesh_api::auth::{AUTHORIZATION, NODE_HEADER};
 use tonic::metadata::MetadataMap;
-
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-pub enum AuthError {
-    #[error("missing {0} metadata")]
-    Missing(&'static str),
-    #[error("unknown node or wrong token for node {0:?}")]
-    Rejected(String),
-    #[error("token of node {node:?} refused: {reason}")]
-    Refused { node: String, reason: String },
-    #[error("cannot check the token now: {0}")]
-    Unavailable(String),
-}
 
 /// Decides which node a call comes from: one of the two ways `--node-auth` chooses.
 pub enum NodeAuth {
@@ -36,20 +26,6 @@ impl NodeAuth {
             NodeAuth::TokenReview(r) => r.authenticate(md).await,
         }
     }
-}
-
-/// The claimed node name and the bearer token of a call.
-pub fn credentials(md: &MetadataMap) -> Result<(&str, &str), AuthError> {
-    let node = md
-        .get(NODE_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .ok_or(AuthError::Missing(NODE_HEADER))?;
-    let token = md
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or(AuthError::Missing(AUTHORIZATION))?;
-    Ok((node, token))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +91,7 @@ impl NodeTokens {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mesh_api::auth::{AUTHORIZATION, NODE_HEADER};
 
     fn md(node: Option<&str>, auth: Option<&str>) -> MetadataMap {
         let mut m = MetadataMap::new();

@@ -14,7 +14,7 @@ use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::{Api, Client, api::PostParams};
 use tonic::metadata::MetadataMap;
 
-use super::{AuthError, credentials};
+use super::credentials::{AuthError, credentials};
 
 /// The user-info extra key carrying the node of the pod a token is bound to.
 pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";

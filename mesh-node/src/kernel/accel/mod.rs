@@ -21,30 +21,30 @@
 //!
 //! Everything here is best effort: a socket that cannot join (the connection already closing, a
 //! map full, no slot free) simply stays on plain TCP.
+mod slots;
 mod stream;
 
 use mesh_api::sync::LockExt;
 use std::{
     net::{IpAddr, SocketAddr},
-    os::fd::{AsFd, AsRawFd},
+    os::fd::AsRawFd,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU32, AtomicU64, Ordering::Relaxed, Ordering::Release},
+        atomic::{AtomicU64, Ordering::Relaxed},
     },
 };
 
 use aya::maps::{HashMap, MapData, SockHash};
-use mesh_abi::{AF_INET, AF_INET6, READ_SLOT_COUNT, ReadSlot, SockKey, globals};
+use mesh_abi::{AF_INET, AF_INET6, SockKey, globals};
 use serde::Serialize;
 use tokio::net::TcpStream;
 use tracing::debug;
 
 pub use stream::{PodReadHalf, PodStream};
 
-use crate::{
-    kernel::btf::{Btf, BtfError},
-    sys::MappedArray,
-};
+use slots::{ReadCount, SlotPool};
+
+use crate::kernel::btf::{Btf, BtfError};
 
 /// At most this much may a pod have sent that the proxy has not read yet before its sends go
 /// through TCP again, whose own buffers and flow control then hold it back. About what TCP
@@ -109,87 +109,14 @@ pub struct Accel(Option<Arc<Inner>>);
 struct Inner {
     /// aya's inserts take `&mut`; a registration is two syscalls, once per connection.
     maps: Mutex<Joins>,
-    slots: MappedArray<Slot>,
-    free: Mutex<Vec<u32>>,
+    slots: Arc<SlotPool>,
     stats: AccelStats,
-    /// Keeps the slot array's map alive as long as it is mapped.
-    _read_slots: MapData,
 }
 
 /// Where the proxy's ends join: the socket map bytes are handed to, and each socket's slot.
 struct Joins {
     socks_rx: SockHash<MapData, SockKey>,
     readers: HashMap<MapData, SockKey, u32>,
-}
-
-/// [`ReadSlot`] as this process shares it with the kernel: the same layout, in atomics.
-#[repr(C)]
-struct Slot {
-    read: AtomicU64,
-    limit: AtomicU32,
-    _reserved: AtomicU32,
-    key: [AtomicU32; 10],
-    _pad: [AtomicU32; 2],
-}
-
-const _: () = assert!(std::mem::size_of::<Slot>() == std::mem::size_of::<ReadSlot>());
-const _: () = assert!(std::mem::offset_of!(Slot, read) == std::mem::offset_of!(ReadSlot, read));
-const _: () = assert!(std::mem::offset_of!(Slot, limit) == std::mem::offset_of!(ReadSlot, limit));
-const _: () = assert!(std::mem::offset_of!(Slot, key) == std::mem::offset_of!(ReadSlot, key));
-const _: () = assert!(std::mem::size_of::<SockKey>() == 40);
-
-impl Slot {
-    fn set_key(&self, key: &SockKey) {
-        for (w, v) in self.key.iter().zip(key_words(key)) {
-            w.store(v, Release);
-        }
-    }
-}
-
-/// A key as the ten 32-bit words the kernel compares (`SockKey` has no padding).
-fn key_words(key: &SockKey) -> [u32; 10] {
-    let mut bytes = [0u8; 40];
-    bytes[..16].copy_from_slice(&key.local_addr);
-    bytes[16..32].copy_from_slice(&key.remote_addr);
-    bytes[32..34].copy_from_slice(&key.local_port.to_ne_bytes());
-    bytes[34..36].copy_from_slice(&key.remote_port.to_ne_bytes());
-    bytes[36..40].copy_from_slice(&key.family.to_ne_bytes());
-    let mut words = [0u32; 10];
-    for (w, c) in words.iter_mut().zip(bytes.chunks_exact(4)) {
-        *w = u32::from_ne_bytes([c[0], c[1], c[2], c[3]]);
-    }
-    words
-}
-
-/// How much the proxy has read from one of its ends, published to the kernel. Dropping it frees
-/// the slot.
-pub struct ReadCount {
-    inner: Arc<Inner>,
-    slot: u32,
-}
-
-impl ReadCount {
-    fn slot(&self) -> &Slot {
-        self.inner
-            .slots
-            .get(self.slot as usize)
-            .expect("slot index from the free list")
-    }
-
-    /// `n` more bytes were read.
-    pub fn add(&self, n: usize) {
-        if n > 0 {
-            self.slot().read.fetch_add(n as u64, Release);
-        }
-    }
-}
-
-impl Drop for ReadCount {
-    fn drop(&mut self) {
-        // A cleared key makes the kernel ignore the slot (its map entry is left to the LRU).
-        self.slot().set_key(&SockKey::default());
-        self.inner.free.locked().push(self.slot);
-    }
 }
 
 impl std::fmt::Debug for Accel {
@@ -208,19 +135,13 @@ impl Accel {
     }
 
     pub fn new(maps: Maps) -> std::io::Result<Self> {
-        // SAFETY: MESH_READ_SLOTS is an array map created BPF_F_MMAPABLE with READ_SLOT_COUNT
-        // entries of `ReadSlot`, whose layout `Slot` matches (asserted above) with atomics only.
-        let slots =
-            unsafe { MappedArray::new(maps.read_slots.fd().as_fd(), READ_SLOT_COUNT as usize) }?;
         Ok(Self(Some(Arc::new(Inner {
             maps: Mutex::new(Joins {
                 socks_rx: maps.socks_rx,
                 readers: maps.readers,
             }),
-            slots,
-            free: Mutex::new((0..READ_SLOT_COUNT).rev().collect()),
+            slots: Arc::new(SlotPool::new(maps.read_slots)?),
             stats: AccelStats::default(),
-            _read_slots: maps.read_slots,
         }))))
     }
 
@@ -250,20 +171,10 @@ impl Accel {
 
     fn try_register(inner: &Arc<Inner>, socket: &TcpStream) -> std::io::Result<ReadCount> {
         let key = sock_key(socket.local_addr()?, socket.peer_addr()?);
-        let slot = inner
-            .free
-            .locked()
-            .pop()
-            .ok_or_else(|| std::io::Error::other("no read slot free"))?;
         // From here on, dropping `reads` gives the slot back.
-        let reads = ReadCount {
-            inner: inner.clone(),
-            slot,
-        };
-        let s = reads.slot();
-        s.read.store(0, Release);
-        s.limit.store(HANDOVER_LIMIT, Release);
-        s.set_key(&key);
+        let reads = SlotPool::take(&inner.slots, &key, HANDOVER_LIMIT)
+            .ok_or_else(|| std::io::Error::other("no read slot free"))?;
+        let slot = reads.index();
         let mut maps = inner.maps.locked();
         // The slot first: a pod that finds no slot uses TCP.
         maps.readers
@@ -282,7 +193,7 @@ impl Accel {
                 "enabled": true,
                 "registered": i.stats.registered.load(Relaxed),
                 "register_failed": i.stats.register_failed.load(Relaxed),
-                "slots_free": i.free.locked().len(),
+                "slots_free": i.slots.free(),
             }),
         }
     }
@@ -381,19 +292,5 @@ mod tests {
             "10.0.0.5:15001".parse().unwrap(),
         );
         assert_eq!(proxy.peer(), pod);
-    }
-
-    #[test]
-    fn key_words_are_the_key_in_memory_order() {
-        let key = sock_key(
-            "10.0.0.5:15001".parse().unwrap(),
-            "10.1.0.2:40000".parse().unwrap(),
-        );
-        let w = key_words(&key);
-        assert_eq!(w[0], u32::from_ne_bytes([10, 0, 0, 5]));
-        assert_eq!(w[4], u32::from_ne_bytes([10, 1, 0, 2]));
-        assert_eq!(w[8], u32::from(15001u16) | (u32::from(40000u16) << 16));
-        assert_eq!(w[9], AF_INET as u32);
-        assert_eq!(key_words(&SockKey::default()), [0; 10]);
     }
 }

@@ -16,7 +16,7 @@ use tokio::{
     },
 };
 
-use super::ReadCount;
+use super::slots::ReadCount;
 
 pub struct PodStream {
     tcp: TcpStream,
