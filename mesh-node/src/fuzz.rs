@@ -313,7 +313,7 @@ impl relay::Gate for Judge {
         };
         (req.method().to_string(), verdict)
     }
-    fn finish(&self, method: String, _: u16, _: &'static str, _: (u64, u64)) {
+    fn finish(&self, method: String, _: u16, _: Option<crate::http::respond::Flag>, _: (u64, u64)) {
         self.finished.locked().push(method);
     }
 }

@@ -31,7 +31,7 @@ use super::{
     exchange::{Failed, Reuse, close, exchange, idle_ok},
     inbound::{Caller, HttpInbound, Ticket},
     relay::Gate,
-    respond::ProxyError,
+    respond::{Flag, ProxyError},
     upstream::{TunnelTarget, to_http1},
 };
 use crate::{
@@ -388,7 +388,7 @@ impl<'s> Gate for ToPod<'s> {
         }
     }
 
-    fn finish(&self, mut t: Ticket<'s>, code: u16, flag: &'static str, bytes: (u64, u64)) {
+    fn finish(&self, mut t: Ticket<'s>, code: u16, flag: Option<Flag>, bytes: (u64, u64)) {
         self.l7
             .finish_request(&mut t, (code, "", flag), bytes, true, Some(&self.recent));
     }

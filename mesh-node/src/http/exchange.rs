@@ -691,7 +691,7 @@ mod tests {
         ) -> ((), Result<(), ProxyError>) {
             ((), Ok(()))
         }
-        fn finish(&self, _: (), _: u16, _: &'static str, _: (u64, u64)) {}
+        fn finish(&self, _: (), _: u16, _: Option<crate::http::respond::Flag>, _: (u64, u64)) {}
     }
 
     #[tokio::test]

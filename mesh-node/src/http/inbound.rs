@@ -21,7 +21,7 @@ use super::{
     UpstreamProtocol,
     body::Body,
     is_grpc,
-    respond::{ProxyError, error_response},
+    respond::{Flag, ProxyError, error_response},
     services::Runtime,
     stats::{L7Stats, Recent, RequestLabels},
     upstream::PodClient,
@@ -120,11 +120,11 @@ pub struct InboundSeriesKey {
     cfg: std::sync::Weak<NodeConfig>,
     ip: IpAddr,
     code: u16,
-    flag: &'static str,
+    flag: Option<Flag>,
 }
 
 impl InboundSeriesKey {
-    fn of(t: &Ticket<'_>, code: u16, flag: &'static str) -> Self {
+    fn of(t: &Ticket<'_>, code: u16, flag: Option<Flag>) -> Self {
         Self {
             cfg: Arc::downgrade(&t.cfg),
             ip: t.caller.ip,
@@ -133,9 +133,9 @@ impl InboundSeriesKey {
         }
     }
 
-    /// No label text compared (the flag is a short static name) and no write to the shared
-    /// config's counts: the config is compared by address.
-    fn is(&self, t: &Ticket<'_>, code: u16, flag: &'static str) -> bool {
+    /// No label text compared and no write to the shared config's counts: the config is
+    /// compared by address.
+    fn is(&self, t: &Ticket<'_>, code: u16, flag: Option<Flag>) -> bool {
         self.code == code
             && self.flag == flag
             && self.ip == t.caller.ip
@@ -179,7 +179,7 @@ impl HttpInbound {
             },
             Err(e) => error_response(&e, grpc),
         };
-        let (code, resp_flag) = (resp.status().as_u16(), super::respond::flag_label(&resp));
+        let (code, resp_flag) = (resp.status().as_u16(), super::respond::flag(&resp));
         let status_now = super::respond::grpc_status(&resp).to_string();
         let response_bytes = super::content_length(resp.headers());
         let in_trailers = super::stats::status_in_trailers(grpc, &resp);
@@ -195,7 +195,7 @@ impl HttpInbound {
             // A gRPC status in trailers: recorded when they arrive.
             None => super::stats::record_at_trailers(
                 &self.stats,
-                ticket.labels(code, "", resp_flag),
+                ticket.labels(code, "", Flag::label(resp_flag)),
                 ticket.started,
                 request_bytes,
                 resp,
@@ -252,11 +252,12 @@ impl HttpInbound {
     pub fn finish_request(
         &self,
         t: &mut Ticket<'_>,
-        (code, grpc_status, resp_flag): (u16, &str, &'static str),
+        (code, grpc_status, resp_flag): (u16, &str, Option<Flag>),
         (request_bytes, response_bytes): (u64, u64),
         series: bool,
         recent: Option<&Recent<InboundSeriesKey>>,
     ) -> Option<Arc<super::stats::Series>> {
+        let flag_label = Flag::label(resp_flag);
         let recorded = series.then(|| {
             let took = t.started.elapsed();
             let bytes = (request_bytes, response_bytes);
@@ -267,7 +268,7 @@ impl HttpInbound {
                     || {
                         (
                             InboundSeriesKey::of(t, code, resp_flag),
-                            t.labels(code, "", resp_flag),
+                            t.labels(code, "", flag_label),
                         )
                     },
                     took,
@@ -275,7 +276,7 @@ impl HttpInbound {
                     false,
                 ),
                 _ => Some(self.stats.record(
-                    t.labels(code, grpc_status, resp_flag),
+                    t.labels(code, grpc_status, flag_label),
                     took,
                     request_bytes,
                     response_bytes,
@@ -289,7 +290,7 @@ impl HttpInbound {
                 span.set("mesh.source.principal", id.to_string());
             }
             span.set("mesh.destination.workload", format!("{ns}/{name}"));
-            span.end(code, resp_flag);
+            span.end(code, flag_label);
         }
         if let Some(seen) = &t.seen {
             let (src_ns, src_name) = t.source_names();
@@ -308,12 +309,12 @@ impl HttpInbound {
             let decision = t
                 .decision
                 .as_deref()
-                .unwrap_or_else(|| access_log::decision(resp_flag));
+                .unwrap_or_else(|| Flag::decision(resp_flag));
             self.access_log.write(
                 &access_log::Entry::new(Reporter::Destination, source, destination, t.started)
                     .http(seen.http(code, grpc_status, ""))
                     .decision(decision)
-                    .flags(resp_flag)
+                    .flags(flag_label)
                     .security(t.security())
                     .bytes(request_bytes, response_bytes),
             );
@@ -415,13 +416,19 @@ mod tests {
             Arc::new(NodeConfig::default()),
         );
         let t = ticket(&cfg, "10.0.0.7");
-        let key = InboundSeriesKey::of(&t, 200, "-");
+        let key = InboundSeriesKey::of(&t, 200, None);
         for (case, other, code, flag, want) in [
-            ("same", ticket(&cfg, "10.0.0.7"), 200, "-", true),
-            ("status", ticket(&cfg, "10.0.0.7"), 503, "-", false),
-            ("flag", ticket(&cfg, "10.0.0.7"), 200, "RL", false),
-            ("caller", ticket(&cfg, "10.0.0.8"), 200, "-", false),
-            ("config", ticket(&next, "10.0.0.7"), 200, "-", false),
+            ("same", ticket(&cfg, "10.0.0.7"), 200, None, true),
+            ("status", ticket(&cfg, "10.0.0.7"), 503, None, false),
+            (
+                "flag",
+                ticket(&cfg, "10.0.0.7"),
+                200,
+                Some(Flag::RateLimited),
+                false,
+            ),
+            ("caller", ticket(&cfg, "10.0.0.8"), 200, None, false),
+            ("config", ticket(&next, "10.0.0.7"), 200, None, false),
         ] {
             assert_eq!(key.is(&other, code, flag), want, "{case}");
         }

@@ -403,7 +403,7 @@ impl HttpOutbound {
         if let Some(seen) = &seen {
             debug!(method = %seen.method, path = %seen.path, status = resp.status().as_u16(), took = ?started.elapsed(), "request");
             if log {
-                let flag = super::respond::flag_label(&resp);
+                let flag = super::respond::flag(&resp);
                 let source = access_log::Peer {
                     workload: &conn.pod.1,
                     namespace: &conn.pod.0,
@@ -425,8 +425,8 @@ impl HttpOutbound {
                     &access_log::Entry::new(Reporter::Source, source, destination, started)
                         .http(http)
                         .service(service)
-                        .decision(access_log::decision(flag))
-                        .flags(flag)
+                        .decision(Flag::decision(flag))
+                        .flags(Flag::label(flag))
                         .bytes(request_bytes, response_bytes),
                 );
             }

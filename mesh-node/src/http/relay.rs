@@ -30,7 +30,7 @@ use super::{
         self, BodyKind, Chunked, FrameError, MAX_FIELDS, MAX_HEAD, says_close, write_fields,
         write_request_head,
     },
-    respond::{FLAG_HEADER, ProxyError, error_h1},
+    respond::{FLAG_HEADER, Flag, ProxyError, error_h1},
     upgrade::UPGRADED_HEADER,
 };
 use crate::proxy::tunnel::Tunnel;
@@ -86,8 +86,8 @@ pub trait Gate: Sync {
         req: &mut Request<()>,
         forwarded: Option<&HeaderValue>,
     ) -> (Self::Ticket, Result<(), ProxyError>);
-    /// The request was answered: `code`, `flag` (ours, `-` for the pod's), body bytes each way.
-    fn finish(&self, t: Self::Ticket, code: u16, flag: &'static str, bytes: (u64, u64));
+    /// The request was answered: `code`, `flag` (ours; none for the pod's), body bytes each way.
+    fn finish(&self, t: Self::Ticket, code: u16, flag: Option<Flag>, bytes: (u64, u64));
 }
 
 /// Opens a connection to the pod: any `FnMut() -> impl Future<Output = Result<Io, _>>`.
@@ -243,7 +243,7 @@ async fn one<C: Carrier, G: Gate, D: Dial>(
             let n = answer.len() as u64;
             carrier.send(answer).await?;
             let code = failed.status().as_u16();
-            gate.finish(ticket, code, failed.flag().as_str(), (request_bytes, n));
+            gate.finish(ticket, code, Some(failed.flag()), (request_bytes, n));
             if !rest.done() {
                 return Ok(Next::End);
             }
@@ -251,7 +251,7 @@ async fn one<C: Carrier, G: Gate, D: Dial>(
         }
     };
     let (response_bytes, until_close) = send_response(&mut p, carrier, head, kind).await?;
-    gate.finish(ticket, code, "-", (request_bytes, response_bytes));
+    gate.finish(ticket, code, None, (request_bytes, response_bytes));
     if until_close {
         return Ok(Next::End);
     }
@@ -277,7 +277,7 @@ async fn refuse<C: Carrier, G: Gate>(
     gate.finish(
         ticket,
         e.status().as_u16(),
-        e.flag().as_str(),
+        Some(e.flag()),
         (request_bytes, n),
     );
     Ok(if close { Next::End } else { Next::Continue })
@@ -794,7 +794,7 @@ mod tests {
     }
 
     /// A request's end as the gate heard it: path, status, flag, body bytes each way.
-    type End = (String, u16, &'static str, (u64, u64));
+    type End = (String, u16, Option<Flag>, (u64, u64));
 
     /// Denies one path; records each request's end.
     #[derive(Default)]
@@ -819,7 +819,7 @@ mod tests {
             };
             (path, verdict)
         }
-        fn finish(&self, t: String, code: u16, flag: &'static str, bytes: (u64, u64)) {
+        fn finish(&self, t: String, code: u16, flag: Option<Flag>, bytes: (u64, u64)) {
             self.ends.lock().unwrap().push((t, code, flag, bytes));
         }
     }
@@ -937,8 +937,8 @@ mod tests {
         assert_eq!(
             *book.ends.lock().unwrap(),
             [
-                ("/a".into(), 200, "-", (0, 2)),
-                ("/b".into(), 201, "-", (5, 13))
+                ("/a".into(), 200, None, (0, 2)),
+                ("/b".into(), 201, None, (5, 13))
             ],
             "{at}"
         );
@@ -999,8 +999,8 @@ mod tests {
             "GET /ok HTTP/1.1\r\n\r\n"
         );
         let ends = book.ends.lock().unwrap();
-        assert_eq!((ends[0].1, ends[0].2), (403, "RBAC"));
-        assert_eq!((ends[1].1, ends[1].2), (204, "-"));
+        assert_eq!((ends[0].1, ends[0].2), (403, Some(Flag::Rbac)));
+        assert_eq!((ends[1].1, ends[1].2), (204, None));
     }
 
     #[tokio::test]

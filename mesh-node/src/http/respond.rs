@@ -62,6 +62,31 @@ impl Flag {
     fn parse(s: &str) -> Option<Flag> {
         Flag::ALL.into_iter().find(|f| f.as_str() == s)
     }
+
+    /// A request's flag as a metrics and access-log label (`-`: none).
+    pub fn label(flag: Option<Flag>) -> &'static str {
+        flag.map_or("-", Flag::as_str)
+    }
+
+    /// What the proxies decided about a request, as its access-log line says it.
+    pub fn decision(flag: Option<Flag>) -> &'static str {
+        match flag {
+            Some(Flag::Rbac) => "denied",
+            Some(Flag::RateLimited) => "rate limited",
+            Some(Flag::Overflow) => "circuit breaker open",
+            Some(Flag::NoRoute) => "no route",
+            Some(Flag::FaultInjected) => "fault injected",
+            // The request was let through; what went wrong after is in the flag.
+            Some(
+                Flag::NoHealthyUpstream
+                | Flag::Timeout
+                | Flag::ConnectFailure
+                | Flag::Reset
+                | Flag::PathError,
+            )
+            | None => "allowed",
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -233,7 +258,7 @@ pub fn flag(resp: &Response<Body>) -> Option<Flag> {
 
 /// [`flag`] as a metrics and access-log label (`-`: none).
 pub fn flag_label(resp: &Response<Body>) -> &'static str {
-    flag(resp).map_or("-", Flag::as_str)
+    Flag::label(flag(resp))
 }
 
 #[cfg(test)]
@@ -257,6 +282,24 @@ mod tests {
         assert_eq!((flag(&remote), flag_label(&remote)), (None, "-"));
         for f in Flag::ALL {
             assert_eq!(Flag::parse(f.as_str()), Some(f));
+        }
+    }
+
+    /// The access log's decision: what the proxies refused, else allowed (an upstream that then
+    /// failed was still allowed).
+    #[test]
+    fn decisions_by_flag() {
+        for (flag, want) in [
+            (None, "allowed"),
+            (Some(Flag::Rbac), "denied"),
+            (Some(Flag::RateLimited), "rate limited"),
+            (Some(Flag::Overflow), "circuit breaker open"),
+            (Some(Flag::NoRoute), "no route"),
+            (Some(Flag::FaultInjected), "fault injected"),
+            (Some(Flag::ConnectFailure), "allowed"),
+            (Some(Flag::Timeout), "allowed"),
+        ] {
+            assert_eq!(Flag::decision(flag), want, "{flag:?}");
         }
     }
 

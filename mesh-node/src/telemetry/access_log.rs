@@ -288,18 +288,6 @@ pub fn trace_id(h: &http::HeaderMap) -> Option<&str> {
     text("x-b3-traceid").or_else(|| text("b3").and_then(|b| b.split('-').next()))
 }
 
-/// What the proxy decided, as the source side sees it (its flag).
-pub fn decision(flag: &str) -> &'static str {
-    match flag {
-        "RBAC" => "denied",
-        "RL" => "rate limited",
-        "UO" => "circuit breaker open",
-        "NR" => "no route",
-        "FI" => "fault injected",
-        _ => "allowed",
-    }
-}
-
 pub fn millis(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
