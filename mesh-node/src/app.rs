@@ -29,7 +29,7 @@ use crate::{
     proxy::drain::{Drain, DrainOutcome},
     proxy::handover::{self, Role, Taken},
     proxy::inbound::Delivery,
-    proxy::outbound::{self, MeshPath, Outbound, OutboundStats},
+    proxy::outbound::{self, MeshPath, Outbound, OutboundStats, View},
     proxy::pod_socket::ProxySource,
     proxy::tunnel::{TunnelServer, Tunnels},
 };
@@ -473,9 +473,11 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
             .collect(),
         mesh: mode.mesh().map(|m| MeshPath {
             node: config.node_name.clone(),
-            placement: m.placement.clone(),
+            view: match mode.config() {
+                Some(rx) => View::Controller(rx),
+                None => View::Placement(m.placement.clone()),
+            },
             tunnels: tunnels.clone().expect("made with the mesh"),
-            config: mode.config(),
         }),
         source: source.clone(),
         enforcer: enforcer.clone(),

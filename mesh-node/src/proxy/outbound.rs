@@ -75,10 +75,49 @@ pub struct OutboundStats {
 /// What the outbound path needs to reach other nodes' workloads over mTLS.
 pub struct MeshPath {
     pub node: String,
-    pub placement: PlacementWatch,
+    pub view: View,
     pub tunnels: Arc<Tunnels>,
-    /// With config from the controller: Services, by cluster IP.
-    pub config: Option<tokio::sync::watch::Receiver<Arc<NodeConfig>>>,
+}
+
+/// Where the outbound path learns where workloads are.
+pub enum View {
+    /// A placement file: workloads, nodes and identities; no Services, routes or policy.
+    Placement(PlacementWatch),
+    /// The controller's configuration, whose placement is part of each version.
+    Controller(tokio::sync::watch::Receiver<Arc<NodeConfig>>),
+}
+
+/// What one connection is judged by, taken once on accept: one placement and, with a
+/// controller, the configuration version it belongs to. Nothing below reads a newer one.
+enum Snapshot {
+    Plain,
+    Placement(Arc<Placement>),
+    Controller(Arc<NodeConfig>),
+}
+
+impl Snapshot {
+    fn of(mesh: Option<&MeshPath>) -> Self {
+        match mesh.map(|m| &m.view) {
+            None => Snapshot::Plain,
+            Some(View::Placement(p)) => Snapshot::Placement(p.current()),
+            Some(View::Controller(c)) => Snapshot::Controller(c.borrow().clone()),
+        }
+    }
+
+    fn placement(&self) -> Option<&Placement> {
+        match self {
+            Snapshot::Plain => None,
+            Snapshot::Placement(p) => Some(p),
+            Snapshot::Controller(c) => Some(&c.placement),
+        }
+    }
+
+    fn config(&self) -> Option<&NodeConfig> {
+        match self {
+            Snapshot::Controller(c) => Some(c),
+            _ => None,
+        }
+    }
 }
 
 /// Where a connection to a Service's cluster IP goes.
@@ -241,15 +280,9 @@ impl Outbound {
             warn!(%peer, %orig_dst, "refused: destination is the proxy itself");
             return reset(client);
         }
-        // What this connection is judged by, taken once: the placement and, with a controller,
-        // the configuration of the same moment.
-        let placement = self.mesh.as_ref().map(|m| m.placement.current());
-        let cfg = self
-            .mesh
-            .as_ref()
-            .and_then(|m| m.config.as_ref())
-            .map(|c| c.borrow().clone());
-        if cfg.as_ref().is_some_and(|c| c.version == 0) {
+        let snapshot = Snapshot::of(self.mesh.as_ref());
+        let (placement, cfg) = (snapshot.placement(), snapshot.config());
+        if cfg.is_some_and(|c| c.version == 0) {
             self.stats.refused_no_config.fetch_add(1, Relaxed);
             warn!(%peer, %orig_dst, "refused: no configuration from the controller yet");
             return reset(client);
@@ -260,9 +293,7 @@ impl Outbound {
         // Who opened it, resolved once: the pod its socket belongs to, and that pod's workload
         // (identity, node) in the placement above.
         let source = Source {
-            workload: placement
-                .as_deref()
-                .and_then(|p| p.pod(&pod.name.namespace, &pod.name.name)),
+            workload: placement.and_then(|p| p.pod(&pod.name.namespace, &pod.name.name)),
             pod: &pod,
         };
         let requested = orig_dst;
@@ -275,13 +306,7 @@ impl Outbound {
                 .unwrap_or_default();
             l
         });
-        let conn = self.l7_conn(
-            &source,
-            peer,
-            orig_dst,
-            placement.as_deref(),
-            cfg.as_deref(),
-        );
+        let conn = self.l7_conn(&source, peer, orig_dst, placement, cfg);
         let client = match conn {
             None => client,
             Some((conn, declared)) => match self.http(client, conn, declared, &tracked).await {
@@ -289,7 +314,7 @@ impl Outbound {
                 Some(c) => c,
             },
         };
-        let orig_dst = match vip(orig_dst, placement.as_deref(), cfg.as_deref()) {
+        let orig_dst = match vip(orig_dst, placement, cfg) {
             Vip::No => orig_dst,
             Vip::Endpoint(addr, service) => {
                 self.stats.to_service.fetch_add(1, Relaxed);
@@ -303,7 +328,7 @@ impl Outbound {
             }
         };
         let this_node = self.mesh.as_ref().map_or("", |m| m.node.as_str());
-        let decision = route(placement.as_deref(), this_node, source.workload, orig_dst);
+        let decision = route(placement, this_node, source.workload, orig_dst);
         let span = info_span!("outbound", src.pod = %pod.name, src.addr = %peer, dst = %requested, dst.endpoint = %orig_dst);
         let started = Instant::now();
         let log = self.access_log.wants(&pod.name.namespace);
@@ -374,7 +399,6 @@ impl Outbound {
                     None => ("closed: the policy now denies this connection", (0, 0)),
                 };
                 let principal = placement
-                    .as_deref()
                     .and_then(|p| p.pod(&namespace, &name))
                     .map(|w| w.identity.clone());
                 logged(
