@@ -13,9 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::{
-    admin::ready::Ready,
-    admin::{self, Admin, Exposure},
-    config::follow::Follow,
+    admin::{Admin, Exposure},
     config::node::NodeConfig,
     config::subscribe,
     config::{Config, MeshConfig, OnExit},
@@ -25,6 +23,7 @@ use crate::{
     kernel::probe::{self, ProbeError},
     mode::{ConfigFeed, Mesh, Mode},
     pods::enroll::{self, EnrollError, EnrollHooks, Enrollment, Pod, PodName},
+    pods::follow::Follow,
     policy::enforce::Enforcer,
     proxy::drain::{Drain, DrainOutcome},
     proxy::handover::{self, Role, Taken},
@@ -32,6 +31,7 @@ use crate::{
     proxy::outbound::{self, MeshPath, Outbound, OutboundStats, View},
     proxy::pod_socket::ProxySource,
     proxy::tunnel::{TunnelServer, Tunnels},
+    ready::Ready,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -317,7 +317,8 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         let path = config.state_dir.join(name);
         move |source| AppError::Socket { path, source }
     };
-    let admin_socket = Admin::bind_unix(&config.state_dir).map_err(socket_err(admin::SOCKET))?;
+    let admin_socket =
+        Admin::bind_unix(&config.state_dir).map_err(socket_err(crate::config::ADMIN_SOCKET))?;
     let handover_socket =
         handover::bind(&config.state_dir).map_err(socket_err(handover::SOCKET))?;
     let metrics_listener = config
@@ -568,7 +569,9 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
             .serve(admin_listener, drain.watch(), Exposure::Read),
     );
     // Everything is up: take the sockets' names over and let the previous generation drain.
-    let admin_socket = admin_socket.publish().map_err(socket_err(admin::SOCKET))?;
+    let admin_socket = admin_socket
+        .publish()
+        .map_err(socket_err(crate::config::ADMIN_SOCKET))?;
     tokio::spawn(admin.serve_unix(admin_socket, drain.watch()));
     let handover_socket = handover_socket
         .publish()

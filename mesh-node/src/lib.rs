@@ -7,13 +7,16 @@
 //! flows one way too: the controller's stream (`config::subscribe`) -> one snapshot
 //! (`config::node`) -> its watchers.
 //!
-//! Layers, lowest first; a module imports only from its own layer or lower ones:
-//! - `sys` (the crate's unsafe system calls), `config` (flags and the controller's config),
-//!   `identity` (certificates, TLS), `kernel` (programs, maps, BTF, socket acceleration);
+//! Layers, lowest first; a module imports only from its own layer or lower ones (`cargo xtask
+//! test` checks it against the table in `xtask/src/modgraph.rs`):
+//! - base: `sys` (the crate's unsafe system calls), `ready`, `config` (flags), `identity`
+//!   (certificates, TLS), `kernel` (programs, maps, BTF, socket acceleration);
+//! - the compiled parts a configuration version holds, pure: `policy::{authz, routes}`,
+//!   `http::{services, balance, policy}` and the HTTP vocabulary in `http`;
+//! - one configuration version and its stream: `config::{node, subscribe}`;
 //! - `pods` (enrollment of the node's pods), `telemetry` (metrics, access log, traces);
-//! - `policy` (authorization, routes), `proxy` (tunnel, outbound, inbound), `http` (the L7
-//!   path);
-//! - `admin`, `mode`, `app` (wiring).
+//! - the data path: `proxy` (tunnel, outbound, inbound), `policy::enforce`, the rest of `http`;
+//! - wiring: `admin`, `mode`, `app`.
 pub mod admin;
 pub mod app;
 pub mod config;
@@ -26,5 +29,6 @@ pub(crate) mod mode;
 pub mod pods;
 pub(crate) mod policy;
 pub(crate) mod proxy;
+pub(crate) mod ready;
 mod sys;
 pub mod telemetry;

@@ -362,6 +362,54 @@ pub fn recv_with_fds(sock: &impl AsRawFd, buf: &mut [u8]) -> io::Result<(usize, 
     Ok((n as usize, fds))
 }
 
+/// A root-only Unix socket bound under a temporary name beside its real one. [`Self::publish`]
+/// renames it into place once the start succeeded, so a start that fails never takes the name
+/// from the generation still running; dropped unpublished, it removes itself.
+pub struct PendingSocket {
+    listener: Option<tokio::net::UnixListener>,
+    tmp: std::path::PathBuf,
+    path: std::path::PathBuf,
+}
+
+impl PendingSocket {
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// Moves the socket to its real name, replacing whatever was there.
+    pub fn publish(mut self) -> std::io::Result<tokio::net::UnixListener> {
+        std::fs::rename(&self.tmp, &self.path)?;
+        Ok(self.listener.take().expect("published once"))
+    }
+}
+
+impl Drop for PendingSocket {
+    fn drop(&mut self) {
+        if self.listener.is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Binds `<state_dir>/<name>` as a [`PendingSocket`], mode 0600.
+pub fn bind_root_socket(state_dir: &std::path::Path, name: &str) -> std::io::Result<PendingSocket> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(state_dir)?;
+    let path = state_dir.join(name);
+    let tmp = state_dir.join(format!(".{name}.{}", std::process::id()));
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let listener = tokio::net::UnixListener::bind(&tmp)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    Ok(PendingSocket {
+        listener: Some(listener),
+        tmp,
+        path,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

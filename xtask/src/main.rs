@@ -164,11 +164,15 @@ fn test() -> anyhow::Result<()> {
     step("cargo fmt --check", || {
         cargo(&["fmt", "--all", "--", "--check"])
     })?;
-    step("no import cycle between modules", || {
-        LAYERED_CRATES
-            .iter()
-            .try_for_each(|c| modgraph::check(&root().join(c).join("src")))
-    })?;
+    step(
+        "no import cycle between modules, none against mesh-node's layers",
+        || {
+            LAYERED_CRATES
+                .iter()
+                .try_for_each(|c| modgraph::check(&root().join(c).join("src")))?;
+            modgraph::check_layers(&root().join("mesh-node/src"), modgraph::MESH_NODE_LAYERS)
+        },
+    )?;
     step("cargo clippy -D warnings", || {
         cargo(&[
             "clippy",

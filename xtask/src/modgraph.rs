@@ -42,6 +42,96 @@ pub(crate) fn check(src: &Path) -> anyhow::Result<()> {
     )
 }
 
+/// A crate's layers: each entry names a module (with its submodules, unless they have an entry
+/// of their own; `X::*` names X's submodules only) and its layer, lowest first.
+pub(crate) type Layers = &'static [(&'static str, u8)];
+
+/// mesh-node's layers (`mesh-node/src/lib.rs` explains them). A module imports only from its own
+/// layer or lower ones.
+pub(crate) const MESH_NODE_LAYERS: Layers = &[
+    // Base: system calls, readiness, flags, certificates, the kernel side.
+    ("sys", 0),
+    ("ready", 0),
+    ("config", 0),
+    ("identity", 0),
+    ("kernel", 0),
+    // The compiled parts a configuration version holds: pure, importing only the base.
+    ("policy::authz", 1),
+    ("policy::routes", 1),
+    ("http", 1),
+    ("http::*", 4),
+    ("http::services", 1),
+    ("http::balance", 1),
+    ("http::policy", 1),
+    // One configuration version, and the stream it comes from.
+    ("config::node", 2),
+    ("config::subscribe", 2),
+    ("pods", 3),
+    ("telemetry", 3),
+    // The data path.
+    ("policy", 4),
+    ("proxy", 4),
+    // Wiring.
+    ("admin", 5),
+    ("mode", 5),
+    ("app", 5),
+    ("fuzz", 6),
+];
+
+/// A module's layer: its own entry, else that of the nearest enclosing module (`X::*` covers
+/// only X's submodules, `X` covers X and them).
+fn layer_of(layers: Layers, m: &[String]) -> Option<u8> {
+    let find = |name: &str| layers.iter().find(|(n, _)| *n == name).map(|(_, l)| *l);
+    find(&m.join("::")).or_else(|| {
+        (1..m.len()).rev().find_map(|n| {
+            let p = m[..n].join("::");
+            find(&format!("{p}::*")).or_else(|| find(&p))
+        })
+    })
+}
+
+/// Fails naming every import from a lower layer into a higher one, and every module the table
+/// does not place.
+pub(crate) fn check_layers(src: &Path, layers: Layers) -> anyhow::Result<()> {
+    let graph = read(src)?;
+    let mut wrong = Vec::new();
+    for (m, deps) in &graph {
+        if m.is_empty() {
+            continue;
+        }
+        let Some(lm) = layer_of(layers, m) else {
+            wrong.push(format!(
+                "{} has no layer (add it to the table in xtask)",
+                name(m)
+            ));
+            continue;
+        };
+        for d in deps.iter().filter(|d| !d.is_empty()) {
+            if let Some(ld) = layer_of(layers, d)
+                && ld > lm
+            {
+                wrong.push(format!(
+                    "{} (layer {lm}) imports {} (layer {ld})",
+                    name(m),
+                    name(d)
+                ));
+            }
+        }
+    }
+    if wrong.is_empty() {
+        eprintln!(
+            "{}: every import goes to the same or a lower layer",
+            src.display()
+        );
+        return Ok(());
+    }
+    bail!(
+        "{}: imports against the layers (move the item down, or pass it in from above):\n  {}",
+        src.display(),
+        wrong.join("\n  ")
+    )
+}
+
 /// Prints each module with what it imports (`cargo xtask modules`).
 pub(crate) fn print(src: &Path) -> anyhow::Result<()> {
     for (m, deps) in read(src)? {
@@ -489,10 +579,35 @@ mod tests {
     }
 
     #[test]
+    fn an_import_into_a_higher_layer_is_named() {
+        const LAYERS: Layers = &[("base", 0), ("http", 0), ("http::*", 2), ("proxy", 2)];
+        let m = |s: &str| -> Module { s.split("::").map(String::from).collect() };
+        assert_eq!(layer_of(LAYERS, &m("http")), Some(0));
+        assert_eq!(layer_of(LAYERS, &m("http::relay")), Some(2));
+        assert_eq!(layer_of(LAYERS, &m("proxy::tunnel::frame")), Some(2));
+        assert_eq!(layer_of(LAYERS, &m("admin")), None);
+        let dir = std::env::temp_dir().join(format!("modgraph-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("http")).unwrap();
+        for (file, text) in [
+            ("lib.rs", "mod base; mod http; mod proxy;"),
+            ("base.rs", "use crate::proxy::Tunnel;"),
+            ("http/mod.rs", "pub enum Protocol {}"),
+            ("proxy.rs", "use crate::http::Protocol;"),
+        ] {
+            std::fs::write(dir.join(file), text).unwrap();
+        }
+        let e = check_layers(&dir, LAYERS).unwrap_err().to_string();
+        assert!(e.contains("base (layer 0) imports proxy (layer 2)"), "{e}");
+        assert!(!e.contains("proxy (layer 2) imports"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn the_crates_of_this_workspace_have_no_cycle() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         for krate in crate::LAYERED_CRATES {
             check(&root.join(krate).join("src")).unwrap();
         }
+        check_layers(&root.join("mesh-node/src"), MESH_NODE_LAYERS).unwrap();
     }
 }

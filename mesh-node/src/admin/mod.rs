@@ -26,7 +26,6 @@
 //! | PUT    | /v1/pods/{namespace}/{name}   | enroll: `{"netns": PATH, "service_account": NAME}`; with a configuration stream: register the pod's sandbox, enrolled while the configuration has it in the mesh (Unix socket only) |
 //! | DELETE | /v1/pods/{namespace}/{name}   | unenroll (and forget the sandbox) (Unix socket only) |
 pub(crate) mod explain;
-pub(crate) mod ready;
 use mesh_api::sync::LockExt;
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
@@ -42,13 +41,13 @@ use tokio::{
 use tracing::warn;
 
 use crate::{
-    admin::ready::Ready,
     config::Config,
     kernel::ebpf::Redirector,
     pods::enroll::{EnrollError, EnrollRequest, Enrollment, PodName},
     proxy::drain::Watch,
     proxy::limits::{HEAD_TIMEOUT, Limit, MAX_ADMIN_HEAD},
     proxy::outbound::OutboundStats,
+    ready::Ready,
 };
 
 pub struct Admin {
@@ -60,7 +59,7 @@ pub struct Admin {
     pub mode: crate::mode::Mode,
     /// With config distribution, enrollment requests register sandboxes and the configuration
     /// decides (see `follow`).
-    pub follow: Option<Arc<crate::config::follow::Follow>>,
+    pub follow: Option<Arc<crate::pods::follow::Follow>>,
     /// Authorization figures, when policy comes from the controller.
     pub enforcer: Option<Arc<crate::policy::enforce::Enforcer>>,
     /// The HTTP path's state and request figures, when config comes from the controller.
@@ -87,9 +86,6 @@ pub enum Exposure {
     /// Reads and changes (the root-only Unix socket).
     Change,
 }
-
-/// The file name of the admin socket in the state directory.
-pub const SOCKET: &str = "admin.sock";
 
 /// Requests that change the node: served only with [`Exposure::Change`].
 fn changes(method: &Method) -> bool {
@@ -216,7 +212,10 @@ impl Admin {
                             StatusCode::METHOD_NOT_ALLOWED,
                             format!(
                                 "changes are served only on the root-only socket {}",
-                                this.config.state_dir.join(SOCKET).display()
+                                this.config
+                                    .state_dir
+                                    .join(crate::config::ADMIN_SOCKET)
+                                    .display()
                             ),
                         )
                     }
@@ -234,9 +233,9 @@ impl Admin {
             .await;
     }
 
-    /// Binds the admin socket for `<state_dir>/admin.sock` (see [`bind_root_socket`]).
-    pub fn bind_unix(state_dir: &std::path::Path) -> std::io::Result<PendingSocket> {
-        bind_root_socket(state_dir, SOCKET)
+    /// Binds the admin socket for `<state_dir>/admin.sock` (see [`crate::sys::bind_root_socket`]).
+    pub fn bind_unix(state_dir: &std::path::Path) -> std::io::Result<crate::sys::PendingSocket> {
+        crate::sys::bind_root_socket(state_dir, crate::config::ADMIN_SOCKET)
     }
 
     /// `/debug/explain?src=POD_OR_IP&dst=IP:PORT[&method=GET&path=/]`.
@@ -561,54 +560,6 @@ impl Admin {
 /// Binds the admin listener.
 /// `SO_REUSEPORT`, like the proxy listeners: during a surge upgrade the new proxy binds its admin
 /// and metrics ports beside the draining one.
-/// A root-only Unix socket bound under a temporary name beside its real one. [`Self::publish`]
-/// renames it into place once the start succeeded, so a start that fails never takes the name
-/// from the generation still running; dropped unpublished, it removes itself.
-pub struct PendingSocket {
-    listener: Option<UnixListener>,
-    tmp: std::path::PathBuf,
-    path: std::path::PathBuf,
-}
-
-impl PendingSocket {
-    pub fn path(&self) -> &std::path::Path {
-        &self.path
-    }
-
-    /// Moves the socket to its real name, replacing whatever was there.
-    pub fn publish(mut self) -> std::io::Result<UnixListener> {
-        std::fs::rename(&self.tmp, &self.path)?;
-        Ok(self.listener.take().expect("published once"))
-    }
-}
-
-impl Drop for PendingSocket {
-    fn drop(&mut self) {
-        if self.listener.is_some() {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
-    }
-}
-
-/// Binds `<state_dir>/<name>` as a [`PendingSocket`], mode 0600.
-pub fn bind_root_socket(state_dir: &std::path::Path, name: &str) -> std::io::Result<PendingSocket> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(state_dir)?;
-    let path = state_dir.join(name);
-    let tmp = state_dir.join(format!(".{name}.{}", std::process::id()));
-    match std::fs::remove_file(&tmp) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    let listener = UnixListener::bind(&tmp)?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
-    Ok(PendingSocket {
-        listener: Some(listener),
-        tmp,
-        path,
-    })
-}
-
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     crate::proxy::outbound::bind(addr)
 }

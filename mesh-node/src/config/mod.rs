@@ -2,7 +2,6 @@
 //!
 //! Parsing (clap) and validation are separate so that every rule lives in [`RunArgs::validate`]
 //! and reports the flag it concerns.
-pub(crate) mod follow;
 pub(crate) mod node;
 pub(crate) mod subscribe;
 use std::{
@@ -273,6 +272,9 @@ pub struct Config {
     pub worker_threads: usize,
     pub mesh: Option<MeshConfig>,
 }
+
+/// The file name of the root-only admin socket in the state directory.
+pub const ADMIN_SOCKET: &str = "admin.sock";
 
 pub(crate) mod humantime_serde_shim {
     pub fn serialize<S: serde::Serializer>(

@@ -26,9 +26,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
 
 use crate::{
-    admin::ready::Blocker,
     config::node::{NodeConfig, Resources},
     identity::Identities,
+    ready::Blocker,
 };
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);

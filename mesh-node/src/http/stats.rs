@@ -14,10 +14,7 @@ use super::body::Body;
 
 use serde::Serialize;
 
-/// Upper bounds of the request duration histogram, in seconds.
-pub const DURATION_BUCKETS: [f64; 12] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
-];
+use crate::telemetry::metrics::DURATION_BUCKETS;
 
 pub const OVERFLOW: &str = "overflow";
 

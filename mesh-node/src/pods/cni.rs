@@ -109,7 +109,7 @@ impl PluginConf {
     fn socket(&self) -> PathBuf {
         self.admin_socket
             .clone()
-            .unwrap_or_else(|| self.state_dir.join(crate::admin::SOCKET))
+            .unwrap_or_else(|| self.state_dir.join(crate::config::ADMIN_SOCKET))
     }
 }
 

@@ -25,9 +25,9 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::{
-    config::follow::Follow,
     config::node::NodeConfig,
     pods::enroll::{EnrollRequest, PodName},
+    pods::follow::Follow,
 };
 
 const QOS: [&str; 2] = ["burstable", "besteffort"];

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, UnixListener};
 use tracing::{info, warn};
 
-use crate::{admin::PendingSocket, sys};
+use crate::sys::{self, PendingSocket};
 
 pub const SOCKET: &str = "handover.sock";
 
@@ -121,7 +121,7 @@ pub fn take_over(state_dir: &Path) -> io::Result<Option<Taken>> {
 
 /// Binds the hand-over socket (root only), to replace a previous generation's once published.
 pub fn bind(state_dir: &Path) -> io::Result<PendingSocket> {
-    crate::admin::bind_root_socket(state_dir, SOCKET)
+    sys::bind_root_socket(state_dir, SOCKET)
 }
 
 /// Hands this generation's listeners to the next one. Resolves once a new generation took them

@@ -207,6 +207,11 @@ fn n(v: &Value) -> u64 {
     v.as_u64().unwrap_or(0)
 }
 
+/// Upper bounds of the request duration histogram, in seconds.
+pub const DURATION_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
 /// Renders the `/v1/counters` snapshot (plus `config`, the stream's status) as Prometheus text.
 pub fn render(snapshot: &Value) -> String {
     let recorder = PrometheusBuilder::new().build_recorder();
@@ -432,7 +437,7 @@ fn requests(s: &Value) {
             .as_array()
             .cloned()
             .unwrap_or_default();
-        for (bound, v) in crate::http::stats::DURATION_BUCKETS.iter().zip(&buckets) {
+        for (bound, v) in DURATION_BUCKETS.iter().zip(&buckets) {
             let mut l = labels.clone();
             l.push(metrics::Label::new("le", bound.to_string()));
             counter!("mesh_request_duration_seconds_bucket", l).absolute(n(v));
