@@ -24,14 +24,18 @@ use crate::{
     mode::{ConfigFeed, Mesh, Mode},
     pods::enroll::{self, EnrollError, EnrollHooks, Enrollment, Pod, PodName},
     pods::follow::Follow,
+    policy::authz::DecisionCounts,
     policy::enforce::Enforcer,
     proxy::drain::{Drain, DrainOutcome},
     proxy::handover::{self, Role, Taken},
     proxy::inbound::Delivery,
+    proxy::limits::{Handshakes, Hits, PerPod},
     proxy::outbound::{self, MeshPath, Outbound, OutboundStats, View},
     proxy::pod_socket::ProxySource,
     proxy::tunnel::{TunnelServer, Tunnels},
     ready::Ready,
+    sys::PendingSocket,
+    telemetry::{access_log::AccessLog, live::Connections, trace::Tracing},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -207,6 +211,91 @@ fn subscribe_config(
     )
 }
 
+/// Everything this generation serves on, bound (or taken over from the generation running)
+/// before any program is attached: a redirected connection must always find the proxy.
+struct Listeners {
+    outbound: Vec<TcpListener>,
+    /// Empty without a controller (no identities, no tunnel).
+    tunnel: Vec<TcpListener>,
+    admin: TcpListener,
+    metrics: Option<TcpListener>,
+    admin_socket: PendingSocket,
+    handover_socket: PendingSocket,
+    /// What the running generation handed over; told when this one serves.
+    taken: Option<Taken>,
+}
+
+impl Listeners {
+    fn bind(config: &Config) -> Result<Self, AppError> {
+        // A generation already running hands its listeners over: no connect is refused meanwhile.
+        let mut taken =
+            handover::take_over(&config.state_dir).map_err(socket_err(config, handover::SOCKET))?;
+        let outbound = bind_all(
+            config,
+            &mut taken,
+            config.outbound_port,
+            Role::Outbound,
+            "outbound listener",
+        )?;
+        let tunnel = match config.mesh {
+            Some(_) => bind_all(
+                config,
+                &mut taken,
+                HBONE_PORT,
+                Role::Tunnel,
+                "tunnel listener",
+            )?,
+            None => Vec::new(),
+        };
+        let admin = listen(&mut taken, Role::Admin, config.admin_addr, "admin endpoint")?;
+        let admin_socket = Admin::bind_unix(&config.state_dir)
+            .map_err(socket_err(config, crate::config::ADMIN_SOCKET))?;
+        let handover_socket =
+            handover::bind(&config.state_dir).map_err(socket_err(config, handover::SOCKET))?;
+        let metrics = config
+            .metrics_addr
+            .map(|addr| listen(&mut taken, Role::Metrics, addr, "metrics endpoint"))
+            .transpose()?;
+        Ok(Self {
+            outbound,
+            tunnel,
+            admin,
+            metrics,
+            admin_socket,
+            handover_socket,
+            taken,
+        })
+    }
+
+    fn admin_addr(&self, config: &Config) -> Result<SocketAddr, AppError> {
+        self.admin.local_addr().map_err(|source| AppError::Bind {
+            what: "admin endpoint",
+            addr: config.admin_addr,
+            source,
+        })
+    }
+
+    /// This generation's own descriptors of its listeners, for the next one to take over.
+    fn offered(&self) -> std::io::Result<Vec<(Role, SocketAddr, std::os::fd::OwnedFd)>> {
+        self.outbound
+            .iter()
+            .map(|l| handover::entry(Role::Outbound, l))
+            .chain(self.tunnel.iter().map(|l| handover::entry(Role::Tunnel, l)))
+            .chain(std::iter::once(handover::entry(Role::Admin, &self.admin)))
+            .chain(
+                self.metrics
+                    .iter()
+                    .map(|l| handover::entry(Role::Metrics, l)),
+            )
+            .collect()
+    }
+}
+
+fn socket_err(config: &Config, name: &str) -> impl FnOnce(std::io::Error) -> AppError + use<> {
+    let path = config.state_dir.join(name);
+    move |source| AppError::Socket { path, source }
+}
+
 /// Binds one listener per proxy address on `port` (0: the first bind picks it, the others follow).
 fn bind_all(
     config: &Config,
@@ -257,11 +346,9 @@ fn addrs(listeners: &[TcpListener]) -> Vec<SocketAddr> {
         .collect()
 }
 
-pub async fn build(config: Config) -> Result<Bound, AppError> {
-    let ready = Ready::default();
-    let not_attached = ready.register("ebpf");
-    let not_listening = ready.register("listeners");
-
+/// Checks the kernel before anything is touched: a missing required feature stops the start
+/// with one line naming it.
+fn check_kernel(config: &Config) -> Result<probe::Kernel, AppError> {
     probe::check(&config.cgroup, &config.bpffs)?;
     match crate::sys::raise_nofile_limit() {
         Ok((before, after)) => info!(
@@ -273,66 +360,23 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
     let kernel = probe::kernel(config.socket_acceleration, config.inbound_program);
     kernel.log();
     kernel.require()?;
-    let object = ebpf::object_bytes(config.ebpf_object.as_deref())?;
+    Ok(kernel)
+}
 
-    // A generation already running hands its listeners over: no connect is refused meanwhile.
-    let mut taken = handover::take_over(&config.state_dir).map_err(|source| AppError::Socket {
-        path: config.state_dir.join(handover::SOCKET),
-        source,
-    })?;
-    // Listen before attaching: a redirected connection must always find the proxy.
-    let listeners = bind_all(
-        &config,
-        &mut taken,
-        config.outbound_port,
-        Role::Outbound,
-        "outbound listener",
-    )?;
-    let outbound_addrs = addrs(&listeners);
-    let mode = match &config.mesh {
-        Some(m) => start_mesh(&config, m, &ready)?,
-        None => Mode::Plain,
-    };
-    let inbound_listeners = if mode.mesh().is_some() {
-        bind_all(
-            &config,
-            &mut taken,
-            HBONE_PORT,
-            Role::Tunnel,
-            "tunnel listener",
-        )?
-    } else {
-        Vec::new()
-    };
-    let inbound_addrs = addrs(&inbound_listeners);
-    let admin_listener = listen(&mut taken, Role::Admin, config.admin_addr, "admin endpoint")?;
-    let admin_addr = admin_listener
-        .local_addr()
-        .map_err(|source| AppError::Bind {
-            what: "admin endpoint",
-            addr: config.admin_addr,
-            source,
-        })?;
-    let socket_err = |name: &str| {
-        let path = config.state_dir.join(name);
-        move |source| AppError::Socket { path, source }
-    };
-    let admin_socket =
-        Admin::bind_unix(&config.state_dir).map_err(socket_err(crate::config::ADMIN_SOCKET))?;
-    let handover_socket =
-        handover::bind(&config.state_dir).map_err(socket_err(handover::SOCKET))?;
-    let metrics_listener = config
-        .metrics_addr
-        .map(|addr| listen(&mut taken, Role::Metrics, addr, "metrics endpoint"))
-        .transpose()?;
-
+/// Loads and attaches the redirect programs, pointed at the outbound listener.
+fn attach(
+    config: &Config,
+    object: &[u8],
+    outbound: &[SocketAddr],
+    kernel: &probe::Kernel,
+) -> Result<Arc<Redirector>, AppError> {
     let spec = RedirectSpec {
         cgroup: config.cgroup.clone(),
         pin_dir: config.pin_dir.clone(),
         log_level: config.ebpf_log_level.as_aya(),
         proxy_ipv4: config.proxy_ipv4,
         proxy_ipv6: config.proxy_ipv6,
-        proxy_port: outbound_addrs
+        proxy_port: outbound
             .first()
             .map_or(config.outbound_port, SocketAddr::port),
         exclude_ports: config.exclude_ports.clone(),
@@ -341,11 +385,18 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         redirected_per_pod: u32::try_from(config.limits.max_connections_per_pod)
             .unwrap_or(u32::MAX),
     };
-    // Every listener is bound above: from here on, only the kernel can refuse the start.
-    let redirector = Arc::new(Redirector::load(&object, &spec, &kernel)?);
-    drop(not_attached);
+    let redirector = Arc::new(Redirector::load(object, &spec, kernel)?);
     info!(cgroup = %config.cgroup.display(), pin_dir = %config.pin_dir.display(), "redirect programs attached");
+    Ok(redirector)
+}
 
+/// The node's pods: enrollment, with identities fetched as they join and the kernel flags,
+/// enrollment and discovery kept in step with the configuration.
+fn enroll_pods(
+    config: &Config,
+    mode: &Mode,
+    redirector: &Arc<Redirector>,
+) -> Result<(Arc<Enrollment>, Option<Arc<Follow>>), AppError> {
     let hooks = mode.mesh().map(|m| {
         Arc::new(IdentityHooks {
             identities: m.identities.clone(),
@@ -359,7 +410,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
     )?);
     // With a config stream, `Follow` re-applies flags on every version; with a placement file,
     // this follows the file.
-    if let Mode::Placement(m) = &mode {
+    if let Mode::Placement(m) = mode {
         tokio::spawn(follow_inbound_modes(m.placement.clone(), pods.clone()));
     }
     let follow = mode
@@ -378,34 +429,195 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
             tokio::spawn(d.run());
         }
     }
-    let decisions = Arc::new(crate::policy::authz::DecisionCounts::default());
+    Ok((pods, follow))
+}
+
+/// The bounds one pod or one stranger is held to, and what counts their hits.
+struct Guards {
+    hits: Arc<Hits>,
+    connections_per_pod: Arc<PerPod>,
+    requests_per_pod: Arc<PerPod>,
+    /// Tunnel handshakes in progress (with a controller).
+    handshakes: Option<Arc<Handshakes>>,
+}
+
+impl Guards {
+    fn start(config: &Config, mode: &Mode) -> Self {
+        let connections_per_pod = Arc::new(PerPod::new(config.limits.max_connections_per_pod));
+        let requests_per_pod = Arc::new(PerPod::new(config.limits.max_requests_per_pod));
+        tokio::spawn({
+            let (c, r) = (connections_per_pod.clone(), requests_per_pod.clone());
+            async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    c.prune();
+                    r.prune();
+                }
+            }
+        });
+        Self {
+            hits: Arc::default(),
+            connections_per_pod,
+            requests_per_pod,
+            handshakes: mode
+                .mesh()
+                .map(|_| Handshakes::new(config.limits.max_tunnel_handshakes)),
+        }
+    }
+}
+
+/// What records the traffic: request series, live connections, traces, access logs.
+struct Recorders {
+    l7_stats: Arc<L7Stats>,
+    live: Arc<Connections>,
+    tracing: Arc<Tracing>,
+    access_log: Arc<AccessLog>,
+}
+
+impl Recorders {
+    fn new(config: &Config, mode: &Mode) -> Result<Self, AppError> {
+        Ok(Self {
+            l7_stats: Arc::new(L7Stats::new(config.metrics_label_budget)),
+            live: Arc::default(),
+            tracing: Arc::new(Tracing::new(
+                config.otlp_endpoint.as_deref(),
+                config.trace_sample_percent,
+                &config.node_name,
+            )?),
+            access_log: Arc::new(AccessLog::new(config.access_log, mode.config())),
+        })
+    }
+}
+
+/// The HTTP path, which needs routes and policies: it runs with config from the controller.
+/// Its inbound side (requests for this node's pods) and its outbound side (with the tunnels).
+fn http_path(
+    config: &Config,
+    mode: &Mode,
+    (pods, source, tunnels): (&Arc<Enrollment>, &ProxySource, Option<&Arc<Tunnels>>),
+    rec: &Recorders,
+    decisions: &Arc<DecisionCounts>,
+    hits: &Arc<Hits>,
+) -> (Option<Arc<HttpInbound>>, Option<outbound::L7Path>) {
+    let inbound = mode.config().map(|rx| {
+        Arc::new(HttpInbound {
+            config: rx,
+            runtime: Arc::default(),
+            pods: PodClient::new(source.clone(), config.connect_timeout),
+            enrollment: pods.clone(),
+            stats: rec.l7_stats.clone(),
+            counters: Default::default(),
+            access_log: rec.access_log.clone(),
+            tracing: rec.tracing.clone(),
+            decisions: decisions.clone(),
+            escaped_slashes: config.path_escaped_slashes,
+        })
+    });
+    let outbound = inbound
+        .as_ref()
+        .zip(tunnels)
+        .map(|(inbound, tunnels)| outbound::L7Path {
+            proxy: Arc::new(HttpOutbound {
+                node: config.node_name.clone(),
+                config: inbound.config.clone(),
+                tunnels: tunnels.clone(),
+                carried: crate::http::carried::Carried::new(tunnels.clone()),
+                inbound: inbound.clone(),
+                stats: rec.l7_stats.clone(),
+                access_log: rec.access_log.clone(),
+                tracing: rec.tracing.clone(),
+                limit_hits: hits.clone(),
+            }),
+            detect_timeout: config.protocol_detect_timeout,
+            opaque_ports: config.opaque_ports.clone(),
+            seen: Default::default(),
+            declared_wait: Duration::from_secs(10),
+        });
+    (inbound, outbound)
+}
+
+/// The tunnel server: other nodes' proxies reach this node's pods through it.
+fn serve_tunnel(
+    config: &Config,
+    m: &Mesh,
+    (pods, deliver): (&Arc<Enrollment>, Delivery),
+    guards: &Guards,
+    listeners: Vec<TcpListener>,
+    drain: &Drain,
+) {
+    let server = Arc::new(TunnelServer {
+        node: config.node_name.clone(),
+        identities: m.identities.clone(),
+        placement: m.placement.clone(),
+        pods: pods.clone(),
+        stats: m.tunnel_stats.clone(),
+        handshakes: guards.handshakes.clone().expect("made with the mesh"),
+        limit_hits: guards.hits.clone(),
+        idle_timeout: config.limits.tunnel_idle_timeout,
+        deliver: Arc::new(deliver),
+    });
+    for l in listeners {
+        tokio::spawn(server.clone().serve(l, drain.watch()));
+    }
+}
+
+/// Everything is up: takes the root-only sockets' names over (so the CNI plugin finds this
+/// generation) and offers this generation's listeners to the next one. The token is cancelled
+/// once the next generation took them.
+fn publish(
+    config: &Config,
+    admin: Arc<Admin>,
+    (admin_socket, handover_socket): (PendingSocket, PendingSocket),
+    offered: Vec<(Role, SocketAddr, std::os::fd::OwnedFd)>,
+    drain: &Drain,
+) -> Result<CancellationToken, AppError> {
+    let admin_socket = admin_socket
+        .publish()
+        .map_err(socket_err(config, crate::config::ADMIN_SOCKET))?;
+    tokio::spawn(admin.serve_unix(admin_socket, drain.watch()));
+    let handover_socket = handover_socket
+        .publish()
+        .map_err(socket_err(config, handover::SOCKET))?;
+    let handed_over = CancellationToken::new();
+    tokio::spawn({
+        let handed_over = handed_over.clone();
+        async move {
+            handover::offer(handover_socket, offered).await;
+            handed_over.cancel();
+        }
+    });
+    Ok(handed_over)
+}
+
+/// Builds and starts the node proxy: kernel check, listeners, programs, pods, then the data
+/// path, the tunnel server and the admin endpoints. Returns once everything serves.
+pub async fn build(config: Config) -> Result<Bound, AppError> {
+    let ready = Ready::default();
+    let not_attached = ready.register("ebpf");
+    let not_listening = ready.register("listeners");
+
+    let kernel = check_kernel(&config)?;
+    let object = ebpf::object_bytes(config.ebpf_object.as_deref())?;
+    let listeners = Listeners::bind(&config)?;
+    let outbound_addrs = addrs(&listeners.outbound);
+    let inbound_addrs = addrs(&listeners.tunnel);
+    let admin_addr = listeners.admin_addr(&config)?;
+    let mode = match &config.mesh {
+        Some(m) => start_mesh(&config, m, &ready)?,
+        None => Mode::Plain,
+    };
+    // Every listener is bound: from here on, only the kernel can refuse the start.
+    let redirector = attach(&config, &object, &outbound_addrs, &kernel)?;
+    drop(not_attached);
+    let (pods, follow) = enroll_pods(&config, &mode, &redirector)?;
+
+    let decisions = Arc::new(DecisionCounts::default());
     let enforcer = mode.config().map(|rx| Enforcer::new(rx, decisions.clone()));
     if let Some(e) = &enforcer {
         tokio::spawn(e.clone().run());
     }
-    let stats = Arc::new(OutboundStats::default());
-    let drain = Drain::new();
-    let limit_hits = Arc::new(crate::proxy::limits::Hits::default());
-    let per_pod = Arc::new(crate::proxy::limits::PerPod::new(
-        config.limits.max_connections_per_pod,
-    ));
-    let requests_per_pod = Arc::new(crate::proxy::limits::PerPod::new(
-        config.limits.max_requests_per_pod,
-    ));
-    tokio::spawn({
-        let (per_pod, requests_per_pod) = (per_pod.clone(), requests_per_pod.clone());
-        async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(30)).await;
-                per_pod.prune();
-                requests_per_pod.prune();
-            }
-        }
-    });
-    let handshakes = mode
-        .mesh()
-        .map(|_| crate::proxy::limits::Handshakes::new(config.limits.max_tunnel_handshakes));
-
+    let guards = Guards::start(&config, &mode);
+    let rec = Recorders::new(&config, &mode)?;
     let source = ProxySource {
         v4: config.proxy_ipv4,
         v6: config.proxy_ipv6,
@@ -416,52 +628,15 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
     let tunnels = mode
         .mesh()
         .map(|m| Tunnels::new(m.identities.clone(), m.tunnel_stats.clone()));
-    let l7_stats = Arc::new(L7Stats::new(config.metrics_label_budget));
-    let live = Arc::new(crate::telemetry::live::Connections::default());
-    let tracing = Arc::new(crate::telemetry::trace::Tracing::new(
-        config.otlp_endpoint.as_deref(),
-        config.trace_sample_percent,
-        &config.node_name,
-    )?);
-    let access_log = Arc::new(crate::telemetry::access_log::AccessLog::new(
-        config.access_log,
-        mode.config(),
-    ));
-    // The HTTP path needs routes and policies: it runs with config from the controller.
-    let l7_inbound = mode.config().map(|rx| {
-        Arc::new(HttpInbound {
-            config: rx,
-            runtime: Arc::default(),
-            pods: PodClient::new(source.clone(), config.connect_timeout),
-            enrollment: pods.clone(),
-            stats: l7_stats.clone(),
-            counters: Default::default(),
-            access_log: access_log.clone(),
-            tracing: tracing.clone(),
-            decisions: decisions.clone(),
-            escaped_slashes: config.path_escaped_slashes,
-        })
-    });
-    let l7_path = l7_inbound
-        .as_ref()
-        .zip(tunnels.as_ref())
-        .map(|(inbound, tunnels)| outbound::L7Path {
-            proxy: Arc::new(HttpOutbound {
-                node: config.node_name.clone(),
-                config: inbound.config.clone(),
-                tunnels: tunnels.clone(),
-                carried: crate::http::carried::Carried::new(tunnels.clone()),
-                inbound: inbound.clone(),
-                stats: l7_stats.clone(),
-                access_log: access_log.clone(),
-                tracing: tracing.clone(),
-                limit_hits: limit_hits.clone(),
-            }),
-            detect_timeout: config.protocol_detect_timeout,
-            opaque_ports: config.opaque_ports.clone(),
-            seen: Default::default(),
-            declared_wait: Duration::from_secs(10),
-        });
+    let (l7_inbound, l7_path) = http_path(
+        &config,
+        &mode,
+        (&pods, &source, tunnels.as_ref()),
+        &rec,
+        &decisions,
+        &guards.hits,
+    );
+    let stats = Arc::new(OutboundStats::default());
     let proxy = Arc::new(Outbound {
         orig: redirector.clone(),
         pods: pods.clone(),
@@ -483,66 +658,47 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         source: source.clone(),
         enforcer: enforcer.clone(),
         l7: l7_path,
-        access_log: access_log.clone(),
-        live: live.clone(),
-        per_pod,
-        requests_per_pod,
-        limit_hits: limit_hits.clone(),
+        access_log: rec.access_log.clone(),
+        live: rec.live.clone(),
+        per_pod: guards.connections_per_pod.clone(),
+        requests_per_pod: guards.requests_per_pod.clone(),
+        limit_hits: guards.hits.clone(),
     });
-    // This generation's own descriptors of its listeners, for the next generation to take over.
     let offered = listeners
-        .iter()
-        .map(|l| handover::entry(Role::Outbound, l))
-        .chain(
-            inbound_listeners
-                .iter()
-                .map(|l| handover::entry(Role::Tunnel, l)),
-        )
-        .chain(std::iter::once(handover::entry(
-            Role::Admin,
-            &admin_listener,
-        )))
-        .chain(
-            metrics_listener
-                .iter()
-                .map(|l| handover::entry(Role::Metrics, l)),
-        )
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(socket_err(handover::SOCKET))?;
-    for l in listeners {
+        .offered()
+        .map_err(socket_err(&config, handover::SOCKET))?;
+    let Listeners {
+        outbound,
+        tunnel,
+        admin: admin_listener,
+        metrics,
+        admin_socket,
+        handover_socket,
+        taken,
+    } = listeners;
+    let drain = Drain::new();
+    for l in outbound {
         tokio::spawn(proxy.clone().serve(l, drain.watch()));
     }
-    if let Some(m) = mode.mesh() {
-        let inbound = Arc::new(Delivery {
-            node: config.node_name.clone(),
-            placement: m.placement.clone(),
-            pods: pods.clone(),
-            stats: m.tunnel_stats.clone(),
-            connect_timeout: config.connect_timeout,
-            source,
-            enforcer: enforcer.clone(),
-            l7: l7_inbound.clone(),
-            access_log: access_log.clone(),
-            live: live.clone(),
-        });
-        let server = Arc::new(TunnelServer {
-            node: config.node_name.clone(),
-            identities: m.identities.clone(),
-            placement: m.placement.clone(),
-            pods: pods.clone(),
-            stats: m.tunnel_stats.clone(),
-            handshakes: handshakes.clone().expect("made with the mesh"),
-            limit_hits: limit_hits.clone(),
-            idle_timeout: config.limits.tunnel_idle_timeout,
-            deliver: inbound,
-        });
-        for l in inbound_listeners {
-            tokio::spawn(server.clone().serve(l, drain.watch()));
+    match mode.mesh() {
+        Some(m) => {
+            let deliver = Delivery {
+                node: config.node_name.clone(),
+                placement: m.placement.clone(),
+                pods: pods.clone(),
+                stats: m.tunnel_stats.clone(),
+                connect_timeout: config.connect_timeout,
+                source,
+                enforcer: enforcer.clone(),
+                l7: l7_inbound.clone(),
+                access_log: rec.access_log.clone(),
+                live: rec.live.clone(),
+            };
+            serve_tunnel(&config, m, (&pods, deliver), &guards, tunnel, &drain);
         }
-    } else {
-        tracing::warn!(
+        None => tracing::warn!(
             "no controller configured: connections are relayed as plain TCP, without identities"
-        );
+        ),
     }
 
     let admin = Arc::new(Admin {
@@ -555,12 +711,12 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         follow,
         enforcer,
         l7: l7_inbound,
-        live,
+        live: rec.live,
         changes_refused: Default::default(),
-        limit_hits,
-        handshakes,
+        limit_hits: guards.hits,
+        handshakes: guards.handshakes,
     });
-    if let Some(l) = metrics_listener {
+    if let Some(l) = metrics {
         tokio::spawn(admin.clone().serve(l, drain.watch(), Exposure::Metrics));
     }
     tokio::spawn(
@@ -568,22 +724,13 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
             .clone()
             .serve(admin_listener, drain.watch(), Exposure::Read),
     );
-    // Everything is up: take the sockets' names over and let the previous generation drain.
-    let admin_socket = admin_socket
-        .publish()
-        .map_err(socket_err(crate::config::ADMIN_SOCKET))?;
-    tokio::spawn(admin.serve_unix(admin_socket, drain.watch()));
-    let handover_socket = handover_socket
-        .publish()
-        .map_err(socket_err(handover::SOCKET))?;
-    let handed_over = CancellationToken::new();
-    tokio::spawn({
-        let handed_over = handed_over.clone();
-        async move {
-            handover::offer(handover_socket, offered).await;
-            handed_over.cancel();
-        }
-    });
+    let handed_over = publish(
+        &config,
+        admin,
+        (admin_socket, handover_socket),
+        offered,
+        &drain,
+    )?;
     // Ready only now: callers of the admin socket (the CNI plugin) find it in place.
     drop(not_listening);
     if let Some(t) = taken {
