@@ -289,8 +289,8 @@ impl Admin {
     }
 
     /// Everything the node counts, as `/v1/counters` shows it and `/metrics` renders it.
-    fn counters(&self) -> Result<serde_json::Value, String> {
-        let c = self.redirector.counters().map_err(|e| e.to_string())?;
+    fn counters(&self) -> Result<serde_json::Value, crate::kernel::ebpf::EbpfError> {
+        let c = self.redirector.counters()?;
         let pods = self.pods.list();
         let names: std::collections::HashMap<_, _> =
             pods.iter().map(|p| (p.id, p.name.to_string())).collect();
@@ -430,7 +430,10 @@ impl Admin {
             }
             (&Method::GET, ["v1", "counters"]) => match self.counters() {
                 Ok(body) => json_response(StatusCode::OK, body),
-                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+                Err(e) => error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    mesh_api::placement::error_chain(&e),
+                ),
             },
             (&Method::GET, ["metrics"]) => match self.counters() {
                 Ok(body) => Response::builder()
@@ -440,7 +443,10 @@ impl Admin {
                         &body,
                     ))))
                     .expect("static response parts"),
-                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+                Err(e) => error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    mesh_api::placement::error_chain(&e),
+                ),
             },
             (&Method::GET, ["v1", "config"]) => json_response(StatusCode::OK, json!(self.config)),
             (&Method::GET, ["debug", "explain"]) => self.explain(&req),
@@ -482,7 +488,10 @@ impl Admin {
                 let directives = String::from_utf8_lossy(&body).trim().to_string();
                 match crate::telemetry::logging::set_filter(&directives) {
                     Ok(()) => json_response(StatusCode::OK, json!({"filter": directives})),
-                    Err(e) => error(StatusCode::BAD_REQUEST, e),
+                    Err(e) => error(
+                        StatusCode::BAD_REQUEST,
+                        mesh_api::placement::error_chain(&e),
+                    ),
                 }
             }
             (&Method::GET, ["v1", "mesh-config"]) => match self.mode.feed() {

@@ -31,7 +31,7 @@ fn install(args: &[String]) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("mesh-cni install: {e}");
+            eprintln!("mesh-cni install: {}", mesh_api::placement::error_chain(&e));
             ExitCode::FAILURE
         }
     }

@@ -21,6 +21,47 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 pub const SUPPORTED: [&str; 3] = ["0.4.0", "1.0.0", "1.1.0"];
+
+/// Why the node proxy did not take a registration.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    #[error("cannot reach {}", .socket.display())]
+    Unreachable {
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no HTTP answer from {}", .0.display())]
+    NoAnswer(PathBuf),
+    #[error("{} answered {status}: {body}", .socket.display())]
+    Refused {
+        socket: PathBuf,
+        status: u16,
+        body: String,
+    },
+}
+
+/// Why the plugin could not be installed on the node.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error("{what} {}", .path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parsing {}", .path.display())]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("no .conflist in {}: the cluster's network plugin is not installed yet", .0.display())]
+    NoList(PathBuf),
+    #[error("{} has no plugins list", .0.display())]
+    NoPlugins(PathBuf),
+}
 /// CNI's "try again later".
 pub const TRY_AGAIN: u32 = 11;
 
@@ -89,7 +130,11 @@ pub enum Decision {
 
 /// What to do with a new pod, given whether the node proxy took its registration, whether its
 /// namespace is excluded, and what the saved configuration says about its namespace.
-pub fn decide(registered: Result<(), String>, excluded: bool, saved: Option<bool>) -> Decision {
+pub fn decide(
+    registered: Result<(), RegisterError>,
+    excluded: bool,
+    saved: Option<bool>,
+) -> Decision {
     if excluded {
         return Decision::Pass("excluded namespace");
     }
@@ -97,10 +142,12 @@ pub fn decide(registered: Result<(), String>, excluded: bool, saved: Option<bool
         (Ok(()), _) => Decision::Registered,
         (Err(_), Some(false)) => Decision::Pass("namespace not in the mesh"),
         (Err(e), Some(true)) => Decision::Refuse(format!(
-            "the node proxy is not reachable ({e}) and the pod's namespace is in the mesh: not starting it until the proxy can redirect it"
+            "the node proxy is not reachable ({}) and the pod's namespace is in the mesh: not starting it until the proxy can redirect it",
+            mesh_api::placement::error_chain(&e)
         )),
         (Err(e), None) => Decision::Refuse(format!(
-            "the node proxy is not reachable ({e}) and has never saved a configuration: not starting pods until it is up"
+            "the node proxy is not reachable ({}) and has never saved a configuration: not starting pods until it is up",
+            mesh_api::placement::error_chain(&e)
         )),
     }
 }
@@ -114,31 +161,45 @@ impl PluginConf {
 }
 
 /// One HTTP/1.1 request on the node proxy's admin socket; the status code.
-fn admin_request(socket: &Path, method: &str, path: &str, body: &str) -> Result<u16, String> {
+fn admin_request(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Result<u16, RegisterError> {
     let timeout = Duration::from_secs(3);
-    let addr = socket.display();
-    let mut s = UnixStream::connect(socket).map_err(|e| format!("{addr}: {e}"))?;
+    let unreachable = |source| RegisterError::Unreachable {
+        socket: socket.to_path_buf(),
+        source,
+    };
+    let mut s = UnixStream::connect(socket).map_err(unreachable)?;
     let _ = s.set_read_timeout(Some(timeout));
     let _ = s.set_write_timeout(Some(timeout));
     let req = format!(
         "{method} {path} HTTP/1.1\r\nhost: mesh-node\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
-    s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+    s.write_all(req.as_bytes()).map_err(unreachable)?;
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     let status = out
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("no HTTP answer from {addr}"))?;
+        .ok_or_else(|| RegisterError::NoAnswer(socket.to_path_buf()))?;
     if (200..300).contains(&status) {
         Ok(status)
     } else {
-        Err(format!(
-            "{addr} answered {status}: {}",
-            out.split("\r\n\r\n").nth(1).unwrap_or("").trim()
-        ))
+        Err(RegisterError::Refused {
+            socket: socket.to_path_buf(),
+            status,
+            body: out
+                .split("\r\n\r\n")
+                .nth(1)
+                .unwrap_or("")
+                .trim()
+                .to_string(),
+        })
     }
 }
 
@@ -208,39 +269,43 @@ pub fn install(
     bin_dir: &Path,
     exe: &Path,
     entry: Value,
-) -> Result<PathBuf, String> {
-    let err =
-        |what: &str, p: &Path, e: &dyn std::fmt::Display| format!("{what} {}: {e}", p.display());
+) -> Result<PathBuf, InstallError> {
+    let err = |what: &'static str, p: &Path, source: std::io::Error| InstallError::Io {
+        what,
+        path: p.to_path_buf(),
+        source,
+    };
     let target = bin_dir.join("mesh-cni");
     let tmp = bin_dir.join(".mesh-cni.tmp");
-    std::fs::copy(exe, &tmp).map_err(|e| err("copying the plugin to", &tmp, &e))?;
-    std::fs::rename(&tmp, &target).map_err(|e| err("installing", &target, &e))?;
+    std::fs::copy(exe, &tmp).map_err(|e| err("copying the plugin to", &tmp, e))?;
+    std::fs::rename(&tmp, &target).map_err(|e| err("installing", &target, e))?;
     let mut lists: Vec<PathBuf> = std::fs::read_dir(conf_dir)
-        .map_err(|e| err("reading", conf_dir, &e))?
+        .map_err(|e| err("reading", conf_dir, e))?
         .filter_map(Result::ok)
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == "conflist"))
         .collect();
     lists.sort();
-    let list = lists.into_iter().next().ok_or_else(|| {
-        format!(
-            "no .conflist in {}: the cluster's network plugin is not installed yet",
-            conf_dir.display()
-        )
+    let list = lists
+        .into_iter()
+        .next()
+        .ok_or_else(|| InstallError::NoList(conf_dir.to_path_buf()))?;
+    let text = std::fs::read_to_string(&list).map_err(|e| err("reading", &list, e))?;
+    let mut conf: Value = serde_json::from_str(&text).map_err(|source| InstallError::Parse {
+        path: list.clone(),
+        source,
     })?;
-    let text = std::fs::read_to_string(&list).map_err(|e| err("reading", &list, &e))?;
-    let mut conf: Value = serde_json::from_str(&text).map_err(|e| err("parsing", &list, &e))?;
     let plugins = conf["plugins"]
         .as_array_mut()
-        .ok_or_else(|| format!("{} has no plugins list", list.display()))?;
+        .ok_or_else(|| InstallError::NoPlugins(list.clone()))?;
     if plugins.iter().any(|p| p["type"] == "mesh-cni") {
         return Ok(list);
     }
     plugins.push(entry);
     let tmp = list.with_extension("conflist.tmp");
     let pretty = serde_json::to_string_pretty(&conf).expect("JSON");
-    std::fs::write(&tmp, pretty).map_err(|e| err("writing", &tmp, &e))?;
-    std::fs::rename(&tmp, &list).map_err(|e| err("writing", &list, &e))?;
+    std::fs::write(&tmp, pretty).map_err(|e| err("writing", &tmp, e))?;
+    std::fs::rename(&tmp, &list).map_err(|e| err("writing", &list, e))?;
     Ok(list)
 }
 
@@ -250,7 +315,11 @@ mod tests {
 
     #[test]
     fn decisions_fail_closed_unless_the_pod_is_not_the_meshs() {
-        let down = || Err("connection refused".to_string());
+        let down = || {
+            Err(RegisterError::NoAnswer(
+                "/var/lib/mesh-node/admin.sock".into(),
+            ))
+        };
         let cases = [
             (Ok(()), false, None, "registered"),
             (Ok(()), false, Some(true), "registered"),
@@ -260,12 +329,13 @@ mod tests {
             (down(), false, None, "refuse"),
         ];
         for (reg, excluded, saved, want) in cases {
-            let got = match decide(reg.clone(), excluded, saved) {
+            let case = format!("{reg:?} excluded={excluded} saved={saved:?}");
+            let got = match decide(reg, excluded, saved) {
                 Decision::Registered => "registered",
                 Decision::Pass(_) => "pass",
                 Decision::Refuse(_) => "refuse",
             };
-            assert_eq!(got, want, "{reg:?} excluded={excluded} saved={saved:?}");
+            assert_eq!(got, want, "{case}");
         }
     }
 

@@ -47,16 +47,22 @@ pub fn filter() -> Option<String> {
     CONTROL.get().map(|c| c.current.locked().clone())
 }
 
+/// Why a new log filter was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum FilterError {
+    #[error("logging is not controlled by this process")]
+    NotControlled,
+    #[error("invalid filter")]
+    Invalid(#[source] tracing_subscriber::filter::ParseError),
+    #[error("cannot apply the filter")]
+    Reload(#[source] tracing_subscriber::reload::Error),
+}
+
 /// Replaces the filter (`RUST_LOG` syntax, e.g. `info,mesh_node::proxy::tunnel=debug`).
-pub fn set_filter(directives: &str) -> Result<(), String> {
-    let control = CONTROL
-        .get()
-        .ok_or("logging is not controlled by this process")?;
-    let filter = EnvFilter::try_new(directives).map_err(|e| format!("invalid filter: {e}"))?;
-    control
-        .handle
-        .reload(filter)
-        .map_err(|e| format!("cannot apply the filter: {e}"))?;
+pub fn set_filter(directives: &str) -> Result<(), FilterError> {
+    let control = CONTROL.get().ok_or(FilterError::NotControlled)?;
+    let filter = EnvFilter::try_new(directives).map_err(FilterError::Invalid)?;
+    control.handle.reload(filter).map_err(FilterError::Reload)?;
     *control.current.locked() = directives.to_string();
     tracing::info!(filter = directives, "log filter changed");
     Ok(())
