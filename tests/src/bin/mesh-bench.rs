@@ -47,6 +47,19 @@ struct Args {
     /// on a shared 2-core VM one run can be off by 20%, and drift then hits every scenario alike.
     #[arg(long, default_value_t = 1)]
     rounds: usize,
+    /// Run only these workloads of each scenario (repeatable: `http`, `paced`, `paced_http`,
+    /// `half_load` (needs `http`), `rate`, `bulk`; default all): a quicker A/B of one figure.
+    #[arg(long = "workload")]
+    workloads: Vec<String>,
+}
+
+/// The workloads chosen with `--workload` (empty: all).
+static WORKLOADS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+
+fn wants_workload(w: &str) -> bool {
+    WORKLOADS
+        .get()
+        .is_none_or(|ws| ws.is_empty() || ws.iter().any(|x| x == w))
 }
 
 type Figures = BTreeMap<&'static str, f64>;
@@ -65,6 +78,9 @@ const PAIRS: usize = 3;
 struct Targets {
     echo: SocketAddr,
     http: SocketAddr,
+    /// Where paced HTTP goes: `http`, except through haproxy, whose HTTP-mode listener is the
+    /// comparison for the mesh's L7 path.
+    http_paced: SocketAddr,
     sink: SocketAddr,
 }
 
@@ -73,6 +89,7 @@ impl Targets {
         Self {
             echo: p.addr(false, ECHO),
             http: p.addr(false, HTTP),
+            http_paced: p.addr(false, HTTP),
             sink: p.addr(false, SINK),
         }
     }
@@ -211,6 +228,50 @@ fn rss(procs: &[u32], f: &mut Figures) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Paced HTTP requests to `http`: 1,000/s over 4 keep-alive connections (`paced_http_*`), and,
+/// when the `http` workload measured this path's saturation rate, half that rate over 50
+/// connections (`half_load_p99_us`: the tail a busy but not saturated path adds).
+async fn paced_http(
+    client: &Pod,
+    http: SocketAddr,
+    secs: u64,
+    f: &mut Figures,
+) -> anyhow::Result<()> {
+    let rr = |conns: u64, pace: u64| {
+        let to = http.to_string();
+        async move {
+            client
+                .testpod(&[
+                    "rr",
+                    "--http",
+                    "--to",
+                    &to,
+                    "--duration-ms",
+                    &(secs * 1000).to_string(),
+                    "--conns",
+                    &conns.to_string(),
+                    "--pace",
+                    &pace.to_string(),
+                ])
+                .await
+        }
+    };
+    if wants_workload("paced_http") {
+        let r = rr(4, 250).await?;
+        f.insert("paced_http_p50_us", num(&r, "p50_us")?);
+        f.insert("paced_http_p99_us", num(&r, "p99_us")?);
+    }
+    if wants_workload("half_load")
+        && let Some(rps) = f.get("rps").copied()
+    {
+        const CONNS: u64 = 50;
+        let r = rr(CONNS, ((rps / 2.0) / CONNS as f64).round().max(1.0) as u64).await?;
+        f.insert("half_load_rps", num(&r, "rps")?);
+        f.insert("half_load_p99_us", num(&r, "p99_us")?);
+    }
+    Ok(())
+}
+
 /// Paced requests (1,000/s over 4 connections) for `secs`: the report with `p50_us`, `p99_us`.
 async fn paced(client: &Pod, echo: SocketAddr, secs: u64) -> anyhow::Result<Value> {
     client
@@ -325,36 +386,42 @@ async fn measure(
 ) -> anyhow::Result<Figures> {
     let mut f = Figures::new();
     let ms = (secs * 1000).to_string();
-    measure_http(client, t.http, secs, (procs, apps), &mut f).await?;
-
-    let paced = paced(client, t.echo, secs).await?;
-    f.insert("paced_p50_us", num(&paced, "p50_us")?);
-    f.insert("paced_p99_us", num(&paced, "p99_us")?);
-
-    let rate = client
-        .testpod(&[
-            "rate",
-            "--to",
-            &t.echo.to_string(),
-            "--duration-ms",
-            &ms,
-            "--concurrency",
-            "8",
-        ])
-        .await?;
-    anyhow::ensure!(num(&rate, "errors")? == 0.0, "connection errors: {rate}");
-    f.insert("connects_per_s", num(&rate, "connects_per_s")?);
-
-    let bulk = client
-        .testpod(&[
-            "bulk",
-            "--to",
-            &t.sink.to_string(),
-            "--bytes",
-            &(1u64 << 30).to_string(),
-        ])
-        .await?;
-    f.insert("bulk_gbps", num(&bulk, "gbps")?);
+    if wants_workload("http") {
+        measure_http(client, t.http, secs, (procs, apps), &mut f).await?;
+    }
+    if wants_workload("paced") {
+        let paced = paced(client, t.echo, secs).await?;
+        f.insert("paced_p50_us", num(&paced, "p50_us")?);
+        f.insert("paced_p99_us", num(&paced, "p99_us")?);
+    }
+    paced_http(client, t.http_paced, secs, &mut f).await?;
+    if wants_workload("rate") {
+        let rate = client
+            .testpod(&[
+                "rate",
+                "--to",
+                &t.echo.to_string(),
+                "--duration-ms",
+                &ms,
+                "--concurrency",
+                "8",
+            ])
+            .await?;
+        anyhow::ensure!(num(&rate, "errors")? == 0.0, "connection errors: {rate}");
+        f.insert("connects_per_s", num(&rate, "connects_per_s")?);
+    }
+    if wants_workload("bulk") {
+        let bulk = client
+            .testpod(&[
+                "bulk",
+                "--to",
+                &t.sink.to_string(),
+                "--bytes",
+                &(1u64 << 30).to_string(),
+            ])
+            .await?;
+        f.insert("bulk_gbps", num(&bulk, "gbps")?);
+    }
     rss(procs, &mut f)?;
     Ok(f)
 }
@@ -421,6 +488,7 @@ spec:
     let mut f = Figures::new();
     let (l7, l4): (SocketAddr, SocketAddr) = ("10.96.0.80:80".parse()?, "10.96.0.81:80".parse()?);
     measure_http(&client, l7, secs, (&pids, &apps), &mut f).await?;
+    paced_http(&client, l7, secs, &mut f).await?;
     rss(&pids, &mut f)?;
     let l7_requests = || async {
         let c = cluster.nodes[1].counters().await?;
@@ -534,17 +602,24 @@ async fn haproxy_pair(
     let head = "global\n    maxconn 4000\n    log stderr format short local0 warning\ndefaults\n    log global\n    option tcplog\n    mode tcp\n    timeout connect 5s\n    timeout client 1m\n    timeout server 1m\n";
     let mut cfg_a = head.to_string();
     let mut cfg_b = head.to_string();
-    for (i, (name, port)) in [("echo", ECHO), ("http", HTTP), ("sink", SINK)]
-        .into_iter()
-        .enumerate()
+    // `http7` is the HTTP server again with haproxy in HTTP mode on both sides (parsing each
+    // request and answer, keep-alive on both legs): what the mesh's L7 path is compared with.
+    for (i, (name, port, mode)) in [
+        ("echo", ECHO, "tcp"),
+        ("http", HTTP, "tcp"),
+        ("sink", SINK, "tcp"),
+        ("http7", HTTP, "http"),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let (front, tls) = (9080 + i as u16, 9443 + i as u16);
         cfg_a += &format!(
-            "listen {name}\n    bind {}:{front}\n    server b {}:{tls} ssl crt {d}/haproxy-a.pem ca-file {d}/ca.pem verify required verifyhost haproxy-b sni str(haproxy-b) ssl-min-ver TLSv1.3\n",
+            "listen {name}\n    mode {mode}\n    bind {}:{front}\n    server b {}:{tls} ssl crt {d}/haproxy-a.pem ca-file {d}/ca.pem verify required verifyhost haproxy-b sni str(haproxy-b) ssl-min-ver TLSv1.3\n",
             a.ipv4, b.ipv4
         );
         cfg_b += &format!(
-            "listen {name}\n    bind {}:{tls} ssl crt {d}/haproxy-b.pem ca-file {d}/ca.pem verify required ssl-min-ver TLSv1.3\n    server s {}:{port}\n",
+            "listen {name}\n    mode {mode}\n    bind {}:{tls} ssl crt {d}/haproxy-b.pem ca-file {d}/ca.pem verify required ssl-min-ver TLSv1.3\n    server s {}:{port}\n",
             b.ipv4, server.ipv4
         );
     }
@@ -566,6 +641,7 @@ async fn haproxy_pair(
         echo: SocketAddr::new(a.ipv4.into(), 9080),
         http: SocketAddr::new(a.ipv4.into(), 9081),
         sink: SocketAddr::new(a.ipv4.into(), 9082),
+        http_paced: SocketAddr::new(a.ipv4.into(), 9083),
     };
     for _ in 0..100 {
         if connect_in(&a.netns, targets.echo).await.is_ok() {
@@ -628,29 +704,51 @@ fn report(results: &BTreeMap<&'static str, Figures>) {
         ] {
             let row: String = names
                 .iter()
-                .map(|n| match results[n].get(fig) {
-                    Some(v) => format!("{:>14}", format!("{:.2}x", v / d[fig])),
-                    None => format!("{:>14}", "-"),
+                .map(|n| match (results[n].get(fig), d.get(fig)) {
+                    (Some(v), Some(base)) => format!("{:>14}", format!("{:.2}x", v / base)),
+                    _ => format!("{:>14}", "-"),
                 })
                 .collect();
             println!("{fig:<22} {row}");
         }
     }
     if let (Some(m), Some(h)) = (results.get("mesh_l4"), results.get("haproxy_mtls")) {
+        // Figures a `--workload` choice left out are shown as "-".
+        let over = |fig: &str| match (m.get(fig), h.get(fig)) {
+            (Some(a), Some(b)) => format!("{:.2}x", a / b),
+            _ => "-".into(),
+        };
         println!(
-            "\nmesh_l4 vs haproxy_mtls: rps {:.2}x, bulk {:.2}x, connects/s {:.2}x, CPU/req {:.2}x, RSS {:.2}x",
-            m["rps"] / h["rps"],
-            m["bulk_gbps"] / h["bulk_gbps"],
-            m["connects_per_s"] / h["connects_per_s"],
-            m["proxy_cpu_us_per_req"] / h["proxy_cpu_us_per_req"],
-            m["proxy_rss_kb"] / h["proxy_rss_kb"]
+            "\nmesh_l4 vs haproxy_mtls: rps {}, bulk {}, connects/s {}, CPU/req {}, RSS {}",
+            over("rps"),
+            over("bulk_gbps"),
+            over("connects_per_s"),
+            over("proxy_cpu_us_per_req"),
+            over("proxy_rss_kb")
         );
+        let added = |f: &Figures, d: &Figures, fig: &str| match (f.get(fig), d.get(fig)) {
+            (Some(a), Some(b)) => format!("{:.0} us", a - b),
+            _ => "-".into(),
+        };
         if let Some(d) = results.get("direct") {
-            println!(
-                "added paced p99 over direct: mesh_l4 {:.0} us, haproxy_mtls {:.0} us",
-                m["paced_p99_us"] - d["paced_p99_us"],
-                h["paced_p99_us"] - d["paced_p99_us"]
-            );
+            for fig in ["paced_p50_us", "paced_p99_us"] {
+                println!(
+                    "added {fig} over direct: mesh_l4 {}, haproxy_mtls {}",
+                    added(m, d, fig),
+                    added(h, d, fig)
+                );
+            }
+            // HTTP: haproxy's figures are its HTTP mode's, the comparison for the L7 path.
+            let none = Figures::new();
+            let l7 = results.get("mesh_l7").unwrap_or(&none);
+            for fig in ["paced_http_p50_us", "paced_http_p99_us", "half_load_p99_us"] {
+                println!(
+                    "added {fig} over direct: mesh_l4 {}, mesh_l7 {}, haproxy_mtls {}",
+                    added(m, d, fig),
+                    added(l7, d, fig),
+                    added(h, d, fig)
+                );
+            }
         }
     }
 }
@@ -658,6 +756,7 @@ fn report(results: &BTreeMap<&'static str, Figures>) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let _ = WORKLOADS.set(args.workloads.clone());
     let want = |s: &str| args.scenarios.is_empty() || args.scenarios.iter().any(|w| w == s);
     let mut rounds = Vec::new();
     for r in 0..args.rounds.max(1) {

@@ -113,6 +113,9 @@ enum Cmd {
         /// Requests per second per connection (0 = as fast as possible): latency under light load.
         #[arg(long, default_value_t = 0)]
         pace: u64,
+        /// HTTP/1.1 GETs to an HTTP server instead of echoed bytes (`size` is then unused).
+        #[arg(long)]
+        http: bool,
     },
     /// HTTP requests over keep-alive connections; reports answers by status and by `x-pod`.
     Get {
@@ -272,7 +275,19 @@ async fn main() -> anyhow::Result<()> {
             conns,
             size,
             pace,
-        } => rr(to, Duration::from_millis(duration_ms), conns, size, pace).await,
+            http,
+        } => {
+            let load = Load {
+                duration: Duration::from_millis(duration_ms),
+                conns,
+                pace,
+            };
+            if http {
+                rr_http(to, load).await
+            } else {
+                rr(to, load, size).await
+            }
+        }
         Cmd::Bulk { to, bytes } => bulk(to, bytes).await,
         Cmd::PatternSink {
             listen,
@@ -759,33 +774,62 @@ async fn rate(to: SocketAddr, duration: Duration, concurrency: usize) -> anyhow:
     Ok(())
 }
 
-async fn rr(
-    to: SocketAddr,
+/// A request/response load: for how long, over how many connections, at what rate each.
+#[derive(Clone, Copy)]
+struct Load {
     duration: Duration,
     conns: usize,
-    size: usize,
+    /// Requests per second per connection (0: as fast as possible).
     pace: u64,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + duration;
+}
+
+impl Load {
+    /// Paces connection `id`. Connections start a fraction of the interval apart, so that
+    /// together they send at an even rate: started together they would send bursts of `conns`
+    /// requests that queue behind each other (what a fixed-rate load means is evenly spaced
+    /// requests).
+    fn pacer(self, id: usize) -> Pacer {
+        let interval = (self.pace > 0).then(|| Duration::from_secs_f64(1.0 / self.pace as f64));
+        Pacer {
+            deadline: Instant::now() + self.duration,
+            next: Instant::now()
+                + interval.map_or(Duration::ZERO, |i| i * id as u32 / self.conns.max(1) as u32),
+            interval,
+        }
+    }
+}
+
+/// When one connection sends its next request.
+struct Pacer {
+    deadline: Instant,
+    next: Instant,
+    interval: Option<Duration>,
+}
+
+impl Pacer {
+    /// Waits for the next request's turn; `false` once the load's time is up.
+    async fn tick(&mut self) -> bool {
+        if Instant::now() >= self.deadline {
+            return false;
+        }
+        if let Some(i) = self.interval {
+            tokio::time::sleep_until(self.next.into()).await;
+            self.next += i;
+        }
+        true
+    }
+}
+
+async fn rr(to: SocketAddr, load: Load, size: usize) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for id in 0..conns.max(1) {
+    for id in 0..load.conns.max(1) {
         tasks.push(tokio::spawn(async move {
             let (mut r, _) = open(to).await?;
             let req = pattern(id, size);
             let mut resp = vec![0u8; size];
-            let mut lat = Vec::new();
-            let interval = (pace > 0).then(|| Duration::from_secs_f64(1.0 / pace as f64));
-            // Connections start a fraction of the interval apart, so that together they send at
-            // an even rate: started together they would send bursts of `conns` requests that
-            // queue behind each other (what a fixed-rate load means is evenly spaced requests).
-            let mut next = Instant::now()
-                + interval.map_or(Duration::ZERO, |i| i * id as u32 / conns.max(1) as u32);
-            while Instant::now() < deadline {
-                if let Some(i) = interval {
-                    tokio::time::sleep_until(next.into()).await;
-                    next += i;
-                }
+            let (mut pacer, mut lat) = (load.pacer(id), Vec::new());
+            while pacer.tick().await {
                 let t = Instant::now();
                 r.get_mut().write_all(&req).await?;
                 r.read_exact(&mut resp).await?;
@@ -795,6 +839,56 @@ async fn rr(
             anyhow::Ok(lat)
         }));
     }
+    report_rr(tasks, started).await
+}
+
+/// [`rr`] with HTTP/1.1 GETs on keep-alive connections: each exchange is a request and its whole
+/// answer (head, then `content-length` bytes of body), which must be a 200.
+async fn rr_http(to: SocketAddr, load: Load) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for id in 0..load.conns.max(1) {
+        tasks.push(tokio::spawn(async move {
+            let s = TcpStream::connect(to).await.context("connect")?;
+            let mut r = BufReader::new(s);
+            let req = format!("GET / HTTP/1.1\r\nhost: {to}\r\n\r\n");
+            let (mut pacer, mut lat) = (load.pacer(id), Vec::new());
+            let mut line = String::new();
+            while pacer.tick().await {
+                let t = Instant::now();
+                r.get_mut().write_all(req.as_bytes()).await?;
+                let (mut status, mut length) = (String::new(), 0usize);
+                loop {
+                    line.clear();
+                    anyhow::ensure!(r.read_line(&mut line).await? > 0, "connection closed");
+                    let l = line.trim_end();
+                    if l.is_empty() {
+                        break;
+                    }
+                    if status.is_empty() {
+                        status = l.to_string();
+                    } else if let Some((k, v)) = l.split_once(':')
+                        && k.eq_ignore_ascii_case("content-length")
+                    {
+                        length = v.trim().parse()?;
+                    }
+                }
+                anyhow::ensure!(status.starts_with("HTTP/1.1 200"), "answer: {status}");
+                let mut body = vec![0u8; length];
+                r.read_exact(&mut body).await?;
+                lat.push(t.elapsed().as_micros() as u64);
+            }
+            anyhow::Ok(lat)
+        }));
+    }
+    report_rr(tasks, started).await
+}
+
+/// Prints the latencies of every connection's exchanges: count, rate, p50, p99.
+async fn report_rr(
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<Vec<u64>>>>,
+    started: Instant,
+) -> anyhow::Result<()> {
     let mut lat = Vec::new();
     for t in tasks {
         lat.extend(t.await??);
