@@ -86,11 +86,10 @@ fn main() -> ExitCode {
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = args.validate()?;
     tracing::info!(config = %serde_json::to_string(&config)?, "starting");
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if config.worker_threads > 0 {
-        rt.worker_threads(config.worker_threads);
-    }
-    let rt = rt.enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.worker_threads)
+        .enable_all()
+        .build()?;
     let on_exit = config.on_exit;
     let cleanup = config.clone();
     rt.block_on(async {
