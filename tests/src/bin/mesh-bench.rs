@@ -237,27 +237,8 @@ async fn paced_http(
     secs: u64,
     f: &mut Figures,
 ) -> anyhow::Result<()> {
-    let rr = |conns: u64, pace: u64| {
-        let to = http.to_string();
-        async move {
-            client
-                .testpod(&[
-                    "rr",
-                    "--http",
-                    "--to",
-                    &to,
-                    "--duration-ms",
-                    &(secs * 1000).to_string(),
-                    "--conns",
-                    &conns.to_string(),
-                    "--pace",
-                    &pace.to_string(),
-                ])
-                .await
-        }
-    };
     if wants_workload("paced_http") {
-        let r = rr(4, 250).await?;
+        let r = rr(client, (http, true), secs, (4, 250)).await?;
         f.insert("paced_http_p50_us", num(&r, "p50_us")?);
         f.insert("paced_http_p99_us", num(&r, "p99_us")?);
     }
@@ -265,7 +246,8 @@ async fn paced_http(
         && let Some(rps) = f.get("rps").copied()
     {
         const CONNS: u64 = 50;
-        let r = rr(CONNS, ((rps / 2.0) / CONNS as f64).round().max(1.0) as u64).await?;
+        let pace = ((rps / 2.0) / CONNS as f64).round().max(1.0) as u64;
+        let r = rr(client, (http, true), secs, (CONNS, pace)).await?;
         f.insert("half_load_rps", num(&r, "rps")?);
         f.insert("half_load_p99_us", num(&r, "p99_us")?);
     }
@@ -274,19 +256,38 @@ async fn paced_http(
 
 /// Paced requests (1,000/s over 4 connections) for `secs`: the report with `p50_us`, `p99_us`.
 async fn paced(client: &Pod, echo: SocketAddr, secs: u64) -> anyhow::Result<Value> {
-    client
-        .testpod(&[
-            "rr",
-            "--to",
-            &echo.to_string(),
-            "--duration-ms",
-            &(secs * 1000).to_string(),
-            "--conns",
-            "4",
-            "--pace",
-            "250",
-        ])
-        .await
+    rr(client, (echo, false), secs, (4, 250)).await
+}
+
+/// `mesh-testpod rr` from `client` to `to` (HTTP GETs when `http`, else echo) for `secs`, over
+/// `conns` connections each sending `pace` requests per second: its latency report.
+async fn rr(
+    client: &Pod,
+    (to, http): (SocketAddr, bool),
+    secs: u64,
+    (conns, pace): (u64, u64),
+) -> anyhow::Result<Value> {
+    let (to, ms, conns, pace) = (
+        to.to_string(),
+        (secs * 1000).to_string(),
+        conns.to_string(),
+        pace.to_string(),
+    );
+    let mut args = vec![
+        "rr",
+        "--to",
+        &to,
+        "--duration-ms",
+        &ms,
+        "--conns",
+        &conns,
+        "--pace",
+        &pace,
+    ];
+    if http {
+        args.push("--http");
+    }
+    client.testpod(&args).await
 }
 
 /// `flooder` at full speed against `t` for `secs`: wrk over 100 connections and new connections
