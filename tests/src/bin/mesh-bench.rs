@@ -22,9 +22,11 @@
 //!
 //! Figures (see the README): `rps`, `p50_us`, `p99_us` (wrk, 50 connections, small responses),
 //! `paced_p50_us`, `paced_p99_us` (1,000 requests/s over 4 connections), `bulk_gbps` (one
-//! stream, 1 GiB), `connects_per_s` (new connection per request), `proxy_cpu_us_per_req`
+//! stream, 1 GiB), `bulk8_gbps` (8 streams at once, 1 GiB in all), `connects_per_s` (new connection per request), `proxy_cpu_us_per_req`
 //! (proxies' CPU time during the wrk run, per request), `proxy_cpu_pct_of_app` (that CPU time
-//! against the pods' own: wrk and the server), `proxy_rss_kb` (proxies' memory after).
+//! against the pods' own: wrk and the server), `proxy_rss_kb` (proxies' memory after),
+//! `rss_idle1000_kb` (with 1,000 idle connections open), `rss_bulk50_kb` (peak during 50 bulk
+//! connections at once).
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context;
@@ -48,7 +50,7 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     rounds: usize,
     /// Run only these workloads of each scenario (repeatable: `http`, `paced`, `paced_http`,
-    /// `half_load` (needs `http`), `rate`, `bulk`; default all): a quicker A/B of one figure.
+    /// `half_load` (needs `http`), `rate`, `bulk`, `memory`; default all): a quicker A/B of one figure.
     #[arg(long = "workload")]
     workloads: Vec<String>,
 }
@@ -412,19 +414,72 @@ async fn measure(
         f.insert("connects_per_s", num(&rate, "connects_per_s")?);
     }
     if wants_workload("bulk") {
-        let bulk = client
-            .testpod(&[
-                "bulk",
-                "--to",
-                &t.sink.to_string(),
-                "--bytes",
-                &(1u64 << 30).to_string(),
-            ])
-            .await?;
-        f.insert("bulk_gbps", num(&bulk, "gbps")?);
+        let one = bulk(client, t.sink, 1).await?;
+        f.insert("bulk_gbps", num(&one, "gbps")?);
+        let eight = bulk(client, t.sink, 8).await?;
+        f.insert("bulk8_gbps", num(&eight, "gbps")?);
+    }
+    if wants_workload("memory") {
+        memory(client, t, procs, &mut f).await?;
     }
     rss(procs, &mut f)?;
     Ok(f)
+}
+
+/// 1 GiB to the sink over `streams` connections at once.
+async fn bulk(client: &Pod, sink: SocketAddr, streams: u32) -> anyhow::Result<Value> {
+    client
+        .testpod(&[
+            "bulk",
+            "--to",
+            &sink.to_string(),
+            "--bytes",
+            &(1u64 << 30).to_string(),
+            "--streams",
+            &streams.to_string(),
+        ])
+        .await
+}
+
+/// The proxies' RSS while 1,000 echo connections sit idle (each after one round trip), and its
+/// peak while 50 connections send 32 MiB each at once.
+async fn memory(client: &Pod, t: Targets, procs: &[u32], f: &mut Figures) -> anyhow::Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    let sum = || -> anyhow::Result<f64> { procs.iter().map(|p| procfs::rss_kb(*p)).sum() };
+    if procs.is_empty() {
+        return Ok(());
+    }
+    let mut idle = client.command(mesh_tests::find_bin("mesh-testpod")?)?;
+    idle.args(["idle", "--to", &t.echo.to_string(), "--conns", "1000"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    let mut child = idle.spawn().context("mesh-testpod idle")?;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().context("stdout")?).lines();
+    let opened = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+        .await
+        .context("1,000 idle connections did not open in 60 s")??
+        .context("mesh-testpod idle exited before opening its connections")?;
+    anyhow::ensure!(opened.contains("1000"), "idle: {opened}");
+    // Let per-connection buffers from the round trips be returned before reading.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    f.insert("rss_idle1000_kb", sum()?);
+    drop(child.stdin.take());
+    child.wait().await?;
+
+    let (sink, bytes) = (t.sink.to_string(), (50u64 << 25).to_string());
+    let args = ["bulk", "--to", &sink, "--bytes", &bytes, "--streams", "50"];
+    let transfer = client.testpod(&args);
+    tokio::pin!(transfer);
+    let mut peak = 0f64;
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        tokio::select! {
+            r = &mut transfer => { r?; break; }
+            _ = tick.tick() => peak = peak.max(sum()?),
+        }
+    }
+    f.insert("rss_bulk50_kb", peak);
+    Ok(())
 }
 
 /// The L7 path: the client calls a Service by cluster IP; an HTTPRoute picks the backend and an
@@ -701,6 +756,7 @@ fn report(results: &BTreeMap<&'static str, Figures>) {
             "paced_p50_us",
             "paced_p99_us",
             "bulk_gbps",
+            "bulk8_gbps",
             "connects_per_s",
         ] {
             let row: String = names
@@ -720,12 +776,15 @@ fn report(results: &BTreeMap<&'static str, Figures>) {
             _ => "-".into(),
         };
         println!(
-            "\nmesh_l4 vs haproxy_mtls: rps {}, bulk {}, connects/s {}, CPU/req {}, RSS {}",
+            "\nmesh_l4 vs haproxy_mtls: rps {}, bulk {}, bulk x8 {}, connects/s {}, CPU/req {}, RSS {}, RSS 1,000 idle {}, RSS 50 bulk {}",
             over("rps"),
             over("bulk_gbps"),
+            over("bulk8_gbps"),
             over("connects_per_s"),
             over("proxy_cpu_us_per_req"),
-            over("proxy_rss_kb")
+            over("proxy_rss_kb"),
+            over("rss_idle1000_kb"),
+            over("rss_bulk50_kb")
         );
         let added = |f: &Figures, d: &Figures, fig: &str| match (f.get(fig), d.get(fig)) {
             (Some(a), Some(b)) => format!("{:.0} us", a - b),

@@ -178,12 +178,23 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         fail_with: u32,
     },
-    /// Bulk transfer to a --sink server.
+    /// Bulk transfer to a --sink server: --bytes in all, split over --streams connections that
+    /// send at once.
     Bulk {
         #[arg(long)]
         to: SocketAddr,
         #[arg(long, default_value_t = 1 << 30)]
         bytes: u64,
+        #[arg(long, default_value_t = 1)]
+        streams: u64,
+    },
+    /// Open --conns echo connections, one round trip on each, then hold them idle: prints one
+    /// JSON line once all are open and closes them when stdin closes.
+    Idle {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        conns: usize,
     },
     /// Receive a pattern stream on each connection (after waiting --read-after-ms), check it byte
     /// for byte, and answer with the report when the sender is done.
@@ -288,7 +299,8 @@ async fn main() -> anyhow::Result<()> {
                 rr(to, load, size).await
             }
         }
-        Cmd::Bulk { to, bytes } => bulk(to, bytes).await,
+        Cmd::Bulk { to, bytes, streams } => bulk(to, bytes, streams).await,
+        Cmd::Idle { to, conns } => idle(to, conns).await,
         Cmd::PatternSink {
             listen,
             read_after_ms,
@@ -907,11 +919,31 @@ async fn report_rr(
     Ok(())
 }
 
-async fn bulk(to: SocketAddr, bytes: u64) -> anyhow::Result<()> {
+async fn bulk(to: SocketAddr, bytes: u64, streams: u64) -> anyhow::Result<()> {
+    anyhow::ensure!(streams > 0, "--streams must be at least 1");
+    let each = bytes / streams;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..streams {
+        tasks.push(tokio::spawn(bulk_stream(to, each)));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let total = each * streams;
+    println!(
+        "{}",
+        json!({"bytes": total, "streams": streams, "gbps": total as f64 * 8.0 / secs / 1e9})
+    );
+    Ok(())
+}
+
+/// Sends `bytes` on one connection to a sink and checks the count it answers with.
+async fn bulk_stream(to: SocketAddr, bytes: u64) -> anyhow::Result<()> {
     let s = TcpStream::connect(to).await.context("connect")?;
     let (rd, mut wr) = s.into_split();
     let chunk = vec![0x5au8; 256 * 1024];
-    let started = Instant::now();
     let mut left = bytes;
     while left > 0 {
         let n = left.min(chunk.len() as u64) as usize;
@@ -921,13 +953,24 @@ async fn bulk(to: SocketAddr, bytes: u64) -> anyhow::Result<()> {
     wr.shutdown().await?;
     let mut line = String::new();
     BufReader::new(rd).read_line(&mut line).await?;
-    let secs = started.elapsed().as_secs_f64();
     let got: u64 = line.trim().parse().context("sink count")?;
     anyhow::ensure!(got == bytes, "sink received {got} of {bytes} bytes");
-    println!(
-        "{}",
-        json!({"bytes": bytes, "gbps": bytes as f64 * 8.0 / secs / 1e9})
-    );
+    Ok(())
+}
+
+async fn idle(to: SocketAddr, conns: usize) -> anyhow::Result<()> {
+    let mut held = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        let (mut r, _hello) = open(to).await?;
+        r.get_mut().write_all(b"ping\n").await?;
+        let mut echo = String::new();
+        r.read_line(&mut echo).await?;
+        anyhow::ensure!(echo == "ping\n", "echo answered {echo:?}");
+        held.push(r);
+    }
+    println!("{}", json!({"open": held.len()}));
+    let mut rest = Vec::new();
+    tokio::io::stdin().read_to_end(&mut rest).await?;
     Ok(())
 }
 
