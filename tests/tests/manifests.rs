@@ -271,13 +271,51 @@ fn the_manifests_render_parse_and_match_the_binaries() {
     let metrics = cfg
         .metrics_addr
         .expect("a metrics listener for probes and scraping");
-    assert_eq!(container_port(c, "metrics"), i32::from(metrics.port()));
+    // Upgrades surge a second pod onto the node beside the old one. With hostNetwork, every
+    // declared containerPort is a host port, and the scheduler's NodePorts filter keeps a pod
+    // off a node where another pod holds the same host port: the surge pod would stay Pending.
+    let rolling = ds
+        .spec
+        .as_ref()
+        .and_then(|s| s.update_strategy.as_ref())
+        .and_then(|u| u.rolling_update.as_ref())
+        .expect("a rolling update");
     assert_eq!(
-        container_port(c, "tunnel"),
-        i32::from(mesh_api::placement::HBONE_PORT)
+        rolling.max_unavailable,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(0)),
+        "the old proxy serves until the new one took over"
+    );
+    assert!(
+        rolling.max_surge.is_some(),
+        "the new proxy starts beside the old"
+    );
+    for ctr in spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+    {
+        assert!(
+            ctr.ports.as_ref().is_none_or(|p| p.is_empty()),
+            "{}: a hostNetwork DaemonSet that surges declares no ports (each would be a host port)",
+            ctr.name
+        );
+    }
+    // The drain fits in the grace period, with room for the cut and the exit.
+    let grace = spec
+        .termination_grace_period_seconds
+        .expect("a grace period");
+    assert!(
+        cfg.drain_timeout + std::time::Duration::from_secs(5)
+            <= std::time::Duration::from_secs(grace as u64),
+        "--drain-timeout {:?} does not fit in terminationGracePeriodSeconds {grace}",
+        cfg.drain_timeout
     );
     for (port, path) in probes(c) {
-        assert_eq!(port, "metrics", "probes use the read-only listener");
+        assert_eq!(
+            port,
+            metrics.port().to_string(),
+            "probes use the read-only listener"
+        );
         assert!(
             ["/healthz", "/ready"].contains(&path.as_str()),
             "{path} is served by the metrics listener"
