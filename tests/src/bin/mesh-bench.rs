@@ -543,7 +543,10 @@ spec:
     let (pids, apps) = (proxy_pids(&cluster)?, app_cgroups(&cluster));
     let mut f = Figures::new();
     let (l7, l4): (SocketAddr, SocketAddr) = ("10.96.0.80:80".parse()?, "10.96.0.81:80".parse()?);
-    measure_http(&client, l7, secs, (&pids, &apps), &mut f).await?;
+    let http = wants_workload("http");
+    if http {
+        measure_http(&client, l7, secs, (&pids, &apps), &mut f).await?;
+    }
     paced_http(&client, l7, secs, &mut f).await?;
     rss(&pids, &mut f)?;
     let l7_requests = || async {
@@ -555,6 +558,9 @@ spec:
     // The same cluster, pods and proxies, both paths in turn, each run seconds from the other's:
     // this VM's speed drifts by more than the difference between the paths within a minute, so
     // this ratio is steadier than one of two scenarios each in their own cluster.
+    if !http {
+        return Ok(f);
+    }
     let (mut on_l7, mut on_l4) = (0.0, 0.0);
     for _ in 0..PAIRS {
         let mut run = Figures::new();
@@ -713,6 +719,14 @@ async fn haproxy_pair(
     anyhow::bail!("haproxy did not start listening")
 }
 
+/// `a`'s figure over `b`'s; "-" where a `--workload` choice left either out.
+fn ratio(a: &Figures, b: &Figures, fig: &str) -> String {
+    match (a.get(fig), b.get(fig)) {
+        (Some(x), Some(y)) => format!("{:.2}x", x / y),
+        _ => "-".into(),
+    }
+}
+
 fn report(results: &BTreeMap<&'static str, Figures>) {
     let names: Vec<&str> = [
         "direct",
@@ -770,11 +784,7 @@ fn report(results: &BTreeMap<&'static str, Figures>) {
         }
     }
     if let (Some(m), Some(h)) = (results.get("mesh_l4"), results.get("haproxy_mtls")) {
-        // Figures a `--workload` choice left out are shown as "-".
-        let over = |fig: &str| match (m.get(fig), h.get(fig)) {
-            (Some(a), Some(b)) => format!("{:.2}x", a / b),
-            _ => "-".into(),
-        };
+        let over = |fig: &str| ratio(m, h, fig);
         println!(
             "\nmesh_l4 vs haproxy_mtls: rps {}, bulk {}, bulk x8 {}, connects/s {}, CPU/req {}, RSS {}, RSS 1,000 idle {}, RSS 50 bulk {}",
             over("rps"),
@@ -844,26 +854,29 @@ async fn main() -> anyhow::Result<()> {
     report(&results);
     if let (Some(a), Some(l4)) = (results.get("mesh_l4_accel"), results.get("mesh_l4")) {
         println!(
-            "\nmesh_l4_accel vs mesh_l4: rps {:.2}x, CPU/req {:.2}x, paced p99 {:.2}x",
-            a["rps"] / l4["rps"],
-            a["proxy_cpu_us_per_req"] / l4["proxy_cpu_us_per_req"],
-            a["paced_p99_us"] / l4["paced_p99_us"]
+            "\nmesh_l4_accel vs mesh_l4: rps {}, CPU/req {}, paced p99 {}",
+            ratio(a, l4, "rps"),
+            ratio(a, l4, "proxy_cpu_us_per_req"),
+            ratio(a, l4, "paced_p99_us")
         );
     }
     let l7_by_round = by_round(&rounds, ("mesh_l7", "mesh_l4"), "rps");
     if let (Some(l7), Some(l4)) = (results.get("mesh_l7"), results.get("mesh_l4")) {
         println!(
-            "\nmesh_l7 vs mesh_l4: rps {:.2}x (target >= 0.80), CPU/req {:.2}x, proxies' CPU per app CPU {:.2}x",
-            l7["rps"] / l4["rps"],
-            l7["proxy_cpu_us_per_req"] / l4["proxy_cpu_us_per_req"],
-            l7["proxy_cpu_pct_of_app"] / l4["proxy_cpu_pct_of_app"]
+            "\nmesh_l7 vs mesh_l4: rps {} (target >= 0.80), CPU/req {}, proxies' CPU per app CPU {}",
+            ratio(l7, l4, "rps"),
+            ratio(l7, l4, "proxy_cpu_us_per_req"),
+            ratio(l7, l4, "proxy_cpu_pct_of_app")
         );
         if l7_by_round.len() > 1 {
             let shown: Vec<String> = l7_by_round.iter().map(|r| format!("{r:.2}")).collect();
             println!("  rps ratio in each round: {}", shown.join(", "));
         }
     }
-    if let Some(l7) = results.get("mesh_l7") {
+    if let Some(same) = results
+        .get("mesh_l7")
+        .and_then(|l7| l7.get("rps_vs_l4_same_cluster"))
+    {
         let each: Vec<String> = rounds
             .iter()
             .filter_map(|r| r.get("mesh_l7")?.get("rps_vs_l4_same_cluster"))
@@ -871,7 +884,7 @@ async fn main() -> anyhow::Result<()> {
             .collect();
         println!(
             "mesh_l7 vs the L4 path in the same cluster ({PAIRS} alternating pairs of wrk runs): rps {:.2}x (target >= 0.80); each round: {}",
-            l7["rps_vs_l4_same_cluster"],
+            same,
             each.join(", ")
         );
     }
