@@ -3,7 +3,7 @@
 use std::{
     net::SocketAddr,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, atomic::Ordering::Relaxed},
     time::Duration,
 };
 
@@ -78,7 +78,13 @@ pub struct Bound {
     pub pods: Arc<Enrollment>,
     config: Config,
     drain: Drain,
-    handed_over: CancellationToken,
+    handed_over: HandedOver,
+}
+
+/// Cancelled once the next generation took the listeners over and serves; the line to it then.
+struct HandedOver {
+    token: CancellationToken,
+    line: Arc<std::sync::OnceLock<std::os::unix::net::UnixStream>>,
 }
 
 /// Fetches a pod's certificate as soon as it is enrolled, and lets it go when the pod leaves.
@@ -495,7 +501,7 @@ fn http_path(
     config: &Config,
     mode: &Mode,
     (pods, source, tunnels): (&Arc<Enrollment>, &ProxySource, Option<&Arc<Tunnels>>),
-    rec: &Recorders,
+    (rec, drain): (&Recorders, &Drain),
     decisions: &Arc<DecisionCounts>,
     hits: &Arc<Hits>,
 ) -> (Option<Arc<HttpInbound>>, Option<outbound::L7Path>) {
@@ -527,6 +533,7 @@ fn http_path(
                 access_log: rec.access_log.clone(),
                 tracing: rec.tracing.clone(),
                 limit_hits: hits.clone(),
+                leaving: drain.watch(),
             }),
             detect_timeout: config.protocol_detect_timeout,
             opaque_ports: config.opaque_ports.clone(),
@@ -570,7 +577,7 @@ fn publish(
     (admin_socket, handover_socket): (PendingSocket, PendingSocket),
     offered: Vec<(Role, SocketAddr, std::os::fd::OwnedFd)>,
     drain: &Drain,
-) -> Result<CancellationToken, AppError> {
+) -> Result<HandedOver, AppError> {
     let admin_socket = admin_socket
         .publish()
         .map_err(socket_err(config, crate::config::ADMIN_SOCKET))?;
@@ -578,12 +585,15 @@ fn publish(
     let handover_socket = handover_socket
         .publish()
         .map_err(socket_err(config, handover::SOCKET))?;
-    let handed_over = CancellationToken::new();
+    let handed_over = HandedOver {
+        token: CancellationToken::new(),
+        line: Arc::default(),
+    };
     tokio::spawn({
-        let handed_over = handed_over.clone();
+        let (token, line) = (handed_over.token.clone(), handed_over.line.clone());
         async move {
-            handover::offer(handover_socket, offered).await;
-            handed_over.cancel();
+            let _ = line.set(handover::offer(handover_socket, offered).await);
+            token.cancel();
         }
     });
     Ok(handed_over)
@@ -628,11 +638,13 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
     let tunnels = mode
         .mesh()
         .map(|m| Tunnels::new(m.identities.clone(), m.tunnel_stats.clone()));
+    // Made before what serves: connections learn from it when this generation drains.
+    let drain = Drain::new();
     let (l7_inbound, l7_path) = http_path(
         &config,
         &mode,
         (&pods, &source, tunnels.as_ref()),
-        &rec,
+        (&rec, &drain),
         &decisions,
         &guards.hits,
     );
@@ -667,6 +679,14 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
     let offered = listeners
         .offered()
         .map_err(socket_err(&config, handover::SOCKET))?;
+    let upgrade = Arc::new(handover::UpgradeStats::default());
+    upgrade
+        .generation
+        .store(handover::next_generation(&config.state_dir), Relaxed);
+    upgrade.listeners_taken.store(
+        listeners.taken.as_ref().map_or(0, |t| t.handed() as u64),
+        Relaxed,
+    );
     let Listeners {
         outbound,
         tunnel,
@@ -676,7 +696,6 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         handover_socket,
         taken,
     } = listeners;
-    let drain = Drain::new();
     for l in outbound {
         tokio::spawn(proxy.clone().serve(l, drain.watch()));
     }
@@ -693,6 +712,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
                 l7: l7_inbound.clone(),
                 access_log: rec.access_log.clone(),
                 live: rec.live.clone(),
+                leaving: drain.watch(),
             };
             serve_tunnel(&config, m, (&pods, deliver), &guards, tunnel, &drain);
         }
@@ -715,6 +735,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         changes_refused: Default::default(),
         limit_hits: guards.hits,
         handshakes: guards.handshakes,
+        upgrade: upgrade.clone(),
     });
     if let Some(l) = metrics {
         tokio::spawn(admin.clone().serve(l, drain.watch(), Exposure::Metrics));
@@ -734,7 +755,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
     // Ready only now: callers of the admin socket (the CNI plugin) find it in place.
     drop(not_listening);
     if let Some(t) = taken {
-        t.serving();
+        t.serving(upgrade);
     }
     info!(outbound = ?outbound_addrs, inbound = ?inbound_addrs, admin = %admin_addr, "node proxy serving");
 
@@ -754,7 +775,7 @@ impl Bound {
     /// Resolves once the next generation took this one's listeners over and serves: time to
     /// [`Self::shutdown`].
     pub async fn handed_over(&self) {
-        self.handed_over.cancelled().await
+        self.handed_over.token.cancelled().await
     }
 
     /// Stops accepting, drains open connections until the deadline, then applies `--on-exit`
@@ -768,12 +789,24 @@ impl Bound {
             handed_over,
             ..
         } = self;
-        info!(active = drain.active(), deadline = ?config.drain_timeout, "draining");
+        let open = drain.active();
+        info!(active = open, deadline = ?config.drain_timeout, "draining");
         let outcome = drain.drain(config.drain_timeout).await;
         info!(?outcome, "drained");
+        if let Some(line) = handed_over.line.get() {
+            let cut = match outcome {
+                DrainOutcome::Graceful => 0,
+                DrainOutcome::Forced(n) => n,
+            };
+            let r = handover::DrainReport {
+                open: open as u64,
+                cut: cut as u64,
+            };
+            handover::report(line, &r);
+        }
         drop(pods);
         drop(redirector);
-        if handed_over.is_cancelled() {
+        if handed_over.token.is_cancelled() {
             info!("the next generation serves: programs and enrollments stay with it");
         } else if config.on_exit == OnExit::Detach {
             detach(&config);

@@ -184,11 +184,12 @@ pub fn relay(data: &[u8]) {
             Ok::<_, crate::http::respond::ProxyError>(ours)
         }
     };
+    let staying = crate::proxy::drain::Drain::new();
     let served = RUNTIME.with(|rt| {
         rt.borrow().block_on(async {
             tokio::time::timeout(
                 std::time::Duration::from_secs(2),
-                relay::serve(&mut carrier, &gate, dial),
+                relay::serve(&mut carrier, &gate, dial, &staying.watch()),
             )
             .await
         })

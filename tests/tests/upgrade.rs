@@ -5,6 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use mesh_tests::{ClusterBuilder, n};
 
 const PORT: u16 = 8080;
+const HTTP: u16 = 8081;
 
 /// What a root process of the node's network namespace gets when it tries to bind `addr` the
 /// way one joins a listener group: `SO_REUSEADDR` and `SO_REUSEPORT`.
@@ -117,4 +118,139 @@ async fn an_upgrade_takes_the_listeners_over_and_refuses_no_connect() {
     // The new generations serve.
     let r = client.client(dst, 5, 64).await.unwrap();
     assert_eq!(n(&r, &["ok"]), 5, "{r}");
+}
+
+/// Requests in a loop from `client` until `stop`: `get` (keep-alive HTTP/1.1, or HTTP/2 with
+/// `--h2`) batches of 100 over 2 connections; what failed, by error, and how many were answered.
+fn http_load(
+    client: &mesh_tests::Pod,
+    to: SocketAddr,
+    extra: &'static [&'static str],
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<(u64, Vec<serde_json::Value>)> {
+    let client = client.clone();
+    tokio::spawn(async move {
+        let (mut ok, mut failures) = (0, Vec::new());
+        let to = to.to_string();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let mut args = vec!["get", "--to", &to, "--count", "100", "--conns", "2"];
+            args.extend_from_slice(extra);
+            let r = client.testpod(&args).await.unwrap();
+            ok += n(&r, &["statuses", "200"]);
+            let errors = r["errors"].as_object().map_or(0, |e| e.len());
+            let other = r["statuses"]
+                .as_object()
+                .is_some_and(|s| s.keys().any(|k| k != "200"));
+            if errors > 0 || other {
+                failures.push(r);
+            }
+        }
+        (ok, failures)
+    })
+}
+
+/// Every generation boundary the issue names, under load, both sides: the server's node proxy
+/// (its tunnel connections must send GOAWAY so the client's node opens new ones to the next
+/// generation, and its carried HTTP/1.1 streams must end between requests) and the client's
+/// (its app connections must end at a request boundary), three times each.
+#[tokio::test]
+async fn upgrading_either_node_fails_no_request() {
+    let mut cluster = ClusterBuilder::new()
+        .nodes(2)
+        .pods_per_node(1)
+        .config_stream()
+        .start()
+        .await
+        .unwrap();
+    let (client, server) = (cluster.pod(0, 0).clone(), cluster.pod(1, 0).clone());
+    let _echo = server.serve(PORT, false).await.unwrap();
+    let _web = server.serve_http(HTTP).await.unwrap();
+    for p in [&client, &server] {
+        cluster.enroll(p).await.unwrap();
+    }
+    let ns = &client.namespace;
+    cluster
+        .change_config(
+            "services.yaml",
+            Some(&format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: {ns}}}\nspec:\n  clusterIP: 10.96.0.30\n  selector: {{app: web}}\n  ports: [{{name: http, port: 80, targetPort: {HTTP}}}]\n"
+            )),
+        )
+        .await
+        .unwrap();
+    cluster
+        .label_pods(&[&server], serde_json::json!({"app": "web"}))
+        .await
+        .unwrap();
+    let web: SocketAddr = "10.96.0.30:80".parse().unwrap();
+    let first = client
+        .testpod(&["get", "--to", &web.to_string(), "--count", "1"])
+        .await
+        .unwrap();
+    assert_eq!(n(&first, &["statuses", "200"]), 1, "{first}");
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let h1 = http_load(&client, web, &[], stop.clone());
+    let h2 = http_load(&client, web, &["--h2"], stop.clone());
+    let dst = server.addr(false, PORT);
+    let tcp = {
+        let (client, stop) = (client.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut ok, mut errors) = (0, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = client.client(dst, 10, 64).await.unwrap();
+                ok += n(&r, &["ok"]);
+                if n(&r, &["failed"]) > 0 {
+                    errors.push(r["errors"].clone());
+                }
+            }
+            (ok, errors)
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    for _ in 0..3 {
+        for node in [1, 0] {
+            let status = cluster.upgrade_node(node).await.unwrap();
+            assert!(status.success(), "node {node}'s old generation: {status}");
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (tcp_ok, tcp_errors) = tcp.await.unwrap();
+    let (h1_ok, h1_failures) = h1.await.unwrap();
+    let (h2_ok, h2_failures) = h2.await.unwrap();
+    assert!(
+        tcp_errors.is_empty(),
+        "TCP connections failed: {tcp_errors:?}"
+    );
+    assert!(
+        h1_failures.is_empty(),
+        "HTTP/1.1 requests failed: {h1_failures:?}"
+    );
+    assert!(
+        h2_failures.is_empty(),
+        "HTTP/2 requests failed: {h2_failures:?}"
+    );
+    for (what, ok) in [("TCP", tcp_ok), ("HTTP/1.1", h1_ok), ("HTTP/2", h2_ok)] {
+        assert!(ok >= 200, "too little {what} load to mean anything: {ok}");
+    }
+    // What an operator watches: the fourth generation on each node, every listener taken over,
+    // and the previous generation's report: it drained everything, cut nothing.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    for node in &cluster.nodes {
+        let c = node.counters().await.unwrap();
+        let u = &c["upgrade"];
+        assert_eq!(u["generation"], 4, "{u}");
+        assert!(n(u, &["listeners_taken"]) >= 3, "{u}");
+        assert_eq!(u["previous_reported"], 1, "{u}");
+        assert_eq!(u["previous_cut"], 0, "{u}");
+        let (_, text) = node.admin("GET", "/metrics", None).await.unwrap();
+        let text = text.as_str().unwrap_or_default();
+        for line in [
+            "mesh_upgrade_generation 4",
+            "mesh_upgrade_previous_connections{outcome=\"cut\"} 0",
+        ] {
+            assert!(text.contains(line), "no {line:?} in /metrics");
+        }
+    }
 }

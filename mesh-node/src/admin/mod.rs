@@ -72,6 +72,8 @@ pub struct Admin {
     pub limit_hits: Arc<crate::proxy::limits::Hits>,
     /// Tunnel handshakes in progress (with the mesh).
     pub handshakes: Option<Arc<crate::proxy::limits::Handshakes>>,
+    /// This generation and the hand-over it came from.
+    pub upgrade: Arc<crate::proxy::handover::UpgradeStats>,
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -315,6 +317,7 @@ impl Admin {
                 "changes_refused": self.changes_refused.load(std::sync::atomic::Ordering::Relaxed),
                 "repoints_refused": self.pods.repoints_refused(),
             },
+            "upgrade": &*self.upgrade,
             "limits": {
                 "hits": self.limit_hits.snapshot(),
                 "tunnel_handshakes_in_progress": self.handshakes.as_ref().map_or(0, |h| h.in_progress()),

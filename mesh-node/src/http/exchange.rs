@@ -115,7 +115,21 @@ pub async fn exchange<R: Reuse>(
         kind,
         close,
         rest,
-    } = head.map_err(Failed::Sent)?;
+    } = match head {
+        Ok(h) => h,
+        // A stream that ended between requests (its destination drains, or it was idle too
+        // long): with no body, nothing of the request is lost, and it goes again elsewhere.
+        Err(NoHead::Unread) if matches!(framing, BodyKind::None | BodyKind::Length(0)) => {
+            return Err(Failed::NotSent(
+                Box::new(Request::from_parts(parts, body)),
+                reuse,
+            ));
+        }
+        Err(NoHead::Unread) => {
+            return Err(Failed::Sent(reset("ended before the answer")));
+        }
+        Err(NoHead::Failed(e)) => return Err(Failed::Sent(e)),
+    };
     let left = match kind {
         BodyKind::None | BodyKind::Length(0) => Left::Done,
         BodyKind::Length(n) => Left::Length(n),
@@ -267,8 +281,23 @@ fn reset(what: impl std::fmt::Display) -> ProxyError {
     ProxyError::Reset(format!("carried stream: {what}"))
 }
 
+/// Why no answer head came.
+enum NoHead {
+    /// The stream ended, or was refused, before a byte of an answer: the destination never read
+    /// the request (its relay ends a stream only between requests, see `relay::serve`).
+    Unread,
+    Failed(ProxyError),
+}
+
+impl From<ProxyError> for NoHead {
+    fn from(e: ProxyError) -> Self {
+        Self::Failed(e)
+    }
+}
+
 /// Reads the answer's final head (1xx heads before it are dropped, as hyper's client does).
-async fn read_head(recv: &mut h2::RecvStream, head_request: bool) -> Result<Head, ProxyError> {
+async fn read_head(recv: &mut h2::RecvStream, head_request: bool) -> Result<Head, NoHead> {
+    let mut got_any = false;
     // Most heads come whole in one frame, parsed where they are; a head split across frames is
     // gathered first.
     let mut buf = Bytes::new();
@@ -293,13 +322,19 @@ async fn read_head(recv: &mut h2::RecvStream, head_request: bool) -> Result<Head
             }
         }
         if buf.len() > MAX_HEAD {
-            return Err(reset(format!("answer head longer than {MAX_HEAD} bytes")));
+            return Err(reset(format!("answer head longer than {MAX_HEAD} bytes")).into());
         }
         let data = match recv.data().await {
             Some(Ok(d)) => d,
-            Some(Err(e)) => return Err(reset(e)),
-            None => return Err(reset("ended before the answer")),
+            Some(Err(e)) if !got_any && crate::proxy::tunnel::refused(&e) => {
+                return Err(NoHead::Unread);
+            }
+            Some(Err(e)) => return Err(reset(e).into()),
+            None if !got_any => return Err(NoHead::Unread),
+            None => return Err(reset("ended before the answer").into()),
         };
+        // The end of a stream can come as an empty frame: that is not an answer.
+        got_any |= !data.is_empty();
         let _ = recv.flow_control().release_capacity(data.len());
         buf = if buf.is_empty() {
             data
@@ -708,7 +743,13 @@ mod tests {
                     Ok::<_, ProxyError>(a)
                 }
             };
-            relay::serve(&mut dst, &Open, dial).await
+            relay::serve(
+                &mut dst,
+                &Open,
+                dial,
+                &crate::proxy::drain::Drain::new().watch(),
+            )
+            .await
         });
         let chunked = || {
             let frames = VecDeque::from([
@@ -896,8 +937,8 @@ mod tests {
                 Err("inside an answer"),
                 false,
             ),
-            // No answer at all.
-            ("", true, Err("ended before the answer"), false),
+            // No answer at all: the destination never read it, so it goes again elsewhere.
+            ("", true, Err("not sent"), false),
             (
                 "HTTP/1.1 101 Switching Protocols\r\n\r\n",
                 true,
@@ -968,6 +1009,46 @@ mod tests {
                 assert_eq!(body, "body");
             }
             _ => panic!("a reset stream took the request"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_ends_unanswered_gives_a_bodiless_request_back() {
+        // (how the destination ends the stream after the request went out, the request, whether
+        // it comes back to go elsewhere)
+        for (end, method, body, back) in [
+            // A draining relay ends the stream between requests: it never read this one.
+            ("end", Method::GET, "", true),
+            // A draining peer's final GOAWAY, or its refusal, named streams before this one.
+            ("refused", Method::GET, "", true),
+            // A body went with it (perhaps in part): it cannot go again.
+            ("end", Method::POST, "body", false),
+            // Other resets may come after the destination read the request: not sent again.
+            ("cancel", Method::GET, "", false),
+        ] {
+            let (src, mut dst, _client) = pair().await;
+            let answer = tokio::spawn(exchange(
+                src,
+                request(method.clone(), "/x", full(body)),
+                Keep::default(),
+            ));
+            // The request's head reached the destination before it ended the stream.
+            assert!(dst.recv.data().await.is_some(), "{end}");
+            match end {
+                "end" => dst.send.send_data(Bytes::new(), true).unwrap(),
+                "refused" => dst.send.send_reset(h2::Reason::REFUSED_STREAM),
+                _ => dst.send.send_reset(h2::Reason::CANCEL),
+            }
+            let at = format!("{end} {method}");
+            match (answer.await.unwrap(), back) {
+                (Err(Failed::NotSent(req, _)), true) => {
+                    assert_eq!(req.method(), method, "{at}");
+                }
+                (Err(Failed::Sent(_)), false) => {}
+                (Err(Failed::NotSent(..)), false) => panic!("{at}: sent again"),
+                (Err(Failed::Sent(e)), true) => panic!("{at}: failed: {e}"),
+                (Ok(_), _) => panic!("{at}: answered"),
+            }
         }
     }
 }

@@ -87,6 +87,8 @@ pub struct HttpOutbound {
     pub access_log: Arc<AccessLog>,
     pub tracing: Arc<Tracing>,
     pub limit_hits: Arc<crate::proxy::limits::Hits>,
+    /// Says when this generation drains: app connections end at their next boundary.
+    pub leaving: crate::proxy::drain::Watch,
 }
 
 /// An app connection's key for its recent series ([`Recent`]): the labels that vary by request
@@ -261,7 +263,19 @@ impl HttpOutbound {
             UpstreamProtocol::H1 => {
                 let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                     let s = session.clone();
-                    async move { Ok::<_, Infallible>(s.l7.request(req.map(boxed), &s).await) }
+                    async move {
+                        let mut resp = s.l7.request(req.map(boxed), &s).await;
+                        let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+                        if s.l7.leaving.is_stopped() && !switching {
+                            // Draining: this answer closes the connection (hyper sees the
+                            // field), so the app's next request opens one to the generation
+                            // that took over. Idle connections are not closed under a client
+                            // that may be sending on them; they end at the drain deadline.
+                            resp.headers_mut()
+                                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                        }
+                        Ok::<_, Infallible>(resp)
+                    }
                 });
                 // hyper's header read timer runs from the end of one response to the end of the
                 // next request's head: on a keep-alive connection it is the idle timeout.
@@ -299,21 +313,28 @@ impl HttpOutbound {
                     .initial_stream_window_size(4 << 20)
                     .initial_connection_window_size(16 << 20)
                     .serve_connection(io, svc);
-                match (idle, activity) {
-                    (Some(idle), Some(a)) => {
-                        tokio::pin!(served);
-                        loop {
-                            let Some(wait) = a.next_check(idle) else {
+                tokio::pin!(served);
+                loop {
+                    // The idle timeout, when the Service's policy sets one.
+                    let wait = match (idle, &activity) {
+                        (Some(idle), Some(a)) => match a.next_check(idle) {
+                            Some(wait) => Some(wait),
+                            None => {
                                 served.as_mut().graceful_shutdown();
                                 break served.await;
-                            };
-                            tokio::select! {
-                                r = served.as_mut() => break r,
-                                _ = tokio::time::sleep(wait) => {}
                             }
+                        },
+                        _ => None,
+                    };
+                    tokio::select! {
+                        r = served.as_mut() => break r,
+                        _ = tokio::time::sleep(wait.unwrap_or_default()), if wait.is_some() => {}
+                        // Draining: GOAWAY; streams in flight finish.
+                        () = self.leaving.stopped() => {
+                            served.as_mut().graceful_shutdown();
+                            break served.await;
                         }
                     }
-                    _ => served.await,
                 }
             }
         };
@@ -351,7 +372,10 @@ impl HttpOutbound {
         };
         let (resp, service, dst_pod) = match routed {
             Ok(r) => r,
-            Err((e, service)) => (error_response(&e, grpc), service, String::new()),
+            Err((e, service)) => {
+                debug!(error = %e, "request failed");
+                (error_response(&e, grpc), service, String::new())
+            }
         };
         let resp = match upgrade {
             Some(u) => upgrade::finish_source(resp, u),

@@ -33,7 +33,7 @@ use super::{
     respond::{FLAG_HEADER, Flag, ProxyError, error_h1},
     upgrade::UPGRADED_HEADER,
 };
-use crate::proxy::tunnel::Tunnel;
+use crate::proxy::{drain::Watch, tunnel::Tunnel};
 
 /// How much is read from the pod at a time.
 const READ_SIZE: usize = 16 * 1024;
@@ -109,20 +109,41 @@ where
 }
 
 /// Serves the requests on `carrier` until the source ends the stream. `dial` opens a
-/// connection to the pod, when the stream has none that is open.
+/// connection to the pod, when the stream has none that is open. Once `leaving` says this
+/// generation drains, the stream ends between requests (after its first): the source sends its
+/// next request on a new stream, to the generation that took over (`exchange` sends a request
+/// again on a stream that ended without reading it).
 pub async fn serve<C: Carrier, G: Gate, D: Dial>(
     carrier: &mut C,
     gate: &G,
     mut dial: D,
+    leaving: &Watch,
 ) -> Result<(), RelayError> {
     let mut from_src = BytesMut::new();
     let mut pod: Option<Pod<D::Io>> = None;
+    let mut served = false;
     let r = loop {
-        let head = match read_request(carrier, &mut from_src).await {
+        let next = if served {
+            tokio::select! {
+                biased;
+                r = read_request(carrier, &mut from_src) => Some(r),
+                () = leaving.stopped() => None,
+            }
+        } else {
+            Some(read_request(carrier, &mut from_src).await)
+        };
+        let next = match next {
+            Some(r) => r,
+            None if from_src.is_empty() => break Ok(()),
+            // A request is arriving: it is served, then the stream ends.
+            None => read_request(carrier, &mut from_src).await,
+        };
+        let head = match next {
             Ok(Some(head)) => head,
             Ok(None) => return Ok(()),
             Err(e) => break Err(e),
         };
+        served = true;
         match one(carrier, gate, &mut dial, &mut pod, &mut from_src, head).await {
             Ok(Next::Continue) => {}
             Ok(Next::End) => break Ok(()),
@@ -762,6 +783,7 @@ mod tests {
     };
 
     use super::*;
+    use crate::proxy::drain::Drain;
 
     /// The source's side of a carried stream, in memory.
     struct Chan {
@@ -900,9 +922,64 @@ mod tests {
             let p = pods.next();
             async move { p.ok_or_else(|| ProxyError::Connect("pod refused".into())) }
         };
-        let r = serve(&mut chan, gate, dial).await;
+        let r = serve(&mut chan, gate, dial, &Drain::new().watch()).await;
         let out = String::from_utf8(chan.out).unwrap();
         (out, chan.ended, r, dials)
+    }
+
+    #[tokio::test]
+    async fn a_draining_generation_ends_the_stream_between_requests_only() {
+        // (requests in hand when the drain starts, answers the source gets)
+        for (requests, answers) in [
+            // A stream's first request is served even if it comes after the drain started: a
+            // source that opened the stream just before would otherwise have nowhere to go.
+            (0, 1),
+            // A request that is already arriving is served, then the stream ends.
+            (1, 1),
+            (2, 2),
+        ] {
+            let drain = Drain::new();
+            let leaving = drain.watch();
+            let (tx, rx): (UnboundedSender<Bytes>, _) = unbounded_channel();
+            let first = b"GET /a HTTP/1.1\r\nhost: shop\r\n\r\n";
+            for _ in 0..requests {
+                tx.send(Bytes::from_static(first)).unwrap();
+            }
+            drain.drain(std::time::Duration::from_secs(1)).await;
+            if requests == 0 {
+                tx.send(Bytes::from_static(first)).unwrap();
+            }
+            let mut chan = Chan {
+                rx,
+                out: Vec::new(),
+                ended: None,
+            };
+            let (p, _) = pod(TWO_ANSWERS.to_vec());
+            let mut pods = vec![p].into_iter();
+            let dial = || {
+                let p = pods.next();
+                async move { p.ok_or_else(|| ProxyError::Connect("pod refused".into())) }
+            };
+            let book = Book::default();
+            // The source keeps the stream open (`tx` lives): only the drain can end it.
+            let r = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                serve(&mut chan, &book, dial, &leaving),
+            )
+            .await
+            .expect("a draining relay ends an idle stream");
+            r.unwrap();
+            let out = String::from_utf8(chan.out).unwrap();
+            assert_eq!(
+                out.matches("HTTP/1.1 ").count(),
+                answers,
+                "{requests}: {out}"
+            );
+            // A clean end with nothing half said: the source sends its next request again on a
+            // new stream (`exchange`).
+            assert_eq!(chan.ended, Some("finished"), "{requests}");
+            drop(tx);
+        }
     }
 
     const TWO_ANSWERS: [&[u8]; 2] = [
@@ -1045,7 +1122,8 @@ mod tests {
                 .unwrap();
             drop(tx);
         };
-        let (r, ()) = tokio::join!(serve(&mut chan, &book, dial), source);
+        let staying = Drain::new().watch();
+        let (r, ()) = tokio::join!(serve(&mut chan, &book, dial, &staying), source);
         r.unwrap();
         let codes: Vec<_> = book.ends.lock().unwrap().iter().map(|e| e.1).collect();
         assert_eq!(codes, [200, 200]);

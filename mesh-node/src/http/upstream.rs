@@ -425,18 +425,22 @@ pub async fn via_tunnel(
         HeaderValue::from_static(proto.as_str()),
     );
     h.insert(header::FORWARDED, t.forwarded.clone());
-    let send = tunnels
-        .sender(t.src, t.node, t.dst)
-        .await
-        .map_err(|e| ProxyError::Connect(mesh_api::placement::error_chain(&e)))?;
-    let mut send = send
-        .ready()
-        .await
-        .map_err(|e| ProxyError::Connect(e.to_string()))?;
     let end = body.is_end_stream();
-    let (resp, mut stream) = send
-        .send_request(Request::from_parts(parts, ()), end)
-        .map_err(|e| ProxyError::Connect(e.to_string()))?;
+    // A request without a body can go again if the peer refuses its stream (see below).
+    let again = end.then(|| {
+        let mut r = Request::new(());
+        *r.method_mut() = parts.method.clone();
+        *r.uri_mut() = parts.uri.clone();
+        *r.headers_mut() = parts.headers.clone();
+        r
+    });
+    let connect_err = |e: crate::proxy::tunnel::TunnelError| {
+        ProxyError::Connect(mesh_api::placement::error_chain(&e))
+    };
+    let (resp, mut stream) = tunnels
+        .send_request(t.src, t.node, t.dst, Request::from_parts(parts, ()), end)
+        .await
+        .map_err(connect_err)?;
     if !end {
         tokio::spawn(async move {
             if let Err(e) = send_body(body, &mut stream).await {
@@ -444,7 +448,19 @@ pub async fn via_tunnel(
             }
         });
     }
-    let resp = resp.await.map_err(h2_error)?;
+    let resp = match (resp.await, again) {
+        (Ok(r), _) => r,
+        // The draining peer's final GOAWAY came before this stream (it never saw it): once more,
+        // on a new connection to the generation that took over.
+        (Err(e), Some(req)) if crate::proxy::tunnel::refused(&e) => {
+            let (resp, _) = tunnels
+                .send_request(t.src, t.node, t.dst, req, true)
+                .await
+                .map_err(connect_err)?;
+            resp.await.map_err(h2_error)?
+        }
+        (Err(e), _) => return Err(h2_error(e)),
+    };
     Ok(resp.map(|r| boxed(RecvBody::new(r))))
 }
 

@@ -63,9 +63,16 @@ impl Drain {
 }
 
 impl Watch {
-    /// Resolves when listeners must stop accepting.
+    /// Resolves when listeners must stop accepting. Connections use it too, to end at their next
+    /// boundary (an HTTP/1.1 answer, an idle carried stream, a GOAWAY to a peer proxy) so that
+    /// what comes next goes to the generation that took over.
     pub async fn stopped(&self) {
         self.stop_accepting.cancelled().await
+    }
+
+    /// Whether this generation drains (see [`Self::stopped`]).
+    pub fn is_stopped(&self) -> bool {
+        self.stop_accepting.is_cancelled()
     }
 
     /// Runs a connection task, cut short when the drain deadline passes.

@@ -8,6 +8,10 @@
 //! accept queue, so no connect is ever refused and none lands on a stranger. Once the new
 //! generation serves, it says so on the same connection; the old one then stops accepting and
 //! drains. If the new one dies first (its end closes without a word), the old one serves on.
+//! Once drained, the old one reports on the same line how many connections it had open and how
+//! many it cut at its deadline; the new one shows that in `mesh_upgrade_*` ([`UpgradeStats`]).
+//! Generations that predate a message simply do not send or read it: the line stays compatible
+//! both ways, so a rollback is an upgrade like any other.
 use std::{
     io::{self, BufRead, BufReader, Write},
     net::SocketAddr,
@@ -16,6 +20,10 @@ use std::{
         unix::net::UnixStream,
     },
     path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
     time::Duration,
 };
 
@@ -45,12 +53,58 @@ struct Entry {
 
 /// What this generation says once it serves.
 const SERVING: &[u8] = b"serving\n";
+/// The file in the state directory that counts the node's proxy generations.
+const GENERATION_FILE: &str = "generation";
+/// How long a new generation listens for the previous one's drain report.
+const REPORT_DEADLINE: Duration = Duration::from_secs(3600);
+
+/// Upgrades as this generation saw them: `/v1/counters` `upgrade`, `mesh_upgrade_*`.
+#[derive(Debug, Default, Serialize)]
+pub struct UpgradeStats {
+    /// This process's generation on the node: the state directory's count of starts.
+    pub generation: AtomicU64,
+    /// Listening sockets taken over from the previous generation (0: it started alone).
+    pub listeners_taken: AtomicU64,
+    /// The previous generation's report, once it drained: connections it had open when it
+    /// began draining, and those it cut at its deadline.
+    pub previous_reported: AtomicU64,
+    pub previous_open: AtomicU64,
+    pub previous_cut: AtomicU64,
+}
+
+/// What a generation that drained tells the one that took over.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DrainReport {
+    pub open: u64,
+    pub cut: u64,
+}
+
+/// Counts this start in `<state-dir>/generation` and returns its number. A state directory that
+/// cannot be written does not stop the proxy: the generation is then shown as 0.
+pub fn next_generation(state_dir: &Path) -> u64 {
+    let path = state_dir.join(GENERATION_FILE);
+    let previous = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    let next = previous + 1;
+    let tmp = state_dir.join(format!("{GENERATION_FILE}.tmp"));
+    match std::fs::write(&tmp, format!("{next}\n")).and_then(|()| std::fs::rename(&tmp, &path)) {
+        Ok(()) => next,
+        Err(e) => {
+            warn!(error = %e, path = %path.display(), "cannot count proxy generations");
+            0
+        }
+    }
+}
 /// How long a running generation waits for the new one to serve after handing over.
 const SERVE_DEADLINE: Duration = Duration::from_secs(120);
 
 /// Listeners taken from the generation that ran before, and the line back to it.
 pub struct Taken {
     listeners: Vec<(Role, SocketAddr, std::net::TcpListener)>,
+    /// How many came (`listeners` empties as they are taken).
+    handed: usize,
     line: UnixStream,
 }
 
@@ -64,10 +118,42 @@ impl Taken {
         Some(self.listeners.swap_remove(i).2)
     }
 
-    /// Tells the old generation this one serves: it stops accepting and drains.
-    pub fn serving(mut self) {
+    /// How many listeners the previous generation handed over.
+    pub fn handed(&self) -> usize {
+        self.handed
+    }
+
+    /// Tells the old generation this one serves: it stops accepting and drains. Its drain report
+    /// goes into `stats` when it comes.
+    pub fn serving(mut self, stats: Arc<UpgradeStats>) {
         if let Err(e) = self.line.write_all(SERVING) {
             warn!(error = %e, "cannot tell the previous generation to drain");
+            return;
+        }
+        // A thread, not a task: a blocking read that lasts as long as the old one drains.
+        let line = self.line;
+        let spawned = std::thread::Builder::new()
+            .name("handover-report".into())
+            .spawn(move || {
+                let _ = line.set_read_timeout(Some(REPORT_DEADLINE));
+                let mut text = String::new();
+                if BufReader::new(&line).read_line(&mut text).is_err() {
+                    return;
+                }
+                // An older generation ends the line without a report.
+                if let Ok(r) = serde_json::from_str::<DrainReport>(text.trim()) {
+                    info!(
+                        open = r.open,
+                        cut = r.cut,
+                        "the previous generation drained"
+                    );
+                    stats.previous_open.store(r.open, Relaxed);
+                    stats.previous_cut.store(r.cut, Relaxed);
+                    stats.previous_reported.store(1, Relaxed);
+                }
+            });
+        if let Err(e) = spawned {
+            warn!(error = %e, "cannot wait for the previous generation's drain report");
         }
     }
 }
@@ -116,7 +202,11 @@ pub fn take_over(state_dir: &Path) -> io::Result<Option<Taken>> {
         listeners = listeners.len(),
         "took the listening sockets over from the running generation"
     );
-    Ok(Some(Taken { listeners, line }))
+    Ok(Some(Taken {
+        handed: listeners.len(),
+        listeners,
+        line,
+    }))
 }
 
 /// Binds the hand-over socket (root only), to replace a previous generation's once published.
@@ -125,9 +215,13 @@ pub fn bind(state_dir: &Path) -> io::Result<PendingSocket> {
 }
 
 /// Hands this generation's listeners to the next one. Resolves once a new generation took them
-/// and serves: the caller then stops accepting and drains. The descriptors are this
-/// generation's own copies, so they stay valid whatever its accept loops do meanwhile.
-pub async fn offer(listener: UnixListener, listeners: Vec<(Role, SocketAddr, OwnedFd)>) {
+/// and serves, with the line to it (for [`report`]): the caller then stops accepting and drains.
+/// The descriptors are this generation's own copies, so they stay valid whatever its accept
+/// loops do meanwhile.
+pub async fn offer(
+    listener: UnixListener,
+    listeners: Vec<(Role, SocketAddr, OwnedFd)>,
+) -> UnixStream {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -151,25 +245,35 @@ pub async fn offer(listener: UnixListener, listeners: Vec<(Role, SocketAddr, Own
             })
             .collect();
         let fds: Vec<RawFd> = listeners.iter().map(|(_, _, fd)| fd.as_raw_fd()).collect();
-        let handed = tokio::task::spawn_blocking(move || -> io::Result<bool> {
+        let handed = tokio::task::spawn_blocking(move || -> io::Result<Option<UnixStream>> {
             stream.set_nonblocking(false)?;
             let body = serde_json::to_vec(&entries).map_err(io::Error::other)?;
             sys::send_with_fds(&stream, &body, &fds)?;
             stream.set_read_timeout(Some(SERVE_DEADLINE))?;
             let mut line = String::new();
             BufReader::new(&stream).read_line(&mut line)?;
-            Ok(line.as_bytes() == SERVING)
+            Ok((line.as_bytes() == SERVING).then_some(stream))
         })
         .await;
         match handed {
-            Ok(Ok(true)) => {
+            Ok(Ok(Some(line))) => {
                 info!("the next generation serves: draining");
-                return;
+                return line;
             }
-            Ok(Ok(false)) => warn!("the next generation went away before serving: serving on"),
+            Ok(Ok(None)) => warn!("the next generation went away before serving: serving on"),
             Ok(Err(e)) => warn!(error = %e, "hand-over failed: serving on"),
             Err(e) => warn!(error = %e, "hand-over task failed: serving on"),
         }
+    }
+}
+
+/// Tells the generation that took over how this one's drain went (it may have gone: then
+/// nobody hears it).
+pub fn report(mut line: &UnixStream, r: &DrainReport) {
+    let mut text = serde_json::to_vec(r).expect("plain numbers");
+    text.push(b'\n');
+    if let Err(e) = line.write_all(&text) {
+        info!(error = %e, "the next generation did not take the drain report");
     }
 }
 

@@ -43,6 +43,8 @@ pub struct Delivery {
     pub l7: Option<Arc<crate::http::inbound::HttpInbound>>,
     pub access_log: Arc<crate::telemetry::access_log::AccessLog>,
     pub live: Arc<crate::telemetry::live::Connections>,
+    /// Says when this generation drains: carried streams end between requests.
+    pub leaving: crate::proxy::drain::Watch,
 }
 
 impl Deliver for Delivery {
@@ -332,7 +334,7 @@ impl Delivery {
             spoofed: &self.stats.inbound_refused_spoofed_source,
         };
         let dial = || l7.pods.dial(target);
-        if let Err(e) = crate::http::relay::serve(&mut tunnel, &gate, dial).await {
+        if let Err(e) = crate::http::relay::serve(&mut tunnel, &gate, dial, &self.leaving).await {
             debug!(%peer, %target, error = %mesh_api::placement::error_chain(&e), "carried stream ended");
         }
     }

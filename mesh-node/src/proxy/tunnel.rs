@@ -244,12 +244,15 @@ impl Tunnels {
         target: SocketAddr,
         original_src: SocketAddr,
     ) -> Result<Tunnel, TunnelError> {
-        let req = Request::builder()
-            .method(Method::CONNECT)
-            .uri(target.to_string())
-            .header("forwarded", format!("for=\"{original_src}\""))
-            .body(())
-            .expect("static request parts");
+        let forwarded = format!("for=\"{original_src}\"");
+        let req = || {
+            Request::builder()
+                .method(Method::CONNECT)
+                .uri(target.to_string())
+                .header("forwarded", &forwarded)
+                .body(())
+                .expect("static request parts")
+        };
         Ok(self.connect_stream(src, node, dst, req).await?.0)
     }
 
@@ -263,38 +266,56 @@ impl Tunnels {
         dst: &SpiffeId,
         target: SocketAddr,
     ) -> Result<(Tunnel, Arc<ConnState>), TunnelError> {
-        let req = Request::builder()
-            .method(Method::CONNECT)
-            .uri(target.to_string())
-            .header(&CARRIED_HEADER, "http/1.1")
-            .body(())
-            .expect("static request parts");
+        let req = || {
+            Request::builder()
+                .method(Method::CONNECT)
+                .uri(target.to_string())
+                .header(&CARRIED_HEADER, "http/1.1")
+                .body(())
+                .expect("static request parts")
+        };
         let opened = self.connect_stream(src, node, dst, req).await?;
         self.stats.outbound_carried_streams.fetch_add(1, Relaxed);
         Ok(opened)
     }
 
+    /// Opens a CONNECT stream made by `req`. A stream the peer refused (a draining peer's final
+    /// GOAWAY names a last stream before it) was never seen there: it goes again, once, on a new
+    /// connection. Nothing of it was sent but its head.
     async fn connect_stream(
         &self,
         src: &SpiffeId,
         node: SocketAddr,
         dst: &SpiffeId,
-        req: Request<()>,
+        req: impl Fn() -> Request<()>,
     ) -> Result<(Tunnel, Arc<ConnState>), TunnelError> {
         let key = PoolKey {
             src: src.clone(),
             node,
             dst: dst.clone(),
         };
-        let (send, state) = self.connection(&key).await?;
-        let mut send = send.ready().await.map_err(|e| TunnelError::Http(node, e))?;
-        let (resp, stream) = send
-            .send_request(req, false)
+        let (mut send, mut state) = self.ready(&key).await?;
+        let (mut resp, mut stream) = send
+            .send_request(req(), false)
             .map_err(|e| TunnelError::Http(node, e))?;
-        let resp = tokio::time::timeout(HANDSHAKE_TIMEOUT, resp)
-            .await
-            .map_err(|_| TunnelError::Timeout)?
-            .map_err(|e| TunnelError::Http(node, e))?;
+        let mut retried = false;
+        let resp = loop {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, resp).await {
+                Err(_) => return Err(TunnelError::Timeout),
+                Ok(Ok(r)) => break r,
+                Ok(Err(e)) if refused(&e) && !retried => {
+                    debug!(%node, "stream refused by a draining peer; opening it on a new connection");
+                    retried = true;
+                    self.forget(&key, &state);
+                    let mut send;
+                    (send, state) = self.ready(&key).await?;
+                    (resp, stream) = send
+                        .send_request(req(), false)
+                        .map_err(|e| TunnelError::Http(node, e))?;
+                }
+                Ok(Err(e)) => return Err(TunnelError::Http(node, e)),
+            }
+        };
         if resp.status() != StatusCode::OK {
             return Err(TunnelError::Status(resp.status()));
         }
@@ -304,6 +325,39 @@ impl Tunnels {
             recv: resp.into_body(),
         };
         Ok((tunnel, state))
+    }
+
+    /// The pooled connection for `key`, ready for a new stream. One the peer is draining says so
+    /// here, before a stream is sent (h2 keeps the GOAWAY): a new connection reaches the
+    /// generation that took the peer's listener over.
+    async fn ready(
+        &self,
+        key: &PoolKey,
+    ) -> Result<(h2::client::SendRequest<Bytes>, Arc<ConnState>), TunnelError> {
+        let (send, state) = self.connection(key).await?;
+        match send.ready().await {
+            Ok(send) => Ok((send, state)),
+            Err(e) if refused(&e) => {
+                debug!(node = %key.node, "tunnel connection going away; opening a new one");
+                self.forget(key, &state);
+                let (send, state) = self.connection(key).await?;
+                let send = send
+                    .ready()
+                    .await
+                    .map_err(|e| TunnelError::Http(key.node, e))?;
+                Ok((send, state))
+            }
+            Err(e) => Err(TunnelError::Http(key.node, e)),
+        }
+    }
+
+    /// Takes the connection with `state` out of the pool: nothing new starts on it.
+    fn forget(&self, key: &PoolKey, state: &Arc<ConnState>) {
+        state.retire();
+        let mut pool = self.pool.locked();
+        if pool.get(key).is_some_and(|p| Arc::ptr_eq(&p.state, state)) {
+            pool.remove(key);
+        }
     }
 
     /// Whether a stream kept open on the connection with `state` may take new work: the
@@ -321,22 +375,28 @@ impl Tunnels {
         current
     }
 
-    /// The pooled HTTP/2 connection for (source identity, node, destination identity), for
-    /// requests that ride it as their own streams (L7).
-    pub async fn sender(
+    /// Sends `req` as a stream of its own on the pooled HTTP/2 connection for (source identity,
+    /// node, destination identity): L7 requests to HTTP/2 pods. A connection the peer is draining
+    /// says so before the stream is sent (see [`Self::ready`]): then it goes on a new one.
+    pub async fn send_request(
         &self,
         src: &SpiffeId,
         node: SocketAddr,
         dst: &SpiffeId,
-    ) -> Result<h2::client::SendRequest<Bytes>, TunnelError> {
+        req: Request<()>,
+        end: bool,
+    ) -> Result<(h2::client::ResponseFuture, SendStream<Bytes>), TunnelError> {
         let key = PoolKey {
             src: src.clone(),
             node,
             dst: dst.clone(),
         };
-        let (send, _) = self.connection(&key).await?;
+        let (mut send, _) = self.ready(&key).await?;
+        let sent = send
+            .send_request(req, end)
+            .map_err(|e| TunnelError::Http(node, e))?;
         self.stats.outbound_streams.fetch_add(1, Relaxed);
-        Ok(send)
+        Ok(sent)
     }
 
     async fn connection(
@@ -442,6 +502,12 @@ impl Tunnels {
         p.state.touch();
         Some((p.send.clone(), p.state.clone()))
     }
+}
+
+/// Whether `e` says the peer did not take the stream (its GOAWAY came first, or it refused the
+/// stream): nothing of it was processed, so it may go again on another connection.
+pub(crate) fn refused(e: &h2::Error) -> bool {
+    (e.is_go_away() && e.is_remote()) || e.reason() == Some(h2::Reason::REFUSED_STREAM)
 }
 
 /// What a stream a peer opened on an authenticated tunnel connection is, from its method and
@@ -588,8 +654,10 @@ impl TunnelServer {
                 self.limit_hits
                     .hit(crate::proxy::limits::Limit::TunnelHandshakes);
             }
-            let this = self.clone();
-            watch.spawn_conn(async move { this.connection(tcp, peer, config, handshake).await });
+            let (this, leaving) = (self.clone(), watch.clone());
+            watch.spawn_conn(async move {
+                this.connection(tcp, peer, config, handshake, leaving).await
+            });
         }
     }
 
@@ -617,6 +685,7 @@ impl TunnelServer {
         peer: SocketAddr,
         config: Arc<rustls::ServerConfig>,
         slot: crate::proxy::limits::Handshake,
+        leaving: Watch,
     ) {
         let _ = tcp.set_nodelay(true);
         let handshake = async {
@@ -702,6 +771,14 @@ impl TunnelServer {
             let idle_deadline = streams.idle_deadline(self.idle_timeout);
             let next = tokio::select! {
                 next = h2.accept() => next,
+                // This generation drains: GOAWAY tells the peer to open its next streams on a new
+                // connection (to the generation that took the listener over). Streams it opened
+                // before seeing it are still served; the connection ends when they have.
+                _ = leaving.stopped(), if !closing => {
+                    h2.graceful_shutdown();
+                    closing = true;
+                    continue;
+                }
                 // The last stream ended: the idle clock starts.
                 _ = streams.last_ended.notified(), if idle_deadline.is_none() => continue,
                 _ = tokio::time::sleep_until(idle_deadline.unwrap_or_else(far_future)),

@@ -201,6 +201,18 @@ fn describe() {
         "mesh_config_reconnects_total",
         "Reconnections of the configuration stream"
     );
+    describe_gauge!(
+        "mesh_upgrade_generation",
+        "This proxy process's generation on the node: one more at each start, upgrade or restart"
+    );
+    describe_gauge!(
+        "mesh_upgrade_listeners_taken_over",
+        "Listening sockets this generation took over from the one before (0: it started alone, every connect in between was refused)"
+    );
+    describe_gauge!(
+        "mesh_upgrade_previous_connections",
+        "The previous generation's drain as it reported it, by outcome: open (when it began draining), cut (at its deadline)"
+    );
 }
 
 fn n(v: &Value) -> u64 {
@@ -231,6 +243,15 @@ fn record(s: &Value) {
         }
     }
     gauge!("mesh_enrolled_pods").set(n(&s["enrolled_pods"]) as f64);
+    let u = &s["upgrade"];
+    gauge!("mesh_upgrade_generation").set(n(&u["generation"]) as f64);
+    gauge!("mesh_upgrade_listeners_taken_over").set(n(&u["listeners_taken"]) as f64);
+    if n(&u["previous_reported"]) == 1 {
+        for outcome in ["open", "cut"] {
+            gauge!("mesh_upgrade_previous_connections", "outcome" => outcome)
+                .set(n(&u[format!("previous_{outcome}")]) as f64);
+        }
+    }
     let k = &s["kernel"];
     for f in k["features"].as_array().into_iter().flatten() {
         let name = f["name"].as_str().unwrap_or("").to_string();

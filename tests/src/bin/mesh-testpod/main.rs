@@ -983,6 +983,9 @@ struct GetReport {
     errors: BTreeMap<String, u64>,
     /// Connections opened (a closed one is replaced).
     connections: u64,
+    /// Requests sent again on a new connection because the server never processed them (a
+    /// GOAWAY that came first, a close that raced them).
+    retried: u64,
     /// The last body seen, for a look at what came back.
     last_body: String,
 }
@@ -1019,6 +1022,7 @@ async fn get(
         );
         tasks.push(tokio::spawn(async move {
             let mut sender: Option<Sender> = None;
+            let mut retried = 0;
             loop {
                 if left
                     .fetch_update(
@@ -1068,7 +1072,21 @@ async fn get(
                     }
                 }
                 let s = sender.as_mut().expect("connected above");
-                match s.send(req).await {
+                let sent = s.send(req).await;
+                if let Err(e) = &sent
+                    && never_processed(e)
+                    && retried < MAX_RETRIES
+                {
+                    // What clients with a pool and gRPC clients do (RFC 9113 section 8.7): the
+                    // request goes again on a new connection; it counts once.
+                    retried += 1;
+                    report.lock().unwrap().retried += 1;
+                    left.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    sender = None;
+                    continue;
+                }
+                retried = 0;
+                match sent {
                     Ok(resp) => {
                         let status = resp.status().as_u16().to_string();
                         let pod = resp
@@ -1102,7 +1120,7 @@ async fn get(
                         r.last_body = String::from_utf8_lossy(&body).into();
                     }
                     Err(e) => {
-                        report.lock().unwrap().error(e);
+                        report.lock().unwrap().error(e.into_error());
                         sender = None;
                     }
                 }
@@ -1118,6 +1136,26 @@ async fn get(
 }
 
 type GetBody = http_body_util::Empty<bytes::Bytes>;
+
+/// Times one request goes again before its failure counts.
+const MAX_RETRIES: u32 = 3;
+
+/// Whether the server never processed the request: the connection did not send it, or the
+/// server refused its stream (a GOAWAY naming an earlier last stream, or REFUSED_STREAM).
+fn never_processed(e: &hyper::client::conn::TrySendError<hyper::Request<GetBody>>) -> bool {
+    if e.message().is_some() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e.error());
+    while let Some(s) = source {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return (h2.is_go_away() && h2.is_remote())
+                || h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = s.source();
+    }
+    false
+}
 
 enum Sender {
     H1(hyper::client::conn::http1::SendRequest<GetBody>),
@@ -1149,18 +1187,27 @@ impl Sender {
         }
     }
 
+    /// Sends `req`; a request the connection never sent comes back with the error (what
+    /// clients with a pool retry on a new connection: a GOAWAY, a close that raced it).
     async fn send(
         &mut self,
         req: hyper::Request<GetBody>,
-    ) -> hyper::Result<hyper::Response<hyper::body::Incoming>> {
+    ) -> Result<
+        hyper::Response<hyper::body::Incoming>,
+        hyper::client::conn::TrySendError<hyper::Request<GetBody>>,
+    > {
         match self {
             Sender::H1(s) => {
-                s.ready().await?;
-                s.send_request(req).await
+                if s.ready().await.is_err() {
+                    return s.try_send_request(req).await;
+                }
+                s.try_send_request(req).await
             }
             Sender::H2(s) => {
-                s.ready().await?;
-                s.send_request(req).await
+                if s.ready().await.is_err() {
+                    return s.try_send_request(req).await;
+                }
+                s.try_send_request(req).await
             }
         }
     }
