@@ -598,6 +598,15 @@ impl Cluster {
         Ok(status)
     }
 
+    /// Starts a new generation of node `i`'s proxy beside the running one and waits for it to
+    /// exit on its own: an upgrade that must be refused (the running generation serves on).
+    pub async fn refused_upgrade(&self, i: usize) -> anyhow::Result<std::process::ExitStatus> {
+        let mut child = self.spawn_node(i)?;
+        Ok(tokio::time::timeout(Duration::from_secs(30), child.wait())
+            .await
+            .context("the new generation did not exit")??)
+    }
+
     fn spawn_node(&self, i: usize) -> anyhow::Result<Child> {
         let node = &self.nodes[i];
         let mut cmd = Command::new(find_bin("mesh-node")?);

@@ -254,3 +254,53 @@ async fn upgrading_either_node_fails_no_request() {
         }
     }
 }
+
+/// A map pinned by a build with another layout would be read wrongly by this one (aya opens
+/// whatever is pinned at the path). The new generation refuses to start, says which map and why,
+/// and the running one keeps the node.
+#[tokio::test]
+async fn a_generation_that_finds_maps_of_another_layout_refuses_and_the_old_one_serves_on() {
+    let cluster = ClusterBuilder::new()
+        .nodes(1)
+        .pods_per_node(2)
+        .with_controller()
+        .start()
+        .await
+        .unwrap();
+    let (client, server) = (cluster.pod(0, 0).clone(), cluster.pod(0, 1).clone());
+    let _srv = server.serve(PORT, false).await.unwrap();
+    for p in [&client, &server] {
+        cluster.enroll(p).await.unwrap();
+    }
+    let dst = server.addr(false, PORT);
+    let r = client.client(dst, 3, 64).await.unwrap();
+    assert_eq!(n(&r, &["ok"]), 3, "{r}");
+    // What an older build with another counters layout would have left pinned. The running
+    // generation holds its own descriptor of the real map.
+    let pinned = std::path::PathBuf::from("/sys/fs/bpf/mesh")
+        .join(&cluster.nodes[0].name)
+        .join("maps")
+        .join("MESH_COUNTERS");
+    std::fs::remove_file(&pinned).unwrap();
+    let made = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&pinned)
+        .args([
+            "type", "hash", "key", "4", "value", "4", "entries", "8", "name", "older",
+        ])
+        .status()
+        .expect("bpftool (installed with the test tools)");
+    assert!(made.success());
+
+    let status = cluster.refused_upgrade(0).await.unwrap();
+    assert!(!status.success(), "the new generation started: {status}");
+    let log = std::fs::read_to_string(&cluster.nodes[0].log).unwrap();
+    assert!(
+        log.contains("pinned map MESH_COUNTERS was made by a build with another layout"),
+        "{}",
+        cluster.nodes[0].log_tail(20)
+    );
+    // The running generation still serves.
+    let r = client.client(dst, 3, 64).await.unwrap();
+    assert_eq!(n(&r, &["ok"]), 3, "{r}");
+}

@@ -66,6 +66,12 @@ pub const TESTS: &[&str] = &[
     "upgrade",
 ];
 
+/// Tests of `TESTS` that do not run in the guests: what they prove is the proxy's own (user
+/// space), the same on every kernel, and their load means little under software emulation.
+/// The drain at protocol boundaries: the hand-over and the pinned maps' layouts, which do
+/// depend on the kernel, are tested in the guests by the rest of `upgrade`.
+const HOST_ONLY: &[&str] = &["upgrading_either_node_fails_no_request"];
+
 /// Modules the guest loads (with their dependencies); built-in ones are skipped.
 const MODULES: &[&str] = &[
     "virtio_pci",
@@ -402,10 +408,14 @@ ip link set lo up
         "target/release/mesh-node probe --json > $R/probe.json 2>/dev/null"
     )
     .expect("string");
+    let skip: String = HOST_ONLY
+        .iter()
+        .map(|t| format!(" --skip {t}"))
+        .collect();
     for (name, bin) in tests {
         writeln!(
             s,
-            "start=$(date +%s); {bin} --test-threads=2 > $R/{name}.log 2>&1; echo $? > $R/{name}.rc; echo $(( $(date +%s) - start )) > $R/{name}.secs",
+            "start=$(date +%s); {bin} --test-threads=2{skip} > $R/{name}.log 2>&1; echo $? > $R/{name}.rc; echo $(( $(date +%s) - start )) > $R/{name}.secs",
             bin = bin.display()
         )
         .expect("string");

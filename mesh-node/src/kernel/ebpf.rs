@@ -55,10 +55,26 @@ pub enum EbpfError {
         #[source]
         source: io::Error,
     },
-    #[error(
-        "loading the eBPF object failed (a map pinned by an incompatible build? `mesh-node detach` clears it)"
-    )]
+    #[error("loading the eBPF object failed")]
     Load(#[source] aya::EbpfError),
+    #[error("cannot parse the eBPF object")]
+    Parse(#[source] aya_obj::ParseError),
+    #[error("cannot read pinned map {path}")]
+    Pinned {
+        path: PathBuf,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error(
+        "pinned map {name} was made by a build with another layout (pinned: {pinned}; this build: {expected}). \
+         Its records cannot be read by this build, so it does not start: roll back to the build that \
+         made it, or drain the node and run `mesh-node detach` (pods fail closed until a proxy is back)"
+    )]
+    LayoutMismatch {
+        name: String,
+        pinned: MapLayout,
+        expected: MapLayout,
+    },
     #[error("the eBPF object has no {kind} named {name}")]
     Missing {
         kind: &'static str,
@@ -213,6 +229,7 @@ impl Redirector {
         if spec.accelerate && accel_constants.is_none() {
             warn!("socket acceleration off: this kernel cannot do it (`mesh-node probe` says why)");
         }
+        check_pinned_layouts(object, &maps_dir)?;
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(&maps_dir).override_global(
             "AYA_LOG_LEVEL",
@@ -628,6 +645,76 @@ impl Counters {
             root.insert(program.to_string(), serde_json::Value::Object(o));
         }
         serde_json::Value::Object(root)
+    }
+}
+
+/// What a map's records look like to the kernel: enough to tell that two builds disagree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapLayout {
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+}
+
+impl std::fmt::Display for MapLayout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "type {}, key {} bytes, value {} bytes, {} entries",
+            self.map_type, self.key_size, self.value_size, self.max_entries
+        )
+    }
+}
+
+/// Compares every map this build pins with the one a previous generation left at its path.
+///
+/// aya opens a pinned map as it finds it: one made by a build with another layout would be read
+/// wrongly, or make the verifier refuse a program with a message that names neither the map nor
+/// the cause. So a mismatch stops the start here, before anything is loaded or attached: the
+/// running generation keeps the node. A map whose meaning changes at the same sizes must get a
+/// new name (`mesh_abi::maps`), so that it is a new map rather than a misread one.
+fn check_pinned_layouts(object: &[u8], maps_dir: &Path) -> Result<(), EbpfError> {
+    let obj = aya_obj::Object::parse(object).map_err(EbpfError::Parse)?;
+    for (name, def) in &obj.maps {
+        if def.pinning() != aya_obj::maps::PinningType::ByName {
+            continue;
+        }
+        let path = maps_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let pinned_err = |source| EbpfError::Pinned {
+            path: path.clone(),
+            source,
+        };
+        let info = MapData::from_pin(&path)
+            .and_then(|m| m.info())
+            .map_err(pinned_err)?;
+        let pinned = MapLayout {
+            map_type: info.map_type().map_err(pinned_err)? as u32,
+            key_size: info.key_size(),
+            value_size: info.value_size(),
+            max_entries: info.max_entries(),
+        };
+        let expected = layout_of(def);
+        if pinned != expected {
+            return Err(EbpfError::LayoutMismatch {
+                name: name.clone(),
+                pinned,
+                expected,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn layout_of(def: &aya_obj::Map) -> MapLayout {
+    MapLayout {
+        map_type: def.map_type(),
+        key_size: def.key_size(),
+        value_size: def.value_size(),
+        max_entries: def.max_entries(),
     }
 }
 
