@@ -598,6 +598,40 @@ impl Cluster {
         Ok(status)
     }
 
+    /// Upgrades node `i`'s proxy, then kills the old generation with SIGKILL `after` the new one
+    /// is ready (in the middle of its drain).
+    pub async fn upgrade_node_killing_old(
+        &mut self,
+        i: usize,
+        after: Duration,
+    ) -> anyhow::Result<()> {
+        let mut old = self.nodes[i]
+            .process
+            .take()
+            .context("node proxy not running")?;
+        // Both generations log to the same file: the old one's line says it drains.
+        const DRAINING: &str = "the next generation serves: draining";
+        let drains = || {
+            std::fs::read_to_string(&self.nodes[i].log)
+                .map(|l| l.matches(DRAINING).count())
+                .unwrap_or(0)
+        };
+        let before = drains();
+        let child = self.spawn_node(i)?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while drains() == before {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the old generation never drained"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.nodes[i].process = Some(child);
+        tokio::time::sleep(after).await;
+        old.kill().await?;
+        Ok(())
+    }
+
     /// Starts a new generation of node `i`'s proxy beside the running one and waits for it to
     /// exit on its own: an upgrade that must be refused (the running generation serves on).
     pub async fn refused_upgrade(&self, i: usize) -> anyhow::Result<std::process::ExitStatus> {

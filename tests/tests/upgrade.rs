@@ -304,3 +304,126 @@ async fn a_generation_that_finds_maps_of_another_layout_refuses_and_the_old_one_
     let r = client.client(dst, 3, 64).await.unwrap();
     assert_eq!(n(&r, &["ok"]), 3, "{r}");
 }
+
+/// An opaque TCP stream has no boundary the proxy could end it at, and its bytes are in the old
+/// process: it lasts until the old generation's drain deadline (`--drain-timeout`, 2 s in the
+/// harness), not a moment less, and the report counts it as cut.
+#[tokio::test]
+async fn a_long_opaque_stream_lasts_until_the_drain_deadline_and_counts_as_cut() {
+    let mut cluster = ClusterBuilder::new()
+        .nodes(2)
+        .pods_per_node(1)
+        .with_controller()
+        .start()
+        .await
+        .unwrap();
+    let (client, server) = (cluster.pod(0, 0).clone(), cluster.pod(1, 0).clone());
+    let _sink = server.server(&["pattern-sink"], PORT).await.unwrap();
+    for p in [&client, &server] {
+        cluster.enroll(p).await.unwrap();
+    }
+    let dst = server.addr(false, PORT).to_string();
+    // 8 s of bursts, 100 ms apart: longer than the upgrade and its drain.
+    let stream = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let r = client
+                .testpod(&[
+                    "pattern-send",
+                    "--to",
+                    &dst,
+                    "--bytes",
+                    "8000000",
+                    "--bursts",
+                    "80",
+                    "--gap-ms",
+                    "100",
+                ])
+                .await;
+            (r, std::time::Instant::now())
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let upgraded = std::time::Instant::now();
+    let status = cluster.upgrade_node(0).await.unwrap();
+    assert!(status.success(), "{status}");
+    let (r, ended) = stream.await.unwrap();
+    assert!(r.is_err(), "the stream outlived its generation: {r:?}");
+    let lasted = ended - upgraded;
+    assert!(
+        lasted >= std::time::Duration::from_millis(1900),
+        "cut {lasted:?} into a 2 s drain"
+    );
+    let c = cluster.nodes[0].counters().await.unwrap();
+    assert!(n(&c, &["upgrade", "previous_cut"]) >= 1, "{}", c["upgrade"]);
+}
+
+/// The old generation killed with SIGKILL in the middle of its drain: the new one already holds
+/// the listeners and the programs, so connections made after the kill neither fail nor bypass
+/// the mesh. (Those the old generation was carrying die with it: their bytes were in it.)
+#[tokio::test]
+async fn an_old_generation_killed_mid_drain_fails_no_new_connection() {
+    let mut cluster = ClusterBuilder::new()
+        .nodes(2)
+        .pods_per_node(1)
+        .with_controller()
+        .start()
+        .await
+        .unwrap();
+    let (client, server) = (cluster.pod(0, 0).clone(), cluster.pod(1, 0).clone());
+    let _srv = server.serve(PORT, false).await.unwrap();
+    for p in [&client, &server] {
+        cluster.enroll(p).await.unwrap();
+    }
+    let dst = server.addr(false, PORT);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Batches of 10 connections, each with when it started and what it got.
+    let load = {
+        let (client, stop) = (client.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut batches = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let started = std::time::Instant::now();
+                let r = client.client(dst, 10, 64).await.unwrap();
+                batches.push((started, r));
+            }
+            batches
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let mut kills = Vec::new();
+    for node in [0, 1] {
+        cluster
+            .upgrade_node_killing_old(node, std::time::Duration::from_millis(100))
+            .await
+            .unwrap();
+        kills.push(std::time::Instant::now());
+        tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let batches = load.await.unwrap();
+    let client_ip = client.addr(false, 0).ip().to_string();
+    for (i, killed) in kills.iter().enumerate() {
+        let after: Vec<_> = batches
+            .iter()
+            .filter(|(started, _)| started > killed)
+            .map(|(_, r)| r)
+            .collect();
+        assert!(after.len() >= 3, "too few batches after kill {i}");
+        for r in after {
+            assert_eq!(
+                n(r, &["failed"]),
+                0,
+                "a connection after kill {i} failed: {r}"
+            );
+            // Every one reached the server through the mesh (from the server node's proxy),
+            // none from the client pod's own address.
+            for (hello, _) in r["hellos"].as_object().into_iter().flatten() {
+                assert!(
+                    !hello.contains(&format!("peer={client_ip} ")),
+                    "bypassed the mesh: {hello}"
+                );
+            }
+        }
+    }
+}
