@@ -6,6 +6,7 @@ use mesh_tests::{ClusterBuilder, n};
 
 const PORT: u16 = 8080;
 const HTTP: u16 = 8081;
+const GRPC: u16 = 9090;
 
 /// What a root process of the node's network namespace gets when it tries to bind `addr` the
 /// way one joins a listener group: `SO_REUSEADDR` and `SO_REUSEPORT`.
@@ -165,6 +166,7 @@ async fn upgrading_either_node_fails_no_request() {
     let (client, server) = (cluster.pod(0, 0).clone(), cluster.pod(1, 0).clone());
     let _echo = server.serve(PORT, false).await.unwrap();
     let _web = server.serve_http(HTTP).await.unwrap();
+    let _grpc = server.server(&["grpc", "--name", "g"], GRPC).await.unwrap();
     for p in [&client, &server] {
         cluster.enroll(p).await.unwrap();
     }
@@ -173,7 +175,7 @@ async fn upgrading_either_node_fails_no_request() {
         .change_config(
             "services.yaml",
             Some(&format!(
-                "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: {ns}}}\nspec:\n  clusterIP: 10.96.0.30\n  selector: {{app: web}}\n  ports: [{{name: http, port: 80, targetPort: {HTTP}}}]\n"
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: {ns}}}\nspec:\n  clusterIP: 10.96.0.30\n  selector: {{app: web}}\n  ports: [{{name: http, port: 80, targetPort: {HTTP}}}, {{name: grpc, port: {GRPC}, targetPort: {GRPC}}}]\n"
             )),
         )
         .await
@@ -192,6 +194,32 @@ async fn upgrading_either_node_fails_no_request() {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let h1 = http_load(&client, web, &[], stop.clone());
     let h2 = http_load(&client, web, &["--h2"], stop.clone());
+    // gRPC: unary calls, and a stream of 15 messages 100 ms apart (shorter than the harness's
+    // 2 s drain, so it finishes on the generation it started on).
+    let grpc = |args: &'static [&'static str]| {
+        let (client, stop) = (client.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut ok, mut failures) = (0, Vec::new());
+            let to = format!("10.96.0.30:{GRPC}");
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut a = vec!["grpc-call", "--to", &to];
+                a.extend_from_slice(args);
+                match client.testpod(&a).await {
+                    Ok(r)
+                        if r["codes"]
+                            .as_object()
+                            .is_some_and(|c| c.keys().all(|k| k == "0")) =>
+                    {
+                        ok += r["codes"]["0"].as_u64().unwrap_or(0) + n(&r, &["chat_echoed"]);
+                    }
+                    other => failures.push(format!("{other:?}")),
+                }
+            }
+            (ok, failures)
+        })
+    };
+    let unary = grpc(&["--count", "50"]);
+    let stream = grpc(&["--count", "0", "--chat", "15", "--chat-gap-ms", "100"]);
     let dst = server.addr(false, PORT);
     let tcp = {
         let (client, stop) = (client.clone(), stop.clone());
@@ -219,6 +247,20 @@ async fn upgrading_either_node_fails_no_request() {
     let (tcp_ok, tcp_errors) = tcp.await.unwrap();
     let (h1_ok, h1_failures) = h1.await.unwrap();
     let (h2_ok, h2_failures) = h2.await.unwrap();
+    let (unary_ok, unary_failures) = unary.await.unwrap();
+    let (stream_ok, stream_failures) = stream.await.unwrap();
+    assert!(
+        unary_failures.is_empty(),
+        "gRPC calls failed: {unary_failures:?}"
+    );
+    assert!(
+        stream_failures.is_empty(),
+        "gRPC streams failed: {stream_failures:?}"
+    );
+    assert!(
+        unary_ok >= 100 && stream_ok >= 30,
+        "too little gRPC: {unary_ok} {stream_ok}"
+    );
     assert!(
         tcp_errors.is_empty(),
         "TCP connections failed: {tcp_errors:?}"
@@ -378,17 +420,25 @@ async fn an_old_generation_killed_mid_drain_fails_no_new_connection() {
     let dst = server.addr(false, PORT);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     // Batches of 10 connections, each with when it started and what it got.
+    type Batches = std::sync::Arc<std::sync::Mutex<Vec<(std::time::Instant, serde_json::Value)>>>;
+    let batches: Batches = Default::default();
     let load = {
-        let (client, stop) = (client.clone(), stop.clone());
+        let (client, stop, batches) = (client.clone(), stop.clone(), batches.clone());
         tokio::spawn(async move {
-            let mut batches = Vec::new();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let started = std::time::Instant::now();
                 let r = client.client(dst, 10, 64).await.unwrap();
-                batches.push((started, r));
+                batches.lock().unwrap().push((started, r));
             }
-            batches
         })
+    };
+    let started_after = |t: std::time::Instant| {
+        batches
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(s, _)| *s > t)
+            .count()
     };
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let mut kills = Vec::new();
@@ -397,11 +447,18 @@ async fn an_old_generation_killed_mid_drain_fails_no_new_connection() {
             .upgrade_node_killing_old(node, std::time::Duration::from_millis(100))
             .await
             .unwrap();
-        kills.push(std::time::Instant::now());
-        tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+        let killed = std::time::Instant::now();
+        kills.push(killed);
+        // Three whole batches after the kill, however slow the machine (QEMU).
+        let deadline = killed + std::time::Duration::from_secs(60);
+        while started_after(killed) < 4 {
+            assert!(std::time::Instant::now() < deadline, "no load after kill");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let batches = load.await.unwrap();
+    load.await.unwrap();
+    let batches = std::mem::take(&mut *batches.lock().unwrap());
     let client_ip = client.addr(false, 0).ip().to_string();
     for (i, killed) in kills.iter().enumerate() {
         let after: Vec<_> = batches

@@ -228,6 +228,8 @@ impl http_body::Body for Recording {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        // A reader may stop at the last frame without asking for the end (`send_body` does).
+        let ended = self.inner.is_end_stream();
         let mut r = self.rec.0.locked();
         match &frame {
             None => r.complete = true,
@@ -239,6 +241,7 @@ impl http_body::Body for Recording {
                     } else if !r.overflow {
                         r.data.extend_from_slice(d);
                     }
+                    r.complete |= ended;
                 } else if let Some(t) = f.trailers_ref() {
                     r.trailers = Some(t.clone());
                     r.complete = true;

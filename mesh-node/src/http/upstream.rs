@@ -24,7 +24,7 @@ use tracing::debug;
 
 use super::{
     UPSTREAM_PROTOCOL_HEADER, UpstreamProtocol,
-    body::{Body, BoxError, RecvBody, boxed, send_body},
+    body::{Body, BoxError, Recording, RecvBody, boxed, send_body},
     respond::ProxyError,
     upgrade,
 };
@@ -426,21 +426,64 @@ pub async fn via_tunnel(
     );
     h.insert(header::FORWARDED, t.forwarded.clone());
     let end = body.is_end_stream();
-    // A request without a body can go again if the peer refuses its stream (see below).
-    let again = end.then(|| {
+    // Kept so that a stream the peer refuses can go again (see below): the head, and a body
+    // within `REPLAY_LIMIT` as it streams.
+    let head = {
         let mut r = Request::new(());
         *r.method_mut() = parts.method.clone();
         *r.uri_mut() = parts.uri.clone();
         *r.headers_mut() = parts.headers.clone();
         r
-    });
+    };
+    let (body, replay) = if end {
+        (body, None)
+    } else {
+        let (rec, replay) = Recording::new(body);
+        (boxed(rec), Some(replay))
+    };
     let connect_err = |e: crate::proxy::tunnel::TunnelError| {
         ProxyError::Connect(mesh_api::placement::error_chain(&e))
     };
-    let (resp, mut stream) = tunnels
-        .send_request(t.src, t.node, t.dst, Request::from_parts(parts, ()), end)
+    let resp = send_via(tunnels, &t, Request::from_parts(parts, ()), body, end)
         .await
         .map_err(connect_err)?;
+    let resp = match resp.await {
+        Ok(r) => r,
+        // The draining peer's final GOAWAY named an earlier last stream: it never saw this one
+        // (RFC 9113 section 8.7). Once more, on a new connection to the generation that took
+        // over, if the body was seen whole (a unary gRPC call's is, by now).
+        Err(e) if crate::proxy::tunnel::refused(&e) => {
+            let again = match &replay {
+                None => Some(super::body::empty()),
+                Some(r) => r.body(),
+            };
+            let Some(body) = again else {
+                return Err(h2_error(e));
+            };
+            let end = body.is_end_stream();
+            debug!("stream refused by a draining peer: sending the request again");
+            send_via(tunnels, &t, head, body, end)
+                .await
+                .map_err(connect_err)?
+                .await
+                .map_err(h2_error)?
+        }
+        Err(e) => return Err(h2_error(e)),
+    };
+    Ok(resp.map(|r| boxed(RecvBody::new(r))))
+}
+
+/// Opens the request's stream and sends its body beside it; the answer to come.
+async fn send_via(
+    tunnels: &Tunnels,
+    t: &TunnelTarget<'_>,
+    head: Request<()>,
+    body: Body,
+    end: bool,
+) -> Result<h2::client::ResponseFuture, crate::proxy::tunnel::TunnelError> {
+    let (resp, mut stream) = tunnels
+        .send_request(t.src, t.node, t.dst, head, end)
+        .await?;
     if !end {
         tokio::spawn(async move {
             if let Err(e) = send_body(body, &mut stream).await {
@@ -448,20 +491,7 @@ pub async fn via_tunnel(
             }
         });
     }
-    let resp = match (resp.await, again) {
-        (Ok(r), _) => r,
-        // The draining peer's final GOAWAY came before this stream (it never saw it): once more,
-        // on a new connection to the generation that took over.
-        (Err(e), Some(req)) if crate::proxy::tunnel::refused(&e) => {
-            let (resp, _) = tunnels
-                .send_request(t.src, t.node, t.dst, req, true)
-                .await
-                .map_err(connect_err)?;
-            resp.await.map_err(h2_error)?
-        }
-        (Err(e), _) => return Err(h2_error(e)),
-    };
-    Ok(resp.map(|r| boxed(RecvBody::new(r))))
+    Ok(resp)
 }
 
 fn h2_error(e: h2::Error) -> ProxyError {

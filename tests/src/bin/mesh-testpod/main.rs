@@ -177,6 +177,9 @@ enum Cmd {
         /// Ask the server to fail with this code.
         #[arg(long, default_value_t = 0)]
         fail_with: u32,
+        /// Wait this long between chat messages (a stream that lives a while).
+        #[arg(long, default_value_t = 0)]
+        chat_gap_ms: u64,
     },
     /// Bulk transfer to a --sink server: --bytes in all, split over --streams connections that
     /// send at once.
@@ -345,7 +348,16 @@ async fn main() -> anyhow::Result<()> {
             count,
             chat,
             fail_with,
-        } => grpc_call(to, count, chat, fail_with).await,
+            chat_gap_ms,
+        } => {
+            grpc_call(
+                to,
+                count,
+                (chat, Duration::from_millis(chat_gap_ms)),
+                fail_with,
+            )
+            .await
+        }
         Cmd::Get {
             to,
             path,
@@ -1140,6 +1152,25 @@ type GetBody = http_body_util::Empty<bytes::Bytes>;
 /// Times one request goes again before its failure counts.
 const MAX_RETRIES: u32 = 3;
 
+/// Whether a gRPC call never reached the server: hyper did not send it, or the server refused
+/// its stream.
+fn never_left(s: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(s);
+    while let Some(e) = source {
+        if let Some(h) = e.downcast_ref::<hyper::Error>()
+            && h.is_canceled()
+        {
+            return true;
+        }
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return (h2.is_go_away() && h2.is_remote())
+                || h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = e.source();
+    }
+    false
+}
+
 /// Whether the server never processed the request: the connection did not send it, or the
 /// server refused its stream (a GOAWAY naming an earlier last stream, or REFUSED_STREAM).
 fn never_processed(e: &hyper::client::conn::TrySendError<hyper::Request<GetBody>>) -> bool {
@@ -1280,7 +1311,7 @@ async fn grpc_serve(addrs: Vec<SocketAddr>, name: String) -> anyhow::Result<()> 
 async fn grpc_call(
     to: SocketAddr,
     count: usize,
-    chat: usize,
+    (chat, chat_gap): (usize, Duration),
     fail_with: u32,
 ) -> anyhow::Result<()> {
     let channel = tonic::transport::Channel::from_shared(format!("http://{to}"))?
@@ -1290,13 +1321,21 @@ async fn grpc_call(
     let mut codes: BTreeMap<String, u64> = BTreeMap::new();
     let mut servers: BTreeMap<String, u64> = BTreeMap::new();
     let mut messages: BTreeMap<String, u64> = BTreeMap::new();
+    let mut retried = 0u64;
     for i in 0..count {
-        let r = client
-            .hello(pb::HelloRequest {
-                name: format!("n{i}"),
-                fail_with,
-            })
-            .await;
+        let req = || pb::HelloRequest {
+            name: format!("n{i}"),
+            fail_with,
+        };
+        let mut r = client.hello(req()).await;
+        // gRPC's transparent retry: a call that never left (the connection had a GOAWAY, or
+        // the server refused the stream) goes again; grpc-go and grpc-java do this, tonic not.
+        if let Err(s) = &r
+            && never_left(s)
+        {
+            retried += 1;
+            r = client.hello(req()).await;
+        }
         match r {
             Ok(r) => {
                 *codes.entry("0".into()).or_default() += 1;
@@ -1310,14 +1349,28 @@ async fn grpc_call(
     }
     let mut echoed = 0;
     if chat > 0 {
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
-        let resp = client
+        let (mut tx, rx) = tokio::sync::mpsc::channel(16);
+        let resp = match client
             .chat(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await?;
+            .await
+        {
+            Err(s) if never_left(&s) => {
+                retried += 1;
+                let (tx2, rx) = tokio::sync::mpsc::channel(16);
+                tx = tx2;
+                client
+                    .chat(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await?
+            }
+            r => r?,
+        };
         let mut inbound = resp.into_inner();
         // One message at a time: each answer must come back before the next is sent (the
         // stream is live end to end, not buffered until the request ends).
         for i in 0..chat {
+            if i > 0 {
+                tokio::time::sleep(chat_gap).await;
+            }
             tx.send(pb::HelloRequest {
                 name: format!("m{i}"),
                 fail_with: 0,
@@ -1336,7 +1389,7 @@ async fn grpc_call(
     }
     println!(
         "{}",
-        json!({"codes": codes, "servers": servers, "messages": messages, "chat_echoed": echoed})
+        json!({"codes": codes, "servers": servers, "messages": messages, "chat_echoed": echoed, "retried": retried})
     );
     Ok(())
 }
