@@ -573,9 +573,15 @@ impl Cluster {
         &self.nodes[node].pods[pod]
     }
 
-    /// Starts (or restarts) node `i`'s mesh-node and waits until it is ready.
+    /// Starts (or restarts) node `i`'s mesh-node and waits until it is ready. With
+    /// `MESH_NODE_FROM_BIN` set (`cargo xtask upgrade-test --from REV`), that binary: the
+    /// generation the upgrades start from; they bring `MESH_NODE_BIN`'s.
     pub async fn start_node(&mut self, i: usize) -> anyhow::Result<()> {
-        let child = self.spawn_node(i)?;
+        let bin = match std::env::var_os("MESH_NODE_FROM_BIN") {
+            Some(p) => PathBuf::from(p),
+            None => find_bin("mesh-node")?,
+        };
+        let child = self.spawn_node_of(i, &bin)?;
         let node = &mut self.nodes[i];
         node.process = Some(child);
         node.wait_ready(Duration::from_secs(20)).await
@@ -642,8 +648,12 @@ impl Cluster {
     }
 
     fn spawn_node(&self, i: usize) -> anyhow::Result<Child> {
+        self.spawn_node_of(i, &find_bin("mesh-node")?)
+    }
+
+    fn spawn_node_of(&self, i: usize, bin: &Path) -> anyhow::Result<Child> {
         let node = &self.nodes[i];
-        let mut cmd = Command::new(find_bin("mesh-node")?);
+        let mut cmd = Command::new(bin);
         cmd.arg("--log-json")
             .arg("run")
             .args(["--node-name", &node.name])

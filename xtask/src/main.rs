@@ -6,6 +6,7 @@ mod fuzz;
 mod kernels;
 mod modgraph;
 mod toolchain;
+mod upgrade_test;
 
 use std::{
     path::{Path, PathBuf},
@@ -34,6 +35,9 @@ const USAGE: &str = "usage: cargo xtask <command>
                         changes for N minutes (10); fails on a failed request or a leak
   modules [CRATE]       print the module import graph of a crate (mesh-node); test fails on a cycle
   crds                  regenerate manifests/crds/ from the Rust types (a test fails on drift)
+  upgrade-test --from REV
+                        the upgrade proof from REV's node proxy to this tree's (builds REV in a
+                        worktree under target/; not in CI)
   demo [--keep]         run the local demo mesh end to end
   demo down             remove everything a kept demo left running";
 
@@ -63,6 +67,10 @@ fn main() -> anyhow::Result<()> {
             build(true)?;
             toolchain::install(toolchain::BENCH_PACKAGES)?;
             run_bin("mesh-bench", rest)
+        }
+        "upgrade-test" => {
+            require_root("cargo xtask upgrade-test")?;
+            upgrade_test::run(rest)
         }
         "soak" => {
             require_root("cargo xtask soak")?;
