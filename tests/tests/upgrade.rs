@@ -2,11 +2,29 @@
 //! can bind beside the proxy (no `SO_REUSEPORT`), and an upgrade refuses no connect.
 use std::net::{IpAddr, SocketAddr};
 
-use mesh_tests::{ClusterBuilder, n};
+use mesh_tests::{Cluster, ClusterBuilder, Pod, PodProcess, n};
 
 const PORT: u16 = 8080;
 const HTTP: u16 = 8081;
 const GRPC: u16 = 9090;
+
+/// Two nodes with one enrolled pod each: the client on node 0, the server on node 1 running
+/// `mesh-testpod <server> --listen ..:PORT`.
+async fn across_two_nodes(server_mode: &[&str]) -> (Cluster, Pod, Pod, PodProcess) {
+    let cluster = ClusterBuilder::new()
+        .nodes(2)
+        .pods_per_node(1)
+        .with_controller()
+        .start()
+        .await
+        .unwrap();
+    let (client, server) = (cluster.pod(0, 0).clone(), cluster.pod(1, 0).clone());
+    let process = server.server(server_mode, PORT).await.unwrap();
+    for p in [&client, &server] {
+        cluster.enroll(p).await.unwrap();
+    }
+    (cluster, client, server, process)
+}
 
 /// What a root process of the node's network namespace gets when it tries to bind `addr` the
 /// way one joins a listener group: `SO_REUSEADDR` and `SO_REUSEPORT`.
@@ -63,18 +81,7 @@ async fn nothing_else_on_the_node_can_bind_beside_the_proxy() {
 
 #[tokio::test]
 async fn an_upgrade_takes_the_listeners_over_and_refuses_no_connect() {
-    let mut cluster = ClusterBuilder::new()
-        .nodes(2)
-        .pods_per_node(1)
-        .with_controller()
-        .start()
-        .await
-        .unwrap();
-    let (client, server) = (cluster.pod(0, 0).clone(), cluster.pod(1, 0).clone());
-    let _srv = server.serve(PORT, false).await.unwrap();
-    for p in [&client, &server] {
-        cluster.enroll(p).await.unwrap();
-    }
+    let (mut cluster, client, server, _srv) = across_two_nodes(&["serve"]).await;
     let dst = server.addr(false, PORT);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     // Short connections, one batch after another, through the client node's proxy for its whole
@@ -352,18 +359,7 @@ async fn a_generation_that_finds_maps_of_another_layout_refuses_and_the_old_one_
 /// harness), not a moment less, and the report counts it as cut.
 #[tokio::test]
 async fn a_long_opaque_stream_lasts_until_the_drain_deadline_and_counts_as_cut() {
-    let mut cluster = ClusterBuilder::new()
-        .nodes(2)
-        .pods_per_node(1)
-        .with_controller()
-        .start()
-        .await
-        .unwrap();
-    let (client, server) = (cluster.pod(0, 0).clone(), cluster.pod(1, 0).clone());
-    let _sink = server.server(&["pattern-sink"], PORT).await.unwrap();
-    for p in [&client, &server] {
-        cluster.enroll(p).await.unwrap();
-    }
+    let (mut cluster, client, server, _sink) = across_two_nodes(&["pattern-sink"]).await;
     let dst = server.addr(false, PORT).to_string();
     // 8 s of bursts, 100 ms apart: longer than the upgrade and its drain.
     let stream = {
@@ -405,18 +401,7 @@ async fn a_long_opaque_stream_lasts_until_the_drain_deadline_and_counts_as_cut()
 /// the mesh. (Those the old generation was carrying die with it: their bytes were in it.)
 #[tokio::test]
 async fn an_old_generation_killed_mid_drain_fails_no_new_connection() {
-    let mut cluster = ClusterBuilder::new()
-        .nodes(2)
-        .pods_per_node(1)
-        .with_controller()
-        .start()
-        .await
-        .unwrap();
-    let (client, server) = (cluster.pod(0, 0).clone(), cluster.pod(1, 0).clone());
-    let _srv = server.serve(PORT, false).await.unwrap();
-    for p in [&client, &server] {
-        cluster.enroll(p).await.unwrap();
-    }
+    let (mut cluster, client, server, _srv) = across_two_nodes(&["serve"]).await;
     let dst = server.addr(false, PORT);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     // Batches of 10 connections, each with when it started and what it got.
