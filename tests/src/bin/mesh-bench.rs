@@ -17,6 +17,10 @@
 //!   (`paced_*`) to the same server: their latency idle and during the flood, first with no pod
 //!   enrolled (`direct_*`: what the two cores alone cost), then all enrolled (`mesh_*`), sharing
 //!   one node proxy. `mesh_noisy_vs_idle_p99` is the figure the mesh answers for.
+//! - `upgrade`: both pods enrolled; wrk (50 keep-alive connections) alone, then while the server's
+//!   node proxy and then the client's are upgraded (a new process takes the listeners over, the
+//!   old one drains): `upgrade_rps_ratio`, `upgrade_p99_ratio` (during / alone) and
+//!   `upgrade_failed` (non-2xx answers and socket errors of both runs; must be 0).
 //! - `ctrl`: the controller at scale (`snapshot_ms`, `fanout_ms`, `rss_kb`; see
 //!   `mesh_tests::ctrl_bench`).
 //!
@@ -424,6 +428,113 @@ async fn measure(
     }
     rss(procs, &mut f)?;
     Ok(f)
+}
+
+/// See `upgrade` in the module docs: the same wrk run alone, then while each node's proxy is
+/// upgraded once (the server's node, then the client's).
+async fn upgrade(secs: u64) -> anyhow::Result<Figures> {
+    let (mut cluster, client, server, _servers) = enrolled_pair(
+        ClusterBuilder::new()
+            .nodes(2)
+            .pods_per_node(1)
+            .config_stream(),
+    )
+    .await?;
+    // Through the HTTP path (a Service port declared http): it has request boundaries to drain
+    // at. Over a port relayed as opaque TCP, each keep-alive connection is cut at the drain
+    // deadline with the request it carries (measured: 100 read errors, 50 connections x 2).
+    cluster
+        .label_pods(&[&server], json!({"app": "web"}))
+        .await?;
+    let ns = &client.namespace;
+    cluster
+        .change_config(
+            "web.yaml",
+            Some(&format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: {ns}}}\nspec:\n  clusterIP: 10.96.0.82\n  selector: {{app: web}}\n  ports: [{{name: http, port: 80, targetPort: {HTTP}}}]\n"
+            )),
+        )
+        .await?;
+    let http: SocketAddr = "10.96.0.82:80".parse()?;
+    let quiet = wrk_counting(&client, http, secs).await?;
+    let upgrades = async {
+        tokio::time::sleep(Duration::from_millis(secs * 1000 / 4)).await;
+        for node in [1, 0] {
+            let status = cluster.upgrade_node(node).await?;
+            anyhow::ensure!(status.success(), "node {node}'s old generation: {status}");
+        }
+        anyhow::Ok(())
+    };
+    let (during, upgraded) = tokio::join!(wrk_counting(&client, http, secs), upgrades);
+    upgraded?;
+    let during = during?;
+    let mut f = Figures::new();
+    f.insert("quiet_rps", quiet.rps);
+    f.insert("quiet_p99_us", quiet.p99);
+    f.insert("upgrade_rps", during.rps);
+    f.insert("upgrade_p99_us", during.p99);
+    f.insert("upgrade_rps_ratio", during.rps / quiet.rps);
+    f.insert("upgrade_p99_ratio", during.p99 / quiet.p99);
+    f.insert("upgrade_failed", (quiet.failed + during.failed) as f64);
+    Ok(f)
+}
+
+/// A wrk run's throughput, tail and failures (non-2xx answers and socket errors), where
+/// `measure_http` refuses a run with any failure.
+struct Counted {
+    rps: f64,
+    p99: f64,
+    failed: u64,
+}
+
+async fn wrk_counting(client: &Pod, http: SocketAddr, secs: u64) -> anyhow::Result<Counted> {
+    let out = client
+        .command("wrk")?
+        .args([
+            "-t2",
+            "-c50",
+            &format!("-d{secs}s"),
+            "--latency",
+            &format!("http://{http}/"),
+        ])
+        .output()
+        .await
+        .context("wrk (installed by cargo xtask bench)")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "wrk failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let failed = wrk_failures(&text);
+    if failed > 0 {
+        eprintln!("  wrk counted {failed} failures:\n{text}");
+    }
+    // parse_wrk refuses non-2xx answers; they are counted above.
+    let kept: String = text
+        .lines()
+        .filter(|l| !l.trim().starts_with("Non-2xx or 3xx responses:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let (rps, _, _, p99) = parse_wrk(&kept)?;
+    Ok(Counted { rps, p99, failed })
+}
+
+/// wrk's non-2xx answers plus its socket errors (connect, read, write, timeout).
+fn wrk_failures(out: &str) -> u64 {
+    let mut n = 0;
+    for l in out.lines().map(str::trim) {
+        if let Some(v) = l.strip_prefix("Non-2xx or 3xx responses:") {
+            n += v.trim().parse::<u64>().unwrap_or(0);
+        }
+        if let Some(v) = l.strip_prefix("Socket errors:") {
+            n += v
+                .split(',')
+                .filter_map(|part| part.split_whitespace().last()?.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+    }
+    n
 }
 
 /// 1 GiB to the sink over `streams` connections at once.
@@ -888,6 +999,12 @@ async fn main() -> anyhow::Result<()> {
             each.join(", ")
         );
     }
+    if let Some(u) = results.get("upgrade") {
+        println!(
+            "\nupgrade: requests/s {:.2}x and p99 {:.2}x of the same run without one; failed requests {} (must be 0)",
+            u["upgrade_rps_ratio"], u["upgrade_p99_ratio"], u["upgrade_failed"]
+        );
+    }
     if let Some(ctrl) = results.get("ctrl") {
         println!(
             "\nctrl: snapshot computation {:.0} ms (target < 1000), one pod change to all {} nodes {:.0} ms (target < 100), controller memory {:.0} MiB, {} resources",
@@ -988,6 +1105,10 @@ async fn round(
                 .await?,
             );
         }
+    }
+    if want("upgrade") {
+        eprintln!("==> upgrade: wrk alone, then while each node's proxy is upgraded");
+        results.insert("upgrade", upgrade(secs).await?);
     }
     // Right before mesh_l4: their wrk runs are seconds apart, so the VM's drift between them is
     // small, and their ratio is the target.
