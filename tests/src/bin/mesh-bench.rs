@@ -176,17 +176,8 @@ fn parse_wrk(out: &str) -> anyhow::Result<(f64, f64, f64, f64)> {
     Ok((rps, total, pct("50%")?, pct("99%")?))
 }
 
-/// wrk at 50 connections: `rps`, `p50_us`, `p99_us`, and the proxies' CPU per request and
-/// against the pods' (`apps`) CPU over the same run.
-async fn measure_http(
-    client: &Pod,
-    http: SocketAddr,
-    secs: u64,
-    (procs, apps): (&[u32], &[PathBuf]),
-    f: &mut Figures,
-) -> anyhow::Result<()> {
-    let before = ticks(procs)?;
-    let apps_before = cgroup_usec(apps)?;
+/// wrk's report of `secs` of GETs to `http` over 50 keep-alive connections from `client`.
+async fn wrk(client: &Pod, http: SocketAddr, secs: u64) -> anyhow::Result<String> {
     let out = client
         .command("wrk")?
         .args([
@@ -204,7 +195,21 @@ async fn measure_http(
         "wrk failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let (rps, total, p50, p99) = parse_wrk(&String::from_utf8_lossy(&out.stdout))?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// wrk at 50 connections: `rps`, `p50_us`, `p99_us`, and the proxies' CPU per request and
+/// against the pods' (`apps`) CPU over the same run.
+async fn measure_http(
+    client: &Pod,
+    http: SocketAddr,
+    secs: u64,
+    (procs, apps): (&[u32], &[PathBuf]),
+    f: &mut Figures,
+) -> anyhow::Result<()> {
+    let before = ticks(procs)?;
+    let apps_before = cgroup_usec(apps)?;
+    let (rps, total, p50, p99) = parse_wrk(&wrk(client, http, secs).await?)?;
     f.insert("rps", rps);
     f.insert("p50_us", p50);
     f.insert("p99_us", p99);
@@ -488,24 +493,7 @@ struct Counted {
 }
 
 async fn wrk_counting(client: &Pod, http: SocketAddr, secs: u64) -> anyhow::Result<Counted> {
-    let out = client
-        .command("wrk")?
-        .args([
-            "-t2",
-            "-c50",
-            &format!("-d{secs}s"),
-            "--latency",
-            &format!("http://{http}/"),
-        ])
-        .output()
-        .await
-        .context("wrk (installed by cargo xtask bench)")?;
-    anyhow::ensure!(
-        out.status.success(),
-        "wrk failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = wrk(client, http, secs).await?;
     let failed = wrk_failures(&text);
     if failed > 0 {
         eprintln!("  wrk counted {failed} failures:\n{text}");
