@@ -712,7 +712,6 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
                 l7: l7_inbound.clone(),
                 access_log: rec.access_log.clone(),
                 live: rec.live.clone(),
-                leaving: drain.watch(),
             };
             serve_tunnel(&config, m, (&pods, deliver), &guards, tunnel, &drain);
         }

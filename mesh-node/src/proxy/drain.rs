@@ -1,11 +1,20 @@
 //! Graceful shutdown: stop accepting, let open connections finish until a deadline, then cut them.
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering::Relaxed},
+    },
+    time::Duration,
+};
 
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 /// Owned by the app; hands out [`Watch`]es to listeners and connections.
 #[derive(Clone, Default)]
 pub struct Drain {
+    /// Set with `stop_accepting`: read on every HTTP/1.1 answer, where the token's check would
+    /// lock the mutex every connection shares.
+    stopping: Arc<AtomicBool>,
     stop_accepting: CancellationToken,
     force: CancellationToken,
     tracker: TaskTracker,
@@ -14,6 +23,7 @@ pub struct Drain {
 /// What a listener or connection task holds to learn about shutdown.
 #[derive(Clone)]
 pub struct Watch {
+    stopping: Arc<AtomicBool>,
     stop_accepting: CancellationToken,
     force: CancellationToken,
     tracker: TaskTracker,
@@ -34,6 +44,7 @@ impl Drain {
 
     pub fn watch(&self) -> Watch {
         Watch {
+            stopping: self.stopping.clone(),
             stop_accepting: self.stop_accepting.clone(),
             force: self.force.clone(),
             tracker: self.tracker.clone(),
@@ -46,6 +57,7 @@ impl Drain {
     }
 
     pub async fn drain(self, deadline: Duration) -> DrainOutcome {
+        self.stopping.store(true, Relaxed);
         self.stop_accepting.cancel();
         self.tracker.close();
         if tokio::time::timeout(deadline, self.tracker.wait())
@@ -72,7 +84,19 @@ impl Watch {
 
     /// Whether this generation drains (see [`Self::stopped`]).
     pub fn is_stopped(&self) -> bool {
-        self.stop_accepting.is_cancelled()
+        self.stopping.load(Relaxed)
+    }
+
+    /// A watch of one connection's own. Waits on it (a carried stream's, between each of its
+    /// requests) take the lock of the connection's node of the cancellation tree, not the one
+    /// every connection of the proxy shares.
+    pub fn for_connection(&self) -> Watch {
+        Watch {
+            stopping: self.stopping.clone(),
+            stop_accepting: self.stop_accepting.child_token(),
+            force: self.force.clone(),
+            tracker: self.tracker.clone(),
+        }
     }
 
     /// Runs a connection task, cut short when the drain deadline passes.
@@ -103,6 +127,20 @@ mod tests {
             d.drain(Duration::from_secs(5)).await,
             DrainOutcome::Graceful
         );
+    }
+
+    #[tokio::test]
+    async fn a_connection_watch_learns_of_the_drain_like_the_listeners() {
+        let d = Drain::new();
+        let (w, conn) = (d.watch(), d.watch().for_connection());
+        assert!(!w.is_stopped() && !conn.is_stopped());
+        let stopped = tokio::spawn(async move { conn.stopped().await });
+        d.drain(Duration::from_secs(1)).await;
+        assert!(w.is_stopped());
+        tokio::time::timeout(Duration::from_secs(1), stopped)
+            .await
+            .expect("the connection's watch saw the drain")
+            .unwrap();
     }
 
     #[tokio::test]

@@ -97,6 +97,7 @@ pub fn next_generation(state_dir: &Path) -> u64 {
         }
     }
 }
+
 /// How long a running generation waits for the new one to serve after handing over.
 const SERVE_DEADLINE: Duration = Duration::from_secs(120);
 

@@ -43,8 +43,6 @@ pub struct Delivery {
     pub l7: Option<Arc<crate::http::inbound::HttpInbound>>,
     pub access_log: Arc<crate::telemetry::access_log::AccessLog>,
     pub live: Arc<crate::telemetry::live::Connections>,
-    /// Says when this generation drains: carried streams end between requests.
-    pub leaving: crate::proxy::drain::Watch,
 }
 
 impl Deliver for Delivery {
@@ -56,6 +54,7 @@ impl Deliver for Delivery {
             peer,
             client,
             served,
+            leaving,
         } = s;
         match (kind, self.l7.clone()) {
             (StreamKind::Request, Some(l7)) => Box::pin(async move {
@@ -67,11 +66,10 @@ impl Deliver for Delivery {
                 let _ = answer_connect(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
                 Box::pin(async {})
             }
-            (StreamKind::CarriedHttp1, Some(l7)) => {
-                Box::pin(
-                    async move { self.carried(l7, req, respond, peer, &client, &served).await },
-                )
-            }
+            (StreamKind::CarriedHttp1, Some(l7)) => Box::pin(async move {
+                let who = (peer, &*client, &*served);
+                self.carried(l7, req, respond, who, &leaving).await
+            }),
             // Without L7 config, carried requests are bytes like any others.
             (StreamKind::Connect | StreamKind::CarriedHttp1, _) => {
                 Box::pin(async move { self.connect(req, respond, peer, &client, &served).await })
@@ -295,9 +293,8 @@ impl Delivery {
         l7: Arc<crate::http::inbound::HttpInbound>,
         req: Request<RecvStream>,
         mut respond: h2::server::SendResponse<Bytes>,
-        peer: SocketAddr,
-        client_id: &SpiffeId,
-        served: &SpiffeId,
+        (peer, client_id, served): (SocketAddr, &SpiffeId, &SpiffeId),
+        leaving: &crate::proxy::drain::Watch,
     ) {
         // The same answers as any CONNECT's.
         let placement = self.placement.current();
@@ -334,7 +331,7 @@ impl Delivery {
             spoofed: &self.stats.inbound_refused_spoofed_source,
         };
         let dial = || l7.pods.dial(target);
-        if let Err(e) = crate::http::relay::serve(&mut tunnel, &gate, dial, &self.leaving).await {
+        if let Err(e) = crate::http::relay::serve(&mut tunnel, &gate, dial, leaving).await {
             debug!(%peer, %target, error = %mesh_api::placement::error_chain(&e), "carried stream ended");
         }
     }

@@ -533,6 +533,9 @@ pub struct Accepted {
     pub client: Arc<SpiffeId>,
     /// The identity this node presented (chosen by SNI): the only one the stream may reach.
     pub served: Arc<SpiffeId>,
+    /// Its connection's watch: says when this generation drains (carried streams then end
+    /// between requests).
+    pub leaving: Watch,
 }
 
 /// The layer above the tunnel: takes each accepted stream.
@@ -654,7 +657,7 @@ impl TunnelServer {
                 self.limit_hits
                     .hit(crate::proxy::limits::Limit::TunnelHandshakes);
             }
-            let (this, leaving) = (self.clone(), watch.clone());
+            let (this, leaving) = (self.clone(), watch.for_connection());
             watch.spawn_conn(async move {
                 this.connection(tcp, peer, config, handshake, leaving).await
             });
@@ -825,6 +828,7 @@ impl TunnelServer {
                 peer,
                 client: client_id.clone(),
                 served: served.clone(),
+                leaving: leaving.clone(),
             };
             let delivery = self.deliver.clone().deliver(accepted);
             tokio::spawn(async move {
