@@ -166,15 +166,18 @@ async fn follow_inbound_modes(placement: PlacementWatch, pods: Arc<Enrollment>) 
 }
 
 fn start_mesh(config: &Config, m: &MeshConfig, ready: &Ready) -> Result<Mode, AppError> {
-    let identities = Identities::new(CaConfig {
-        endpoint: m.ctrl_addr.clone(),
-        server_name: m.ctrl_server_name.clone(),
-        trust_bundle: m.trust_bundle.clone(),
-        token_file: m.bootstrap_token_file.clone(),
-        node: config.node_name.clone(),
-        trust_domain: m.trust_domain.clone(),
-        ttl: m.cert_ttl,
-    })?;
+    let identities = Identities::new(
+        CaConfig {
+            endpoint: m.ctrl_addr.clone(),
+            server_name: m.ctrl_server_name.clone(),
+            trust_bundle: m.trust_bundle.clone(),
+            token_file: m.bootstrap_token_file.clone(),
+            node: config.node_name.clone(),
+            trust_domain: m.trust_domain.clone(),
+            ttl: m.cert_ttl,
+        },
+        config.state_dir.join(crate::identity::saved::FILE),
+    )?;
     tokio::spawn(identities.clone().rotate_forever());
     let Some(path) = &m.placement else {
         return Ok(subscribe_config(m, identities, ready, &config.state_dir));
@@ -824,7 +827,35 @@ pub fn detach(config: &Config) {
         Ok(()) => info!(pin_dir = %config.pin_dir.display(), "redirect programs detached"),
         Err(e) => tracing::error!(error = %e, pin_dir = %config.pin_dir.display(), "detach failed"),
     }
-    if let Err(e) = enroll::remove_state(&config.state_dir) {
+    if let Err(e) = forget_state(&config.state_dir) {
         tracing::error!(error = %e, "removing enrollment state failed");
+    }
+}
+
+/// What an uninstall removes from the state directory: enrollments, and the certificates kept
+/// for the next generation (their private keys).
+pub fn forget_state(state_dir: &std::path::Path) -> std::io::Result<()> {
+    crate::identity::saved::remove(state_dir)?;
+    enroll::remove_state(state_dir)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_uninstall_leaves_no_private_key_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("n1");
+        std::fs::create_dir_all(&state).unwrap();
+        for f in ["pods.json", crate::identity::saved::FILE] {
+            std::fs::write(state.join(f), "{}").unwrap();
+        }
+        super::forget_state(&state).unwrap();
+        assert!(
+            !state.exists(),
+            "left: {:?}",
+            std::fs::read_dir(&state).ok()
+        );
+        // Twice is fine: nothing left to remove.
+        super::forget_state(&state).unwrap();
     }
 }

@@ -69,8 +69,8 @@ fn main() -> ExitCode {
             mesh_node::kernel::ebpf::detach(&pin_dir)
                 .with_context(|| format!("detaching {}", pin_dir.display()))
                 .and_then(|()| {
-                    mesh_node::pods::enroll::remove_state(&state_dir)
-                        .context("removing enrollment state")
+                    mesh_node::app::forget_state(&state_dir)
+                        .context("removing enrollment state and kept certificates")
                 })
         }
     };

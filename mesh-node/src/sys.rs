@@ -163,6 +163,16 @@ pub fn effective_caps() -> io::Result<u64> {
         .ok_or_else(|| io::Error::other("no CapEff in /proc/self/status"))
 }
 
+/// This process's effective user id (what files it creates belong to).
+pub fn effective_uid() -> io::Result<u32> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().nth(1)?.parse().ok())
+        .ok_or_else(|| io::Error::other("no Uid in /proc/self/status"))
+}
+
 /// Registers the kernel log ring buffer with tokio's reactor.
 ///
 /// SAFETY: `EbpfLogger` owns its ring-buffer map fd for its whole life and always returns that same

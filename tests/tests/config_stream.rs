@@ -448,8 +448,31 @@ async fn a_node_restarted_during_a_controller_outage_serves_its_saved_config_and
         1,
         "the client stays enrolled: {pods}"
     );
-    // No certificate can be had while the controller is away: the connection fails, it never
-    // leaves the mesh as plaintext.
+    // The certificate the node held before the restart serves again.
+    let r = pair
+        .client
+        .client(pair.server.addr(false, PORT), 1, 64)
+        .await
+        .unwrap();
+    assert_eq!(r["ok"], 1, "{r}");
+    assert_eq!(r["hellos"].as_object().unwrap().len(), 1, "{r}");
+    assert!(
+        r["hellos"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .all(|h| h.contains(&format!("peer={via_mesh} "))),
+        "{r}"
+    );
+
+    // Without it (a node that kept none, as after a reboot), no certificate can be had while the
+    // controller is away: the connection fails, it never leaves the mesh as plaintext.
+    pair.cluster.stop_node(0).await.unwrap();
+    let kept = pair.cluster.nodes[0]
+        .admin_socket()
+        .with_file_name("certificates.json");
+    std::fs::remove_file(&kept).unwrap();
+    pair.cluster.start_node(0).await.unwrap();
     let r = pair
         .client
         .client(pair.server.addr(false, PORT), 1, 64)

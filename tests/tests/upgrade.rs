@@ -469,3 +469,70 @@ async fn an_old_generation_killed_mid_drain_fails_no_new_connection() {
         }
     }
 }
+
+/// The controller away during upgrades of both nodes: each new generation serves at once with
+/// the certificates its node already held (kept in the state directory, root's alone) and the
+/// configuration it last had, so connections under way and new ones fail not once. Before the
+/// certificates were kept, the new generation asked the absent controller and failed every
+/// connection across nodes.
+#[tokio::test]
+async fn an_upgrade_with_the_controller_away_serves_with_the_certificates_held() {
+    let mut cluster = ClusterBuilder::new()
+        .nodes(2)
+        .pods_per_node(1)
+        .config_stream()
+        .start()
+        .await
+        .unwrap();
+    let (client, server) = (cluster.pod(0, 0).clone(), cluster.pod(1, 0).clone());
+    let _echo = server.serve(PORT, false).await.unwrap();
+    for p in [&client, &server] {
+        cluster.enroll(p).await.unwrap();
+    }
+    let dst = server.addr(false, PORT);
+    let r = client.client(dst, 3, 64).await.unwrap();
+    assert_eq!(n(&r, &["ok"]), 3, "{r}");
+    use std::os::unix::fs::PermissionsExt;
+    for node in &cluster.nodes {
+        let saved = node.admin_socket().with_file_name("certificates.json");
+        let mode = std::fs::metadata(&saved).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", saved.display());
+    }
+    cluster.ctrl.as_mut().unwrap().stop().await.unwrap();
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (client, stop) = (client.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut ok, mut errors) = (0, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = client.client(dst, 10, 64).await.unwrap();
+                ok += n(&r, &["ok"]);
+                if n(&r, &["failed"]) > 0 {
+                    errors.push(r["errors"].clone());
+                }
+            }
+            (ok, errors)
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    for node in [1, 0] {
+        let status = cluster.upgrade_node(node).await.unwrap();
+        assert!(status.success(), "node {node}'s old generation: {status}");
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, errors) = load.await.unwrap();
+    assert!(
+        errors.is_empty(),
+        "connections failed with the controller away: {errors:?}"
+    );
+    assert!(ok >= 50, "too little load to mean anything: {ok}");
+    // Each new generation served what the node held; none came from the controller.
+    for node in &cluster.nodes {
+        let c = node.counters().await.unwrap();
+        let stats = &c["identity"]["stats"];
+        assert!(n(stats, &["restored"]) >= 1, "{stats}");
+        assert_eq!(n(stats, &["fetched"]), 0, "{stats}");
+    }
+}

@@ -2,13 +2,14 @@
 //! is enrolled, rotated at half-life while connections made with the old one keep working, retried
 //! with backoff while the controller is unreachable. Private keys are generated here and never
 //! leave the node; the controller only sees CSRs.
+pub(crate) mod saved;
 pub(crate) mod tls;
-use mesh_api::sync::RwLockExt;
+use mesh_api::sync::{LockExt, RwLockExt};
 use std::{
     collections::{BTreeSet, HashMap},
     path::PathBuf,
     sync::{
-        Arc, RwLock,
+        Arc, Mutex, RwLock,
         atomic::{AtomicU64, Ordering::Relaxed},
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -30,6 +31,10 @@ use tracing::{info, warn};
 
 /// How long a connection waits for its first certificate while the controller is unreachable.
 const FIRST_FETCH_PATIENCE: Duration = Duration::from_secs(4);
+/// How long restored certificates wait for a pod of the node to claim them before they are
+/// dropped: a node holds only its pods' identities. Enrollment comes back within seconds of a
+/// start.
+const CLAIM_GRACE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
@@ -70,6 +75,27 @@ pub struct WorkloadCert {
 }
 
 impl WorkloadCert {
+    fn new(
+        id: SpiffeId,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivatePkcs8KeyDer<'static>,
+        not_before: SystemTime,
+        not_after: SystemTime,
+        received: SystemTime,
+    ) -> Result<Self, rustls::Error> {
+        let signing =
+            rustls::crypto::ring::sign::any_supported_type(&PrivateKeyDer::Pkcs8(key.clone_key()))?;
+        Ok(Self {
+            id,
+            certified: Arc::new(CertifiedKey::new(chain.clone(), signing)),
+            chain,
+            key,
+            not_before,
+            not_after,
+            received,
+        })
+    }
+
     pub fn key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(self.key.clone_key())
     }
@@ -101,6 +127,8 @@ pub struct CaConfig {
 #[derive(Default, Debug, Serialize)]
 pub struct IdentityStats {
     pub fetched: AtomicU64,
+    /// Served from what an earlier generation saved (see [`saved`]), without asking.
+    pub restored: AtomicU64,
     pub rotations: AtomicU64,
     pub failures: AtomicU64,
 }
@@ -117,6 +145,10 @@ pub struct Identities {
     owners: RwLock<HashMap<SpiffeId, BTreeSet<(String, String)>>>,
     roots: RwLock<Arc<RootCertStore>>,
     fetching: tokio::sync::Mutex<HashMap<SpiffeId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Where the certificates held are kept across generations ([`saved`]).
+    saved: PathBuf,
+    /// One save at a time, each of the map as it is then: the last one written is the newest.
+    saving: Mutex<()>,
     pub stats: IdentityStats,
 }
 
@@ -128,7 +160,8 @@ pub struct CertStatus {
 }
 
 impl Identities {
-    pub fn new(cfg: CaConfig) -> Result<Arc<Self>, IdentityError> {
+    /// `saved`: the file certificates are kept in for the next start, and restored from now.
+    pub fn new(cfg: CaConfig, saved: PathBuf) -> Result<Arc<Self>, IdentityError> {
         let read = |p: &PathBuf| {
             std::fs::read_to_string(p).map_err(|source| IdentityError::Read {
                 path: p.clone(),
@@ -154,7 +187,7 @@ impl Identities {
             .clone()
             .timeout(Duration::from_secs(5))
             .connect_lazy();
-        Ok(Arc::new(Self {
+        let this = Self {
             cfg,
             client: CertificateServiceClient::new(channel),
             streams: endpoint.connect_lazy(),
@@ -163,8 +196,12 @@ impl Identities {
             owners: RwLock::default(),
             roots: RwLock::new(Arc::new(roots)),
             fetching: Default::default(),
+            saved,
+            saving: Mutex::default(),
             stats: IdentityStats::default(),
-        }))
+        };
+        this.restore();
+        Ok(Arc::new(this))
     }
 
     /// Adds this node's credentials to a call to the controller.
@@ -249,7 +286,9 @@ impl Identities {
             set.remove(&(namespace.to_string(), pod.to_string()));
             if set.is_empty() {
                 owners.remove(id);
+                drop(owners);
                 self.certs.write_locked().remove(id);
+                self.save();
             }
         }
     }
@@ -347,34 +386,94 @@ impl Identities {
             .flat_map(|p| CertificateDer::pem_slice_iter(p.as_bytes()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|_| IdentityError::BadAnswer(tls::TlsError::Parse))?;
-        let key = PrivatePkcs8KeyDer::from(key.serialize_der());
-        let signing =
-            rustls::crypto::ring::sign::any_supported_type(&PrivateKeyDer::Pkcs8(key.clone_key()))
-                .map_err(|e| IdentityError::BadAnswer(tls::TlsError::Config(e)))?;
         if let Some(bundle) = resp.trust_bundle.filter(|b| !b.roots_pem.is_empty()) {
             let store = tls::root_store(&bundle.roots_pem).map_err(IdentityError::BadAnswer)?;
             *self.roots.write_locked() = Arc::new(store);
         }
         let at = |s: i64| UNIX_EPOCH + Duration::from_secs(s.max(0) as u64);
-        let cert = Arc::new(WorkloadCert {
-            id: id.clone(),
-            certified: Arc::new(CertifiedKey::new(chain.clone(), signing)),
+        let cert = WorkloadCert::new(
+            id.clone(),
             chain,
-            key,
-            not_before: at(resp.not_before_unix),
-            not_after: at(resp.not_after_unix),
-            received: SystemTime::now(),
-        });
+            PrivatePkcs8KeyDer::from(key.serialize_der()),
+            at(resp.not_before_unix),
+            at(resp.not_after_unix),
+            SystemTime::now(),
+        )
+        .map_err(|e| IdentityError::BadAnswer(tls::TlsError::Config(e)))?;
+        let cert = Arc::new(cert);
         info!(identity = %id, valid_for = ?cert.not_after.duration_since(SystemTime::now()).unwrap_or_default(), "workload certificate issued");
         self.certs.write_locked().insert(id.clone(), cert.clone());
+        self.save();
         Ok(cert)
+    }
+
+    /// Keeps the certificates held now for the next generation (see [`saved`]). Best effort: a
+    /// proxy that cannot write its state directory still serves, and says so.
+    fn save(&self) {
+        let _one_writer = self.saving.locked();
+        let certs: Vec<Arc<WorkloadCert>> = self.certs.read_locked().values().cloned().collect();
+        if let Err(e) = saved::save(&self.saved, certs.iter().map(|c| &**c)) {
+            warn!(path = %self.saved.display(), error = %e, "cannot keep certificates for the next start");
+        }
+    }
+
+    /// Drops the certificates no pod of this node carries (restored ones nobody claimed).
+    fn drop_unclaimed(&self) {
+        let dropped: Vec<SpiffeId> = {
+            let owners = self.owners.read_locked();
+            let mut certs = self.certs.write_locked();
+            let dropped = certs
+                .keys()
+                .filter(|id| !owners.contains_key(*id))
+                .cloned()
+                .collect::<Vec<_>>();
+            for id in &dropped {
+                certs.remove(id);
+            }
+            dropped
+        };
+        if !dropped.is_empty() {
+            info!(identities = ?dropped.iter().map(|i| i.as_str()).collect::<Vec<_>>(), "dropped certificates no pod of this node carries");
+            self.save();
+        }
+    }
+
+    /// Serves what an earlier generation of this node saved, until each is due for rotation.
+    fn restore(&self) {
+        let loaded = saved::load(
+            &self.saved,
+            &self.roots(),
+            &self.cfg.trust_domain,
+            SystemTime::now(),
+        );
+        let loaded = match loaded {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %mesh_api::placement::error_chain(&e), "not serving saved certificates");
+                return;
+            }
+        };
+        for (identity, why) in &loaded.skipped {
+            warn!(%identity, reason = %mesh_api::placement::error_chain(why), "a saved certificate is not served");
+        }
+        let mut certs = self.certs.write_locked();
+        for c in loaded.certs {
+            info!(identity = %c.id, valid_for = ?c.not_after.duration_since(SystemTime::now()).unwrap_or_default(), "serving a saved certificate");
+            certs.insert(c.id.clone(), Arc::new(c));
+            self.stats.restored.fetch_add(1, Relaxed);
+        }
     }
 
     /// Rotates certificates past half-life; a failed rotation is retried with backoff while the
     /// old certificate keeps serving until it expires.
     pub async fn rotate_forever(self: Arc<Self>) {
         let mut backoff = Duration::from_millis(200);
+        let mut claims_due = Some(tokio::time::Instant::now() + CLAIM_GRACE);
         loop {
+            if claims_due.is_some_and(|at| tokio::time::Instant::now() >= at) {
+                claims_due = None;
+                self.drop_unclaimed();
+            }
             let due: Vec<SpiffeId> = {
                 let now = SystemTime::now();
                 let owners = self.owners.read_locked();

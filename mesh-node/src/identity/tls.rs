@@ -60,6 +60,18 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, TlsError> {
     uri.parse().map_err(TlsError::BadId)
 }
 
+/// When a certificate starts and stops being valid.
+pub fn validity(
+    cert: &CertificateDer<'_>,
+) -> Result<(std::time::SystemTime, std::time::SystemTime), TlsError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).map_err(|_| TlsError::Parse)?;
+    let at = |t: x509_parser::time::ASN1Time| {
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.timestamp().max(0) as u64)
+    };
+    let v = parsed.validity();
+    Ok((at(v.not_before), at(v.not_after)))
+}
+
 /// Accepts a server whose chain leads to a mesh root and whose SPIFFE ID is `expected`.
 #[derive(Debug)]
 struct ExpectIdentity {

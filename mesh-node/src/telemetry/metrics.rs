@@ -105,6 +105,10 @@ fn describe() {
         "Workload certificate requests to the controller, by result (fetched, rotated, failed)"
     );
     describe_counter!(
+        "mesh_certificates_restored_total",
+        "Workload certificates this generation served from what an earlier one saved, without asking the controller"
+    );
+    describe_counter!(
         "mesh_requests_total",
         "HTTP/gRPC requests, by reporter (source or destination proxy), workloads, service, response code, gRPC status, response flag and connection security"
     );
@@ -356,6 +360,7 @@ fn record(s: &Value) {
             counter!("mesh_certificate_requests_total", "result" => result)
                 .absolute(n(&id["stats"][field]));
         }
+        counter!("mesh_certificates_restored_total").absolute(n(&id["stats"]["restored"]));
     }
     requests(s);
     let c = &s["config"];
