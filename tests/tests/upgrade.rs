@@ -9,15 +9,18 @@ const HTTP: u16 = 8081;
 const GRPC: u16 = 9090;
 
 /// Two nodes with one enrolled pod each: the client on node 0, the server on node 1 running
-/// `mesh-testpod <server> --listen ..:PORT`.
+/// `mesh-testpod <server> --listen ..:PORT`. Nodes take placement from a file the controller
+/// does not serve.
 async fn across_two_nodes(server_mode: &[&str]) -> (Cluster, Pod, Pod, PodProcess) {
-    let cluster = ClusterBuilder::new()
-        .nodes(2)
-        .pods_per_node(1)
-        .with_controller()
-        .start()
-        .await
-        .unwrap();
+    across_two_nodes_of(ClusterBuilder::new().with_controller(), server_mode).await
+}
+
+/// [`across_two_nodes`] with a cluster of `builder`'s kind.
+async fn across_two_nodes_of(
+    builder: ClusterBuilder,
+    server_mode: &[&str],
+) -> (Cluster, Pod, Pod, PodProcess) {
+    let cluster = builder.nodes(2).pods_per_node(1).start().await.unwrap();
     let (client, server) = (cluster.pod(0, 0).clone(), cluster.pod(1, 0).clone());
     let process = server.server(server_mode, PORT).await.unwrap();
     for p in [&client, &server] {
@@ -471,18 +474,8 @@ async fn an_old_generation_killed_mid_drain_fails_no_new_connection() {
 /// connection across nodes.
 #[tokio::test]
 async fn an_upgrade_with_the_controller_away_serves_with_the_certificates_held() {
-    let mut cluster = ClusterBuilder::new()
-        .nodes(2)
-        .pods_per_node(1)
-        .config_stream()
-        .start()
-        .await
-        .unwrap();
-    let (client, server) = (cluster.pod(0, 0).clone(), cluster.pod(1, 0).clone());
-    let _echo = server.serve(PORT, false).await.unwrap();
-    for p in [&client, &server] {
-        cluster.enroll(p).await.unwrap();
-    }
+    let (mut cluster, client, server, _echo) =
+        across_two_nodes_of(ClusterBuilder::new().config_stream(), &["serve"]).await;
     let dst = server.addr(false, PORT);
     let r = client.client(dst, 3, 64).await.unwrap();
     assert_eq!(n(&r, &["ok"]), 3, "{r}");
