@@ -179,6 +179,7 @@ fn start_mesh(config: &Config, m: &MeshConfig, ready: &Ready) -> Result<Mode, Ap
         config.state_dir.join(crate::identity::saved::FILE),
     )?;
     tokio::spawn(identities.clone().rotate_forever());
+    tokio::spawn(identities.clone().keep_saved());
     let Some(path) = &m.placement else {
         return Ok(subscribe_config(m, identities, ready, &config.state_dir));
     };

@@ -4,12 +4,12 @@
 //! leave the node; the controller only sees CSRs.
 pub(crate) mod saved;
 pub(crate) mod tls;
-use mesh_api::sync::{LockExt, RwLockExt};
+use mesh_api::sync::RwLockExt;
 use std::{
     collections::{BTreeSet, HashMap},
     path::PathBuf,
     sync::{
-        Arc, Mutex, RwLock,
+        Arc, RwLock,
         atomic::{AtomicU64, Ordering::Relaxed},
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -147,8 +147,8 @@ pub struct Identities {
     fetching: tokio::sync::Mutex<HashMap<SpiffeId, Arc<tokio::sync::Mutex<()>>>>,
     /// Where the certificates held are kept across generations ([`saved`]).
     saved: PathBuf,
-    /// One save at a time, each of the map as it is then: the last one written is the newest.
-    saving: Mutex<()>,
+    /// Bumped on every change to `certs`; [`Identities::keep_saved`] writes the file after it.
+    changes: tokio::sync::watch::Sender<u64>,
     pub stats: IdentityStats,
 }
 
@@ -197,7 +197,7 @@ impl Identities {
             roots: RwLock::new(Arc::new(roots)),
             fetching: Default::default(),
             saved,
-            saving: Mutex::default(),
+            changes: tokio::sync::watch::Sender::new(0),
             stats: IdentityStats::default(),
         };
         this.restore();
@@ -407,13 +407,36 @@ impl Identities {
         Ok(cert)
     }
 
-    /// Keeps the certificates held now for the next generation (see [`saved`]). Best effort: a
-    /// proxy that cannot write its state directory still serves, and says so.
+    /// The certificates held changed: [`Identities::keep_saved`] writes them.
     fn save(&self) {
-        let _one_writer = self.saving.locked();
-        let certs: Vec<Arc<WorkloadCert>> = self.certs.read_locked().values().cloned().collect();
-        if let Err(e) = saved::save(&self.saved, certs.iter().map(|c| &**c)) {
-            warn!(path = %self.saved.display(), error = %e, "cannot keep certificates for the next start");
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// Writes the certificates held to the state directory after each change, for the next
+    /// generation (see [`saved`]). Off the runtime's threads, and one write for a burst of
+    /// changes: with 100 identities a write takes about 0.7 ms, and certificates issued together
+    /// rotate together. Best effort: a proxy that cannot write its state directory still serves,
+    /// and says so.
+    pub async fn keep_saved(self: Arc<Self>) {
+        let mut changed = self.changes.subscribe();
+        // Changes made before this task ran count too. The first write also takes out what the
+        // restore skipped.
+        changed.mark_changed();
+        while changed.changed().await.is_ok() {
+            let this = self.clone();
+            let written = tokio::task::spawn_blocking(move || {
+                let certs: Vec<Arc<WorkloadCert>> =
+                    this.certs.read_locked().values().cloned().collect();
+                saved::save(&this.saved, certs.iter().map(|c| &**c))
+            })
+            .await;
+            match written {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    warn!(path = %self.saved.display(), error = %e, "cannot keep certificates for the next start")
+                }
+                Err(e) => warn!(error = %e, "keeping certificates failed"),
+            }
         }
     }
 

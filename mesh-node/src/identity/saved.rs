@@ -122,7 +122,7 @@ pub fn save<'a>(path: &Path, certs: impl Iterator<Item = &'a WorkloadCert>) -> s
         std::fs::create_dir_all(dir)?;
     }
     // Two generations run side by side during an upgrade: each writes its own temporary file.
-    let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
+    let tmp = tmp_of(path, std::process::id());
     let written = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -137,6 +137,38 @@ pub fn save<'a>(path: &Path, certs: impl Iterator<Item = &'a WorkloadCert>) -> s
     written
 }
 
+fn tmp_of(path: &Path, pid: u32) -> PathBuf {
+    path.with_extension(format!("{pid}.tmp"))
+}
+
+/// Deletes temporary files that processes killed in the middle of a write left beside `path`:
+/// they hold keys too, and nothing else would ever remove them.
+fn sweep_leftovers(path: &Path) {
+    let (Some(dir), Some(stem)) = (path.parent(), path.file_stem().and_then(|s| s.to_str())) else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| {
+                n.strip_prefix(stem)?
+                    .strip_prefix('.')?
+                    .strip_suffix(".tmp")
+            })
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid.to_string()).exists() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// Reads what an earlier generation saved at `path`. A missing file is an empty one.
 pub fn load(
     path: &Path,
@@ -148,6 +180,7 @@ pub fn load(
         path: path.to_path_buf(),
         source,
     };
+    sweep_leftovers(path);
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -348,6 +381,15 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, [FILE]);
+        // What a write killed halfway left is swept at the next load; a live writer's is not.
+        let dead = tmp_of(&path, u32::MAX - 1);
+        let live = tmp_of(&path, std::process::id());
+        for t in [&dead, &live] {
+            std::fs::write(t, "{").unwrap();
+        }
+        load(&path, &roots(&ca), "td", SystemTime::now()).unwrap();
+        assert!(!dead.exists() && live.exists());
+        std::fs::remove_file(&live).unwrap();
         // No file yet: nothing to serve, no error.
         let none = load(
             &dir.path().join("absent"),
@@ -474,6 +516,7 @@ mod tests {
         .unwrap();
         let (a, b): (SpiffeId, SpiffeId) = (A.parse().unwrap(), B.parse().unwrap());
         assert!(ids.cached(&a).is_some() && ids.cached(&b).is_some());
+        tokio::spawn(ids.clone().keep_saved());
         ids.add_owner(a.clone(), "a", "pod-a");
         ids.drop_unclaimed();
         assert!(
@@ -484,9 +527,20 @@ mod tests {
             ids.cached(&b).is_none(),
             "an unclaimed certificate is still served"
         );
-        let left = load(&path, &roots(&ca), "td", SystemTime::now()).unwrap();
-        let left: Vec<String> = left.certs.iter().map(|c| c.id.to_string()).collect();
-        assert_eq!(left, [A]);
+        // The file follows, written in the background.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let left = load(&path, &roots(&ca), "td", SystemTime::now()).unwrap();
+            let left: Vec<String> = left.certs.iter().map(|c| c.id.to_string()).collect();
+            if left == [A] {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the file still holds {left:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// A file someone else could have written (planted through a hostPath, or left by a process
