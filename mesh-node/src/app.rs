@@ -554,7 +554,7 @@ fn serve_tunnel(
     (pods, deliver): (&Arc<Enrollment>, Delivery),
     guards: &Guards,
     listeners: Vec<TcpListener>,
-    drain: &Drain,
+    (drain, gate): (&Drain, &Option<Ready>),
 ) {
     let server = Arc::new(TunnelServer {
         node: config.node_name.clone(),
@@ -568,8 +568,18 @@ fn serve_tunnel(
         deliver: Arc::new(deliver),
     });
     for l in listeners {
-        tokio::spawn(server.clone().serve(l, drain.watch()));
+        spawn_gated(gate.clone(), server.clone().serve(l, drain.watch()));
     }
+}
+
+/// Runs `serve` once `gate`, if any, is ready.
+fn spawn_gated(gate: Option<Ready>, serve: impl Future<Output = ()> + Send + 'static) {
+    tokio::spawn(async move {
+        if let Some(ready) = gate {
+            ready.wait().await;
+        }
+        serve.await
+    });
 }
 
 /// Everything is up: takes the root-only sockets' names over (so the CNI plugin finds this
@@ -700,8 +710,11 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
         handover_socket,
         taken,
     } = listeners;
+    // A generation that took the listeners over accepts on them only once it is ready (its
+    // configuration is in): until then the running one accepts, and keeps the node.
+    let gate = taken.as_ref().map(|_| ready.clone());
     for l in outbound {
-        tokio::spawn(proxy.clone().serve(l, drain.watch()));
+        spawn_gated(gate.clone(), proxy.clone().serve(l, drain.watch()));
     }
     match mode.mesh() {
         Some(m) => {
@@ -717,7 +730,14 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
                 access_log: rec.access_log.clone(),
                 live: rec.live.clone(),
             };
-            serve_tunnel(&config, m, (&pods, deliver), &guards, tunnel, &drain);
+            serve_tunnel(
+                &config,
+                m,
+                (&pods, deliver),
+                &guards,
+                tunnel,
+                (&drain, &gate),
+            );
         }
         None => tracing::warn!(
             "no controller configured: connections are relayed as plain TCP, without identities"
@@ -726,7 +746,7 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
 
     let admin = Arc::new(Admin {
         config: config.clone(),
-        ready,
+        ready: ready.clone(),
         redirector: redirector.clone(),
         pods: pods.clone(),
         stats,
@@ -757,8 +777,14 @@ pub async fn build(config: Config) -> Result<Bound, AppError> {
     )?;
     // Ready only now: callers of the admin socket (the CNI plugin) find it in place.
     drop(not_listening);
+    // The running generation drains once this one is ready, not before: a new generation that
+    // cannot get its configuration (the controller away, none saved) leaves the node to it.
     if let Some(t) = taken {
-        t.serving(upgrade);
+        let upgrade = upgrade.clone();
+        tokio::spawn(async move {
+            ready.wait().await;
+            t.serving(upgrade);
+        });
     }
     info!(outbound = ?outbound_addrs, inbound = ?inbound_addrs, admin = %admin_addr, "node proxy serving");
 

@@ -604,6 +604,22 @@ impl Cluster {
         Ok(status)
     }
 
+    /// Starts a new generation of node `i`'s proxy beside the running one and returns the old
+    /// one's process, without waiting for either: for tests that watch the hand-over itself.
+    pub fn start_next_generation(&mut self, i: usize) -> anyhow::Result<Child> {
+        let old = self.nodes[i]
+            .process
+            .take()
+            .context("node proxy not running")?;
+        self.nodes[i].process = Some(self.spawn_node(i)?);
+        Ok(old)
+    }
+
+    /// Waits (up to `timeout`) for node `i`'s proxy to answer ready.
+    pub async fn wait_node_ready(&mut self, i: usize, timeout: Duration) -> anyhow::Result<()> {
+        self.nodes[i].wait_ready(timeout).await
+    }
+
     /// Upgrades node `i`'s proxy, then kills the old generation with SIGKILL `after` the new one
     /// is ready (in the middle of its drain).
     pub async fn upgrade_node_killing_old(

@@ -510,3 +510,45 @@ async fn an_upgrade_with_the_controller_away_serves_with_the_certificates_held()
         assert_eq!(n(stats, &["fetched"]), 0, "{stats}");
     }
 }
+
+/// A new generation that cannot get its configuration (the controller away, none saved) is not
+/// ready: it accepts on none of the listeners it took over, and the running generation keeps
+/// the node, past its drain timeout, until the new one is ready. Before, the new one said it
+/// served at once: the old one drained and left, and every connection then failed.
+#[tokio::test]
+async fn a_new_generation_that_is_not_ready_leaves_the_node_to_the_running_one() {
+    let (mut cluster, client, server, _echo) =
+        across_two_nodes_of(ClusterBuilder::new().config_stream(), &["serve"]).await;
+    let dst = server.addr(false, PORT);
+    let r = client.client(dst, 3, 64).await.unwrap();
+    assert_eq!(n(&r, &["ok"]), 3, "{r}");
+    cluster.ctrl.as_mut().unwrap().stop().await.unwrap();
+    let saved = cluster.nodes[0].admin_socket().with_file_name("config.pb");
+    std::fs::remove_file(&saved).unwrap();
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = tcp_load(&client, dst, stop.clone());
+    let mut old = cluster.start_next_generation(0).unwrap();
+    // Twice the harness's 2 s drain timeout.
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    assert!(
+        old.try_wait().unwrap().is_none(),
+        "the running generation left the node to one that is not ready"
+    );
+    // The controller back: the new generation gets its configuration, is ready, and takes over.
+    cluster.ctrl.as_mut().unwrap().start().await.unwrap();
+    let status = tokio::time::timeout(std::time::Duration::from_secs(60), old.wait())
+        .await
+        .expect("the old generation never left")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    cluster
+        .wait_node_ready(0, std::time::Duration::from_secs(20))
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, errors) = load.await.unwrap();
+    assert!(errors.is_empty(), "connections failed: {errors:?}");
+    assert!(ok >= 50, "too little load to mean anything: {ok}");
+}
