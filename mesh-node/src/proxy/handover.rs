@@ -128,7 +128,9 @@ impl Taken {
     /// goes into `stats` when it comes.
     pub fn serving(mut self, stats: Arc<UpgradeStats>) {
         if let Err(e) = self.line.write_all(SERVING) {
-            warn!(error = %e, "cannot tell the previous generation to drain");
+            // It stopped waiting (`SERVE_DEADLINE`): both serve until it is stopped (SIGTERM
+            // drains it; in Kubernetes, once this pod is Ready the rollout stops the old one).
+            warn!(error = %e, "cannot tell the previous generation to drain: it serves on beside this one until stopped");
             return;
         }
         // A thread, not a task: a blocking read that lasts as long as the old one drains.
