@@ -286,7 +286,7 @@ impl Identities {
             set.remove(&(namespace.to_string(), pod.to_string()));
             if set.is_empty() {
                 owners.remove(id);
-                drop(owners);
+                // Under the owners' lock: a pod arriving meanwhile with `id` finds it fetched anew.
                 self.certs.write_locked().remove(id);
                 self.save();
             }
