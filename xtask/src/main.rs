@@ -166,6 +166,7 @@ fn require_root(what: &str) -> anyhow::Result<()> {
 
 fn test() -> anyhow::Result<()> {
     require_root("cargo xtask test")?;
+    warn_if_disk_is_short();
     build_ebpf()?;
     toolchain::install(toolchain::TEST_PACKAGES)?;
     toolchain::install_kubectl()?;
@@ -202,6 +203,34 @@ fn test() -> anyhow::Result<()> {
     step("kernel matrix (6.1 and 6.12 LTS in QEMU)", || {
         kernels::test_kernels(&kernels::Selection::default())
     })
+}
+
+/// Free space a full run needs on `target/`'s filesystem: debug, release, fuzz and VM builds.
+const DISK_NEEDED: u64 = 20 << 30;
+
+/// A full disk shows up as the linker dying of SIGBUS ("ld terminated with signal 7 [Bus
+/// error]"), which names neither the disk nor the cure; say both before the build starts. A
+/// warning, not a refusal: a warm `target/` needs far less.
+fn warn_if_disk_is_short() {
+    let target = root().join("target");
+    let _ = std::fs::create_dir_all(&target);
+    let avail = Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(&target)
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().nth(1).and_then(|l| l.trim().parse::<u64>().ok()));
+    if let Some(avail) = avail.filter(|a| *a < DISK_NEEDED) {
+        eprintln!(
+            "warning: {} GiB free under {}; a full build and test can need {} GiB, and a full \
+             disk kills the linker with SIGBUS. `cargo clean` (or deleting \
+             target/debug/incremental) frees the stale artifacts.",
+            avail >> 30,
+            target.display(),
+            DISK_NEEDED >> 30
+        );
+    }
 }
 
 /// The crates whose module graph must stay acyclic (data flows one way through them).
