@@ -122,11 +122,13 @@ pub fn save<'a>(path: &Path, certs: impl Iterator<Item = &'a WorkloadCert>) -> s
         std::fs::create_dir_all(dir)?;
     }
     // Two generations run side by side during an upgrade: each writes its own temporary file.
+    // Always a new file (O_EXCL, which follows no symlink), so the keys get mode 0600 and go
+    // nowhere a planted file or link would take them.
     let tmp = tmp_of(path, std::process::id());
+    let _ = std::fs::remove_file(&tmp);
     let written = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(&tmp)
         .and_then(|mut f| f.write_all(&body))
@@ -569,5 +571,36 @@ mod tests {
                 r.err()
             );
         }
+    }
+
+    /// Someone who can plant a file where the temporary file goes (a symlink to a file they
+    /// read, or a world-readable file) must not get the keys written through it.
+    #[test]
+    fn keys_are_never_written_through_a_planted_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE);
+        let ca = ca();
+        let tmp = tmp_of(&path, std::process::id());
+        let bait = dir.path().join("bait");
+        std::fs::write(&bait, "").unwrap();
+        std::os::unix::fs::symlink(&bait, &tmp).unwrap();
+        save(&path, [issue(&ca, A, -60, 3600)].iter()).unwrap();
+        assert_eq!(
+            std::fs::read(&bait).unwrap(),
+            b"",
+            "keys written through the link"
+        );
+        std::fs::write(&tmp, "").unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).unwrap();
+        save(&path, [issue(&ca, A, -60, 3600)].iter()).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "keys kept in a file others can read");
+        assert_eq!(
+            load(&path, &roots(&ca), "td", SystemTime::now())
+                .unwrap()
+                .certs
+                .len(),
+            1
+        );
     }
 }
