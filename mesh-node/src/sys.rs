@@ -155,22 +155,23 @@ pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
 
 /// Effective capability bits of this process.
 pub fn effective_caps() -> io::Result<u64> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .ok_or_else(|| io::Error::other("no CapEff in /proc/self/status"))
+    proc_status_field("CapEff", |v| u64::from_str_radix(v, 16).ok())
 }
 
 /// This process's effective user id (what files it creates belong to).
 pub fn effective_uid() -> io::Result<u32> {
+    // "Uid:" lists the real, effective, saved and filesystem ids.
+    proc_status_field("Uid", |v| v.split_whitespace().nth(1)?.parse().ok())
+}
+
+/// One field of `/proc/self/status`, parsed.
+fn proc_status_field<T>(name: &str, parse: impl Fn(&str) -> Option<T>) -> io::Result<T> {
     let status = std::fs::read_to_string("/proc/self/status")?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|v| v.split_whitespace().nth(1)?.parse().ok())
-        .ok_or_else(|| io::Error::other("no Uid in /proc/self/status"))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .and_then(|v| parse(v.trim()))
+        .ok_or_else(|| io::Error::other(format!("no {name} in /proc/self/status")))
 }
 
 /// Registers the kernel log ring buffer with tokio's reactor.
